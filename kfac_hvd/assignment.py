@@ -1,0 +1,42 @@
+"""Which rank inverts which layer: greedy longest-processing-time partition by inversion cost."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Mapping
+
+
+@dataclass(frozen=True)
+class Assignment:
+    owner: Dict[str, int]   # layer name -> rank that inverts it and broadcasts the inverses
+    load: List[float]       # total inversion cost per rank
+
+    @property
+    def world_size(self) -> int:
+        return len(self.load)
+
+    @property
+    def imbalance(self) -> float:
+        """max/mean of the per-rank load: 1.0 is perfect; with more ranks than layers it grows."""
+        mean = sum(self.load) / len(self.load)
+        return max(self.load) / mean if mean > 0 else 1.0
+
+    def layers_of(self, rank: int) -> List[str]:
+        return [name for name, owner in self.owner.items() if owner == rank]
+
+
+def assign_layers(costs: Mapping[str, float], world_size: int) -> Assignment:
+    """Largest cost first, each to the currently least-loaded rank (ties: lowest rank).
+
+    Deterministic in ``costs`` and ``world_size`` alone, so every rank computes the same owners
+    without communicating. Cost of a Kronecker layer: dim(A)³ + dim(G)³.
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    load = [0.0] * world_size
+    owner: Dict[str, int] = {}
+    # Name breaks cost ties so that the order never depends on dict insertion.
+    for name in sorted(costs, key=lambda n: (-costs[n], n)):
+        rank = min(range(world_size), key=lambda r: (load[r], r))
+        owner[name] = rank
+        load[rank] += costs[name]
+    return Assignment(owner={name: owner[name] for name in costs}, load=load)

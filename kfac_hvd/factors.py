@@ -1,0 +1,100 @@
+"""Factor maths: damping, inverses, the relative change Diff, and triangle packing for transport."""
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional, Tuple
+
+import torch
+
+INVERSE_METHODS = ("cholesky", "eigen")
+
+
+def relative_change(current: torch.Tensor, previous: torch.Tensor) -> float:
+    """Diff(X, X_pre) = ‖X − X_pre‖_F / ‖X_pre‖_F (eq. 6). For BN's stacked 2×2 blocks, of the stack."""
+    denominator = torch.linalg.vector_norm(previous).item()
+    numerator = torch.linalg.vector_norm(current - previous).item()
+    if denominator == 0.0:
+        return 0.0 if numerator == 0.0 else math.inf
+    return numerator / denominator
+
+
+def pi_correction(a_factor: torch.Tensor, g_factor: torch.Tensor) -> float:
+    """π = sqrt((tr A / dim A) / (tr G / dim G)), splitting Tikhonov damping over the two factors."""
+    a_mean = torch.diagonal(a_factor).mean().item()
+    g_mean = torch.diagonal(g_factor).mean().item()
+    if not (a_mean > 0 and g_mean > 0) or not math.isfinite(a_mean / g_mean):
+        return 1.0
+    return math.sqrt(a_mean / g_mean)
+
+
+def symmetric_inverse(matrix: torch.Tensor, diagonal_shift: float, method: str) -> torch.Tensor:
+    """(M + shift·I)⁻¹ for a symmetric positive semi-definite M (batched over leading dimensions)."""
+    eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
+    damped = matrix + diagonal_shift * eye
+    if method == "cholesky":
+        return torch.cholesky_inverse(torch.linalg.cholesky(damped))
+    if method == "eigen":
+        eigenvalues, eigenvectors = torch.linalg.eigh(matrix)
+        # Clamping removes the small negative eigenvalues rounding leaves in a PSD factor.
+        scale = 1.0 / (eigenvalues.clamp(min=0.0) + diagonal_shift)
+        return (eigenvectors * scale.unsqueeze(-2)) @ eigenvectors.transpose(-1, -2)
+    raise ValueError(f"inverse_method must be one of {INVERSE_METHODS}, got {method!r}")
+
+
+def damped_inverses(factors: Dict[str, torch.Tensor], damping: float, *, pi_damping: bool,
+                    method: str) -> Dict[str, torch.Tensor]:
+    """Inverses of one layer's damped factors.
+
+    Kronecker layers: (A + π√γ I)⁻¹ and (G + √γ/π I)⁻¹, factored Tikhonov damping (Martens & Grosse
+    2015, §6.3). BatchNorm's per-channel 2×2 blocks: (F_c + γ I)⁻¹, the exact damped block.
+    """
+    if "F" in factors:
+        return {"F": symmetric_inverse(factors["F"], damping, method)}
+    pi = pi_correction(factors["A"], factors["G"]) if pi_damping else 1.0
+    root = math.sqrt(damping)
+    return {"A": symmetric_inverse(factors["A"], pi * root, method),
+            "G": symmetric_inverse(factors["G"], root / pi, method)}
+
+
+def triangle_indices(size: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    return torch.triu_indices(size, size, device=device).unbind(0)
+
+
+def pack(matrix: torch.Tensor, symmetric: bool) -> torch.Tensor:
+    """The tensor handed to Horovod: upper triangle(s) of a symmetric (batched) matrix, or all of it."""
+    if not symmetric:
+        return matrix.contiguous().reshape(-1)
+    rows, cols = triangle_indices(matrix.shape[-1], matrix.device)
+    return matrix[..., rows, cols].contiguous().reshape(-1)
+
+
+def unpack(flat: torch.Tensor, shape: Tuple[int, ...], symmetric: bool) -> torch.Tensor:
+    """Inverse of :func:`pack`; exact (the lower triangle is a copy of the upper one)."""
+    if not symmetric:
+        return flat.reshape(shape)
+    size = shape[-1]
+    rows, cols = triangle_indices(size, flat.device)
+    batch = shape[:-2]
+    out = flat.new_zeros(shape)
+    values = flat.reshape(*batch, rows.numel())
+    out[..., rows, cols] = values
+    out[..., cols, rows] = values
+    return out
+
+
+def packed_numel(shape: Tuple[int, ...], symmetric: bool) -> int:
+    batch = math.prod(shape[:-2])
+    size = shape[-1]
+    return batch * (size * (size + 1) // 2 if symmetric else size * size)
+
+
+def kl_clip_scale(preconditioned: Dict[str, torch.Tensor], gradients: Dict[str, torch.Tensor],
+                  kl_clip: float, lr: Optional[float]) -> float:
+    """ν = min(1, sqrt(kl_clip / (lr² Σ ⟨v, g⟩))) from Ba et al. 2017, bounding the update's KL."""
+    if lr is None:
+        raise ValueError("kfac.step(lr=...) is required when kl_clip is set")
+    inner = sum(float((preconditioned[name] * gradients[name]).sum()) for name in preconditioned)
+    inner *= lr ** 2
+    if not inner > 0:
+        return 1.0
+    return min(1.0, math.sqrt(kl_clip / inner))

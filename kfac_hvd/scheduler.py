@@ -1,0 +1,127 @@
+"""Per-layer adaptive factor-update interval (Algorithm 1 of Osawa et al.).
+
+A pure module: plain Python numbers in, plain Python numbers out. No torch, no Horovod, so every rank
+that feeds it the same diffs takes the same decisions. Read it beside the paper's pseudo-code:
+
+    interval_l <- 1 for every layer
+    for t = 1 .. t_max:
+      if t == 1:                         -> due(key, 1) is True for every key
+        compute + communicate G, A;  G_pre, A_pre <- G, A
+      else if t is a multiple of interval_l:   -> due(key, t), policy "modulo"
+        compute + communicate G, A
+        if max(Diff(G, G_pre), Diff(A, A_pre)) < lambda:  interval_l += 1   -> record(key, t, diff)
+        G_pre, A_pre <- G, A
+
+A *key* is what owns an interval: a layer name, or "layer:A" / "layer:G" when A and G keep separate
+intervals. Computing the diff (a Frobenius-norm ratio of factors) is the caller's job; this module only
+turns diffs into intervals.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional
+
+POLICIES = ("modulo", "since_last")
+
+
+@dataclass
+class IntervalScheduler:
+    """Decides on which optimiser steps each key's factors are recomputed.
+
+    update_threshold: λ. ``None`` means every key is due on every step (plain K-FAC).
+    interval_policy: ``"modulo"`` (the paper: due when t mod interval == 0) or ``"since_last"``
+        (due when t - t_last >= interval).
+    max_interval: optional cap on any interval.
+    shrink_multiple: optional m; a diff >= m·λ halves the interval (at least 1), so a layer whose
+        factors jump (say after a learning-rate drop) is refreshed sooner. Not in the paper.
+    """
+
+    keys: List[str]
+    update_threshold: Optional[float] = None
+    interval_policy: str = "modulo"
+    max_interval: Optional[int] = None
+    shrink_multiple: Optional[float] = None
+    interval: Dict[str, int] = field(default_factory=dict)
+    last_update: Dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.interval_policy not in POLICIES:
+            raise ValueError(f"interval_policy must be one of {POLICIES}, got {self.interval_policy!r}")
+        if self.update_threshold is not None and not self.update_threshold > 0:
+            raise ValueError(f"update_threshold must be > 0 or None, got {self.update_threshold!r}")
+        if self.max_interval is not None and self.max_interval < 1:
+            raise ValueError(f"max_interval must be >= 1 or None, got {self.max_interval!r}")
+        if self.shrink_multiple is not None and not self.shrink_multiple > 1:
+            raise ValueError(f"shrink_multiple must be > 1 or None, got {self.shrink_multiple!r}")
+        self.keys = list(self.keys)
+        for key in self.keys:
+            self.interval.setdefault(key, 1)
+            self.last_update.setdefault(key, 0)
+
+    @property
+    def adaptive(self) -> bool:
+        return self.update_threshold is not None
+
+    def is_due(self, key: str, step: int) -> bool:
+        """Whether ``key``'s factors are computed and communicated on optimiser step ``step`` (from 1)."""
+        if step == 1 or not self.adaptive:
+            return True
+        interval = self.interval[key]
+        if self.interval_policy == "modulo":
+            return step % interval == 0
+        return step - self.last_update[key] >= interval
+
+    def due_keys(self, step: int) -> List[str]:
+        return [key for key in self.keys if self.is_due(key, step)]
+
+    def record(self, key: str, step: int, diff: Optional[float]) -> int:
+        """Take a due step's diff (``None`` on the first update, which has no previous factors).
+
+        Returns the key's interval for the steps that follow.
+        """
+        self.last_update[key] = step
+        if diff is None or not self.adaptive:
+            return self.interval[key]
+        interval = self.interval[key]
+        if diff < self.update_threshold:
+            interval += 1
+        elif self.shrink_multiple is not None and diff >= self.shrink_multiple * self.update_threshold:
+            interval = max(1, interval // 2)
+        if self.max_interval is not None:
+            interval = min(interval, self.max_interval)
+        self.interval[key] = interval
+        return interval
+
+    def set_interval(self, key: str, interval: int) -> None:
+        """Adopt a decision taken elsewhere (rank 0's, broadcast so that all ranks agree)."""
+        self.interval[key] = int(interval)
+
+    def state_dict(self) -> dict:
+        return {"interval": dict(self.interval), "last_update": dict(self.last_update)}
+
+    def load_state_dict(self, state: dict) -> None:
+        unknown = set(state["interval"]) - set(self.keys)
+        if unknown:
+            raise ValueError(f"scheduler state names keys this model does not have: {sorted(unknown)[:3]}")
+        self.interval.update({k: int(v) for k, v in state["interval"].items()})
+        self.last_update.update({k: int(v) for k, v in state["last_update"].items()})
+
+
+def due_steps(scheduler: IntervalScheduler, key: str, diffs: Iterable[Optional[float]]) -> List[int]:
+    """The due steps of ``key`` when its successive due steps see ``diffs`` (a small replay helper).
+
+    Stops when ``diffs`` is exhausted; used by tests and by the traffic model.
+    """
+    steps: List[int] = []
+    diff_iter = iter(diffs)
+    step = 0
+    while True:
+        step += 1
+        if not scheduler.is_due(key, step):
+            continue
+        try:
+            diff = next(diff_iter)
+        except StopIteration:
+            return steps
+        steps.append(step)
+        scheduler.record(key, step, diff)

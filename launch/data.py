@@ -1,0 +1,216 @@
+"""Datasets and loaders: ImageNet (ImageFolder), Fashion-MNIST (Debian IDX files), synthetic."""
+from __future__ import annotations
+
+import gzip
+import math
+import os
+import struct
+from typing import Iterator, Optional, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torch.utils.data.distributed import DistributedSampler
+
+from .config import KNOWN_TRAIN_SIZES
+from .models import input_shape
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+FASHION_MEAN, FASHION_STD = 0.2860, 0.3530
+
+
+# --------------------------------------------------------------------------------------------------
+# Fashion-MNIST
+# --------------------------------------------------------------------------------------------------
+def read_idx(path: str) -> np.ndarray:
+    """Read an IDX file (optionally gzip-compressed) into a numpy array."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as fh:
+        raw = fh.read()
+    zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
+    if zero != 0 or dtype_code != 0x08:
+        raise ValueError(f"{path}: not an unsigned-byte IDX file")
+    dims = struct.unpack(">" + "I" * ndim, raw[4:4 + 4 * ndim])
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(dims)):
+        raise ValueError(f"{path}: expected {int(np.prod(dims))} values, found {data.size}")
+    return data.reshape(dims)
+
+
+class FashionMNIST(Dataset):
+    """Fashion-MNIST from the IDX files; training images get a random 2-pixel shift and a flip."""
+
+    def __init__(self, root: str, train: bool, augment: bool, random_erasing: float = 0.0):
+        prefix = "train" if train else "t10k"
+        images = read_idx(os.path.join(root, f"{prefix}-images-idx3-ubyte.gz"))
+        labels = read_idx(os.path.join(root, f"{prefix}-labels-idx1-ubyte.gz"))
+        x = torch.from_numpy(images.copy()).float().div_(255.0).sub_(FASHION_MEAN).div_(FASHION_STD)
+        self.images = x.unsqueeze(1)                      # N x 1 x 28 x 28
+        self.targets = torch.from_numpy(labels.astype(np.int64))
+        self.augment = augment
+        self.eraser = None
+        if augment and random_erasing > 0:
+            from torchvision import transforms
+            self.eraser = transforms.RandomErasing(p=random_erasing)
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        img = self.images[i]
+        if self.augment:
+            dy, dx = torch.randint(-2, 3, (2,)).tolist()
+            img = torch.roll(img, shifts=(dy, dx), dims=(1, 2))
+            if torch.rand(()) < 0.5:
+                img = torch.flip(img, dims=(2,))
+            if self.eraser is not None:
+                img = self.eraser(img)
+        return img, self.targets[i]
+
+
+# --------------------------------------------------------------------------------------------------
+# Synthetic
+# --------------------------------------------------------------------------------------------------
+class Synthetic(Dataset):
+    """Deterministic random images (per index) with labels ``index % classes``: throughput runs."""
+
+    def __init__(self, size: int, shape: Tuple[int, int, int], classes: int, seed: int):
+        self.size, self.shape, self.classes, self.seed = size, shape, classes, seed
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, i):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        return torch.randn(self.shape, generator=g), i % self.classes
+
+
+# --------------------------------------------------------------------------------------------------
+# ImageNet
+# --------------------------------------------------------------------------------------------------
+def imagenet_transforms(cfg, train: bool):
+    from torchvision import transforms as T
+    d = cfg.data
+    norm = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    if train:
+        ops = [T.RandomResizedCrop(d.image_size), T.RandomHorizontalFlip(), T.ToTensor(), norm]
+        if d.random_erasing > 0:
+            ops.append(T.RandomErasing(p=d.random_erasing))
+        return T.Compose(ops)
+    return T.Compose([T.Resize(d.val_resize), T.CenterCrop(d.image_size), T.ToTensor(), norm])
+
+
+def _subset(ds: Dataset, n: Optional[int]) -> Dataset:
+    """The first ``n`` of evenly spaced indices (so an ImageFolder subset spans its classes)."""
+    if n is None or n >= len(ds):
+        return ds
+    idx = np.unique(np.linspace(0, len(ds) - 1, n).round().astype(np.int64))
+    return Subset(ds, idx.tolist())
+
+
+def build_datasets(cfg) -> Tuple[Dataset, Dataset]:
+    d = cfg.data
+    if d.dataset == "imagenet":
+        from torchvision.datasets import ImageFolder
+        train = ImageFolder(d.train_dir, transform=imagenet_transforms(cfg, True))
+        val = ImageFolder(d.val_dir, transform=imagenet_transforms(cfg, False))
+        for key, ds in (("data.train_dir", train), ("data.val_dir", val)):
+            if len(ds.classes) > cfg.model.num_classes:
+                raise cfg.error(key, f"{len(ds.classes)} class folders but model.num_classes is "
+                                     f"{cfg.model.num_classes}")
+        if val.classes != train.classes:
+            raise cfg.error("data.val_dir", f"class folders differ from data.train_dir's "
+                                            f"({len(val.classes)} vs {len(train.classes)})")
+    elif d.dataset == "fashion_mnist":
+        train = FashionMNIST(d.fashion_mnist_dir, True, True, d.random_erasing)
+        val = FashionMNIST(d.fashion_mnist_dir, False, False)
+    else:
+        shape = input_shape(cfg)
+        train = Synthetic(d.synthetic_size, shape, cfg.model.num_classes, cfg.train.seed)
+        val = Synthetic(d.synthetic_val_size, shape, cfg.model.num_classes, cfg.train.seed + 1)
+    return _subset(train, d.train_subset), _subset(val, d.val_subset)
+
+
+def train_size(cfg) -> int:
+    """Training-set size without reading the data when it is known (dry run)."""
+    d = cfg.data
+    if d.train_samples is not None:
+        n = d.train_samples
+    elif d.dataset == "synthetic":
+        n = d.synthetic_size
+    else:
+        n = KNOWN_TRAIN_SIZES[d.dataset]
+    return min(n, d.train_subset) if d.train_subset else n
+
+
+# --------------------------------------------------------------------------------------------------
+# Samplers and loaders
+# --------------------------------------------------------------------------------------------------
+class ResumableDistributedSampler(DistributedSampler):
+    """DistributedSampler that can start an epoch after its first ``skip`` samples (mid-epoch resume)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.skip = 0
+
+    def set_skip(self, samples: int) -> None:
+        self.skip = samples
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())
+        return iter(indices[self.skip:])
+
+    def __len__(self) -> int:
+        return self.num_samples - self.skip
+
+
+class ShardSampler(Sampler):
+    """Every ``size``-th index starting at ``rank``: no padding, so the union over ranks is exact."""
+
+    def __init__(self, n: int, rank: int, size: int):
+        self.indices = list(range(rank, n, size))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+
+def steps_per_epoch(n: int, world_size: int, batch: int, drop_last: bool) -> int:
+    per_rank = math.ceil(n / world_size)
+    return per_rank // batch if drop_last else math.ceil(per_rank / batch)
+
+
+def build_loaders(cfg, train_ds, val_ds, rank: int, size: int, use_cuda: bool):
+    d = cfg.data
+    sampler = ResumableDistributedSampler(train_ds, num_replicas=size, rank=rank, shuffle=True,
+                                          seed=cfg.train.seed, drop_last=False)
+    common = dict(num_workers=d.workers, pin_memory=d.pin_memory and use_cuda,
+                  persistent_workers=d.workers > 0)
+    if d.workers > 0:
+        # Reproducible worker RNG: each worker derives its seed from torch's base seed (per rank).
+        common["worker_init_fn"] = _worker_init
+    # Own generators: creating a loader iterator draws the workers' base seed from the loader's
+    # generator instead of the global RNG, so the global stream (augmentation with workers=0, mixup)
+    # depends only on the steps taken, and a resumed run continues it exactly.
+    train = DataLoader(train_ds, batch_size=d.batch_size, sampler=sampler, drop_last=d.drop_last,
+                       generator=torch.Generator(), **common)
+    val = DataLoader(val_ds, batch_size=d.val_batch_size, sampler=ShardSampler(len(val_ds), rank, size),
+                     generator=torch.Generator().manual_seed(cfg.train.seed), **common)
+    return train, val, sampler
+
+
+def start_epoch(loader: DataLoader, sampler: ResumableDistributedSampler, seed: int, rank: int, epoch: int,
+                skip_batches: int, batch_size: int) -> None:
+    """Shuffle for ``epoch``, skip the batches already done, and seed the workers for (rank, epoch)."""
+    sampler.set_epoch(epoch)
+    sampler.set_skip(skip_batches * batch_size)
+    loader.generator.manual_seed((seed * 1_000_003 + rank * 10_007 + epoch) % 2 ** 63)
+
+
+def _worker_init(worker_id: int) -> None:
+    seed = torch.initial_seed() % 2 ** 32
+    np.random.seed(seed)
+    import random
+    random.seed(seed)

@@ -1,0 +1,322 @@
+"""The training run: Horovod data parallelism with K-FAC preconditioning or plain SGD."""
+from __future__ import annotations
+
+import os
+import random
+import sys
+import time
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import checkpoint as ckpt_mod
+from .config import kfac_kwargs
+from .data import build_datasets, build_loaders
+from .data import start_epoch as start_epoch_data
+from .dist import controller_name, describe_layout, init_horovod, world_layout
+from .models import build_model
+from .outputs import RunOutputs
+from .schedule import learning_rate, rescalable_weights, rescale_weights, set_lr
+
+
+def log0(hvd, *args) -> None:
+    if hvd.rank() == 0:
+        print(*args, flush=True)
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    random.seed(seed)
+
+
+def pick_device(cfg, hvd) -> torch.device:
+    want = cfg.train.device
+    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.device is cuda but CUDA is not available")
+        torch.cuda.set_device(hvd.local_rank() % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def build_optimizer(cfg, model: nn.Module, hvd):
+    o = cfg.optim
+    base = torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
+                           weight_decay=o.weight_decay)
+    compression = hvd.Compression.fp16 if cfg.horovod.fp16_allreduce else hvd.Compression.none
+    return hvd.DistributedOptimizer(base, named_parameters=model.named_parameters(),
+                                    compression=compression)
+
+
+def mixup(x, y, alpha: float):
+    lam = float(np.random.beta(alpha, alpha))
+    perm = torch.randperm(x.size(0), device=x.device)
+    return lam * x + (1 - lam) * x[perm], y[perm], lam
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, hvd) -> Dict[str, float]:
+    """Top-1 and loss over the whole evaluation set: per-rank sums, then one allreduce."""
+    model.eval()
+    sums = torch.zeros(3, dtype=torch.float64)
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        out = model(x)
+        sums[0] += F.cross_entropy(out, y, reduction="sum").item()
+        sums[1] += (out.argmax(1) == y).sum().item()
+        sums[2] += y.numel()
+    model.train()
+    sums = hvd.allreduce(sums, op=hvd.Sum, name="eval.sums")
+    n = max(sums[2].item(), 1.0)
+    return {"loss": sums[0].item() / n, "top1": sums[1].item() / n, "images": int(sums[2].item())}
+
+
+def run(cfg, resume_path: Optional[str]) -> int:
+    t_start = time.time()
+    hvd, how = init_horovod(cfg.horovod)
+    rank, size = hvd.rank(), hvd.size()
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    device = pick_device(cfg, hvd)
+    layout = world_layout(hvd, str(device))
+    log0(hvd, describe_layout(layout, how, controller_name(hvd)))
+    if cfg.train.world_size is not None and cfg.train.world_size != size:
+        log0(hvd, f"warning: train.world_size is {cfg.train.world_size} but {size} rank(s) were launched; "
+                  f"global batch is {cfg.data.batch_size * size}, not {cfg.data.batch_size * cfg.train.world_size}")
+
+    # Same initial weights everywhere (also broadcast below); distinct data randomness per rank.
+    seed_everything(cfg.train.seed)
+    model = build_model(cfg).to(device)
+    seed_everything(cfg.train.seed + 1000 * rank + 1)
+
+    train_ds, val_ds = build_datasets(cfg)
+    train_loader, val_loader, sampler = build_loaders(cfg, train_ds, val_ds, rank, size, device.type == "cuda")
+    spe = len(train_loader)
+    if spe == 0:
+        raise RuntimeError(f"no full training batch per rank: {len(train_ds)} images, {size} ranks, "
+                           f"data.batch_size {cfg.data.batch_size}")
+
+    optimizer = build_optimizer(cfg, model, hvd)
+    kfac = None
+    if cfg.optim.method == "kfac":
+        import kfac_hvd
+        kfac = kfac_hvd.KFAC(model, **kfac_kwargs(cfg))
+    weights = rescalable_weights(model) if cfg.optim.weight_rescaling else None
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
+
+    step, start_epoch, skip_batches = 0, 0, 0
+    history = []          # per-epoch evaluation results
+    if resume_path:
+        state = ckpt_mod.load_checkpoint(hvd, resume_path)
+        ckpt_mod.restore(state, hvd, model=model, optimizer=optimizer, kfac=kfac, seed=cfg.train.seed)
+        step, start_epoch, skip_batches = state["step"], state["epoch"], state["batch_in_epoch"]
+        if skip_batches >= spe:
+            start_epoch, skip_batches = start_epoch + 1, 0
+        history = list(state.get("extra", {}).get("history", []))
+        log0(hvd, f"resumed from {resume_path}: step {step}, epoch {start_epoch}, batch {skip_batches}")
+        del state
+    else:
+        hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+        hvd.broadcast_optimizer_state(optimizer, root_rank=0)
+
+    out = RunOutputs(cfg, step if resume_path else None) if rank == 0 else None
+    total_steps = spe * cfg.train.epochs
+    if cfg.train.max_steps is not None:
+        total_steps = min(total_steps, cfg.train.max_steps)
+    log0(hvd, f"training: {cfg.optim.method}, {size} rank(s) x {cfg.data.batch_size} = "
+              f"{size * cfg.data.batch_size} images per step, {spe} steps per epoch, {total_steps} steps")
+
+    bar = None
+    if rank == 0 and cfg.log.progress:
+        from tqdm import tqdm
+        bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    ckpt_every_steps = cfg.checkpoint.every_steps
+    ckpt_enabled = cfg.checkpoint.every_epochs > 0 or ckpt_every_steps is not None
+    last_path = os.path.join(cfg.checkpoint.dir, "last.pt")
+
+    def save(epoch: int, batch_in_epoch: int) -> None:
+        keep = (os.path.join(cfg.checkpoint.dir, f"step_{step:07d}.pt") if cfg.checkpoint.keep_all else None)
+        ckpt_mod.save_checkpoint(hvd, last_path, model=model, optimizer=optimizer, kfac=kfac, epoch=epoch,
+                                 step=step, batch_in_epoch=batch_in_epoch, config=cfg.to_dict(),
+                                 keep_copy=keep, extra={"history": history})
+
+    train_time = 0.0
+    images_done = 0
+    last_eval: Dict[str, Any] = {}
+    kfac_seconds: Dict[str, float] = {}
+    done = step >= total_steps
+    epoch = start_epoch
+    last_saved_step = step if resume_path else -1
+    while not done and epoch < cfg.train.epochs:
+        start_epoch_data(train_loader, sampler, cfg.train.seed, rank, epoch, skip_batches, cfg.data.batch_size)
+        batch_in_epoch = skip_batches
+        skip_batches = 0
+        model.train()
+        sums = torch.zeros(3, dtype=torch.float64)      # loss*n, correct, n over this epoch (this rank)
+        t_epoch = time.perf_counter()
+        for x, y in train_loader:
+            t0 = time.perf_counter()
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            lr = learning_rate(cfg.optim, step / spe)
+            set_lr(optimizer, lr, cfg.optim.momentum_correction)
+            optimizer.zero_grad(set_to_none=True)
+            if cfg.data.mixup_alpha > 0:
+                xm, y2, lam = mixup(x, y, cfg.data.mixup_alpha)
+                output = model(xm)
+                loss = lam * criterion(output, y) + (1 - lam) * criterion(output, y2)
+            else:
+                output = model(x)
+                loss = criterion(output, y)
+            loss.backward()
+            record = None
+            if kfac is not None:
+                optimizer.synchronize()
+                record = kfac.step(lr=lr)
+                with optimizer.skip_synchronize():
+                    optimizer.step()
+            else:
+                optimizer.step()
+            if weights is not None:
+                rescale_weights(weights)
+            step += 1
+            batch_in_epoch += 1
+            dt = time.perf_counter() - t0
+            train_time += dt
+            images_done += x.size(0) * size
+            loss_value = loss.item()
+            correct = (output.argmax(1) == y).sum().item()
+            sums += torch.tensor([loss_value * y.numel(), correct, y.numel()], dtype=torch.float64)
+            if record is not None:
+                for k, v in record.get("time", {}).items():
+                    kfac_seconds[k] = kfac_seconds.get(k, 0.0) + float(v or 0.0)
+
+            if out is not None and (step % cfg.log.every_steps == 0 or step == total_steps):
+                entry = {"step": step, "epoch": epoch + batch_in_epoch / spe, "lr": lr, "loss": loss_value,
+                         "acc": correct / y.numel(), "step_time": dt, "images_per_s": x.size(0) * size / dt}
+                scal = {"train/loss": loss_value, "train/acc": entry["acc"], "train/lr": lr}
+                if kfac is not None:
+                    stats = kfac.comm_stats()
+                    entry["fisher"] = {k: stats.get(k) for k in ("payload_bytes", "wire_bytes",
+                                                                 "every_step_payload_bytes",
+                                                                 "every_step_wire_bytes", "ratio")}
+                    entry["mean_interval"] = kfac.mean_interval()
+                    if cfg.log.layer_records:
+                        entry["kfac"] = record
+                    else:
+                        entry["kfac"] = {k: v for k, v in record.items() if k != "layers"}
+                        entry["kfac"]["due_layers"] = sum(1 for e in record["layers"].values() if e["due"])
+                    scal.update({"fisher/payload_bytes": stats.get("payload_bytes"),
+                                 "fisher/wire_bytes": stats.get("wire_bytes"),
+                                 "fisher/ratio": stats.get("ratio"),
+                                 "kfac/mean_interval": entry["mean_interval"]})
+                out.record(entry)
+                out.scalars(step, scal)
+            if bar is not None:
+                post = {"epoch": epoch, "loss": f"{loss_value:.3f}", "lr": f"{lr:.3g}"}
+                if kfac is not None:
+                    post["interval"] = f"{kfac.mean_interval():.2f}"
+                bar.set_postfix(post, refresh=False)
+                bar.update(1)
+
+            done = step >= total_steps
+            if ckpt_every_steps and step % ckpt_every_steps == 0 and not done:
+                save(epoch, batch_in_epoch)
+                last_saved_step = step
+            if done:
+                break
+        epoch_time = time.perf_counter() - t_epoch
+
+        # End of epoch (or of the run): train averages over ranks, evaluation, checkpoint.
+        sums = hvd.allreduce(sums, op=hvd.Sum, name="train.sums")
+        n = max(sums[2].item(), 1.0)
+        epoch_complete = batch_in_epoch >= spe
+        last_epoch = epoch + 1 >= cfg.train.epochs or done
+        every = cfg.train.eval_every
+        if last_epoch or (every and (epoch + 1) % every == 0 and epoch_complete):
+            last_eval = evaluate(model, val_loader, device, hvd)
+            entry = {"epoch": epoch + 1 if epoch_complete else epoch + batch_in_epoch / spe, "step": step,
+                     "train_loss": sums[0].item() / n, "train_acc": sums[1].item() / n,
+                     "val_loss": last_eval["loss"], "val_top1": last_eval["top1"], "epoch_time": epoch_time}
+            history.append(entry)
+            if out is not None:
+                out.record({"eval": entry, "step": step})
+                out.scalars(step, {"val/top1": last_eval["top1"], "val/loss": last_eval["loss"],
+                                   "train/epoch_loss": entry["train_loss"], "train/epoch_acc": entry["train_acc"]})
+                out.flush()
+            msg = (f"epoch {entry['epoch']:g}: train loss {entry['train_loss']:.4f} acc {entry['train_acc']:.4f}"
+                   f" | val loss {last_eval['loss']:.4f} top-1 {last_eval['top1']:.4f} | {epoch_time:.1f}s")
+            if bar is not None:
+                bar.write(msg)
+            else:
+                log0(hvd, msg)
+        if ckpt_enabled and ((cfg.checkpoint.every_epochs and epoch_complete
+                              and (epoch + 1) % cfg.checkpoint.every_epochs == 0) or done or last_epoch):
+            if last_saved_step != step:
+                save(epoch, batch_in_epoch)
+                last_saved_step = step
+        epoch += 1
+
+    if bar is not None:
+        bar.close()
+    summary: Dict[str, Any] = {
+        "config": cfg.path,
+        "method": cfg.optim.method,
+        "world_size": size,
+        "batch_per_rank": cfg.data.batch_size,
+        "global_batch": cfg.data.batch_size * size,
+        "steps": step,
+        "epochs": history[-1]["epoch"] if history else None,
+        "final_top1": last_eval.get("top1"),
+        "best_top1": max((h["val_top1"] for h in history), default=None),
+        "final_val_loss": last_eval.get("loss"),
+        "history": history,
+        "wall_time_s": time.time() - t_start,
+        "train_time_s": train_time,
+        "images_per_s": images_done / train_time if train_time > 0 else None,
+        "resumed_from": resume_path,
+    }
+    if kfac is not None:
+        stats = kfac.comm_stats()
+        summary["kfac"] = {
+            "update_threshold": cfg.kfac.update_threshold,
+            "interval_policy": cfg.kfac.interval_policy,
+            "layers": len(kfac.layer_names),
+            "mean_interval": kfac.mean_interval(),
+            "seconds": kfac_seconds,
+        }
+        summary["fisher"] = {k: v for k, v in stats.items() if k != "per_layer"}
+    if out is not None:
+        path = out.summary(summary)
+        out.close()
+        log0(hvd, f"summary: {path}")
+        log0(hvd, format_summary(summary))
+    return 0
+
+
+def _bytes(n) -> str:
+    if n is None:
+        return "-"
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def format_summary(s: Dict[str, Any]) -> str:
+    top1 = s.get("final_top1")
+    lines = [f"  final top-1        {top1 * 100:.2f}%" if top1 is not None else "  final top-1        -"]
+    f = s.get("fisher")
+    if f:
+        ratio = f.get("ratio")
+        lines.append(f"  Fisher traffic     {_bytes(f.get('wire_bytes'))} per rank (wire model), "
+                     f"{_bytes(f.get('payload_bytes'))} payload"
+                     + (f" = {ratio * 100:.1f}% of every step" if ratio is not None else ""))
+        lines.append(f"  mean interval      {s['kfac']['mean_interval']:.2f}")
+    lines.append(f"  wall time          {s['wall_time_s']:.1f} s ({s['steps']} steps, "
+                 f"{s['images_per_s'] or 0:.0f} images/s)")
+    return "\n".join(lines)

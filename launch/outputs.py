@@ -1,0 +1,90 @@
+"""Rank 0's outputs: resolved config, metrics.jsonl, TensorBoard scalars, summary.json."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Dict, Optional
+
+
+def _clean(value):
+    """JSON-safe copy: non-finite floats become null, tensors become numbers."""
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if hasattr(value, "item") and callable(value.item):
+        try:
+            return _clean(value.item())
+        except (ValueError, RuntimeError):
+            return str(value)
+    return value
+
+
+class RunOutputs:
+    """Everything rank 0 writes into the run folder (``log.dir``). Other ranks get ``None``."""
+
+    def __init__(self, cfg, resume_step: Optional[int]):
+        self.dir = cfg.log.dir
+        os.makedirs(self.dir, exist_ok=True)
+        with open(os.path.join(self.dir, "config.yaml"), "w", encoding="utf-8") as fh:
+            fh.write(cfg.dump())
+        self.metrics_path = os.path.join(self.dir, "metrics.jsonl")
+        if resume_step is None:
+            open(self.metrics_path, "w").close()
+        else:
+            self._truncate_after(resume_step)
+        self.metrics = open(self.metrics_path, "a", encoding="utf-8")
+        self.tb = None
+        if cfg.log.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(os.path.join(self.dir, "tensorboard"),
+                                    purge_step=(resume_step + 1) if resume_step else None)
+
+    def _truncate_after(self, step: int) -> None:
+        """On resume drop records of steps after the checkpoint (a crashed run may have logged them)."""
+        if not os.path.exists(self.metrics_path):
+            return
+        keep = []
+        with open(self.metrics_path, "r", encoding="utf-8") as fh:
+            for line in fh:
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if entry.get("step", 0) <= step:
+                    keep.append(line if line.endswith("\n") else line + "\n")
+        tmp = self.metrics_path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.writelines(keep)
+        os.replace(tmp, self.metrics_path)
+
+    def record(self, entry: Dict[str, Any]) -> None:
+        self.metrics.write(json.dumps(_clean(entry)) + "\n")
+
+    def flush(self) -> None:
+        self.metrics.flush()
+        if self.tb is not None:
+            self.tb.flush()
+
+    def scalars(self, step: int, values: Dict[str, Optional[float]]) -> None:
+        if self.tb is None:
+            return
+        for tag, value in values.items():
+            if value is not None:
+                self.tb.add_scalar(tag, value, step)
+
+    def summary(self, summary: Dict[str, Any]) -> str:
+        path = os.path.join(self.dir, "summary.json")
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(_clean(summary), fh, indent=2)
+        os.replace(tmp, path)
+        return path
+
+    def close(self) -> None:
+        self.metrics.close()
+        if self.tb is not None:
+            self.tb.close()

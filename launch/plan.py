@@ -1,0 +1,159 @@
+"""``--dry-run``: the experiment plan for the configured world size, without launching anything."""
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, Dict
+
+from torch import nn
+
+from .config import data_problems, kfac_kwargs
+from .data import steps_per_epoch, train_size
+from .models import build_model
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB", "PB"):
+        if abs(n) < 1000 or unit == "PB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000.0
+    return str(n)
+
+
+def _kind(module: nn.Module) -> str:
+    if isinstance(module, nn.Conv2d):
+        return "conv"
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return "batchnorm"
+    if isinstance(module, nn.Linear):
+        return "linear"
+    return type(module).__name__
+
+
+def make_plan(cfg) -> Dict[str, Any]:
+    """Build the model (and K-FAC's layer registry) in this process and compute the plan."""
+    warnings = [str(p).replace("config error", "warning", 1) for p in data_problems(cfg)]
+    world = cfg.train.world_size or 1
+    if cfg.train.world_size is None:
+        warnings.append("warning: train.world_size is not set; planning for 1 rank")
+    d = cfg.data
+    n_train = train_size(cfg)
+    spe = steps_per_epoch(n_train, world, d.batch_size, d.drop_last)
+    total = spe * cfg.train.epochs
+    if cfg.train.max_steps is not None:
+        total = min(total, cfg.train.max_steps)
+    model = build_model(cfg)
+    n_params = sum(p.numel() for p in model.parameters())
+    plan: Dict[str, Any] = {
+        "config": cfg.path,
+        "model": cfg.model.name,
+        "parameters": n_params,
+        "method": cfg.optim.method,
+        "world_size": world,
+        "batch_per_rank": d.batch_size,
+        "global_batch": d.batch_size * world,
+        "dataset": d.dataset,
+        "train_images": n_train,
+        "epochs": cfg.train.epochs,
+        "steps_per_epoch": spe,
+        "steps": total,
+        "steps_continuous": n_train * cfg.train.epochs / (d.batch_size * world),
+        "warnings": warnings,
+    }
+    if cfg.optim.method == "kfac":
+        import kfac_hvd
+        from kfac_hvd import commodel
+        kfac = kfac_hvd.KFAC(model, **kfac_kwargs(cfg))
+        names = list(kfac.layer_names)
+        modules = dict(model.named_modules())
+        kinds: Dict[str, int] = {}
+        for name in names:
+            kind = _kind(modules[name]) if name in modules else "other"
+            kinds[kind] = kinds.get(kind, 0) + 1
+        costs = kfac.inversion_costs()
+        assignment = kfac_hvd.assign_layers(costs, world)
+        load = [float(x) for x in assignment.load]
+        per_rank_layers = [0] * world
+        for owner in assignment.owner.values():
+            per_rank_layers[owner] += 1
+        traffic = commodel.every_step_traffic(model, world, total, symmetric=cfg.kfac.symmetric_comm,
+                                              include_batchnorm=cfg.kfac.include_batchnorm)
+        plan["kfac"] = {
+            "layers": len(names),
+            "layer_kinds": kinds,
+            "update_threshold": cfg.kfac.update_threshold,
+            "interval_policy": cfg.kfac.interval_policy,
+            "damping": cfg.kfac.damping,
+            "inversion_load_per_rank": load,
+            "layers_per_rank": per_rank_layers,
+            "ranks_without_layers": sum(1 for c in per_rank_layers if c == 0),
+            "imbalance": float(assignment.imbalance),
+            "every_step_traffic": {k: v for k, v in traffic.items() if _jsonable(v)},
+        }
+    return plan
+
+
+def _jsonable(v) -> bool:
+    try:
+        json.dumps(v)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def format_plan(plan: Dict[str, Any]) -> str:
+    lines = [f"plan for {plan['config']} (dry run: nothing launched)"]
+    row = lambda k, v: lines.append(f"  {k:<22} {v}")  # noqa: E731
+    row("model", f"{plan['model']} ({plan['parameters'] / 1e6:.1f} M parameters)")
+    row("method", plan["method"])
+    row("ranks", plan["world_size"])
+    row("batch", f"{plan['batch_per_rank']} per rank, {plan['global_batch']} global")
+    row("data", f"{plan['dataset']}, {plan['train_images']} training images")
+    row("steps", f"{plan['steps_per_epoch']} per epoch x {plan['epochs']} epochs -> {plan['steps']} "
+                 f"(epochs x images / global batch = {plan['steps_continuous']:.1f})")
+    k = plan.get("kfac")
+    if k:
+        kinds = ", ".join(f"{v} {n}" for n, v in sorted(k["layer_kinds"].items()))
+        row("K-FAC layers", f"{k['layers']} ({kinds})")
+        lam = k["update_threshold"]
+        row("factor updates", "every step" if lam is None
+            else f"adaptive, lambda = {lam} ({k['interval_policy']} rule)")
+        row("damping", k["damping"])
+        load = k["inversion_load_per_rank"]
+        mean = sum(load) / len(load) if load else 0.0
+        row("inversion load", f"max {max(load):.3g}, mean {mean:.3g}, imbalance (max/mean) "
+                              f"{k['imbalance']:.3f}; ranks without layers: {k['ranks_without_layers']}")
+        ranks = list(enumerate(zip(k["layers_per_rank"], load)))
+        if len(ranks) > 16:
+            lines.append("  heaviest ranks (rank: layers, load):")
+            ranks = sorted(ranks, key=lambda r: (-r[1][1], r[0]))[:8]
+        else:
+            lines.append("  per-rank inversion load (rank: layers, load):")
+        cells = [f"{r}: {n}, {x:.3g}" for r, (n, x) in ranks]
+        for i in range(0, len(cells), 4):
+            lines.append("    " + " | ".join(cells[i:i + 4]))
+        t = k["every_step_traffic"]
+        wire = t.get("wire_bytes_per_rank")
+        if wire is not None:
+            row("every-step Fisher", f"{_human(wire)} per rank over {plan['steps']} steps "
+                                     f"({_human(wire / max(plan['steps'], 1))} per step; factor "
+                                     f"allreduce + inverse broadcast, wire model)")
+            dense = t.get("allreduce_only_dense_wire_bytes_per_rank")
+            if dense is not None:
+                row("", f"{_human(dense)} as a dense fp32 factor allreduce alone")
+    for w in plan["warnings"]:
+        lines.append(w)
+    return "\n".join(lines)
+
+
+def dry_run(cfg, plan_json: str = None) -> int:
+    plan = make_plan(cfg)
+    for w in plan["warnings"]:
+        print(w, file=sys.stderr)
+    text = format_plan({**plan, "warnings": []})
+    print(text)
+    if plan_json:
+        with open(plan_json, "w", encoding="utf-8") as fh:
+            json.dump(plan, fh, indent=2)
+    return 0
+

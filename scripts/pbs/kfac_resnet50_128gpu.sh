@@ -1,0 +1,61 @@
+#!/bin/bash
+# ResNet-50 / ImageNet with distributed K-FAC on ABCI 3.0 (PBS Professional): 16 rt_HF nodes x 8 H200
+# = 128 ranks, one rank per GPU, 128 images each (the paper's 128 x 128 = 16,384 on newer GPUs).
+#
+# Submit from the repository root:
+#   qsub -P GROUP scripts/pbs/kfac_resnet50_128gpu.sh
+#   qsub -P GROUP -v CONFIG=configs/imagenet/resnet50_kfac_bs16k_baseline.yaml scripts/pbs/kfac_resnet50_128gpu.sh
+#
+# Knobs (environment, pass with qsub -v NAME=value,...):
+#   CONFIG         experiment file (default: the lambda = 0.25 run of Table 1)
+#   IMAGENET       folder holding train/ and val/ in ImageFolder layout
+#   EXTRA          further section.key=value overrides for the launcher (quoted, space-separated)
+#   VENV           virtual environment with torch, horovod (NCCL build) and this project (default .venv)
+#   GPUS_PER_NODE  8 on rt_HF
+#   MODULES        module list; check 'module avail' (ABCI 3.0 provides hpcx for MPI)
+#   Horovod tuning (environment, forwarded with -x; or the config's horovod section):
+#     HOROVOD_FUSION_THRESHOLD, HOROVOD_CYCLE_TIME, HOROVOD_TIMELINE, HOROVOD_HIERARCHICAL_ALLREDUCE;
+#     fp16 gradient compression: EXTRA="horovod.fp16_allreduce=true"
+#   Build Horovod with HOROVOD_GPU_OPERATIONS=NCCL HOROVOD_BUILD_CUDA_CC_LIST=90 (scripts/install_horovod.sh).
+#
+# PBS resources: -q rt_HF = full H200 nodes; select=16 chunks (one per node); walltime = limit.
+# $PBS_NODEFILE lists the nodes (one line per chunk); -map-by ppr:8:node places 8 ranks on each.
+# With checkpoint.resume=auto (the paper configs) a re-submitted job continues from last.pt.
+#PBS -q rt_HF
+#PBS -l select=16
+#PBS -l walltime=12:00:00
+#PBS -j oe
+#PBS -N kfac-r50-128
+
+set -euo pipefail
+cd "${PBS_O_WORKDIR:-.}"
+
+CONFIG=${CONFIG:-configs/imagenet/resnet50_kfac_bs16k_lambda0.25.yaml}
+IMAGENET=${IMAGENET:-/groups/$(id -gn)/imagenet}
+EXTRA=${EXTRA:-}
+VENV=${VENV:-.venv}
+GPUS_PER_NODE=${GPUS_PER_NODE:-8}
+MODULES=${MODULES:-"python/3.11 cuda/12.6 cudnn nccl hpcx"}
+
+if [ -f /etc/profile.d/modules.sh ]; then
+  source /etc/profile.d/modules.sh
+  module load $MODULES
+fi
+source "$VENV/bin/activate"
+
+NODES=$(sort -u "$PBS_NODEFILE" | wc -l)
+NP=$((NODES * GPUS_PER_NODE))
+echo "job ${PBS_JOBID:-?}: $NODES nodes x $GPUS_PER_NODE GPUs = $NP ranks; config $CONFIG"
+
+sort -u "$PBS_NODEFILE" > "hosts.${PBS_JOBID:-local}"
+mpirun -hostfile "hosts.${PBS_JOBID:-local}" -np "$NP" -map-by ppr:"$GPUS_PER_NODE":node -bind-to none \
+  -x PATH -x LD_LIBRARY_PATH -x PYTHONPATH \
+  -x NCCL_DEBUG=${NCCL_DEBUG:-WARN} \
+  ${HOROVOD_FUSION_THRESHOLD:+-x HOROVOD_FUSION_THRESHOLD} \
+  ${HOROVOD_CYCLE_TIME:+-x HOROVOD_CYCLE_TIME} \
+  ${HOROVOD_TIMELINE:+-x HOROVOD_TIMELINE} \
+  ${HOROVOD_HIERARCHICAL_ALLREDUCE:+-x HOROVOD_HIERARCHICAL_ALLREDUCE} \
+  python -m launch.train --config "$CONFIG" \
+    data.train_dir="$IMAGENET/train" data.val_dir="$IMAGENET/val" \
+    train.world_size="$NP" $EXTRA
+rm -f "hosts.${PBS_JOBID:-local}"

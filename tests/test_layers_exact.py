@@ -1,0 +1,191 @@
+"""K-FAC maths against direct computations: Linear, Conv2d (KFC), BatchNorm2d (unit-wise)."""
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+import kfac_hvd
+from kfac_hvd.factors import damped_inverses, pack, unpack
+
+TINY_DAMPING = 1e-20
+
+
+def one_step(model, kfac, inputs, targets, loss_fn=nn.MSELoss()):
+    model.zero_grad()
+    loss_fn(model(inputs), targets).backward()
+    return kfac.step()
+
+
+def test_linear_matches_exact_natural_gradient():
+    torch.manual_seed(0)
+    n, d_in, d_hidden, d_out = 64, 5, 4, 3
+    model = nn.Sequential(nn.Linear(d_in, d_hidden), nn.Tanh(), nn.Linear(d_hidden, d_out)).double()
+    kfac = kfac_hvd.KFAC(model, damping=TINY_DAMPING)
+    x, t = torch.randn(n, d_in, dtype=torch.float64), torch.randn(n, d_out, dtype=torch.float64)
+    one_step(model, kfac, x, t)
+
+    # Direct: per-sample loss l_n = mean_d (y_nd - t_nd)^2, delta = dl_n/dy_n.
+    lin1, lin2 = model[0], model[2]
+    with torch.no_grad():
+        h = torch.tanh(lin1(x))
+        y = lin2(h)
+        delta2 = 2 * (y - t) / d_out
+        delta1 = (delta2 @ lin2.weight) * (1 - h ** 2)
+    ones = torch.ones(n, 1, dtype=torch.float64)
+    for layer, a, delta in ((lin1, torch.cat([x, ones], 1), delta1), (lin2, torch.cat([h, ones], 1), delta2)):
+        A = a.t() @ a / n
+        G = delta.t() @ delta / n
+        grad_matrix = delta.t() @ a / n  # mean-loss gradient of [W | b]
+        expected = torch.linalg.solve(G, grad_matrix) @ torch.linalg.inv(A)
+        got = torch.cat([layer.weight.grad, layer.bias.grad[:, None]], 1)
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-8)
+
+
+def test_linear_without_pi_and_with_eigen_agree_at_tiny_damping():
+    torch.manual_seed(1)
+    results = []
+    for options in ({}, {"pi_damping": False}, {"inverse_method": "eigen"}):
+        torch.manual_seed(1)
+        model = nn.Linear(4, 3).double()
+        kfac = kfac_hvd.KFAC(model, damping=TINY_DAMPING, **options)
+        one_step(model, kfac, torch.randn(40, 4, dtype=torch.float64), torch.randn(40, 3, dtype=torch.float64))
+        results.append(model.weight.grad.clone())
+    torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(results[0], results[2], rtol=1e-5, atol=1e-8)
+
+
+def test_conv_1x1_on_1x1_inputs_equals_linear():
+    torch.manual_seed(2)
+    linear = nn.Linear(6, 4).double()
+    conv = nn.Conv2d(6, 4, kernel_size=1).double()
+    with torch.no_grad():
+        conv.weight.copy_(linear.weight[:, :, None, None])
+        conv.bias.copy_(linear.bias)
+    x, t = torch.randn(32, 6, dtype=torch.float64), torch.randn(32, 4, dtype=torch.float64)
+    kfac_linear = kfac_hvd.KFAC(linear, damping=1e-3)
+    kfac_conv = kfac_hvd.KFAC(conv, damping=1e-3)
+    one_step(linear, kfac_linear, x, t)
+    conv.zero_grad()
+    nn.MSELoss()(conv(x[:, :, None, None]).flatten(1), t).backward()
+    kfac_conv.step()
+    torch.testing.assert_close(conv.weight.grad[:, :, 0, 0], linear.weight.grad)
+    torch.testing.assert_close(conv.bias.grad, linear.bias.grad)
+    torch.testing.assert_close(kfac_conv.factors[""]["A"], kfac_linear.factors[""]["A"])
+    torch.testing.assert_close(kfac_conv.factors[""]["G"], kfac_linear.factors[""]["G"])
+
+
+def test_conv_factors_match_explicit_patches():
+    """A = mean over samples and positions of a aᵀ; G = mean over samples of Σ_positions δ δᵀ."""
+    torch.manual_seed(3)
+    conv = nn.Conv2d(2, 3, kernel_size=3, stride=2, padding=1).double()
+    kfac = kfac_hvd.KFAC(conv, damping=1e-3)
+    x = torch.randn(5, 2, 7, 7, dtype=torch.float64)
+    out = conv(x)
+    target = torch.randn_like(out)
+    nn.MSELoss()(out, target).backward()
+    grad_out = (2 * (out - target) / out.numel()).detach()  # d(mean loss)/d output
+    kfac.step()
+
+    n, _, oh, ow = out.shape
+    padded = nn.functional.pad(x, (1, 1, 1, 1))
+    A = torch.zeros(19, 19, dtype=torch.float64)
+    G = torch.zeros(3, 3, dtype=torch.float64)
+    for sample in range(n):
+        for i in range(oh):
+            for j in range(ow):
+                patch = padded[sample, :, 2 * i:2 * i + 3, 2 * j:2 * j + 3].reshape(-1)  # channel-major
+                a = torch.cat([patch, torch.ones(1, dtype=torch.float64)])
+                A += torch.outer(a, a)
+                delta = grad_out[sample, :, i, j] * n
+                G += torch.outer(delta, delta)
+    A /= n * oh * ow
+    G /= n
+    torch.testing.assert_close(kfac.factors[""]["A"], A)
+    torch.testing.assert_close(kfac.factors[""]["G"], G)
+
+
+def test_batchnorm_unitwise_fisher_matches_per_sample_gradients():
+    torch.manual_seed(4)
+    bn = nn.BatchNorm2d(3).double()
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    bn.eval()  # running statistics make samples independent, so torch.func's per-sample gradients are exact
+    damping = 1e-2
+    layer = kfac_hvd.KFAC(bn, damping=damping).layers[""]
+    x = torch.randn(8, 3, 4, 4, dtype=torch.float64)
+    target = torch.randn(8, 3, 4, 4, dtype=torch.float64)
+    params = {k: v.detach() for k, v in bn.named_parameters()}
+
+    def sample_loss(p, xs, ts):
+        out = torch.nn.functional.batch_norm(xs[None], bn.running_mean, bn.running_var, p["weight"], p["bias"],
+                                             training=False, eps=bn.eps)
+        return ((out - ts[None]) ** 2).mean()
+
+    per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0))(params, x, target)
+    g = torch.stack([per_sample["weight"], per_sample["bias"]], dim=2)  # (N, C, 2)
+    F = torch.einsum("nci,ncj->cij", g, g) / x.shape[0]
+
+    out = bn(x)
+    grad_output = (2 * (out - target) / out.numel()).detach()  # d(mean loss)/d output
+    contribution, samples = layer.f_contribution(x, grad_output)
+    torch.testing.assert_close(contribution / samples, F)
+
+    mean_grad = g.mean(0)
+    bn.weight.grad, bn.bias.grad = mean_grad[:, 0].clone(), mean_grad[:, 1].clone()
+    update = layer.precondition(damped_inverses({"F": F}, damping, pi_damping=True, method="cholesky"))
+    eye = torch.eye(2, dtype=torch.float64)
+    expected = torch.linalg.solve(F + damping * eye, mean_grad.unsqueeze(-1))[..., 0]
+    torch.testing.assert_close(update, expected)
+
+
+def test_batchnorm_train_mode_per_sample_gradients_sum_to_gradient():
+    torch.manual_seed(5)
+    bn = nn.BatchNorm2d(4).double()
+    kfac = kfac_hvd.KFAC(bn, damping=1e-3)
+    x = torch.randn(6, 4, 3, 3, dtype=torch.float64)
+    out = bn(x)
+    target = torch.randn_like(out)
+    captured = {}
+    layer = kfac.layers[""]
+    original = layer.f_contribution
+
+    def spy(inputs, grad_output):
+        samples = grad_output.shape[0]
+        delta = grad_output * samples
+        x_hat = layer.normalised_input(inputs)
+        captured["g"] = torch.stack([(delta * x_hat).sum((2, 3)), delta.sum((2, 3))], 2)
+        return original(inputs, grad_output)
+
+    layer.f_contribution = spy
+    nn.MSELoss()(out, target).backward()
+    g = captured["g"]
+    torch.testing.assert_close(g.mean(0)[:, 0], bn.weight.grad)
+    torch.testing.assert_close(g.mean(0)[:, 1], bn.bias.grad)
+    kfac.step()
+    torch.testing.assert_close(kfac.factors[""]["F"], torch.einsum("nci,ncj->cij", g, g) / 6)
+
+
+@pytest.mark.parametrize("shape", [(5, 5), (3, 2, 2), (1, 1)])
+def test_triangle_packing_round_trips_exactly(shape):
+    m = torch.randn(*shape)
+    m = m + m.transpose(-1, -2)
+    packed = pack(m, True)
+    assert packed.numel() == math.prod(shape[:-2]) * shape[-1] * (shape[-1] + 1) // 2
+    assert torch.equal(unpack(packed, shape, True), m)
+    assert torch.equal(unpack(pack(m, False), shape, False), m)
+
+
+def test_pi_damping_matches_formula():
+    from kfac_hvd.factors import pi_correction
+    A = torch.diag(torch.tensor([4.0, 2.0, 6.0]))
+    G = torch.diag(torch.tensor([1.0, 0.5]))
+    pi = pi_correction(A, G)
+    assert pi == pytest.approx(math.sqrt((12 / 3) / (1.5 / 2)))
+    inv = damped_inverses({"A": A, "G": G}, 0.01, pi_damping=True, method="cholesky")
+    torch.testing.assert_close(inv["A"], torch.diag(1 / (torch.tensor([4.0, 2.0, 6.0]) + pi * 0.1)))
+    torch.testing.assert_close(inv["G"], torch.diag(1 / (torch.tensor([1.0, 0.5]) + 0.1 / pi)))

@@ -1,0 +1,207 @@
+"""KFAC in one process: registration, options, the not-due path, state, accounting."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import kfac_hvd
+from kfac_hvd.assignment import assign_layers
+
+
+def small_cnn():
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(inplace=True),
+                         nn.Conv2d(4, 4, 3, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 3 * 3, 5))
+
+
+def batches(count, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [(torch.randn(16, 1, 8, 8, generator=generator), torch.randint(0, 5, (16,), generator=generator))
+            for _ in range(count)]
+
+
+def train(model, kfac, data, lr=0.05):
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    records = []
+    for x, y in data:
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        records.append(kfac.step(lr=lr))
+        optimizer.step()
+    return records, optimizer
+
+
+def test_resnet50_registers_107_layers_and_options_leave_layers_to_sgd():
+    from torchvision.models import resnet50
+    model = resnet50()
+    names = kfac_hvd.KFAC(model).layer_names
+    assert len(names) == 107
+    assert sum(isinstance(model.get_submodule(n), nn.BatchNorm2d) for n in names) == 53
+    assert sum(isinstance(model.get_submodule(n), nn.Conv2d) for n in names) == 53
+    assert len(kfac_hvd.KFAC(resnet50(), include_batchnorm=False).layer_names) == 54
+    skipped = kfac_hvd.KFAC(resnet50(), skip_layers=[r"^fc$", r"^layer4\."]).layer_names
+    assert "fc" not in skipped and not any(n.startswith("layer4.") for n in skipped)
+
+
+def test_unknown_keyword_and_bad_values_raise():
+    with pytest.raises(TypeError):
+        kfac_hvd.KFAC(small_cnn(), update_treshold=0.25)
+    for bad in ({"damping": 0}, {"update_threshold": -0.1}, {"interval_policy": "sometimes"},
+                {"inverse_method": "lu"}, {"factor_decay": 1.0}, {"kl_clip": 0}):
+        with pytest.raises(ValueError):
+            kfac_hvd.KFAC(small_cnn(), **bad)
+
+
+def test_factors_are_fp32_for_bf16_model():
+    model = small_cnn().to(torch.bfloat16)
+    kfac = kfac_hvd.KFAC(model)
+    x, y = batches(1)[0]
+    nn.functional.cross_entropy(model(x.to(torch.bfloat16)).float(), y).backward()
+    kfac.step()
+    assert all(t.dtype == torch.float32 for kinds in kfac.factors.values() for t in kinds.values())
+    assert model[0].weight.grad.dtype == torch.bfloat16
+
+
+def test_layers_not_due_do_no_factor_work_and_keep_their_inverse():
+    torch.manual_seed(0)
+    model = small_cnn()
+    kfac = kfac_hvd.KFAC(model, update_threshold=1e9)  # every diff is below λ: intervals grow
+    calls = {"A": 0, "G": 0}
+    for layer in kfac.layers.values():
+        if hasattr(layer, "a_contribution"):
+            original_a, original_g = layer.a_contribution, layer.g_contribution
+            layer.a_contribution = lambda x, f=original_a: (calls.__setitem__("A", calls["A"] + 1), f(x))[1]
+            layer.g_contribution = lambda g, f=original_g: (calls.__setitem__("G", calls["G"] + 1), f(g))[1]
+    data = batches(6)
+    records, _ = train(model, kfac, data[:2])
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(entry["interval"] == 2 for entry in records[-1]["layers"].values())
+    inverse_before = kfac.inverses["0"]["A"].clone()
+    calls.update(A=0, G=0)
+    record = train(model, kfac, data[2:3])[0][0]  # step 3: 3 mod 2 != 0, nothing due
+    assert calls == {"A": 0, "G": 0}
+    assert not any(entry["due"] for entry in record["layers"].values())
+    assert torch.equal(kfac.inverses["0"]["A"], inverse_before)
+    assert model[0].weight.grad is not None  # still preconditioned
+    record = train(model, kfac, data[3:4])[0][0]  # step 4: due again
+    assert all(entry["due"] for entry in record["layers"].values())
+    assert calls == {"A": 3, "G": 3}  # the three Kronecker layers
+
+
+def test_eval_forward_captures_nothing():
+    model = small_cnn()
+    kfac = kfac_hvd.KFAC(model)
+    with torch.no_grad():
+        model(batches(1)[0][0])
+    model.eval()
+    model(batches(1)[0][0])
+    assert not kfac.capture.sums
+
+
+def test_state_dict_resume_continues_exactly():
+    torch.manual_seed(1)
+    data = batches(12, seed=3)
+    options = dict(update_threshold=0.3, interval_policy="since_last", factor_decay=0.5)
+    model = small_cnn()
+    reference_model = copy.deepcopy(model)
+    reference = kfac_hvd.KFAC(reference_model, **options)
+    reference_records, _ = train(reference_model, reference, data)
+
+    kfac = kfac_hvd.KFAC(model, **options)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    head = []
+    for x, y in data[:7]:
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        head.append(kfac.step(lr=0.05))
+        optimizer.step()
+    saved = copy.deepcopy({"model": model.state_dict(), "opt": optimizer.state_dict(), "kfac": kfac.state_dict()})
+
+    resumed_model = small_cnn()
+    resumed_model.load_state_dict(saved["model"])
+    resumed = kfac_hvd.KFAC(resumed_model, **options)
+    resumed.load_state_dict(saved["kfac"])
+    resumed_optimizer = torch.optim.SGD(resumed_model.parameters(), lr=0.05, momentum=0.9)
+    resumed_optimizer.load_state_dict(saved["opt"])
+    tail = []
+    for x, y in data[7:]:
+        resumed_optimizer.zero_grad()
+        nn.functional.cross_entropy(resumed_model(x), y).backward()
+        tail.append(resumed.step(lr=0.05))
+        resumed_optimizer.step()
+
+    def schedule(records):
+        return [(r["step"], {n: (e["due"], e["interval"]) for n, e in r["layers"].items()}) for r in records]
+
+    assert schedule(head + tail) == schedule(reference_records)
+    assert any(not e["due"] for r in reference_records for e in r["layers"].values())  # schedule did skip
+    for p, q in zip(resumed_model.parameters(), reference_model.parameters()):
+        torch.testing.assert_close(p, q)
+
+
+def test_load_state_dict_rejects_other_model():
+    kfac = kfac_hvd.KFAC(small_cnn())
+    other = kfac_hvd.KFAC(nn.Sequential(nn.Linear(3, 2)))
+    with pytest.raises(ValueError):
+        kfac.load_state_dict(other.state_dict())
+
+
+def test_separate_intervals_track_a_and_g_on_their_own():
+    torch.manual_seed(2)
+    model = small_cnn()
+    kfac = kfac_hvd.KFAC(model, update_threshold=0.25, separate_intervals=True)
+    records, _ = train(model, kfac, batches(10, seed=5))
+    keys = kfac.scheduler.keys
+    assert "0:A" in keys and "0:G" in keys and "1:F" in keys
+    assert "intervals" in records[-1]["layers"]["0"]
+    assert torch.isfinite(model[0].weight).all()
+
+
+def test_kl_clip_scales_the_update_and_needs_lr():
+    torch.manual_seed(3)
+    data = batches(1)
+    plain_model = small_cnn()
+    clipped_model = copy.deepcopy(plain_model)
+    plain = kfac_hvd.KFAC(plain_model)
+    clipped = kfac_hvd.KFAC(clipped_model, kl_clip=1e-9)
+    for model, kfac in ((plain_model, plain), (clipped_model, clipped)):
+        nn.functional.cross_entropy(model(data[0][0]), data[0][1]).backward()
+    with pytest.raises(ValueError):
+        clipped.step()
+    clipped_model.zero_grad()
+    nn.functional.cross_entropy(clipped_model(data[0][0]), data[0][1]).backward()
+    record = clipped.step(lr=1.0)
+    plain.step(lr=1.0)
+    assert 0 < record["kl_scale"] < 1
+    torch.testing.assert_close(clipped_model[6].weight.grad, plain_model[6].weight.grad * record["kl_scale"])
+
+
+def test_compute_accounting_counts_only_due_factors():
+    torch.manual_seed(4)
+    model = small_cnn()
+    kfac = kfac_hvd.KFAC(model, update_threshold=1e9)
+    train(model, kfac, batches(8))
+    stats = kfac.comm_stats()
+    per_step = stats["every_step_elements"] / 8
+    # due steps 1, 2, 4, 6, 8: five of eight
+    assert stats["computed_elements"] == pytest.approx(5 * per_step)
+    assert stats["compute_ratio"] == pytest.approx(5 / 8)
+    assert stats["payload_bytes"] == 0  # one process: nothing handed to Horovod
+
+
+def test_assignment_is_greedy_by_cost():
+    assignment = assign_layers({"a": 10, "b": 7, "c": 5, "d": 4, "e": 1}, 2)
+    # 10 -> r0; 7 -> r1; 5 -> r1 (7<10); 4 -> r0 (10<12); 1 -> r1 (12<14)... r0=14, r1=12 -> e to r1
+    assert assignment.owner == {"a": 0, "b": 1, "c": 1, "d": 0, "e": 1}
+    assert assignment.load == [14, 13]
+    assert assignment.imbalance == pytest.approx(14 / 13.5)
+    many = assign_layers({"a": 1.0}, 4)
+    assert many.load == [1.0, 0, 0, 0] and many.imbalance == pytest.approx(4.0)
+
+
+def test_resnet50_assignment_over_128_ranks_uses_107_ranks_at_most():
+    from torchvision.models import resnet50
+    kfac = kfac_hvd.KFAC(resnet50())
+    assignment = assign_layers(kfac.inversion_costs(), 128)
+    assert sum(load > 0 for load in assignment.load) == 107
+    assert assignment.imbalance > 1
