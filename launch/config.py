@@ -60,7 +60,8 @@ def in_range(lo, hi, hi_open=True, lo_open=False):
         ok_hi = v < hi if hi_open else v <= hi
         if ok_lo and ok_hi:
             return None
-        return f"must be in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}, got {v!r}"
+        lo_b, hi_b = "(" if lo_open else "[", ")" if hi_open else "]"
+        return f"must be in {lo_b}{lo:g}, {hi:g}{hi_b}, got {v!r}"
     return check
 
 

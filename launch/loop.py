@@ -164,7 +164,7 @@ def run(cfg, resume_path: Optional[str]) -> int:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             lr = learning_rate(cfg.optim, step / spe)
             set_lr(optimizer, lr, cfg.optim.momentum_correction)
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad()
             if cfg.data.mixup_alpha > 0:
                 xm, y2, lam = mixup(x, y, cfg.data.mixup_alpha)
                 output = model(xm)
@@ -263,6 +263,10 @@ def run(cfg, resume_path: Optional[str]) -> int:
 
     if bar is not None:
         bar.close()
+    # Data parallelism keeps every rank's weights identical: record one checksum per rank.
+    with torch.no_grad():
+        checksum = float(sum(p.double().sum() + (p.double() ** 2).sum() for p in model.parameters()))
+    checksums = hvd.allgather_object(checksum)
     summary: Dict[str, Any] = {
         "config": cfg.path,
         "method": cfg.optim.method,
@@ -279,6 +283,7 @@ def run(cfg, resume_path: Optional[str]) -> int:
         "train_time_s": train_time,
         "images_per_s": images_done / train_time if train_time > 0 else None,
         "resumed_from": resume_path,
+        "rank_weight_checksums": checksums,
     }
     if kfac is not None:
         stats = kfac.comm_stats()

@@ -1,0 +1,78 @@
+"""Shared helpers of the launcher tests: paths, subprocess runners, tiny config files."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from typing import Dict, List, Optional
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PYTHON = sys.executable
+BIN = os.path.dirname(PYTHON)
+FASHION = "/usr/share/datasets/fashion-mnist"
+CONFIGS = os.path.join(REPO, "configs")
+PAPER_CONFIGS = [
+    "imagenet/resnet50_kfac_bs16k_baseline.yaml",
+    "imagenet/resnet50_kfac_bs16k_lambda0.2.yaml",
+    "imagenet/resnet50_kfac_bs16k_lambda0.25.yaml",
+    "imagenet/resnet50_kfac_bs16k_lambda0.3.yaml",
+    "imagenet/resnet50_sgd_bs16k.yaml",
+]
+
+
+def env() -> Dict[str, str]:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = REPO + os.pathsep + e.get("PYTHONPATH", "")
+    e.setdefault("OMP_NUM_THREADS", "1")
+    # A test run must not inherit a launcher's identity from the test environment.
+    for key in ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "PMI_SIZE", "PMI_RANK", "PMIX_RANK",
+                "HOROVOD_RANK", "HOROVOD_GLOO_RENDEZVOUS_ADDR", "HOROVOD_CONTROLLER"):
+        e.pop(key, None)
+    return e
+
+
+def launch_cmd(args: List[str]) -> List[str]:
+    return [PYTHON, "-m", "launch.train"] + args
+
+
+def run(cmd: List[str], timeout: float = 300, cwd: Optional[str] = None) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=cwd or REPO, env=env(), capture_output=True, text=True, timeout=timeout)
+
+
+def horovodrun(np_: int, args: List[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    cmd = [os.path.join(BIN, "horovodrun"), "-np", str(np_), "--gloo", "-H", f"localhost:{np_}"]
+    return run(cmd + launch_cmd(args), timeout=timeout)
+
+
+def mpirun(np_: int, args: List[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    mpi = shutil.which("mpirun")
+    cmd = [mpi, "--allow-run-as-root", "--oversubscribe", "-np", str(np_), "-bind-to", "none",
+           "-map-by", "slot", "-x", "PYTHONPATH", "-x", "OMP_NUM_THREADS"]
+    return run(cmd + launch_cmd(args), timeout=timeout)
+
+
+def horovod_ready() -> bool:
+    try:
+        import horovod.torch  # noqa: F401
+    except ImportError:
+        return False
+    return os.path.exists(os.path.join(BIN, "horovodrun"))
+
+
+def read_jsonl(path: str) -> List[dict]:
+    with open(path, "r", encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def tiny_fashion_args(run_dir: str, *extra: str) -> List[str]:
+    """A few steps of the demo config on a small Fashion-MNIST subset (seconds on 2 ranks)."""
+    return ["--config", os.path.join(CONFIGS, "fashion_mnist", "small_resnet_kfac_lambda0.25.yaml"),
+            f"log.dir={run_dir}", "data.train_subset=256", "data.val_subset=200", "data.batch_size=16",
+            "model.width=8", "train.epochs=1", "log.progress=false", "log.tensorboard=false",
+            *extra]
+
+
+def describe(proc: subprocess.CompletedProcess) -> str:
+    return f"rc={proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}"

@@ -1,0 +1,200 @@
+"""Config loading, base: inheritance, dotted overrides and validation (one line, exit code 2)."""
+import glob
+import os
+import textwrap
+
+import pytest
+import yaml
+
+from launch.config import ConfigError, load_config, resolve_paths
+from tests.launch_helpers.common import CONFIGS, launch_cmd, run
+
+
+def write(path, text):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as fh:
+        fh.write(textwrap.dedent(text))
+    return str(path)
+
+
+@pytest.fixture
+def chain(tmp_path):
+    write(tmp_path / "common" / "base.yaml", """
+        model: {name: small_resnet, num_classes: 10}
+        data: {dataset: synthetic, batch_size: 8}
+        optim: {lr: 0.5, milestones: [3, 6]}
+        kfac: {damping: 0.01, update_threshold: 0.3}
+        """)
+    child = write(tmp_path / "exp" / "child.yaml", """
+        base: ../common/base.yaml
+        kfac:
+          update_threshold: 0.25
+        train:
+          epochs: 2
+        """)
+    return tmp_path, child
+
+
+def test_base_is_relative_to_the_file_and_child_wins(chain):
+    tmp, child = chain
+    cfg = load_config(child)
+    assert cfg.kfac.update_threshold == 0.25           # child
+    assert cfg.kfac.damping == 0.01                    # base
+    assert cfg.optim.lr == 0.5 and cfg.optim.milestones == [3.0, 6.0]
+    assert cfg.train.epochs == 2
+    assert cfg.optim.momentum == 0.9                   # schema default
+    assert cfg.source("kfac.damping").endswith(os.path.join("common", "base.yaml"))
+    assert cfg.source("kfac.update_threshold") == child
+
+
+def test_overrides_are_parsed_as_yaml_and_applied_last(chain):
+    _, child = chain
+    cfg = load_config(child, ["kfac.update_threshold=null", "optim.milestones=[10, 20]",
+                              "kfac.damping=2.5e-4", "log.tensorboard=false", "kfac.skip_layers=fc"])
+    assert cfg.kfac.update_threshold is None
+    assert cfg.optim.milestones == [10.0, 20.0]
+    assert cfg.kfac.damping == pytest.approx(2.5e-4)
+    assert cfg.log.tensorboard is False
+    assert cfg.kfac.skip_layers == ["fc"]
+    assert "command line" in cfg.source("kfac.damping")
+
+
+def test_resolved_config_round_trips(chain, tmp_path):
+    _, child = chain
+    cfg = load_config(child, ["train.seed=7"])
+    resolve_paths(cfg)
+    dumped = write(tmp_path / "resolved.yaml", cfg.dump())
+    again = load_config(dumped)
+    assert again.to_dict() == cfg.to_dict()
+    assert cfg.log.dir == os.path.join("runs", "child")
+    assert cfg.checkpoint.dir == os.path.join("runs", "child", "checkpoints")
+
+
+@pytest.mark.parametrize("text, key, words", [
+    ("kfac: {damping: -1.0}", "kfac.damping", "> 0"),
+    ("kfac: {damping: 0}", "kfac.damping", "> 0"),
+    ("kfac: {update_threshold: 0.0}", "kfac.update_threshold", "> 0"),
+    ("kfac: {update_threshold: -0.25}", "kfac.update_threshold", "> 0"),
+    ("kfac: {dampnig: 0.1}", "kfac.dampnig", "did you mean 'kfac.damping'"),
+    ("train: {epochs: 1.5}", "train.epochs", "integer"),
+    ("train: {epochs: '3'}", "train.epochs", "integer"),
+    ("data: {batch_size: 0}", "data.batch_size", ">= 1"),
+    ("optim: {method: adam}", "optim.method", "one of kfac, sgd"),
+    ("optim: {momentum: 1.0}", "optim.momentum", "[0, 1)"),
+    ("kfac: {interval_policy: sometimes}", "kfac.interval_policy", "modulo, since_last"),
+    ("log: {tensorboard: 'yes'}", "log.tensorboard", "true or false"),
+    ("optim: {schedule: poly, poly_start_epoch: 5, poly_end_epoch: 2}", "optim.poly_end_epoch", "> optim"),
+    ("wrong_section: {a: 1}", "wrong_section", "unknown section"),
+])
+def test_bad_values_name_file_and_key(tmp_path, text, key, words):
+    path = write(tmp_path / "bad.yaml", "model: {name: small_resnet, num_classes: 10}\n"
+                                        "data: {dataset: synthetic}\n" + text + "\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert path in msg and key in msg and words in msg, msg
+
+
+def test_error_in_base_file_names_the_base(tmp_path):
+    base = write(tmp_path / "base.yaml", "kfac: {damping: -3}\n")
+    child = write(tmp_path / "child.yaml", "base: base.yaml\ndata: {dataset: synthetic}\n"
+                                           "model: {name: small_resnet}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(child)
+    assert base in str(info.value) and "kfac.damping" in str(info.value)
+
+
+def test_circular_base_is_an_error(tmp_path):
+    a = write(tmp_path / "a.yaml", "base: b.yaml\n")
+    write(tmp_path / "b.yaml", "base: a.yaml\n")
+    with pytest.raises(ConfigError, match="circular"):
+        load_config(a)
+
+
+def test_imagenet_needs_data_dirs_and_fashion_needs_small_model(tmp_path):
+    path = write(tmp_path / "c.yaml", "data: {dataset: imagenet}\n")
+    with pytest.raises(ConfigError, match="data.train_dir"):
+        load_config(path)
+    path = write(tmp_path / "d.yaml", "data: {dataset: fashion_mnist}\nmodel: {num_classes: 10}\n")
+    with pytest.raises(ConfigError, match="model.name"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(CONFIGS, "**", "*.yaml"), recursive=True)))
+def test_every_shipped_config_validates(path):
+    cfg = load_config(path)
+    assert cfg.train.epochs >= 1
+
+
+def test_paper_configs_share_everything_but_the_threshold():
+    base = load_config(os.path.join(CONFIGS, "imagenet", "resnet50_kfac_bs16k_baseline.yaml")).to_dict()
+    assert base["kfac"]["update_threshold"] is None
+    assert base["data"]["batch_size"] * base["train"]["world_size"] == 16384
+    assert base["train"]["epochs"] == 36 and base["kfac"]["damping"] == pytest.approx(2.5e-4)
+    for lam in (0.2, 0.25, 0.3):
+        cfg = load_config(os.path.join(CONFIGS, "imagenet", f"resnet50_kfac_bs16k_lambda{lam}.yaml")).to_dict()
+        assert cfg["kfac"]["update_threshold"] == lam
+        cfg["kfac"]["update_threshold"] = None
+        assert cfg == base
+
+
+# ---- the command line: exit code 2, one line, no traceback, before anything heavy ----------------
+def cli(tmp_path, body, *overrides):
+    path = write(tmp_path / "exp.yaml", body)
+    proc = run(launch_cmd(["--config", path, *overrides]), timeout=120)
+    return path, proc
+
+
+@pytest.mark.parametrize("body, overrides, key", [
+    ("kfac: {update_threshold: -1}\ndata: {dataset: synthetic}\nmodel: {name: small_resnet}\n", [],
+     "kfac.update_threshold"),
+    ("data: {dataset: synthetic}\nmodel: {name: small_resnet}\n", ["kfac.damping=0"], "kfac.damping"),
+    ("data: {dataset: synthetic}\nmodel: {name: small_resnet}\n", ["kfac.no_such_key=1"], "kfac.no_such_key"),
+    ("data: {dataset: synthetic, batch_size: [1]}\nmodel: {name: small_resnet}\n", [], "data.batch_size"),
+])
+def test_cli_config_errors_exit_2_with_one_line(tmp_path, body, overrides, key):
+    path, proc = cli(tmp_path, body, *overrides)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert path in lines[0] and key in lines[0]
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+def test_cli_missing_data_dir_is_an_error_in_a_run_and_a_warning_in_a_dry_run(tmp_path):
+    body = ("data: {dataset: imagenet, train_dir: %s, val_dir: %s}\nmodel: {name: resnet50}\n"
+            "train: {world_size: 4}\n" % (tmp_path / "nope" / "train", tmp_path / "empty"))
+    os.makedirs(tmp_path / "empty")
+    path, proc = cli(tmp_path, body)
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and "data.train_dir" in proc.stderr
+    assert "directory not found" in proc.stderr
+
+    # Present but empty val dir: also a config error (train dir made valid first).
+    os.makedirs(tmp_path / "nope" / "train" / "class_a")
+    open(tmp_path / "nope" / "train" / "class_a" / "x.png", "w").close()
+    path, proc = cli(tmp_path, body)
+    assert proc.returncode == 2 and "data.val_dir" in proc.stderr and "empty" in proc.stderr
+
+    path, proc = cli(tmp_path, body, "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert "warning" in proc.stderr and "data.val_dir" in proc.stderr
+    assert "ranks                  4" in proc.stdout
+
+
+def test_cli_invalid_yaml_and_missing_file(tmp_path):
+    path, proc = cli(tmp_path, "kfac: {damping: [1, 2\n")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "invalid YAML" in proc.stderr and path in proc.stderr
+    proc = run(launch_cmd(["--config", str(tmp_path / "missing.yaml")]), timeout=60)
+    assert proc.returncode == 2 and "not found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_print_config_applies_overrides(tmp_path):
+    path, proc = cli(tmp_path, "data: {dataset: synthetic}\nmodel: {name: small_resnet}\n",
+                     "kfac.update_threshold=0.3", "--print-config")
+    assert proc.returncode == 0, proc.stderr
+    resolved = yaml.safe_load(proc.stdout)
+    assert resolved["kfac"]["update_threshold"] == 0.3
+    assert resolved["log"]["dir"] == os.path.join("runs", "exp")
