@@ -56,6 +56,31 @@ def damped_inverses(factors: Dict[str, torch.Tensor], damping: float, *, pi_damp
             "G": symmetric_inverse(factors["G"], root / pi, method)}
 
 
+def robust_damped_inverses(factors: Dict[str, torch.Tensor], damping: float, *, pi_damping: bool, method: str,
+                           retries: int = 3) -> Tuple[Optional[Dict[str, torch.Tensor]], Optional[str]]:
+    """:func:`damped_inverses` that survives bad factors; returns (inverses or None, what happened).
+
+    Non-finite factors give (None, "non-finite factor"). A failed or non-finite inverse is retried with
+    damping ×10 up to ``retries`` times, then by eigendecomposition with clamped eigenvalues at the
+    original damping; (None, "inversion failed") when all of that fails. ``None`` tells the caller to
+    keep the inverse it already holds.
+    """
+    if not all(bool(torch.isfinite(factor).all()) for factor in factors.values()):
+        return None, "non-finite factor"
+    attempts = [(damping * 10 ** i, method) for i in range(retries + 1)]
+    if method != "eigen":
+        attempts.append((damping, "eigen"))
+    for number, (attempt_damping, attempt_method) in enumerate(attempts):
+        try:
+            inverses = damped_inverses(factors, attempt_damping, pi_damping=pi_damping, method=attempt_method)
+        except (RuntimeError, torch.linalg.LinAlgError):
+            continue
+        if all(bool(torch.isfinite(inverse).all()) for inverse in inverses.values()):
+            event = None if number == 0 else f"inverted with {attempt_method}, damping {attempt_damping:g}"
+            return inverses, event
+    return None, "inversion failed"
+
+
 def triangle_indices(size: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
     return torch.triu_indices(size, size, device=device).unbind(0)
 

@@ -12,6 +12,8 @@ and the caller's optimiser step follows.
 """
 from __future__ import annotations
 
+import logging
+import math
 import re
 import time
 from typing import Any, Dict, List, Optional, Sequence
@@ -22,10 +24,12 @@ from torch import nn
 from .assignment import Assignment, assign_layers
 from .capture import FactorCapture
 from .comm import TrafficCounter, default_communicator, every_step_cost
-from .factors import (INVERSE_METHODS, damped_inverses, kl_clip_scale, pack, packed_numel, relative_change,
+from .factors import (INVERSE_METHODS, kl_clip_scale, pack, packed_numel, relative_change, robust_damped_inverses,
                       unpack)
 from .layers import Layer, make_layer
 from .scheduler import IntervalScheduler
+
+logger = logging.getLogger(__name__)
 
 
 class KFAC:
@@ -77,10 +81,12 @@ class KFAC:
             [key for name in self.layers for key in self._keys_of(name)], update_threshold=update_threshold,
             interval_policy=interval_policy, max_interval=max_interval, shrink_multiple=shrink_multiple)
         self.traffic = TrafficCounter(self.comm.size)
+        self._every_step_cost = every_step_cost(self.layers.values(), self.comm.size, symmetric=self.symmetric_comm)
         self.steps = 0
         self.factors: Dict[str, Dict[str, torch.Tensor]] = {name: {} for name in self.layers}
         self.previous: Dict[str, Dict[str, torch.Tensor]] = {name: {} for name in self.layers}
         self.inverses: Dict[str, Dict[str, torch.Tensor]] = {name: {} for name in self.layers}
+        self._rejected: set = set()  # layers whose factors this step were non-finite
         self.capture = FactorCapture(self.layers)
         self.capture.arm(self._due_kinds(1))
 
@@ -109,14 +115,19 @@ class KFAC:
         step = self.steps + 1
         due = self._due_kinds(step)
         seconds = {"factor": self.capture.take_seconds()}
+        numerics: Dict[str, str] = {}
         fresh = self._allreduce_factors(due, seconds)
-        diffs = self._update_schedule(step, fresh)
-        self._invert_and_broadcast(due, seconds)
-        scale = self._precondition(lr, seconds)
+        diffs = self._update_schedule(step, fresh, numerics)
+        self._invert_and_broadcast(due, seconds, numerics)
+        scale, finite = self._precondition(lr, seconds)
         self._count_every_step()
         self.steps = step
         self.capture.arm(self._due_kinds(step + 1))
-        return self._record(step, due, diffs, seconds, scale)
+        for name, event in numerics.items():
+            logger.warning("K-FAC step %d, layer '%s': %s", step, name, event)
+        record = self._record(step, due, diffs, seconds, scale)
+        record.update(numerics=numerics, finite_gradients=finite)
+        return record
 
     def _allreduce_factors(self, due: Dict[str, List[str]], seconds: Dict[str, float]) -> Dict[str, Dict[str, torch.Tensor]]:
         handles = []
@@ -144,11 +155,20 @@ class KFAC:
         seconds["factor_comm"] = time.perf_counter() - start
         return fresh
 
-    def _update_schedule(self, step: int, fresh: Dict[str, Dict[str, torch.Tensor]]) -> Dict[str, Dict[str, float]]:
-        """Algorithm 1's bookkeeping on the averaged factors; factors and previous factors updated."""
+    def _update_schedule(self, step: int, fresh: Dict[str, Dict[str, torch.Tensor]],
+                         numerics: Dict[str, str]) -> Dict[str, Dict[str, float]]:
+        """Algorithm 1's bookkeeping on the averaged factors; factors and previous factors updated.
+
+        A non-finite averaged factor (every rank sees the same one) is dropped: the layer keeps its
+        factors, previous factors and interval, and its owner re-sends the inverse it holds.
+        """
         diffs: Dict[str, Dict[str, float]] = {}
         decided: Dict[str, int] = {}
         for name, kinds in fresh.items():
+            if not all(bool(torch.isfinite(factor).all()) for factor in kinds.values()):
+                numerics[name] = "non-finite factor dropped, previous inverse kept"
+                self._rejected.add(name)
+                continue
             for kind, factor in kinds.items():
                 if kind in self.previous[name]:
                     diffs.setdefault(name, {})[kind] = relative_change(factor, self.previous[name][kind])
@@ -175,7 +195,10 @@ class KFAC:
                 self.scheduler.set_interval(key, interval)
         return diffs
 
-    def _invert_and_broadcast(self, due: Dict[str, List[str]], seconds: Dict[str, float]) -> None:
+    def _invert_and_broadcast(self, due: Dict[str, List[str]], seconds: Dict[str, float],
+                              numerics: Dict[str, str]) -> None:
+        """The owner inverts; when it cannot, it sends the inverse every rank already holds (or the
+        identity before the first success), so all ranks still take the same decision."""
         rank = self.comm.rank
         handles = []
         seconds["inverse"] = 0.0
@@ -183,27 +206,44 @@ class KFAC:
             owner = self.assignment.owner[name]
             if owner == rank:
                 start = time.perf_counter()
-                inverses = damped_inverses(self.factors[name], self.damping, pi_damping=self.pi_damping,
-                                           method=self.inverse_method)
+                inverses = None
+                if name not in self._rejected:
+                    inverses, event = robust_damped_inverses(self.factors[name], self.damping,
+                                                             pi_damping=self.pi_damping, method=self.inverse_method)
+                    if event:
+                        numerics[name] = event + ("" if inverses is not None else ", previous inverse kept")
+                if inverses is None:
+                    inverses = {kind: self._held_inverse(name, kind) for kind in kinds}
                 seconds["inverse"] += time.perf_counter() - start
             for kind in kinds:
-                shape = self.factors[name][kind].shape
                 if self.comm.size == 1:
                     self.inverses[name][kind] = inverses[kind]
                     continue
+                shape = self.layers[name].factor_shapes()[kind]
                 if owner == rank:
                     buffer = pack(inverses[kind], self.symmetric_comm)
                 else:
-                    buffer = self.factors[name][kind].new_empty(packed_numel(shape, self.symmetric_comm))
+                    buffer = torch.empty(packed_numel(shape, self.symmetric_comm), dtype=self.layers[name].factor_dtype,
+                                         device=self.layers[name].module.weight.device)
                 self.traffic.add(name, f"{kind}_inv", "broadcast", buffer.numel() * buffer.element_size())
-                self.traffic.add_totals(dense_payload_bytes=self.factors[name][kind].numel() * buffer.element_size())
-                handles.append((name, kind, shape, self.comm.broadcast_async(buffer, owner, name=f"kfac.{kind}_inv.{name}")))
+                self.traffic.add_totals(dense_payload_bytes=math.prod(shape) * buffer.element_size())
+                handles.append((name, kind, shape,
+                                self.comm.broadcast_async(buffer, owner, name=f"kfac.{kind}_inv.{name}")))
         start = time.perf_counter()
         for name, kind, shape, handle in handles:
             self.inverses[name][kind] = unpack(self.comm.wait(handle), shape, self.symmetric_comm)
         seconds["inverse_comm"] = time.perf_counter() - start
+        self._rejected.clear()
 
-    def _precondition(self, lr: Optional[float], seconds: Dict[str, float]) -> float:
+    def _held_inverse(self, name: str, kind: str) -> torch.Tensor:
+        if kind in self.inverses[name]:
+            return self.inverses[name][kind]
+        shape = self.layers[name].factor_shapes()[kind]
+        weight = self.layers[name].module.weight
+        eye = torch.eye(shape[-1], dtype=self.layers[name].factor_dtype, device=weight.device)
+        return eye.expand(shape).clone()  # no inverse yet: this layer's gradient passes unchanged
+
+    def _precondition(self, lr: Optional[float], seconds: Dict[str, float]) -> tuple:
         start = time.perf_counter()
         gradients: Dict[str, torch.Tensor] = {}
         updates: Dict[str, torch.Tensor] = {}
@@ -217,8 +257,9 @@ class KFAC:
             scale = kl_clip_scale(updates, gradients, self.kl_clip, lr)
         for name, update in updates.items():
             self.layers[name].set_grad_matrix(update * scale if scale != 1.0 else update)
+        finite = all(bool(torch.isfinite(gradient).all()) for gradient in gradients.values())
         seconds["precondition"] = time.perf_counter() - start
-        return scale
+        return scale, finite
 
     # Schedule helpers ---------------------------------------------------------------------------
     def _keys_of(self, name: str) -> List[str]:
@@ -241,9 +282,6 @@ class KFAC:
     # Accounting ---------------------------------------------------------------------------------
     def _count_every_step(self) -> None:
         """What updating every factor of every layer on this step would have cost."""
-        if not hasattr(self, "_every_step_cost"):
-            self._every_step_cost = every_step_cost(self.layers.values(), self.comm.size,
-                                                    symmetric=self.symmetric_comm)
         self.traffic.add_totals(**self._every_step_cost)
 
     def _record(self, step: int, due: Dict[str, List[str]], diffs: Dict[str, Dict[str, float]],
