@@ -181,7 +181,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              include_batchnorm=not args.no_batchnorm)}
     if args.trace:
         layers = model_layers(model, include_batchnorm=not args.no_batchnorm)
-        result["replay"] = replay_trace(load_trace(args.trace), layers, steps, args.ranks,
+        try:
+            records = load_trace(args.trace)
+        except (OSError, ValueError) as error:
+            parser.exit(2, f"commodel: {error}\n")
+        result["replay"] = replay_trace(records, layers, steps, args.ranks,
                                         update_threshold=args.update_threshold, interval_policy=args.interval_policy,
                                         symmetric=symmetric, element_bytes=args.dtype_bytes)
         result["replay"].update(trace=args.trace, update_threshold=args.update_threshold,

@@ -40,7 +40,7 @@ class KFAC:
     """
 
     def __init__(self, model: nn.Module, *, damping: float = 1e-3, update_threshold: Optional[float] = None,
-                 interval_policy: str = "modulo", max_interval: Optional[int] = None,
+                 update_interval: int = 1, interval_policy: str = "modulo", max_interval: Optional[int] = None,
                  shrink_multiple: Optional[float] = None, separate_intervals: bool = False,
                  factor_decay: Optional[float] = None, kl_clip: Optional[float] = None,
                  pi_damping: bool = True, inverse_method: str = "cholesky", symmetric_comm: bool = True,
@@ -79,7 +79,8 @@ class KFAC:
         self.assignment: Assignment = assign_layers(self.inversion_costs(), self.comm.size)
         self.scheduler = IntervalScheduler(
             [key for name in self.layers for key in self._keys_of(name)], update_threshold=update_threshold,
-            interval_policy=interval_policy, max_interval=max_interval, shrink_multiple=shrink_multiple)
+            interval_policy=interval_policy, max_interval=max_interval, shrink_multiple=shrink_multiple,
+            initial_interval=update_interval)
         self.traffic = TrafficCounter(self.comm.size)
         self._every_step_cost = every_step_cost(self.layers.values(), self.comm.size, symmetric=self.symmetric_comm)
         self.steps = 0

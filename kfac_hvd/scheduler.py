@@ -34,6 +34,9 @@ class IntervalScheduler:
     max_interval: optional cap on any interval.
     shrink_multiple: optional m; a diff >= m·λ halves the interval (at least 1), so a layer whose
         factors jump (say after a learning-rate drop) is refreshed sooner. Not in the paper.
+    initial_interval: every key's interval before any diff is seen (Algorithm 1: 1). Without λ it
+        is a fixed interval: due at step 1 and then on every multiple (``modulo``) or every
+        ``initial_interval`` steps after the last update (``since_last``).
     """
 
     keys: List[str]
@@ -41,6 +44,7 @@ class IntervalScheduler:
     interval_policy: str = "modulo"
     max_interval: Optional[int] = None
     shrink_multiple: Optional[float] = None
+    initial_interval: int = 1
     interval: Dict[str, int] = field(default_factory=dict)
     last_update: Dict[str, int] = field(default_factory=dict)
 
@@ -53,9 +57,11 @@ class IntervalScheduler:
             raise ValueError(f"max_interval must be >= 1 or None, got {self.max_interval!r}")
         if self.shrink_multiple is not None and not self.shrink_multiple > 1:
             raise ValueError(f"shrink_multiple must be > 1 or None, got {self.shrink_multiple!r}")
+        if self.initial_interval < 1:
+            raise ValueError(f"the initial/fixed interval must be >= 1, got {self.initial_interval!r}")
         self.keys = list(self.keys)
         for key in self.keys:
-            self.interval.setdefault(key, 1)
+            self.interval.setdefault(key, self.initial_interval)
             self.last_update.setdefault(key, 0)
 
     @property
@@ -64,7 +70,7 @@ class IntervalScheduler:
 
     def is_due(self, key: str, step: int) -> bool:
         """Whether ``key``'s factors are computed and communicated on optimiser step ``step`` (from 1)."""
-        if step == 1 or not self.adaptive:
+        if step == 1:
             return True
         interval = self.interval[key]
         if self.interval_policy == "modulo":

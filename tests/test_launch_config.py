@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from launch.config import ConfigError, load_config, resolve_paths
-from tests.launch_helpers.common import CONFIGS, launch_cmd, run
+from launch_helpers.common import CONFIGS, launch_cmd, run
 
 
 def write(path, text):

@@ -7,8 +7,8 @@ import torch
 from launch.config import data_problems, load_config, resolve_paths
 from launch.data import (ResumableDistributedSampler, ShardSampler, build_datasets, build_loaders,
                          read_idx, start_epoch, steps_per_epoch)
-from tests.launch_helpers.common import FASHION, describe, horovod_ready, read_jsonl, run, launch_cmd
-from tests.launch_helpers.images import make_image_tree
+from launch_helpers.common import FASHION, describe, horovod_ready, read_jsonl, run, launch_cmd
+from launch_helpers.images import make_image_tree
 
 
 @pytest.fixture

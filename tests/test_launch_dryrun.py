@@ -5,7 +5,7 @@ import os
 import pytest
 
 from launch.train import main
-from tests.launch_helpers.common import CONFIGS, PAPER_CONFIGS, describe, launch_cmd, run
+from launch_helpers.common import CONFIGS, PAPER_CONFIGS, describe, launch_cmd, run
 
 
 @pytest.mark.parametrize("name", PAPER_CONFIGS)

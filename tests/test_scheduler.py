@@ -39,6 +39,13 @@ def test_no_threshold_means_every_step():
     assert scheduler.interval["layer"] == 1
 
 
+def test_fixed_interval_without_threshold():
+    steps, _ = steps_for([None] + [0.9] * 5, initial_interval=3)
+    assert steps == [1, 3, 6, 9, 12, 15]
+    steps, _ = steps_for([None] + [0.9] * 3, initial_interval=3, interval_policy="since_last")
+    assert steps == [1, 4, 7, 10]
+
+
 def test_max_interval_caps_growth():
     steps, scheduler = steps_for([None] + [0.0] * 6, update_threshold=0.25, interval_policy="since_last",
                                  max_interval=3)
@@ -66,7 +73,7 @@ def test_state_round_trip_continues_the_schedule():
 
 
 @pytest.mark.parametrize("options", [{"update_threshold": 0}, {"update_threshold": -1.0},
-                                     {"interval_policy": "every"}, {"max_interval": 0},
+                                     {"interval_policy": "every"}, {"max_interval": 0}, {"initial_interval": 0},
                                      {"update_threshold": 0.2, "shrink_multiple": 1.0}])
 def test_bad_options_raise(options):
     with pytest.raises(ValueError):

@@ -106,6 +106,7 @@ def main():
     result.update(rank=hvd.rank(), size=hvd.size())
     with open(os.path.join(args.out, f"rank{hvd.rank()}.json"), "w") as handle:
         json.dump(result, handle)
+    hvd.shutdown()  # flushes Horovod's timeline
     return 0
 
 
