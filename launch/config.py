@@ -86,7 +86,8 @@ SCHEMA: Dict[str, Dict[str, Spec]] = {
         "zero_init_residual": Spec("bool", False, doc="zero-initialise the last BN of each block"),
     },
     "data": {
-        "dataset": Spec("str", "imagenet", choices=("imagenet", "fashion_mnist", "synthetic")),
+        "dataset": Spec("str", "imagenet", choices=("imagenet", "fashion_mnist", "synthetic"),
+                        doc="ImageFolder ImageNet, Fashion-MNIST IDX files, or random images"),
         "train_dir": Spec("str", None, nullable=True, doc="ImageFolder root of the training set"),
         "val_dir": Spec("str", None, nullable=True, doc="ImageFolder root of the validation set"),
         "fashion_mnist_dir": Spec("str", "/usr/share/datasets/fashion-mnist",
@@ -98,9 +99,9 @@ SCHEMA: Dict[str, Dict[str, Spec]] = {
         "image_size": Spec("int", 224, check=ge(8), doc="training crop / evaluation centre crop"),
         "val_resize": Spec("int", 256, check=ge(8), doc="evaluation: shorter side before the crop"),
         "train_subset": Spec("int", None, nullable=True, check=ge(1),
-                             doc="use only the first N training images (tests, quick runs)"),
+                             doc="use N evenly spaced training images (tests, quick runs)"),
         "val_subset": Spec("int", None, nullable=True, check=ge(1),
-                           doc="use only the first N evaluation images"),
+                           doc="use N evenly spaced evaluation images"),
         "train_samples": Spec("int", None, nullable=True, check=ge(1),
                               doc="dry run: training-set size to plan with when the data is absent"),
         "synthetic_size": Spec("int", 4096, check=ge(1), doc="synthetic: training images"),
@@ -108,13 +109,14 @@ SCHEMA: Dict[str, Dict[str, Spec]] = {
         "mixup_alpha": Spec("float", 0.0, check=ge(0.0), doc="mixup Beta(a, a); 0 disables"),
         "random_erasing": Spec("float", 0.0, check=in_range(0.0, 1.0, hi_open=False),
                                doc="probability of random erasing (training); 0 disables"),
-        "pin_memory": Spec("bool", True),
+        "pin_memory": Spec("bool", True, doc="pinned host memory for GPU runs"),
         "drop_last": Spec("bool", True, doc="drop each rank's last incomplete training batch"),
     },
     "optim": {
         "method": Spec("str", "kfac", choices=("kfac", "sgd"), doc="K-FAC or the SGD baseline"),
         "lr": Spec("float", 0.1, check=gt(0.0), doc="base learning rate (alpha_0)"),
-        "schedule": Spec("str", "poly", choices=("poly", "step", "constant")),
+        "schedule": Spec("str", "poly", choices=("poly", "step", "constant"),
+                         doc="learning-rate schedule (see Learning rate below)"),
         "warmup_epochs": Spec("float", 0.0, check=ge(0.0), doc="linear warm-up length"),
         "warmup_init_lr": Spec("float", 0.0, check=ge(0.0), doc="learning rate at step 0 of warm-up"),
         "poly_power": Spec("float", 8.0, check=gt(0.0), doc="poly: exponent p"),
@@ -122,20 +124,23 @@ SCHEMA: Dict[str, Dict[str, Spec]] = {
         "poly_end_epoch": Spec("float", 53.5, check=gt(0.0), doc="poly: e_end (lr reaches 0)"),
         "milestones": Spec("list_float", [30.0, 60.0, 80.0], check=each(gt(0.0)),
                            doc="step: epochs at which lr is multiplied by gamma"),
-        "gamma": Spec("float", 0.1, check=in_range(0.0, 1.0, hi_open=False, lo_open=True)),
-        "momentum": Spec("float", 0.9, check=in_range(0.0, 1.0)),
-        "nesterov": Spec("bool", False),
+        "gamma": Spec("float", 0.1, check=in_range(0.0, 1.0, hi_open=False, lo_open=True),
+                      doc="step: factor applied at each milestone"),
+        "momentum": Spec("float", 0.9, check=in_range(0.0, 1.0), doc="SGD momentum"),
+        "nesterov": Spec("bool", False, doc="Nesterov momentum"),
         "momentum_correction": Spec("bool", True,
                                     doc="scale the momentum by lr/lr_prev when lr changes"),
-        "weight_decay": Spec("float", 0.0, check=ge(0.0)),
+        "weight_decay": Spec("float", 0.0, check=ge(0.0), doc="L2 weight decay (every parameter)"),
         "weight_rescaling": Spec("bool", False,
                                  doc="rescale conv/FC weights to norm sqrt(2*out) when above it"),
-        "label_smoothing": Spec("float", 0.0, check=in_range(0.0, 1.0)),
+        "label_smoothing": Spec("float", 0.0, check=in_range(0.0, 1.0), doc="cross-entropy label smoothing"),
     },
     "kfac": {
         "damping": Spec("float", 1e-3, check=gt(0.0), doc="Tikhonov damping gamma"),
         "update_threshold": Spec("float", None, nullable=True, check=gt(0.0),
                                  doc="lambda of the adaptive interval; null = every step"),
+        "update_interval": Spec("int", 1, check=ge(1),
+                                doc="null lambda: fixed interval k (every k-th step); with lambda: start interval"),
         "interval_policy": Spec("str", "modulo", choices=("modulo", "since_last"),
                                 doc="due when t % interval == 0 (paper) or t - t_last >= interval"),
         "max_interval": Spec("int", None, nullable=True, check=ge(1), doc="cap on any interval"),
@@ -147,19 +152,21 @@ SCHEMA: Dict[str, Dict[str, Spec]] = {
         "kl_clip": Spec("float", None, nullable=True, check=gt(0.0),
                         doc="scale preconditioned gradients so lr^2 * sum(g.Fg) <= kl_clip"),
         "pi_damping": Spec("bool", True, doc="split damping over the factors with pi"),
-        "inverse_method": Spec("str", "cholesky", choices=("cholesky", "eigen")),
+        "inverse_method": Spec("str", "cholesky", choices=("cholesky", "eigen"),
+                               doc="how the owner inverts the damped factors"),
         "symmetric_comm": Spec("bool", True, doc="send symmetric factors as upper triangles"),
         "skip_layers": Spec("list_str", [], doc="regular expressions; matching module names are left to SGD"),
         "include_batchnorm": Spec("bool", True, doc="unit-wise Fisher blocks for BatchNorm"),
     },
     "train": {
-        "epochs": Spec("int", 1, check=ge(1)),
+        "epochs": Spec("int", 1, check=ge(1), doc="training epochs"),
         "max_steps": Spec("int", None, nullable=True, check=ge(1),
                           doc="stop after this many steps in total (tests, quick runs)"),
         "world_size": Spec("int", None, nullable=True, check=ge(1),
                            doc="ranks the experiment is planned for (dry run; checked at launch)"),
-        "seed": Spec("int", 0, check=ge(0)),
-        "device": Spec("str", "auto", choices=("auto", "cpu", "cuda")),
+        "seed": Spec("int", 0, check=ge(0), doc="seed of weights, shuffling and augmentation"),
+        "device": Spec("str", "auto", choices=("auto", "cpu", "cuda"),
+                       doc="auto: the GPU of this rank's local rank if CUDA is available"),
         "threads": Spec("int", None, nullable=True, check=ge(1),
                         doc="torch intra-op threads per rank (default: torch's choice)"),
         "eval_every": Spec("int", 1, check=ge(0), doc="evaluate every N epochs (0: only at the end)"),
@@ -167,14 +174,15 @@ SCHEMA: Dict[str, Dict[str, Spec]] = {
     "checkpoint": {
         "dir": Spec("str", None, nullable=True, doc="default: <log.dir>/checkpoints"),
         "every_epochs": Spec("int", 1, check=ge(0), doc="0: no end-of-epoch checkpoints"),
-        "every_steps": Spec("int", None, nullable=True, check=ge(1)),
+        "every_steps": Spec("int", None, nullable=True, check=ge(1),
+                            doc="also checkpoint every N steps (mid-epoch)"),
         "keep_all": Spec("bool", False, doc="also keep step_XXXXXXX.pt besides last.pt"),
         "resume": Spec("str", None, nullable=True,
                        doc="checkpoint file to resume from, or 'auto' (last.pt in dir if present)"),
     },
     "log": {
         "dir": Spec("str", None, nullable=True, doc="run folder; default runs/<config name>"),
-        "tensorboard": Spec("bool", True),
+        "tensorboard": Spec("bool", True, doc="TensorBoard scalars in <log.dir>/tensorboard"),
         "progress": Spec("bool", True, doc="tqdm progress bar on rank 0"),
         "every_steps": Spec("int", 1, check=ge(1), doc="metrics.jsonl / TensorBoard cadence"),
         "layer_records": Spec("bool", True, doc="per-layer K-FAC records in metrics.jsonl"),
@@ -507,6 +515,7 @@ def kfac_kwargs(cfg: Config) -> Dict[str, Any]:
     return {
         "damping": k.damping,
         "update_threshold": k.update_threshold,
+        "update_interval": k.update_interval,
         "interval_policy": k.interval_policy,
         "max_interval": k.max_interval,
         "shrink_multiple": k.shrink_multiple,
@@ -519,3 +528,26 @@ def kfac_kwargs(cfg: Config) -> Dict[str, Any]:
         "skip_layers": tuple(k.skip_layers),
         "include_batchnorm": k.include_batchnorm,
     }
+
+
+def keys_markdown() -> str:
+    """The key reference of docs/LAUNCHER.md, generated from :data:`SCHEMA`."""
+    lines = []
+    for section, specs in SCHEMA.items():
+        lines += [f"### `{section}`", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+        for key, spec in specs.items():
+            kind = spec.kind.replace("list_", "list of ")
+            if spec.choices:
+                kind = " \\| ".join(spec.choices)
+            if spec.nullable:
+                kind += " or null"
+            default = "null" if spec.default is None else yaml.safe_dump(spec.default,
+                                                                        default_flow_style=True).strip()
+            default = default.replace("\n...", "")
+            lines.append(f"| `{section}.{key}` | {kind} | `{default}` | {spec.doc} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(keys_markdown())

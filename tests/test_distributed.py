@@ -3,6 +3,7 @@ import json
 
 import pytest
 
+from kfac_hvd.timeline import read_collectives
 from multiproc import LAUNCHERS, run
 
 WORKER = "tests/workers/kfac_worker.py"
@@ -49,42 +50,13 @@ def test_ranks_take_identical_schedule_decisions(launcher, policy, tmp_path):
     assert rank0["stats"]["payload_bytes"] == rank1["stats"]["payload_bytes"]
 
 
-def timeline_collectives(path):
-    """(op, tensor name) -> [count, bytes] from a Horovod Chrome-trace timeline (rank 0 writes it)."""
-    import math
-    import re
-
-    text = path.read_text().strip().rstrip(",")
-    if not text.endswith("]"):
-        text += "]"  # Horovod leaves the array open while the job may still append
-    events = json.loads(text)
-    # Process names are "<op>.<tensor name>"; an op's closing event carries its dtype and shape.
-    names = {e["pid"]: e["args"]["name"] for e in events
-             if e.get("ph") == "M" and e.get("name") == "process_name" and "name" in e.get("args", {})}
-    element = {"float32": 4, "float64": 8, "int32": 4, "int64": 8, "float16": 2}
-    found = {}
-    for event in events:
-        op, _, tensor = names.get(event.get("pid"), "").partition(".")
-        args = event.get("args", {})
-        if not tensor.startswith("kfac."):
-            continue
-        entry = found.setdefault((op, tensor), [0, 0])
-        if event.get("ph") == "B" and event.get("name") == op.upper():
-            entry[0] += 1
-        elif event.get("ph") == "E" and "dtype" in args:
-            shape = [int(v) for v in re.findall(r"\d+", args["shape"])]
-            entry[1] += math.prod(shape) * element[args["dtype"]]
-        # Horovod 0.28.1 writes no dtype/shape for a broadcast that the timeline's own rank (0) roots.
-    return found
-
-
 def test_counters_agree_with_horovod_timeline(tmp_path):
     timeline = tmp_path / "timeline.json"
     run("horovodrun-gloo", [WORKER, "schedule", "--out", str(tmp_path), "--steps", "12"],
         env={"HOROVOD_TIMELINE": str(timeline)})
     rank0 = read_ranks(tmp_path)[0]
     stats, owners = rank0["stats"], rank0["owners"]
-    seen = timeline_collectives(timeline)
+    seen = read_collectives(str(timeline))
     expected = {}
     for layer, kinds in stats["per_layer"].items():
         for kind, entry in kinds.items():

@@ -1,0 +1,146 @@
+"""Table 1 at small scale: Fashion-MNIST, 2 ranks under horovodrun, the small ResNet.
+
+    .venv/bin/python scripts/bench/table1.py                 # all runs (about an hour on 2 cores)
+    .venv/bin/python scripts/bench/table1.py --report-only   # tables and plots from finished runs
+
+Runs (identical hyperparameters, configs/fashion_mnist/base.yaml plus the overrides below, each seed):
+SGD; K-FAC every step; K-FAC λ = 0.2, 0.25, 0.3 (modulo, the paper's rule); λ = 0.25 since_last; and
+K-FAC with a fixed interval k chosen to match the traffic of the λ = 0.2 and λ = 0.3 runs. Finished runs
+(summary.json present) are not run again. Writes docs/results/table1/{table1.md,runs.json,*.png}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from kfac_hvd.timeline import read_collectives  # noqa: E402
+
+BASE_CONFIG = "configs/fashion_mnist/base.yaml"
+ADAPTIVE = [("lambda0.2", "λ = 0.2", 0.2, "modulo"), ("lambda0.25", "λ = 0.25", 0.25, "modulo"),
+            ("lambda0.3", "λ = 0.3", 0.3, "modulo"), ("lambda0.25_since_last", "λ = 0.25, since_last", 0.25,
+                                                      "since_last")]
+TIMELINE_RUN = ("lambda0.25", 0)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--train-subset", type=int, default=7680, help="training images (of 60,000)")
+    parser.add_argument("--val-subset", type=int, default=5000, help="test images (of 10,000)")
+    parser.add_argument("--runs-dir", default="runs/table1")
+    parser.add_argument("--out", default="docs/results/table1")
+    parser.add_argument("--target", type=float, default=0.80, help="top-1 for the epochs-to-target plot")
+    parser.add_argument("--report-only", action="store_true")
+    return parser.parse_args()
+
+
+def common_overrides(args: argparse.Namespace, seed: int, run_dir: Path) -> list:
+    return [f"train.seed={seed}", f"train.epochs={args.epochs}", f"data.train_subset={args.train_subset}",
+            f"data.val_subset={args.val_subset}", f"optim.poly_end_epoch={args.epochs}",
+            f"log.dir={run_dir}", "log.progress=false", "log.tensorboard=false", "checkpoint.every_epochs=0"]
+
+
+def run_one(args, name: str, overrides: list, seed: int) -> Path:
+    run_dir = ROOT / args.runs_dir / f"{name}_s{seed}"
+    if (run_dir / "summary.json").exists():
+        return run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)  # Horovod opens the timeline before the launcher makes folders
+    extra = []
+    if (name, seed) == TIMELINE_RUN:
+        extra = [f"horovod.timeline={run_dir / 'timeline.json'}"]
+    command = [str(ROOT / ".venv/bin/horovodrun"), "-np", "2", "--gloo", "-H", "localhost:2",
+               str(ROOT / ".venv/bin/python"), "-m", "launch.train", "--config", BASE_CONFIG,
+               *overrides, *common_overrides(args, seed, run_dir), *extra]
+    print(f"[table1] {name} seed {seed}: {shlex.join(command[6:])}", flush=True)
+    start = time.time()
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    (run_dir / "stdout.txt").write_text(result.stdout + result.stderr)
+    if result.returncode != 0:
+        raise SystemExit(f"table1: run {name} seed {seed} failed (exit {result.returncode}); see {run_dir}/stdout.txt")
+    print(f"[table1]   done in {time.time() - start:.0f} s", flush=True)
+    return run_dir
+
+
+def load_run(run_dir: Path) -> dict:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    steps, cumulative, intervals, due_counts = [], [], [], []
+    with (run_dir / "metrics.jsonl").open() as handle:
+        for line in handle:
+            entry = json.loads(line)
+            if "fisher" in entry and "loss" in entry:
+                steps.append(entry["step"])
+                cumulative.append(entry["fisher"]["payload_bytes"])
+                layers = entry.get("kfac", {}).get("layers", {})
+                intervals.append([layer["interval"] for layer in layers.values()])
+                due_counts.append(sum(layer["due"] for layer in layers.values()))
+    layer_names = []
+    if intervals and intervals[0]:
+        first = json.loads((run_dir / "metrics.jsonl").open().readline())
+        layer_names = list(first.get("kfac", {}).get("layers", {}))
+    return {"summary": summary, "steps": steps, "cumulative_payload_bytes": cumulative,
+            "intervals": intervals, "due_layers": due_counts, "layer_names": layer_names}
+
+
+def fixed_interval_for(ratio: float) -> int:
+    return max(2, round(1.0 / ratio))
+
+
+def main() -> int:
+    args = parse_args()
+    out = ROOT / args.out
+    out.mkdir(parents=True, exist_ok=True)
+    plan = [("sgd", "SGD", ["optim.method=sgd"]),
+            ("kfac_every_step", "K-FAC every step (λ = –)", ["optim.method=kfac", "kfac.update_threshold=null"])]
+    plan += [(name, label, ["optim.method=kfac", f"kfac.update_threshold={lam}", f"kfac.interval_policy={policy}"])
+             for name, label, lam, policy in ADAPTIVE]
+    runs = {}
+    for name, label, overrides in plan:
+        for seed in args.seeds:
+            if args.report_only and not (ROOT / args.runs_dir / f"{name}_s{seed}" / "summary.json").exists():
+                continue
+            runs[(name, seed)] = (label, run_one(args, name, overrides, seed))
+    # Fixed intervals matched to the traffic of the λ = 0.2 and λ = 0.3 runs (mean ratio over seeds).
+    fixed = []
+    for reference in ("lambda0.2", "lambda0.3"):
+        ratios = [load_run(path)["summary"]["fisher"]["ratio"] for (name, _), (_, path) in runs.items()
+                  if name == reference]
+        if ratios:
+            k = fixed_interval_for(statistics.mean(ratios))
+            if k not in fixed:
+                fixed.append(k)
+    for k in fixed:
+        name = f"fixed_every{k}"
+        for seed in args.seeds:
+            if args.report_only and not (ROOT / args.runs_dir / f"{name}_s{seed}" / "summary.json").exists():
+                continue
+            runs[(name, seed)] = (f"K-FAC fixed interval {k}", run_one(
+                args, name, ["optim.method=kfac", "kfac.update_threshold=null", f"kfac.update_interval={k}"], seed))
+    report(args, runs, out)
+    return 0
+
+
+def report(args, runs: dict, out: Path) -> None:
+    from report_table1 import write_report
+
+    loaded = {key: (label, load_run(path)) for key, (label, path) in runs.items()}
+    timeline = None
+    if TIMELINE_RUN in runs and (runs[TIMELINE_RUN][1] / "timeline.json").exists():
+        timeline = read_collectives(str(runs[TIMELINE_RUN][1] / "timeline.json"))
+    write_report(args, loaded, timeline, out)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    raise SystemExit(main())
