@@ -1,0 +1,5 @@
+"""The experiment launcher: ``python -m launch.train --config FILE`` (see docs/LAUNCHER.md).
+
+Modules: config (YAML, overrides, validation), data, models, schedule (learning rate), checkpoint,
+dist (Horovod start-up), loop (training), outputs (rank 0's files), plan (--dry-run), report.
+"""

@@ -103,8 +103,27 @@ def load_checkpoint(hvd, path: str) -> Dict[str, Any]:
     error = hvd.broadcast_object(error, root_rank=0, name="ckpt.error")
     if error:
         raise RuntimeError(error)
-    payload = hvd.broadcast_object(payload, root_rank=0, name="ckpt.payload")
+    if hvd.size() > 1:
+        payload = broadcast_bytes(hvd, payload)
     return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=False)
+
+
+def broadcast_bytes(hvd, payload: Optional[bytes], chunk: int = 1 << 27) -> bytes:
+    """Rank 0's ``payload`` on every rank, sent in chunks of ``chunk`` bytes.
+
+    A ResNet-50 K-FAC checkpoint is about 2 GB (factors, previous factors and inverses of 107
+    layers); single messages that large overflow MPI's int32 counts, so it travels in pieces.
+    """
+    root = hvd.rank() == 0
+    n = hvd.broadcast_object(len(payload) if root else None, root_rank=0, name="ckpt.size")
+    buf = (torch.frombuffer(bytearray(payload), dtype=torch.uint8) if root
+           else torch.empty(n, dtype=torch.uint8))
+    for i, start in enumerate(range(0, n, chunk)):
+        part = buf[start:start + chunk]
+        received = hvd.broadcast(part, root_rank=0, name=f"ckpt.chunk.{i}")
+        if not root:
+            part.copy_(received)
+    return payload if root else buf.numpy().tobytes()
 
 
 def restore(ckpt: Dict[str, Any], hvd, *, model, optimizer, kfac, seed: int) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -258,12 +259,26 @@ class Config:
 # --------------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------------
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (YAML would keep the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key '{key}'", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(path: str, origin: str) -> Dict[str, Any]:
     if not os.path.isfile(path):
         raise ConfigError(origin, None, f"config file not found: {path}")
     try:
         with open(path, "r", encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
+            data = yaml.load(fh, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
@@ -458,6 +473,11 @@ def check_consistency(cfg: Config) -> None:
         for key in ("train_dir", "val_dir"):
             if not d[key]:
                 raise cfg.error(f"data.{key}", "required for dataset imagenet (an ImageFolder root)")
+    for pattern in cfg.kfac.skip_layers:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise cfg.error("kfac.skip_layers", f"not a regular expression: {pattern!r} ({exc})") from None
     if d.val_resize < d.image_size:
         raise cfg.error("data.val_resize", f"must be >= data.image_size ({d.image_size})")
 

@@ -97,8 +97,8 @@ def run(cfg, resume_path: Optional[str]) -> int:
     train_loader, val_loader, sampler = build_loaders(cfg, train_ds, val_ds, rank, size, device.type == "cuda")
     spe = len(train_loader)
     if spe == 0:
-        raise RuntimeError(f"no full training batch per rank: {len(train_ds)} images, {size} ranks, "
-                           f"data.batch_size {cfg.data.batch_size}")
+        raise cfg.error("data.batch_size", f"no full batch of {cfg.data.batch_size} per rank: "
+                                           f"{len(train_ds)} training images over {size} rank(s)")
 
     optimizer = build_optimizer(cfg, model, hvd)
     kfac = None
@@ -133,7 +133,8 @@ def run(cfg, resume_path: Optional[str]) -> int:
     bar = None
     if rank == 0 and cfg.log.progress:
         from tqdm import tqdm
-        bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True, file=sys.stderr)
+        bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True, file=sys.stderr,
+                   mininterval=1.0)
 
     ckpt_every_steps = cfg.checkpoint.every_steps
     ckpt_enabled = cfg.checkpoint.every_epochs > 0 or ckpt_every_steps is not None
@@ -158,9 +159,9 @@ def run(cfg, resume_path: Optional[str]) -> int:
         skip_batches = 0
         model.train()
         sums = torch.zeros(3, dtype=torch.float64)      # loss*n, correct, n over this epoch (this rank)
-        t_epoch = time.perf_counter()
+        t_epoch = t_ready = time.perf_counter()
         for x, y in train_loader:
-            t0 = time.perf_counter()
+            t0 = t_ready          # step time includes loading this batch, not logging or checkpoints
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             lr = learning_rate(cfg.optim, step / spe)
             set_lr(optimizer, lr, cfg.optim.momentum_correction)
@@ -185,11 +186,11 @@ def run(cfg, resume_path: Optional[str]) -> int:
                 rescale_weights(weights)
             step += 1
             batch_in_epoch += 1
+            loss_value = loss.item()                         # also waits for the device
+            correct = (output.argmax(1) == y).sum().item()
             dt = time.perf_counter() - t0
             train_time += dt
             images_done += x.size(0) * size
-            loss_value = loss.item()
-            correct = (output.argmax(1) == y).sum().item()
             sums += torch.tensor([loss_value * y.numel(), correct, y.numel()], dtype=torch.float64)
             if record is not None:
                 for k, v in record.get("time", {}).items():
@@ -229,6 +230,7 @@ def run(cfg, resume_path: Optional[str]) -> int:
                 last_saved_step = step
             if done:
                 break
+            t_ready = time.perf_counter()
         epoch_time = time.perf_counter() - t_epoch
 
         # End of epoch (or of the run): train averages over ranks, evaluation, checkpoint.
@@ -263,6 +265,8 @@ def run(cfg, resume_path: Optional[str]) -> int:
 
     if bar is not None:
         bar.close()
+    if not last_eval:        # nothing left to train (a finished run resumed): still report accuracy
+        last_eval = evaluate(model, val_loader, device, hvd)
     # Data parallelism keeps every rank's weights identical: record one checksum per rank.
     with torch.no_grad():
         checksum = float(sum(p.double().sum() + (p.double() ** 2).sum() for p in model.parameters()))
@@ -289,6 +293,7 @@ def run(cfg, resume_path: Optional[str]) -> int:
         stats = kfac.comm_stats()
         summary["kfac"] = {
             "update_threshold": cfg.kfac.update_threshold,
+            "update_interval": cfg.kfac.update_interval,
             "interval_policy": cfg.kfac.interval_policy,
             "layers": len(kfac.layer_names),
             "mean_interval": kfac.mean_interval(),

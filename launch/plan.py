@@ -82,6 +82,7 @@ def make_plan(cfg) -> Dict[str, Any]:
             "layers": len(names),
             "layer_kinds": kinds,
             "update_threshold": cfg.kfac.update_threshold,
+            "update_interval": cfg.kfac.update_interval,
             "interval_policy": cfg.kfac.interval_policy,
             "damping": cfg.kfac.damping,
             "inversion_load_per_rank": load,
@@ -104,7 +105,7 @@ def _jsonable(v) -> bool:
 def format_plan(plan: Dict[str, Any]) -> str:
     lines = [f"plan for {plan['config']} (dry run: nothing launched)"]
     row = lambda k, v: lines.append(f"  {k:<22} {v}")  # noqa: E731
-    row("model", f"{plan['model']} ({plan['parameters'] / 1e6:.1f} M parameters)")
+    row("model", f"{plan['model']} ({plan['parameters']:,} parameters)")
     row("method", plan["method"])
     row("ranks", plan["world_size"])
     row("batch", f"{plan['batch_per_rank']} per rank, {plan['global_batch']} global")
@@ -116,8 +117,12 @@ def format_plan(plan: Dict[str, Any]) -> str:
         kinds = ", ".join(f"{v} {n}" for n, v in sorted(k["layer_kinds"].items()))
         row("K-FAC layers", f"{k['layers']} ({kinds})")
         lam = k["update_threshold"]
-        row("factor updates", "every step" if lam is None
-            else f"adaptive, lambda = {lam} ({k['interval_policy']} rule)")
+        every = k.get("update_interval", 1)
+        if lam is None:
+            row("factor updates", "every step" if every == 1 else f"every {every} steps (fixed interval)")
+        else:
+            row("factor updates", f"adaptive, lambda = {lam} ({k['interval_policy']} rule"
+                                  + (f", starting interval {every})" if every > 1 else ")"))
         row("damping", k["damping"])
         load = k["inversion_load_per_rank"]
         mean = sum(load) / len(load) if load else 0.0

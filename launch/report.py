@@ -32,7 +32,11 @@ def row(summary: dict, label: str) -> List[str]:
     lam = kfac.get("update_threshold") if kfac else None
     method = summary.get("method", "?")
     if method == "kfac":
-        method = f"kfac, lambda={lam}" if lam is not None else "kfac, every step"
+        every = kfac.get("update_interval") or 1
+        if lam is not None:
+            method = f"kfac, lambda={lam}"
+        else:
+            method = "kfac, every step" if every == 1 else f"kfac, every {every} steps"
     return [
         label,
         method,

@@ -78,22 +78,35 @@ def test_resolved_config_round_trips(chain, tmp_path):
     ("kfac: {dampnig: 0.1}", "kfac.dampnig", "did you mean 'kfac.damping'"),
     ("train: {epochs: 1.5}", "train.epochs", "integer"),
     ("train: {epochs: '3'}", "train.epochs", "integer"),
-    ("data: {batch_size: 0}", "data.batch_size", ">= 1"),
+    ("data: {dataset: synthetic, batch_size: 0}", "data.batch_size", ">= 1"),
     ("optim: {method: adam}", "optim.method", "one of kfac, sgd"),
     ("optim: {momentum: 1.0}", "optim.momentum", "[0, 1)"),
     ("kfac: {interval_policy: sometimes}", "kfac.interval_policy", "modulo, since_last"),
     ("log: {tensorboard: 'yes'}", "log.tensorboard", "true or false"),
     ("optim: {schedule: poly, poly_start_epoch: 5, poly_end_epoch: 2}", "optim.poly_end_epoch", "> optim"),
     ("wrong_section: {a: 1}", "wrong_section", "unknown section"),
+    ("kfac: {skip_layers: ['layer4.(']}", "kfac.skip_layers", "regular expression"),
+    ("train: {epochs: 2}\ntrain: {seed: 1}", "line 4", "duplicate key 'train'"),
+    ("kfac: {damping: 0.1, damping: 0.2}", "line 3", "duplicate key 'damping'"),
+    ("kfac: {update_interval: 0}", "kfac.update_interval", ">= 1"),
 ])
 def test_bad_values_name_file_and_key(tmp_path, text, key, words):
-    path = write(tmp_path / "bad.yaml", "model: {name: small_resnet, num_classes: 10}\n"
-                                        "data: {dataset: synthetic}\n" + text + "\n")
+    body = text + "\n"
+    if not text.startswith("data:"):
+        body = "data: {dataset: synthetic}\n" + body
+    path = write(tmp_path / "bad.yaml", "model: {name: small_resnet, num_classes: 10}\n" + body)
     with pytest.raises(ConfigError) as info:
         load_config(path)
     msg = str(info.value)
     assert "\n" not in msg
     assert path in msg and key in msg and words in msg, msg
+
+
+def test_val_resize_must_cover_the_crop(tmp_path):
+    path = write(tmp_path / "v.yaml", "model: {name: small_resnet}\n"
+                                      "data: {dataset: synthetic, image_size: 64, val_resize: 32}\n")
+    with pytest.raises(ConfigError, match="data.val_resize: must be >= data.image_size"):
+        load_config(path)
 
 
 def test_error_in_base_file_names_the_base(tmp_path):
@@ -163,7 +176,7 @@ def test_cli_config_errors_exit_2_with_one_line(tmp_path, body, overrides, key):
 
 
 def test_cli_missing_data_dir_is_an_error_in_a_run_and_a_warning_in_a_dry_run(tmp_path):
-    body = ("data: {dataset: imagenet, train_dir: %s, val_dir: %s}\nmodel: {name: resnet50}\n"
+    body = ("data: {dataset: imagenet, train_dir: %s, val_dir: %s}\nmodel: {name: small_resnet}\n"
             "train: {world_size: 4}\n" % (tmp_path / "nope" / "train", tmp_path / "empty"))
     os.makedirs(tmp_path / "empty")
     path, proc = cli(tmp_path, body)
@@ -198,3 +211,13 @@ def test_cli_print_config_applies_overrides(tmp_path):
     resolved = yaml.safe_load(proc.stdout)
     assert resolved["kfac"]["update_threshold"] == 0.3
     assert resolved["log"]["dir"] == os.path.join("runs", "exp")
+
+
+def test_docs_list_every_key():
+    """docs/LAUNCHER.md's key reference is generated from the schema; it must not fall behind."""
+    from launch.config import SCHEMA, keys_markdown
+    doc = open(os.path.join(os.path.dirname(CONFIGS), "docs", "LAUNCHER.md")).read()
+    for section, specs in SCHEMA.items():
+        for key in specs:
+            assert f"`{section}.{key}`" in doc, f"{section}.{key} missing from docs/LAUNCHER.md"
+    assert keys_markdown() in doc

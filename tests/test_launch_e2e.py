@@ -7,8 +7,8 @@ import shutil
 import pytest
 import yaml
 
-from launch_helpers.common import (describe, horovod_ready, horovodrun, mpirun, read_jsonl,
-                                         tiny_fashion_args)
+from launch_helpers.common import (CONFIGS, describe, horovod_ready, horovodrun, launch_cmd, mpirun,
+                                   read_jsonl, run, tiny_fashion_args)
 
 pytestmark = pytest.mark.skipif(not horovod_ready(), reason="horovod not installed")
 
@@ -66,11 +66,18 @@ def test_mpirun_two_ranks_every_step(tmp_path):
     assert not os.path.exists(os.path.join(run_dir, "checkpoints"))
 
 
-@pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun not installed")
-def test_mpirun_two_ranks_sgd_baseline(tmp_path):
+def test_single_process_sgd_baseline_on_synthetic_data(tmp_path):
+    """No launcher at all (a world of one), the SGD baseline, synthetic images."""
     run_dir = str(tmp_path / "sgd")
-    proc = mpirun(2, tiny_fashion_args(run_dir, "optim.method=sgd", "optim.lr=0.05",
-                                       "checkpoint.every_epochs=0"))
+    proc = run(launch_cmd(["--config", os.path.join(CONFIGS, "fashion_mnist", "small_resnet_sgd.yaml"),
+                           f"log.dir={run_dir}", "data.dataset=synthetic", "data.synthetic_size=64",
+                           "data.synthetic_val_size=32", "data.image_size=28", "data.val_resize=28",
+                           "data.batch_size=16", "model.width=4", "train.epochs=2", "train.world_size=null",
+                           "log.progress=false", "log.tensorboard=false", "checkpoint.every_epochs=0"]))
     assert proc.returncode == 0, describe(proc)
-    summary, records = check_outputs(run_dir, kfac=False)
-    assert "fisher" not in summary and "kfac" not in records[0]
+    assert "world: 1 rank(s)" in proc.stdout
+    summary = json.load(open(os.path.join(run_dir, "summary.json")))
+    assert summary["method"] == "sgd" and "fisher" not in summary and summary["steps"] == 8
+    assert [h["epoch"] for h in summary["history"]] == [1, 2]
+    records = [r for r in read_jsonl(os.path.join(run_dir, "metrics.jsonl")) if "loss" in r]
+    assert len(records) == 8 and "kfac" not in records[0]
