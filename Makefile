@@ -18,7 +18,7 @@ $(STAMP): setup.py scripts/install_horovod.sh scripts/install_system.sh
 	touch $@
 
 demo: $(STAMP)
-	bash scripts/demo.sh
+	NP=$(NP) bash scripts/demo.sh
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

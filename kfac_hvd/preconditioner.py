@@ -314,7 +314,9 @@ class KFAC:
             return {name: {kind: t.detach().cpu().clone() for kind, t in kinds.items()}
                     for name, kinds in tensors.items()}
 
-        return {"steps": self.steps, "scheduler": self.scheduler.state_dict(), "factors": cpu(self.factors),
+        # Without a running average the factors are the previous factors: saved once.
+        factors = cpu(self.factors) if self.factor_decay is not None else None
+        return {"steps": self.steps, "scheduler": self.scheduler.state_dict(), "factors": factors,
                 "previous": cpu(self.previous), "inverses": cpu(self.inverses),
                 "traffic": self.traffic.state_dict(), "layer_names": self.layer_names}
 
@@ -324,6 +326,12 @@ class KFAC:
             raise ValueError(f"K-FAC state lacks {sorted(missing)}")
         if list(state.get("layer_names", self.layer_names)) != self.layer_names:
             raise ValueError("K-FAC state was saved for a model with other layers than this one")
+        state = dict(state)
+        if state["factors"] is None:
+            state["factors"] = state["previous"]
+        unknown = {name for group in ("factors", "previous", "inverses") for name in state[group]} - set(self.layers)
+        if unknown:
+            raise ValueError(f"K-FAC state names layers this model does not have: {sorted(unknown)[:3]}")
         for group in ("factors", "previous", "inverses"):
             for name, kinds in state[group].items():
                 for kind, tensor in kinds.items():
@@ -339,5 +347,7 @@ class KFAC:
                 device = self.layers[name].module.weight.device
                 dtype = self.layers[name].factor_dtype
                 target[name] = {kind: t.to(device=device, dtype=dtype) for kind, t in kinds.items()}
+        if self.factor_decay is None:
+            self.factors = {name: dict(kinds) for name, kinds in self.previous.items()}
         self.traffic.load_state_dict(state["traffic"])
         self.capture.arm(self._due_kinds(self.steps + 1))
