@@ -18,6 +18,12 @@ def relative_change(current: torch.Tensor, previous: torch.Tensor) -> float:
     return numerator / denominator
 
 
+def all_finite(*tensors: torch.Tensor) -> bool:
+    """No NaN or Inf anywhere. One reduction per tensor: a NaN or Inf makes its sum non-finite (a sum that
+    overflows to Inf also counts as non-finite, which is as unusable for K-FAC)."""
+    return all(math.isfinite(tensor.sum().item()) for tensor in tensors)
+
+
 def pi_correction(a_factor: torch.Tensor, g_factor: torch.Tensor) -> float:
     """π = sqrt((tr A / dim A) / (tr G / dim G)), splitting Tikhonov damping over the two factors."""
     a_mean = torch.diagonal(a_factor).mean().item()
@@ -29,9 +35,9 @@ def pi_correction(a_factor: torch.Tensor, g_factor: torch.Tensor) -> float:
 
 def symmetric_inverse(matrix: torch.Tensor, diagonal_shift: float, method: str) -> torch.Tensor:
     """(M + shift·I)⁻¹ for a symmetric positive semi-definite M (batched over leading dimensions)."""
-    eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
-    damped = matrix + diagonal_shift * eye
     if method == "cholesky":
+        damped = matrix.clone()
+        damped.diagonal(dim1=-2, dim2=-1).add_(diagonal_shift)
         return torch.cholesky_inverse(torch.linalg.cholesky(damped))
     if method == "eigen":
         eigenvalues, eigenvectors = torch.linalg.eigh(matrix)
@@ -65,7 +71,7 @@ def robust_damped_inverses(factors: Dict[str, torch.Tensor], damping: float, *, 
     original damping; (None, "inversion failed") when all of that fails. ``None`` tells the caller to
     keep the inverse it already holds.
     """
-    if not all(bool(torch.isfinite(factor).all()) for factor in factors.values()):
+    if not all_finite(*factors.values()):
         return None, "non-finite factor"
     attempts = [(damping * 10 ** i, method) for i in range(retries + 1)]
     if method != "eigen":
@@ -75,7 +81,7 @@ def robust_damped_inverses(factors: Dict[str, torch.Tensor], damping: float, *, 
             inverses = damped_inverses(factors, attempt_damping, pi_damping=pi_damping, method=attempt_method)
         except (RuntimeError, torch.linalg.LinAlgError):
             continue
-        if all(bool(torch.isfinite(inverse).all()) for inverse in inverses.values()):
+        if all_finite(*inverses.values()):
             event = None if number == 0 else f"inverted with {attempt_method}, damping {attempt_damping:g}"
             return inverses, event
     return None, "inversion failed"

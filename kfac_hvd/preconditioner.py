@@ -24,7 +24,7 @@ from torch import nn
 from .assignment import Assignment, assign_layers
 from .capture import FactorCapture
 from .comm import TrafficCounter, default_communicator, every_step_cost
-from .factors import (INVERSE_METHODS, kl_clip_scale, pack, packed_numel, relative_change, robust_damped_inverses,
+from .factors import (INVERSE_METHODS, all_finite, kl_clip_scale, pack, packed_numel, relative_change, robust_damped_inverses,
                       unpack)
 from .layers import Layer, make_layer
 from .scheduler import IntervalScheduler
@@ -166,7 +166,7 @@ class KFAC:
         diffs: Dict[str, Dict[str, float]] = {}
         decided: Dict[str, int] = {}
         for name, kinds in fresh.items():
-            if not all(bool(torch.isfinite(factor).all()) for factor in kinds.values()):
+            if not all_finite(*kinds.values()):
                 numerics[name] = "non-finite factor dropped, previous inverse kept"
                 self._rejected.add(name)
                 continue
@@ -258,7 +258,7 @@ class KFAC:
             scale = kl_clip_scale(updates, gradients, self.kl_clip, lr)
         for name, update in updates.items():
             self.layers[name].set_grad_matrix(update * scale if scale != 1.0 else update)
-        finite = all(bool(torch.isfinite(gradient).all()) for gradient in gradients.values())
+        finite = all_finite(*gradients.values())
         seconds["precondition"] = time.perf_counter() - start
         return scale, finite
 
