@@ -1,23 +1,51 @@
-"""Checkpoints: written by rank 0 atomically, read by rank 0 and broadcast to every rank.
+"""Checkpoints: written by rank 0 atomically and verified on load, read by rank 0 and broadcast.
 
 A checkpoint holds the model, the optimiser (momentum buffers), the K-FAC state (factors, inverses
 and the interval scheduler, as ``KFAC.state_dict()`` returns them), the epoch, the global step, the
 number of batches already done in that epoch, and every rank's RNG states (torch, CUDA, numpy, python)
-gathered to rank 0, so that a resumed run with the same world size draws the same random numbers as
-an uninterrupted one.
+and model buffers (BatchNorm running statistics) gathered to rank 0, so that a resumed run with the
+same world size continues exactly as an uninterrupted one.
+
+Layout of ``checkpoint.dir``:
+
+- ``step_XXXXXXX.pt``: one file per checkpoint, written to a temporary file in the same folder,
+  fsync'ed and renamed (a crash leaves the old files and at worst a stray ``.tmp-*``);
+  the newest ``checkpoint.keep_last`` are kept (all with ``checkpoint.keep_all``);
+- ``checkpoints.json``: the manifest, newest first: file, step, epoch, size and sha256 of each;
+- ``last.pt``: a hard link to the newest (a copy where the file system has no hard links).
+
+On resume (``auto``), the newest checkpoint whose size and sha256 match the manifest and that loads
+is used; a truncated or corrupt one is reported and the one before it is tried.
 """
 from __future__ import annotations
 
+import glob
+import hashlib
 import io
+import json
+import logging
 import os
 import random
+import re
+import shutil
 import tempfile
-from typing import Any, Dict, Optional
+import time
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
 FORMAT = 1
+MANIFEST = "checkpoints.json"
+LAST = "last.pt"
+STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
+REQUIRED = ("format", "epoch", "step", "batch_in_epoch", "model", "optimizer", "kfac", "rng")
+
+logger = logging.getLogger("launch.checkpoint")
+
+
+class CheckpointError(Exception):
+    """No usable checkpoint; the message names the file(s) and why."""
 
 
 def rng_state() -> Dict[str, Any]:
@@ -38,21 +66,25 @@ def set_rng_state(state: Dict[str, Any]) -> None:
             pass
 
 
-def atomic_save(obj: Any, path: str) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + ".", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+# --------------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------------
+class _HashingWriter:
+    """A write-only file object that also computes the sha256 and size of what passes through."""
+
+    def __init__(self, fh):
+        self.fh, self.sha, self.size = fh, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        self.size += len(data)
+        return self.fh.write(data)
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
+def _fsync_dir(folder: str) -> None:
     try:
         dir_fd = os.open(folder, os.O_RDONLY)
         try:
@@ -63,13 +95,128 @@ def atomic_save(obj: Any, path: str) -> None:
         pass
 
 
-def save_checkpoint(hvd, path: str, *, model, optimizer, kfac, epoch: int, step: int,
-                    batch_in_epoch: int, config: Dict[str, Any], keep_copy: Optional[str] = None,
-                    extra: Optional[Dict[str, Any]] = None) -> None:
-    """Collective: every rank contributes its RNG state; rank 0 writes ``path``."""
-    states = hvd.allgather_object(rng_state())
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _atomic_write(path: str, write) -> Any:
+    """Call ``write(fh)`` on a temporary file in ``path``'s folder, fsync, rename over ``path``."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + ".", dir=folder)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())        # mkstemp's 0600 would hide checkpoints from the group
+        with os.fdopen(fd, "wb") as fh:
+            result = write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(folder)
+    return result
+
+
+def atomic_save(obj: Any, path: str) -> Dict[str, Any]:
+    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``.
+
+    Returns ``{"bytes": size, "sha256": hex digest}`` of the file written.
+    """
+    def write(fh):
+        hashing = _HashingWriter(fh)
+        torch.save(obj, hashing)
+        return {"bytes": hashing.size, "sha256": hashing.sha.hexdigest()}
+    return _atomic_write(path, write)
+
+
+def _link_last(target: str, last: str) -> None:
+    """Point ``last`` at ``target`` atomically: a hard link renamed over it, else an atomic copy."""
+    folder = os.path.dirname(os.path.abspath(last))
+    tmp = os.path.join(folder, f".tmp-{LAST}.{os.getpid()}")
+    try:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        os.link(target, tmp)
+        os.replace(tmp, last)
+        _fsync_dir(folder)
+    except OSError:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        def copy(fh):
+            with open(target, "rb") as src:
+                shutil.copyfileobj(src, fh, 1 << 24)
+        _atomic_write(last, copy)
+
+
+def read_manifest(folder: str) -> List[Dict[str, Any]]:
+    """The manifest's entries, newest first; [] when it is missing or unreadable."""
+    try:
+        with open(os.path.join(folder, MANIFEST), "r", encoding="utf-8") as fh:
+            entries = json.load(fh).get("checkpoints", [])
+        return [e for e in entries if isinstance(e, dict) and "file" in e and "step" in e]
+    except (OSError, ValueError, AttributeError):
+        return []
+
+
+def _step_files(folder: str) -> Dict[str, int]:
+    out = {}
+    for path in glob.glob(os.path.join(folder, "step_*.pt")):
+        m = STEP_FILE.match(os.path.basename(path))
+        if m:
+            out[os.path.basename(path)] = int(m.group(1))
+    return out
+
+
+def write_checkpoint(folder: str, ckpt: Dict[str, Any], *, keep_last: int, keep_all: bool) -> str:
+    """Write ``ckpt`` as ``step_XXXXXXX.pt``, update the manifest and ``last.pt``, prune old files."""
+    step = int(ckpt["step"])
+    name = f"step_{step:07d}.pt"
+    # Rank 0 is the only writer, one checkpoint at a time: a temporary file here is left from a crash.
+    for stale in glob.glob(os.path.join(folder, ".tmp-*")):
+        try:
+            os.unlink(stale)
+        except OSError:
+            pass
+    info = atomic_save(ckpt, os.path.join(folder, name))
+    entry = {"file": name, "step": step, "epoch": ckpt["epoch"], "batch_in_epoch": ckpt["batch_in_epoch"],
+             **info, "time": time.time()}
+    # Older checkpoints, newest first: the manifest's, then files it does not know (a crash between
+    # writing a file and the manifest); files of later steps belong to a run that was resumed from an
+    # earlier checkpoint and are dropped.
+    known = read_manifest(folder)
+    listed = {e["file"] for e in known}
+    on_disk = _step_files(folder)
+    older = [e for e in known if e["file"] != name and e["step"] < step and e["file"] in on_disk]
+    older += [{"file": f, "step": s} for f, s in sorted(on_disk.items(), key=lambda kv: -kv[1])
+              if f not in listed and f != name and s < step]
+    older.sort(key=lambda e: -e["step"])
+    kept = [entry] + (older if keep_all else older[:max(keep_last - 1, 0)])
+    manifest = {"format": FORMAT, "last": name, "checkpoints": kept}
+    text = json.dumps(manifest, indent=1).encode()
+    _atomic_write(os.path.join(folder, MANIFEST), lambda fh: fh.write(text))
+    _link_last(os.path.join(folder, name), os.path.join(folder, LAST))
+    keep_files = {e["file"] for e in kept}
+    for f in on_disk:
+        if f not in keep_files:
+            try:
+                os.unlink(os.path.join(folder, f))
+            except OSError:
+                pass
+    return os.path.join(folder, name)
+
+
+def save_checkpoint(hvd, folder: str, *, model, optimizer, kfac, epoch: int, step: int,
+                    batch_in_epoch: int, config: Dict[str, Any], keep_last: int = 2, keep_all: bool = False,
+                    extra: Optional[Dict[str, Any]] = None) -> Optional[str]:
+    """Collective: every rank contributes its RNG state and buffers; rank 0 writes. Returns the path."""
+    buffers = {k: v.detach().cpu().clone() for k, v in model.named_buffers()}
+    states = hvd.allgather_object({"rng": rng_state(), "buffers": buffers})
     if hvd.rank() != 0:
-        return
+        return None
     ckpt = {
         "format": FORMAT,
         "epoch": epoch,
@@ -79,33 +226,126 @@ def save_checkpoint(hvd, path: str, *, model, optimizer, kfac, epoch: int, step:
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "kfac": kfac.state_dict() if kfac is not None else None,
-        "rng": states,
+        "rng": [s["rng"] for s in states],
+        "rank_buffers": [s["buffers"] for s in states],
         "config": config,
         "extra": extra or {},
     }
-    atomic_save(ckpt, path)
-    if keep_copy:
-        atomic_save(ckpt, keep_copy)
+    return write_checkpoint(folder, ckpt, keep_last=keep_last, keep_all=keep_all)
 
 
-def load_checkpoint(hvd, path: str) -> Dict[str, Any]:
-    """Collective: rank 0 reads ``path`` and broadcasts its content to every rank.
+# --------------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------------
+def resolve_resume(resume: Optional[str], ckpt_dir: str) -> Optional[str]:
+    """'auto' -> <dir>/last.pt when it exists (else None); a path -> itself."""
+    if not resume:
+        return None
+    if resume == "auto":
+        path = os.path.join(ckpt_dir, LAST)
+        return path if os.path.isfile(path) else None
+    return resume
 
-    Rank 0's errors (missing or unreadable file) are broadcast too, so every rank raises together.
+
+def resume_candidates(resume: Optional[str], ckpt_dir: str) -> List[str]:
+    """Files to try in order: an explicit file alone; for 'auto', every checkpoint in ``ckpt_dir``
+    newest first (``last.pt`` last, when it is not one of them: a folder of an older layout)."""
+    if not resume:
+        return []
+    if resume != "auto":
+        return [resume]
+    steps = dict(_step_files(ckpt_dir))
+    for e in read_manifest(ckpt_dir):
+        steps.setdefault(e["file"], e["step"])
+    paths = [os.path.join(ckpt_dir, f) for f, _ in sorted(steps.items(), key=lambda kv: -kv[1])
+             if os.path.isfile(os.path.join(ckpt_dir, f))]
+    last = os.path.join(ckpt_dir, LAST)
+    if os.path.isfile(last) and not any(_same(last, p) for p in paths):
+        paths.append(last)
+    return paths
+
+
+def _same(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _manifest_entry(path: str) -> Optional[Dict[str, Any]]:
+    folder = os.path.dirname(os.path.abspath(path))
+    entries = read_manifest(folder)
+    for e in entries:
+        if os.path.basename(path) == e["file"] or _same(path, os.path.join(folder, e["file"])):
+            return e
+    return None
+
+
+def verify(path: str, payload: bytes) -> Optional[str]:
+    """Why ``payload`` (the bytes of ``path``) is not a usable checkpoint, or None when it is.
+
+    With a manifest entry, size and sha256 must match; the file must load and hold every key.
     """
-    payload, error = None, None
+    entry = _manifest_entry(path)
+    if entry is not None and "sha256" in entry:
+        if len(payload) != entry.get("bytes"):
+            return f"truncated or extended: {len(payload)} bytes, the manifest says {entry.get('bytes')}"
+        if hashlib.sha256(payload).hexdigest() != entry["sha256"]:
+            return "corrupt: sha256 differs from the manifest's"
+    return None
+
+
+def _load_bytes(payload: bytes) -> Dict[str, Any]:
+    return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=False)
+
+
+def _read_verified(path: str) -> Tuple[Optional[bytes], Optional[Dict[str, Any]], Optional[str]]:
+    try:
+        with open(path, "rb") as fh:
+            payload = fh.read()
+    except OSError as exc:
+        return None, None, f"cannot read: {exc.strerror or exc}"
+    problem = verify(path, payload)
+    if problem:
+        return None, None, problem
+    try:
+        state = _load_bytes(payload)
+    except Exception as exc:  # noqa: BLE001 - any failure to unpickle means an unusable file
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return None, None, f"does not load ({text[:160]})"
+    if not isinstance(state, dict) or any(k not in state for k in REQUIRED):
+        missing = [k for k in REQUIRED if not isinstance(state, dict) or k not in state]
+        return None, None, f"not a checkpoint of this launcher (lacks {', '.join(missing[:4])})"
+    return payload, state, None
+
+
+def load_checkpoint(hvd, candidates: List[str]) -> Tuple[str, Dict[str, Any]]:
+    """Collective: rank 0 picks the first usable file of ``candidates`` and broadcasts its content.
+
+    Every rejected file is reported (a warning on rank 0). Rank 0's verdict is broadcast, so when no
+    file is usable every rank raises :class:`CheckpointError` with the same message.
+    """
+    chosen, payload, state, error = None, None, None, None
     if hvd.rank() == 0:
-        try:
-            with open(path, "rb") as fh:
-                payload = fh.read()
-        except OSError as exc:
-            error = f"cannot read checkpoint {path}: {exc.strerror}"
-    error = hvd.broadcast_object(error, root_rank=0, name="ckpt.error")
+        problems = []
+        for i, path in enumerate(candidates):
+            payload, state, problem = _read_verified(path)
+            if problem is None:
+                chosen = path
+                break
+            problems.append(f"{path}: {problem}")
+            if i + 1 < len(candidates):
+                logger.warning("checkpoint %s is unusable (%s); trying %s", path, problem, candidates[i + 1])
+        if chosen is None:
+            error = "no usable checkpoint: " + "; ".join(problems) if problems else "no checkpoint found"
+    chosen, error = hvd.broadcast_object((chosen, error), root_rank=0, name="ckpt.choice")
     if error:
-        raise RuntimeError(error)
+        raise CheckpointError(error)
     if hvd.size() > 1:
         payload = broadcast_bytes(hvd, payload)
-    return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=False)
+        if hvd.rank() != 0:
+            state = _load_bytes(payload)
+    return chosen, state
 
 
 def broadcast_bytes(hvd, payload: Optional[bytes], chunk: int = 1 << 27) -> bytes:
@@ -127,29 +367,36 @@ def broadcast_bytes(hvd, payload: Optional[bytes], chunk: int = 1 << 27) -> byte
 
 
 def restore(ckpt: Dict[str, Any], hvd, *, model, optimizer, kfac, seed: int) -> None:
-    """Load model/optimiser/K-FAC state and this rank's RNG state from a broadcast checkpoint."""
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
+    """Load model/optimiser/K-FAC state and this rank's RNG state and buffers from a checkpoint.
+
+    Raises ValueError (the same on every rank) when the checkpoint does not fit this run.
+    """
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise ValueError(f"its model or optimiser state does not fit this model "
+                         f"({str(exc).splitlines()[0][:200]})") from None
     if kfac is not None:
         if ckpt.get("kfac") is None:
-            raise RuntimeError("the checkpoint was written by an SGD run; it has no K-FAC state")
-        kfac.load_state_dict(ckpt["kfac"])
+            raise ValueError("it was written by an SGD run; it has no K-FAC state")
+        try:
+            kfac.load_state_dict(ckpt["kfac"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise ValueError(f"its K-FAC state does not fit ({str(exc).splitlines()[0][:200]})") from None
     states = ckpt.get("rng") or []
-    if ckpt.get("world_size") == hvd.size() and len(states) == hvd.size():
+    same_world = ckpt.get("world_size") == hvd.size() and len(states) == hvd.size()
+    if same_world:
         set_rng_state(states[hvd.rank()])
+        buffers = ckpt.get("rank_buffers") or []
+        if len(buffers) == hvd.size():
+            with torch.no_grad():
+                for name, buf in model.named_buffers():
+                    if name in buffers[hvd.rank()]:
+                        buf.copy_(buffers[hvd.rank()][name])
     else:
         # Another world size: fresh, distinct streams per rank, derived from the step.
         s = seed + 7919 * hvd.rank() + 104729 * int(ckpt.get("step", 0))
         torch.manual_seed(s)
         np.random.seed(s % 2 ** 32)
         random.seed(s)
-
-
-def resolve_resume(resume: Optional[str], ckpt_dir: str) -> Optional[str]:
-    """'auto' -> <dir>/last.pt when it exists (else None); a path -> itself."""
-    if not resume:
-        return None
-    if resume == "auto":
-        path = os.path.join(ckpt_dir, "last.pt")
-        return path if os.path.isfile(path) else None
-    return resume

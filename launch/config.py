@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import yaml
 
-SECTIONS = ("model", "data", "optim", "kfac", "train", "checkpoint", "log", "horovod")
+SECTIONS = ("model", "data", "optim", "kfac", "train", "checkpoint", "log", "horovod", "debug")
 DEFAULTS_SOURCE = "defaults"
 CLI_SOURCE = "command line"
 
@@ -112,6 +112,9 @@ SCHEMA: Dict[str, Dict[str, Spec]] = {
                                doc="probability of random erasing (training); 0 disables"),
         "pin_memory": Spec("bool", True, doc="pinned host memory for GPU runs"),
         "drop_last": Spec("bool", True, doc="drop each rank's last incomplete training batch"),
+        "skip_unreadable": Spec("bool", False,
+                                doc="ImageFolder: an unreadable image is reported and skipped instead of "
+                                    "stopping the run (exit code 2)"),
     },
     "optim": {
         "method": Spec("str", "kfac", choices=("kfac", "sgd"), doc="K-FAC or the SGD baseline"),
@@ -171,13 +174,21 @@ SCHEMA: Dict[str, Dict[str, Spec]] = {
         "threads": Spec("int", None, nullable=True, check=ge(1),
                         doc="torch intra-op threads per rank (default: torch's choice)"),
         "eval_every": Spec("int", 1, check=ge(0), doc="evaluate every N epochs (0: only at the end)"),
+        "max_bad_steps": Spec("int", 5, check=ge(1),
+                              doc="stop (exit code 4) after this many consecutive steps whose loss or "
+                                  "gradient was not finite (each such step is skipped on every rank)"),
+        "watchdog_s": Spec("float", 600.0, nullable=True, check=gt(0.0),
+                           doc="a rank that makes no progress (step, evaluation batch, checkpoint) for this "
+                               "long exits with code 3 instead of hanging; null: off"),
     },
     "checkpoint": {
         "dir": Spec("str", None, nullable=True, doc="default: <log.dir>/checkpoints"),
         "every_epochs": Spec("int", 1, check=ge(0), doc="0: no end-of-epoch checkpoints"),
         "every_steps": Spec("int", None, nullable=True, check=ge(1),
                             doc="also checkpoint every N steps (mid-epoch)"),
-        "keep_all": Spec("bool", False, doc="also keep step_XXXXXXX.pt besides last.pt"),
+        "keep_last": Spec("int", 2, check=ge(1),
+                          doc="step_XXXXXXX.pt files kept, newest first (last.pt is the newest)"),
+        "keep_all": Spec("bool", False, doc="keep every step_XXXXXXX.pt (overrides keep_last)"),
         "resume": Spec("str", None, nullable=True,
                        doc="checkpoint file to resume from, or 'auto' (last.pt in dir if present)"),
     },
@@ -201,6 +212,21 @@ SCHEMA: Dict[str, Dict[str, Spec]] = {
                                        doc="HOROVOD_HIERARCHICAL_ALLREDUCE"),
         "autotune": Spec("bool", False, doc="HOROVOD_AUTOTUNE"),
         "fp16_allreduce": Spec("bool", False, doc="fp16 compression of gradient allreduce"),
+        "stall_check_s": Spec("int", None, nullable=True, check=ge(0),
+                              doc="HOROVOD_STALL_CHECK_TIME_SECONDS (Horovod: 60; 0 disables the check)"),
+        "stall_shutdown_s": Spec("int", None, nullable=True, check=ge(0),
+                                 doc="HOROVOD_STALL_SHUTDOWN_TIME_SECONDS (Horovod: 0 = never)"),
+        "gloo_timeout_s": Spec("int", None, nullable=True, check=ge(1),
+                               doc="HOROVOD_GLOO_TIMEOUT_SECONDS (Horovod: 30)"),
+    },
+    "debug": {
+        "fault_rank": Spec("int", 0, check=ge(0), doc="the rank that the injected faults below hit"),
+        "nan_step": Spec("int", None, nullable=True, check=ge(1),
+                         doc="fault injection: NaN in fault_rank's input batch at this step"),
+        "kill_step": Spec("int", None, nullable=True, check=ge(1),
+                          doc="fault injection: SIGKILL fault_rank after this step's update"),
+        "hang_step": Spec("int", None, nullable=True, check=ge(1),
+                          doc="fault injection: fault_rank stops making progress at this step"),
     },
 }
 
@@ -273,12 +299,18 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def _read_yaml(path: str, origin: str) -> Dict[str, Any]:
+def _read_yaml(path: str, origin: str, key: Optional[str] = None) -> Dict[str, Any]:
+    if os.path.isdir(path):
+        raise ConfigError(origin, key, f"config file is a directory: {path}")
     if not os.path.isfile(path):
-        raise ConfigError(origin, None, f"config file not found: {path}")
+        raise ConfigError(origin, key, f"config file not found: {path}")
     try:
         with open(path, "r", encoding="utf-8") as fh:
             data = yaml.load(fh, Loader=_UniqueKeyLoader)
+    except OSError as exc:
+        raise ConfigError(path, None, f"cannot read the file ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(path, None, f"not a text (UTF-8) file: byte {exc.start} cannot be decoded") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
@@ -319,11 +351,12 @@ def _unknown_key_text(section: str, key: str) -> str:
     return f"unknown key{hint}"
 
 
-def _load_chain(path: str, origin: str, seen: Tuple[str, ...]) -> Tuple[Dict[str, Any], Dict[str, str]]:
+def _load_chain(path: str, origin: str, seen: Tuple[str, ...],
+                key: Optional[str] = None) -> Tuple[Dict[str, Any], Dict[str, str]]:
     real = os.path.realpath(path)
     if real in seen:
-        raise ConfigError(path, "base", "circular 'base:' chain")
-    data = _read_yaml(path, origin)
+        raise ConfigError(origin, "base", f"circular 'base:' chain ({path} is already in the chain)")
+    data = _read_yaml(path, origin, key)
     flat: Dict[str, Any] = {}
     sources: Dict[str, str] = {}
     base = data.get("base")
@@ -331,7 +364,7 @@ def _load_chain(path: str, origin: str, seen: Tuple[str, ...]) -> Tuple[Dict[str
         if not isinstance(base, str) or not base:
             raise ConfigError(path, "base", "must be a file name (relative to this file)")
         base_path = base if os.path.isabs(base) else os.path.join(os.path.dirname(path), base)
-        flat, sources = _load_chain(os.path.normpath(base_path), path, seen + (real,))
+        flat, sources = _load_chain(os.path.normpath(base_path), path, seen + (real,), "base")
     own = _flatten(path, data)
     flat.update(own)
     sources.update({k: path for k in own})

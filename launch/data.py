@@ -2,18 +2,24 @@
 from __future__ import annotations
 
 import gzip
+import logging
 import math
 import os
+import re
 import struct
-from typing import Iterator, Optional, Tuple
+import zlib
+from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torch.utils.data.distributed import DistributedSampler
+from torchvision.datasets import ImageFolder
 
 from .config import KNOWN_TRAIN_SIZES
 from .models import input_shape
+
+logger = logging.getLogger("launch.data")
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 FASHION_MEAN, FASHION_STD = 0.2860, 0.3530
@@ -100,6 +106,64 @@ def imagenet_transforms(cfg, train: bool):
     return T.Compose([T.Resize(d.val_resize), T.CenterCrop(d.image_size), T.ToTensor(), norm])
 
 
+class CheckedImageFolder(ImageFolder):
+    """torchvision's ImageFolder whose unreadable images do not crash a loader worker.
+
+    An image that cannot be read or decoded is either replaced by the next readable image of the
+    folder (``substitute``: the training set with ``data.skip_unreadable``; a warning names the
+    file) or returned as a placeholder of zeros with the marker label ``-(index + 1)``; the
+    training loop turns markers into a clean stop on every rank (or, for evaluation with
+    ``data.skip_unreadable``, leaves those images out).
+    """
+
+    def __init__(self, root: str, transform, shape: Tuple[int, int, int], substitute: bool):
+        super().__init__(root, transform=transform)
+        self.shape, self.substitute = tuple(shape), substitute
+
+    def __getitem__(self, index):
+        try:
+            return super().__getitem__(index)
+        except Exception as exc:  # noqa: BLE001 - any failure to read or decode one file
+            if self.substitute:
+                logger.warning("unreadable image skipped (data.skip_unreadable): %s (%s)",
+                               self.samples[index][0], _reason(exc))
+                for k in range(1, min(len(self.samples), 33)):
+                    try:
+                        return super().__getitem__((index + k) % len(self.samples))
+                    except Exception:  # noqa: BLE001
+                        continue
+            return torch.zeros(self.shape), -(index + 1)
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    text = re.sub(r"<_io\.\w+ name='[^']*'>|'/[^']*'", "", text).rstrip(" :")   # the path is named already
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def unreadable_paths(dataset: Dataset, targets: torch.Tensor) -> List[str]:
+    """The files behind marker labels (< 0) of a batch, each with the reason it cannot be read."""
+    base = dataset
+    while isinstance(base, Subset):
+        base = base.dataset
+    out = []
+    for code in targets[targets < 0].tolist():
+        path = base.samples[-int(code) - 1][0] if hasattr(base, "samples") else f"sample {-int(code) - 1}"
+        out.append(f"{path} ({describe_unreadable(path)})")
+    return out
+
+
+def describe_unreadable(path: str) -> str:
+    """Why ``path`` cannot be read as an image (tried again here, in the main process)."""
+    try:
+        from PIL import Image
+        with open(path, "rb") as fh:
+            Image.open(fh).convert("RGB")
+    except Exception as exc:  # noqa: BLE001
+        return _reason(exc)
+    return "failed in the loader"
+
+
 def _subset(ds: Dataset, n: Optional[int]) -> Dataset:
     """The first ``n`` of evenly spaced indices (so an ImageFolder subset spans its classes)."""
     if n is None or n >= len(ds):
@@ -109,11 +173,18 @@ def _subset(ds: Dataset, n: Optional[int]) -> Dataset:
 
 
 def build_datasets(cfg) -> Tuple[Dataset, Dataset]:
+    """Both datasets; a folder or file that cannot be read raises ConfigError naming its key."""
     d = cfg.data
     if d.dataset == "imagenet":
-        from torchvision.datasets import ImageFolder
-        train = ImageFolder(d.train_dir, transform=imagenet_transforms(cfg, True))
-        val = ImageFolder(d.val_dir, transform=imagenet_transforms(cfg, False))
+        shape = (3, d.image_size, d.image_size)
+        sets = []
+        for key, root, train in (("data.train_dir", d.train_dir, True), ("data.val_dir", d.val_dir, False)):
+            try:
+                sets.append(CheckedImageFolder(root, imagenet_transforms(cfg, train), shape,
+                                               substitute=train and d.skip_unreadable))
+            except (OSError, RuntimeError) as exc:   # e.g. a class folder without image files
+                raise cfg.error(key, f"{root}: {str(exc).splitlines()[0]}") from None
+        train, val = sets
         for key, ds in (("data.train_dir", train), ("data.val_dir", val)):
             if len(ds.classes) > cfg.model.num_classes:
                 raise cfg.error(key, f"{len(ds.classes)} class folders but model.num_classes is "
@@ -122,8 +193,11 @@ def build_datasets(cfg) -> Tuple[Dataset, Dataset]:
             raise cfg.error("data.val_dir", f"class folders differ from data.train_dir's "
                                             f"({len(val.classes)} vs {len(train.classes)})")
     elif d.dataset == "fashion_mnist":
-        train = FashionMNIST(d.fashion_mnist_dir, True, True, d.random_erasing)
-        val = FashionMNIST(d.fashion_mnist_dir, False, False)
+        try:
+            train = FashionMNIST(d.fashion_mnist_dir, True, True, d.random_erasing)
+            val = FashionMNIST(d.fashion_mnist_dir, False, False)
+        except (OSError, EOFError, ValueError, zlib.error, struct.error) as exc:
+            raise cfg.error("data.fashion_mnist_dir", f"cannot read the IDX files: {_reason(exc)}") from None
     else:
         shape = input_shape(cfg)
         train = Synthetic(d.synthetic_size, shape, cfg.model.num_classes, cfg.train.seed)

@@ -29,6 +29,15 @@ def horovod_env(hcfg) -> Dict[str, str]:
         env["HOROVOD_HIERARCHICAL_ALLREDUCE"] = "1" if hcfg.hierarchical_allreduce else "0"
     if hcfg.autotune:
         env["HOROVOD_AUTOTUNE"] = "1"
+    if hcfg.stall_check_s is not None:
+        if hcfg.stall_check_s == 0:
+            env["HOROVOD_STALL_CHECK_DISABLE"] = "1"
+        else:
+            env["HOROVOD_STALL_CHECK_TIME_SECONDS"] = str(hcfg.stall_check_s)
+    if hcfg.stall_shutdown_s is not None:
+        env["HOROVOD_STALL_SHUTDOWN_TIME_SECONDS"] = str(hcfg.stall_shutdown_s)
+    if hcfg.gloo_timeout_s is not None:
+        env["HOROVOD_GLOO_TIMEOUT_SECONDS"] = str(hcfg.gloo_timeout_s)
     return env
 
 
@@ -66,10 +75,10 @@ def init_horovod(hcfg):
     return hvd, how
 
 
-def world_layout(hvd, device: str) -> List[dict]:
-    """Collective: (rank, host, local rank, device) of every rank, in rank order."""
+def world_layout(hvd, device: str, extra: Optional[dict] = None) -> List[dict]:
+    """Collective: (rank, host, local rank, device, pid, ``extra``) of every rank, in rank order."""
     me = {"rank": hvd.rank(), "host": socket.gethostname(), "local_rank": hvd.local_rank(),
-          "device": device, "pid": os.getpid()}
+          "device": device, "pid": os.getpid(), **(extra or {})}
     return sorted(hvd.allgather_object(me), key=lambda r: r["rank"])
 
 

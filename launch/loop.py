@@ -1,11 +1,11 @@
 """The training run: Horovod data parallelism with K-FAC preconditioning or plain SGD."""
 from __future__ import annotations
 
-import os
+import math
 import random
 import sys
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -14,11 +14,13 @@ from torch import nn
 
 from . import checkpoint as ckpt_mod
 from .config import kfac_kwargs
-from .data import build_datasets, build_loaders
+from .data import build_datasets, build_loaders, unreadable_paths
 from .data import start_epoch as start_epoch_data
 from .dist import controller_name, describe_layout, init_horovod, world_layout
 from .models import build_model
 from .outputs import RunOutputs
+from .reliability import (EXIT_DIVERGED, EXIT_INPUT, BufferGuard, Faults, RunStop, Watchdog, all_finite,
+                          check_agreement, code_fingerprint, config_fingerprint, logger, setup_logging)
 from .schedule import learning_rate, rescalable_weights, rescale_weights, set_lr
 
 
@@ -59,11 +61,26 @@ def mixup(x, y, alpha: float):
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, hvd) -> Dict[str, float]:
-    """Top-1 and loss over the whole evaluation set: per-rank sums, then one allreduce."""
+def evaluate(model, loader, device, hvd, skip_unreadable: bool = False, watchdog=None) -> Dict[str, float]:
+    """Top-1 and loss over the whole evaluation set: per-rank sums, then one allreduce.
+
+    Unreadable images (marker labels < 0) are left out with ``skip_unreadable``; otherwise every rank
+    stops with exit code 2 and the files' paths.
+    """
     model.eval()
-    sums = torch.zeros(3, dtype=torch.float64)
+    sums = torch.zeros(4, dtype=torch.float64)
+    bad: List[str] = []
     for x, y in loader:
+        if watchdog is not None:
+            watchdog.beat("an evaluation batch")
+        if (y < 0).any():
+            keep = y >= 0
+            sums[3] += int((~keep).sum())
+            if not skip_unreadable:
+                bad += unreadable_paths(loader.dataset, y)
+            x, y = x[keep], y[keep]
+            if y.numel() == 0:
+                continue
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         out = model(x)
         sums[0] += F.cross_entropy(out, y, reduction="sum").item()
@@ -71,29 +88,47 @@ def evaluate(model, loader, device, hvd) -> Dict[str, float]:
         sums[2] += y.numel()
     model.train()
     sums = hvd.allreduce(sums, op=hvd.Sum, name="eval.sums")
+    if sums[3].item() > 0 and not skip_unreadable:
+        stop_for_unreadable(hvd, bad, "data.val_dir")
     n = max(sums[2].item(), 1.0)
-    return {"loss": sums[0].item() / n, "top1": sums[1].item() / n, "images": int(sums[2].item())}
+    return {"loss": sums[0].item() / n, "top1": sums[1].item() / n, "images": int(sums[2].item()),
+            "skipped_images": int(sums[3].item())}
 
 
-def run(cfg, resume_path: Optional[str]) -> int:
+def stop_for_unreadable(hvd, local: List[str], key: str) -> None:
+    """Collective (every rank knows that some rank found unreadable images): stop with their paths."""
+    found = [p for paths in hvd.allgather_object(local) for p in paths]
+    first = found[0] if found else "an image"
+    more = f" (+{len(found) - 1} more)" if len(found) > 1 else ""
+    raise RunStop(EXIT_INPUT, f"data error: {key}: unreadable image {first}{more}; "
+                              f"set data.skip_unreadable=true to skip unreadable images")
+
+
+def run(cfg, resume_candidates: List[str]) -> int:
     t_start = time.time()
+    # The data first: a folder or file that cannot be read ends every rank alike before Horovod starts.
+    train_ds, val_ds = build_datasets(cfg)
+
     hvd, how = init_horovod(cfg.horovod)
     rank, size = hvd.rank(), hvd.size()
+    setup_logging(rank)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     device = pick_device(cfg, hvd)
-    layout = world_layout(hvd, str(device))
+    code_digest, code_detail = code_fingerprint()
+    layout = world_layout(hvd, str(device), {"config": config_fingerprint(cfg), "code": code_digest})
+    check_agreement(hvd, cfg, layout, code_detail)        # every rank stops alike on a mismatch
     log0(hvd, describe_layout(layout, how, controller_name(hvd)))
     if cfg.train.world_size is not None and cfg.train.world_size != size:
         log0(hvd, f"warning: train.world_size is {cfg.train.world_size} but {size} rank(s) were launched; "
                   f"global batch is {cfg.data.batch_size * size}, not {cfg.data.batch_size * cfg.train.world_size}")
+    faults = Faults(cfg.debug, rank, size)
 
     # Same initial weights everywhere (also broadcast below); distinct data randomness per rank.
     seed_everything(cfg.train.seed)
     model = build_model(cfg).to(device)
     seed_everything(cfg.train.seed + 1000 * rank + 1)
 
-    train_ds, val_ds = build_datasets(cfg)
     train_loader, val_loader, sampler = build_loaders(cfg, train_ds, val_ds, rank, size, device.type == "cuda")
     spe = len(train_loader)
     if spe == 0:
@@ -107,12 +142,23 @@ def run(cfg, resume_path: Optional[str]) -> int:
         kfac = kfac_hvd.KFAC(model, **kfac_kwargs(cfg))
     weights = rescalable_weights(model) if cfg.optim.weight_rescaling else None
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
+    params = [p for p in model.parameters() if p.requires_grad]
+    buffers = BufferGuard(model)
 
     step, start_epoch, skip_batches = 0, 0, 0
     history = []          # per-epoch evaluation results
-    if resume_path:
-        state = ckpt_mod.load_checkpoint(hvd, resume_path)
-        ckpt_mod.restore(state, hvd, model=model, optimizer=optimizer, kfac=kfac, seed=cfg.train.seed)
+    resume_path = None
+    # Only rank 0 reads checkpoints (other nodes need not see the folder): its list decides for all.
+    resume_candidates = hvd.broadcast_object(resume_candidates if rank == 0 else None, root_rank=0,
+                                             name="ckpt.candidates")
+    if resume_candidates:
+        try:
+            resume_path, state = ckpt_mod.load_checkpoint(hvd, resume_candidates)
+            ckpt_mod.restore(state, hvd, model=model, optimizer=optimizer, kfac=kfac, seed=cfg.train.seed)
+        except ckpt_mod.CheckpointError as exc:
+            raise cfg.error("checkpoint.resume", str(exc)) from None
+        except ValueError as exc:
+            raise cfg.error("checkpoint.resume", f"{resume_path} does not fit this run: {exc}") from None
         step, start_epoch, skip_batches = state["step"], state["epoch"], state["batch_in_epoch"]
         if skip_batches >= spe:
             start_epoch, skip_batches = start_epoch + 1, 0
@@ -138,18 +184,25 @@ def run(cfg, resume_path: Optional[str]) -> int:
 
     ckpt_every_steps = cfg.checkpoint.every_steps
     ckpt_enabled = cfg.checkpoint.every_epochs > 0 or ckpt_every_steps is not None
-    last_path = os.path.join(cfg.checkpoint.dir, "last.pt")
+    watchdog = Watchdog(cfg.train.watchdog_s, rank)
 
     def save(epoch: int, batch_in_epoch: int) -> None:
-        keep = (os.path.join(cfg.checkpoint.dir, f"step_{step:07d}.pt") if cfg.checkpoint.keep_all else None)
-        ckpt_mod.save_checkpoint(hvd, last_path, model=model, optimizer=optimizer, kfac=kfac, epoch=epoch,
-                                 step=step, batch_in_epoch=batch_in_epoch, config=cfg.to_dict(),
-                                 keep_copy=keep, extra={"history": history})
+        watchdog.beat(f"the checkpoint of step {step}")
+        if out is not None:
+            out.flush()                   # the metrics up to this step are on disk before the checkpoint
+        ckpt_mod.save_checkpoint(hvd, cfg.checkpoint.dir, model=model, optimizer=optimizer, kfac=kfac,
+                                 epoch=epoch, step=step, batch_in_epoch=batch_in_epoch, config=cfg.to_dict(),
+                                 keep_last=cfg.checkpoint.keep_last, keep_all=cfg.checkpoint.keep_all,
+                                 extra={"history": history})
+        watchdog.beat(f"the checkpoint of step {step}")
 
     train_time = 0.0
     images_done = 0
     last_eval: Dict[str, Any] = {}
     kfac_seconds: Dict[str, float] = {}
+    skipped_steps: List[int] = []
+    kfac_events = 0
+    bad_in_a_row = 0
     done = step >= total_steps
     epoch = start_epoch
     last_saved_step = step if resume_path else -1
@@ -160,12 +213,21 @@ def run(cfg, resume_path: Optional[str]) -> int:
         model.train()
         sums = torch.zeros(3, dtype=torch.float64)      # loss*n, correct, n over this epoch (this rank)
         t_epoch = t_ready = time.perf_counter()
+        watchdog.beat(f"the start of epoch {epoch + 1}")
         for x, y in train_loader:
             t0 = t_ready          # step time includes loading this batch, not logging or checkpoints
+            watchdog.beat(f"step {step + 1}")
+            faults.hang(step + 1)
+            unreadable: List[str] = []
+            if (y < 0).any():     # unreadable images (data.skip_unreadable is off): stop after this step
+                unreadable = unreadable_paths(train_loader.dataset, y)
+                y = y.clamp(min=0)
+            x = faults.poison(step + 1, x)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             lr = learning_rate(cfg.optim, step / spe)
             set_lr(optimizer, lr, cfg.optim.momentum_correction)
             optimizer.zero_grad()
+            buffers.save()
             if cfg.data.mixup_alpha > 0:
                 xm, y2, lam = mixup(x, y, cfg.data.mixup_alpha)
                 output = model(xm)
@@ -174,31 +236,58 @@ def run(cfg, resume_path: Optional[str]) -> int:
                 output = model(x)
                 loss = criterion(output, y)
             loss.backward()
-            record = None
-            if kfac is not None:
-                optimizer.synchronize()
-                record = kfac.step(lr=lr)
+            optimizer.synchronize()                          # gradients averaged over ranks
+            record = kfac.step(lr=lr) if kfac is not None else None
+            loss_value = loss.item()                         # also waits for the device
+            loss_ok = math.isfinite(loss_value)
+            grads_ok = all_finite([p.grad for p in params])
+            # One small allreduce decides for every rank: skip this update, or stop on bad data.
+            status = hvd.allreduce(torch.tensor([float(not loss_ok), float(not grads_ok), float(len(unreadable))],
+                                                dtype=torch.float64), op=hvd.Sum, name="train.status")
+            bad_loss_ranks, bad_grad_ranks, unreadable_total = (int(v) for v in status.tolist())
+            if unreadable_total:
+                stop_for_unreadable(hvd, unreadable, "data.train_dir")
+            skipped = bool(bad_loss_ranks or bad_grad_ranks)
+            if skipped:
+                buffers.restore()                            # BatchNorm statistics from before the batch
+                skipped_steps.append(step + 1)
+                bad_in_a_row += 1
+                if not loss_ok:
+                    logger.warning("step %d: non-finite loss (%r) on this rank", step + 1, loss_value)
+                if rank == 0:
+                    logger.warning("step %d: optimiser step skipped on every rank (non-finite loss on %d "
+                                   "rank(s), non-finite gradients: %s)", step + 1, bad_loss_ranks,
+                                   "yes" if bad_grad_ranks else "no")
+                if bad_in_a_row >= cfg.train.max_bad_steps:
+                    raise RunStop(EXIT_DIVERGED,
+                                  f"error: training diverged: {bad_in_a_row} consecutive steps (up to step "
+                                  f"{step + 1}) with a non-finite loss or gradient (train.max_bad_steps = "
+                                  f"{cfg.train.max_bad_steps}); the last checkpoint is in {cfg.checkpoint.dir}")
+            else:
+                bad_in_a_row = 0
                 with optimizer.skip_synchronize():
                     optimizer.step()
-            else:
-                optimizer.step()
-            if weights is not None:
-                rescale_weights(weights)
+                if weights is not None:
+                    rescale_weights(weights)
             step += 1
             batch_in_epoch += 1
-            loss_value = loss.item()                         # also waits for the device
             correct = (output.argmax(1) == y).sum().item()
             dt = time.perf_counter() - t0
             train_time += dt
             images_done += x.size(0) * size
-            sums += torch.tensor([loss_value * y.numel(), correct, y.numel()], dtype=torch.float64)
+            if not skipped:
+                sums += torch.tensor([loss_value * y.numel(), correct, y.numel()], dtype=torch.float64)
             if record is not None:
                 for k, v in record.get("time", {}).items():
                     kfac_seconds[k] = kfac_seconds.get(k, 0.0) + float(v or 0.0)
+                kfac_events += len(record.get("numerics") or {})
 
-            if out is not None and (step % cfg.log.every_steps == 0 or step == total_steps):
+            if out is not None and (step % cfg.log.every_steps == 0 or step == total_steps or skipped):
                 entry = {"step": step, "epoch": epoch + batch_in_epoch / spe, "lr": lr, "loss": loss_value,
                          "acc": correct / y.numel(), "step_time": dt, "images_per_s": x.size(0) * size / dt}
+                if skipped:
+                    entry["skipped"] = {"nonfinite_loss_ranks": bad_loss_ranks,
+                                        "nonfinite_gradients": bool(bad_grad_ranks)}
                 scal = {"train/loss": loss_value, "train/acc": entry["acc"], "train/lr": lr}
                 if kfac is not None:
                     stats = kfac.comm_stats()
@@ -223,9 +312,11 @@ def run(cfg, resume_path: Optional[str]) -> int:
                     post["interval"] = f"{kfac.mean_interval():.2f}"
                 bar.set_postfix(post, refresh=False)
                 bar.update(1)
+            faults.kill(step)
 
             done = step >= total_steps
-            if ckpt_every_steps and step % ckpt_every_steps == 0 and not done:
+            # Mid-epoch checkpoints; the last batch of an epoch is checkpointed after its evaluation.
+            if (ckpt_every_steps and step % ckpt_every_steps == 0 and not done and batch_in_epoch < spe):
                 save(epoch, batch_in_epoch)
                 last_saved_step = step
             if done:
@@ -240,10 +331,12 @@ def run(cfg, resume_path: Optional[str]) -> int:
         last_epoch = epoch + 1 >= cfg.train.epochs or done
         every = cfg.train.eval_every
         if last_epoch or (every and (epoch + 1) % every == 0 and epoch_complete):
-            last_eval = evaluate(model, val_loader, device, hvd)
+            last_eval = evaluate(model, val_loader, device, hvd, cfg.data.skip_unreadable, watchdog)
             entry = {"epoch": epoch + 1 if epoch_complete else epoch + batch_in_epoch / spe, "step": step,
                      "train_loss": sums[0].item() / n, "train_acc": sums[1].item() / n,
                      "val_loss": last_eval["loss"], "val_top1": last_eval["top1"], "epoch_time": epoch_time}
+            if last_eval.get("skipped_images"):
+                entry["val_skipped_images"] = last_eval["skipped_images"]
             history.append(entry)
             if out is not None:
                 out.record({"eval": entry, "step": step})
@@ -256,8 +349,10 @@ def run(cfg, resume_path: Optional[str]) -> int:
                 bar.write(msg)
             else:
                 log0(hvd, msg)
+        step_due = bool(ckpt_every_steps and step % ckpt_every_steps == 0)
         if ckpt_enabled and ((cfg.checkpoint.every_epochs and epoch_complete
-                              and (epoch + 1) % cfg.checkpoint.every_epochs == 0) or done or last_epoch):
+                              and (epoch + 1) % cfg.checkpoint.every_epochs == 0) or done or last_epoch
+                             or step_due):
             if last_saved_step != step:
                 save(epoch, batch_in_epoch)
                 last_saved_step = step
@@ -266,11 +361,13 @@ def run(cfg, resume_path: Optional[str]) -> int:
     if bar is not None:
         bar.close()
     if not last_eval:        # nothing left to train (a finished run resumed): still report accuracy
-        last_eval = evaluate(model, val_loader, device, hvd)
+        last_eval = evaluate(model, val_loader, device, hvd, cfg.data.skip_unreadable, watchdog)
+    watchdog.stop()
     # Data parallelism keeps every rank's weights identical: record one checksum per rank.
     with torch.no_grad():
         checksum = float(sum(p.double().sum() + (p.double() ** 2).sum() for p in model.parameters()))
-    checksums = hvd.allgather_object(checksum)
+        state_finite = all_finite(list(model.parameters()) + list(model.buffers()))
+    per_rank = hvd.allgather_object((checksum, state_finite))
     summary: Dict[str, Any] = {
         "config": cfg.path,
         "method": cfg.optim.method,
@@ -287,7 +384,10 @@ def run(cfg, resume_path: Optional[str]) -> int:
         "train_time_s": train_time,
         "images_per_s": images_done / train_time if train_time > 0 else None,
         "resumed_from": resume_path,
-        "rank_weight_checksums": checksums,
+        "rank_weight_checksums": [c for c, _ in per_rank],
+        "rank_state_finite": [f for _, f in per_rank],
+        "skipped_steps": skipped_steps[:1000],
+        "skipped_step_count": len(skipped_steps),
     }
     if kfac is not None:
         stats = kfac.comm_stats()
@@ -298,6 +398,7 @@ def run(cfg, resume_path: Optional[str]) -> int:
             "layers": len(kfac.layer_names),
             "mean_interval": kfac.mean_interval(),
             "seconds": kfac_seconds,
+            "numerics_events": kfac_events,
         }
         summary["fisher"] = {k: v for k, v in stats.items() if k != "per_layer"}
     if out is not None:

@@ -62,7 +62,9 @@ class RunOutputs:
         os.replace(tmp, self.metrics_path)
 
     def record(self, entry: Dict[str, Any]) -> None:
+        """One line per record, flushed at once: a crash loses no record already made."""
         self.metrics.write(json.dumps(_clean(entry)) + "\n")
+        self.metrics.flush()
 
     def flush(self) -> None:
         self.metrics.flush()

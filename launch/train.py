@@ -3,7 +3,9 @@
 Also installed as ``kfac-hvd-train``.  Start it with ``horovodrun -np N ...`` or ``mpirun -np N ...``
 (one process per GPU or per CPU slot); a single process runs without a launcher.  See docs/LAUNCHER.md.
 
-Exit codes: 0 success, 2 configuration error (one line on stderr, printed before any collective).
+Exit codes: 0 success, 1 unexpected error, 2 bad input (configuration, data, checkpoint, ranks that
+disagree; one line on stderr, the same on every rank), 3 the job cannot continue (a rank died or
+hung), 4 training diverged.  See docs/RELIABILITY.md.
 """
 from __future__ import annotations
 
@@ -37,19 +39,51 @@ def config_error(err: ConfigError) -> int:
 
 
 def precheck(cfg) -> None:
-    """Everything that can be checked by each process alone, before Horovod starts (raises ConfigError)."""
+    """Everything that can be checked by each process alone, before Horovod starts (raises ConfigError).
+
+    Files only rank 0 touches (the checkpoint to resume from, the run folder) are checked by the
+    process the launcher announced as rank 0; the launcher ends the others when it exits.
+    """
+    from .dist import env_rank
     problems = data_problems(cfg)
     if problems:
         raise problems[0]
-    resume = cfg.checkpoint.resume
-    if resume and resume != "auto" and not os.path.isfile(resume):
-        raise cfg.error("checkpoint.resume", f"file not found: {resume}")
+    if env_rank() == 0:
+        resume = cfg.checkpoint.resume
+        if resume and resume != "auto":
+            if os.path.isdir(resume):
+                raise cfg.error("checkpoint.resume", f"is a directory, not a checkpoint file: {resume}")
+            if not os.path.isfile(resume):
+                raise cfg.error("checkpoint.resume", f"file not found: {resume}")
+        for key in ("log.dir", "checkpoint.dir"):
+            section, name = key.split(".")
+            problem = _unwritable(cfg.values[section][name])
+            if problem:
+                raise cfg.error(key, problem)
     if cfg.optim.method == "kfac":
         check_kfac_options(cfg)
+    import torch
+    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+        raise cfg.error("train.device", "cuda, but CUDA is not available in this process")
     try:
         import horovod.torch  # noqa: F401
     except ImportError as exc:
         raise ConfigError(cfg.path, None, f"cannot import horovod.torch ({exc}); run 'make setup'") from None
+
+
+def _unwritable(path: str) -> Optional[str]:
+    """Why the folder ``path`` cannot be created or written, or None (nothing is created here)."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        return f"cannot create {path}: {probe} is not a directory"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"cannot create or write {path}: {probe} is not writable"
+    return None
 
 
 def check_kfac_options(cfg) -> None:
@@ -82,16 +116,36 @@ def main(argv: Optional[List[str]] = None) -> int:
             if cfg.optim.method == "kfac":
                 check_kfac_options(cfg)
             return dry_run(cfg, args.plan_json)
-        from .checkpoint import resolve_resume
         precheck(cfg)
-        resume_path = resolve_resume(cfg.checkpoint.resume, cfg.checkpoint.dir)
+        from .checkpoint import resume_candidates
+        candidates = resume_candidates(cfg.checkpoint.resume, cfg.checkpoint.dir)
     except ConfigError as err:
         return config_error(err)
     from .loop import run
+    from .reliability import EXIT_ABORTED, RunStop
     try:
-        return run(cfg, resume_path)
+        return run(cfg, candidates)
     except ConfigError as err:     # found while reading the data (e.g. class folders that differ)
         return config_error(err)
+    except RunStop as stop:        # decided on every rank alike
+        print(stop.message, file=sys.stderr, flush=True)
+        return stop.code
+    except Exception as exc:  # noqa: BLE001
+        if not _peer_lost(exc):
+            raise
+        from .dist import env_rank
+        text = str(exc).splitlines()[0] if str(exc) else ""
+        print(f"error: rank {env_rank()}: Horovod shut down: another rank failed, exited or stopped "
+              f"answering ({type(exc).__name__}: {text[:300]})", file=sys.stderr, flush=True)
+        return EXIT_ABORTED
+
+
+def _peer_lost(exc: BaseException) -> bool:
+    try:
+        from horovod.common.exceptions import HorovodInternalError
+    except ImportError:
+        return False
+    return isinstance(exc, HorovodInternalError)
 
 
 if __name__ == "__main__":
