@@ -148,7 +148,7 @@ def _build_model(name: str) -> nn.Module:
         raise SystemExit(f"commodel: unknown torchvision model '{name}'") from None
 
 
-def _format_bytes(value: float) -> str:
+def format_bytes(value: float) -> str:
     for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if value >= size:
             return f"{value / size:.2f} {unit}"
@@ -195,19 +195,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     print(f"Fisher traffic per rank: {args.model}, {result['layers']} K-FAC layers, {args.ranks} ranks, "
           f"batch {args.batch}, {steps} steps")
-    print(f"  factors: {result['factor_values'] / 1e6:.1f} M values = {_format_bytes(result['factor_bytes'])} "
+    print(f"  factors: {result['factor_values'] / 1e6:.1f} M values = {format_bytes(result['factor_bytes'])} "
           f"at {args.dtype_bytes} bytes each")
     print("  assumptions: every factor every step; ring allreduce moves 2(P-1)/P of a buffer per rank; the "
           "owner's inverse broadcast moves the buffer once per rank; "
           + ("upper triangles (n(n+1)/2 values)" if symmetric else "full matrices"))
-    print(f"  every step, factor allreduce + inverse broadcast: {_format_bytes(result['wire_bytes_per_rank'])}")
+    print(f"  every step, factor allreduce + inverse broadcast: {format_bytes(result['wire_bytes_per_rank'])}")
     print(f"  every step, dense factor allreduce only (no broadcast, no packing): "
-          f"{_format_bytes(result['allreduce_only_dense_wire_bytes_per_rank'])}")
+          f"{format_bytes(result['allreduce_only_dense_wire_bytes_per_rank'])}")
     print("  the paper (Table 1, λ = –): 3.0 TB")
     if args.trace:
         replay = result["replay"]
         print(f"  replay of {args.trace} with λ = {args.update_threshold} ({args.interval_policy}): "
-              f"{_format_bytes(replay['wire_bytes_per_rank'])} = {100 * replay['ratio']:.1f}% of every step, "
+              f"{format_bytes(replay['wire_bytes_per_rank'])} = {100 * replay['ratio']:.1f}% of every step, "
               f"mean final interval {replay['mean_final_interval']:.1f}")
     return 0
 

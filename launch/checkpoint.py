@@ -8,7 +8,7 @@ same world size continues exactly as an uninterrupted one.
 
 Layout of ``checkpoint.dir``:
 
-- ``step_XXXXXXX.pt``: one file per checkpoint, written to a temporary file in the same folder,
+- ``step_<7-digit step>.pt``: one file per checkpoint, written to a temporary file in the same folder,
   fsync'ed and renamed (a crash leaves the old files and at worst a stray ``.tmp-*``);
   the newest ``checkpoint.keep_last`` are kept (all with ``checkpoint.keep_all``);
 - ``checkpoints.json``: the manifest, newest first: file, step, epoch, size and sha256 of each;
@@ -172,7 +172,7 @@ def _step_files(folder: str) -> Dict[str, int]:
 
 
 def write_checkpoint(folder: str, ckpt: Dict[str, Any], *, keep_last: int, keep_all: bool) -> str:
-    """Write ``ckpt`` as ``step_XXXXXXX.pt``, update the manifest and ``last.pt``, prune old files."""
+    """Write ``ckpt`` as ``step_<7-digit step>.pt``, update the manifest and ``last.pt``, prune old files."""
     step = int(ckpt["step"])
     name = f"step_{step:07d}.pt"
     # Rank 0 is the only writer, one checkpoint at a time: a temporary file here is left from a crash.

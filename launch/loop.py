@@ -19,6 +19,7 @@ from .data import start_epoch as start_epoch_data
 from .dist import controller_name, describe_layout, init_horovod, world_layout
 from .models import build_model
 from .outputs import RunOutputs
+from .report import _bytes
 from .reliability import (EXIT_DIVERGED, EXIT_INPUT, BufferGuard, Faults, RunStop, Watchdog, all_finite,
                           check_agreement, code_fingerprint, config_fingerprint, logger, setup_logging)
 from .schedule import learning_rate, rescalable_weights, rescale_weights, set_lr
@@ -407,15 +408,6 @@ def run(cfg, resume_candidates: List[str]) -> int:
         log0(hvd, f"summary: {path}")
         log0(hvd, format_summary(summary))
     return 0
-
-
-def _bytes(n) -> str:
-    if n is None:
-        return "-"
-    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{int(n)} B"
 
 
 def format_summary(s: Dict[str, Any]) -> str:

@@ -7,14 +7,11 @@ import os
 import sys
 from typing import List, Optional
 
+from kfac_hvd.commodel import format_bytes
+
 
 def _bytes(n) -> str:
-    if n is None:
-        return "-"
-    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{int(n)} B"
+    return "-" if n is None else format_bytes(n)
 
 
 def load(path: str) -> dict:
