@@ -151,8 +151,3 @@ def default_communicator() -> "HorovodCommunicator | LocalCommunicator":
         return LocalCommunicator()
     return HorovodCommunicator() if hvd.is_initialized() else LocalCommunicator()
 
-
-def wait_all(comm: "HorovodCommunicator | LocalCommunicator",
-             handles: List[Tuple[Any, Any]]) -> List[Tuple[Any, torch.Tensor]]:
-    """Wait on (key, handle) pairs in order; return (key, result) pairs."""
-    return [(key, comm.wait(handle)) for key, handle in handles]

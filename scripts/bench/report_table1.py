@@ -13,6 +13,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def save_figure(figure, path: Path) -> Path:
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
 def megabytes(value: float) -> str:
     return f"{value / 1e6:.1f} MB"
 
@@ -93,10 +100,7 @@ def plot_intervals(configs, out: Path) -> list:
         axis.set_xlabel("step")
         axis.set_title(f"interval per layer, {configs[name]['label']}")
         figure.colorbar(image, ax=axis, label="interval")
-    figure.tight_layout()
-    path = out / "intervals_heatmap.png"
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    path = save_figure(figure, out / "intervals_heatmap.png")
     return [path]
 
 
@@ -110,10 +114,7 @@ def plot_traffic(configs, out: Path) -> list:
     axis.set_ylabel("cumulative Fisher payload per rank (MB)")
     axis.set_title("Fisher traffic over training (seed 0)")
     axis.legend(fontsize=8)
-    figure.tight_layout()
-    path = out / "cumulative_traffic.png"
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    path = save_figure(figure, out / "cumulative_traffic.png")
     return [path]
 
 
@@ -136,10 +137,7 @@ def plot_accuracy(configs, out: Path, target: float) -> Tuple[list, Dict[str, Op
     axis.set_xlabel("epoch")
     axis.set_ylabel("test top-1 (%), mean over seeds")
     axis.legend(fontsize=8)
-    figure.tight_layout()
-    path = out / "accuracy_per_epoch.png"
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    path = save_figure(figure, out / "accuracy_per_epoch.png")
 
     figure, axis = plt.subplots(figsize=(7, 4))
     labels = [configs[n]["label"] for n in reached]
@@ -150,10 +148,7 @@ def plot_accuracy(configs, out: Path, target: float) -> Tuple[list, Dict[str, Op
         axis.text(bar.get_width() + 0.05, bar.get_y() + bar.get_height() / 2, text, va="center", fontsize=8)
     axis.set_xlabel(f"epochs to {100 * target:.0f}% test top-1 (mean over seeds)")
     axis.invert_yaxis()
-    figure.tight_layout()
-    bar_path = out / "epochs_to_target.png"
-    figure.savefig(bar_path, dpi=110)
-    plt.close(figure)
+    bar_path = save_figure(figure, out / "epochs_to_target.png")
     return [path, bar_path], reached
 
 
