@@ -4,11 +4,12 @@ Two communicators share one interface: :class:`HorovodCommunicator` (any number 
 :class:`LocalCommunicator` (one process, no Horovod needed, no collective issued). Every tensor handed
 to Horovod goes through :class:`TrafficCounter`, which keeps per layer and kind
 
-* payload bytes: ``numel × element_size`` of the tensor this rank handed to Horovod;
+* payload bytes: ``numel × element_size`` of what this rank hands to Horovod (factor allreduce), or of a
+  layer's share of the one gathered buffer (inverse allgather: what every rank ends up holding);
 * modelled wire bytes per rank, with P ranks and an n-byte payload:
     - allreduce (ring: reduce-scatter then allgather): 2(P−1)/P · n sent (and received) per rank;
-    - broadcast (from the layer's owner): n per rank — every non-owner receives n, the owner sends
-      at least n; P = 1 sends nothing.
+    - allgather (ring), n-byte share of the gathered buffer: (P−1)/P · n per rank;
+    - broadcast (from one root): n per rank; P = 1 sends nothing.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import math
 
 import torch
 
+from .assignment import DEFAULT_LOCAL_INVERSE_MAX_DIM, inverted_everywhere
 from .factors import packed_numel
 
 
@@ -27,26 +29,44 @@ def allreduce_wire_bytes(payload: int, world_size: int) -> float:
     return 2.0 * (world_size - 1) / world_size * payload
 
 
+def allgather_wire_bytes(payload: int, world_size: int) -> float:
+    return (world_size - 1) / world_size * payload
+
+
 def broadcast_wire_bytes(payload: int, world_size: int) -> float:
     return float(payload) if world_size > 1 else 0.0
 
 
+WIRE_BYTES = {"allreduce": allreduce_wire_bytes, "allgather": allgather_wire_bytes,
+              "broadcast": broadcast_wire_bytes}
+
+
 def every_step_cost(layers: Iterable[Any], world_size: int, *, symmetric: bool = True,
-                    element_bytes: Optional[int] = None) -> Dict[str, float]:
-    """One step with every factor of every layer updated: payload, wire and dense bytes, elements."""
+                    element_bytes: Optional[int] = None,
+                    local_inverse_max_dim: int = DEFAULT_LOCAL_INVERSE_MAX_DIM) -> Dict[str, float]:
+    """One step with every factor of every layer updated: payload, wire and dense bytes, elements.
+
+    Every factor is allreduced; the inverses of the layers that are not inverted on every rank travel
+    in the step's inverse allgather.
+    """
     cost = {"every_step_payload_bytes": 0, "every_step_wire_bytes": 0.0, "every_step_dense_payload_bytes": 0,
             "every_step_elements": 0}
     for layer in layers:
         element = element_bytes or torch.finfo(layer.factor_dtype).bits // 8
-        for kind, shape in layer.factor_shapes().items():
+        shapes = layer.factor_shapes()
+        local = inverted_everywhere(shapes, local_inverse_max_dim)
+        for kind, shape in shapes.items():
             cost["every_step_elements"] += math.prod(shape)
             if world_size == 1:
                 continue
             payload = packed_numel(shape, symmetric) * element
-            cost["every_step_payload_bytes"] += 2 * payload  # factor allreduce + inverse broadcast
-            cost["every_step_dense_payload_bytes"] += 2 * math.prod(shape) * element
-            cost["every_step_wire_bytes"] += (allreduce_wire_bytes(payload, world_size)
-                                              + broadcast_wire_bytes(payload, world_size))
+            dense = math.prod(shape) * element
+            messages = 1 if local else 2       # factor allreduce (+ inverse allgather)
+            cost["every_step_payload_bytes"] += messages * payload
+            cost["every_step_dense_payload_bytes"] += messages * dense
+            cost["every_step_wire_bytes"] += allreduce_wire_bytes(payload, world_size)
+            if not local:
+                cost["every_step_wire_bytes"] += allgather_wire_bytes(payload, world_size)
     return cost
 
 
@@ -61,7 +81,7 @@ class TrafficCounter:
     totals: Dict[str, float] = field(default_factory=lambda: defaultdict(float))
 
     def add(self, layer: str, kind: str, op: str, payload: int) -> None:
-        wire = (allreduce_wire_bytes if op == "allreduce" else broadcast_wire_bytes)(payload, self.world_size)
+        wire = WIRE_BYTES[op](payload, self.world_size)
         entry = self.per_layer[layer][kind]
         entry["count"] += 1
         entry["payload_bytes"] += payload
@@ -119,6 +139,9 @@ class LocalCommunicator:
     def broadcast_async(self, tensor: torch.Tensor, root_rank: int, name: str) -> torch.Tensor:
         return tensor
 
+    def allgather_async(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
+        return tensor
+
     def wait(self, handle: Any) -> torch.Tensor:
         return handle
 
@@ -138,6 +161,10 @@ class HorovodCommunicator:
 
     def broadcast_async(self, tensor: torch.Tensor, root_rank: int, name: str) -> Any:
         return self._hvd.broadcast_async_(tensor, root_rank, name=name)
+
+    def allgather_async(self, tensor: torch.Tensor, name: str) -> Any:
+        """Concatenation of every rank's ``tensor`` (first dimensions may differ), in rank order."""
+        return self._hvd.allgather_async(tensor, name=name)
 
     def wait(self, handle: Any) -> torch.Tensor:
         return self._hvd.synchronize(handle)

@@ -26,6 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 FactorKinds = Tuple[str, ...]
+# Cap on the temporaries of one factor contribution (unfolded patches, fp32 copies of bf16 activations):
+# larger batches are processed in chunks of samples.
+DEFAULT_UNFOLD_CHUNK_BYTES = 256 * 2 ** 20
 
 
 class KroneckerLayer(ABC):

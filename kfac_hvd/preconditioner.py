@@ -21,12 +21,12 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from .assignment import Assignment, assign_layers
+from .assignment import DEFAULT_LOCAL_INVERSE_MAX_DIM, Assignment, assign_layers, inverted_everywhere
 from .capture import FactorCapture
 from .comm import TrafficCounter, default_communicator, every_step_cost
 from .factors import (INVERSE_METHODS, all_finite, kl_clip_scale, pack, packed_numel, relative_change, robust_damped_inverses,
                       unpack)
-from .layers import Layer, make_layer
+from .layers import DEFAULT_UNFOLD_CHUNK_BYTES, Layer, make_layer
 from .scheduler import IntervalScheduler
 
 logger = logging.getLogger(__name__)
@@ -45,7 +45,9 @@ class KFAC:
                  factor_decay: Optional[float] = None, kl_clip: Optional[float] = None,
                  pi_damping: bool = True, inverse_method: str = "cholesky", symmetric_comm: bool = True,
                  skip_layers: Sequence[str] = (), include_batchnorm: bool = True,
-                 factor_dtype: Optional[torch.dtype] = None, comm: Any = None) -> None:
+                 factor_dtype: Optional[torch.dtype] = None, accumulation_steps: int = 1,
+                 local_inverse_max_dim: int = DEFAULT_LOCAL_INVERSE_MAX_DIM,
+                 unfold_chunk_bytes: int = DEFAULT_UNFOLD_CHUNK_BYTES, comm: Any = None) -> None:
         if not damping > 0:
             raise ValueError(f"damping must be > 0, got {damping!r}")
         if factor_decay is not None and not 0 <= factor_decay < 1:
@@ -54,6 +56,12 @@ class KFAC:
             raise ValueError(f"kl_clip must be > 0 or None, got {kl_clip!r}")
         if inverse_method not in INVERSE_METHODS:
             raise ValueError(f"inverse_method must be one of {INVERSE_METHODS}, got {inverse_method!r}")
+        if not (isinstance(accumulation_steps, int) and accumulation_steps >= 1):
+            raise ValueError(f"accumulation_steps must be an int >= 1, got {accumulation_steps!r}")
+        if not (isinstance(local_inverse_max_dim, int) and local_inverse_max_dim >= 0):
+            raise ValueError(f"local_inverse_max_dim must be an int >= 0, got {local_inverse_max_dim!r}")
+        if not (isinstance(unfold_chunk_bytes, int) and unfold_chunk_bytes >= 1):
+            raise ValueError(f"unfold_chunk_bytes must be an int >= 1, got {unfold_chunk_bytes!r}")
         if isinstance(skip_layers, str):
             skip_layers = (skip_layers,)
         self.damping = damping
@@ -63,6 +71,9 @@ class KFAC:
         self.inverse_method = inverse_method
         self.symmetric_comm = symmetric_comm
         self.separate_intervals = separate_intervals
+        self.accumulation_steps = accumulation_steps
+        self.local_inverse_max_dim = local_inverse_max_dim
+        self.unfold_chunk_bytes = unfold_chunk_bytes
 
         skip_patterns = [re.compile(pattern) for pattern in skip_layers]
         self.layers: Dict[str, Layer] = {}
@@ -76,7 +87,10 @@ class KFAC:
             raise ValueError("KFAC found no Linear, Conv2d or BatchNorm2d layer to precondition in the model")
 
         self.comm = comm if comm is not None else default_communicator()
-        self.assignment: Assignment = assign_layers(self.inversion_costs(), self.comm.size)
+        self.local_layers = [name for name, layer in self.layers.items()
+                             if inverted_everywhere(layer.factor_shapes(), local_inverse_max_dim)]
+        self._local = set(self.local_layers)
+        self.assignment: Assignment = self.assign(self.comm.size)
         self.scheduler = IntervalScheduler(
             [key for name in self.layers for key in self._keys_of(name)], update_threshold=update_threshold,
             interval_policy=interval_policy, max_interval=max_interval, shrink_multiple=shrink_multiple,
@@ -89,6 +103,7 @@ class KFAC:
         self.inverses: Dict[str, Dict[str, torch.Tensor]] = {name: {} for name in self.layers}
         self._rejected: set = set()  # layers whose factors this step were non-finite
         self.capture = FactorCapture(self.layers)
+        self._times: Dict[str, float] = {}
         self.capture.arm(self._due_kinds(1))
 
     # Introspection ------------------------------------------------------------------------------
@@ -98,6 +113,13 @@ class KFAC:
 
     def inversion_costs(self) -> Dict[str, float]:
         return {name: layer.inversion_cost() for name, layer in self.layers.items()}
+
+    def assign(self, world_size: int) -> Assignment:
+        """Owners of the layers whose inverses travel, for ``world_size`` ranks (layers inverted on every
+        rank, see ``local_inverse_max_dim``, are left out of the balance)."""
+        local = set(self.local_layers)
+        return assign_layers({name: cost for name, cost in self.inversion_costs().items() if name not in local},
+                             world_size)
 
     def mean_interval(self) -> float:
         intervals = self.scheduler.interval.values()
@@ -111,26 +133,58 @@ class KFAC:
         self.capture.remove()
 
     # The training step --------------------------------------------------------------------------
-    def step(self, *, lr: Optional[float] = None) -> Dict[str, Any]:
+    def step(self, *, lr: Optional[float] = None, loss_scale: Any = None) -> Dict[str, Any]:
         """Precondition every registered layer's gradient in place; return this step's record."""
         step = self.steps + 1
         due = self._due_kinds(step)
         seconds = {"factor": self.capture.take_seconds()}
         numerics: Dict[str, str] = {}
         fresh = self._allreduce_factors(due, seconds)
+        if loss_scale is not None:
+            for kinds in fresh.values():
+                for kind in kinds:
+                    if kind != "A":
+                        kinds[kind] = kinds[kind] / loss_scale ** 2
         diffs = self._update_schedule(step, fresh, numerics)
         self._invert_and_broadcast(due, seconds, numerics)
-        scale, finite = self._precondition(lr, seconds)
+        scale = self._precondition(lr, seconds)
         self._count_every_step()
         self.steps = step
         self.capture.arm(self._due_kinds(step + 1))
         for name, event in numerics.items():
             logger.warning("K-FAC step %d, layer '%s': %s", step, name, event)
-        record = self._record(step, due, diffs, seconds, scale)
-        record.update(numerics=numerics, finite_gradients=finite)
+        self._add_times(seconds)
+        record = self._record(step, due, diffs, scale)
+        record.update(numerics=numerics, skipped=False)
         return record
 
-    def _allreduce_factors(self, due: Dict[str, List[str]], seconds: Dict[str, float]) -> Dict[str, Dict[str, torch.Tensor]]:
+    def skip_step(self) -> Dict[str, Any]:
+        """The optimiser skips this step: wait for the factor collectives, keep nothing, advance nothing."""
+        step = self.steps + 1
+        due = self._due_kinds(step)
+        seconds = {"factor": self.capture.take_seconds()}
+        fresh = self._allreduce_factors(due, seconds, count_compute=False)
+        numerics = {name: "non-finite factor dropped, previous inverse kept"
+                    for name, kinds in fresh.items() if not all_finite(*kinds.values())}
+        for name, event in numerics.items():
+            logger.warning("K-FAC step %d, layer '%s': %s", step, name, event)
+        self.capture.arm(due)
+        self._add_times(seconds)
+        record = self._record(step, due, {}, None)
+        record.update(numerics=numerics, skipped=True)
+        return record
+
+    def collect_times(self) -> Dict[str, float]:
+        """Seconds per phase summed over the steps since the last call (then reset)."""
+        times, self._times = self._times, {}
+        return times
+
+    def _add_times(self, seconds: Dict[str, float]) -> None:
+        for phase, value in seconds.items():
+            self._times[phase] = self._times.get(phase, 0.0) + value
+
+    def _allreduce_factors(self, due: Dict[str, List[str]], seconds: Dict[str, float],
+                           count_compute: bool = True) -> Dict[str, Dict[str, torch.Tensor]]:
         handles = []
         for name, kinds in due.items():
             for kind in kinds:
@@ -140,7 +194,8 @@ class KFAC:
                         f"K-FAC layer '{name}' is due on step {self.steps + 1} but captured no {kind} factor: "
                         "run forward and backward in training mode before kfac.step(), or skip the layer")
                 buffer = pack(local, self.symmetric_comm) if self.comm.size > 1 else local
-                self.traffic.add_totals(computed_elements=local.numel())
+                if count_compute:
+                    self.traffic.add_totals(computed_elements=local.numel())
                 if self.comm.size > 1:
                     self.traffic.add(name, kind, "allreduce", buffer.numel() * buffer.element_size())
                     self.traffic.add_totals(dense_payload_bytes=local.numel() * local.element_size())
@@ -204,7 +259,8 @@ class KFAC:
         handles = []
         seconds["inverse"] = 0.0
         for name, kinds in due.items():
-            owner = self.assignment.owner[name]
+            local = name in self._local
+            owner = rank if local else self.assignment.owner[name]
             if owner == rank:
                 start = time.perf_counter()
                 inverses = None
@@ -217,7 +273,7 @@ class KFAC:
                     inverses = {kind: self._held_inverse(name, kind) for kind in kinds}
                 seconds["inverse"] += time.perf_counter() - start
             for kind in kinds:
-                if self.comm.size == 1:
+                if self.comm.size == 1 or local:
                     self.inverses[name][kind] = inverses[kind]
                     continue
                 shape = self.layers[name].factor_shapes()[kind]
@@ -244,7 +300,7 @@ class KFAC:
         eye = torch.eye(shape[-1], dtype=self.layers[name].factor_dtype, device=weight.device)
         return eye.expand(shape).clone()  # no inverse yet: this layer's gradient passes unchanged
 
-    def _precondition(self, lr: Optional[float], seconds: Dict[str, float]) -> tuple:
+    def _precondition(self, lr: Optional[float], seconds: Dict[str, float]) -> Optional[torch.Tensor]:
         start = time.perf_counter()
         gradients: Dict[str, torch.Tensor] = {}
         updates: Dict[str, torch.Tensor] = {}
@@ -253,14 +309,13 @@ class KFAC:
                 continue  # the layer took no part in this step's loss
             gradients[name] = layer.grad_matrix()
             updates[name] = layer.precondition(self.inverses[name])
-        scale = 1.0
+        scale = None
         if self.kl_clip is not None:
             scale = kl_clip_scale(updates, gradients, self.kl_clip, lr)
         for name, update in updates.items():
-            self.layers[name].set_grad_matrix(update * scale if scale != 1.0 else update)
-        finite = all_finite(*gradients.values())
+            self.layers[name].set_grad_matrix(update * scale if scale is not None else update)
         seconds["precondition"] = time.perf_counter() - start
-        return scale, finite
+        return scale
 
     # Schedule helpers ---------------------------------------------------------------------------
     def _keys_of(self, name: str) -> List[str]:
@@ -286,7 +341,7 @@ class KFAC:
         self.traffic.add_totals(**self._every_step_cost)
 
     def _record(self, step: int, due: Dict[str, List[str]], diffs: Dict[str, Dict[str, float]],
-                seconds: Dict[str, float], kl_scale: float) -> Dict[str, Any]:
+                kl_scale: Any) -> Dict[str, Any]:
         layers = {}
         for name in self.layers:
             intervals = [self.scheduler.interval[key] for key in self._keys_of(name)]
@@ -297,7 +352,7 @@ class KFAC:
                 entry[f"diff_{kind}"] = diffs.get(name, {}).get(kind)
             entry["payload_bytes"] = sum(self._step_payload(name, due.get(name, [])))
             layers[name] = entry
-        return {"step": step, "layers": layers, "time": seconds, "kl_scale": kl_scale,
+        return {"step": step, "layers": layers, "kl_scale": kl_scale,
                 "mean_interval": self.mean_interval()}
 
     def _step_payload(self, name: str, kinds: List[str]) -> List[int]:

@@ -279,7 +279,7 @@ def run(cfg, resume_candidates: List[str]) -> int:
             if not skipped:
                 sums += torch.tensor([loss_value * y.numel(), correct, y.numel()], dtype=torch.float64)
             if record is not None:
-                for k, v in record.get("time", {}).items():
+                for k, v in kfac.collect_times().items():
                     kfac_seconds[k] = kfac_seconds.get(k, 0.0) + float(v or 0.0)
                 kfac_events += len(record.get("numerics") or {})
 
