@@ -1,99 +1,219 @@
-"""Factor maths: damping, inverses, the relative change Diff, and triangle packing for transport."""
+"""Factor maths: damping, inverses, the relative change Diff, and triangle packing for transport.
+
+The per-step functions (:func:`factor_statistics`, :func:`invert_all`) work on many layers at once and
+return device tensors or one host read for all of them: a step's host synchronisations do not grow
+with the number of layers.
+"""
 from __future__ import annotations
 
-import functools
 import math
-from typing import Dict, Optional, Tuple
+from collections import OrderedDict
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 INVERSE_METHODS = ("cholesky", "eigen")
+# Statistics :func:`factor_statistics` returns per factor, in this order.
+STATISTICS = ("sum", "change_sq", "previous_sq", "diagonal_mean")
 
 
 def relative_change(current: torch.Tensor, previous: torch.Tensor) -> float:
     """Diff(X, X_pre) = ‖X − X_pre‖_F / ‖X_pre‖_F (eq. 6). For BN's stacked 2×2 blocks, of the stack."""
-    denominator = torch.linalg.vector_norm(previous).item()
-    numerator = torch.linalg.vector_norm(current - previous).item()
-    if denominator == 0.0:
-        return 0.0 if numerator == 0.0 else math.inf
-    return numerator / denominator
+    return diff_from_squares(torch.linalg.vector_norm(current - previous).item() ** 2,
+                             torch.linalg.vector_norm(previous).item() ** 2)
+
+
+def diff_from_squares(change_sq: float, previous_sq: float) -> float:
+    """Diff from ‖X − X_pre‖² and ‖X_pre‖² (0/0 = 0: a factor that stays zero has not changed)."""
+    if previous_sq == 0.0:
+        return 0.0 if change_sq == 0.0 else math.inf
+    return math.sqrt(max(change_sq, 0.0) / previous_sq)
+
+
+def factor_statistics(factors: Sequence[Tuple[torch.Tensor, Tuple[int, ...], bool, Optional[torch.Tensor]]]
+                      ) -> List[List[float]]:
+    """For each (X, shape, packed, X_pre or None), with X the full (batched) matrix or, when ``packed``,
+    its upper triangles as :func:`pack` gives them (X_pre is always full): [Σ X (non-finite iff X holds a
+    NaN or Inf), ‖X − X_pre‖², ‖X_pre‖², mean of X's diagonal (for π)], fetched in one host read.
+
+    On triangles, ‖D‖² = 2 Σ_{i≤j} d_ij² − Σ_i d_ii²: the full matrix is never rebuilt.
+    """
+    if not factors:
+        return []
+    rows = []
+    for current, shape, packed, previous in factors:
+        zero = torch.zeros((), dtype=current.dtype, device=current.device)
+        if packed:
+            diagonal = _triangle_diagonal(shape[-1], current.device)
+            size = shape[-1]
+            triangles = current.view(-1, size * (size + 1) // 2)
+            diagonal_mean = triangles.index_select(-1, diagonal).mean()
+            if previous is None:
+                change_sq = zero
+            else:
+                change = triangles - pack(previous, True).view_as(triangles)
+                change_sq = 2 * change.square().sum() - change.index_select(-1, diagonal).square().sum()
+        else:
+            diagonal_mean = torch.diagonal(current, dim1=-2, dim2=-1).mean()
+            change_sq = zero if previous is None else (current - previous).square().sum()
+        previous_sq = zero if previous is None else torch.linalg.vector_norm(previous).square()
+        rows.append(torch.stack([current.sum(), change_sq, previous_sq, diagonal_mean]).to(torch.float64))
+    return torch.stack(rows).tolist()
+
+
+def _triangle_diagonal(size: int, device: torch.device) -> torch.Tensor:
+    """Positions of the diagonal entries in a packed upper triangle: row i starts at i·n − i(i−1)/2."""
+    rows = torch.arange(size, device=device)
+    return rows * size - rows * (rows - 1) // 2
 
 
 def all_finite(*tensors: torch.Tensor) -> bool:
-    """No NaN or Inf anywhere. One reduction per tensor: a NaN or Inf makes its sum non-finite (a sum that
-    overflows to Inf also counts as non-finite, which is as unusable for K-FAC)."""
-    return all(math.isfinite(tensor.sum().item()) for tensor in tensors)
+    """No NaN or Inf anywhere (one host read for all tensors). A sum that overflows to Inf also counts
+    as non-finite, which is as unusable for K-FAC."""
+    if not tensors:
+        return True
+    sums = torch.stack([tensor.sum().to(torch.float64) for tensor in tensors])
+    return math.isfinite(sums.sum().item())
 
 
-def pi_correction(a_factor: torch.Tensor, g_factor: torch.Tensor) -> float:
-    """π = sqrt((tr A / dim A) / (tr G / dim G)), splitting Tikhonov damping over the two factors."""
-    a_mean = torch.diagonal(a_factor).mean().item()
-    g_mean = torch.diagonal(g_factor).mean().item()
+def pi_from_diagonal_means(a_mean: float, g_mean: float) -> float:
+    """π = sqrt((tr A / dim A) / (tr G / dim G)); 1 when either trace is not positive."""
     if not (a_mean > 0 and g_mean > 0) or not math.isfinite(a_mean / g_mean):
         return 1.0
     return math.sqrt(a_mean / g_mean)
 
 
-def symmetric_inverse(matrix: torch.Tensor, diagonal_shift: float, method: str) -> torch.Tensor:
-    """(M + shift·I)⁻¹ for a symmetric positive semi-definite M (batched over leading dimensions)."""
+def pi_correction(a_factor: torch.Tensor, g_factor: torch.Tensor) -> float:
+    """π = sqrt((tr A / dim A) / (tr G / dim G)), splitting Tikhonov damping over the two factors."""
+    means = torch.stack([torch.diagonal(a_factor).mean(), torch.diagonal(g_factor).mean()]).tolist()
+    return pi_from_diagonal_means(*means)
+
+
+def damping_shifts(kinds: Sequence[str], damping: float, pi: float) -> Dict[str, float]:
+    """Diagonal shift per factor: (A + π√γ I), (G + √γ/π I) — factored Tikhonov damping (Martens &
+    Grosse 2015, §6.3); BatchNorm's 2×2 blocks: F + γ I, the exact damped block."""
+    if "F" in kinds:
+        return {"F": damping}
+    root = math.sqrt(damping)
+    return {"A": pi * root, "G": root / pi}
+
+
+def inverse_attempt(matrix: torch.Tensor, diagonal_shift: float, method: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(M + shift·I)⁻¹ for a symmetric positive semi-definite M (batched over leading dimensions), and a
+    0-d bool tensor on the device that is True when it succeeded. Nothing is read back to the host."""
     if method == "cholesky":
         damped = matrix.clone()
         damped.diagonal(dim1=-2, dim2=-1).add_(diagonal_shift)
-        return torch.cholesky_inverse(torch.linalg.cholesky(damped))
+        lower, info = torch.linalg.cholesky_ex(damped)
+        inverse = torch.cholesky_inverse(lower)
+        return inverse, (info == 0).all() & torch.isfinite(inverse.sum())
     if method == "eigen":
         eigenvalues, eigenvectors = torch.linalg.eigh(matrix)
         # Clamping removes the small negative eigenvalues rounding leaves in a PSD factor.
         scale = 1.0 / (eigenvalues.clamp(min=0.0) + diagonal_shift)
-        return (eigenvectors * scale.unsqueeze(-2)) @ eigenvectors.transpose(-1, -2)
+        inverse = (eigenvectors * scale.unsqueeze(-2)) @ eigenvectors.transpose(-1, -2)
+        return inverse, torch.isfinite(inverse.sum())
     raise ValueError(f"inverse_method must be one of {INVERSE_METHODS}, got {method!r}")
+
+
+def symmetric_inverse(matrix: torch.Tensor, diagonal_shift: float, method: str) -> torch.Tensor:
+    """(M + shift·I)⁻¹; raises torch.linalg.LinAlgError when the attempt fails."""
+    inverse, ok = inverse_attempt(matrix, diagonal_shift, method)
+    if not bool(ok):
+        raise torch.linalg.LinAlgError(f"{method} inversion failed")
+    return inverse
 
 
 def damped_inverses(factors: Dict[str, torch.Tensor], damping: float, *, pi_damping: bool,
                     method: str) -> Dict[str, torch.Tensor]:
-    """Inverses of one layer's damped factors.
+    """Inverses of one layer's damped factors (see :func:`damping_shifts`)."""
+    pi = pi_correction(factors["A"], factors["G"]) if pi_damping and "A" in factors else 1.0
+    shifts = damping_shifts(list(factors), damping, pi)
+    return {kind: symmetric_inverse(factor, shifts[kind], method) for kind, factor in factors.items()}
 
-    Kronecker layers: (A + π√γ I)⁻¹ and (G + √γ/π I)⁻¹, factored Tikhonov damping (Martens & Grosse
-    2015, §6.3). BatchNorm's per-channel 2×2 blocks: (F_c + γ I)⁻¹, the exact damped block.
+
+def robust_damped_inverses(factors: Dict[str, torch.Tensor], damping: float, *, pi: float, method: str,
+                           retries: int = 3) -> Tuple[Optional[Dict[str, torch.Tensor]], str]:
+    """The fallback when a layer's first inversion failed; returns (inverses or None, what happened).
+
+    Retries with damping ×10 up to ``retries`` times, then by eigendecomposition with clamped
+    eigenvalues at the original damping; (None, "inversion failed") when all of that fails, which tells
+    the caller to keep the inverse it already holds. Each attempt reads one flag back from the device:
+    this path runs only for layers whose inversion failed.
     """
-    if "F" in factors:
-        return {"F": symmetric_inverse(factors["F"], damping, method)}
-    pi = pi_correction(factors["A"], factors["G"]) if pi_damping else 1.0
-    root = math.sqrt(damping)
-    return {"A": symmetric_inverse(factors["A"], pi * root, method),
-            "G": symmetric_inverse(factors["G"], root / pi, method)}
-
-
-def robust_damped_inverses(factors: Dict[str, torch.Tensor], damping: float, *, pi_damping: bool, method: str,
-                           retries: int = 3) -> Tuple[Optional[Dict[str, torch.Tensor]], Optional[str]]:
-    """:func:`damped_inverses` that survives bad factors; returns (inverses or None, what happened).
-
-    Non-finite factors give (None, "non-finite factor"). A failed or non-finite inverse is retried with
-    damping ×10 up to ``retries`` times, then by eigendecomposition with clamped eigenvalues at the
-    original damping; (None, "inversion failed") when all of that fails. ``None`` tells the caller to
-    keep the inverse it already holds.
-    """
-    if not all_finite(*factors.values()):
-        return None, "non-finite factor"
-    attempts = [(damping * 10 ** i, method) for i in range(retries + 1)]
+    attempts = [(damping * 10 ** i, method) for i in range(1, retries + 1)]
     if method != "eigen":
         attempts.append((damping, "eigen"))
-    for number, (attempt_damping, attempt_method) in enumerate(attempts):
+    for attempt_damping, attempt_method in attempts:
+        shifts = damping_shifts(list(factors), attempt_damping, pi)
         try:
-            inverses = damped_inverses(factors, attempt_damping, pi_damping=pi_damping, method=attempt_method)
+            results = {kind: inverse_attempt(factor, shifts[kind], attempt_method) for kind, factor in factors.items()}
         except (RuntimeError, torch.linalg.LinAlgError):
             continue
-        if all_finite(*inverses.values()):
-            event = None if number == 0 else f"inverted with {attempt_method}, damping {attempt_damping:g}"
-            return inverses, event
+        if bool(torch.stack([ok for _, ok in results.values()]).all()):
+            return ({kind: inverse for kind, (inverse, _) in results.items()},
+                    f"inverted with {attempt_method}, damping {attempt_damping:g}")
     return None, "inversion failed"
 
 
-@functools.lru_cache(maxsize=None)
-def triangle_flat_indices(size: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Flat positions of the upper triangle (row-major) and of its mirror; cached, since building them
-    for a 4608-wide factor costs more than packing it."""
-    rows, cols = torch.triu_indices(size, size, device=device).unbind(0)
-    return rows * size + cols, cols * size + rows
+def invert_all(jobs: Dict[str, Dict[str, torch.Tensor]], shifts: Dict[str, Dict[str, float]],
+               method: str) -> Tuple[Dict[str, Dict[str, torch.Tensor]], List[str]]:
+    """First attempt at inverting every (layer → {kind: factor}) in ``jobs`` with its ``shifts``; one
+    host read for all of them. Returns the inverses of the layers that succeeded and the names of the
+    layers that failed (for :func:`robust_damped_inverses`)."""
+    attempts: Dict[str, Dict[str, Tuple[torch.Tensor, torch.Tensor]]] = {}
+    failed: List[str] = []
+    for name, factors in jobs.items():
+        try:
+            attempts[name] = {kind: inverse_attempt(factor, shifts[name][kind], method)
+                              for kind, factor in factors.items()}
+        except (RuntimeError, torch.linalg.LinAlgError):  # eigh can raise where cholesky_ex reports
+            failed.append(name)
+    if not attempts:
+        return {}, failed
+    flags = torch.stack([torch.stack([ok for _, ok in kinds.values()]).all() for kinds in attempts.values()])
+    inverses = {}
+    for (name, kinds), ok in zip(attempts.items(), flags.tolist()):
+        if ok:
+            inverses[name] = {kind: inverse for kind, (inverse, _) in kinds.items()}
+        else:
+            failed.append(name)
+    return inverses, failed
+
+
+# Triangle packing ---------------------------------------------------------------------------------
+class TriangleIndices:
+    """Flat row-major positions of the upper triangle of an n×n matrix, kept as int32 per (n, device).
+
+    Building them for a 4608-wide factor costs more than packing it, so they are kept; the least
+    recently used sizes are dropped once the kept indices exceed ``budget_bytes``.
+    """
+
+    def __init__(self, budget_bytes: int = 128 * 2 ** 20) -> None:
+        self.budget_bytes = budget_bytes
+        self._kept: "OrderedDict[Tuple[int, str], torch.Tensor]" = OrderedDict()
+
+    def get(self, size: int, device: torch.device) -> torch.Tensor:
+        key = (size, str(device))
+        if key in self._kept:
+            self._kept.move_to_end(key)
+            return self._kept[key]
+        rows, cols = torch.triu_indices(size, size, device=device).unbind(0)
+        upper = (rows * size + cols).to(torch.int32)
+        self._kept[key] = upper
+        while self.nbytes() > self.budget_bytes and len(self._kept) > 1:
+            self._kept.popitem(last=False)
+        return upper
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._kept.values())
+
+    def clear(self) -> None:
+        self._kept.clear()
+
+
+TRIANGLES = TriangleIndices()
+_UNPACK_CHUNK = 1 << 22   # index entries widened to int64 at a time when unpacking
 
 
 def pack(matrix: torch.Tensor, symmetric: bool) -> torch.Tensor:
@@ -101,21 +221,28 @@ def pack(matrix: torch.Tensor, symmetric: bool) -> torch.Tensor:
     if not symmetric:
         return matrix.contiguous().reshape(-1)
     size = matrix.shape[-1]
-    upper, _ = triangle_flat_indices(size, matrix.device)
+    upper = TRIANGLES.get(size, matrix.device)
     return matrix.reshape(*matrix.shape[:-2], size * size).index_select(-1, upper).reshape(-1)
 
 
-def unpack(flat: torch.Tensor, shape: Tuple[int, ...], symmetric: bool) -> torch.Tensor:
-    """Inverse of :func:`pack`; exact (the lower triangle is a copy of the upper one)."""
+def unpack(flat: torch.Tensor, shape: Tuple[int, ...], symmetric: bool,
+           out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Inverse of :func:`pack`, exact (the lower triangle is a copy of the upper one); into ``out`` (of
+    ``shape``, contiguous) when given."""
     if not symmetric:
-        return flat.reshape(shape)
+        return flat.reshape(shape) if out is None else out.copy_(flat.reshape(shape))
     size = shape[-1]
-    upper, mirror = triangle_flat_indices(size, flat.device)
-    values = flat.reshape(*shape[:-2], upper.numel())
-    out = flat.new_empty(*shape[:-2], size * size)
-    out.index_copy_(-1, mirror, values)
-    out.index_copy_(-1, upper, values)
-    return out.reshape(shape)
+    upper = TRIANGLES.get(size, flat.device)
+    values = flat.reshape(-1, upper.numel())
+    target = flat.new_empty(shape) if out is None else out
+    matrix = target.view(-1, size * size)
+    for start in range(0, upper.numel(), _UNPACK_CHUNK):
+        positions = upper[start:start + _UNPACK_CHUNK].long()
+        mirror = (positions % size) * size + torch.div(positions, size, rounding_mode="floor")
+        chunk = values[:, start:start + _UNPACK_CHUNK]
+        matrix.index_copy_(-1, mirror, chunk)
+        matrix.index_copy_(-1, positions, chunk)
+    return target
 
 
 def packed_numel(shape: Tuple[int, ...], symmetric: bool) -> int:

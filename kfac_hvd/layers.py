@@ -3,8 +3,9 @@
 Nothing here knows about ranks, schedules or damping: a layer turns a forward input into a factor
 contribution, a backward output-gradient into another, and reads/writes its gradient as a matrix.
 
-Conventions (per-sample quantities for a loss that is the mean over the local batch of size N, so the
-per-sample output gradient is δ = N · grad_output):
+Conventions (per-sample quantities for a loss that is the mean over the step's N samples — one
+batch, or the micro-batches of one step with gradient accumulation — so the per-sample output gradient
+is δ = N · grad_output):
 
 * Linear: A = mean_n a aᵀ (a with a trailing 1 when there is a bias), G = mean_n δ δᵀ.
 * Conv2d (KFC, Grosse & Martens 2016): a = unfolded patch (im2col) at each of the S output positions,
@@ -15,11 +16,14 @@ per-sample output gradient is δ = N · grad_output):
   preconditioned gradient identical. A 1×1 conv on 1×1 inputs (S = 1) is exactly the Linear case.
 * BatchNorm2d: unit-wise Fisher, one 2×2 block per channel over (γ, β) built from per-sample gradients
   g_γ = Σ_hw δ·x̂, g_β = Σ_hw δ: F_c = mean_n g gᵀ.
+
+A layer returns *sums* over its samples (and the count); N is known only when the step's last
+micro-batch has passed, so the capture turns sums into factors: A = Σ/N, G = F = N²·Σ/N.
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Optional, Tuple
+from typing import Iterator, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +33,14 @@ FactorKinds = Tuple[str, ...]
 # Cap on the temporaries of one factor contribution (unfolded patches, fp32 copies of bf16 activations):
 # larger batches are processed in chunks of samples.
 DEFAULT_UNFOLD_CHUNK_BYTES = 256 * 2 ** 20
+
+
+def sample_chunks(tensor: torch.Tensor, bytes_per_sample: int, chunk_bytes: int) -> Iterator[torch.Tensor]:
+    """Consecutive slices of ``tensor`` along the sample dimension whose temporaries stay under
+    ``chunk_bytes`` (at least one sample each)."""
+    per_chunk = max(1, chunk_bytes // max(1, bytes_per_sample))
+    for start in range(0, tensor.shape[0], per_chunk):
+        yield tensor[start:start + per_chunk]
 
 
 class KroneckerLayer(ABC):
@@ -61,27 +73,50 @@ class KroneckerLayer(ABC):
     # Factors ------------------------------------------------------------------------------------
     @abstractmethod
     def _input_rows(self, inputs: torch.Tensor) -> torch.Tensor:
-        """(rows, a_dim) activations; rows = samples × positions."""
+        """(rows, a_dim without bias) activations; rows = samples × positions."""
 
     @abstractmethod
     def _output_rows(self, grad_output: torch.Tensor) -> torch.Tensor:
         """(rows, g_dim) output gradients, rows ordered like ``_input_rows``."""
 
-    def a_contribution(self, inputs: torch.Tensor) -> Tuple[torch.Tensor, int]:
-        """Sum over this batch's samples of their A terms, and the number of samples."""
-        rows = self._input_rows(inputs.detach().to(self.factor_dtype))
-        if self.has_bias:
-            rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
-        samples = inputs.shape[0]
-        positions = rows.shape[0] // samples
-        # mean over positions of aaᵀ, summed over samples
-        return rows.t() @ rows / positions, samples
+    def _input_row_bytes(self, inputs: torch.Tensor) -> int:
+        """Bytes of the temporaries one sample of ``inputs`` costs in :meth:`a_contribution`."""
+        return 2 * inputs[0].numel() * _element_bytes(self.factor_dtype)
 
-    def g_contribution(self, grad_output: torch.Tensor) -> Tuple[torch.Tensor, int]:
+    def a_contribution(self, inputs: torch.Tensor, *,
+                       chunk_bytes: int = DEFAULT_UNFOLD_CHUNK_BYTES) -> Tuple[torch.Tensor, int]:
+        """Sum over this batch's samples of their A terms (mean over positions of aaᵀ), and the number
+        of samples. Computed in ``factor_dtype`` chunk by chunk; the bias column of ones is added
+        analytically instead of being concatenated to every row."""
+        samples = inputs.shape[0]
+        width = self.a_dim - int(self.has_bias)
+        total = torch.zeros(self.a_dim, self.a_dim, dtype=self.factor_dtype, device=inputs.device)
+        weights_block = total[:width, :width]
+        rows_seen = 0
+        for chunk in sample_chunks(inputs, self._input_row_bytes(inputs), chunk_bytes):
+            rows = self._input_rows(chunk.to(self.factor_dtype))
+            weights_block.addmm_(rows.t(), rows)
+            if self.has_bias:
+                column = rows.sum(dim=0)
+                total[:width, width] += column
+                total[width, :width] += column
+            rows_seen += rows.shape[0]
+        if self.has_bias:
+            total[width, width] = rows_seen
+        positions = rows_seen // samples
+        return total.div_(positions), samples
+
+    def g_contribution(self, grad_output: torch.Tensor, *,
+                       chunk_bytes: int = DEFAULT_UNFOLD_CHUNK_BYTES) -> Tuple[torch.Tensor, int]:
+        """Sum over samples of Σ_positions ggᵀ with g = grad_output, and the number of samples. With
+        δ = N·g this is Σ δδᵀ / N²: the capture multiplies by the step's N² (see module docstring)."""
         samples = grad_output.shape[0]
-        rows = self._output_rows(grad_output.detach().to(self.factor_dtype)) * samples
-        # sum over positions of δδᵀ, summed over samples
-        return rows.t() @ rows, samples
+        total = torch.zeros(self.g_dim, self.g_dim, dtype=self.factor_dtype, device=grad_output.device)
+        per_sample = 2 * grad_output[0].numel() * _element_bytes(self.factor_dtype)
+        for chunk in sample_chunks(grad_output, per_sample, chunk_bytes):
+            rows = self._output_rows(chunk.to(self.factor_dtype))
+            total.addmm_(rows.t(), rows)
+        return total, samples
 
     # Gradients ----------------------------------------------------------------------------------
     def grad_matrix(self) -> torch.Tensor:
@@ -111,13 +146,34 @@ class LinearLayer(KroneckerLayer):
 
 
 class Conv2dLayer(KroneckerLayer):
+    @property
+    def _pointwise(self) -> bool:
+        """A 1×1 convolution without padding reads one pixel per output position: no unfold needed."""
+        conv = self.module
+        return tuple(conv.kernel_size) == (1, 1) and tuple(conv.padding) == (0, 0)
+
+    def _input_row_bytes(self, inputs: torch.Tensor) -> int:
+        if self._pointwise:
+            return super()._input_row_bytes(inputs)
+        conv = self.module
+        height, width = inputs.shape[-2:]
+        out_h = (height + 2 * conv.padding[0] - conv.dilation[0] * (conv.kernel_size[0] - 1) - 1) // conv.stride[0] + 1
+        out_w = (width + 2 * conv.padding[1] - conv.dilation[1] * (conv.kernel_size[1] - 1) - 1) // conv.stride[1] + 1
+        patches = (self.a_dim - int(self.has_bias)) * out_h * out_w
+        # the cast input, the unfolded patches and their row-major copy
+        return (inputs[0].numel() + 2 * patches) * _element_bytes(self.factor_dtype)
+
     def _input_rows(self, inputs: torch.Tensor) -> torch.Tensor:
         conv = self.module
+        if self._pointwise:
+            picked = inputs[:, :, ::conv.stride[0], ::conv.stride[1]]
+            return picked.permute(0, 2, 3, 1).reshape(-1, inputs.shape[1])
         patches = F.unfold(inputs, conv.kernel_size, dilation=conv.dilation, padding=conv.padding,
                            stride=conv.stride)  # (N, C·kh·kw, S), channel-major like weight.view(out, -1)
         return patches.transpose(1, 2).reshape(-1, patches.shape[1])
 
     def _output_rows(self, grad_output: torch.Tensor) -> torch.Tensor:
+        # A view, not a copy, when the gradient is channels_last.
         return grad_output.permute(0, 2, 3, 1).reshape(-1, grad_output.shape[1])
 
 
@@ -141,22 +197,37 @@ class BatchNormLayer:
     def inversion_cost(self) -> float:
         return 8.0 * self.channels
 
-    def normalised_input(self, inputs: torch.Tensor) -> torch.Tensor:
+    def _statistics(self, inputs: torch.Tensor, chunk_bytes: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Mean and biased variance per channel: the batch's in training mode (two passes, chunked,
+        in ``factor_dtype``), else the running statistics."""
         bn = self.module
-        x = inputs.detach().to(self.factor_dtype)
-        if bn.training or bn.running_mean is None:
-            mean = x.mean(dim=(0, 2, 3))
-            var = x.var(dim=(0, 2, 3), unbiased=False)
-        else:
-            mean, var = bn.running_mean.to(x.dtype), bn.running_var.to(x.dtype)
-        return (x - mean[None, :, None, None]) * torch.rsqrt(var + bn.eps)[None, :, None, None]
+        if not (bn.training or bn.running_mean is None):
+            return bn.running_mean.to(self.factor_dtype), bn.running_var.to(self.factor_dtype)
+        per_sample = inputs[0].numel() * _element_bytes(self.factor_dtype)
+        count = inputs.numel() // inputs.shape[1]
+        mean = sum(chunk.to(self.factor_dtype).sum(dim=(0, 2, 3))
+                   for chunk in sample_chunks(inputs, per_sample, chunk_bytes)) / count
+        centred = mean[None, :, None, None]
+        var = sum((chunk.to(self.factor_dtype) - centred).square().sum(dim=(0, 2, 3))
+                  for chunk in sample_chunks(inputs, per_sample, chunk_bytes)) / count
+        return mean, var
 
-    def f_contribution(self, inputs: torch.Tensor, grad_output: torch.Tensor) -> Tuple[torch.Tensor, int]:
+    def f_contribution(self, inputs: torch.Tensor, grad_output: torch.Tensor, *,
+                       chunk_bytes: int = DEFAULT_UNFOLD_CHUNK_BYTES) -> Tuple[torch.Tensor, int]:
+        """Σ_n g_n g_nᵀ per channel with g_n = (Σ_hw g·x̂, Σ_hw g) from g = grad_output (the capture
+        multiplies by the step's N², as for G), and the number of samples."""
         samples = grad_output.shape[0]
-        delta = grad_output.detach().to(self.factor_dtype) * samples
-        x_hat = self.normalised_input(inputs)
-        per_sample = torch.stack([(delta * x_hat).sum(dim=(2, 3)), delta.sum(dim=(2, 3))], dim=2)  # (N, C, 2)
-        return torch.einsum("nci,ncj->cij", per_sample, per_sample), samples
+        mean, var = self._statistics(inputs, chunk_bytes)
+        mean, rstd = mean[None, :, None, None], torch.rsqrt(var + self.module.eps)[None, :, None, None]
+        total = torch.zeros(self.channels, 2, 2, dtype=self.factor_dtype, device=grad_output.device)
+        per_sample = 3 * inputs[0].numel() * _element_bytes(self.factor_dtype)
+        for x, g in zip(sample_chunks(inputs, per_sample, chunk_bytes),
+                        sample_chunks(grad_output, per_sample, chunk_bytes)):
+            delta = g.to(self.factor_dtype)
+            x_hat = (x.to(self.factor_dtype) - mean) * rstd
+            per_sample_grads = torch.stack([(delta * x_hat).sum(dim=(2, 3)), delta.sum(dim=(2, 3))], dim=2)
+            total += torch.einsum("nci,ncj->cij", per_sample_grads, per_sample_grads)
+        return total, samples
 
     def grad_matrix(self) -> torch.Tensor:
         bn = self.module
@@ -168,6 +239,10 @@ class BatchNormLayer:
 
     def precondition(self, inverses: dict) -> torch.Tensor:
         return torch.einsum("cij,cj->ci", inverses["F"], self.grad_matrix())
+
+
+def _element_bytes(dtype: torch.dtype) -> int:
+    return torch.finfo(dtype).bits // 8
 
 
 Layer = KroneckerLayer | BatchNormLayer

@@ -1,13 +1,17 @@
 """K-FAC preconditioner for data-parallel training over Horovod.
 
-One training step, as :meth:`KFAC.step` runs it:
+One training step, as it happens:
 
-    hooks capture (forward/backward, armed layers only)
-      → factor allreduce          (async, named kfac.A.<layer>, kfac.G.<layer>, kfac.F.<layer>)
-      → schedule update           (Algorithm 1 on the averaged factors; rank 0's decision broadcast)
-      → owner inverts             (layers partitioned over ranks by inversion cost)
-      → inverse broadcast         (async, named kfac.A_inv.<layer>, ...)
-      → precondition every layer  (with the newest inverse each rank holds)
+    hooks capture              (forward/backward, armed layers only; autocast off, fp32/fp64)
+      → factor allreduce       (started from the hooks as each factor is final, so it overlaps the
+                                backward pass; kfac.A.<layer>, kfac.G.<layer>, kfac.F.<layer>)
+    KFAC.step():
+      → wait for the factors   (one host read: finiteness, Diff and π of every due factor)
+      → schedule update        (Algorithm 1 on the averaged factors; rank 0's decision is kept)
+      → owner inverts          (layers partitioned over ranks by inversion cost; small layers and
+                                BatchNorm inverted on every rank; one host read for all inversions)
+      → inverse allgather      (one collective, kfac.inverses, carrying rank 0's intervals too)
+      → precondition every layer, on the device
 and the caller's optimiser step follows.
 """
 from __future__ import annotations
@@ -15,8 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -24,19 +27,24 @@ from torch import nn
 from .assignment import DEFAULT_LOCAL_INVERSE_MAX_DIM, Assignment, assign_layers, inverted_everywhere
 from .capture import FactorCapture
 from .comm import TrafficCounter, default_communicator, every_step_cost
-from .factors import (INVERSE_METHODS, all_finite, kl_clip_scale, pack, packed_numel, relative_change, robust_damped_inverses,
-                      unpack)
+from .exchange import Arrived, FactorExchange, allgather_inverses
+from .factors import (INVERSE_METHODS, TRIANGLES, damping_shifts, diff_from_squares, factor_statistics, invert_all,
+                      kl_clip_scale, packed_numel, pi_from_diagonal_means, robust_damped_inverses, unpack)
 from .layers import DEFAULT_UNFOLD_CHUNK_BYTES, Layer, make_layer
 from .scheduler import IntervalScheduler
+from .state import load_kfac_state, save_kfac_state
+from .timing import PhaseTimer
 
 logger = logging.getLogger(__name__)
+NON_FINITE = "non-finite factor dropped, previous inverse kept"
 
 
 class KFAC:
     """Replaces each registered layer's ``.grad`` by its K-FAC preconditioned gradient on ``step()``.
 
     Call ``step`` after the gradients are averaged over ranks (``optimizer.synchronize()``) and before
-    the optimiser's own step. All options are keyword-only; see the README for each one.
+    the optimiser's own step; call ``skip_step`` instead when the optimiser skips the step. All options
+    are keyword-only; see the README for each one.
     """
 
     def __init__(self, model: nn.Module, *, damping: float = 1e-3, update_threshold: Optional[float] = None,
@@ -48,20 +56,9 @@ class KFAC:
                  factor_dtype: Optional[torch.dtype] = None, accumulation_steps: int = 1,
                  local_inverse_max_dim: int = DEFAULT_LOCAL_INVERSE_MAX_DIM,
                  unfold_chunk_bytes: int = DEFAULT_UNFOLD_CHUNK_BYTES, comm: Any = None) -> None:
-        if not damping > 0:
-            raise ValueError(f"damping must be > 0, got {damping!r}")
-        if factor_decay is not None and not 0 <= factor_decay < 1:
-            raise ValueError(f"factor_decay must be in [0, 1) or None, got {factor_decay!r}")
-        if kl_clip is not None and not kl_clip > 0:
-            raise ValueError(f"kl_clip must be > 0 or None, got {kl_clip!r}")
-        if inverse_method not in INVERSE_METHODS:
-            raise ValueError(f"inverse_method must be one of {INVERSE_METHODS}, got {inverse_method!r}")
-        if not (isinstance(accumulation_steps, int) and accumulation_steps >= 1):
-            raise ValueError(f"accumulation_steps must be an int >= 1, got {accumulation_steps!r}")
-        if not (isinstance(local_inverse_max_dim, int) and local_inverse_max_dim >= 0):
-            raise ValueError(f"local_inverse_max_dim must be an int >= 0, got {local_inverse_max_dim!r}")
-        if not (isinstance(unfold_chunk_bytes, int) and unfold_chunk_bytes >= 1):
-            raise ValueError(f"unfold_chunk_bytes must be an int >= 1, got {unfold_chunk_bytes!r}")
+        _check_options(damping=damping, factor_decay=factor_decay, kl_clip=kl_clip, inverse_method=inverse_method,
+                       accumulation_steps=accumulation_steps, local_inverse_max_dim=local_inverse_max_dim,
+                       unfold_chunk_bytes=unfold_chunk_bytes)
         if isinstance(skip_layers, str):
             skip_layers = (skip_layers,)
         self.damping = damping
@@ -73,7 +70,6 @@ class KFAC:
         self.separate_intervals = separate_intervals
         self.accumulation_steps = accumulation_steps
         self.local_inverse_max_dim = local_inverse_max_dim
-        self.unfold_chunk_bytes = unfold_chunk_bytes
 
         skip_patterns = [re.compile(pattern) for pattern in skip_layers]
         self.layers: Dict[str, Layer] = {}
@@ -96,15 +92,20 @@ class KFAC:
             interval_policy=interval_policy, max_interval=max_interval, shrink_multiple=shrink_multiple,
             initial_interval=update_interval)
         self.traffic = TrafficCounter(self.comm.size)
-        self._every_step_cost = every_step_cost(self.layers.values(), self.comm.size, symmetric=self.symmetric_comm)
+        self._every_step_cost = every_step_cost(self.layers.values(), self.comm.size, symmetric=symmetric_comm,
+                                                local_inverse_max_dim=local_inverse_max_dim)
+        self._transport_dtype = _promote(layer.factor_dtype for layer in self.layers.values())
         self.steps = 0
         self.factors: Dict[str, Dict[str, torch.Tensor]] = {name: {} for name in self.layers}
         self.previous: Dict[str, Dict[str, torch.Tensor]] = {name: {} for name in self.layers}
         self.inverses: Dict[str, Dict[str, torch.Tensor]] = {name: {} for name in self.layers}
-        self._rejected: set = set()  # layers whose factors this step were non-finite
-        self.capture = FactorCapture(self.layers)
-        self._times: Dict[str, float] = {}
-        self.capture.arm(self._due_kinds(1))
+        self.diagonal_means: Dict[str, Dict[str, float]] = {name: {} for name in self.layers}  # for π
+        self._rejected: set = set()  # layers whose averaged factors were non-finite on this step
+        self.timer = PhaseTimer()
+        self.exchange = FactorExchange(self.comm, self.traffic, symmetric=symmetric_comm)
+        self.capture = FactorCapture(self.layers, on_final=self._factor_final, timer=self.timer,
+                                     accumulation_steps=accumulation_steps, chunk_bytes=unfold_chunk_bytes)
+        self._arm(1)
 
     # Introspection ------------------------------------------------------------------------------
     @property
@@ -117,8 +118,7 @@ class KFAC:
     def assign(self, world_size: int) -> Assignment:
         """Owners of the layers whose inverses travel, for ``world_size`` ranks (layers inverted on every
         rank, see ``local_inverse_max_dim``, are left out of the balance)."""
-        local = set(self.local_layers)
-        return assign_layers({name: cost for name, cost in self.inversion_costs().items() if name not in local},
+        return assign_layers({name: cost for name, cost in self.inversion_costs().items() if name not in self._local},
                              world_size)
 
     def mean_interval(self) -> float:
@@ -129,192 +129,256 @@ class KFAC:
         """Cumulative Fisher traffic of this rank (see :mod:`kfac_hvd.comm` for the wire model)."""
         return {"steps": self.steps, **self.traffic.summary()}
 
+    def collect_times(self) -> Dict[str, float]:
+        """Seconds per phase ("factor", "factor_comm", "schedule", "inverse", "inverse_comm",
+        "precondition") summed over the steps since the last call, then reset. On CUDA the phases are
+        CUDA events and this waits for the last of them: call it when you log, not on every step."""
+        return self.timer.collect()
+
+    def memory_bytes(self) -> Dict[str, int]:
+        """Bytes this rank holds for K-FAC, by category (tensors shared between categories counted once)."""
+        seen: set = set()
+        sizes = {"factors": _bytes(seen, self.factors, self.previous), "inverses": _bytes(seen, self.inverses),
+                 "capture_buffers": self.capture.buffer_bytes(), "communication_buffers": self.exchange.buffer_bytes(),
+                 "caches": TRIANGLES.nbytes()}
+        sizes["total"] = sum(sizes.values())
+        return sizes
+
     def remove_hooks(self) -> None:
         self.capture.remove()
 
     # The training step --------------------------------------------------------------------------
     def step(self, *, lr: Optional[float] = None, loss_scale: Any = None) -> Dict[str, Any]:
-        """Precondition every registered layer's gradient in place; return this step's record."""
+        """Precondition every registered layer's gradient in place; return this step's record.
+
+        ``loss_scale``: the factor by which the backward pass's gradients were multiplied (a GradScaler's
+        scale, a float or a 0-d tensor); the gradient-side factors are divided by its square. The
+        gradients themselves must already be unscaled (``scaler.unscale_(optimizer)``).
+        """
+        if self.kl_clip is not None and lr is None:
+            raise ValueError("kfac.step(lr=...) is required when kl_clip is set")
         step = self.steps + 1
-        due = self._due_kinds(step)
-        seconds = {"factor": self.capture.take_seconds()}
+        due = self._due
+        device = self._device()
         numerics: Dict[str, str] = {}
-        fresh = self._allreduce_factors(due, seconds)
-        if loss_scale is not None:
-            for kinds in fresh.values():
-                for kind in kinds:
-                    if kind != "A":
-                        kinds[kind] = kinds[kind] / loss_scale ** 2
-        diffs = self._update_schedule(step, fresh, numerics)
-        self._invert_and_broadcast(due, seconds, numerics)
-        scale = self._precondition(lr, seconds)
-        self._count_every_step()
+        with self.timer.phase("factor_comm", device):
+            arrived = self._wait_for_factors(count_compute=True)
+        with self.timer.phase("schedule", device):
+            diffs, due_keys = self._adopt_factors(step, arrived, loss_scale, numerics)
+        with self.timer.phase("inverse", device):
+            mine = self._invert(due, numerics)
+        with self.timer.phase("inverse_comm", device):
+            self._share_inverses(due, mine, due_keys)
+        with self.timer.phase("precondition", device):
+            kl_scale = self._precondition(lr)
+        self.traffic.add_totals(**self._every_step_cost)
         self.steps = step
-        self.capture.arm(self._due_kinds(step + 1))
-        for name, event in numerics.items():
-            logger.warning("K-FAC step %d, layer '%s': %s", step, name, event)
-        self._add_times(seconds)
-        record = self._record(step, due, diffs, scale)
-        record.update(numerics=numerics, skipped=False)
-        return record
+        return self._finish(step, due, diffs, numerics, kl_scale, skipped=False)
 
     def skip_step(self) -> Dict[str, Any]:
-        """The optimiser skips this step: wait for the factor collectives, keep nothing, advance nothing."""
+        """The optimiser skips this step on every rank: wait for the factor collectives the hooks started,
+        keep nothing, count nothing as computed, and leave the step counter where it is (the next step
+        captures again). Layers whose averaged factors were non-finite are reported (one host read)."""
         step = self.steps + 1
-        due = self._due_kinds(step)
-        seconds = {"factor": self.capture.take_seconds()}
-        fresh = self._allreduce_factors(due, seconds, count_compute=False)
-        numerics = {name: "non-finite factor dropped, previous inverse kept"
-                    for name, kinds in fresh.items() if not all_finite(*kinds.values())}
+        due = self._due
+        with self.timer.phase("factor_comm", self._device()):
+            arrived = self._wait_for_factors(count_compute=False)
+        entries = [(factor, None) for kinds in arrived.values() for factor in kinds.values()]
+        sums = iter(row[0] for row in self._statistics(entries))
+        numerics = {}
+        for name, kinds in arrived.items():
+            if not all([math.isfinite(next(sums)) for _ in kinds]):
+                numerics[name] = NON_FINITE
+        return self._finish(step, due, {}, numerics, None, skipped=True)
+
+    def _finish(self, step: int, due: Dict[str, List[str]], diffs: Dict[str, Dict[str, float]],
+                numerics: Dict[str, str], kl_scale: Optional[torch.Tensor], *, skipped: bool) -> Dict[str, Any]:
+        started = self.exchange.reset_counts()
+        self._rejected.clear()
+        self._arm(self.steps + 1)
+        self.timer.fold_finished()
         for name, event in numerics.items():
             logger.warning("K-FAC step %d, layer '%s': %s", step, name, event)
-        self.capture.arm(due)
-        self._add_times(seconds)
-        record = self._record(step, due, {}, None)
-        record.update(numerics=numerics, skipped=True)
+        record = self._record(step, due, diffs, kl_scale)
+        record.update(numerics=numerics, skipped=skipped, factor_allreduces_started=started)
         return record
 
-    def collect_times(self) -> Dict[str, float]:
-        """Seconds per phase summed over the steps since the last call (then reset)."""
-        times, self._times = self._times, {}
-        return times
+    def _factor_final(self, name: str, kind: str, factor: torch.Tensor, from_step: bool) -> None:
+        self.exchange.start(name, kind, factor, from_step=from_step)
 
-    def _add_times(self, seconds: Dict[str, float]) -> None:
-        for phase, value in seconds.items():
-            self._times[phase] = self._times.get(phase, 0.0) + value
+    def _wait_for_factors(self, *, count_compute: bool) -> Dict[str, Dict[str, Arrived]]:
+        self.capture.finish()
+        missing = self.capture.missing()
+        if missing:
+            name, kind = missing[0]
+            raise RuntimeError(
+                f"K-FAC layer '{name}' is due on step {self.steps + 1} but captured no {kind} factor: "
+                "run forward and backward in training mode before kfac.step(), or skip the layer")
+        arrived = self.exchange.wait()
+        if count_compute:
+            self.traffic.add_totals(computed_elements=sum(math.prod(factor.shape) for kinds in arrived.values()
+                                                          for factor in kinds.values()))
+        return arrived
 
-    def _allreduce_factors(self, due: Dict[str, List[str]], seconds: Dict[str, float],
-                           count_compute: bool = True) -> Dict[str, Dict[str, torch.Tensor]]:
-        handles = []
-        for name, kinds in due.items():
-            for kind in kinds:
-                local = self.capture.take(name, kind)
-                if local is None:
-                    raise RuntimeError(
-                        f"K-FAC layer '{name}' is due on step {self.steps + 1} but captured no {kind} factor: "
-                        "run forward and backward in training mode before kfac.step(), or skip the layer")
-                buffer = pack(local, self.symmetric_comm) if self.comm.size > 1 else local
-                if count_compute:
-                    self.traffic.add_totals(computed_elements=local.numel())
-                if self.comm.size > 1:
-                    self.traffic.add(name, kind, "allreduce", buffer.numel() * buffer.element_size())
-                    self.traffic.add_totals(dense_payload_bytes=local.numel() * local.element_size())
-                handles.append((name, kind, local.shape,
-                                self.comm.allreduce_async(buffer, name=f"kfac.{kind}.{name}")))
-        start = time.perf_counter()
-        fresh: Dict[str, Dict[str, torch.Tensor]] = {}
-        for name, kind, shape, handle in handles:
-            averaged = self.comm.wait(handle)
-            if self.comm.size > 1:
-                averaged = unpack(averaged, shape, self.symmetric_comm)
-            fresh.setdefault(name, {})[kind] = averaged
-        seconds["factor_comm"] = time.perf_counter() - start
-        return fresh
-
-    def _update_schedule(self, step: int, fresh: Dict[str, Dict[str, torch.Tensor]],
-                         numerics: Dict[str, str]) -> Dict[str, Dict[str, float]]:
-        """Algorithm 1's bookkeeping on the averaged factors; factors and previous factors updated.
+    def _adopt_factors(self, step: int, arrived: Dict[str, Dict[str, Arrived]], loss_scale: Any,
+                       numerics: Dict[str, str]) -> Tuple[Dict[str, Dict[str, float]], List[str]]:
+        """Algorithm 1's bookkeeping on the averaged factors (one host read for all of them).
 
         A non-finite averaged factor (every rank sees the same one) is dropped: the layer keeps its
-        factors, previous factors and interval, and its owner re-sends the inverse it holds.
+        factors and inverses, and its interval is reset to 1 so that it is refreshed on the next step.
+        Returns the diffs and the keys whose intervals rank 0 decided (every rank adopts rank 0's).
         """
+        if loss_scale is not None:
+            for kinds in arrived.values():
+                for kind, factor in kinds.items():
+                    if kind != "A":
+                        factor.values.div_(loss_scale ** 2)
+        order = [(name, kind) for name, kinds in arrived.items() for kind in kinds]
+        statistics = self._statistics([(arrived[name][kind], self.previous[name].get(kind)) for name, kind in order])
+        rows: Dict[str, Dict[str, List[float]]] = {}
+        for (name, kind), row in zip(order, statistics):
+            rows.setdefault(name, {})[kind] = row
         diffs: Dict[str, Dict[str, float]] = {}
-        decided: Dict[str, int] = {}
-        for name, kinds in fresh.items():
-            if not all_finite(*kinds.values()):
-                numerics[name] = "non-finite factor dropped, previous inverse kept"
+        due_keys: List[str] = []
+        for name in (name for name in self.layers if name in rows):
+            kinds = rows[name]
+            keys = [key for key in self._keys_of(name) if set(self._kinds_of_key(name, key)) <= set(kinds)]
+            due_keys += keys
+            if not all(math.isfinite(row[0]) for row in kinds.values()):
+                numerics[name] = NON_FINITE
                 self._rejected.add(name)
+                if self.scheduler.adaptive:
+                    for key in keys:
+                        self.scheduler.set_interval(key, 1)
                 continue
-            for kind, factor in kinds.items():
+            for kind, (_, change_sq, previous_sq, diagonal_mean) in kinds.items():
                 if kind in self.previous[name]:
-                    diffs.setdefault(name, {})[kind] = relative_change(factor, self.previous[name][kind])
-                self.previous[name][kind] = factor
-                if self.factor_decay is not None and kind in self.factors[name]:
-                    running = self.factors[name][kind]
-                    self.factors[name][kind] = self.factor_decay * running + (1 - self.factor_decay) * factor
-                else:
-                    self.factors[name][kind] = factor
-            for key in self._keys_of(name):
-                key_kinds = self._kinds_of_key(name, key)
-                if not set(key_kinds) <= set(kinds):
-                    continue
-                layer_diffs = [diffs[name][kind] for kind in key_kinds if kind in diffs.get(name, {})]
-                decided[key] = self.scheduler.record(key, step, max(layer_diffs) if layer_diffs else None)
-        if self.scheduler.adaptive and self.comm.size > 1 and decided:
-            # Ranks may round the averaged factors differently (MPI allreduce does not promise bitwise
-            # equality), so rank 0's intervals are the ones every rank keeps.
-            keys = sorted(decided)
-            intervals = torch.tensor([decided[key] for key in keys], dtype=torch.int32)
-            intervals = self.comm.wait(self.comm.broadcast_async(intervals, 0, name="kfac.schedule"))
-            self.traffic.add_totals(control_payload_bytes=intervals.numel() * intervals.element_size())
-            for key, interval in zip(keys, intervals.tolist()):
-                self.scheduler.set_interval(key, interval)
-        return diffs
+                    diffs.setdefault(name, {})[kind] = diff_from_squares(change_sq, previous_sq)
+                self._store_factor(name, kind, arrived[name][kind], diagonal_mean)
+            for key in keys:
+                layer_diffs = [diffs[name][kind] for kind in self._kinds_of_key(name, key) if kind in diffs.get(name, {})]
+                self.scheduler.record(key, step, max(layer_diffs) if layer_diffs else None)
+        return diffs, due_keys
 
-    def _invert_and_broadcast(self, due: Dict[str, List[str]], seconds: Dict[str, float],
-                              numerics: Dict[str, str]) -> None:
-        """The owner inverts; when it cannot, it sends the inverse every rank already holds (or the
-        identity before the first success), so all ranks still take the same decision."""
+    def _store_factor(self, name: str, kind: str, arrived: Arrived, diagonal_mean: float) -> None:
+        """The fresh factor becomes X_pre (unpacked in place when the storage exists); with
+        factor_decay the running average follows it."""
+        previous = self.previous[name].get(kind)
+        if arrived.transported:
+            fresh = unpack(arrived.values, arrived.shape, self.symmetric_comm, out=previous)
+        else:
+            fresh = arrived.values
+        self.previous[name][kind] = fresh
+        running = self.factors[name].get(kind)
+        if self.factor_decay is None:
+            self.factors[name][kind] = fresh
+            self.diagonal_means[name][kind] = diagonal_mean
+        elif running is None:
+            self.factors[name][kind] = fresh.clone()   # X_pre is overwritten in place on the next update
+            self.diagonal_means[name][kind] = diagonal_mean
+        else:
+            running.mul_(self.factor_decay).add_(fresh, alpha=1 - self.factor_decay)
+            old = self.diagonal_means[name][kind]
+            self.diagonal_means[name][kind] = self.factor_decay * old + (1 - self.factor_decay) * diagonal_mean
+
+    def _statistics(self, entries: Sequence[Tuple[Arrived, Optional[torch.Tensor]]]) -> List[List[float]]:
+        """:func:`factor_statistics` of arrived factors (packed triangles, flat or full), one host read."""
+        views = []
+        for arrived, previous in entries:
+            triangles = arrived.transported and self.symmetric_comm
+            values = arrived.values if triangles else arrived.values.view(arrived.shape)
+            views.append((values, arrived.shape, triangles, previous))
+        return factor_statistics(views)
+
+    def _invert(self, due: Dict[str, List[str]], numerics: Dict[str, str]) -> Dict[Tuple[str, str], torch.Tensor]:
+        """Invert what this rank inverts: its own due layers and every due local layer (one host read).
+        Returns the inverses it must send; a layer it cannot invert sends the inverse already held."""
         rank = self.comm.rank
-        handles = []
-        seconds["inverse"] = 0.0
+        jobs: Dict[str, Dict[str, torch.Tensor]] = {}
+        shifts: Dict[str, Dict[str, float]] = {}
         for name, kinds in due.items():
-            local = name in self._local
-            owner = rank if local else self.assignment.owner[name]
-            if owner == rank:
-                start = time.perf_counter()
-                inverses = None
-                if name not in self._rejected:
-                    inverses, event = robust_damped_inverses(self.factors[name], self.damping,
-                                                             pi_damping=self.pi_damping, method=self.inverse_method)
-                    if event:
-                        numerics[name] = event + ("" if inverses is not None else ", previous inverse kept")
-                if inverses is None:
-                    inverses = {kind: self._held_inverse(name, kind) for kind in kinds}
-                seconds["inverse"] += time.perf_counter() - start
-            for kind in kinds:
-                if self.comm.size == 1 or local:
-                    self.inverses[name][kind] = inverses[kind]
-                    continue
-                shape = self.layers[name].factor_shapes()[kind]
-                if owner == rank:
-                    buffer = pack(inverses[kind], self.symmetric_comm)
-                else:
-                    buffer = torch.empty(packed_numel(shape, self.symmetric_comm), dtype=self.layers[name].factor_dtype,
-                                         device=self.layers[name].module.weight.device)
-                self.traffic.add(name, f"{kind}_inv", "broadcast", buffer.numel() * buffer.element_size())
-                self.traffic.add_totals(dense_payload_bytes=math.prod(shape) * buffer.element_size())
-                handles.append((name, kind, shape,
-                                self.comm.broadcast_async(buffer, owner, name=f"kfac.{kind}_inv.{name}")))
-        start = time.perf_counter()
-        for name, kind, shape, handle in handles:
-            self.inverses[name][kind] = unpack(self.comm.wait(handle), shape, self.symmetric_comm)
-        seconds["inverse_comm"] = time.perf_counter() - start
-        self._rejected.clear()
+            if name not in self._local and self.assignment.owner[name] != rank:
+                continue
+            if name in self._rejected:
+                continue
+            jobs[name] = {kind: self.factors[name][kind] for kind in kinds}
+            shifts[name] = damping_shifts(kinds, self.damping, self._pi(name))
+        inverses, failed = invert_all(jobs, shifts, self.inverse_method)
+        for name in failed:
+            result, event = robust_damped_inverses(jobs[name], self.damping, pi=self._pi(name),
+                                                   method=self.inverse_method)
+            numerics[name] = event if result is not None else event + ", previous inverse kept"
+            if result is not None:
+                inverses[name] = result
+        mine: Dict[Tuple[str, str], torch.Tensor] = {}
+        for name, kinds in due.items():
+            if name in self._local:
+                self.inverses[name].update(inverses.get(name, {}))
+            elif self.assignment.owner[name] == rank:
+                for kind in kinds:
+                    mine[(name, kind)] = inverses[name][kind] if name in inverses else self._held_inverse(name, kind)
+        return mine
+
+    def _share_inverses(self, due: Dict[str, List[str]], mine: Dict[Tuple[str, str], torch.Tensor],
+                        due_keys: List[str]) -> None:
+        """One allgather: every owner's inverses, and rank 0's intervals for the due keys."""
+        for (name, kind), inverse in mine.items():
+            self.inverses[name][kind] = inverse
+        if self.comm.size == 1:
+            return
+        layout: List[List[Tuple[str, str, Tuple[int, ...]]]] = [[] for _ in range(self.comm.size)]
+        for name, kinds in due.items():
+            if name not in self._local:
+                shapes = self.layers[name].factor_shapes()
+                layout[self.assignment.owner[name]] += [(name, kind, shapes[kind]) for kind in kinds]
+        control_count = len(due_keys) if self.scheduler.adaptive else 0
+        if not any(layout) and not control_count:
+            return
+        control = [float(self.scheduler.interval[key]) for key in due_keys] if self.comm.rank == 0 else None
+        received, intervals = allgather_inverses(
+            self.comm, self.traffic, layout=layout, mine=mine, control=control, control_count=control_count,
+            symmetric=self.symmetric_comm, dtype=self._transport_dtype, device=self._device())
+        for (name, kind), values in received.items():
+            if (name, kind) in mine:
+                continue
+            held = self.inverses[name].get(kind)
+            dtype = self.layers[name].factor_dtype
+            if held is not None and held.dtype == dtype and held.is_contiguous():
+                unpack(values.to(dtype), held.shape, self.symmetric_comm, out=held)
+            else:
+                self.inverses[name][kind] = unpack(values.to(dtype), self.layers[name].factor_shapes()[kind],
+                                                   self.symmetric_comm).clone()
+        # Ranks may round the averaged factors differently (MPI allreduce does not promise bitwise
+        # equality), so rank 0's intervals are the ones every rank keeps.
+        for key, interval in zip(due_keys, intervals):
+            self.scheduler.set_interval(key, int(interval))
 
     def _held_inverse(self, name: str, kind: str) -> torch.Tensor:
         if kind in self.inverses[name]:
             return self.inverses[name][kind]
         shape = self.layers[name].factor_shapes()[kind]
-        weight = self.layers[name].module.weight
-        eye = torch.eye(shape[-1], dtype=self.layers[name].factor_dtype, device=weight.device)
+        eye = torch.eye(shape[-1], dtype=self.layers[name].factor_dtype, device=self._device())
         return eye.expand(shape).clone()  # no inverse yet: this layer's gradient passes unchanged
 
-    def _precondition(self, lr: Optional[float], seconds: Dict[str, float]) -> Optional[torch.Tensor]:
-        start = time.perf_counter()
+    def _pi(self, name: str) -> float:
+        means = self.diagonal_means[name]
+        if not self.pi_damping or "A" not in means or "G" not in means:
+            return 1.0
+        return pi_from_diagonal_means(means["A"], means["G"])
+
+    def _precondition(self, lr: Optional[float]) -> Optional[torch.Tensor]:
         gradients: Dict[str, torch.Tensor] = {}
         updates: Dict[str, torch.Tensor] = {}
         for name, layer in self.layers.items():
-            if layer.module.weight.grad is None:
-                continue  # the layer took no part in this step's loss
+            if layer.module.weight.grad is None or len(self.inverses[name]) < len(layer.factor_kinds):
+                continue  # no part in this step's loss, or never inverted: the plain gradient stays
             gradients[name] = layer.grad_matrix()
             updates[name] = layer.precondition(self.inverses[name])
         scale = None
-        if self.kl_clip is not None:
+        if self.kl_clip is not None and updates:
             scale = kl_clip_scale(updates, gradients, self.kl_clip, lr)
         for name, update in updates.items():
             self.layers[name].set_grad_matrix(update * scale if scale is not None else update)
-        seconds["precondition"] = time.perf_counter() - start
         return scale
 
     # Schedule helpers ---------------------------------------------------------------------------
@@ -335,13 +399,16 @@ class KFAC:
                 due[name] = kinds
         return due
 
-    # Accounting ---------------------------------------------------------------------------------
-    def _count_every_step(self) -> None:
-        """What updating every factor of every layer on this step would have cost."""
-        self.traffic.add_totals(**self._every_step_cost)
+    def _arm(self, step: int) -> None:
+        self._due = self._due_kinds(step)
+        self.capture.arm(self._due)
 
+    def _device(self) -> torch.device:
+        return next(iter(self.layers.values())).module.weight.device
+
+    # Accounting ---------------------------------------------------------------------------------
     def _record(self, step: int, due: Dict[str, List[str]], diffs: Dict[str, Dict[str, float]],
-                kl_scale: Any) -> Dict[str, Any]:
+                kl_scale: Optional[torch.Tensor]) -> Dict[str, Any]:
         layers = {}
         for name in self.layers:
             intervals = [self.scheduler.interval[key] for key in self._keys_of(name)]
@@ -350,59 +417,59 @@ class KFAC:
                 entry["intervals"] = dict(zip(self.layers[name].factor_kinds, intervals))
             for kind in self.layers[name].factor_kinds:
                 entry[f"diff_{kind}"] = diffs.get(name, {}).get(kind)
-            entry["payload_bytes"] = sum(self._step_payload(name, due.get(name, [])))
+            entry["payload_bytes"] = self._step_payload(name, due.get(name, []))
             layers[name] = entry
-        return {"step": step, "layers": layers, "kl_scale": kl_scale,
-                "mean_interval": self.mean_interval()}
+        return {"step": step, "layers": layers, "kl_scale": kl_scale, "mean_interval": self.mean_interval()}
 
-    def _step_payload(self, name: str, kinds: List[str]) -> List[int]:
+    def _step_payload(self, name: str, kinds: List[str]) -> int:
         if self.comm.size == 1:
-            return [0]
+            return 0
         shapes = self.layers[name].factor_shapes()
         element = torch.finfo(self.layers[name].factor_dtype).bits // 8
-        return [2 * packed_numel(shapes[kind], self.symmetric_comm) * element for kind in kinds]
+        messages = 1 if name in self._local else 2      # factor allreduce (+ inverse allgather)
+        return sum(messages * packed_numel(shapes[kind], self.symmetric_comm) * element for kind in kinds)
 
     # State --------------------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
         """Everything needed to continue the schedule exactly: step, intervals, factors, inverses."""
-        def cpu(tensors: Dict[str, Dict[str, torch.Tensor]]) -> Dict[str, Dict[str, torch.Tensor]]:
-            return {name: {kind: t.detach().cpu().clone() for kind, t in kinds.items()}
-                    for name, kinds in tensors.items()}
-
-        # Without a running average the factors are the previous factors: saved once.
-        factors = cpu(self.factors) if self.factor_decay is not None else None
-        return {"steps": self.steps, "scheduler": self.scheduler.state_dict(), "factors": factors,
-                "previous": cpu(self.previous), "inverses": cpu(self.inverses),
-                "traffic": self.traffic.state_dict(), "layer_names": self.layer_names}
+        return save_kfac_state(self)
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        missing = {"steps", "scheduler", "factors", "previous", "inverses", "traffic"} - set(state)
-        if missing:
-            raise ValueError(f"K-FAC state lacks {sorted(missing)}")
-        if list(state.get("layer_names", self.layer_names)) != self.layer_names:
-            raise ValueError("K-FAC state was saved for a model with other layers than this one")
-        state = dict(state)
-        if state["factors"] is None:
-            state["factors"] = state["previous"]
-        unknown = {name for group in ("factors", "previous", "inverses") for name in state[group]} - set(self.layers)
-        if unknown:
-            raise ValueError(f"K-FAC state names layers this model does not have: {sorted(unknown)[:3]}")
-        for group in ("factors", "previous", "inverses"):
-            for name, kinds in state[group].items():
-                for kind, tensor in kinds.items():
-                    expected = self.layers[name].factor_shapes()[kind]
-                    if tuple(tensor.shape) != tuple(expected):
-                        raise ValueError(f"K-FAC state {group}/{name}/{kind} has shape {tuple(tensor.shape)}, "
-                                         f"the model needs {tuple(expected)}")
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.steps = int(state["steps"])
-        for group in ("factors", "previous", "inverses"):
-            target = getattr(self, group)
-            for name, kinds in state[group].items():
-                device = self.layers[name].module.weight.device
-                dtype = self.layers[name].factor_dtype
-                target[name] = {kind: t.to(device=device, dtype=dtype) for kind, t in kinds.items()}
-        if self.factor_decay is None:
-            self.factors = {name: dict(kinds) for name, kinds in self.previous.items()}
-        self.traffic.load_state_dict(state["traffic"])
-        self.capture.arm(self._due_kinds(self.steps + 1))
+        load_kfac_state(self, state)
+        self._arm(self.steps + 1)
+
+
+def _check_options(*, damping: float, factor_decay: Optional[float], kl_clip: Optional[float], inverse_method: str,
+                   accumulation_steps: int, local_inverse_max_dim: int, unfold_chunk_bytes: int) -> None:
+    if not damping > 0:
+        raise ValueError(f"damping must be > 0, got {damping!r}")
+    if factor_decay is not None and not 0 <= factor_decay < 1:
+        raise ValueError(f"factor_decay must be in [0, 1) or None, got {factor_decay!r}")
+    if kl_clip is not None and not kl_clip > 0:
+        raise ValueError(f"kl_clip must be > 0 or None, got {kl_clip!r}")
+    if inverse_method not in INVERSE_METHODS:
+        raise ValueError(f"inverse_method must be one of {INVERSE_METHODS}, got {inverse_method!r}")
+    for option, value, least in (("accumulation_steps", accumulation_steps, 1),
+                                 ("local_inverse_max_dim", local_inverse_max_dim, 0),
+                                 ("unfold_chunk_bytes", unfold_chunk_bytes, 1)):
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= least):
+            raise ValueError(f"{option} must be an int >= {least}, got {value!r}")
+
+
+def _promote(dtypes) -> torch.dtype:
+    result = torch.float32
+    for dtype in dtypes:
+        result = torch.promote_types(result, dtype)
+    return result
+
+
+def _bytes(seen: set, *groups: Dict[str, Dict[str, torch.Tensor]]) -> int:
+    total = 0
+    for group in groups:
+        for kinds in group.values():
+            for tensor in kinds.values():
+                storage = tensor.untyped_storage()
+                if storage.data_ptr() not in seen:
+                    seen.add(storage.data_ptr())
+                    total += storage.nbytes()
+    return total

@@ -1,26 +1,31 @@
-"""Real 2-rank runs under horovodrun --gloo and mpirun: equivalence, agreement, accounting."""
+"""Real multi-rank runs under horovodrun --gloo and mpirun: equivalence, overlap, agreement, accounting."""
 import json
 
 import pytest
 
 from kfac_hvd.timeline import read_collectives
-from multiproc import LAUNCHERS, run
+from multiproc import run
 
 WORKER = "tests/workers/kfac_worker.py"
 
 
-def read_ranks(out):
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+def read_ranks(out, np=2):
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(np)]
 
 
-@pytest.mark.parametrize("launcher", LAUNCHERS)
-def test_two_half_batches_equal_one_whole_batch(launcher, tmp_path):
-    run(launcher, [WORKER, "equivalence", "--out", str(tmp_path), "--steps", "4"])
+@pytest.mark.parametrize("launcher,local_max_dim", [("horovodrun-gloo", 0), ("mpirun", 0), ("horovodrun-gloo", 256)])
+def test_two_half_batches_equal_one_whole_batch(launcher, local_max_dim, tmp_path):
+    """local_max_dim 0: every layer is owned by one rank and its inverses travel in the allgather;
+    256: every layer of this model is inverted on every rank and only factors travel."""
+    run(launcher, [WORKER, "equivalence", "--out", str(tmp_path), "--steps", "4", "--local-max-dim", str(local_max_dim)])
     for result in read_ranks(tmp_path):
         assert result["size"] == 2
         assert result["max_relative_grad_gap"] < 1e-9, result["max_relative_grad_gap"]
         assert result["parameter_gap"] < 1e-9
-        assert sorted(set(result["owners"].values())) == [0, 1]  # both ranks invert something
+        if local_max_dim == 0:
+            assert sorted(set(result["owners"].values())) == [0, 1]  # both ranks invert something
+        else:
+            assert result["owners"] == {}
         assert result["stats"]["payload_bytes"] > 0
 
 
@@ -33,6 +38,21 @@ def test_dense_transport_gives_the_same_result_with_more_bytes(tmp_path):
     assert read_ranks(dense)[0]["max_relative_grad_gap"] < 1e-9
     assert packed_stats["payload_bytes"] < 0.6 * dense_stats["payload_bytes"]
     assert packed_stats["dense_payload_bytes"] == dense_stats["payload_bytes"]
+
+
+def test_factor_allreduces_start_in_the_hooks_and_change_nothing(tmp_path):
+    """Every due factor's allreduce is enqueued by a hook before kfac.step() is called; starting them in
+    kfac.step() instead (a pass short of accumulation_steps) gives bit-identical weights."""
+    hooks, from_step = tmp_path / "hooks", tmp_path / "step"
+    hooks.mkdir(), from_step.mkdir()
+    run("horovodrun-gloo", [WORKER, "equivalence", "--out", str(hooks), "--steps", "3"])
+    run("horovodrun-gloo", [WORKER, "equivalence", "--out", str(from_step), "--steps", "3", "--from-step"])
+    factors_per_step = 6  # A and G of the three layers, every step
+    for result in read_ranks(hooks):
+        assert result["started"] == [{"hooks": factors_per_step, "step": 0}] * 3
+    for result in read_ranks(from_step):
+        assert result["started"] == [{"hooks": 0, "step": factors_per_step}] * 3
+    assert read_ranks(hooks)[0]["parameters"] == read_ranks(from_step)[0]["parameters"]
 
 
 @pytest.mark.parametrize("launcher,policy", [("horovodrun-gloo", "modulo"), ("mpirun", "since_last")])
@@ -50,22 +70,36 @@ def test_ranks_take_identical_schedule_decisions(launcher, policy, tmp_path):
     assert rank0["stats"]["payload_bytes"] == rank1["stats"]["payload_bytes"]
 
 
-def test_counters_agree_with_horovod_timeline(tmp_path):
+@pytest.mark.parametrize("np", [2, 4])
+def test_counters_and_one_inverse_collective_per_step_agree_with_horovod_timeline(np, tmp_path):
+    """Per layer: the factor allreduces the counters report are the ones Horovod ran. Per update step:
+    exactly one inverse collective (allgather.kfac.inverses) and no broadcast. The counters' wire bytes
+    follow the ring model: 2(P−1)/P of each allreduce payload, (P−1)/P of each allgather share."""
     timeline = tmp_path / "timeline.json"
-    run("horovodrun-gloo", [WORKER, "schedule", "--out", str(tmp_path), "--steps", "12"],
+    run("horovodrun-gloo", [WORKER, "schedule", "--out", str(tmp_path), "--steps", "12"], np=np,
         env={"HOROVOD_TIMELINE": str(timeline)})
-    rank0 = read_ranks(tmp_path)[0]
-    stats, owners = rank0["stats"], rank0["owners"]
+    rank0 = read_ranks(tmp_path, np)[0]
+    stats, owners, records = rank0["stats"], rank0["owners"], rank0["records"]
     seen = read_collectives(str(timeline))
-    expected = {}
+    expected, gathered = {}, 0
     for layer, kinds in stats["per_layer"].items():
         for kind, entry in kinds.items():
-            op = "broadcast" if kind.endswith("_inv") else "allreduce"
-            rooted_here = op == "broadcast" and owners[layer] == 0
-            expected[(op, f"kfac.{kind}.{layer}")] = [entry["count"], 0 if rooted_here else entry["payload_bytes"]]
-    schedule = seen.pop(("broadcast", "kfac.schedule"))
+            if kind.endswith("_inv"):
+                assert entry["count"] == sum(r["layers"][layer]["due"] for r in records)
+                gathered += entry["payload_bytes"]
+            else:
+                expected[("allreduce", f"kfac.{kind}.{layer}")] = [entry["count"], entry["payload_bytes"]]
+    inverses = seen.pop(("allgather", "kfac.inverses"))
     assert seen == expected
-    assert schedule[0] == sum(1 for r in rank0["records"] if any(e["due"] for e in r["layers"].values()))
-    assert any(owner == 1 for owner in owners.values()) and any(owner == 0 for owner in owners.values())
+    update_steps = sum(1 for r in records if any(e["due"] for e in r["layers"].values()))
+    assert inverses[0] == update_steps
+    # Horovod records the gathered size: every owner's inverses and the intervals rank 0 appends.
+    assert inverses[1] == gathered + stats["control_payload_bytes"]
+    assert not any(op == "broadcast" for op, _ in seen)
+    # Three layers whose inverses travel: with 4 ranks one rank owns none and sends an empty part.
+    assert set(owners.values()) == set(range(min(np, 3)))
+    ring = sum(entry["payload_bytes"] * (2 if not kind.endswith("_inv") else 1) * (np - 1) / np
+               for kinds in stats["per_layer"].values() for kind, entry in kinds.items())
+    assert stats["wire_bytes"] == pytest.approx(ring, rel=1e-12)
     assert sum(entry["payload_bytes"] for kinds in stats["per_layer"].values() for entry in kinds.values()) \
         == stats["payload_bytes"]

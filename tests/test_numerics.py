@@ -18,8 +18,8 @@ def inject(layer, kind, make):
     attribute = {"A": "a_contribution", "G": "g_contribution"}[kind]
     original = getattr(layer, attribute)
 
-    def faulty(tensor):
-        total, samples = original(tensor)
+    def faulty(tensor, **kwargs):
+        total, samples = original(tensor, **kwargs)
         setattr(layer, attribute, original)
         return make(total), samples
 
@@ -66,7 +66,7 @@ def test_inversion_that_fails_every_way_keeps_the_previous_inverse(monkeypatch):
     def broken(*args, **kwargs):
         raise torch.linalg.LinAlgError("injected")
 
-    monkeypatch.setattr(torch.linalg, "cholesky", broken)
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", broken)
     monkeypatch.setattr(torch.linalg, "eigh", broken)
     record = step_once(model, kfac, data[1])
     assert record["numerics"]["6"] == "inversion failed, previous inverse kept"

@@ -1,5 +1,6 @@
 """KFAC in one process: registration, options, the not-due path, state, accounting."""
 import copy
+import math
 
 import pytest
 import torch
@@ -70,8 +71,8 @@ def test_layers_not_due_do_no_factor_work_and_keep_their_inverse():
     for layer in kfac.layers.values():
         if hasattr(layer, "a_contribution"):
             original_a, original_g = layer.a_contribution, layer.g_contribution
-            layer.a_contribution = lambda x, f=original_a: (calls.__setitem__("A", calls["A"] + 1), f(x))[1]
-            layer.g_contribution = lambda g, f=original_g: (calls.__setitem__("G", calls["G"] + 1), f(g))[1]
+            layer.a_contribution = lambda x, f=original_a, **kw: (calls.__setitem__("A", calls["A"] + 1), f(x, **kw))[1]
+            layer.g_contribution = lambda g, f=original_g, **kw: (calls.__setitem__("G", calls["G"] + 1), f(g, **kw))[1]
     data = batches(6)
     records, _ = train(model, kfac, data[:2])
     assert [r["step"] for r in records] == [1, 2]
@@ -158,22 +159,31 @@ def test_separate_intervals_track_a_and_g_on_their_own():
 
 
 def test_kl_clip_scales_the_update_and_needs_lr():
+    """ν = min(1, sqrt(c / (lr² Σ⟨ΔW, ∇W⟩))) over every preconditioned parameter, computed here from the
+    raw gradients and the unclipped preconditioned ones."""
     torch.manual_seed(3)
-    data = batches(1)
-    plain_model = small_cnn()
-    clipped_model = copy.deepcopy(plain_model)
+    x, y = batches(1)[0]
+    lr = 0.5
+    original = small_cnn()
+    plain_model = copy.deepcopy(original)
     plain = kfac_hvd.KFAC(plain_model)
-    clipped = kfac_hvd.KFAC(clipped_model, kl_clip=1e-9)
-    for model, kfac in ((plain_model, plain), (clipped_model, clipped)):
-        nn.functional.cross_entropy(model(data[0][0]), data[0][1]).backward()
-    with pytest.raises(ValueError):
-        clipped.step()
-    clipped_model.zero_grad()
-    nn.functional.cross_entropy(clipped_model(data[0][0]), data[0][1]).backward()
-    record = clipped.step(lr=1.0)
-    plain.step(lr=1.0)
-    assert 0 < record["kl_scale"] < 1
-    torch.testing.assert_close(clipped_model[6].weight.grad, plain_model[6].weight.grad * record["kl_scale"])
+    nn.functional.cross_entropy(plain_model(x), y).backward()
+    raw = [p.grad.clone() for p in plain_model.parameters()]
+    plain.step(lr=lr)
+    inner = sum(float((p.grad * g).sum()) for p, g in zip(plain_model.parameters(), raw))
+    assert inner > 0
+    for target, kl_clip in ((0.5, 0.25 * lr ** 2 * inner), (1.0, 4 * lr ** 2 * inner)):
+        clipped_model = copy.deepcopy(original)
+        clipped = kfac_hvd.KFAC(clipped_model, kl_clip=kl_clip)
+        nn.functional.cross_entropy(clipped_model(x), y).backward()
+        with pytest.raises(ValueError, match="lr"):
+            clipped.step()                       # refused before anything is consumed
+        record = clipped.step(lr=lr)
+        expected = min(1.0, math.sqrt(kl_clip / (lr ** 2 * inner)))
+        assert expected == pytest.approx(target)
+        assert float(record["kl_scale"]) == pytest.approx(expected, rel=1e-5)
+        for p, q in zip(clipped_model.parameters(), plain_model.parameters()):
+            torch.testing.assert_close(p.grad, q.grad * expected)
 
 
 def test_compute_accounting_counts_only_due_factors():

@@ -41,21 +41,23 @@ def equivalence(args):
     torch.manual_seed(0)
     model = small_cnn().double()
     reference_model = copy.deepcopy(model)
-    options = dict(damping=1e-3, symmetric_comm=args.symmetric)
-    kfac = kfac_hvd.KFAC(model, **options)
+    options = dict(damping=1e-3, symmetric_comm=args.symmetric, local_inverse_max_dim=args.local_max_dim)
+    # --from-step: factors of one pass with accumulation_steps=2 are started by kfac.step(), not the hooks.
+    kfac = kfac_hvd.KFAC(model, accumulation_steps=2 if args.from_step else 1, **options)
     reference = kfac_hvd.KFAC(reference_model, comm=LocalCommunicator(), **options)
     optimizer = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
                                          named_parameters=model.named_parameters())
     reference_optimizer = torch.optim.SGD(reference_model.parameters(), lr=0.1, momentum=0.9)
     half = args.batch // hvd.size()
     worst = 0.0
+    started = []
     for x, y in batches(args.steps, args.batch):
         x = x.double()
         local = slice(hvd.rank() * half, (hvd.rank() + 1) * half)
         optimizer.zero_grad()
         nn.functional.cross_entropy(model(x[local]), y[local]).backward()
         optimizer.synchronize()
-        kfac.step()
+        started.append(kfac.step()["factor_allreduces_started"])
         reference_optimizer.zero_grad()
         nn.functional.cross_entropy(reference_model(x), y).backward()
         reference.step()
@@ -66,13 +68,15 @@ def equivalence(args):
         reference_optimizer.step()
     parameter_gap = max((p - q).abs().max().item() for p, q in zip(model.parameters(), reference_model.parameters()))
     return {"max_relative_grad_gap": worst, "parameter_gap": parameter_gap, "owners": kfac.assignment.owner,
-            "load": kfac.assignment.load, "stats": kfac.comm_stats()}
+            "load": kfac.assignment.load, "stats": kfac.comm_stats(), "started": started,
+            "parameters": [p.tolist() for p in model.parameters()]}
 
 
 def schedule(args):
     torch.manual_seed(0)
     model = nn.Sequential(small_cnn()[:4], nn.BatchNorm2d(6), nn.Flatten(), nn.Linear(6 * 3 * 3, 5))
-    kfac = kfac_hvd.KFAC(model, damping=1e-2, update_threshold=args.threshold, interval_policy=args.policy)
+    kfac = kfac_hvd.KFAC(model, damping=1e-2, update_threshold=args.threshold, interval_policy=args.policy,
+                         local_inverse_max_dim=args.local_max_dim)
     optimizer = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
                                          named_parameters=model.named_parameters())
     records = []
@@ -99,6 +103,8 @@ def main():
     parser.add_argument("--threshold", type=float, default=0.25)
     parser.add_argument("--policy", default="modulo")
     parser.add_argument("--no-symmetric", dest="symmetric", action="store_false")
+    parser.add_argument("--local-max-dim", type=int, default=0, help="KFAC local_inverse_max_dim")
+    parser.add_argument("--from-step", action="store_true", help="start the factor allreduces in kfac.step()")
     args = parser.parse_args()
     torch.set_num_threads(1)
     init()
