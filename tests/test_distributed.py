@@ -68,6 +68,12 @@ def test_ranks_take_identical_schedule_decisions(launcher, policy, tmp_path):
     assert max(intervals) > 1, "λ = 0.25 should have grown some interval in 30 steps"
     assert rank0["stats"]["ratio"] < 1
     assert rank0["stats"]["payload_bytes"] == rank1["stats"]["payload_bytes"]
+    # Host reads in kfac.step(): factor statistics, inversion flags (owners), rank 0's intervals.
+    for result in (rank0, rank1):
+        for record in result["records"]:
+            due = any(entry["due"] for entry in record["layers"].values())
+            assert record["host_syncs"] <= 3 if due else record["host_syncs"] == 0, record["step"]
+    assert max(r["host_syncs"] for r in rank1["records"]) == 3
 
 
 @pytest.mark.parametrize("np", [2, 4])

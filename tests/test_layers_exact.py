@@ -43,17 +43,44 @@ def test_linear_matches_exact_natural_gradient():
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-8)
 
 
-def test_linear_without_pi_and_with_eigen_agree_at_tiny_damping():
+@pytest.mark.parametrize("options", [{}, {"pi_damping": False}, {"inverse_method": "eigen"},
+                                     {"inverse_method": "eigen", "pi_damping": False}])
+def test_linear_damped_update_matches_direct_inverses(options):
+    """At γ = 1e-2 the damping matters: ΔW = (G + √γ/π I)⁻¹ ∇W (A + π√γ I)⁻¹ with
+    π = sqrt((tr A/dim A)/(tr G/dim G)), or π = 1 without pi_damping; A, G and ∇W computed here."""
     torch.manual_seed(1)
-    results = []
-    for options in ({}, {"pi_damping": False}, {"inverse_method": "eigen"}):
-        torch.manual_seed(1)
-        model = nn.Linear(4, 3).double()
-        kfac = kfac_hvd.KFAC(model, damping=TINY_DAMPING, **options)
-        one_step(model, kfac, torch.randn(40, 4, dtype=torch.float64), torch.randn(40, 3, dtype=torch.float64))
-        results.append(model.weight.grad.clone())
-    torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-8)
-    torch.testing.assert_close(results[0], results[2], rtol=1e-5, atol=1e-8)
+    damping, n = 1e-2, 40
+    model = nn.Linear(4, 3).double()
+    kfac = kfac_hvd.KFAC(model, damping=damping, **options)
+    x, t = torch.randn(n, 4, dtype=torch.float64), torch.randn(n, 3, dtype=torch.float64)
+    with torch.no_grad():
+        y = model(x)
+    one_step(model, kfac, x, t)
+    a = torch.cat([x, torch.ones(n, 1, dtype=torch.float64)], 1)
+    delta = 2 * (y - t) / 3                           # per-sample gradient of mean_d (y - t)²
+    A, G = a.t() @ a / n, delta.t() @ delta / n
+    grad_matrix = delta.t() @ a / n
+    pi = math.sqrt((A.trace() / 5) / (G.trace() / 3))
+    assert pi != pytest.approx(1.0, abs=0.1)          # with and without π really differ here
+    pi = pi if options.get("pi_damping", True) else 1.0
+    root = math.sqrt(damping)
+    expected = torch.linalg.inv(G + root / pi * torch.eye(3, dtype=torch.float64)) @ grad_matrix \
+        @ torch.linalg.inv(A + pi * root * torch.eye(5, dtype=torch.float64))
+    got = torch.cat([model.weight.grad, model.bias.grad[:, None]], 1)
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_eigen_inverse_clamps_negative_eigenvalues_at_zero():
+    """Eigenvalues −1 and 3 of M: (M + s I)⁻¹ by eigen uses max(λ, 0) + s, i.e. 1/s and 1/(3 + s)."""
+    from kfac_hvd.factors import inverse_attempt
+    rotation = torch.tensor([[0.6, -0.8], [0.8, 0.6]], dtype=torch.float64)
+    matrix = rotation @ torch.diag(torch.tensor([-1.0, 3.0], dtype=torch.float64)) @ rotation.t()
+    inverse, ok = inverse_attempt(matrix, 0.5, "eigen")
+    assert bool(ok)
+    expected = rotation @ torch.diag(torch.tensor([1 / 0.5, 1 / 3.5], dtype=torch.float64)) @ rotation.t()
+    torch.testing.assert_close(inverse, expected)
+    _, cholesky_ok = inverse_attempt(matrix, 0.5, "cholesky")
+    assert not bool(cholesky_ok)                       # indefinite even after the shift
 
 
 def test_conv_1x1_on_1x1_inputs_equals_linear():

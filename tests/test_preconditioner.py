@@ -148,14 +148,24 @@ def test_load_state_dict_rejects_other_model():
 
 
 def test_separate_intervals_track_a_and_g_on_their_own():
+    """One linear layer fed the same inputs every step (A never changes) with new targets every step
+    (G changes): A's interval grows as the rule says, G's stays 1."""
     torch.manual_seed(2)
-    model = small_cnn()
-    kfac = kfac_hvd.KFAC(model, update_threshold=0.25, separate_intervals=True)
-    records, _ = train(model, kfac, batches(10, seed=5))
-    keys = kfac.scheduler.keys
-    assert "0:A" in keys and "0:G" in keys and "1:F" in keys
-    assert "intervals" in records[-1]["layers"]["0"]
-    assert torch.isfinite(model[0].weight).all()
+    model = nn.Linear(6, 4)
+    kfac = kfac_hvd.KFAC(model, update_threshold=0.05, separate_intervals=True)
+    x = torch.randn(32, 6)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    records = []
+    for _ in range(12):
+        optimizer.zero_grad()
+        nn.functional.mse_loss(model(x), torch.randn(32, 4)).backward()
+        records.append(kfac.step())
+        optimizer.step()
+    assert kfac.scheduler.keys == [":A", ":G"]
+    assert [r["layers"][""]["diff_G"] is None or r["layers"][""]["diff_G"] > 0.05 for r in records] == [True] * 12
+    # modulo with every diff of A below λ: A due at 1, 2, 4, 6, 8, 10, 12 and its interval 1, 2, 3, …, 7
+    assert [r["layers"][""]["diff_A"] is not None for r in records] == [s in (2, 4, 6, 8, 10, 12) for s in range(1, 13)]
+    assert records[-1]["layers"][""]["intervals"] == {"A": 7, "G": 1}
 
 
 def test_kl_clip_scales_the_update_and_needs_lr():
@@ -215,3 +225,47 @@ def test_resnet50_assignment_over_128_ranks_uses_107_ranks_at_most():
     assignment = assign_layers(kfac.inversion_costs(), 128)
     assert sum(load > 0 for load in assignment.load) == 107
     assert assignment.imbalance > 1
+
+
+def test_grouped_and_string_padding_convolutions_stay_on_the_plain_gradient():
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.Conv2d(4, 4, 3, padding="same"), nn.Conv2d(4, 2, 1),
+                          nn.Flatten(), nn.Linear(2 * 6 * 6, 3))
+    kfac = kfac_hvd.KFAC(model)
+    assert kfac.layer_names == ["2", "4"]
+    nn.functional.cross_entropy(model(torch.randn(8, 2, 8, 8)), torch.randint(0, 3, (8,))).backward()
+    plain = [p.grad.clone() for p in model.parameters()]
+    kfac.step()
+    for index, (p, g) in enumerate(zip(model.parameters(), plain)):
+        left_alone = index < 4                          # weights and biases of the first two convolutions
+        assert torch.equal(p.grad, g) == left_alone, index
+
+
+def test_remove_hooks_detaches_from_the_model():
+    model = small_cnn()
+    kfac = kfac_hvd.KFAC(model)
+    kfac.remove_hooks()
+    assert not any(module._forward_hooks for module in model.modules())
+    nn.functional.cross_entropy(model(batches(1)[0][0]), batches(1)[0][1]).backward()
+    assert kfac.capture.sums == {} and kfac.exchange.started_from == {"hooks": 0, "step": 0}
+    with pytest.raises(RuntimeError, match="captured no"):
+        kfac.step()
+
+
+def test_factor_decay_is_a_running_average_of_the_fresh_factors():
+    """factor ← d·factor + (1 − d)·fresh, starting from the first fresh factor; X_pre is the fresh one."""
+    torch.manual_seed(6)
+    model = small_cnn().double()
+    kfac = kfac_hvd.KFAC(model, factor_decay=0.25)
+    fresh = []
+    for x, y in batches(3, seed=7):
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x.double()), y).backward()
+        kfac.step()
+        fresh.append({kind: t.clone() for kind, t in kfac.previous["3"].items()})
+    assert not torch.allclose(fresh[0]["A"], fresh[2]["A"])
+    for kind in ("A", "G"):
+        expected = 0.25 * (0.25 * fresh[0][kind] + 0.75 * fresh[1][kind]) + 0.75 * fresh[2][kind]
+        torch.testing.assert_close(kfac.factors["3"][kind], expected)
+    means = {kind: float(torch.diagonal(kfac.factors["3"][kind]).mean()) for kind in ("A", "G")}
+    assert kfac.diagonal_means["3"] == pytest.approx(means)    # π follows the running factors

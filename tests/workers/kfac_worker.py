@@ -17,6 +17,9 @@ import horovod.torch as hvd
 import kfac_hvd
 from kfac_hvd.comm import LocalCommunicator
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from host_syncs import count_host_syncs  # noqa: E402
+
 
 def small_cnn():
     return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 6, 3, stride=2), nn.ReLU(),
@@ -87,7 +90,9 @@ def schedule(args):
         optimizer.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
         optimizer.synchronize()
-        records.append(kfac.step())
+        with count_host_syncs() as syncs:
+            records.append(kfac.step())
+        records[-1]["host_syncs"] = syncs["count"]
         with optimizer.skip_synchronize():
             optimizer.step()
     return {"records": records, "stats": kfac.comm_stats(), "layers": kfac.layer_names,
