@@ -1,12 +1,22 @@
-"""Fisher-traffic model: what K-FAC factor communication costs per rank, at any scale.
+"""Fisher-traffic model: what K-FAC's factor and inverse communication costs per rank, at any scale.
 
     python -m kfac_hvd.commodel --model resnet50 --ranks 128 --batch 16384 --epochs 36
     python -m kfac_hvd.commodel ... --trace runs/x/metrics.jsonl --update-threshold 0.25
+    python -m kfac_hvd.commodel --time [--trace ...] [--markdown docs/results/commodel_time.md]
 
-Per step and layer, a due layer allreduces its factors and its owner broadcasts their inverses (wire
-model in :mod:`kfac_hvd.comm`). Without a trace every layer is due every step (λ = –). With a trace
-recorded by a real (small) run, the trace's per-layer diffs drive Algorithm 1 at the large run's
-scale: see :func:`replay_trace` for the assumptions.
+The communication scheme (wire model in :mod:`kfac_hvd.comm`), per update step and due layer:
+
+* every factor (A, G; BatchNorm: F, a stack of C 2×2 blocks) is allreduced as its upper triangle(s),
+  n(n+1)/2 values per matrix: ring allreduce, 2(P−1)/P · n bytes per rank;
+* layers cheap to invert (every BatchNorm; Kronecker layers whose A and G are both at most
+  ``local_inverse_max_dim`` wide) are inverted on every rank: their inverses never travel;
+* the other layers' inverses (upper triangles) travel in ONE allgather per step, each owner's share
+  packed into one buffer: ring allgather, (P−1)/P · n per rank for the n gathered bytes; rank 0 appends
+  the due layers' new intervals (4 bytes each, control traffic, counted apart from Fisher traffic).
+
+Without a trace every layer is due every step (λ = –). With a trace recorded by a real (small) run, the
+trace's per-layer diffs drive Algorithm 1 at the large run's scale: see :func:`replay_trace`.
+``--time`` adds the step-time model of :mod:`kfac_hvd.timemodel`.
 """
 from __future__ import annotations
 
@@ -14,29 +24,114 @@ import argparse
 import bisect
 import json
 import math
+import shlex
+import sys
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from .comm import allreduce_wire_bytes, broadcast_wire_bytes, every_step_cost
+from .assignment import DEFAULT_LOCAL_INVERSE_MAX_DIM, assign_layers, inverted_everywhere
+from .comm import allgather_wire_bytes, allreduce_wire_bytes, broadcast_wire_bytes
 from .factors import packed_numel
 from .layers import Layer, make_layer
 from .scheduler import IntervalScheduler
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
+CONTROL_BYTES_PER_LAYER = 4   # one int32 interval per due layer, in rank 0's part of the allgather
+PAPER_LAMBDA025_RATIO = 357 / 3000   # Table 1: 357 GB of 3.0 TB at λ = 0.25
 
 
-def layer_wire_bytes(layer: Layer, world_size: int, *, symmetric: bool, element_bytes: int) -> float:
-    return sum(allreduce_wire_bytes(packed_numel(shape, symmetric) * element_bytes, world_size)
-               + broadcast_wire_bytes(packed_numel(shape, symmetric) * element_bytes, world_size)
-               for shape in layer.factor_shapes().values())
+def triangle_payload(layer: Layer, *, symmetric: bool = True, element_bytes: int = 4) -> int:
+    """Bytes of one layer's factors (= of its inverses) as handed to Horovod."""
+    return sum(packed_numel(shape, symmetric) for shape in layer.factor_shapes().values()) * element_bytes
+
+
+def travels(layer: Layer, local_inverse_max_dim: int = DEFAULT_LOCAL_INVERSE_MAX_DIM) -> bool:
+    """Whether the layer's inverses travel in the allgather (else every rank inverts it)."""
+    return not inverted_everywhere(layer.factor_shapes(), local_inverse_max_dim)
+
+
+def layer_wire_bytes(layer: Layer, world_size: int, *, symmetric: bool = True, element_bytes: int = 4,
+                     local_inverse_max_dim: int = DEFAULT_LOCAL_INVERSE_MAX_DIM) -> float:
+    """Wire bytes per rank of one update of ``layer``: factor allreduce (+ its share of the inverse allgather)."""
+    payload = triangle_payload(layer, symmetric=symmetric, element_bytes=element_bytes)
+    wire = allreduce_wire_bytes(payload, world_size)
+    if travels(layer, local_inverse_max_dim):
+        wire += allgather_wire_bytes(payload, world_size)
+    return wire
 
 
 def model_layers(model: nn.Module, *, include_batchnorm: bool = True) -> List[Layer]:
     layers = [make_layer(name, module, include_batchnorm=include_batchnorm, factor_dtype=torch.float32)
               for name, module in model.named_modules()]
     return [layer for layer in layers if layer is not None]
+
+
+def layer_type(layer: Layer) -> str:
+    return "batchnorm" if "F" in layer.factor_shapes() else "kronecker"
+
+
+def every_step_traffic(model: "nn.Module | Iterable[Layer]", world_size: int, steps: int, *, symmetric: bool = True,
+                       element_bytes: int = 4, include_batchnorm: bool = True,
+                       local_inverse_max_dim: int = DEFAULT_LOCAL_INVERSE_MAX_DIM) -> Dict[str, Any]:
+    """Per-rank Fisher traffic of ``steps`` steps that update every layer: a model's K-FAC layers, or
+    the given layers (e.g. ``kfac.layers.values()``, which honours ``skip_layers``)."""
+    layers = model_layers(model, include_batchnorm=include_batchnorm) if isinstance(model, nn.Module) else list(model)
+    factors = sum(triangle_payload(layer, symmetric=symmetric, element_bytes=element_bytes) for layer in layers)
+    moving = [layer for layer in layers if travels(layer, local_inverse_max_dim)]
+    inverses = sum(triangle_payload(layer, symmetric=symmetric, element_bytes=element_bytes) for layer in moving)
+    values = sum(math.prod(shape) for layer in layers for shape in layer.factor_shapes().values())
+    factor_wire = allreduce_wire_bytes(factors, world_size)
+    inverse_wire = allgather_wire_bytes(inverses, world_size) if inverses else 0.0
+    return {"layers": len(layers), "locally_inverted_layers": len(layers) - len(moving),
+            "travelling_layers": len(moving), "local_inverse_max_dim": local_inverse_max_dim,
+            "factor_values": values, "factor_bytes": values * element_bytes,
+            "factor_payload_bytes_per_step": factors, "inverse_payload_bytes_per_step": inverses,
+            "factor_allreduce_tensors_per_step": sum(len(layer.factor_shapes()) for layer in layers),
+            "inverse_allgathers_per_step": 1 if inverses and world_size > 1 else 0,
+            "wire_bytes_per_step": factor_wire + inverse_wire,
+            "factor_allreduce_wire_bytes_per_rank": steps * factor_wire,
+            "inverse_allgather_wire_bytes_per_rank": steps * inverse_wire,
+            "wire_bytes_per_rank": steps * (factor_wire + inverse_wire),
+            "payload_bytes_per_rank": steps * (factors + inverses),
+            "allreduce_only_dense_wire_bytes_per_rank":
+                steps * allreduce_wire_bytes(values * element_bytes, world_size)}
+
+
+def scheme_comparison(layers: Sequence[Layer], world_size: int, *, symmetric: bool = True, element_bytes: int = 4,
+                      local_inverse_max_dim: int = DEFAULT_LOCAL_INVERSE_MAX_DIM) -> Dict[str, Any]:
+    """One update step with every layer due, per rank: the broadcast scheme (one broadcast per inverse from
+    its owner, every layer owned by some rank, + rank 0's schedule broadcast) against the allgather scheme
+    (local inversion of cheap layers + one allgather), and what local inversion alone removes."""
+    def payload(group: Iterable[Layer]) -> int:
+        return sum(triangle_payload(layer, symmetric=symmetric, element_bytes=element_bytes) for layer in group)
+
+    local = [layer for layer in layers if not travels(layer, local_inverse_max_dim)]
+    moving = [layer for layer in layers if travels(layer, local_inverse_max_dim)]
+    owners = assign_layers({layer.name: layer.inversion_cost() for layer in layers}, world_size).owner
+    matrices = lambda group: sum(len(layer.factor_shapes()) for layer in group)  # noqa: E731
+    control = CONTROL_BYTES_PER_LAYER * len(layers)
+    return {
+        "factor_allreduce": {"tensors": matrices(layers), "payload_bytes": payload(layers),
+                             "wire_bytes": allreduce_wire_bytes(payload(layers), world_size)},
+        "broadcast_scheme": {"broadcasts": matrices(layers), "roots": len(set(owners.values())),
+                             "schedule_broadcasts": 1, "payload_bytes": payload(layers),
+                             "wire_bytes": sum(
+                                 broadcast_wire_bytes(packed_numel(shape, symmetric) * element_bytes, world_size)
+                                 for layer in layers for shape in layer.factor_shapes().values()),
+                             "control_payload_bytes": control},
+        "allgather_scheme": {"allgathers": 1, "layers": len(moving), "matrices": matrices(moving),
+                             "payload_bytes": payload(moving),
+                             "wire_bytes": allgather_wire_bytes(payload(moving), world_size),
+                             "control_payload_bytes": control},
+        "local_inversion_removes": {
+            "layers": len(local), "batchnorm_layers": sum(layer_type(layer) == "batchnorm" for layer in local),
+            "kronecker_layers": sum(layer_type(layer) == "kronecker" for layer in local),
+            "matrices": matrices(local), "payload_bytes": payload(local),
+            "allgather_wire_bytes": allgather_wire_bytes(payload(local), world_size),
+            "broadcast_wire_bytes": float(payload(local)) if world_size > 1 else 0.0},
+    }
 
 
 def load_trace(path: str) -> List[Dict[str, Any]]:
@@ -56,10 +151,6 @@ def load_trace(path: str) -> List[Dict[str, Any]]:
     if not records:
         raise ValueError(f"{path}: no K-FAC step records (lines with a 'layers' field)")
     return records
-
-
-def layer_type(layer: Layer) -> str:
-    return "batchnorm" if "F" in layer.factor_shapes() else "kronecker"
 
 
 def map_layers(targets: Dict[str, str], trace: Dict[str, str]) -> Dict[str, str]:
@@ -83,13 +174,17 @@ def map_layers(targets: Dict[str, str], trace: Dict[str, str]) -> Dict[str, str]
 
 def replay_trace(records: Sequence[Dict[str, Any]], layers: Sequence[Layer], steps: int, world_size: int, *,
                  update_threshold: float, interval_policy: str = "modulo", symmetric: bool = True,
-                 element_bytes: int = 4) -> Dict[str, Any]:
+                 element_bytes: int = 4, local_inverse_max_dim: int = DEFAULT_LOCAL_INVERSE_MAX_DIM,
+                 keep_schedule: bool = False) -> Dict[str, Any]:
     """Predict the Fisher traffic of a ``steps``-step run whose layers behave like the trace's.
 
     Assumptions: a layer's Diff depends on the fraction of training done, not on the step count or
     on the gap between its updates (so the trace's diff at the same progress is reused); target layers
     borrow the diffs of the trace layer of the same type at the same relative depth unless the trace
-    has their exact name; every rank holds the same schedule.
+    has their exact name; every rank holds the same schedule. A due layer costs its factor allreduce,
+    plus its share of the inverse allgather unless it is inverted on every rank; each step with a due
+    layer has one allgather, carrying 4 control bytes per due layer (reported apart).
+    ``keep_schedule``: also return ``schedule``, the due layer names of every step (for the time model).
     """
     trace_names = list(records[0]["layers"])
     trace_types = {name: ("batchnorm" if "diff_F" in records[0]["layers"][name] else "kronecker")
@@ -106,44 +201,50 @@ def replay_trace(records: Sequence[Dict[str, Any]], layers: Sequence[Layer], ste
                 timeline[name][1].append(max(diffs))
     scheduler = IntervalScheduler([layer.name for layer in layers], update_threshold=update_threshold,
                                   interval_policy=interval_policy)
-    per_layer_wire = {layer.name: layer_wire_bytes(layer, world_size, symmetric=symmetric,
-                                                   element_bytes=element_bytes) for layer in layers}
-    wire = 0.0
-    updates = 0
+    factor_wire = {layer.name: allreduce_wire_bytes(triangle_payload(layer, symmetric=symmetric,
+                                                                     element_bytes=element_bytes), world_size)
+                   for layer in layers}
+    per_layer_wire = {layer.name: layer_wire_bytes(layer, world_size, symmetric=symmetric, element_bytes=element_bytes,
+                                                   local_inverse_max_dim=local_inverse_max_dim) for layer in layers}
+    wire = factor_part = control = 0.0
+    allgathers = 0
+    updates = dict.fromkeys(per_layer_wire, 0)
+    schedule: List[List[str]] = []
     for step in range(1, steps + 1):
         progress = (step - 1) / max(1, steps - 1)
-        for layer in layers:
-            if not scheduler.is_due(layer.name, step):
-                continue
-            updates += 1
-            wire += per_layer_wire[layer.name]
-            points, values = timeline[mapping[layer.name]]
+        due = [layer.name for layer in layers if scheduler.is_due(layer.name, step)]
+        for name in due:
+            updates[name] += 1
+            wire += per_layer_wire[name]
+            factor_part += factor_wire[name]
+            points, values = timeline[mapping[name]]
             position = bisect.bisect_right(points, progress) - 1
             diff = values[position] if step > 1 and position >= 0 else None
-            scheduler.record(layer.name, step, diff)
+            scheduler.record(name, step, diff)
+        if due and world_size > 1:
+            allgathers += 1
+            control += allgather_wire_bytes(CONTROL_BYTES_PER_LAYER * len(due), world_size)
+        if keep_schedule:
+            schedule.append(due)
     every_step_wire = steps * sum(per_layer_wire.values())
-    return {"wire_bytes_per_rank": wire, "every_step_wire_bytes_per_rank": every_step_wire,
-            "ratio": wire / every_step_wire if every_step_wire else None, "layer_updates": updates,
-            "mean_final_interval": sum(scheduler.interval.values()) / len(layers)}
-
-
-def every_step_traffic(model: nn.Module, world_size: int, steps: int, *, symmetric: bool = True,
-                       element_bytes: int = 4, include_batchnorm: bool = True) -> Dict[str, float]:
-    layers = model_layers(model, include_batchnorm=include_batchnorm)
-    per_step = every_step_cost(layers, world_size, symmetric=symmetric, element_bytes=element_bytes)
-    values = sum(math.prod(shape) for layer in layers for shape in layer.factor_shapes().values())
-    return {"layers": len(layers), "factor_values": values,
-            "factor_bytes": values * element_bytes,
-            "allreduce_only_dense_wire_bytes_per_rank": steps * allreduce_wire_bytes(values * element_bytes, world_size),
-            "wire_bytes_per_rank": steps * per_step["every_step_wire_bytes"],
-            "payload_bytes_per_rank": steps * per_step["every_step_payload_bytes"]}
+    result = {"steps": steps, "wire_bytes_per_rank": wire, "factor_allreduce_wire_bytes_per_rank": factor_part,
+              "inverse_allgather_wire_bytes_per_rank": wire - factor_part, "inverse_allgathers": allgathers,
+              "control_wire_bytes_per_rank": control, "every_step_wire_bytes_per_rank": every_step_wire,
+              "ratio": wire / every_step_wire if every_step_wire else None,
+              "layer_updates": sum(updates.values()), "updates_per_layer": updates,
+              "due_fraction": sum(updates.values()) / (steps * len(layers)) if steps and layers else 0.0,
+              "mean_final_interval": sum(scheduler.interval.values()) / len(layers)}
+    if keep_schedule:
+        result["schedule"] = schedule
+    return result
 
 
 def _build_model(name: str) -> nn.Module:
     import torchvision
 
     try:
-        return getattr(torchvision.models, name)(weights=None)
+        with torch.device("meta"):   # shapes only: no weights are initialised
+            return getattr(torchvision.models, name)(weights=None)
     except AttributeError:
         raise SystemExit(f"commodel: unknown torchvision model '{name}'") from None
 
@@ -155,7 +256,7 @@ def format_bytes(value: float) -> str:
     return f"{value:.0f} B"
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m kfac_hvd.commodel", description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="resnet50", help="torchvision model name (default resnet50)")
     parser.add_argument("--ranks", type=int, default=128)
@@ -166,50 +267,192 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--dtype-bytes", type=int, default=4, help="bytes per factor value (4 = fp32)")
     parser.add_argument("--no-triangle", action="store_true", help="send full matrices, not upper triangles")
     parser.add_argument("--no-batchnorm", action="store_true", help="leave BatchNorm layers out of K-FAC")
+    parser.add_argument("--local-inverse-max-dim", type=int, default=DEFAULT_LOCAL_INVERSE_MAX_DIM,
+                        help="Kronecker layers with both factors at most this wide are inverted on every rank "
+                             f"(default {DEFAULT_LOCAL_INVERSE_MAX_DIM}, the library's); BatchNorm always is")
     parser.add_argument("--trace", help="metrics.jsonl of a recorded run to replay at this scale")
     parser.add_argument("--update-threshold", type=float, default=0.25, help="λ for --trace replay")
     parser.add_argument("--interval-policy", default="modulo", choices=("modulo", "since_last"))
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    time = parser.add_argument_group("step-time model (--time; a model, see kfac_hvd/timemodel.py)")
+    time.add_argument("--time", action="store_true", help="model seconds per step (α-β collectives + FLOP compute)")
+    time.add_argument("--markdown", metavar="PATH", help="with --time: also write the table as markdown to PATH")
+    time.add_argument("--note", default="", help="a paragraph for the --markdown file (e.g. where the trace is from)")
+    time.add_argument("--topology", default="flat", choices=("flat", "hierarchical"))
+    time.add_argument("--gpus-per-node", type=int, default=4)
+    time.add_argument("--nvlink-gbs", type=float, default=50.0, help="GB/s per direction between GPUs of a node")
+    time.add_argument("--node-gbs", type=float, default=25.0, help="GB/s per direction per node (2 × IB EDR)")
+    time.add_argument("--alpha-message-us", type=float, default=50.0, help="µs per collective")
+    time.add_argument("--alpha-inter-us", type=float, default=5.0, help="µs per inter-node ring step")
+    time.add_argument("--alpha-intra-us", type=float, default=2.0, help="µs per intra-node ring step")
+    time.add_argument("--fusion-mib", type=float, default=64.0, help="Horovod fusion buffer, MiB")
+    time.add_argument("--peak-tflops", type=float, default=15.7, help="GPU peak, TFLOP/s (V100 fp32)")
+    time.add_argument("--efficiency", type=float, default=0.6, help="fraction of peak for GEMM-like work")
+    time.add_argument("--inverse-efficiency", type=float, default=0.25, help="fraction of peak for inversions")
+    time.add_argument("--batch-per-gpu", type=int, help="default: batch / ranks")
+    time.add_argument("--image-size", type=int, default=224)
+    time.add_argument("--due-fraction", type=float, default=PAPER_LAMBDA025_RATIO,
+                      help="share of layers due per step without a trace (default 0.119: the paper's λ = 0.25 "
+                           "traffic ratio, 357 GB / 3.0 TB)")
+    return parser
+
+
+def time_model(args: argparse.Namespace, model: nn.Module, schedule: Optional[List[List[str]]]) -> Dict[str, Any]:
+    from . import timemodel as tm
+
+    network = tm.Network(gpus_per_node=args.gpus_per_node, nvlink_bandwidth=args.nvlink_gbs * 1e9,
+                         node_bandwidth=args.node_gbs * 1e9, alpha_message=args.alpha_message_us * 1e-6,
+                         alpha_intra=args.alpha_intra_us * 1e-6, alpha_inter=args.alpha_inter_us * 1e-6,
+                         fusion_bytes=int(args.fusion_mib * 2 ** 20), topology=args.topology)
+    gpu = tm.Gpu(peak_flops=args.peak_tflops * 1e12, efficiency=args.efficiency,
+                 inverse_efficiency=args.inverse_efficiency)
+    setup = tm.Setup(world_size=args.ranks, batch_per_gpu=args.batch_per_gpu or max(1, args.batch // args.ranks),
+                     element_bytes=args.dtype_bytes, symmetric=not args.no_triangle,
+                     local_inverse_max_dim=args.local_inverse_max_dim)
+    step = tm.StepModel(tm.profile_model(model, image_size=args.image_size, include_batchnorm=not args.no_batchnorm),
+                        network, gpu, setup)
+    fraction_label = (f"λ = 0.25, due fraction {args.due_fraction:.3f} (paper's traffic ratio)"
+                      if args.due_fraction == PAPER_LAMBDA025_RATIO else f"due fraction {args.due_fraction:g}")
+    rows = tm.time_rows(step, fractions=[(fraction_label, args.due_fraction)],
+                        schedules=[(f"λ = {args.update_threshold}, replayed trace ({args.interval_policy})", schedule)]
+                        if schedule is not None else [])
+    every = step.profile.layer_names
+    return {"assumptions": tm.assumptions(step), "assumption_lines": tm.describe_assumptions(step), "rows": rows,
+            "every_step_inverse_comm_seconds": {
+                "broadcast_scheme": step.broadcast_scheme_seconds(every, adaptive=True),
+                "allgather_scheme": step.phases(dict.fromkeys(every, 1.0), adaptive=True)["inverse_allgather"]},
+            "table": tm.format_table(rows), "markdown_table": tm.format_table(rows, markdown=True)}
+
+
+def traffic_lines(result: Dict[str, Any], args: argparse.Namespace) -> List[str]:
+    r, steps, s = result, result["steps"], result["scheme"]
+    removed, before, after = s["local_inversion_removes"], s["broadcast_scheme"], s["allgather_scheme"]
+    lines = [
+        f"Fisher traffic per rank (a model): {args.model}, {r['layers']} K-FAC layers, {args.ranks} ranks, "
+        f"batch {args.batch}, {steps} steps",
+        f"  factors: {r['factor_values'] / 1e6:.1f} M values = {format_bytes(r['factor_bytes'])} at "
+        f"{args.dtype_bytes} bytes each; {format_bytes(r['factor_payload_bytes_per_step'])} as "
+        + ("upper triangles" if r["triangle_packing"] else "full matrices"),
+        "  assumptions: every layer due every step; each factor allreduced (ring: 2(P-1)/P of a buffer per rank); "
+        f"BatchNorm and Kronecker layers with both factors <= {args.local_inverse_max_dim} wide inverted on every rank "
+        f"({r['locally_inverted_layers']} layers); the other {r['travelling_layers']} layers' inverses in one "
+        "allgather per step (ring: (P-1)/P of the gathered buffer per rank); interval control bytes not counted",
+        f"  every step, factor allreduce:    {format_bytes(r['factor_allreduce_wire_bytes_per_rank'])}",
+        f"  every step, inverse allgather:   {format_bytes(r['inverse_allgather_wire_bytes_per_rank'])}",
+        f"  every step, total:               {format_bytes(r['wire_bytes_per_rank'])} "
+        f"({format_bytes(r['wire_bytes_per_step'])} per step)",
+        f"  every step, dense factor allreduce only (no inverses, no packing): "
+        f"{format_bytes(r['allreduce_only_dense_wire_bytes_per_rank'])}",
+        "  the paper (Table 1, λ = –): 3.0 TB",
+        "  per update step with every layer due:",
+        f"    factor allreduce: {s['factor_allreduce']['tensors']} tensors (fused by Horovod), "
+        f"{format_bytes(s['factor_allreduce']['wire_bytes'])} on the wire",
+        f"    before: {before['broadcasts']} inverse broadcasts from {before['roots']} roots + "
+        f"{before['schedule_broadcasts']} schedule broadcast, {format_bytes(before['wire_bytes'])} on the wire",
+        f"    now:    {after['allgathers']} allgather of {after['matrices']} inverse matrices "
+        f"({after['layers']} layers) + {after['control_payload_bytes']} control bytes, "
+        f"{format_bytes(after['wire_bytes'])} on the wire",
+        f"    local inversion removes {removed['matrices']} inverse messages ({removed['layers']} layers: "
+        f"{removed['batchnorm_layers']} BatchNorm, {removed['kronecker_layers']} Kronecker), "
+        f"{format_bytes(removed['payload_bytes'])} payload = {format_bytes(removed['allgather_wire_bytes'])} of "
+        f"allgather wire ({format_bytes(removed['broadcast_wire_bytes'])} as broadcasts)",
+    ]
+    if "replay" in r:
+        p = r["replay"]
+        lines.append(f"  replay of {p['trace']} with λ = {p['update_threshold']} ({p['interval_policy']}): "
+                     f"{format_bytes(p['wire_bytes_per_rank'])} = {100 * p['ratio']:.1f}% of every step "
+                     f"(factor allreduce {format_bytes(p['factor_allreduce_wire_bytes_per_rank'])}, inverse allgather "
+                     f"{format_bytes(p['inverse_allgather_wire_bytes_per_rank'])}; {p['inverse_allgathers']} "
+                     f"allgathers, + {format_bytes(p['control_wire_bytes_per_rank'])} control), due fraction "
+                     f"{p['due_fraction']:.3f}, mean final interval {p['mean_final_interval']:.1f}")
+    return lines
+
+
+def time_lines(result: Dict[str, Any]) -> List[str]:
+    t = result["time"]
+    lines = ["Step time per GPU, milliseconds (a MODEL, not a measurement). Assumptions:"]
+    lines += [f"  - {line}" for line in t["assumption_lines"]]
+    return lines + ["", t["table"], ""] + time_summary(result)
+
+
+def time_summary(result: Dict[str, Any]) -> List[str]:
+    """What the table implies: the inverse exchange before and after, throughput, run time, critical path."""
+    t, steps = result["time"], result["steps"]
+    comm = t["every_step_inverse_comm_seconds"]
+    sgd = t["rows"][0]["phases"]
+    images = t["assumptions"]["setup"]["batch_per_gpu"] / (sgd["forward"] + sgd["backward"])
+    lines = [f"inverse communication of one every-step update: {1e3 * comm['broadcast_scheme']:.1f} ms as one "
+             f"broadcast per inverse + schedule broadcast, {1e3 * comm['allgather_scheme']:.1f} ms as one allgather "
+             "with local inversion",
+             f"SGD compute alone: {images:.0f} images/s per GPU (compare with a measured fp32 throughput to "
+             "calibrate --efficiency)"]
+    for row in t["rows"]:
+        path = " -> ".join(f"{k} {1e3 * v:.1f}" for k, v in row["critical_path"].items())
+        lines.append(f"{row['method']}: {steps} steps = {steps * row['overlap'] / 3600:.2f} h with overlap; "
+                     f"critical path (ms): {path}" + ("" if row["allreduce_hidden"] else
+                                                      f"; allreduces exceed the backward window by "
+                                                      f"{1e3 * row['exposed_allreduce']:.1f} ms"))
+    return lines
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
     steps = args.steps or int(args.epochs * args.train_images // args.batch)
     symmetric = not args.no_triangle
     model = _build_model(args.model)
+    layers = model_layers(model, include_batchnorm=not args.no_batchnorm)
+    options = dict(symmetric=symmetric, element_bytes=args.dtype_bytes,
+                   local_inverse_max_dim=args.local_inverse_max_dim)
     result: Dict[str, Any] = {
         "model": args.model, "ranks": args.ranks, "batch": args.batch, "steps": steps,
         "dtype_bytes": args.dtype_bytes, "triangle_packing": symmetric,
-        **every_step_traffic(model, args.ranks, steps, symmetric=symmetric, element_bytes=args.dtype_bytes,
-                             include_batchnorm=not args.no_batchnorm)}
+        **every_step_traffic(layers, args.ranks, steps, **options),
+        "scheme": scheme_comparison(layers, args.ranks, **options)}
+    schedule = None
     if args.trace:
-        layers = model_layers(model, include_batchnorm=not args.no_batchnorm)
         try:
             records = load_trace(args.trace)
         except (OSError, ValueError) as error:
             parser.exit(2, f"commodel: {error}\n")
-        result["replay"] = replay_trace(records, layers, steps, args.ranks,
-                                        update_threshold=args.update_threshold, interval_policy=args.interval_policy,
-                                        symmetric=symmetric, element_bytes=args.dtype_bytes)
-        result["replay"].update(trace=args.trace, update_threshold=args.update_threshold,
-                                interval_policy=args.interval_policy)
+        replay = replay_trace(records, layers, steps, args.ranks, update_threshold=args.update_threshold,
+                              interval_policy=args.interval_policy, keep_schedule=args.time, **options)
+        schedule = replay.pop("schedule", None)
+        result["replay"] = {**replay, "trace": args.trace, "update_threshold": args.update_threshold,
+                            "interval_policy": args.interval_policy}
+    if args.time:
+        result["time"] = time_model(args, model, schedule)
+    text = traffic_lines(result, args) + ([""] + time_lines(result) if args.time else [])
+    if args.markdown and args.time:
+        command = "python -m kfac_hvd.commodel " + " ".join(shlex.quote(a) for a in (argv if argv is not None
+                                                                                      else sys.argv[1:]))
+        with open(args.markdown, "w", encoding="utf-8") as handle:
+            handle.write(markdown(result, command, traffic_lines(result, args) + [""] + time_summary(result),
+                                  args.note))
     if args.json:
+        time = result.get("time", {})
+        for key in ("table", "markdown_table"):
+            time.pop(key, None)
         print(json.dumps(result, indent=1))
         return 0
-    print(f"Fisher traffic per rank: {args.model}, {result['layers']} K-FAC layers, {args.ranks} ranks, "
-          f"batch {args.batch}, {steps} steps")
-    print(f"  factors: {result['factor_values'] / 1e6:.1f} M values = {format_bytes(result['factor_bytes'])} "
-          f"at {args.dtype_bytes} bytes each")
-    print("  assumptions: every factor every step; ring allreduce moves 2(P-1)/P of a buffer per rank; the "
-          "owner's inverse broadcast moves the buffer once per rank; "
-          + ("upper triangles (n(n+1)/2 values)" if symmetric else "full matrices"))
-    print(f"  every step, factor allreduce + inverse broadcast: {format_bytes(result['wire_bytes_per_rank'])}")
-    print(f"  every step, dense factor allreduce only (no broadcast, no packing): "
-          f"{format_bytes(result['allreduce_only_dense_wire_bytes_per_rank'])}")
-    print("  the paper (Table 1, λ = –): 3.0 TB")
-    if args.trace:
-        replay = result["replay"]
-        print(f"  replay of {args.trace} with λ = {args.update_threshold} ({args.interval_policy}): "
-              f"{format_bytes(replay['wire_bytes_per_rank'])} = {100 * replay['ratio']:.1f}% of every step, "
-              f"mean final interval {replay['mean_final_interval']:.1f}")
+    print("\n".join(text))
     return 0
+
+
+def markdown(result: Dict[str, Any], command: str, text: List[str], note: str = "") -> str:
+    t = result["time"]
+    parts = [f"# Step-time model of distributed K-FAC ({result['model']}, {result['ranks']} GPUs)", "",
+             "**A model, not a measurement**: α-β collectives and FLOP-counted compute, every constant stated "
+             "below. Generated by", "", "```bash", command, "```", ""] + ([note, ""] if note else []) + [
+             f"Milliseconds per step per GPU (the run: {result['steps']} steps). *fwd+bwd*, *factor*, *inversion*, "
+             "*precond.*: compute; *grad AR*, "
+             "*factor AR*: allreduces (hidden under the backward pass with overlap, as far as it lasts); *inv. "
+             "allgather*: the one inverse allgather. Rows with a due fraction pay factor, factor-AR, inversion and "
+             "allgather costs for the due layers only (replayed trace: averaged step by step).", "",
+             t["markdown_table"], "", "## Assumptions", ""]
+    parts += [f"- {line}" for line in t["assumption_lines"]]
+    parts += ["", "## Traffic and critical path", "", "```text", *text, "```", ""]
+    return "\n".join(parts)
 
 
 if __name__ == "__main__":

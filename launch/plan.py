@@ -71,13 +71,15 @@ def make_plan(cfg) -> Dict[str, Any]:
             kind = _kind(modules[name]) if name in modules else "other"
             kinds[kind] = kinds.get(kind, 0) + 1
         costs = kfac.inversion_costs()
-        assignment = kfac_hvd.assign_layers(costs, world)
+        local = list(kfac.local_layers)
+        # Only the layers whose inverses travel are partitioned; every rank inverts the local ones.
+        assignment = kfac.assign(world)
         load = [float(x) for x in assignment.load]
         per_rank_layers = [0] * world
         for owner in assignment.owner.values():
             per_rank_layers[owner] += 1
-        traffic = commodel.every_step_traffic(model, world, total, symmetric=cfg.kfac.symmetric_comm,
-                                              include_batchnorm=cfg.kfac.include_batchnorm)
+        traffic = commodel.every_step_traffic(kfac.layers.values(), world, total, symmetric=cfg.kfac.symmetric_comm,
+                                              local_inverse_max_dim=kfac.local_inverse_max_dim)
         plan["kfac"] = {
             "layers": len(names),
             "layer_kinds": kinds,
@@ -85,6 +87,10 @@ def make_plan(cfg) -> Dict[str, Any]:
             "update_interval": cfg.kfac.update_interval,
             "interval_policy": cfg.kfac.interval_policy,
             "damping": cfg.kfac.damping,
+            "local_inverse_max_dim": kfac.local_inverse_max_dim,
+            "locally_inverted_layers": len(local),
+            "local_inversion_load": float(sum(costs[name] for name in local)),
+            "assigned_layers": len(assignment.owner),
             "inversion_load_per_rank": load,
             "layers_per_rank": per_rank_layers,
             "ranks_without_layers": sum(1 for c in per_rank_layers if c == 0),
@@ -126,6 +132,11 @@ def format_plan(plan: Dict[str, Any]) -> str:
         row("damping", k["damping"])
         load = k["inversion_load_per_rank"]
         mean = sum(load) / len(load) if load else 0.0
+        row("inverted on every rank", f"{k['locally_inverted_layers']} layers (BatchNorm, and Kronecker layers with "
+                                      f"both factors <= {k['local_inverse_max_dim']} wide), load "
+                                      f"{k['local_inversion_load']:.3g} per rank; their inverses never travel")
+        row("inverted by an owner", f"{k['assigned_layers']} layers, partitioned over {len(load)} ranks by "
+                                    "dim(A)^3 + dim(G)^3")
         row("inversion load", f"max {max(load):.3g}, mean {mean:.3g}, imbalance (max/mean) "
                               f"{k['imbalance']:.3f}; ranks without layers: {k['ranks_without_layers']}")
         ranks = list(enumerate(zip(k["layers_per_rank"], load)))
@@ -142,7 +153,9 @@ def format_plan(plan: Dict[str, Any]) -> str:
         if wire is not None:
             row("every-step Fisher", f"{_human(wire)} per rank over {plan['steps']} steps "
                                      f"({_human(wire / max(plan['steps'], 1))} per step; factor "
-                                     f"allreduce + inverse broadcast, wire model)")
+                                     f"allreduce + one inverse allgather, wire model)")
+            row("", f"factor allreduce {_human(t['factor_allreduce_wire_bytes_per_rank'])}, inverse allgather "
+                    f"{_human(t['inverse_allgather_wire_bytes_per_rank'])} ({t['travelling_layers']} layers' inverses)")
             dense = t.get("allreduce_only_dense_wire_bytes_per_rank")
             if dense is not None:
                 row("", f"{_human(dense)} as a dense fp32 factor allreduce alone")
