@@ -9,6 +9,10 @@ pass, so that its allreduce overlaps the rest of the backward pass.
 
 Factors are computed in the layer's factor dtype (fp32 or fp64) with autocast off, whatever precision
 the model runs in.
+
+With ``split_halves`` every pass's samples are summed in two halves (the same products, split): the
+factor is their combination and the gap between the halves' means estimates the factor's sampling noise
+(:func:`kfac_hvd.factors.split_half_noise`), handed over with it.
 """
 from __future__ import annotations
 
@@ -19,24 +23,27 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from .factors import split_half_noise
 from .layers import BatchNormLayer, Layer
 from .timing import PhaseTimer
 
 Key = Tuple[str, str]
-OnFinal = Callable[[str, str, torch.Tensor, bool], None]
+Part = Tuple[torch.Tensor, int]          # a sum over samples, and their number
+OnFinal = Callable[[str, str, torch.Tensor, Optional[torch.Tensor], bool], None]
 
 
 class FactorCapture:
     def __init__(self, layers: Dict[str, Layer], *, on_final: OnFinal, timer: PhaseTimer,
-                 accumulation_steps: int = 1, chunk_bytes: int) -> None:
+                 accumulation_steps: int = 1, chunk_bytes: int, split_halves: bool = False) -> None:
         self.layers = layers
         self.on_final = on_final
         self.timer = timer
         self.accumulation_steps = accumulation_steps
         self.chunk_bytes = chunk_bytes
+        self.split_halves = split_halves
         self.armed: Dict[str, frozenset] = {name: frozenset() for name in layers}
-        self.sums: Dict[Key, torch.Tensor] = {}
-        self.samples: Dict[Key, int] = {}
+        self.sums: Dict[Key, List[torch.Tensor]] = {}
+        self.samples: Dict[Key, List[int]] = {}
         self.passes: Dict[Key, int] = {}
         self.handed_over: Set[Key] = set()
         self._handles: List[RemovableHandle] = []
@@ -62,7 +69,7 @@ class FactorCapture:
                 if (name, kind) not in self.handed_over and (name, kind) not in self.sums]
 
     def buffer_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.sums.values())
+        return sum(t.numel() * t.element_size() for parts in self.sums.values() for t in parts)
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -70,8 +77,7 @@ class FactorCapture:
         self._handles.clear()
 
     # Hooks --------------------------------------------------------------------------------------
-    def _accumulate(self, name: str, kind: str, contribution: Tuple[torch.Tensor, int]) -> None:
-        total, samples = contribution
+    def _accumulate(self, name: str, kind: str, parts: List[Part]) -> None:
         key = (name, kind)
         if key in self.handed_over:
             raise RuntimeError(
@@ -79,22 +85,54 @@ class FactorCapture:
                 f"its {kind} factor before kfac.step(); set accumulation_steps to the number of micro-batches "
                 "per optimiser step")
         if key in self.sums:
-            self.sums[key] += total
-            self.samples[key] += samples
+            for held, (total, _) in zip(self.sums[key], parts):
+                held += total
+            self.samples[key] = [held + samples for held, (_, samples) in zip(self.samples[key], parts)]
             self.passes[key] += 1
         else:
-            self.sums[key], self.samples[key], self.passes[key] = total, samples, 1
+            self.sums[key] = [total for total, _ in parts]
+            self.samples[key] = [samples for _, samples in parts]
+            self.passes[key] = 1
         if self.passes[key] == self.accumulation_steps:
             self._hand_over(key)
 
     def _hand_over(self, key: Key, from_step: bool = False) -> None:
-        total = self.sums.pop(key)
-        samples = self.samples.pop(key)
+        totals, counts = self.sums.pop(key), self.samples.pop(key)
         del self.passes[key]
         self.handed_over.add(key)
-        # Gradient-side sums hold grad_output², and δ = N · grad_output (see kfac_hvd.layers).
+        samples = sum(counts)
+        # Gradient-side sums hold grad_output², and δ = N · grad_output (see kfac_hvd.layers): a part's
+        # mean is (1/n_part)·Σ for A and (N²/n_part)·Σ for G and F.
+        scale = (lambda part: 1.0 / part) if key[1] == "A" else (lambda part: samples ** 2 / part)
+        noise = None
+        if len(totals) == 2:
+            first, second = counts
+            noise = split_half_noise(totals[0] * scale(first) if first else totals[0], first,
+                                     totals[1] * scale(second) if second else totals[1], second)
+        total = totals[0] if len(totals) == 1 else totals[0].add_(totals[1])
         factor = total.div_(samples) if key[1] == "A" else total.mul_(samples)
-        self.on_final(key[0], key[1], factor, from_step)
+        self.on_final(key[0], key[1], factor, noise, from_step)
+
+    def _parts(self, batch: int) -> List[slice]:
+        if not self.split_halves:
+            return [slice(None)]
+        half = batch // 2
+        return [slice(0, half), slice(half, batch)]
+
+    def _a_parts(self, layer: Layer, x: torch.Tensor) -> List[Part]:
+        return [layer.a_contribution(x[part], chunk_bytes=self.chunk_bytes) if _size(x, part) else _empty(layer, "A", x)
+                for part in self._parts(x.shape[0])]
+
+    def _g_parts(self, layer: Layer, grad_output: torch.Tensor, inputs: Optional[torch.Tensor]) -> List[Part]:
+        parts = self._parts(grad_output.shape[0])
+        if isinstance(layer, BatchNormLayer):
+            # x̂ uses the statistics of the whole batch, as BatchNorm itself did.
+            statistics = layer.statistics(inputs, self.chunk_bytes) if len(parts) > 1 else None
+            return [layer.f_contribution(inputs[part], grad_output[part], chunk_bytes=self.chunk_bytes,
+                                         statistics=statistics) if _size(grad_output, part) else
+                    _empty(layer, "F", grad_output) for part in parts]
+        return [layer.g_contribution(grad_output[part], chunk_bytes=self.chunk_bytes) if _size(grad_output, part)
+                else _empty(layer, "G", grad_output) for part in parts]
 
     def _forward_hook(self, name: str):
         layer = self.layers[name]
@@ -106,7 +144,7 @@ class FactorCapture:
             x = inputs[0]
             if "A" in armed:
                 with self._computing(x.device):
-                    self._accumulate(name, "A", layer.a_contribution(x, chunk_bytes=self.chunk_bytes))
+                    self._accumulate(name, "A", self._a_parts(layer, x))
             wants_backward = "G" in armed or "F" in armed
             if wants_backward and output.requires_grad:
                 # A tensor hook registered before any in-place op on the output (ResNet's ReLU) still
@@ -120,11 +158,8 @@ class FactorCapture:
 
         def hook(grad_output: torch.Tensor) -> None:
             with self._computing(grad_output.device):
-                if isinstance(layer, BatchNormLayer):
-                    contribution = layer.f_contribution(inputs, grad_output, chunk_bytes=self.chunk_bytes)
-                    self._accumulate(name, "F", contribution)
-                else:
-                    self._accumulate(name, "G", layer.g_contribution(grad_output, chunk_bytes=self.chunk_bytes))
+                kind = "F" if isinstance(layer, BatchNormLayer) else "G"
+                self._accumulate(name, kind, self._g_parts(layer, grad_output, inputs))
 
         return hook
 
@@ -134,3 +169,12 @@ class FactorCapture:
         with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False), \
                 self.timer.phase("factor", device):
             yield
+
+
+def _size(tensor: torch.Tensor, part: slice) -> int:
+    return len(range(*part.indices(tensor.shape[0])))
+
+
+def _empty(layer: Layer, kind: str, like: torch.Tensor) -> Part:
+    """The contribution of no sample (a half of a one-sample batch)."""
+    return torch.zeros(layer.factor_shapes()[kind], dtype=layer.factor_dtype, device=like.device), 0

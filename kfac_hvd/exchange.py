@@ -30,6 +30,7 @@ class Arrived:
     shape: Tuple[int, ...]
     values: torch.Tensor
     transported: bool
+    noise: Optional[torch.Tensor] = None   # split-half noise estimate, averaged over ranks (0-d)
 
 
 class FactorExchange:
@@ -44,16 +45,22 @@ class FactorExchange:
     def distributed(self) -> bool:
         return self.comm.size > 1
 
-    def start(self, name: str, kind: str, factor: torch.Tensor, *, from_step: bool = False) -> None:
-        """Hand one final local factor to the allreduce (packed; the full matrix is released)."""
+    def start(self, name: str, kind: str, factor: torch.Tensor, noise: Optional[torch.Tensor] = None, *,
+              from_step: bool = False) -> None:
+        """Hand one final local factor (and its noise estimate, which rides in the same buffer as one
+        more value) to the allreduce; the full matrix is released."""
         key = (name, kind)
         if key in self._in_flight:
             raise RuntimeError(f"K-FAC factor {kind} of layer '{name}' was started twice in one step")
         self.started_from["step" if from_step else "hooks"] += 1
         if not self.distributed:
-            self._in_flight[key] = (tuple(factor.shape), factor, None)
+            self._in_flight[key] = (tuple(factor.shape), (factor, noise), None)
             return
-        buffer = pack(factor, self.symmetric)
+        size = packed_numel(tuple(factor.shape), self.symmetric)
+        buffer = factor.new_empty(size + (noise is not None))
+        pack(factor, self.symmetric, out=buffer[:size])
+        if noise is not None:
+            buffer[size:].copy_(noise.reshape(1))
         self.traffic.add(name, kind, "allreduce", buffer.numel() * buffer.element_size())
         self.traffic.add_totals(dense_payload_bytes=factor.numel() * factor.element_size())
         handle = self.comm.allreduce_async(buffer, name=f"kfac.{kind}.{name}")
@@ -65,11 +72,15 @@ class FactorExchange:
     def wait(self) -> Dict[str, Dict[str, Arrived]]:
         """Every started factor, averaged over ranks; the exchange is empty afterwards."""
         arrived: Dict[str, Dict[str, Arrived]] = {}
-        for (name, kind), (shape, handle, _) in self._in_flight.items():
+        for (name, kind), (shape, handle, buffer) in self._in_flight.items():
             if self.distributed:
-                arrived.setdefault(name, {})[kind] = Arrived(shape, self.comm.wait(handle), True)
+                averaged = self.comm.wait(handle)
+                size = packed_numel(shape, self.symmetric)
+                noise = averaged[size] if averaged.numel() > size else None
+                arrived.setdefault(name, {})[kind] = Arrived(shape, averaged[:size], True, noise)
             else:
-                arrived.setdefault(name, {})[kind] = Arrived(shape, handle, False)
+                factor, noise = handle
+                arrived.setdefault(name, {})[kind] = Arrived(shape, factor, False, noise)
         self._in_flight.clear()
         return arrived
 

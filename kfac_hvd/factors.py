@@ -14,7 +14,7 @@ import torch
 
 INVERSE_METHODS = ("cholesky", "eigen")
 # Statistics :func:`factor_statistics` returns per factor, in this order.
-STATISTICS = ("sum", "change_sq", "previous_sq", "diagonal_mean")
+STATISTICS = ("sum", "change_sq", "previous_sq", "diagonal_mean", "noise")
 
 
 def relative_change(current: torch.Tensor, previous: torch.Tensor) -> float:
@@ -30,18 +30,31 @@ def diff_from_squares(change_sq: float, previous_sq: float) -> float:
     return math.sqrt(max(change_sq, 0.0) / previous_sq)
 
 
-def factor_statistics(factors: Sequence[Tuple[torch.Tensor, Tuple[int, ...], bool, Optional[torch.Tensor]]]
-                      ) -> List[List[float]]:
-    """For each (X, shape, packed, X_pre or None), with X the full (batched) matrix or, when ``packed``,
-    its upper triangles as :func:`pack` gives them (X_pre is always full): [Σ X (non-finite iff X holds a
-    NaN or Inf), ‖X − X_pre‖², ‖X_pre‖², mean of X's diagonal (for π)], fetched in one host read.
+def split_half_noise(first: torch.Tensor, first_samples: int, second: torch.Tensor, second_samples: int
+                     ) -> torch.Tensor:
+    """Unbiased estimate of Var(X) = E‖X − E X‖²_F for X = (n₁X₁ + n₂X₂)/n, the mean of n independent
+    per-sample terms, from the means X₁, X₂ of two disjoint parts of them (docs/NOISE.md):
+    E‖X₁ − X₂‖² = σ²(1/n₁ + 1/n₂) and Var(X) = σ²/n, so Var(X) ≈ ‖X₁ − X₂‖²·n₁n₂/n². A 0-d tensor on
+    the device; 0 when a part is empty (no estimate: the raw Diff is used)."""
+    total = first_samples + second_samples
+    if not (first_samples and second_samples):
+        return torch.zeros((), dtype=first.dtype, device=first.device)
+    return (first - second).square().sum() * (first_samples * second_samples / total ** 2)
+
+
+def factor_statistics(factors: Sequence[Tuple[torch.Tensor, Tuple[int, ...], bool, Optional[torch.Tensor],
+                                             Optional[torch.Tensor]]]) -> List[List[float]]:
+    """For each (X, shape, packed, X_pre or None, noise or None), with X the full (batched) matrix or,
+    when ``packed``, its upper triangles as :func:`pack` gives them (X_pre is always full): [Σ X
+    (non-finite iff X holds a NaN or Inf), ‖X − X_pre‖², ‖X_pre‖², mean of X's diagonal (for π), the
+    noise (0 without)], fetched in one host read.
 
     On triangles, ‖D‖² = 2 Σ_{i≤j} d_ij² − Σ_i d_ii²: the full matrix is never rebuilt.
     """
     if not factors:
         return []
     rows = []
-    for current, shape, packed, previous in factors:
+    for current, shape, packed, previous, noise in factors:
         zero = torch.zeros((), dtype=current.dtype, device=current.device)
         if packed:
             diagonal = _triangle_diagonal(shape[-1], current.device)
@@ -57,7 +70,8 @@ def factor_statistics(factors: Sequence[Tuple[torch.Tensor, Tuple[int, ...], boo
             diagonal_mean = torch.diagonal(current, dim1=-2, dim2=-1).mean()
             change_sq = zero if previous is None else (current - previous).square().sum()
         previous_sq = zero if previous is None else torch.linalg.vector_norm(previous).square()
-        rows.append(torch.stack([current.sum(), change_sq, previous_sq, diagonal_mean]).to(torch.float64))
+        noise = zero if noise is None else noise.to(current.dtype)
+        rows.append(torch.stack([current.sum(), change_sq, previous_sq, diagonal_mean, noise]).to(torch.float64))
     return torch.stack(rows).tolist()
 
 
@@ -216,13 +230,19 @@ TRIANGLES = TriangleIndices()
 _UNPACK_CHUNK = 1 << 22   # index entries widened to int64 at a time when unpacking
 
 
-def pack(matrix: torch.Tensor, symmetric: bool) -> torch.Tensor:
-    """The tensor handed to Horovod: upper triangle(s) of a symmetric (batched) matrix, or all of it."""
+def pack(matrix: torch.Tensor, symmetric: bool, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The tensor handed to Horovod: upper triangle(s) of a symmetric (batched) matrix, or all of it;
+    written into ``out`` (1-D, contiguous, ``packed_numel`` long) when given."""
     if not symmetric:
-        return matrix.contiguous().reshape(-1)
+        flat = matrix.contiguous().reshape(-1)
+        return flat if out is None else out.copy_(flat)
     size = matrix.shape[-1]
     upper = TRIANGLES.get(size, matrix.device)
-    return matrix.reshape(*matrix.shape[:-2], size * size).index_select(-1, upper).reshape(-1)
+    rows = matrix.reshape(-1, size * size)
+    if out is None:
+        return rows.index_select(-1, upper).reshape(-1)
+    torch.index_select(rows, -1, upper, out=out.view(rows.shape[0], upper.numel()))
+    return out
 
 
 def unpack(flat: torch.Tensor, shape: Tuple[int, ...], symmetric: bool,

@@ -197,7 +197,8 @@ class BatchNormLayer:
     def inversion_cost(self) -> float:
         return 8.0 * self.channels
 
-    def _statistics(self, inputs: torch.Tensor, chunk_bytes: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    def statistics(self, inputs: torch.Tensor, chunk_bytes: int = DEFAULT_UNFOLD_CHUNK_BYTES
+                   ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Mean and biased variance per channel: the batch's in training mode (two passes, chunked,
         in ``factor_dtype``), else the running statistics."""
         bn = self.module
@@ -213,11 +214,13 @@ class BatchNormLayer:
         return mean, var
 
     def f_contribution(self, inputs: torch.Tensor, grad_output: torch.Tensor, *,
-                       chunk_bytes: int = DEFAULT_UNFOLD_CHUNK_BYTES) -> Tuple[torch.Tensor, int]:
+                       chunk_bytes: int = DEFAULT_UNFOLD_CHUNK_BYTES,
+                       statistics: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> Tuple[torch.Tensor, int]:
         """Σ_n g_n g_nᵀ per channel with g_n = (Σ_hw g·x̂, Σ_hw g) from g = grad_output (the capture
-        multiplies by the step's N², as for G), and the number of samples."""
+        multiplies by the step's N², as for G), and the number of samples. ``statistics``: the mean and
+        variance x̂ uses, when ``inputs`` is part of the batch that BatchNorm normalised."""
         samples = grad_output.shape[0]
-        mean, var = self._statistics(inputs, chunk_bytes)
+        mean, var = statistics if statistics is not None else self.statistics(inputs, chunk_bytes)
         mean, rstd = mean[None, :, None, None], torch.rsqrt(var + self.module.eps)[None, :, None, None]
         total = torch.zeros(self.channels, 2, 2, dtype=self.factor_dtype, device=grad_output.device)
         per_sample = 3 * inputs[0].numel() * _element_bytes(self.factor_dtype)

@@ -54,6 +54,7 @@ class KFAC:
                  pi_damping: bool = True, inverse_method: str = "cholesky", symmetric_comm: bool = True,
                  skip_layers: Sequence[str] = (), include_batchnorm: bool = True,
                  factor_dtype: Optional[torch.dtype] = None, accumulation_steps: int = 1,
+                 noise_aware_diff: bool = False,
                  local_inverse_max_dim: int = DEFAULT_LOCAL_INVERSE_MAX_DIM,
                  unfold_chunk_bytes: int = DEFAULT_UNFOLD_CHUNK_BYTES, comm: Any = None) -> None:
         _check_options(damping=damping, factor_decay=factor_decay, kl_clip=kl_clip, inverse_method=inverse_method,
@@ -70,6 +71,7 @@ class KFAC:
         self.separate_intervals = separate_intervals
         self.accumulation_steps = accumulation_steps
         self.local_inverse_max_dim = local_inverse_max_dim
+        self.noise_aware_diff = noise_aware_diff
 
         skip_patterns = [re.compile(pattern) for pattern in skip_layers]
         self.layers: Dict[str, Layer] = {}
@@ -100,11 +102,14 @@ class KFAC:
         self.previous: Dict[str, Dict[str, torch.Tensor]] = {name: {} for name in self.layers}
         self.inverses: Dict[str, Dict[str, torch.Tensor]] = {name: {} for name in self.layers}
         self.diagonal_means: Dict[str, Dict[str, float]] = {name: {} for name in self.layers}  # for π
+        # Estimated sampling noise E‖X − E X‖² of each X_pre (noise_aware_diff)
+        self.noise: Dict[str, Dict[str, float]] = {name: {} for name in self.layers}
         self._rejected: set = set()  # layers whose averaged factors were non-finite on this step
         self.timer = PhaseTimer()
         self.exchange = FactorExchange(self.comm, self.traffic, symmetric=symmetric_comm)
         self.capture = FactorCapture(self.layers, on_final=self._factor_final, timer=self.timer,
-                                     accumulation_steps=accumulation_steps, chunk_bytes=unfold_chunk_bytes)
+                                     accumulation_steps=accumulation_steps, chunk_bytes=unfold_chunk_bytes,
+                                     split_halves=noise_aware_diff)
         self._arm(1)
 
     # Introspection ------------------------------------------------------------------------------
@@ -203,8 +208,9 @@ class KFAC:
         record.update(numerics=numerics, skipped=skipped, factor_allreduces_started=started)
         return record
 
-    def _factor_final(self, name: str, kind: str, factor: torch.Tensor, from_step: bool) -> None:
-        self.exchange.start(name, kind, factor, from_step=from_step)
+    def _factor_final(self, name: str, kind: str, factor: torch.Tensor, noise: Optional[torch.Tensor],
+                      from_step: bool) -> None:
+        self.exchange.start(name, kind, factor, noise, from_step=from_step)
 
     def _wait_for_factors(self, *, count_compute: bool) -> Dict[str, Dict[str, Arrived]]:
         self.capture.finish()
@@ -251,10 +257,19 @@ class KFAC:
                     for key in keys:
                         self.scheduler.set_interval(key, 1)
                 continue
-            for kind, (_, change_sq, previous_sq, diagonal_mean) in kinds.items():
+            for kind, (_, change_sq, previous_sq, diagonal_mean, noise) in kinds.items():
+                # The ranks' mean of their local noise estimates, scaled to the mean of P local factors.
+                noise /= self.comm.size
                 if kind in self.previous[name]:
-                    diffs.setdefault(name, {})[kind] = diff_from_squares(change_sq, previous_sq)
+                    layer_diffs = diffs.setdefault(name, {})
+                    layer_diffs[kind] = diff_from_squares(change_sq, previous_sq)
+                    if self.noise_aware_diff:
+                        # E‖X − X_pre‖² = drift² + Var(X) + Var(X_pre): what is left is the drift.
+                        layer_diffs[f"raw_{kind}"] = layer_diffs[kind]
+                        drift_sq = change_sq - noise - self.noise[name].get(kind, 0.0)
+                        layer_diffs[kind] = diff_from_squares(max(drift_sq, 0.0), previous_sq)
                 self._store_factor(name, kind, arrived[name][kind], diagonal_mean)
+                self.noise[name][kind] = noise
             for key in keys:
                 layer_diffs = [diffs[name][kind] for kind in self._kinds_of_key(name, key) if kind in diffs.get(name, {})]
                 self.scheduler.record(key, step, max(layer_diffs) if layer_diffs else None)
@@ -287,7 +302,7 @@ class KFAC:
         for arrived, previous in entries:
             triangles = arrived.transported and self.symmetric_comm
             values = arrived.values if triangles else arrived.values.view(arrived.shape)
-            views.append((values, arrived.shape, triangles, previous))
+            views.append((values, arrived.shape, triangles, previous, arrived.noise))
         return factor_statistics(views)
 
     def _invert(self, due: Dict[str, List[str]], numerics: Dict[str, str]) -> Dict[Tuple[str, str], torch.Tensor]:
@@ -417,6 +432,8 @@ class KFAC:
                 entry["intervals"] = dict(zip(self.layers[name].factor_kinds, intervals))
             for kind in self.layers[name].factor_kinds:
                 entry[f"diff_{kind}"] = diffs.get(name, {}).get(kind)
+                if self.noise_aware_diff:
+                    entry[f"raw_diff_{kind}"] = diffs.get(name, {}).get(f"raw_{kind}")
             entry["payload_bytes"] = self._step_payload(name, due.get(name, []))
             layers[name] = entry
         return {"step": step, "layers": layers, "kl_scale": kl_scale, "mean_interval": self.mean_interval()}

@@ -24,6 +24,7 @@ def save_kfac_state(kfac: "KFAC") -> Dict[str, Any]:
     return {"steps": kfac.steps, "scheduler": kfac.scheduler.state_dict(), "factors": factors,
             "previous": _cpu(kfac.previous), "inverses": _cpu(kfac.inverses),
             "diagonal_means": {name: dict(means) for name, means in kfac.diagonal_means.items()},
+            "noise": {name: dict(noise) for name, noise in kfac.noise.items()},
             "traffic": kfac.traffic.state_dict(), "layer_names": kfac.layer_names}
 
 
@@ -63,4 +64,6 @@ def load_kfac_state(kfac: "KFAC", state: Dict[str, Any]) -> None:
         means = {name: {kind: torch.diagonal(t, dim1=-2, dim2=-1).mean().item() for kind, t in kinds.items()}
                  for name, kinds in kfac.factors.items()}
     kfac.diagonal_means = {name: dict(means.get(name, {})) for name in kfac.layers}
+    noise = state.get("noise") or {}
+    kfac.noise = {name: dict(noise.get(name, {})) for name in kfac.layers}
     kfac.traffic.load_state_dict(state["traffic"])

@@ -55,10 +55,13 @@ def test_factor_allreduces_start_in_the_hooks_and_change_nothing(tmp_path):
     assert read_ranks(hooks)[0]["parameters"] == read_ranks(from_step)[0]["parameters"]
 
 
-@pytest.mark.parametrize("launcher,policy", [("horovodrun-gloo", "modulo"), ("mpirun", "since_last")])
-def test_ranks_take_identical_schedule_decisions(launcher, policy, tmp_path):
+@pytest.mark.parametrize("launcher,policy,noise_aware", [("horovodrun-gloo", "modulo", False),
+                                                         ("mpirun", "since_last", False),
+                                                         ("horovodrun-gloo", "modulo", True),
+                                                         ("mpirun", "modulo", True)])
+def test_ranks_take_identical_schedule_decisions(launcher, policy, noise_aware, tmp_path):
     run(launcher, [WORKER, "schedule", "--out", str(tmp_path), "--steps", "30", "--threshold", "0.25",
-                   "--policy", policy])
+                   "--policy", policy] + (["--noise-aware"] if noise_aware else []))
     rank0, rank1 = read_ranks(tmp_path)
     def decisions(result):
         return [{name: (entry["due"], entry["interval"]) for name, entry in record["layers"].items()}

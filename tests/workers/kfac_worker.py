@@ -79,7 +79,7 @@ def schedule(args):
     torch.manual_seed(0)
     model = nn.Sequential(small_cnn()[:4], nn.BatchNorm2d(6), nn.Flatten(), nn.Linear(6 * 3 * 3, 5))
     kfac = kfac_hvd.KFAC(model, damping=1e-2, update_threshold=args.threshold, interval_policy=args.policy,
-                         local_inverse_max_dim=args.local_max_dim)
+                         local_inverse_max_dim=args.local_max_dim, noise_aware_diff=args.noise_aware)
     optimizer = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
                                          named_parameters=model.named_parameters())
     records = []
@@ -110,6 +110,7 @@ def main():
     parser.add_argument("--no-symmetric", dest="symmetric", action="store_false")
     parser.add_argument("--local-max-dim", type=int, default=0, help="KFAC local_inverse_max_dim")
     parser.add_argument("--from-step", action="store_true", help="start the factor allreduces in kfac.step()")
+    parser.add_argument("--noise-aware", action="store_true", help="KFAC noise_aware_diff")
     args = parser.parse_args()
     torch.set_num_threads(1)
     init()
