@@ -180,20 +180,22 @@ class KFAC:
         self.steps = step
         return self._finish(step, due, diffs, numerics, kl_scale, skipped=False)
 
-    def skip_step(self) -> Dict[str, Any]:
+    def skip_step(self, *, check_factors: bool = True) -> Dict[str, Any]:
         """The optimiser skips this step on every rank: wait for the factor collectives the hooks started,
         keep nothing, count nothing as computed, and leave the step counter where it is (the next step
-        captures again). Layers whose averaged factors were non-finite are reported (one host read)."""
+        captures again). With ``check_factors``, layers whose averaged factors were non-finite are
+        reported (one host read); a loss-scale overflow, expected under fp16, needs no such report."""
         step = self.steps + 1
         due = self._due
         with self.timer.phase("factor_comm", self._device()):
             arrived = self._wait_for_factors(count_compute=False)
-        entries = [(factor, None) for kinds in arrived.values() for factor in kinds.values()]
-        sums = iter(row[0] for row in self._statistics(entries))
         numerics = {}
-        for name, kinds in arrived.items():
-            if not all([math.isfinite(next(sums)) for _ in kinds]):
-                numerics[name] = NON_FINITE
+        if check_factors:
+            entries = [(factor, None) for kinds in arrived.values() for factor in kinds.values()]
+            sums = iter(row[0] for row in self._statistics(entries))
+            for name, kinds in arrived.items():
+                if not all([math.isfinite(next(sums)) for _ in kinds]):
+                    numerics[name] = NON_FINITE
         return self._finish(step, due, {}, numerics, None, skipped=True)
 
     def _finish(self, step: int, due: Dict[str, List[str]], diffs: Dict[str, Dict[str, float]],

@@ -41,6 +41,15 @@ def horovod_env(hcfg) -> Dict[str, str]:
     return env
 
 
+# Set for each task by srun, or by horovodrun for any controller.
+TASK_ENV = ("SLURM_PROCID", "HOROVOD_RANK")
+
+
+def under_launcher() -> bool:
+    """Started by horovodrun, mpirun or srun: their output goes through a pipe, prefixed line by line."""
+    return any(k in os.environ for k in GLOO_ENV + MPI_ENV + TASK_ENV)
+
+
 def started_by_mpi() -> bool:
     if any(k in os.environ for k in GLOO_ENV):
         return False

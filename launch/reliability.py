@@ -227,7 +227,8 @@ class Faults:
     def __init__(self, dcfg, rank: int, size: int):
         self.rank, self.on = rank, dcfg.fault_rank == rank
         self.nan_step, self.kill_step, self.hang_step = dcfg.nan_step, dcfg.kill_step, dcfg.hang_step
-        armed = [k for k in ("nan_step", "kill_step", "hang_step") if dcfg[k] is not None]
+        self.overflow_step = dcfg.overflow_step
+        armed = [k for k in ("nan_step", "kill_step", "hang_step", "overflow_step") if dcfg[k] is not None]
         if armed and dcfg.fault_rank >= size:
             logger.warning("debug.fault_rank is %d but there are %d rank(s): no fault is injected",
                            dcfg.fault_rank, size)
@@ -242,6 +243,15 @@ class Faults:
             x = x.clone()
             x.view(-1)[0] = float("nan")
         return x
+
+    def overflow(self, step: int, loss: torch.Tensor) -> torch.Tensor:
+        """The loss that backward starts from: at debug.overflow_step, times Inf, so every gradient of this
+        rank is non-finite while the loss itself (the value the step reports) stays finite, as when fp16
+        gradients overflow under too large a loss scale."""
+        if self.on and step == self.overflow_step:
+            logger.warning("debug.overflow_step: infinite gradients from the finite loss of step %d", step)
+            return loss * float("inf")
+        return loss
 
     def hang(self, step: int) -> None:
         if self.on and step == self.hang_step:

@@ -59,9 +59,14 @@ def rescalable_weights(model: nn.Module):
 @torch.no_grad()
 def rescale_weights(weights) -> None:
     """Rescale each weight to norm sqrt(2 * out) when its norm exceeds that (chainerkfac's recipe in
-    place of weight decay)."""
-    for w in weights:
+    place of weight decay).
+
+    Computed on the device: the norms, then a per-weight factor that is 1 where the norm is within the
+    bound, so the step never waits for the device to decide.
+    """
+    if not weights:
+        return
+    norms = torch._foreach_norm(weights)
+    for w, norm in zip(weights, norms):
         target = math.sqrt(2.0 * w.shape[0])
-        norm = w.norm()
-        if norm > target:
-            w.mul_(target / norm)
+        w.mul_(torch.where(norm > target, target / norm, torch.ones_like(norm)))

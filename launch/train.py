@@ -62,9 +62,8 @@ def precheck(cfg) -> None:
                 raise cfg.error(key, problem)
     if cfg.optim.method == "kfac":
         check_kfac_options(cfg)
-    import torch
-    if cfg.train.device == "cuda" and not torch.cuda.is_available():
-        raise cfg.error("train.device", "cuda, but CUDA is not available in this process")
+    from .device import check_device
+    check_device(cfg)         # CUDA present when asked for, precision supported, Horovod able to take CUDA tensors
     try:
         import horovod.torch  # noqa: F401
     except ImportError as exc:
@@ -86,6 +85,10 @@ def _unwritable(path: str) -> Optional[str]:
     return None
 
 
+# KFAC keywords whose config key is spelled differently (the config takes MiB, the library bytes).
+CONFIG_KEY_OF_KWARG = {"unfold_chunk_bytes": "unfold_chunk_mb"}
+
+
 def check_kfac_options(cfg) -> None:
     """Let the library judge the ``kfac`` section on a one-layer model (no Horovod needed)."""
     import torch
@@ -95,7 +98,7 @@ def check_kfac_options(cfg) -> None:
         kfac = kfac_hvd.KFAC(probe, **kfac_kwargs(cfg))
     except (TypeError, ValueError) as exc:
         text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        key = next((f"kfac.{k}" for k in kfac_kwargs(cfg) if k in text), "kfac")
+        key = next((f"kfac.{CONFIG_KEY_OF_KWARG.get(k, k)}" for k in kfac_kwargs(cfg) if k in text), "kfac")
         if "no Linear, Conv2d or BatchNorm2d layer" in text:
             return   # the probe's only layer was skipped by kfac.skip_layers; judged on the real model
         raise cfg.error(key, text) from None

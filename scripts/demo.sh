@@ -10,6 +10,8 @@
 #   RUN_DIR   output folder (default runs/demo; replaced on every run)
 #   PYTHON    interpreter of the project's environment (default .venv/bin/python)
 # Further arguments are passed to the launcher as overrides, e.g. scripts/demo.sh train.epochs=1
+# Progress: under horovodrun rank 0 prints a plain line every log.progress_every_s seconds (default 30;
+# scripts/demo.sh log.progress_every_s=10 for more).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -14,14 +14,25 @@
 #   VENV           virtual environment with torch, horovod (NCCL build) and this project (default .venv)
 #   GPUS_PER_NODE  4 on rt_F
 #   MODULES        module list; check 'module avail' on your system (names change between ABCI versions)
+#   PRECISION      train.precision passed to the launcher (default fp16: V100 has no bf16, the configs'
+#                  default; fp16 runs with a loss scaler, fp32 is the slow reference)
 #   Horovod tuning (read by Horovod at start-up; mpirun forwards them with -x below):
 #     HOROVOD_FUSION_THRESHOLD  bytes fused into one allreduce (config: horovod.fusion_threshold_mb)
 #     HOROVOD_CYCLE_TIME        ms between fusion cycles (config: horovod.cycle_time_ms)
 #     HOROVOD_TIMELINE          Chrome-trace file of every collective (config: horovod.timeline)
 #     HOROVOD_HIERARCHICAL_ALLREDUCE=1  intra-node NCCL + inter-node MPI allreduce
 #     fp16 gradient compression: EXTRA="horovod.fp16_allreduce=true" (K-FAC factors stay fp32)
-#   Build Horovod for the cluster with HOROVOD_GPU_OPERATIONS=NCCL HOROVOD_BUILD_CUDA_CC_LIST=70
-#   (scripts/install_horovod.sh); the torch build must support sm_70 (V100).
+#
+# Software for V100 (compute capability 7.0). The torch==2.14.1 wheel that 'make setup' takes from PyPI is
+# a CUDA 13.0 build with kernels for sm_75 and newer only, and nvcc 13 has no compute_70: a V100 needs a
+# CUDA 12.x build of torch and a CUDA 12.x toolkit (the cuda/12.x module below). In the job's environment,
+# before 'make setup': pip install torch torchvision from a CUDA 12.x index of download.pytorch.org
+# (e.g. .../whl/cu126, for the release pinned in the Makefile where one exists), then build Horovod
+# with NCCL for sm_70 against them:
+#     HOROVOD_GPU_OPERATIONS=NCCL HOROVOD_BUILD_CUDA_CC_LIST=70 make setup
+# ('make setup' replaces a Horovod of another flavour in the venv.) Each rank checks at start-up that
+# torch has kernels for its GPU and that Horovod was built with NCCL, and otherwise stops with one line
+# naming the fix (exit code 2).
 #
 # Grid Engine resources: rt_F = one full node (4 V100, 40 cores); h_rt = wall-clock limit.
 # A checkpoint is written every epoch and the paper configs say checkpoint.resume=auto, so
@@ -39,7 +50,8 @@ IMAGENET=${IMAGENET:-/groups/$(id -gn)/imagenet}
 EXTRA=${EXTRA:-}
 VENV=${VENV:-.venv}
 GPUS_PER_NODE=${GPUS_PER_NODE:-4}
-MODULES=${MODULES:-"python/3.11 cuda/12.2 cudnn/8.9 nccl/2.18 openmpi/4.1"}
+MODULES=${MODULES:-"python/3.11 cuda/12.2 cudnn/8.9 nccl/2.18 openmpi/4.1"}   # CUDA 12.x: V100 (see above)
+PRECISION=${PRECISION:-fp16}
 
 if [ -f /etc/profile.d/modules.sh ]; then
   source /etc/profile.d/modules.sh
@@ -49,7 +61,7 @@ source "$VENV/bin/activate"
 
 NHOSTS=${NHOSTS:-1}
 NP=$((NHOSTS * GPUS_PER_NODE))
-echo "job ${JOB_ID:-?}: $NHOSTS nodes x $GPUS_PER_NODE GPUs = $NP ranks; config $CONFIG"
+echo "job ${JOB_ID:-?}: $NHOSTS nodes x $GPUS_PER_NODE GPUs = $NP ranks; config $CONFIG; precision $PRECISION"
 
 # One rank per GPU (-map-by ppr:4:node); no CPU binding so DataLoader workers spread over the cores.
 # -x forwards the environment each rank needs.
@@ -62,4 +74,4 @@ mpirun -hostfile "$SGE_JOB_HOSTLIST" -np "$NP" -map-by ppr:"$GPUS_PER_NODE":node
   ${HOROVOD_HIERARCHICAL_ALLREDUCE:+-x HOROVOD_HIERARCHICAL_ALLREDUCE} \
   python -m launch.train --config "$CONFIG" \
     data.train_dir="$IMAGENET/train" data.val_dir="$IMAGENET/val" \
-    train.world_size="$NP" $EXTRA
+    train.world_size="$NP" train.precision="$PRECISION" $EXTRA

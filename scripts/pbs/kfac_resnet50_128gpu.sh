@@ -16,7 +16,14 @@
 #   Horovod tuning (environment, forwarded with -x; or the config's horovod section):
 #     HOROVOD_FUSION_THRESHOLD, HOROVOD_CYCLE_TIME, HOROVOD_TIMELINE, HOROVOD_HIERARCHICAL_ALLREDUCE;
 #     fp16 gradient compression: EXTRA="horovod.fp16_allreduce=true"
-#   Build Horovod with HOROVOD_GPU_OPERATIONS=NCCL HOROVOD_BUILD_CUDA_CC_LIST=90 (scripts/install_horovod.sh).
+#
+# Software for H200 (compute capability 9.0): the torch==2.14.1 CUDA 13.0 wheel of 'make setup' has sm_90
+# kernels; load a CUDA 13 toolkit (nvcc) and build Horovod with NCCL for sm_90:
+#     HOROVOD_GPU_OPERATIONS=NCCL HOROVOD_BUILD_CUDA_CC_LIST=90 make setup
+# ('make setup' replaces a Horovod of another flavour in the venv.) The configs' bf16 autocast,
+# channels_last and cuDNN benchmark fit H200. Each rank checks at start-up that torch has kernels for
+# its GPU and that Horovod was built with NCCL, and otherwise stops with one line naming the fix (exit
+# code 2).
 #
 # PBS resources: -q rt_HF = full H200 nodes; select=16 chunks (one per node); walltime = limit.
 # $PBS_NODEFILE lists the nodes (one line per chunk); -map-by ppr:8:node places 8 ranks on each.
@@ -35,7 +42,7 @@ IMAGENET=${IMAGENET:-/groups/$(id -gn)/imagenet}
 EXTRA=${EXTRA:-}
 VENV=${VENV:-.venv}
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
-MODULES=${MODULES:-"python/3.11 cuda/12.6 cudnn nccl hpcx"}
+MODULES=${MODULES:-"python/3.11 cuda/13.0 cudnn nccl hpcx"}   # a CUDA 13 toolkit for the cu130 torch
 
 if [ -f /etc/profile.d/modules.sh ]; then
   source /etc/profile.d/modules.sh

@@ -1,0 +1,143 @@
+"""Host synchronisations of one training step of the loop: at most one on a step that is not logged (the
+status read), at most two on a logged step (plus the read of what the record needs).
+
+Counted: every way a tensor's value reaches the host (``item``, ``tolist``, ``numpy``, ``bool()``,
+``float()``, ``int()``, ``index``) and explicit CUDA synchronisations, around ``launch.loop.run_step``
+(the whole step with its bookkeeping, logging and progress line). K-FAC's own reads inside
+``kfac.step``/``skip_step``/``collect_times`` are the library's and are not counted here.
+
+The measurement runs in a fresh process (it initialises Horovod as a world of one, which must not
+leak into other tests): ``python tests/test_launch_host_syncs.py OVERRIDES...`` prints the counts.
+"""
+import contextlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+
+from launch_helpers.common import PYTHON, env, horovod_ready  # noqa: E402
+from launch_helpers.jobs import DEMO  # noqa: E402
+
+needs_horovod = pytest.mark.skipif(not horovod_ready(), reason="horovod not installed")
+TENSOR_READS = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__")
+
+
+class SyncCounter:
+    """Counts host reads of tensor values while ``active``; ``paused()`` excludes a region."""
+
+    def __init__(self):
+        self.count, self.active, self.where = 0, False, []
+
+    def install(self):
+        import torch
+        for name in TENSOR_READS:
+            self._wrap(torch.Tensor, name)
+        self._wrap(torch.cuda, "synchronize")
+        self._wrap(torch.cuda.Event, "synchronize")
+
+    def _wrap(self, owner, name):
+        original = getattr(owner, name)
+        counter = self
+
+        def counted(*args, **kwargs):
+            if counter.active:
+                counter.count += 1
+                import traceback
+                frame = traceback.extract_stack(limit=3)[0]
+                counter.where.append(f"{name} at {os.path.basename(frame.filename)}:{frame.lineno}")
+            return original(*args, **kwargs)
+
+        setattr(owner, name, counted)
+
+    @contextlib.contextmanager
+    def paused(self):
+        was, self.active = self.active, False
+        try:
+            yield
+        finally:
+            self.active = was
+
+
+def exclude_library_reads(kfac, counter):
+    for name in ("step", "skip_step", "collect_times"):
+        method = getattr(kfac, name)
+
+        def call(*args, _method=method, **kwargs):
+            with counter.paused():
+                return _method(*args, **kwargs)
+
+        setattr(kfac, name, call)
+
+
+def measure(overrides, steps=4):
+    """Counts per step of a one-rank run (log.every_steps=2: steps 2 and 4 are logged)."""
+    from launch.config import load_config, resolve_paths
+    from launch.loop import EpochTally, resume_or_start, run_step, set_up
+    from launch.outputs import RunOutputs
+    from launch.progress import Progress
+    from launch.reliability import Watchdog
+    import torch
+
+    counter = SyncCounter()
+    counter.install()
+    cfg = load_config(DEMO, ["data.train_subset=128", "data.val_subset=32", "data.batch_size=8", "model.width=4",
+                             "train.epochs=1", "train.world_size=1", "log.tensorboard=false", "log.every_steps=2",
+                             "checkpoint.every_epochs=0", *overrides])
+    resolve_paths(cfg)
+    run = set_up(cfg)
+    state = resume_or_start(run, [])
+    run.out = RunOutputs(cfg, None)
+    run.watchdog = Watchdog(None, 0)
+    run.progress = Progress(run.total_steps, 0, 1, every_s=0.0, bar=False)   # a progress line every step
+    if run.kfac is not None:
+        exclude_library_reads(run.kfac, counter)
+    tally = EpochTally(torch.zeros(2, dtype=torch.float64, device=run.device))
+    batches = iter(run.train_loader)
+    counts, verdicts, where = [], [], []
+    for _ in range(steps):
+        x, y = next(batches)                       # loading a batch is not part of the count
+        run.timer.start()
+        counter.count, counter.where, counter.active = 0, [], True
+        outcome = run_step(run, state, tally, x, y)
+        counter.active = False
+        counts.append(counter.count)
+        verdicts.append(outcome.verdict)
+        where.append(counter.where)
+    run.out.close()
+    return {"counts": counts, "verdicts": verdicts, "where": where}
+
+
+def measured(tmp_path, *overrides):
+    proc = subprocess.run([PYTHON, os.path.abspath(__file__), f"log.dir={tmp_path}/run", *overrides],
+                          env=env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@needs_horovod
+@pytest.mark.parametrize("overrides", [
+    # K-FAC with kl_clip (a kl_scale to log), fp16 (a loss scale to log), mixup, weight rescaling.
+    ("train.precision=fp16", "data.mixup_alpha=0.4", "optim.weight_rescaling=true", "optim.weight_decay=0"),
+    ("train.precision=bf16", "train.channels_last=true"),
+    # Plain SGD: nothing device-side to log, so a logged step reads nothing more.
+    ("optim.method=sgd", "optim.weight_rescaling=true", "optim.weight_decay=0"),
+], ids=["kfac-fp16", "kfac-bf16", "sgd"])
+def test_one_read_per_step_and_one_more_when_logged(tmp_path, overrides):
+    result = measured(tmp_path, *overrides)
+    counts, where = result["counts"], result["where"]
+    assert result["verdicts"] == ["ok"] * 4
+    unlogged, logged = counts[0::2], counts[1::2]          # steps 1, 3 | steps 2, 4
+    assert unlogged == [1, 1], where
+    expected_logged = 1 if "optim.method=sgd" in overrides else 2
+    assert logged == [expected_logged] * 2, where
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    print(json.dumps(measure(sys.argv[1:])))
