@@ -381,6 +381,7 @@ def kfac_kwargs(cfg: Config) -> Dict[str, Any]:
         "skip_layers": tuple(k.skip_layers),
         "include_batchnorm": k.include_batchnorm,
         "local_inverse_max_dim": k.local_inverse_max_dim,
+        "noise_aware_diff": k.noise_aware_diff,
         "unfold_chunk_bytes": max(1, int(k.unfold_chunk_mb * 2 ** 20)),
     }
 

@@ -139,7 +139,10 @@ SCHEMA: Dict[str, Dict[str, Spec]] = {
         "include_batchnorm": Spec("bool", True, doc="unit-wise Fisher blocks for BatchNorm"),
         "local_inverse_max_dim": Spec("int", 256, check=ge(0),
                                       doc="layers whose factors are at most this wide, and every BatchNorm, are "
-                                          "inverted on every rank instead of being broadcast by an owner"),
+                                          "inverted on every rank instead of travelling in the inverse allgather"),
+        "noise_aware_diff": Spec("bool", False,
+                                 doc="subtract the factors' estimated sampling noise from Diff (docs/NOISE.md; "
+                                     "not in the paper)"),
         "unfold_chunk_mb": Spec("float", 256.0, check=gt(0.0),
                                 doc="memory bound (MiB) of one im2col chunk when a conv layer's A factor is computed"),
     },
