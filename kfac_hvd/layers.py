@@ -72,16 +72,21 @@ class KroneckerLayer(ABC):
 
     # Factors ------------------------------------------------------------------------------------
     @abstractmethod
-    def _input_rows(self, inputs: torch.Tensor) -> torch.Tensor:
-        """(rows, a_dim without bias) activations; rows = samples × positions."""
+    def _input_columns(self, inputs: torch.Tensor) -> torch.Tensor:
+        """(samples, a_dim without bias, positions) activations, channel-major like weight.view(out, -1)."""
 
     @abstractmethod
-    def _output_rows(self, grad_output: torch.Tensor) -> torch.Tensor:
-        """(rows, g_dim) output gradients, rows ordered like ``_input_rows``."""
+    def _output_columns(self, grad_output: torch.Tensor) -> torch.Tensor:
+        """(samples, g_dim, positions) output gradients, positions ordered like ``_input_columns``."""
 
-    def _input_row_bytes(self, inputs: torch.Tensor) -> int:
+    def _input_sample_bytes(self, inputs: torch.Tensor) -> int:
         """Bytes of the temporaries one sample of ``inputs`` costs in :meth:`a_contribution`."""
-        return 2 * inputs[0].numel() * _element_bytes(self.factor_dtype)
+        width = self.a_dim - int(self.has_bias)
+        positions = self._positions(inputs)
+        return (inputs[0].numel() + width * positions + width * max(positions, width)) * _element_bytes(self.factor_dtype)
+
+    def _positions(self, inputs: torch.Tensor) -> int:
+        return inputs[0].numel() // inputs.shape[-1]
 
     def a_contribution(self, inputs: torch.Tensor, *,
                        chunk_bytes: int = DEFAULT_UNFOLD_CHUNK_BYTES) -> Tuple[torch.Tensor, int]:
@@ -92,18 +97,17 @@ class KroneckerLayer(ABC):
         width = self.a_dim - int(self.has_bias)
         total = torch.zeros(self.a_dim, self.a_dim, dtype=self.factor_dtype, device=inputs.device)
         weights_block = total[:width, :width]
-        rows_seen = 0
-        for chunk in sample_chunks(inputs, self._input_row_bytes(inputs), chunk_bytes):
-            rows = self._input_rows(chunk.to(self.factor_dtype))
-            weights_block.addmm_(rows.t(), rows)
+        positions = 1
+        for chunk in sample_chunks(inputs, self._input_sample_bytes(inputs), chunk_bytes):
+            columns = self._input_columns(chunk.to(self.factor_dtype))
+            accumulate_gram(weights_block, columns)
             if self.has_bias:
-                column = rows.sum(dim=0)
+                column = columns.sum(dim=(0, 2))
                 total[:width, width] += column
                 total[width, :width] += column
-            rows_seen += rows.shape[0]
+            positions = columns.shape[2]
         if self.has_bias:
-            total[width, width] = rows_seen
-        positions = rows_seen // samples
+            total[width, width] = samples * positions
         return total.div_(positions), samples
 
     def g_contribution(self, grad_output: torch.Tensor, *,
@@ -112,10 +116,9 @@ class KroneckerLayer(ABC):
         δ = N·g this is Σ δδᵀ / N²: the capture multiplies by the step's N² (see module docstring)."""
         samples = grad_output.shape[0]
         total = torch.zeros(self.g_dim, self.g_dim, dtype=self.factor_dtype, device=grad_output.device)
-        per_sample = 2 * grad_output[0].numel() * _element_bytes(self.factor_dtype)
+        per_sample = (2 * grad_output[0].numel() + self.g_dim ** 2) * _element_bytes(self.factor_dtype)
         for chunk in sample_chunks(grad_output, per_sample, chunk_bytes):
-            rows = self._output_rows(chunk.to(self.factor_dtype))
-            total.addmm_(rows.t(), rows)
+            accumulate_gram(total, self._output_columns(chunk.to(self.factor_dtype)))
         return total, samples
 
     # Gradients ----------------------------------------------------------------------------------
@@ -138,11 +141,11 @@ class KroneckerLayer(ABC):
 
 
 class LinearLayer(KroneckerLayer):
-    def _input_rows(self, inputs: torch.Tensor) -> torch.Tensor:
-        return inputs.reshape(-1, inputs.shape[-1])
+    def _input_columns(self, inputs: torch.Tensor) -> torch.Tensor:
+        return inputs.reshape(inputs.shape[0], -1, inputs.shape[-1]).transpose(1, 2)
 
-    def _output_rows(self, grad_output: torch.Tensor) -> torch.Tensor:
-        return grad_output.reshape(-1, grad_output.shape[-1])
+    def _output_columns(self, grad_output: torch.Tensor) -> torch.Tensor:
+        return grad_output.reshape(grad_output.shape[0], -1, grad_output.shape[-1]).transpose(1, 2)
 
 
 class Conv2dLayer(KroneckerLayer):
@@ -152,29 +155,37 @@ class Conv2dLayer(KroneckerLayer):
         conv = self.module
         return tuple(conv.kernel_size) == (1, 1) and tuple(conv.padding) == (0, 0)
 
-    def _input_row_bytes(self, inputs: torch.Tensor) -> int:
-        if self._pointwise:
-            return super()._input_row_bytes(inputs)
+    def _positions(self, inputs: torch.Tensor) -> int:
         conv = self.module
         height, width = inputs.shape[-2:]
         out_h = (height + 2 * conv.padding[0] - conv.dilation[0] * (conv.kernel_size[0] - 1) - 1) // conv.stride[0] + 1
         out_w = (width + 2 * conv.padding[1] - conv.dilation[1] * (conv.kernel_size[1] - 1) - 1) // conv.stride[1] + 1
-        patches = (self.a_dim - int(self.has_bias)) * out_h * out_w
-        # the cast input, the unfolded patches and their row-major copy
-        return (inputs[0].numel() + 2 * patches) * _element_bytes(self.factor_dtype)
+        return out_h * out_w
 
-    def _input_rows(self, inputs: torch.Tensor) -> torch.Tensor:
+    def _input_columns(self, inputs: torch.Tensor) -> torch.Tensor:
         conv = self.module
         if self._pointwise:
             picked = inputs[:, :, ::conv.stride[0], ::conv.stride[1]]
-            return picked.permute(0, 2, 3, 1).reshape(-1, inputs.shape[1])
-        patches = F.unfold(inputs, conv.kernel_size, dilation=conv.dilation, padding=conv.padding,
-                           stride=conv.stride)  # (N, C·kh·kw, S), channel-major like weight.view(out, -1)
-        return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+            return picked.reshape(inputs.shape[0], inputs.shape[1], -1)
+        # (N, C·kh·kw, S), channel-major like weight.view(out, -1)
+        return F.unfold(inputs, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
 
-    def _output_rows(self, grad_output: torch.Tensor) -> torch.Tensor:
-        # A view, not a copy, when the gradient is channels_last.
-        return grad_output.permute(0, 2, 3, 1).reshape(-1, grad_output.shape[1])
+    def _output_columns(self, grad_output: torch.Tensor) -> torch.Tensor:
+        return grad_output.flatten(2)      # a view for NCHW; a copy for channels_last (see accumulate_gram)
+
+
+def accumulate_gram(total: torch.Tensor, columns: torch.Tensor) -> None:
+    """total += Σ_n X_n X_nᵀ for columns X of shape (n, d, s), choosing the cheaper way: one matrix
+    product of the (n·s, d) rows when they are a view (channels_last gradients, linear layers) or when
+    d > s, else a batched product (n, d, d) summed over n, which avoids copying n·s·d values when the
+    positions outnumber the channels (early convolutions)."""
+    samples, width, positions = columns.shape
+    rows = columns.transpose(1, 2)
+    if width > positions or rows.is_contiguous():
+        flat = rows.reshape(samples * positions, width)
+        total.addmm_(flat.t(), flat)
+    else:
+        total += torch.bmm(columns, rows).sum(dim=0)
 
 
 class BatchNormLayer:

@@ -46,12 +46,15 @@ def read_idx(path: str) -> np.ndarray:
 class FashionMNIST(Dataset):
     """Fashion-MNIST from the IDX files; training images get a random 2-pixel shift and a flip."""
 
-    def __init__(self, root: str, train: bool, augment: bool, random_erasing: float = 0.0):
+    def __init__(self, root: str, train: bool, augment: bool, random_erasing: float = 0.0, pool: int = 1):
         prefix = "train" if train else "t10k"
         images = read_idx(os.path.join(root, f"{prefix}-images-idx3-ubyte.gz"))
         labels = read_idx(os.path.join(root, f"{prefix}-labels-idx1-ubyte.gz"))
         x = torch.from_numpy(images.copy()).float().div_(255.0).sub_(FASHION_MEAN).div_(FASHION_STD)
         self.images = x.unsqueeze(1)                      # N x 1 x 28 x 28
+        if pool > 1:                                      # N x 1 x 28/pool x 28/pool: cheaper long runs
+            self.images = torch.nn.functional.avg_pool2d(self.images, pool)
+        self.shift = max(1, 2 // pool)
         self.targets = torch.from_numpy(labels.astype(np.int64))
         self.augment = augment
         self.eraser = None
@@ -65,7 +68,7 @@ class FashionMNIST(Dataset):
     def __getitem__(self, i):
         img = self.images[i]
         if self.augment:
-            dy, dx = torch.randint(-2, 3, (2,)).tolist()
+            dy, dx = torch.randint(-self.shift, self.shift + 1, (2,)).tolist()
             img = torch.roll(img, shifts=(dy, dx), dims=(1, 2))
             if torch.rand(()) < 0.5:
                 img = torch.flip(img, dims=(2,))
@@ -194,8 +197,8 @@ def build_datasets(cfg) -> Tuple[Dataset, Dataset]:
                                             f"({len(val.classes)} vs {len(train.classes)})")
     elif d.dataset == "fashion_mnist":
         try:
-            train = FashionMNIST(d.fashion_mnist_dir, True, True, d.random_erasing)
-            val = FashionMNIST(d.fashion_mnist_dir, False, False)
+            train = FashionMNIST(d.fashion_mnist_dir, True, True, d.random_erasing, d.fashion_mnist_pool)
+            val = FashionMNIST(d.fashion_mnist_dir, False, False, pool=d.fashion_mnist_pool)
         except (OSError, EOFError, ValueError, zlib.error, struct.error) as exc:
             raise cfg.error("data.fashion_mnist_dir", f"cannot read the IDX files: {_reason(exc)}") from None
     else:

@@ -75,5 +75,6 @@ def input_shape(cfg):
     """(channels, height, width) of one training image."""
     d = cfg.data
     if d.dataset == "fashion_mnist":
-        return (1, 28, 28)
+        side = 28 // d.fashion_mnist_pool
+        return (1, side, side)
     return (3, d.image_size, d.image_size)
