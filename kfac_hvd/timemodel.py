@@ -397,8 +397,8 @@ def describe_assumptions(model: StepModel) -> List[str]:
         f"preconditioning, × {gpu.inverse_efficiency:g} for inversions; forward "
         f"{2 * prof.forward_macs_per_sample / 1e9:.2f} GFLOP per image (conv + linear MACs × 2), backward "
         "2 × forward",
-        f"factors 2·rows·dim² (rows = batch × output positions), inversion dim(A)³ + dim(G)³ on the most loaded "
-        f"rank plus every local layer, preconditioning 2(dG²·dA + dG·dA²) for every layer every step",
+        "factors 2·rows·dim² (rows = batch × output positions), inversion dim(A)³ + dim(G)³ on the most loaded "
+        "rank plus every local layer, preconditioning 2(dG²·dA + dG·dA²) for every layer every step",
         f"gradient allreduce: {prof.parameters / 1e6:.1f} M parameters every step; {s.element_bytes} bytes per value; "
         + ("factors and inverses as upper triangles (n(n+1)/2 values)" if s.symmetric else "full matrices"),
         "overlap: gradient + factor allreduces run under the backward pass (and its factor hooks) as far as it "

@@ -1,93 +1,459 @@
 #!/usr/bin/env bash
-# Build (once) and install Horovod 0.28.1 into the current Python environment.
+# Build (once) and install Horovod 0.28.1 into a Python environment, in one of two flavours:
+#   cpu   (default)                  PyTorch + Gloo + MPI; CUDA tensors are not reduced by Horovod
+#   NCCL  (HOROVOD_GPU_OPERATIONS=NCCL)  the same plus NCCL for CUDA tensors
 #
-# Horovod's last release pins C++14; PyTorch 2.14's headers need C++20, so the sdist is patched
-# (CMAKE_CXX_STANDARD 14 -> 20 in CMakeLists.txt and horovod/torch/CMakeLists.txt) before building.
-# The built wheel is cached outside the repository (KFAC_HVD_CACHE, default ~/.cache/kfac-hvd), keyed by
-# the torch version and GPU-operation flavour, so later installs take seconds.
+# Horovod's last release pins C++14; PyTorch >= 2.1 needs C++17 and 2.14's headers need C++20, so the
+# sdist is patched (CMAKE_CXX_STANDARD 14 -> 20 in CMakeLists.txt and horovod/torch/CMakeLists.txt)
+# before building. The wheel is cached outside the repository, per torch version and flavour
+# ($KFAC_HVD_CACHE/wheels/torch-<version>-<cpu|NCCL>[-nompi]/), so later installs take seconds.
+# The script is idempotent: when the asked-for flavour is already installed it exits at once; when
+# another flavour (or version, or a broken build) is installed it reinstalls from the cache or builds.
+# The NCCL flavour builds without a GPU: it needs the CUDA toolkit (nvcc) and NCCL, which it takes from
+# the NCCL wheel next to torch (site-packages/nvidia/*/{include/nccl.h,lib/libnccl.so.2}).
+#
+# On a GPU machine without internet (system python3 with torch and nvidia-nccl-cu13, nvcc, cmake),
+# from the repository root, with the sdist brought along in .gpu_carry/ (`make horovod-sdist`):
+#   HOROVOD_GPU_OPERATIONS=NCCL HOROVOD_BUILD_CUDA_CC_LIST=90 PYTHON=python3 KFAC_HVD_PIP_ARGS=--break-system-packages bash scripts/install_horovod.sh
+# (drop KFAC_HVD_PIP_ARGS where pip may install into that python; MPI is built in only if mpicxx is found.)
+#
+# Usage: install_horovod.sh [--dry-run] [--download-sdist DIR]
+#   --dry-run                prints the decision (skip, install-cached, build), the flavour, the cache
+#                            and the build environment, and changes nothing (also KFAC_HVD_DRY_RUN=1)
+#   --download-sdist DIR     only puts the verified Horovod sdist into DIR (needs the network)
 #
 # Environment:
-#   PYTHON                  interpreter of the target environment (default: python on PATH)
-#   KFAC_HVD_CACHE          cache folder for the sdist, build logs and wheels
-#   HOROVOD_GPU_OPERATIONS  set to NCCL on a GPU cluster (with HOROVOD_NCCL_HOME if NCCL is not in the
-#                           default paths, and HOROVOD_BUILD_CUDA_CC_LIST=70|80|90 for the cluster's GPUs)
-#   CUDA_HOME               CUDA toolkit folder; found from nvcc when unset
+#   PYTHON                      interpreter of the target environment (default: python, else python3)
+#   HOROVOD_GPU_OPERATIONS      unset for the cpu flavour, NCCL for the NCCL flavour
+#   HOROVOD_BUILD_CUDA_CC_LIST  GPU architectures of the NCCL flavour: 90 H100/H200 (default), 80 A100
+#   HOROVOD_SDIST               a local horovod-0.28.1.tar.gz; otherwise .gpu_carry/ of this repository,
+#                               then the cache, then a download from PyPI
+#   KFAC_HVD_CACHE              cache folder for sdist, logs and wheels (default ~/.cache/kfac-hvd)
+#   KFAC_HVD_REQUIRE_MPI=1      fail when MPI cannot be built in (default: MPI only if mpicxx is found;
+#                               HOROVOD_WITHOUT_MPI=1 leaves it out)
+#   MPICXX                      the MPI C++ compiler wrapper looked for (default mpicxx)
+#   KFAC_HVD_PIP_ARGS           extra arguments of every pip install (e.g. --break-system-packages, --user)
+#   KFAC_HVD_TARGET             install into this folder (pip --target) instead of site-packages
+#   KFAC_HVD_BUILD_JOBS         parallel compile jobs (default: nproc)
+#   CUDA_HOME                   CUDA toolkit folder; found from nvcc (a wrapper script is followed)
+#   HOROVOD_NCCL_HOME / HOROVOD_NCCL_INCLUDE / HOROVOD_NCCL_LIB   a NCCL of your own instead of the wheel's
+#   HOROVOD_CMAKE               the cmake to use; otherwise the first cmake >= 3.13 on PATH or next to
+#                               PYTHON, else pip installs cmake<4 there
 set -euo pipefail
 
 HOROVOD_VERSION=0.28.1
-PYTHON=$(command -v "${PYTHON:-python}") || { echo "install_horovod: no python at ${PYTHON:-python}" >&2; exit 1; }
-# Absolute, because the build runs inside the unpacked sdist.
-case "$PYTHON" in /*) ;; *) PYTHON="$PWD/$PYTHON" ;; esac
-CACHE=${KFAC_HVD_CACHE:-$HOME/.cache/kfac-hvd}
-mkdir -p "$CACHE/wheels" "$CACHE/logs"
+# PyPI's sha256 of horovod-0.28.1.tar.gz: a local or carried sdist must be the released one.
+SDIST_SHA256=92a43f5a94c43907a56805bad15f19700c62ffc83b7ca483f9e104e229f67ef0
+SDIST_NAME=horovod-$HOROVOD_VERSION.tar.gz
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
+say() { echo "install_horovod: $*"; }
 fail() { echo "install_horovod: step '$1' failed${2:+; log: $2}" >&2; exit 1; }
 
-# Already installed and importable with the torch extension: nothing to do.
-if "$PYTHON" -c "import horovod, horovod.torch; assert horovod.__version__ == '$HOROVOD_VERSION'" 2>/dev/null; then
-  echo "install_horovod: horovod $HOROVOD_VERSION already installed"
+dry_run=${KFAC_HVD_DRY_RUN:-0}
+download_to=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --dry-run) dry_run=1 ;;
+    --download-sdist) download_to=${2:?--download-sdist needs a folder}; shift ;;
+    -h|--help) sed -n '2,/^set -euo pipefail/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    *) echo "install_horovod: unknown argument '$1' (see --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+[ "$dry_run" = 1 ] || dry_run=0
+
+if [ -z "${PYTHON:-}" ]; then
+  PYTHON=python
+  command -v python >/dev/null 2>&1 || PYTHON=python3
+fi
+PYTHON=$(command -v "$PYTHON") || fail "find python ($PYTHON)"
+# Absolute, because the build runs inside the unpacked sdist.
+case "$PYTHON" in /*) ;; *) PYTHON="$PWD/$PYTHON" ;; esac
+
+pip_args=()
+# Word splitting is wanted: KFAC_HVD_PIP_ARGS holds several pip options.
+# shellcheck disable=SC2206
+[ -z "${KFAC_HVD_PIP_ARGS:-}" ] || pip_args=($KFAC_HVD_PIP_ARGS)
+target=${KFAC_HVD_TARGET:-}
+if [ -n "$target" ]; then
+  mkdir -p "$target"
+  target=$(cd "$target" && pwd)
+  # Everything below (checks, horovodrun) must see what was installed there.
+  export PYTHONPATH="$target${PYTHONPATH:+:$PYTHONPATH}"
+  pip_args+=(--target "$target" --upgrade)
+fi
+pip_install() { "$PYTHON" -m pip install -q ${pip_args[@]+"${pip_args[@]}"} "$@"; }
+
+sha256_of() { sha256sum "$1" 2>/dev/null | cut -d' ' -f1; }
+verify_sdist() {
+  [ -f "$1" ] || fail "find sdist $1"
+  [ "$(sha256_of "$1")" = "$SDIST_SHA256" ] || fail "verify sdist $1 (sha256 is not the one of PyPI's $SDIST_NAME)"
+}
+download_sdist() {  # $1: folder, $2: log
+  mkdir -p "$1"
+  "$PYTHON" -m pip download -q --no-deps --no-binary :all: "horovod==$HOROVOD_VERSION" -d "$1" >>"$2" 2>&1 \
+    || fail "download sdist" "$2"
+  verify_sdist "$1/$SDIST_NAME"
+}
+
+CACHE=${KFAC_HVD_CACHE:-$HOME/.cache/kfac-hvd}
+mkdir -p "$CACHE/wheels" "$CACHE/logs" "$CACHE/sdist"
+
+if [ -n "$download_to" ]; then
+  log="$CACHE/logs/horovod-sdist.log"
+  : >"$log"
+  if [ -f "$download_to/$SDIST_NAME" ]; then
+    verify_sdist "$download_to/$SDIST_NAME"
+  else
+    download_sdist "$download_to" "$log"
+  fi
+  say "sdist ready: $(cd "$download_to" && pwd)/$SDIST_NAME"
   exit 0
 fi
 
-torch_version=$("$PYTHON" -c 'import torch; print(torch.__version__.split("+")[0])') \
-  || fail "find torch (install torch before Horovod)"
 flavour=${HOROVOD_GPU_OPERATIONS:-cpu}
-wheel_dir="$CACHE/wheels/torch-$torch_version-$flavour"
+case "$flavour" in
+  cpu|NCCL) ;;
+  *) fail "choose flavour (HOROVOD_GPU_OPERATIONS='$flavour'; this script builds '' (cpu) or NCCL)" ;;
+esac
 
-if ! ls "$wheel_dir"/horovod-"$HOROVOD_VERSION"-*.whl >/dev/null 2>&1; then
-  log="$CACHE/logs/horovod-build-$torch_version-$flavour.log"
-  : >"$log"
-  command -v mpicxx >/dev/null || fail "find MPI (apt-get install openmpi-bin libopenmpi-dev)"
-  command -v cmake >/dev/null || "$PYTHON" -m pip install -q cmake >>"$log" 2>&1 || fail "install cmake" "$log"
+# One interpreter start answers everything about the target environment (importing torch is the slow part).
+probe=$("$PYTHON" - "$HOROVOD_VERSION" 2>/dev/null <<'EOF'
+import sys, sysconfig
+print("pytag=cp%d%d" % sys.version_info[:2])
+print("scripts=" + sysconfig.get_path("scripts"))
+try:
+    import torch
+except Exception as exc:
+    print("torch_error=%s: %s" % (type(exc).__name__, str(exc).splitlines()[0] if str(exc) else ""))
+    sys.exit(0)
+print("torch=" + torch.__version__.split("+")[0])
+try:
+    import horovod
+except Exception as exc:
+    absent = isinstance(exc, ModuleNotFoundError) and exc.name == "horovod"
+    print("horovod=absent" if absent else "horovod=broken")
+    print("horovod_error=%s: %s" % (type(exc).__name__, str(exc).splitlines()[0] if str(exc) else ""))
+    sys.exit(0)
+version = getattr(horovod, "__version__", "unknown")
+if version != sys.argv[1]:
+    print("horovod=version-" + version)
+    sys.exit(0)
+try:
+    import horovod.torch as hvd
+    state = (int(hvd.nccl_built()), int(bool(hvd.mpi_built())), int(bool(hvd.gloo_built())))
+except Exception as exc:
+    print("horovod=broken")
+    print("horovod_error=%s: %s" % (type(exc).__name__, str(exc).splitlines()[0] if str(exc) else ""))
+    sys.exit(0)
+print("horovod=ok")
+print("nccl_built=%d\nmpi_built=%d\ngloo_built=%d" % state)
+EOF
+) || fail "probe $PYTHON"
+pv() { printf '%s\n' "$probe" | sed -n "s/^$1=//p" | head -1; }
+torch_version=$(pv torch)
+[ -n "$torch_version" ] || fail "find torch in $PYTHON ($(pv torch_error); install torch before Horovod)"
+pytag=$(pv pytag)
+scripts_dir=$(pv scripts)
+[ -z "$target" ] || scripts_dir="$target/bin"
+installed=$(pv horovod)
 
-  src=$(mktemp -d)
-  trap 'rm -rf "$src"' EXIT
-  echo "install_horovod: downloading the horovod $HOROVOD_VERSION sdist"
-  "$PYTHON" -m pip download -q --no-deps --no-binary :all: "horovod==$HOROVOD_VERSION" -d "$src" >>"$log" 2>&1 \
-    || fail "download sdist" "$log"
-  tar -xzf "$src/horovod-$HOROVOD_VERSION.tar.gz" -C "$src" || fail "unpack sdist"
-  tree="$src/horovod-$HOROVOD_VERSION"
+# MPI: on when asked for or when an MPI compiler is there; a machine with only mpi4py gets Gloo alone.
+mpicxx=$(command -v "${MPICXX:-mpicxx}" 2>/dev/null || true)
+if [ "${HOROVOD_WITHOUT_MPI:-0}" = 1 ]; then
+  [ "${KFAC_HVD_REQUIRE_MPI:-0}" != 1 ] || fail "choose MPI (KFAC_HVD_REQUIRE_MPI=1 contradicts HOROVOD_WITHOUT_MPI=1)"
+  want_mpi=0
+elif [ -n "$mpicxx" ] || [ "${KFAC_HVD_REQUIRE_MPI:-0}" = 1 ]; then
+  want_mpi=1
+else
+  want_mpi=0
+fi
 
-  echo "install_horovod: patching CMAKE_CXX_STANDARD to 20"
-  for f in "$tree/CMakeLists.txt" "$tree/horovod/torch/CMakeLists.txt"; do
-    sed -i 's/set(CMAKE_CXX_STANDARD 14)/set(CMAKE_CXX_STANDARD 20)/' "$f"
-    grep -q 'set(CMAKE_CXX_STANDARD 20)' "$f" || fail "patch $f"
-  done
+key="torch-$torch_version-$flavour"
+# A wheel without MPI must never stand in for one with it.
+[ "$want_mpi" = 1 ] || key="$key-nompi"
+wheel_dir="$CACHE/wheels/$key"
+build_log="$CACHE/logs/horovod-build-$key.log"
+install_log="$CACHE/logs/horovod-install-$key.log"
 
-  # The torch wheel is a CUDA build, so Horovod's CMake looks for the CUDA toolkit. nvcc on PATH may be a
-  # wrapper script; the toolkit is the folder whose bin/ holds the real nvcc.
+# What is installed now, and does it match the request?
+installed_flavour=""
+reason=""
+case "$installed" in
+  ok)
+    if [ "$(pv nccl_built)" != 0 ]; then installed_flavour=NCCL; else installed_flavour=cpu; fi
+    if [ "$installed_flavour" != "$flavour" ]; then
+      reason="installed horovod $HOROVOD_VERSION is the $installed_flavour flavour"
+    elif [ "$(pv gloo_built)" != 1 ]; then
+      reason="installed horovod $HOROVOD_VERSION lacks Gloo"
+    elif [ "$want_mpi" = 1 ] && [ "$(pv mpi_built)" != 1 ]; then
+      reason="installed horovod $HOROVOD_VERSION lacks MPI"
+    fi ;;
+  absent) reason="horovod is not installed" ;;
+  broken) reason="installed horovod does not import ($(pv horovod_error))" ;;
+  version-*) reason="installed horovod is ${installed#version-}" ;;
+  *) reason="horovod state unknown" ;;
+esac
+
+wheel=$(ls "$wheel_dir"/horovod-"$HOROVOD_VERSION"-"$pytag"-*.whl 2>/dev/null | head -1 || true)
+if [ -z "$reason" ]; then
+  decision=skip
+elif [ -n "$wheel" ]; then
+  decision=install-cached
+else
+  decision=build
+fi
+
+if [ "$dry_run" = 1 ]; then
+  echo "decision: $decision"
+  echo "reason: ${reason:-the asked-for flavour is installed}"
+  echo "flavour: $flavour"
+  echo "mpi: $want_mpi"
+  echo "python: $PYTHON"
+  echo "torch: $torch_version"
+  echo "installed: $installed${installed_flavour:+ $installed_flavour}"
+  echo "cache: $wheel_dir"
+  echo "wheel: ${wheel:-none}"
+  echo "build_log: $build_log"
+fi
+
+if [ "$decision" = skip ]; then
+  [ "$dry_run" = 1 ] || say "horovod $HOROVOD_VERSION ($flavour flavour) already installed"
+  exit 0
+fi
+
+# Runtime dependencies of Horovod (setup.py imports packaging too), installed only when missing so that an
+# offline machine that already has them never reaches for the network.
+missing=$("$PYTHON" - <<'EOF'
+import importlib.metadata as md
+missing = []
+for name in ("cloudpickle", "psutil", "pyyaml", "packaging"):
+    try:
+        md.version(name)
+    except md.PackageNotFoundError:
+        missing.append(name)
+print(" ".join(missing))
+EOF
+) || fail "check runtime dependencies"
+missing_build=""
+if [ "$decision" = build ]; then
+  "$PYTHON" -c 'import setuptools' 2>/dev/null || missing_build=setuptools
+fi
+
+if [ "$decision" = build ]; then
+  # The build tree, the NCCL link folder and the wheel live here until the wheel is cached.
+  mkdir -p "$CACHE/build"
+  if [ "$dry_run" = 1 ]; then
+    # Kept, so that what the dry run prints can be looked at; one per key, replaced on each dry run.
+    work="$CACHE/build/$key.dry-run"
+    rm -rf "$work"
+    mkdir -p "$work"
+  else
+    work=$(mktemp -d "$CACHE/build/$key.XXXXXX")
+    trap 'rm -rf "$work"' EXIT
+  fi
+
+  if [ "$want_mpi" = 1 ]; then
+    [ -n "$mpicxx" ] || fail "find MPI (${MPICXX:-mpicxx} not found; apt-get install openmpi-bin libopenmpi-dev)"
+    export HOROVOD_WITH_MPI=1
+    unset HOROVOD_WITHOUT_MPI
+  else
+    export HOROVOD_WITHOUT_MPI=1
+    unset HOROVOD_WITH_MPI
+  fi
+
+  # The torch wheel is a CUDA build, so Horovod's CMake looks for the CUDA toolkit even for the cpu
+  # flavour. nvcc on PATH may be a wrapper script; the toolkit is the folder whose bin/ holds the real nvcc.
   if [ -z "${CUDA_HOME:-}" ]; then
     nvcc_path=$(command -v nvcc || true)
     if [ -n "$nvcc_path" ]; then
-      real=$(grep -oE '/[^ "]*/bin/nvcc' "$nvcc_path" 2>/dev/null | head -1 || true)
-      [ -n "$real" ] || real=$(readlink -f "$nvcc_path")
+      real=$(grep -aoE '/[^ "'\'']*/bin/nvcc' "$nvcc_path" 2>/dev/null | head -1 || true)
+      [ -n "$real" ] && [ -x "$real" ] || real=$(readlink -f "$nvcc_path")
       CUDA_HOME=$(dirname "$(dirname "$real")")
     fi
   fi
   if [ -n "${CUDA_HOME:-}" ]; then
+    [ -x "$CUDA_HOME/bin/nvcc" ] || fail "find CUDA toolkit (no bin/nvcc in CUDA_HOME=$CUDA_HOME)"
     export CUDA_HOME HOROVOD_CUDA_HOME="$CUDA_HOME"
-    export HOROVOD_BUILD_CUDA_CC_LIST=${HOROVOD_BUILD_CUDA_CC_LIST:-80,90}
+  elif [ "$flavour" = NCCL ]; then
+    fail "find CUDA toolkit (no nvcc on PATH; set CUDA_HOME)"
   fi
 
-  export HOROVOD_WITH_PYTORCH=1 HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1
-  export HOROVOD_WITH_GLOO=1 HOROVOD_WITH_MPI=1
-  export MAKEFLAGS=${MAKEFLAGS:--j$(nproc)}
-  echo "install_horovod: building the wheel (several minutes; log: $log)"
-  (cd "$tree" && "$PYTHON" -m pip wheel --no-build-isolation --no-deps --no-cache-dir -w "$src/out" .) >>"$log" 2>&1 \
-    || fail "build wheel" "$log"
-  mkdir -p "$wheel_dir"
-  cp "$src"/out/horovod-*.whl "$wheel_dir/"
+  if [ "$flavour" = NCCL ]; then
+    export HOROVOD_GPU_OPERATIONS=NCCL
+    # Which GPUs the kernels are compiled for: 80 A100, 90 H100/H200 (comma-separated for several).
+    # 70 (V100) needs a CUDA 12.x toolkit and torch build: nvcc 13 has no compute_70.
+    export HOROVOD_BUILD_CUDA_CC_LIST=${HOROVOD_BUILD_CUDA_CC_LIST:-90}
+    if [ -z "${HOROVOD_NCCL_HOME:-}${HOROVOD_NCCL_INCLUDE:-}${HOROVOD_NCCL_LIB:-}" ]; then
+      # NCCL of the wheel next to torch first: torch loads that libnccl.so.2 and Horovod must use the same.
+      nccl=$("$PYTHON" - <<'EOF'
+import glob, importlib.util, os, site, sys
+roots = []
+spec = importlib.util.find_spec("torch")
+if spec and spec.origin:
+    roots.append(os.path.dirname(os.path.dirname(spec.origin)))
+extra = list(site.getsitepackages()) if hasattr(site, "getsitepackages") else []
+if hasattr(site, "getusersitepackages"):
+    extra.append(site.getusersitepackages())
+for p in sys.path + extra:
+    if p and os.path.isdir(p) and p not in roots:
+        roots.append(p)
+for root in roots:
+    for header in sorted(glob.glob(os.path.join(root, "nvidia", "**", "include", "nccl.h"), recursive=True)):
+        base = os.path.dirname(os.path.dirname(header))
+        libs = sorted(glob.glob(os.path.join(base, "lib*", "libnccl.so*")))
+        libs = libs or sorted(glob.glob(os.path.join(root, "nvidia", "**", "libnccl.so*"), recursive=True))
+        if libs:
+            exact = [l for l in libs if l.endswith("libnccl.so.2")]
+            print(os.path.dirname(header))
+            print((exact or libs)[0])
+            sys.exit(0)
+EOF
+) || fail "find NCCL"
+      nccl_include=$(printf '%s\n' "$nccl" | sed -n 1p)
+      nccl_so=$(printf '%s\n' "$nccl" | sed -n 2p)
+      [ -n "$nccl_include" ] && [ -n "$nccl_so" ] \
+        || fail "find NCCL (no site-packages/nvidia/*/include/nccl.h with lib*/libnccl.so* for $PYTHON; pip install nvidia-nccl-cu13, or set HOROVOD_NCCL_HOME)"
+      # Horovod's FindNCCL looks for libnccl.so; the wheel has only libnccl.so.2 (the SONAME, which
+      # is what the built library will load, so the link is needed at build time only).
+      mkdir -p "$work/nccl-lib"
+      ln -sfn "$nccl_so" "$work/nccl-lib/libnccl.so"
+      export HOROVOD_NCCL_INCLUDE="$nccl_include" HOROVOD_NCCL_LIB="$work/nccl-lib"
+    fi
+    export HOROVOD_NCCL_LINK=${HOROVOD_NCCL_LINK:-SHARED}
+  else
+    unset HOROVOD_GPU_OPERATIONS
+    [ -z "${CUDA_HOME:-}" ] || export HOROVOD_BUILD_CUDA_CC_LIST=${HOROVOD_BUILD_CUDA_CC_LIST:-80,90}
+  fi
+
+  # cmake: the one given, else the first >= 3.13 on PATH or next to the interpreter; pip's only when none.
+  cmake_version() { "$1" --version 2>/dev/null | sed -n '1s/.*version \([0-9][0-9.]*\).*/\1/p'; }
+  cmake_bin=${HOROVOD_CMAKE:-}
+  if [ -z "$cmake_bin" ]; then
+    for c in $(type -ap cmake) "$scripts_dir/cmake"; do
+      [ -x "$c" ] || continue
+      v=$(cmake_version "$c")
+      if [ -n "$v" ] && printf '3.13\n%s\n' "$v" | sort -V -C; then cmake_bin=$c; break; fi
+    done
+  fi
+  # Horovod's setup.py takes this one instead of whatever `cmake` is first on PATH.
+  [ -z "$cmake_bin" ] || export HOROVOD_CMAKE="$cmake_bin"
+  # Gloo asks for cmake_minimum_required(< 3.5), which cmake 4.x refuses unless this is set; 3.x ignores it.
+  export CMAKE_POLICY_VERSION_MINIMUM=3.5
+  jobs=${KFAC_HVD_BUILD_JOBS:-$(nproc)}
+  # Set rather than inherited: under make, MAKEFLAGS carries the caller's flags and jobserver.
+  export MAKEFLAGS="-j$jobs" CMAKE_BUILD_PARALLEL_LEVEL="$jobs"
+  unset MFLAGS MAKELEVEL
+  if ! command -v make >/dev/null 2>&1 && command -v ninja >/dev/null 2>&1; then
+    export CMAKE_GENERATOR=Ninja
+  fi
+  export HOROVOD_WITH_PYTORCH=1 HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1 HOROVOD_WITH_GLOO=1
+
+  sdist=${HOROVOD_SDIST:-}
+  if [ -z "$sdist" ]; then
+    for s in "$REPO/.gpu_carry/$SDIST_NAME" "$CACHE/sdist/$SDIST_NAME"; do
+      [ -f "$s" ] && { sdist=$s; break; }
+    done
+  fi
+  if [ -n "$sdist" ]; then
+    verify_sdist "$sdist"
+  fi
 fi
 
-echo "install_horovod: installing the cached wheel from $wheel_dir"
-"$PYTHON" -m pip install -q --no-deps --force-reinstall "$wheel_dir"/horovod-"$HOROVOD_VERSION"-*.whl \
-  || fail "install wheel"
-# Horovod's runtime dependencies (cloudpickle, psutil, pyyaml, packaging), without touching torch.
-"$PYTHON" -m pip install -q cloudpickle psutil pyyaml packaging || fail "install runtime dependencies"
+if [ "$dry_run" = 1 ]; then
+  echo "missing_runtime: ${missing:-none}"
+  if [ "$decision" = build ]; then
+    echo "missing_build: ${missing_build:-none}"
+    echo "sdist: ${sdist:-download into $CACHE/sdist}"
+    echo "cmake: ${cmake_bin:-none (would pip install 'cmake>=3.13,<4')}"
+    echo "work: $work"
+    env | grep -E '^(HOROVOD_|CUDA_HOME=|CMAKE_|MAKEFLAGS=|PYTHONPATH=)' | sort | sed 's/^/env: /'
+  fi
+  exit 0
+fi
 
-bindir=$(dirname "$("$PYTHON" -c 'import sys; print(sys.executable)')")
-check=$("$bindir/horovodrun" --check-build) || fail "horovodrun --check-build"
+: >"$install_log"
+to_install=$(echo $missing $missing_build)
+if [ -n "$to_install" ]; then
+  say "installing $to_install"
+  # shellcheck disable=SC2086
+  pip_install $to_install >>"$install_log" 2>&1 || fail "install dependencies ($to_install)" "$install_log"
+fi
+
+if [ "$decision" = build ]; then
+  : >"$build_log"
+  if [ -z "$cmake_bin" ]; then
+    say "no cmake >= 3.13 found; installing one with pip"
+    pip_install "cmake>=3.13,<4" >>"$build_log" 2>&1 || fail "install cmake" "$build_log"
+    cmake_bin="$scripts_dir/cmake"
+    [ -x "$cmake_bin" ] || fail "install cmake (no $cmake_bin after pip install)" "$build_log"
+  fi
+  export HOROVOD_CMAKE="$cmake_bin"
+  if [ -z "$sdist" ]; then
+    say "downloading the horovod $HOROVOD_VERSION sdist"
+    download_sdist "$CACHE/sdist" "$build_log"
+    sdist="$CACHE/sdist/$SDIST_NAME"
+  fi
+  tar -xzf "$sdist" -C "$work" || fail "unpack sdist $sdist"
+  tree="$work/horovod-$HOROVOD_VERSION"
+
+  say "patching the sdist (C++20; no setup_requires; no distutils in horovodrun)"
+  for f in "$tree/CMakeLists.txt" "$tree/horovod/torch/CMakeLists.txt"; do
+    sed -i 's/set(CMAKE_CXX_STANDARD 14)/set(CMAKE_CXX_STANDARD 20)/' "$f"
+    grep -q 'set(CMAKE_CXX_STANDARD 20)' "$f" || fail "patch $f"
+  done
+  # setup_requires would make setuptools fetch (over the network) packages the build does not use.
+  sed -i 's/setup_requires=require_list if is_build_action() else \[\],/setup_requires=[],/' "$tree/setup.py"
+  grep -q 'setup_requires=\[\],' "$tree/setup.py" || fail "patch $tree/setup.py"
+  # Python 3.12 has no distutils; horovodrun imports this one helper from it.
+  sed -i 's/^from distutils.spawn import find_executable$/from shutil import which as find_executable/' \
+    "$tree/horovod/runner/js_run.py"
+  grep -q '^from shutil import which as find_executable$' "$tree/horovod/runner/js_run.py" \
+    || fail "patch $tree/horovod/runner/js_run.py"
+
+  {
+    echo "# build environment"
+    env | grep -E '^(HOROVOD_|CUDA_HOME=|CMAKE_|MAKEFLAGS=|PYTHONPATH=)' | sort
+    echo "# cmake: $cmake_bin ($(cmake_version "$cmake_bin"))"
+  } >>"$build_log"
+  say "building the $flavour wheel with $jobs jobs (several minutes; log: $build_log)"
+  start=$SECONDS
+  (cd "$tree" && "$PYTHON" -m pip wheel -v --no-build-isolation --no-deps --no-cache-dir -w "$work/out" .) \
+    >>"$build_log" 2>&1 || fail "build wheel" "$build_log"
+  say "built in $((SECONDS - start)) s"
+  built=$(ls "$work"/out/horovod-"$HOROVOD_VERSION"-*.whl 2>/dev/null | head -1)
+  [ -n "$built" ] || fail "build wheel (no wheel in $work/out)" "$build_log"
+  mkdir -p "$wheel_dir"
+  # Copy then rename, so that a concurrent install never sees half a wheel.
+  cp "$built" "$wheel_dir/.$(basename "$built").part"
+  mv "$wheel_dir/.$(basename "$built").part" "$wheel_dir/$(basename "$built")"
+  wheel="$wheel_dir/$(basename "$built")"
+fi
+
+say "installing $wheel"
+reinstall=--force-reinstall
+[ -z "$target" ] || reinstall=""
+pip_install --no-deps $reinstall "$wheel" >>"$install_log" 2>&1 || fail "install wheel" "$install_log"
+
+{
+  if [ -x "$scripts_dir/horovodrun" ]; then
+    "$scripts_dir/horovodrun" --check-build
+  else
+    "$PYTHON" -c 'import sys; from horovod.runner.launch import run_commandline; sys.argv = ["horovodrun", "--check-build"]; run_commandline()'
+  fi
+} >"$install_log.check" 2>&1 || { cat "$install_log.check" >>"$install_log"; fail "horovodrun --check-build" "$install_log"; }
+check=$(cat "$install_log.check")
+cat "$install_log.check" >>"$install_log"
+rm -f "$install_log.check"
 echo "$check"
-for want in "\[X\] PyTorch" "\[X\] MPI" "\[X\] Gloo"; do
-  echo "$check" | grep -q "$want" || fail "check-build: missing $want"
+wants=(PyTorch Gloo)
+[ "$want_mpi" = 0 ] || wants+=(MPI)
+[ "$flavour" != NCCL ] || wants+=(NCCL)
+for want in "${wants[@]}"; do
+  echo "$check" | grep -qE "\[X\] $want[[:space:]]*\$" || fail "check-build: missing [X] $want" "$install_log"
 done
+if [ "$flavour" = cpu ] && echo "$check" | grep -qE '\[X\] NCCL[[:space:]]*$'; then
+  fail "check-build: the cpu flavour was asked for but NCCL is built in (cached wheel in $wheel_dir is wrong)" "$install_log"
+fi
+say "horovod $HOROVOD_VERSION ($flavour flavour) installed"

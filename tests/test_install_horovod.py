@@ -1,0 +1,400 @@
+"""scripts/install_horovod.sh: its decision (skip, install-cached, build) and the build environment it forms,
+seen through its dry run against fake interpreters; the Makefile's use of it; the strict session checks."""
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import conftest as session_checks
+from launch_helpers import common
+
+REPO = common.REPO
+SCRIPT = os.path.join(REPO, "scripts", "install_horovod.sh")
+REAL_PYTHON = sys.executable
+DEPS = {"cloudpickle": "cloudpickle", "psutil": "psutil", "pyyaml": "PyYAML", "packaging": "packaging"}
+
+
+def write(path, text, mode=None):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    if mode is not None:
+        os.chmod(path, mode)
+
+
+class Fake:
+    """A fake target environment: an interpreter (the real one without site-packages) that sees only a
+    made-up site folder with torch, maybe horovod, maybe an NCCL wheel and the runtime dependencies."""
+
+    def __init__(self, root, *, torch="2.14.1+cu130", horovod=None, nccl="nvidia/nccl", deps=tuple(DEPS),
+                 setuptools=True, mpicxx=True):
+        self.root = str(root)
+        self.site = os.path.join(self.root, "site")
+        self.cache = os.path.join(self.root, "cache")
+        self.bin = os.path.join(self.root, "bin")
+        self.python = os.path.join(self.bin, "python")
+        write(self.python, f'#!/bin/sh\nexec "{REAL_PYTHON}" -S "$@"\n', 0o755)
+        if torch is not None:
+            write(os.path.join(self.site, "torch", "__init__.py"), f"__version__ = {torch!r}\n")
+        if horovod is not None:
+            self.set_horovod(**horovod)
+        self.nccl_lib = None
+        if nccl is not None:
+            base = os.path.join(self.site, *nccl.split("/"))
+            write(os.path.join(base, "include", "nccl.h"), "#define NCCL_MAJOR 2\n")
+            self.nccl_lib = os.path.join(base, "lib", "libnccl.so.2")
+            write(self.nccl_lib, "")
+        for name in deps:
+            dist = DEPS[name]
+            write(os.path.join(self.site, f"{dist}-1.0.dist-info", "METADATA"),
+                  f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n")
+        if setuptools:
+            write(os.path.join(self.site, "setuptools", "__init__.py"), "")
+        # A CUDA toolkit reached through a wrapper script, as on this kind of machine.
+        self.cuda = os.path.join(self.root, "cuda-13.0")
+        write(os.path.join(self.cuda, "bin", "nvcc"), "#!/bin/sh\necho fake nvcc\n", 0o755)
+        write(os.path.join(self.bin, "nvcc"), f'#!/bin/sh\nexec {self.cuda}/bin/nvcc "$@"\n', 0o755)
+        self.mpicxx = os.path.join(self.bin, "mpicxx") if mpicxx else os.path.join(self.root, "absent", "mpicxx")
+        if mpicxx:
+            write(self.mpicxx, "#!/bin/sh\n", 0o755)
+
+    def set_horovod(self, version="0.28.1", nccl=0, mpi=1, gloo=1, broken=None):
+        top = "raise OSError('libhorovod_common.so: cannot open')\n" if broken == "package" else ""
+        write(os.path.join(self.site, "horovod", "__init__.py"), f"{top}__version__ = {version!r}\n")
+        body = ("raise ImportError('undefined symbol: _ZN7horovod')\n" if broken == "torch" else
+                f"def nccl_built():\n    return {nccl}\n\ndef mpi_built():\n    return {bool(mpi)}\n\n"
+                f"def gloo_built():\n    return {bool(gloo)}\n")
+        write(os.path.join(self.site, "horovod", "torch", "__init__.py"), body)
+
+    def cached_wheel(self, key, pytag=None):
+        pytag = pytag or "cp%d%d" % sys.version_info[:2]
+        path = os.path.join(self.cache, "wheels", key, f"horovod-0.28.1-{pytag}-{pytag}-linux_x86_64.whl")
+        write(path, "")
+        return path
+
+    def run(self, flavour=None, args=("--dry-run",), path_first=(), **extra):
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("HOROVOD_", "KFAC_HVD_", "CMAKE_")) and k not in ("CUDA_HOME", "PYTHONPATH",
+                                                                                      "MAKEFLAGS", "MPICXX")}
+        env.update(PYTHON=self.python, PYTHONPATH=self.site, KFAC_HVD_CACHE=self.cache, MPICXX=self.mpicxx,
+                   PATH=os.pathsep.join([*path_first, self.bin, env.get("PATH", "")]))
+        if flavour is not None:
+            env["HOROVOD_GPU_OPERATIONS"] = flavour
+        env.update(extra)
+        return subprocess.run(["bash", SCRIPT, *args], env=env, capture_output=True, text=True, timeout=60)
+
+    def dry_run(self, flavour=None, **kw):
+        proc = self.run(flavour, **kw)
+        assert proc.returncode == 0, common.describe(proc)
+        return parse(proc.stdout)
+
+
+def parse(out):
+    """'key: value' lines into a dict; 'env: NAME=value' lines into the dict under 'env'."""
+    result = {"env": {}}
+    for line in out.splitlines():
+        key, _, value = line.partition(": ")
+        if key == "env":
+            name, _, val = value.partition("=")
+            result["env"][name] = val
+        elif key:
+            result[key] = value
+    return result
+
+
+def failed_step(proc):
+    assert proc.returncode != 0, common.describe(proc)
+    return proc.stderr
+
+
+CPU_INSTALLED = dict(nccl=0, mpi=1, gloo=1)
+NCCL_INSTALLED = dict(nccl=23007, mpi=1, gloo=1)
+
+
+# --- the decision -------------------------------------------------------------------------------------
+
+def test_right_flavour_installed_means_nothing_to_do(tmp_path):
+    out = Fake(tmp_path, horovod=CPU_INSTALLED).dry_run()
+    assert out["decision"] == "skip" and out["flavour"] == "cpu"
+    assert "env" not in out or out["env"] == {}
+
+
+def test_nccl_installed_and_asked_for_means_nothing_to_do(tmp_path):
+    out = Fake(tmp_path, horovod=NCCL_INSTALLED).dry_run("NCCL")
+    assert out["decision"] == "skip" and out["installed"] == "ok NCCL"
+
+
+def test_cpu_build_installed_but_nccl_asked_for_rebuilds(tmp_path):
+    out = Fake(tmp_path, horovod=CPU_INSTALLED).dry_run("NCCL")
+    assert out["decision"] == "build"
+    assert "cpu flavour" in out["reason"]
+    assert out["cache"] == os.path.join(tmp_path, "cache", "wheels", "torch-2.14.1-NCCL")
+
+
+def test_nccl_build_installed_but_cpu_asked_for_reinstalls_the_cached_cpu_wheel(tmp_path):
+    fake = Fake(tmp_path, horovod=NCCL_INSTALLED)
+    wheel = fake.cached_wheel("torch-2.14.1-cpu")
+    fake.cached_wheel("torch-2.14.1-NCCL")
+    out = fake.dry_run()
+    assert out["decision"] == "install-cached" and out["wheel"] == wheel
+
+
+def test_cached_wheel_of_the_asked_flavour_is_installed_not_rebuilt(tmp_path):
+    fake = Fake(tmp_path, horovod=CPU_INSTALLED)
+    wheel = fake.cached_wheel("torch-2.14.1-NCCL")
+    out = fake.dry_run("NCCL")
+    assert out["decision"] == "install-cached" and out["wheel"] == wheel
+
+
+def test_cached_wheel_of_another_python_is_not_used(tmp_path):
+    fake = Fake(tmp_path, horovod=CPU_INSTALLED)
+    fake.cached_wheel("torch-2.14.1-NCCL", pytag="cp27")
+    assert fake.dry_run("NCCL")["decision"] == "build"
+
+
+@pytest.mark.parametrize("horovod, words", [
+    (None, "not installed"),
+    (dict(version="0.27.0"), "0.27.0"),
+    (dict(broken="torch"), "undefined symbol"),
+    (dict(broken="package"), "OSError: libhorovod_common.so"),
+    (dict(nccl=0, mpi=1, gloo=0), "lacks Gloo"),
+    (dict(nccl=0, mpi=0, gloo=1), "lacks MPI"),
+])
+def test_absent_other_version_broken_or_incomplete_horovod_is_replaced(tmp_path, horovod, words):
+    out = Fake(tmp_path, horovod=horovod).dry_run()
+    assert out["decision"] == "build"
+    assert words in out["reason"]
+
+
+def test_horovod_without_mpi_is_fine_where_there_is_no_mpi_compiler(tmp_path):
+    fake = Fake(tmp_path, horovod=dict(nccl=23007, mpi=0, gloo=1), mpicxx=False)
+    out = fake.dry_run("NCCL")
+    assert out["decision"] == "skip" and out["mpi"] == "0"
+
+
+def test_no_torch_fails_naming_the_step(tmp_path):
+    proc = Fake(tmp_path, torch=None).run()
+    assert "step 'find torch" in failed_step(proc)
+
+
+def test_unknown_flavour_fails(tmp_path):
+    proc = Fake(tmp_path).run("MPI")
+    assert "step 'choose flavour" in failed_step(proc)
+
+
+def test_dry_run_by_environment_variable(tmp_path):
+    fake = Fake(tmp_path, horovod=CPU_INSTALLED)
+    proc = fake.run("NCCL", args=(), KFAC_HVD_DRY_RUN="1")
+    assert proc.returncode == 0, common.describe(proc)
+    assert parse(proc.stdout)["decision"] == "build"
+    assert not os.path.exists(os.path.join(fake.cache, "wheels", "torch-2.14.1-NCCL"))
+
+
+# --- the build environment ---------------------------------------------------------------------------
+
+def test_nccl_environment_points_at_the_wheels_nccl_through_a_libnccl_so_link(tmp_path):
+    fake = Fake(tmp_path)
+    out = fake.dry_run("NCCL")
+    env = out["env"]
+    assert env["HOROVOD_GPU_OPERATIONS"] == "NCCL"
+    assert env["HOROVOD_NCCL_INCLUDE"] == os.path.join(fake.site, "nvidia", "nccl", "include")
+    assert env["HOROVOD_NCCL_LINK"] == "SHARED"
+    link = os.path.join(env["HOROVOD_NCCL_LIB"], "libnccl.so")
+    assert os.path.islink(link) and os.readlink(link) == fake.nccl_lib
+    assert env["HOROVOD_NCCL_LIB"].startswith(os.path.join(fake.cache, "build"))
+    assert env["CMAKE_POLICY_VERSION_MINIMUM"] == "3.5"
+    assert env["HOROVOD_BUILD_CUDA_CC_LIST"] == "90"
+    assert env["CUDA_HOME"] == env["HOROVOD_CUDA_HOME"] == fake.cuda
+    for name in ("HOROVOD_WITH_PYTORCH", "HOROVOD_WITH_GLOO", "HOROVOD_WITH_MPI", "HOROVOD_WITHOUT_TENSORFLOW",
+                 "HOROVOD_WITHOUT_MXNET"):
+        assert env[name] == "1", name
+    assert "HOROVOD_WITHOUT_MPI" not in env
+
+
+def test_nccl_of_a_cu13_wheel_laid_out_under_another_folder_is_found(tmp_path):
+    fake = Fake(tmp_path, nccl="nvidia/cu13")
+    env = fake.dry_run("NCCL")["env"]
+    assert env["HOROVOD_NCCL_INCLUDE"] == os.path.join(fake.site, "nvidia", "cu13", "include")
+    assert os.readlink(os.path.join(env["HOROVOD_NCCL_LIB"], "libnccl.so")) == fake.nccl_lib
+
+
+def test_nccl_next_to_torch_wins_over_one_earlier_on_the_path(tmp_path):
+    # torch loads the libnccl.so.2 of its own site folder; Horovod must be built against that one.
+    fake = Fake(tmp_path / "env")
+    other = tmp_path / "other"
+    write(str(other / "nvidia" / "nccl" / "include" / "nccl.h"), "")
+    write(str(other / "nvidia" / "nccl" / "lib" / "libnccl.so.2"), "")
+    env = fake.dry_run("NCCL", PYTHONPATH=os.pathsep.join([str(other), fake.site]))["env"]
+    assert os.readlink(os.path.join(env["HOROVOD_NCCL_LIB"], "libnccl.so")) == fake.nccl_lib
+
+
+def test_no_nccl_fails_naming_the_step(tmp_path):
+    proc = Fake(tmp_path, nccl=None).run("NCCL")
+    assert "step 'find NCCL" in failed_step(proc)
+
+
+def test_callers_nccl_and_architectures_are_kept(tmp_path):
+    env = Fake(tmp_path, nccl=None).dry_run("NCCL", HOROVOD_NCCL_HOME="/opt/nccl",
+                                            HOROVOD_BUILD_CUDA_CC_LIST="80,90")["env"]
+    assert env["HOROVOD_NCCL_HOME"] == "/opt/nccl" and "HOROVOD_NCCL_LIB" not in env
+    assert env["HOROVOD_BUILD_CUDA_CC_LIST"] == "80,90"
+
+
+def test_cpu_environment_has_no_nccl(tmp_path):
+    out = Fake(tmp_path).dry_run()
+    env = out["env"]
+    assert not any(name.startswith("HOROVOD_NCCL") for name in env)
+    assert "HOROVOD_GPU_OPERATIONS" not in env
+    assert env["CMAKE_POLICY_VERSION_MINIMUM"] == "3.5"
+    assert out["cache"].endswith(os.path.join("wheels", "torch-2.14.1-cpu"))
+
+
+def test_without_mpi_compiler_mpi_is_left_out_and_cached_apart(tmp_path):
+    out = Fake(tmp_path, mpicxx=False).dry_run("NCCL")
+    assert out["env"]["HOROVOD_WITHOUT_MPI"] == "1" and "HOROVOD_WITH_MPI" not in out["env"]
+    assert out["cache"].endswith("torch-2.14.1-NCCL-nompi")
+
+
+def test_required_mpi_without_mpi_compiler_fails_naming_the_step(tmp_path):
+    proc = Fake(tmp_path, mpicxx=False).run("NCCL", KFAC_HVD_REQUIRE_MPI="1")
+    assert "step 'find MPI" in failed_step(proc)
+
+
+def test_missing_runtime_dependencies_are_listed_present_ones_not(tmp_path):
+    out = Fake(tmp_path, deps=("cloudpickle", "pyyaml"), setuptools=False).dry_run()
+    assert out["missing_runtime"].split() == ["psutil", "packaging"]
+    assert out["missing_build"] == "setuptools"
+    out = Fake(tmp_path / "all").dry_run()
+    assert out["missing_runtime"] == "none" and out["missing_build"] == "none"
+
+
+def test_first_cmake_new_enough_is_used(tmp_path):
+    old, new = tmp_path / "old", tmp_path / "new"
+    write(str(old / "cmake"), "#!/bin/sh\necho 'cmake version 3.10.2'\n", 0o755)
+    write(str(new / "cmake"), "#!/bin/sh\necho 'cmake version 4.1.0'\n", 0o755)
+    out = Fake(tmp_path / "env").dry_run(path_first=(str(old), str(new)))
+    assert out["cmake"] == str(new / "cmake") and out["env"]["HOROVOD_CMAKE"] == str(new / "cmake")
+    assert out["env"]["CMAKE_POLICY_VERSION_MINIMUM"] == "3.5"
+
+
+def test_callers_cmake_is_kept(tmp_path):
+    out = Fake(tmp_path).dry_run(HOROVOD_CMAKE="/opt/cmake/bin/cmake")
+    assert out["env"]["HOROVOD_CMAKE"] == "/opt/cmake/bin/cmake"
+
+
+def test_build_jobs_are_set_not_inherited_from_make(tmp_path):
+    env = Fake(tmp_path).dry_run(MAKEFLAGS="s --jobserver-auth=3,4", KFAC_HVD_BUILD_JOBS="16")["env"]
+    assert env["MAKEFLAGS"] == "-j16" and env["CMAKE_BUILD_PARALLEL_LEVEL"] == "16"
+
+
+def test_sdist_given_is_verified(tmp_path):
+    fake = Fake(tmp_path)
+    bogus = tmp_path / "horovod-0.28.1.tar.gz"
+    bogus.write_bytes(b"not the release")
+    proc = fake.run(HOROVOD_SDIST=str(bogus))
+    assert f"step 'verify sdist {bogus}" in failed_step(proc)
+    proc = fake.run(HOROVOD_SDIST=str(tmp_path / "absent.tar.gz"))
+    assert "step 'find sdist" in failed_step(proc)
+
+
+def test_without_sdist_the_dry_run_says_it_would_download(tmp_path):
+    fake = Fake(tmp_path)
+    out = fake.dry_run()
+    carried = os.path.join(REPO, ".gpu_carry", "horovod-0.28.1.tar.gz")
+    assert out["sdist"] == (carried if os.path.exists(carried) else
+                            f"download into {os.path.join(fake.cache, 'sdist')}")
+
+
+def test_target_folder_is_put_on_pythonpath(tmp_path):
+    target = tmp_path / "target"
+    env = Fake(tmp_path / "env").dry_run("NCCL", KFAC_HVD_TARGET=str(target))["env"]
+    assert env["PYTHONPATH"].split(os.pathsep)[0] == str(target)
+
+
+# --- the Makefile ------------------------------------------------------------------------------------
+
+def make_n(tmp_path, target, **extra):
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True, exist_ok=True)
+    (venv / ".kfac-hvd-ready").touch()  # a venv that is set up already
+    env = dict(os.environ, **extra)
+    env.pop("MAKEFLAGS", None)
+    proc = subprocess.run(["make", "-n", "-C", REPO, f"VENV={venv}", target], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, common.describe(proc)
+    return proc.stdout
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make not installed")
+def test_make_setup_asks_the_script_even_when_the_venv_is_ready(tmp_path):
+    out = make_n(tmp_path, "setup", HOROVOD_GPU_OPERATIONS="NCCL")
+    line = next(l for l in out.splitlines() if "install_horovod.sh" in l)
+    assert "KFAC_HVD_REQUIRE_MPI=1" in line and "pip install" not in out
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make not installed")
+def test_make_test_is_strict_and_prints_skip_reasons(tmp_path):
+    line = next(l for l in make_n(tmp_path, "test").splitlines() if " -m pytest" in l)
+    assert "KFAC_HVD_STRICT=1" in line and "-rs" in line.split()
+
+
+# --- strict session checks and the cuda marker -------------------------------------------------------
+
+def test_strict_checks_name_every_missing_prerequisite(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(session_checks, "FASHION", str(tmp_path / "fashion"))
+    monkeypatch.setattr(session_checks, "horovod_problem", lambda: "horovod.torch does not load (ImportError: x)")
+    problems = " | ".join(session_checks.strict_problems())
+    assert "mpirun" in problems
+    assert "Fashion-MNIST" in problems and "t10k-labels-idx1-ubyte" in problems
+    assert "horovod.torch does not load" in problems
+
+
+def test_strict_horovod_ready_raises_instead_of_skipping(monkeypatch):
+    monkeypatch.setattr(common, "horovod_problem", lambda: "horovod.torch does not load (OSError: x)")
+    monkeypatch.delenv("KFAC_HVD_STRICT", raising=False)
+    assert common.horovod_ready() is False
+    monkeypatch.setenv("KFAC_HVD_STRICT", "1")
+    with pytest.raises(RuntimeError, match="does not load"):
+        common.horovod_ready()
+
+
+def pytest_subprocess(args, cwd, **extra):
+    env = {k: v for k, v in os.environ.items() if k != "KFAC_HVD_STRICT"}
+    env.update(OMP_NUM_THREADS="1", **extra)
+    return subprocess.run([REAL_PYTHON, "-m", "pytest", "-p", "no:cacheprovider", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_strict_session_fails_with_one_line_reason_and_lax_one_runs(tmp_path):
+    # A half-built Horovod (its extension does not load) and no mpirun on PATH.
+    write(str(tmp_path / "site" / "horovod" / "__init__.py"), "")
+    write(str(tmp_path / "site" / "horovod" / "torch" / "__init__.py"), "raise ImportError('undefined symbol')\n")
+    this = os.path.relpath(__file__, REPO) + "::test_unknown_flavour_fails"
+    extra = dict(PATH=str(tmp_path), PYTHONPATH=str(tmp_path / "site"))
+    lax = pytest_subprocess(["-q", "--collect-only", this], REPO, **extra)
+    assert lax.returncode == 0, common.describe(lax)
+    strict = pytest_subprocess(["-q", "--collect-only", this], REPO, KFAC_HVD_STRICT="1", **extra)
+    assert strict.returncode == 3, common.describe(strict)
+    reason = [line for line in (strict.stdout + strict.stderr).splitlines() if "KFAC_HVD_STRICT=1: " in line]
+    assert reason and "mpirun is not on PATH" in reason[0]
+    assert "horovod.torch does not load (ImportError: undefined symbol)" in reason[0]
+
+
+@pytest.mark.parametrize("gpu", [False, True])
+def test_cuda_marked_tests_skip_with_reason_without_a_gpu(tmp_path, gpu):
+    write(str(tmp_path / "site" / "torch" / "__init__.py"), "from . import cuda\n")
+    write(str(tmp_path / "site" / "torch" / "cuda.py"), f"def is_available():\n    return {gpu}\n")
+    write(str(tmp_path / "t" / "test_gpu.py"), "import pytest\n\n@pytest.mark.cuda\ndef test_needs_gpu():\n    pass\n\n"
+          "def test_plain():\n    pass\n")
+    path = os.pathsep.join([str(tmp_path / "site"), os.path.join(REPO, "tests")])
+    proc = pytest_subprocess(["-q", "-rs", "-c", os.path.join(REPO, "pytest.ini"), "--rootdir", str(tmp_path / "t"),
+                              "-p", "conftest", "test_gpu.py"], str(tmp_path / "t"), PYTHONPATH=path)
+    assert proc.returncode == 0, common.describe(proc)
+    if gpu:
+        assert "2 passed" in proc.stdout and "skipped" not in proc.stdout
+    else:
+        assert "1 passed, 1 skipped" in proc.stdout
+        assert "needs a CUDA GPU (torch.cuda.is_available() is false)" in proc.stdout
