@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -79,3 +80,54 @@ def rank_lines(text: str, rank: int) -> List[str]:
             if line.startswith(tag):
                 out.append(line[len(tag):])
     return out
+
+
+def recorded_train(args: List[str], out: str, *, stderr_to_file: bool = False, pass_code: bool = True) -> List[str]:
+    """Every rank's `sh -c` command running the launcher with ``args``; it writes the launcher's own exit
+    code to ``out/rc.RANK`` (and, with ``stderr_to_file``, its stderr to ``out/err.RANK``).
+
+    A launcher ends the other ranks as soon as one exits non-zero, so a rank that is still exiting shows
+    the launcher's signal (143) instead of its own code. Two ways to see the rank's own code:
+
+    - ``pass_code=True`` (horovodrun): the wrapper exits with the launcher's code, so horovodrun sees the
+      failure and ends the job as usual, but the wrapper ignores horovodrun's SIGTERM (``trap : TERM``).
+      horovodrun signals only the direct children of each rank's command (the wrapper), not the launcher
+      process under it, and SIGKILLs what is left 5 s later: a rank that ends by itself within those
+      5 s has its own code recorded; one that does not leaves no ``rc`` file.
+    - ``pass_code=False`` (mpirun, which signals the whole process group, trap or not): the wrapper
+      exits 0, so the launcher never ends a rank; every rank must end by itself (else the job's timeout).
+    """
+    folder = shlex.quote(out)
+    cmd = shell_train(args)[len("exec "):]
+    if stderr_to_file:
+        cmd += f" 2> {folder}/err.{{rank}}"
+    record = f"rc=$?; echo $rc > {folder}/rc.{{rank}}"
+    if pass_code:
+        return per_rank_shell(f"trap : TERM; {cmd}; {record}; exit $rc")
+    return per_rank_shell(f"{cmd}; {record}; exit 0")
+
+
+def rank_exit_codes(out: str, np_: int = 2) -> Dict[int, Optional[int]]:
+    """The exit code each rank's launcher process recorded (see recorded_train); None: nothing recorded
+    (the wrapper itself was killed, e.g. by horovodrun 5 s after its SIGTERM)."""
+    codes: Dict[int, Optional[int]] = {}
+    for rank in range(np_):
+        path = os.path.join(out, f"rc.{rank}")
+        codes[rank] = int(open(path).read().strip()) if os.path.exists(path) else None
+    return codes
+
+
+def rank_stderr(out: str, rank: int) -> List[str]:
+    """The stderr lines of ``rank`` kept by recorded_train(..., stderr_to_file=True)."""
+    path = os.path.join(out, f"err.{rank}")
+    if not os.path.exists(path):
+        return []
+    with open(path, "r", encoding="utf-8", errors="replace") as fh:
+        return fh.read().splitlines()
+
+
+def first_failure(text: str) -> Tuple[Optional[int], Optional[int]]:
+    """(rank, exit code) of the first rank that failed, as horovodrun's closing error names them
+    (``Process name: R`` / ``Exit code: N``); (None, None) when it names none."""
+    match = re.search(r"^Process name: (\d+)\nExit code: (\d+)$", text, re.MULTILINE)
+    return (int(match.group(1)), int(match.group(2))) if match else (None, None)

@@ -1,0 +1,203 @@
+"""Report of scripts/bench/pareto.py: the accuracy/traffic front, adaptive against fixed at equal traffic,
+the batch transfer of λ, and the replay of the long runs' traces at the paper's scale."""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+PAPER = {0.2: 0.169, 0.25: 0.119, 0.3: 0.109}     # Table 1: Fisher traffic as a fraction of every step
+
+
+def load(path: Path) -> Dict[str, Any]:
+    summary = json.loads((path / "summary.json").read_text())
+    steps, intervals = [], []
+    with (path / "metrics.jsonl").open() as handle:
+        for line in handle:
+            entry = json.loads(line)
+            if "mean_interval" in entry and "loss" in entry:
+                steps.append(entry["step"])
+                intervals.append(entry["mean_interval"])
+    return {"summary": summary, "steps": steps, "mean_interval": intervals}
+
+
+def aggregate(runs: Dict[Tuple[str, int], Tuple[str, Path]]) -> Dict[str, Dict[str, Any]]:
+    """Per run name: label, seeds, mean and half-range of top-1, mean traffic and compute ratios."""
+    grouped: Dict[str, Dict[str, Any]] = {}
+    for (name, seed), (label, path) in sorted(runs.items()):
+        data = load(path)
+        summary = data["summary"]
+        entry = grouped.setdefault(name, {"label": label, "seeds": [], "top1": [], "traffic": [], "compute": [],
+                                          "wall_s": [], "mean_interval": [], "steps": summary["steps"],
+                                          "paths": []})
+        entry["seeds"].append(seed)
+        entry["top1"].append(summary["final_top1"])
+        fisher = summary.get("fisher") or {}
+        entry["traffic"].append(fisher.get("ratio"))
+        entry["compute"].append(fisher.get("compute_ratio"))
+        entry["wall_s"].append(summary["wall_time_s"])
+        entry["mean_interval"].append((summary.get("kfac") or {}).get("mean_interval"))
+        entry["paths"].append(str(path))
+        entry.setdefault("curves", {})[seed] = data
+    for entry in grouped.values():
+        entry["top1_mean"] = statistics.mean(entry["top1"])
+        entry["top1_half_range"] = (max(entry["top1"]) - min(entry["top1"])) / 2
+        ratios = [r for r in entry["traffic"] if r is not None]
+        entry["traffic_mean"] = statistics.mean(ratios) if ratios else None
+    return grouped
+
+
+def fixed_front(groups: Dict[str, Dict[str, Any]]) -> List[Tuple[float, float]]:
+    """(traffic, top-1) of the fixed-interval runs, by traffic."""
+    points = [(g["traffic_mean"], g["top1_mean"]) for name, g in groups.items()
+              if name.startswith("fixed") and g["traffic_mean"]]
+    return sorted(points)
+
+
+def fixed_accuracy_at(front: List[Tuple[float, float]], traffic: float) -> Optional[float]:
+    """The fixed intervals' top-1 at ``traffic``, linear in log(traffic) between neighbouring k."""
+    for (t0, a0), (t1, a1) in zip(front, front[1:]):
+        if t0 <= traffic <= t1:
+            w = (math.log(traffic) - math.log(t0)) / (math.log(t1) - math.log(t0)) if t1 > t0 else 0.0
+            return a0 + w * (a1 - a0)
+    return None
+
+
+def fixed_traffic_for(front: List[Tuple[float, float]], accuracy: float) -> Optional[float]:
+    """The least traffic at which the fixed front (interpolated) reaches ``accuracy``."""
+    if front and front[0][1] >= accuracy:
+        return front[0][0]
+    for (t0, a0), (t1, a1) in zip(front, front[1:]):
+        if a0 < accuracy <= a1:
+            w = (accuracy - a0) / (a1 - a0)
+            return math.exp(math.log(t0) + w * (math.log(t1) - math.log(t0)))
+    return None
+
+
+def comparisons(groups: Dict[str, Dict[str, Any]]) -> List[Dict[str, Any]]:
+    front = fixed_front(groups)
+    rows = []
+    for name, g in groups.items():
+        if name.startswith(("raw", "noise")) and g["traffic_mean"]:
+            equal_traffic = fixed_accuracy_at(front, g["traffic_mean"])
+            equal_accuracy = fixed_traffic_for(front, g["top1_mean"])
+            rows.append({"name": name, "label": g["label"], "traffic": g["traffic_mean"], "top1": g["top1_mean"],
+                         "gain_pt_at_equal_traffic": None if equal_traffic is None else
+                         100 * (g["top1_mean"] - equal_traffic),
+                         "traffic_vs_fixed_at_equal_accuracy": None if equal_accuracy is None else
+                         g["traffic_mean"] / equal_accuracy})
+    return rows
+
+
+def replay(root: Path, trace: str, lam: float) -> Optional[float]:
+    """The trace replayed through Algorithm 1 for ResNet-50, 128 ranks, 2,814 steps: traffic ratio."""
+    command = [sys.executable, "-m", "kfac_hvd.commodel", "--model", "resnet50", "--ranks", "128", "--batch",
+               "16384", "--steps", "2814", "--trace", trace, "--update-threshold", str(lam), "--json"]
+    result = subprocess.run(command, cwd=root, capture_output=True, text=True)
+    if result.returncode != 0:
+        return None
+    return json.loads(result.stdout)["replay"]["ratio"]
+
+
+def pct(value: Optional[float], digits: int = 1) -> str:
+    return "–" if value is None else f"{100 * value:.{digits}f}%"
+
+
+def plot_front(groups: Dict[str, Dict[str, Any]], out: Path) -> None:
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    styles = {"fixed": ("k", "s", "fixed interval k"), "raw": ("tab:blue", "o", "λ, raw Diff"),
+              "noise": ("tab:red", "^", "λ, noise-aware Diff")}
+    for family, (color, marker, label) in styles.items():
+        points = sorted((g["traffic_mean"], 100 * t, name) for name, g in groups.items()
+                        if name.startswith(family) and g["traffic_mean"] for t in g["top1"])
+        if points:
+            ax.scatter([p[0] * 100 for p in points], [p[1] for p in points], c=color, marker=marker, label=label)
+    front = fixed_front(groups)
+    ax.plot([t * 100 for t, _ in front], [a * 100 for _, a in front], "k--", lw=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("Fisher traffic, % of every step (log)")
+    ax.set_ylabel("test top-1 (%), each seed")
+    ax.set_title("Accuracy against factor traffic, 1,404 steps at batch 512")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "front.png", dpi=110)
+    plt.close(fig)
+
+
+def plot_transfer(groups: Dict[str, Dict[str, Any]], out: Path) -> None:
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, g in sorted(groups.items()):
+        if not name.startswith("transfer_"):
+            continue
+        data = next(iter(g["curves"].values()))
+        steps_per_epoch = data["steps"][-1] / 2 if data["steps"] else 1
+        ax.plot([s / steps_per_epoch for s in data["steps"]], data["mean_interval"], label=g["label"],
+                ls="-" if "noise" in name else "--")
+    ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("mean interval over layers (steps, log)")
+    ax.set_title("λ = 0.25 at batches 64 and 512")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "transfer.png", dpi=110)
+    plt.close(fig)
+
+
+def write_report(runs: Dict[Tuple[str, int], Tuple[str, Path]], out: Path, root: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    groups = aggregate(runs)
+    rows = comparisons(groups)
+    lines = ["| run | seeds | top-1 (mean ± half-range) | traffic, % of every step | factor work | final mean "
+             "interval | wall s |", "|---|---|---|---|---|---|---|"]
+    for name, g in groups.items():
+        if name.startswith("transfer_"):
+            continue
+        compute = [c for c in g["compute"] if c is not None]
+        intervals = [i for i in g["mean_interval"] if i is not None]
+        lines.append(f"| {g['label']} | {len(g['seeds'])} | {100 * g['top1_mean']:.2f}% ± {100 * g['top1_half_range']:.2f}"
+                     f" | {pct(g['traffic_mean'])} | {pct(statistics.mean(compute)) if compute else '–'} | "
+                     f"{statistics.mean(intervals):.2f} | {statistics.mean(g['wall_s']):.0f} |"
+                     if intervals else
+                     f"| {g['label']} | {len(g['seeds'])} | {100 * g['top1_mean']:.2f}% ± {100 * g['top1_half_range']:.2f}"
+                     f" | – | – | – | {statistics.mean(g['wall_s']):.0f} |")
+    lines += ["", "| adaptive run | traffic | top-1 | vs fixed at equal traffic | traffic vs fixed at equal top-1 |",
+              "|---|---|---|---|---|"]
+    for row in rows:
+        gain = row["gain_pt_at_equal_traffic"]
+        ratio = row["traffic_vs_fixed_at_equal_accuracy"]
+        lines.append(f"| {row['label']} | {pct(row['traffic'])} | {100 * row['top1']:.2f}% | "
+                     f"{'–' if gain is None else f'{gain:+.2f} pt'} | {'–' if ratio is None else f'{ratio:.2f}×'} |")
+    lines += ["", "| batch transfer run | steps | traffic, % of every step | final mean interval |", "|---|---|---|---|"]
+    for name, g in sorted(groups.items()):
+        if name.startswith("transfer_"):
+            lines.append(f"| {g['label']} | {g['steps']} | {pct(g['traffic_mean'])} | "
+                         f"{statistics.mean(i for i in g['mean_interval'] if i is not None):.2f} |")
+    replays = {}
+    for tag in ("raw", "noise"):
+        traces = groups.get(f"{tag}0.25", {}).get("paths", [])
+        for lam in sorted(PAPER):
+            ratios = [replay(root, str(Path(p) / "metrics.jsonl"), lam) for p in traces]
+            ratios = [r for r in ratios if r is not None]
+            replays[(tag, lam)] = statistics.mean(ratios) if ratios else None
+    lines += ["", "| replayed trace (λ = 0.25 runs, both seeds) | λ = 0.2 | λ = 0.25 | λ = 0.3 |", "|---|---|---|---|"]
+    for tag, label in (("raw", "raw Diff"), ("noise", "noise-aware Diff")):
+        lines.append(f"| {label} | " + " | ".join(pct(replays[(tag, lam)]) for lam in sorted(PAPER)) + " |")
+    lines.append("| the paper (Table 1) | " + " | ".join(pct(PAPER[lam]) for lam in sorted(PAPER)) + " |")
+    (out / "pareto.md").write_text("\n".join(lines) + "\n")
+    (out / "runs.json").write_text(json.dumps(
+        {"groups": {name: {k: v for k, v in g.items() if k != "curves"} for name, g in groups.items()},
+         "comparisons": rows, "replays": {f"{tag}@{lam}": r for (tag, lam), r in replays.items()},
+         "transfer_curves": {name: {"steps": next(iter(g["curves"].values()))["steps"],
+                                    "mean_interval": next(iter(g["curves"].values()))["mean_interval"]}
+                             for name, g in groups.items() if name.startswith("transfer_")}}, indent=1))
+    plot_front(groups, out)
+    plot_transfer(groups, out)
+    print("\n".join(lines))
