@@ -10,6 +10,8 @@ hung), 4 training diverged.  See docs/RELIABILITY.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import sys
 from typing import List, Optional
@@ -60,14 +62,29 @@ def precheck(cfg) -> None:
             problem = _unwritable(cfg.values[section][name])
             if problem:
                 raise cfg.error(key, problem)
+    check_horovod(cfg)
     if cfg.optim.method == "kfac":
         check_kfac_options(cfg)
     from .device import check_device
     check_device(cfg)         # CUDA present when asked for, precision supported, Horovod able to take CUDA tensors
+
+
+def check_horovod(cfg) -> None:
+    """horovod.torch imports with its compiled extension, or ConfigError with one line.
+
+    A Horovod built without PyTorch support does not raise on import: horovod.torch prints the problem
+    and defines no ``init``. What it prints is kept off stdout and its first line becomes the reason.
+    """
+    printed = io.StringIO()
     try:
-        import horovod.torch  # noqa: F401
+        with contextlib.redirect_stdout(printed):
+            import horovod.torch as hvd
     except ImportError as exc:
-        raise ConfigError(cfg.path, None, f"cannot import horovod.torch ({exc}); run 'make setup'") from None
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(cfg.path, None, f"cannot import horovod.torch ({reason}); run 'make setup'") from None
+    if not hasattr(hvd, "init"):
+        reason = (printed.getvalue().strip().splitlines() or ["its PyTorch extension was not built"])[0]
+        raise ConfigError(cfg.path, None, f"cannot import horovod.torch ({reason}); run 'make setup'")
 
 
 def _unwritable(path: str) -> Optional[str]:
@@ -140,7 +157,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         text = str(exc).splitlines()[0] if str(exc) else ""
         print(f"error: rank {env_rank()}: Horovod shut down: another rank failed, exited or stopped "
               f"answering ({type(exc).__name__}: {text[:300]})", file=sys.stderr, flush=True)
-        return EXIT_ABORTED
+        sys.stdout.flush()
+        # At once, as the watchdog does: a launcher ends the survivors moments after a rank dies, and an
+        # orderly interpreter shutdown (Horovod's own included) would lose the exit code to its SIGTERM.
+        os._exit(EXIT_ABORTED)
 
 
 def _peer_lost(exc: BaseException) -> bool:

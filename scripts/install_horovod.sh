@@ -398,7 +398,7 @@ if [ "$decision" = build ]; then
   tar -xzf "$sdist" -C "$work" || fail "unpack sdist $sdist"
   tree="$work/horovod-$HOROVOD_VERSION"
 
-  say "patching the sdist (C++20; no setup_requires; no distutils in horovodrun)"
+  say "patching the sdist (C++20; no setup_requires; no distutils in horovodrun; newer GCC)"
   for f in "$tree/CMakeLists.txt" "$tree/horovod/torch/CMakeLists.txt"; do
     sed -i 's/set(CMAKE_CXX_STANDARD 14)/set(CMAKE_CXX_STANDARD 20)/' "$f"
     grep -q 'set(CMAKE_CXX_STANDARD 20)' "$f" || fail "patch $f"
@@ -411,6 +411,13 @@ if [ "$decision" = build ]; then
     "$tree/horovod/runner/js_run.py"
   grep -q '^from shutil import which as find_executable$' "$tree/horovod/runner/js_run.py" \
     || fail "patch $tree/horovod/runner/js_run.py"
+  # Newer GCC (13, 14) no longer brings <string> in through <mutex> and friends.
+  sed -i 's/^#include <mutex>$/#include <mutex>\n#include <string>/' "$tree/horovod/common/group_table.h"
+  grep -q '^#include <string>$' "$tree/horovod/common/group_table.h" || fail "patch group_table.h"
+  # GCC 14's headers do not compile as C++11, which the CUDA kernels ask nvcc for.
+  sed -i 's/^set(CMAKE_CUDA_STANDARD 11)$/set(CMAKE_CUDA_STANDARD 17)/' "$tree/horovod/common/ops/cuda/CMakeLists.txt"
+  grep -q '^set(CMAKE_CUDA_STANDARD 17)$' "$tree/horovod/common/ops/cuda/CMakeLists.txt" \
+    || fail "patch horovod/common/ops/cuda/CMakeLists.txt"
 
   {
     echo "# build environment"
