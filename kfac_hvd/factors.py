@@ -248,7 +248,8 @@ def pack(matrix: torch.Tensor, symmetric: bool, out: Optional[torch.Tensor] = No
 def unpack(flat: torch.Tensor, shape: Tuple[int, ...], symmetric: bool,
            out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Inverse of :func:`pack`, exact (the lower triangle is a copy of the upper one); into ``out`` (of
-    ``shape``, contiguous) when given."""
+    ``shape``, contiguous) when given. The upper triangle is scattered, then mirrored with one
+    transposed copy: no second set of indices."""
     if not symmetric:
         return flat.reshape(shape) if out is None else out.copy_(flat.reshape(shape))
     size = shape[-1]
@@ -257,11 +258,10 @@ def unpack(flat: torch.Tensor, shape: Tuple[int, ...], symmetric: bool,
     target = flat.new_empty(shape) if out is None else out
     matrix = target.view(-1, size * size)
     for start in range(0, upper.numel(), _UNPACK_CHUNK):
-        positions = upper[start:start + _UNPACK_CHUNK].long()
-        mirror = (positions % size) * size + torch.div(positions, size, rounding_mode="floor")
-        chunk = values[:, start:start + _UNPACK_CHUNK]
-        matrix.index_copy_(-1, mirror, chunk)
-        matrix.index_copy_(-1, positions, chunk)
+        matrix.index_copy_(-1, upper[start:start + _UNPACK_CHUNK].long(), values[:, start:start + _UNPACK_CHUNK])
+    square = target.view(-1, size, size)
+    square.triu_()
+    square.add_(square.mT.tril(-1))
     return target
 
 
