@@ -241,6 +241,8 @@ class KFAC:
                 for kind, factor in kinds.items():
                     if kind != "A":
                         factor.values.div_(loss_scale ** 2)
+                        if factor.noise is not None:      # a squared norm of G-sized differences
+                            factor.noise = factor.noise / loss_scale ** 4
         order = [(name, kind) for name, kinds in arrived.items() for kind in kinds]
         statistics = self._statistics([(arrived[name][kind], self.previous[name].get(kind)) for name, kind in order])
         rows: Dict[str, Dict[str, List[float]]] = {}

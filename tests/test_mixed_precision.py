@@ -99,20 +99,22 @@ def test_fp16_autocast_with_grad_scaler_matches_fp32_and_skips_overflow_steps():
 
 
 def test_without_the_loss_scale_g_is_off_by_its_square():
-    """The scale must be divided out: without it, G carries scale² and the update shrinks."""
+    """The scale must be divided out: without it, G carries scale² (and its noise estimate scale⁴)."""
     model, data = model_and_data()
     x, y = data[0]
     kfacs = {}
     for name, scale in (("told", 1024.0), ("not told", None)):
         copy_ = network()
         copy_.load_state_dict(model.state_dict())
-        kfacs[name] = kfac_hvd.KFAC(copy_, damping=1e-2)
+        kfacs[name] = kfac_hvd.KFAC(copy_, damping=1e-2, noise_aware_diff=True)
         (nn.functional.cross_entropy(copy_(x), y) * 1024.0).backward()
         for p in copy_.parameters():
             p.grad /= 1024.0                  # what unscale_ does
         kfacs[name].step(loss_scale=scale)
     told, not_told = kfacs["told"].factors["6"]["G"], kfacs["not told"].factors["6"]["G"]
     torch.testing.assert_close(not_told, told * 1024.0 ** 2)
+    # The split-half noise estimate of G is a squared norm of G-sized differences: scale⁴.
+    assert kfacs["not told"].noise["6"]["G"] == pytest.approx(kfacs["told"].noise["6"]["G"] * 1024.0 ** 4, rel=1e-4)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
