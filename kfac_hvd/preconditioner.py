@@ -360,13 +360,11 @@ class KFAC:
         for (name, kind), values in received.items():
             if (name, kind) in mine:
                 continue
+            shape, dtype = self.layers[name].factor_shapes()[kind], self.layers[name].factor_dtype
             held = self.inverses[name].get(kind)
-            dtype = self.layers[name].factor_dtype
-            if held is not None and held.dtype == dtype and held.is_contiguous():
-                unpack(values.to(dtype), held.shape, self.symmetric_comm, out=held)
-            else:
-                self.inverses[name][kind] = unpack(values.to(dtype), self.layers[name].factor_shapes()[kind],
-                                                   self.symmetric_comm).clone()
+            if held is None or held.dtype != dtype or not held.is_contiguous():
+                held = self.inverses[name][kind] = torch.empty(shape, dtype=dtype, device=values.device)
+            unpack(values.to(dtype), shape, self.symmetric_comm, out=held)   # in place: no second copy
         # Ranks may round the averaged factors differently (MPI allreduce does not promise bitwise
         # equality), so rank 0's intervals are the ones every rank keeps.
         for key, interval in zip(due_keys, intervals):
