@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import kfac_hvd
-from host_syncs import count_host_syncs
+from kfac_hvd.diagnostics import HostSyncCounter
 from kfac_hvd.layers import Conv2dLayer, LinearLayer
 
 
@@ -25,9 +25,9 @@ def syncs_per_step(model: nn.Module, steps: int, **options):
     for _ in range(steps):
         model.zero_grad()
         nn.functional.cross_entropy(model(torch.randn(8, 1, 6, 6)), torch.randint(0, 3, (8,))).backward()
-        with count_host_syncs() as syncs:
+        with HostSyncCounter() as syncs:
             record = kfac.step(lr=0.1)
-        counts.append(syncs["count"])
+        counts.append(syncs.count)
         due.append(any(entry["due"] for entry in record["layers"].values()))
     return counts, due
 

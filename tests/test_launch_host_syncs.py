@@ -25,54 +25,27 @@ from launch_helpers.common import PYTHON, env, horovod_ready  # noqa: E402
 from launch_helpers.jobs import DEMO  # noqa: E402
 
 needs_horovod = pytest.mark.skipif(not horovod_ready(), reason="horovod not installed")
-TENSOR_READS = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__")
+@contextlib.contextmanager
+def library_reads_excluded(kfac, counter):
+    """K-FAC's own reads (kfac.step, skip_step, collect_times) are the library's: left out here."""
+    if kfac is None:
+        yield
+        return
+    originals = {name: getattr(kfac, name) for name in ("step", "skip_step", "collect_times")}
 
-
-class SyncCounter:
-    """Counts host reads of tensor values while ``active``; ``paused()`` excludes a region."""
-
-    def __init__(self):
-        self.count, self.active, self.where = 0, False, []
-
-    def install(self):
-        import torch
-        for name in TENSOR_READS:
-            self._wrap(torch.Tensor, name)
-        self._wrap(torch.cuda, "synchronize")
-        self._wrap(torch.cuda.Event, "synchronize")
-
-    def _wrap(self, owner, name):
-        original = getattr(owner, name)
-        counter = self
-
-        def counted(*args, **kwargs):
-            if counter.active:
-                counter.count += 1
-                import traceback
-                frame = traceback.extract_stack(limit=3)[0]
-                counter.where.append(f"{name} at {os.path.basename(frame.filename)}:{frame.lineno}")
-            return original(*args, **kwargs)
-
-        setattr(owner, name, counted)
-
-    @contextlib.contextmanager
-    def paused(self):
-        was, self.active = self.active, False
-        try:
-            yield
-        finally:
-            self.active = was
-
-
-def exclude_library_reads(kfac, counter):
-    for name in ("step", "skip_step", "collect_times"):
-        method = getattr(kfac, name)
-
-        def call(*args, _method=method, **kwargs):
+    def paused(method):
+        def call(*args, **kwargs):
             with counter.paused():
-                return _method(*args, **kwargs)
+                return method(*args, **kwargs)
+        return call
 
-        setattr(kfac, name, call)
+    for name, method in originals.items():
+        setattr(kfac, name, paused(method))
+    try:
+        yield
+    finally:
+        for name, method in originals.items():
+            setattr(kfac, name, method)
 
 
 def measure(overrides, steps=4):
@@ -84,8 +57,7 @@ def measure(overrides, steps=4):
     from launch.reliability import Watchdog
     import torch
 
-    counter = SyncCounter()
-    counter.install()
+    from kfac_hvd.diagnostics import HostSyncCounter
     cfg = load_config(DEMO, ["data.train_subset=128", "data.val_subset=32", "data.batch_size=8", "model.width=4",
                              "train.epochs=1", "train.world_size=1", "log.tensorboard=false", "log.every_steps=2",
                              "checkpoint.every_epochs=0", *overrides])
@@ -95,17 +67,14 @@ def measure(overrides, steps=4):
     run.out = RunOutputs(cfg, None)
     run.watchdog = Watchdog(None, 0)
     run.progress = Progress(run.total_steps, 0, 1, every_s=0.0, bar=False)   # a progress line every step
-    if run.kfac is not None:
-        exclude_library_reads(run.kfac, counter)
     tally = EpochTally(torch.zeros(2, dtype=torch.float64, device=run.device))
     batches = iter(run.train_loader)
     counts, verdicts, where = [], [], []
     for _ in range(steps):
         x, y = next(batches)                       # loading a batch is not part of the count
         run.timer.start()
-        counter.count, counter.where, counter.active = 0, [], True
-        outcome = run_step(run, state, tally, x, y)
-        counter.active = False
+        with HostSyncCounter() as counter, library_reads_excluded(run.kfac, counter):
+            outcome = run_step(run, state, tally, x, y)
         counts.append(counter.count)
         verdicts.append(outcome.verdict)
         where.append(counter.where)

@@ -1,7 +1,6 @@
 """Small helpers shared by the benchmark scripts: the machine's description and a few statistics."""
 from __future__ import annotations
 
-import contextlib
 import os
 import platform
 import shlex
@@ -87,27 +86,3 @@ def spread(values: Sequence[float]) -> Optional[List[float]]:
 
 
 # Host reads ----------------------------------------------------------------------------------------
-HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "numpy")
-
-
-@contextlib.contextmanager
-def count_host_syncs():
-    """Yields a dict whose "count" is the number of Python-level reads of a tensor's value made inside
-    the block (the same counter as tests/host_syncs.py). On CUDA each such read waits for the device."""
-    import torch
-    counter = {"count": 0}
-    originals = {name: getattr(torch.Tensor, name) for name in HOST_READS}
-
-    def counting(original):
-        def read(self, *args, **kwargs):
-            counter["count"] += 1
-            return original(self, *args, **kwargs)
-        return read
-
-    for name, original in originals.items():
-        setattr(torch.Tensor, name, counting(original))
-    try:
-        yield counter
-    finally:
-        for name, original in originals.items():
-            setattr(torch.Tensor, name, original)

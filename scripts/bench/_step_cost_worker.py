@@ -19,8 +19,7 @@ import time
 import warnings
 from typing import Any, Dict, List
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import count_host_syncs  # noqa: E402
+from kfac_hvd.diagnostics import HostSyncCounter
 
 FROZEN_INTERVAL = 10 ** 9
 ONE_RANK_ONLY = ("ours_nobn", "kfacpt_every", "kfacpt_example", "kfacpt_every_eigen")
@@ -239,7 +238,7 @@ def measure_step(run: Run, batch, precision: str, probe_memory: bool):
     x, y = batch
     entry: Dict[str, Any] = {}
     synchronize(run.device)
-    with count_host_syncs() as whole:
+    with HostSyncCounter() as whole:
         wall0, cpu0 = time.perf_counter(), time.thread_time()
         run.optimizer.zero_grad()
         with autocast(run.args, run.device, precision):
@@ -250,16 +249,17 @@ def measure_step(run: Run, batch, precision: str, probe_memory: bool):
         wall1, cpu1 = time.perf_counter(), time.thread_time()
         run.backend.synchronize(run.optimizer)
         wall2, cpu2 = time.perf_counter(), time.thread_time()
-        with count_host_syncs() as inner:
+        with HostSyncCounter() as inner:
             entry.update(run.precondition())
         wall3, cpu3 = time.perf_counter(), time.thread_time()
         run.backend.optimizer_step(run.optimizer)
-        synchronize(run.device)
+        with whole.paused():                        # the timing's own synchronisation
+            synchronize(run.device)
         wall4, cpu4 = time.perf_counter(), time.thread_time()
     # On CUDA only the step's total is a device time; the parts are the host's (queueing) seconds.
     entry.update(wall=wall4 - wall0, cpu=cpu4 - cpu0, fwd_bwd_wall=wall1 - wall0, fwd_bwd_cpu=cpu1 - cpu0,
                  allreduce_wall=wall2 - wall1, precond_wall=wall3 - wall2, precond_cpu=cpu3 - cpu2,
-                 opt_wall=wall4 - wall3, syncs_step=whole["count"], syncs_precond=inner["count"])
+                 opt_wall=wall4 - wall3, syncs_step=whole.count, syncs_precond=inner.count)
     return entry, loss.detach()
 
 

@@ -17,8 +17,7 @@ import horovod.torch as hvd
 import kfac_hvd
 from kfac_hvd.comm import LocalCommunicator
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from host_syncs import count_host_syncs  # noqa: E402
+from kfac_hvd.diagnostics import HostSyncCounter
 
 
 def small_cnn():
@@ -90,9 +89,9 @@ def schedule(args):
         optimizer.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
         optimizer.synchronize()
-        with count_host_syncs() as syncs:
+        with HostSyncCounter() as syncs:
             records.append(kfac.step())
-        records[-1]["host_syncs"] = syncs["count"]
+        records[-1]["host_syncs"] = syncs.count
         with optimizer.skip_synchronize():
             optimizer.step()
     return {"records": records, "stats": kfac.comm_stats(), "layers": kfac.layer_names,
