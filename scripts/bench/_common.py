@@ -7,6 +7,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import time
 from typing import Any, Dict, List, Optional, Sequence
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -86,3 +87,19 @@ def spread(values: Sequence[float]) -> Optional[List[float]]:
 
 
 # Host reads ----------------------------------------------------------------------------------------
+
+
+def train_on_two_ranks(tool: str, label: str, run_dir: str, arguments: Sequence[str]) -> None:
+    """``horovodrun -np 2 --gloo`` on ``python -m launch.train ARGUMENTS``; its output goes to
+    RUN_DIR/stdout.txt, and a failed run stops the benchmark with the folder's name."""
+    os.makedirs(run_dir, exist_ok=True)   # Horovod opens a timeline before the launcher makes folders
+    command = [os.path.join(REPO, ".venv/bin/horovodrun"), "-np", "2", "--gloo", "-H", "localhost:2",
+               os.path.join(REPO, ".venv/bin/python"), "-m", "launch.train", *arguments]
+    print(f"[{tool}] {label}: {shlex.join(command[6:])}", flush=True)
+    start = time.time()
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    with open(os.path.join(run_dir, "stdout.txt"), "w") as handle:
+        handle.write(result.stdout + result.stderr)
+    if result.returncode != 0:
+        raise SystemExit(f"{tool}: run {label} failed (exit {result.returncode}); see {run_dir}/stdout.txt")
+    print(f"[{tool}]   done in {time.time() - start:.0f} s", flush=True)

@@ -22,10 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Dict, List, Tuple
 
@@ -82,22 +79,16 @@ def transfer_runs() -> List[Run]:
 
 
 def run_one(args: argparse.Namespace, name: str, overrides: List[str], seed: int) -> Path:
+    from _common import train_on_two_ranks
+
     run_dir = ROOT / args.runs_dir / f"{name}_s{seed}"
     if (run_dir / "summary.json").exists() or args.report_only:
         return run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    command = [str(ROOT / ".venv/bin/horovodrun"), "-np", "2", "--gloo", "-H", "localhost:2",
-               str(ROOT / ".venv/bin/python"), "-m", "launch.train", "--config", CONFIG, *overrides,
-               f"train.seed={seed}", f"log.dir={run_dir}", "train.world_size=2", "data.batch_size=256"]
-    if any(item.startswith("data.batch_size=") for item in overrides):   # the transfer runs set their own
-        command.remove("data.batch_size=256")
-    print(f"[pareto] {name} seed {seed}: {shlex.join(command[6:])}", flush=True)
-    start = time.time()
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-    (run_dir / "stdout.txt").write_text(result.stdout + result.stderr)
-    if result.returncode != 0:
-        raise SystemExit(f"pareto: run {name} seed {seed} failed (exit {result.returncode}); see {run_dir}/stdout.txt")
-    print(f"[pareto]   done in {time.time() - start:.0f} s", flush=True)
+    # 256 images per rank unless the run sets its own batch (the transfer runs).
+    batch = [] if any(item.startswith("data.batch_size=") for item in overrides) else ["data.batch_size=256"]
+    train_on_two_ranks("pareto", f"{name} seed {seed}", str(run_dir),
+                       ["--config", CONFIG, *overrides, f"train.seed={seed}", f"log.dir={run_dir}",
+                        "train.world_size=2", *batch])
     return run_dir
 
 
@@ -108,6 +99,7 @@ def ratio_of(run_dir: Path) -> float:
 def main() -> int:
     args = parse_args()
     os.environ.setdefault("MPLBACKEND", "Agg")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
     runs: Dict[Tuple[str, int], Tuple[str, Path]] = {}
 
     def do(plan: List[Run], seeds: List[int]) -> None:
@@ -131,7 +123,6 @@ def main() -> int:
             nearest = min(candidates, key=lambda lam: abs(candidates[lam] - target))
             do(no_clip_runs(nearest), args.seeds)
     do(transfer_runs(), args.seeds[:1])
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from report_pareto import write_report
     write_report(runs, ROOT / args.out, ROOT)
     return 0

@@ -13,11 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,23 +49,16 @@ def common_overrides(args: argparse.Namespace, seed: int, run_dir: Path) -> list
 
 
 def run_one(args, name: str, overrides: list, seed: int) -> Path:
+    from _common import train_on_two_ranks
+
     run_dir = ROOT / args.runs_dir / f"{name}_s{seed}"
     if (run_dir / "summary.json").exists():
         return run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)  # Horovod opens the timeline before the launcher makes folders
     extra = []
     if (name, seed) == TIMELINE_RUN:
         extra = [f"horovod.timeline={run_dir / 'timeline.json'}"]
-    command = [str(ROOT / ".venv/bin/horovodrun"), "-np", "2", "--gloo", "-H", "localhost:2",
-               str(ROOT / ".venv/bin/python"), "-m", "launch.train", "--config", BASE_CONFIG,
-               *overrides, *common_overrides(args, seed, run_dir), *extra]
-    print(f"[table1] {name} seed {seed}: {shlex.join(command[6:])}", flush=True)
-    start = time.time()
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-    (run_dir / "stdout.txt").write_text(result.stdout + result.stderr)
-    if result.returncode != 0:
-        raise SystemExit(f"table1: run {name} seed {seed} failed (exit {result.returncode}); see {run_dir}/stdout.txt")
-    print(f"[table1]   done in {time.time() - start:.0f} s", flush=True)
+    train_on_two_ranks("table1", f"{name} seed {seed}", str(run_dir),
+                       ["--config", BASE_CONFIG, *overrides, *common_overrides(args, seed, run_dir), *extra])
     return run_dir
 
 
