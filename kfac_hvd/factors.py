@@ -197,10 +197,12 @@ def invert_all(jobs: Dict[str, Dict[str, torch.Tensor]], shifts: Dict[str, Dict[
 
 # Triangle packing ---------------------------------------------------------------------------------
 class TriangleIndices:
-    """Flat row-major positions of the upper triangle of an n×n matrix, kept as int32 per (n, device).
+    """Flat row-major positions of the upper triangle of an n×n matrix, as int32.
 
-    Building them for a 4608-wide factor costs more than packing it, so they are kept; the least
-    recently used sizes are dropped once the kept indices exceed ``budget_bytes``.
+    On the CPU, building them for a 4608-wide factor costs more than packing it, so they are kept per
+    size; the least recently used sizes are dropped once the kept indices exceed ``budget_bytes``. On a
+    GPU they are built in microseconds and nothing is kept: K-FAC's persistent GPU memory is its
+    factors and inverses alone.
     """
 
     def __init__(self, budget_bytes: int = 128 * 2 ** 20) -> None:
@@ -214,6 +216,8 @@ class TriangleIndices:
             return self._kept[key]
         rows, cols = torch.triu_indices(size, size, device=device).unbind(0)
         upper = (rows * size + cols).to(torch.int32)
+        if torch.device(device).type != "cpu":
+            return upper
         self._kept[key] = upper
         while self.nbytes() > self.budget_bytes and len(self._kept) > 1:
             self._kept.popitem(last=False)
