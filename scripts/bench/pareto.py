@@ -7,7 +7,7 @@ Fashion-MNIST at 14x14 (configs/fashion_mnist/long_run.yaml: the demo's small Re
 2 ranks under horovodrun --gloo, 256 images per rank (global batch 512), 12 epochs = 1,404 steps, the
 same hyperparameters and kl_clip for every K-FAC run. Seeds 0 and 1 for every point of the front:
 
-- SGD; fixed intervals k = 1, 2, 4, 8, 16, 32 (k = 1: every step);
+- SGD; fixed intervals k = 1, 2, 4, 8, 16, 32, 64, 128 (k = 1: every step);
 - λ = 0.1, 0.25, 0.5 with the raw Diff and with the noise-aware Diff (modulo, the paper's rule);
 - λ = 0.25 with ``since_last``, raw and noise-aware;
 - without kl_clip: fixed k = 4 and the raw λ whose clipped runs' traffic is nearest k = 4's;
@@ -28,7 +28,7 @@ from typing import Dict, List, Tuple
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = "configs/fashion_mnist/long_run.yaml"
-FIXED = (1, 2, 4, 8, 16, 32)
+FIXED = (1, 2, 4, 8, 16, 32, 64, 128)
 LAMBDAS = (0.1, 0.25, 0.5)
 TRANSFER_BATCHES = (64, 512)
 Run = Tuple[str, str, List[str]]           # name, label, overrides

@@ -15,14 +15,15 @@ PAPER = {0.2: 0.169, 0.25: 0.119, 0.3: 0.109}     # Table 1: Fisher traffic as a
 
 def load(path: Path) -> Dict[str, Any]:
     summary = json.loads((path / "summary.json").read_text())
-    steps, intervals = [], []
+    steps, intervals, traffic = [], [], []
     with (path / "metrics.jsonl").open() as handle:
         for line in handle:
             entry = json.loads(line)
             if "mean_interval" in entry and "loss" in entry:
                 steps.append(entry["step"])
                 intervals.append(entry["mean_interval"])
-    return {"summary": summary, "steps": steps, "mean_interval": intervals}
+                traffic.append((entry.get("fisher") or {}).get("ratio"))
+    return {"summary": summary, "steps": steps, "mean_interval": intervals, "traffic": traffic}
 
 
 def aggregate(runs: Dict[Tuple[str, int], Tuple[str, Path]]) -> Dict[str, Dict[str, Any]]:
@@ -131,24 +132,36 @@ def plot_front(groups: Dict[str, Dict[str, Any]], out: Path) -> None:
 
 
 def plot_transfer(groups: Dict[str, Dict[str, Any]], out: Path) -> None:
+    """Mean interval over the layers, and the cumulative Fisher traffic, against epochs."""
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, (intervals, traffic) = plt.subplots(1, 2, figsize=(11, 4.5))
     for name, g in sorted(groups.items()):
         if not name.startswith("transfer_"):
             continue
         data = next(iter(g["curves"].values()))
         steps_per_epoch = data["steps"][-1] / 2 if data["steps"] else 1
-        ax.plot([s / steps_per_epoch for s in data["steps"]], data["mean_interval"], label=g["label"],
-                ls="-" if "noise" in name else "--")
-    ax.set_yscale("log")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("mean interval over layers (steps, log)")
-    ax.set_title("λ = 0.25 at batches 64 and 512")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+        epochs = [s / steps_per_epoch for s in data["steps"]]
+        style = "-" if "noise" in name else "--"
+        intervals.plot(epochs, data["mean_interval"], style, label=g["label"])
+        traffic.plot(epochs, [100 * (r or 0) for r in data["traffic"]], style, label=g["label"])
+    intervals.set_yscale("log")
+    intervals.set_ylabel("mean interval over layers (steps, log)")
+    traffic.set_ylabel("Fisher traffic so far, % of every step")
+    for axis in (intervals, traffic):
+        axis.set_xlabel("epoch")
+        axis.grid(True, which="both", alpha=0.3)
+    traffic.legend()
+    fig.suptitle("λ = 0.25 at global batches 64 and 512 (learning rate scaled with the batch)")
     fig.tight_layout()
     fig.savefig(out / "transfer.png", dpi=110)
     plt.close(fig)
+
+
+def row_order(name: str, group: Dict[str, Any]) -> Tuple[int, float]:
+    """SGD, fixed intervals, raw-Diff λ, noise-aware λ, the runs without kl_clip; by traffic within."""
+    families = ("sgd", "fixed", "raw", "noise", "noclip")
+    family = next((i for i, prefix in enumerate(families) if name.startswith(prefix)), len(families))
+    return family, -(group.get("traffic_mean") or 0.0)
 
 
 def write_report(runs: Dict[Tuple[str, int], Tuple[str, Path]], out: Path, root: Path) -> None:
@@ -157,7 +170,7 @@ def write_report(runs: Dict[Tuple[str, int], Tuple[str, Path]], out: Path, root:
     rows = comparisons(groups)
     lines = ["| run | seeds | top-1 (mean ± half-range) | traffic, % of every step | factor work | final mean "
              "interval | wall s |", "|---|---|---|---|---|---|---|"]
-    for name, g in groups.items():
+    for name, g in sorted(groups.items(), key=lambda item: row_order(*item)):
         if name.startswith("transfer_"):
             continue
         compute = [c for c in g["compute"] if c is not None]
@@ -170,7 +183,7 @@ def write_report(runs: Dict[Tuple[str, int], Tuple[str, Path]], out: Path, root:
                      f" | – | – | – | {statistics.mean(g['wall_s']):.0f} |")
     lines += ["", "| adaptive run | traffic | top-1 | vs fixed at equal traffic | traffic vs fixed at equal top-1 |",
               "|---|---|---|---|---|"]
-    for row in rows:
+    for row in sorted(rows, key=lambda row: row_order(row["name"], groups[row["name"]])):
         gain = row["gain_pt_at_equal_traffic"]
         ratio = row["traffic_vs_fixed_at_equal_accuracy"]
         lines.append(f"| {row['label']} | {pct(row['traffic'])} | {100 * row['top1']:.2f}% | "
@@ -195,8 +208,8 @@ def write_report(runs: Dict[Tuple[str, int], Tuple[str, Path]], out: Path, root:
     (out / "runs.json").write_text(json.dumps(
         {"groups": {name: {k: v for k, v in g.items() if k != "curves"} for name, g in groups.items()},
          "comparisons": rows, "replays": {f"{tag}@{lam}": r for (tag, lam), r in replays.items()},
-         "transfer_curves": {name: {"steps": next(iter(g["curves"].values()))["steps"],
-                                    "mean_interval": next(iter(g["curves"].values()))["mean_interval"]}
+         "transfer_curves": {name: {key: next(iter(g["curves"].values()))[key]
+                                    for key in ("steps", "mean_interval", "traffic")}
                              for name, g in groups.items() if name.startswith("transfer_")}}, indent=1))
     plot_front(groups, out)
     plot_transfer(groups, out)
