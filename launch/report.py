@@ -68,7 +68,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 1
         labels.append(os.path.basename(os.path.normpath(path if os.path.isdir(path) else os.path.dirname(path))))
     print(table(summaries, labels))
-    print("Fisher/rank: factor allreduce + inverse broadcast bytes per rank (ring wire model); "
+    print("Fisher/rank: factor allreduce + inverse allgather bytes per rank (ring wire model); "
           "ratio: payload vs updating every layer every step")
     return 0
 
