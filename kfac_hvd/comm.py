@@ -136,9 +136,6 @@ class LocalCommunicator:
     def allreduce_async(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
         return tensor
 
-    def broadcast_async(self, tensor: torch.Tensor, root_rank: int, name: str) -> torch.Tensor:
-        return tensor
-
     def allgather_async(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
         return tensor
 
@@ -158,9 +155,6 @@ class HorovodCommunicator:
 
     def allreduce_async(self, tensor: torch.Tensor, name: str) -> Any:
         return self._hvd.allreduce_async_(tensor, name=name, op=self._hvd.Average)
-
-    def broadcast_async(self, tensor: torch.Tensor, root_rank: int, name: str) -> Any:
-        return self._hvd.broadcast_async_(tensor, root_rank, name=name)
 
     def allgather_async(self, tensor: torch.Tensor, name: str) -> Any:
         """Concatenation of every rank's ``tensor`` (first dimensions may differ), in rank order."""

@@ -66,9 +66,6 @@ class FactorExchange:
         handle = self.comm.allreduce_async(buffer, name=f"kfac.{kind}.{name}")
         self._in_flight[key] = (tuple(factor.shape), handle, buffer)
 
-    def started(self, name: str, kind: str) -> bool:
-        return (name, kind) in self._in_flight
-
     def wait(self) -> Dict[str, Dict[str, Arrived]]:
         """Every started factor, averaged over ranks; the exchange is empty afterwards."""
         arrived: Dict[str, Dict[str, Arrived]] = {}

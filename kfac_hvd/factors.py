@@ -13,14 +13,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 INVERSE_METHODS = ("cholesky", "eigen")
-# Statistics :func:`factor_statistics` returns per factor, in this order.
-STATISTICS = ("sum", "change_sq", "previous_sq", "diagonal_mean", "noise")
-
-
-def relative_change(current: torch.Tensor, previous: torch.Tensor) -> float:
-    """Diff(X, X_pre) = ‖X − X_pre‖_F / ‖X_pre‖_F (eq. 6). For BN's stacked 2×2 blocks, of the stack."""
-    return diff_from_squares(torch.linalg.vector_norm(current - previous).item() ** 2,
-                             torch.linalg.vector_norm(previous).item() ** 2)
 
 
 def diff_from_squares(change_sq: float, previous_sq: float) -> float:
@@ -79,15 +71,6 @@ def _triangle_diagonal(size: int, device: torch.device) -> torch.Tensor:
     """Positions of the diagonal entries in a packed upper triangle: row i starts at i·n − i(i−1)/2."""
     rows = torch.arange(size, device=device)
     return rows * size - rows * (rows - 1) // 2
-
-
-def all_finite(*tensors: torch.Tensor) -> bool:
-    """No NaN or Inf anywhere (one host read for all tensors). A sum that overflows to Inf also counts
-    as non-finite, which is as unusable for K-FAC."""
-    if not tensors:
-        return True
-    sums = torch.stack([tensor.sum().to(torch.float64) for tensor in tensors])
-    return math.isfinite(sums.sum().item())
 
 
 def pi_from_diagonal_means(a_mean: float, g_mean: float) -> float:

@@ -136,8 +136,9 @@ class KroneckerLayer(ABC):
             matrix = matrix[:, :-1]
         weight.grad.copy_(matrix.reshape(weight.shape))
 
-    def precondition(self, inverses: dict) -> torch.Tensor:
-        return inverses["G"] @ self.grad_matrix() @ inverses["A"]
+    def precondition(self, inverses: dict, gradient: torch.Tensor) -> torch.Tensor:
+        """G⁻¹ · gradient · A⁻¹ for the gradient matrix of :meth:`grad_matrix`."""
+        return inverses["G"] @ gradient @ inverses["A"]
 
 
 class LinearLayer(KroneckerLayer):
@@ -251,8 +252,9 @@ class BatchNormLayer:
         self.module.weight.grad.copy_(matrix[:, 0])
         self.module.bias.grad.copy_(matrix[:, 1])
 
-    def precondition(self, inverses: dict) -> torch.Tensor:
-        return torch.einsum("cij,cj->ci", inverses["F"], self.grad_matrix())
+    def precondition(self, inverses: dict, gradient: torch.Tensor) -> torch.Tensor:
+        """(F_c + γI)⁻¹ g_c per channel, for the (C, 2) gradient of :meth:`grad_matrix`."""
+        return torch.einsum("cij,cj->ci", inverses["F"], gradient)
 
 
 def _element_bytes(dtype: torch.dtype) -> int:

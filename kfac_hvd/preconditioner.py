@@ -390,7 +390,7 @@ class KFAC:
             if layer.module.weight.grad is None or len(self.inverses[name]) < len(layer.factor_kinds):
                 continue  # no part in this step's loss, or never inverted: the plain gradient stays
             gradients[name] = layer.grad_matrix()
-            updates[name] = layer.precondition(self.inverses[name])
+            updates[name] = layer.precondition(self.inverses[name], gradients[name])
         scale = None
         if self.kl_clip is not None and updates:
             scale = kl_clip_scale(updates, gradients, self.kl_clip, lr)

@@ -165,7 +165,8 @@ def test_batchnorm_unitwise_fisher_matches_per_sample_gradients():
 
     mean_grad = g.mean(0)
     bn.weight.grad, bn.bias.grad = mean_grad[:, 0].clone(), mean_grad[:, 1].clone()
-    update = layer.precondition(damped_inverses({"F": F}, damping, pi_damping=True, method="cholesky"))
+    update = layer.precondition(damped_inverses({"F": F}, damping, pi_damping=True, method="cholesky"),
+                                layer.grad_matrix())
     eye = torch.eye(2, dtype=torch.float64)
     expected = torch.linalg.solve(F + damping * eye, mean_grad.unsqueeze(-1))[..., 0]
     torch.testing.assert_close(update, expected)
