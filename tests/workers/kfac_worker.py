@@ -117,6 +117,9 @@ def main():
     result.update(rank=hvd.rank(), size=hvd.size())
     with open(os.path.join(args.out, f"rank{hvd.rank()}.json"), "w") as handle:
         json.dump(result, handle)
+    # One more collective: Horovod writes an operation's closing timeline events after handing back its
+    # result, so without it the last step's allgather could miss its size when shutdown closes the file.
+    hvd.allreduce(torch.zeros(1), name="worker.done")
     hvd.shutdown()  # flushes Horovod's timeline
     return 0
 
