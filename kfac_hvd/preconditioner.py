@@ -59,8 +59,8 @@ class KFAC:
                  local_inverse_max_dim: int = DEFAULT_LOCAL_INVERSE_MAX_DIM,
                  unfold_chunk_bytes: int = DEFAULT_UNFOLD_CHUNK_BYTES, comm: Any = None) -> None:
         _check_options(damping=damping, factor_decay=factor_decay, kl_clip=kl_clip, inverse_method=inverse_method,
-                       batched_inversion=batched_inversion, accumulation_steps=accumulation_steps, local_inverse_max_dim=local_inverse_max_dim,
-                       unfold_chunk_bytes=unfold_chunk_bytes)
+                       batched_inversion=batched_inversion, accumulation_steps=accumulation_steps,
+                       local_inverse_max_dim=local_inverse_max_dim, unfold_chunk_bytes=unfold_chunk_bytes)
         if isinstance(skip_layers, str):
             skip_layers = (skip_layers,)
         self.damping = damping
@@ -461,7 +461,8 @@ class KFAC:
 
 
 def _check_options(*, damping: float, factor_decay: Optional[float], kl_clip: Optional[float], inverse_method: str,
-                   batched_inversion: bool, accumulation_steps: int, local_inverse_max_dim: int, unfold_chunk_bytes: int) -> None:
+                   batched_inversion: bool, accumulation_steps: int, local_inverse_max_dim: int,
+                   unfold_chunk_bytes: int) -> None:
     if not damping > 0:
         raise ValueError(f"damping must be > 0, got {damping!r}")
     if factor_decay is not None and not 0 <= factor_decay < 1:

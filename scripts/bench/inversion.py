@@ -83,12 +83,11 @@ def alternate(runs: Dict[str, Callable[[], object]], repeats: int, device: torch
     return times
 
 
-def transport_runs(kfac: kfac_hvd.KFAC) -> Dict[str, Callable[[], object]]:
-    """Packing the sent and unpacking the received triangles of every travelling inverse."""
-    inverses = [inverse for name in kfac.layers if name not in kfac._local for inverse in kfac.inverses[name].values()]
+def transport_runs(inverses: List[torch.Tensor]) -> Dict[str, Callable[[], object]]:
+    """Packing the sent and unpacking the received triangles of ``inverses``."""
     flats = [pack(inverse, True) for inverse in inverses]
     send = torch.empty(sum(flat.numel() for flat in flats), dtype=flats[0].dtype, device=flats[0].device)
-    held = [torch.empty_like(inverse) for inverse in inverses]
+    held = [torch.empty(inverse.shape, dtype=inverse.dtype, device=inverse.device) for inverse in inverses]
     by_size: Dict[int, List[int]] = {}
     for index, inverse in enumerate(inverses):
         by_size.setdefault(inverse.shape[-1], []).append(index)
@@ -156,7 +155,10 @@ def main() -> None:
         with counted_linalg(counts[mode]):
             inversion(batched)()
     times = alternate({"batched": inversion(True), "per_layer": inversion(False)}, args.repeats, device, warm=True)
-    times.update(alternate(transport_runs(kfac), args.repeats, device))
+    print(json.dumps({"calls": counts, "inversion_s": times}), flush=True)
+    travelling = [inverse for name in kfac.layers if name not in kfac.local_layers
+                  for inverse in kfac.inverses[name].values()]
+    times.update(alternate(transport_runs(travelling), args.repeats, device))
     median = {name: statistics.median(values) for name, values in times.items()}
     result = {
         "setting": {**vars(args), "torch_threads": torch.get_num_threads(), "layers": len(kfac.layers),
