@@ -72,13 +72,14 @@ def seconds(run: Callable[[], object], device: torch.device) -> float:
 
 def alternate(runs: Dict[str, Callable[[], object]], repeats: int, device: torch.device, *,
               warm: bool = False) -> Dict[str, List[float]]:
-    """Each run once per round, in turn, so that both see the same machine load; after one untimed
-    round unless ``warm``."""
+    """Each run once per round, in turn (the order reversed every other round), so that all see the
+    same machine load; after one untimed round unless ``warm``."""
     times: Dict[str, List[float]] = {name: [] for name in runs}
     for run in ([] if warm else runs.values()):
         run()
-    for _ in range(repeats):
-        for name, run in runs.items():
+    for round_index in range(repeats):
+        order = list(runs.items())
+        for name, run in (order if round_index % 2 == 0 else order[::-1]):
             times[name].append(seconds(run, device))
     return times
 
