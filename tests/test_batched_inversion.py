@@ -161,6 +161,27 @@ def test_resnet50_update_step_calls_cholesky_once_per_distinct_size(monkeypatch)
     assert sum(shape[0] for shape in calls) == 108
 
 
+def test_kfac_steps_agree_batched_and_per_layer():
+    """Three steps of training in float64 with either path give the same weights."""
+    weights = {}
+    for batched in (True, False):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1),
+                              nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 4)).double()
+        kfac = kfac_hvd.KFAC(model, batched_inversion=batched)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        for step in range(3):
+            generator = torch.Generator().manual_seed(step)
+            x = torch.randn(8, 1, 6, 6, dtype=torch.float64, generator=generator)
+            model.zero_grad()
+            nn.functional.cross_entropy(model(x), torch.randint(0, 4, (8,), generator=generator)).backward()
+            assert kfac.step()["numerics"] == {}
+            optimizer.step()
+        weights[batched] = [p.detach().clone() for p in model.parameters()]
+    for batched_weight, single_weight in zip(weights[True], weights[False]):
+        torch.testing.assert_close(batched_weight, single_weight, rtol=1e-9, atol=1e-12)
+
+
 def test_batched_inversion_must_be_a_bool():
     with pytest.raises(ValueError, match="batched_inversion"):
         kfac_hvd.KFAC(nn.Linear(2, 2), batched_inversion="yes")
