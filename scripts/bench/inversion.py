@@ -15,7 +15,7 @@ stack and its Cholesky factor, then that factor and the inverse). And the triang
 unpacking of the inverse allgather for every layer that is not inverted everywhere: per layer (what
 ``kfac.step`` does) against stacking the equal sizes first.
 
-    OMP_NUM_THREADS=1 .venv/bin/python scripts/bench/inversion.py            # this CPU, about 5 min
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/bench/inversion.py            # this CPU: 5-15 min
     python3 scripts/bench/inversion.py --device cuda --threads 0              # a GPU
 """
 from __future__ import annotations
