@@ -12,9 +12,6 @@ products always run in full fp32 ("highest"): see the README.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator
-
 import torch
 
 NARROW_DTYPES = (torch.bfloat16, torch.float16)
@@ -32,20 +29,38 @@ def takes_narrow_inputs(tensor: torch.Tensor, factor_dtype: torch.dtype, enabled
             and tensor.device.type in NARROW_PRODUCT_DEVICES)
 
 
-@contextmanager
-def fp32_matmul_precision(device: torch.device, precision: str) -> Iterator[None]:
-    """fp32 matrix products on ``device`` at ``precision`` ("highest" or "high") inside the block.
+class fp32_matmul_precision:
+    """Context: fp32 matrix products on ``device`` at ``precision`` ("highest" or "high") inside.
 
-    The cuBLAS setting is process-global: it is read and restored through
-    ``torch.backends.cuda.matmul.fp32_precision``, which reports any state the legacy switches
-    (``allow_tf32``, ``torch.set_float32_matmul_precision``) left and restores it as it was."""
-    if device.type not in TF32_DEVICES:
-        yield
-        return
-    matmul = torch.backends.cuda.matmul
-    saved = matmul.fp32_precision
-    matmul.fp32_precision = FACTOR_MATMUL_PRECISIONS[precision]
-    try:
-        yield
-    finally:
-        matmul.fp32_precision = saved
+    The cuBLAS setting is process-global and has two faces that PyTorch checks against each other: the
+    legacy one (``torch.set_float32_matmul_precision``, ``allow_tf32``) and the per-backend one
+    (``torch.backends.cuda.matmul.fp32_precision``, which the kernels read). Inside the block both say
+    the same; afterwards each is put back as it was, also on an exception. A legacy value that the
+    per-backend API left unreadable (set through the new API only) is put back at its default,
+    "highest". The calls are ``torch._C``'s own: the ``torch.backends`` properties wrap them at four
+    times the cost, and this runs once per layer in the hooks and in the preconditioning."""
+
+    __slots__ = ("_active", "_tf32", "_saved")
+
+    def __init__(self, device: torch.device, precision: str) -> None:
+        self._active = device.type in TF32_DEVICES
+        self._tf32 = FACTOR_MATMUL_PRECISIONS[precision] == "tf32"
+
+    def __enter__(self) -> None:
+        if not self._active:
+            return
+        try:
+            legacy = torch._C._get_float32_matmul_precision()
+        except RuntimeError:                 # "a mix of the legacy and new APIs"
+            legacy = "highest"
+        self._saved = (legacy, torch._C._get_fp32_precision_getter("cuda", "matmul"),
+                       torch._C._get_fp32_precision_getter("mkldnn", "matmul"))
+        torch._C._set_cublas_allow_tf32(self._tf32)          # both faces at once, nothing else
+
+    def __exit__(self, *exception) -> None:
+        if not self._active:
+            return
+        legacy, cuda, mkldnn = self._saved
+        torch._C._set_float32_matmul_precision(legacy)        # also sets the two per-backend values:
+        torch._C._set_fp32_precision_setter("cuda", "matmul", cuda)
+        torch._C._set_fp32_precision_setter("mkldnn", "matmul", mkldnn)
