@@ -32,4 +32,4 @@ OMP_NUM_THREADS=1 "$BIN/horovodrun" -np "$NP" --gloo -H "localhost:$NP" \
 end=$(date +%s)
 echo
 echo "demo finished in $((end - start)) s (including start-up); outputs in $RUN_DIR"
-"$PYTHON" -m launch.report "$RUN_DIR"
+"$PYTHON" -m launch.report "$RUN_DIR" --plot
