@@ -10,7 +10,8 @@ from __future__ import annotations
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
-from matplotlib.colors import LogNorm
+from matplotlib import colormaps
+from matplotlib.colors import ListedColormap, LogNorm
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, PercentFormatter
@@ -28,14 +29,14 @@ BN_COLOUR, KRON_COLOUR = "#d95f02", "#1b9e77"
 INTERVALS, LEARNING_RATE, DIFF, GROUPS = ("{}: factor-update interval per layer", "{}: learning rate",
                                           "{}: Diff at update steps", "{}: Fisher payload by layer group")
 TRAFFIC, RATIO = "Fisher traffic per rank (cumulative)", "Fisher traffic / every step"
-ACCURACY, LOSS = "accuracy", "loss"
+ACCURACY, LOSS = "accuracy against step", "loss against step"
 ACCURACY_TIME, LOSS_TIME = "accuracy against training time", "loss against training time"
 
 
 def figure_size(runs: Sequence[RunLog]) -> Tuple[float, float]:
     """Inches (width, height) of the figure of ``runs``: a column per K-FAC run, rows for what applies."""
     kfac = [r for r in runs if r.kfac]
-    width = max(15.0, 7.0 * len(kfac))
+    width = max(15.0, 8.0 * len(kfac))
     height = 3.0                                                      # accuracy and loss
     if any(r.wire_bytes is not None for r in runs):
         height += 2.6                                                 # traffic
@@ -113,9 +114,9 @@ def _run_column(fig: Figure, spec, run: RunLog) -> None:
     edges = np.append(steps[starts] - 0.5, steps[-1] + 0.5)
     vmax = max(2.0, float(np.nanmax(data)) if np.isfinite(data).any() else 2.0)
     n_layers = data.shape[0]
-    image = heat.imshow(data, aspect="auto", interpolation="nearest", cmap="viridis",
-                        norm=LogNorm(vmin=1, vmax=vmax), extent=(edges[0], edges[-1], n_layers - 0.5, -0.5))
-    image.cmap.set_bad("0.85")
+    image = heat.imshow(data, aspect="auto", interpolation="nearest", norm=LogNorm(vmin=1, vmax=vmax),
+                        cmap=colormaps["viridis"].with_extremes(bad="0.85"),    # grey: no record
+                        extent=(edges[0], edges[-1], n_layers - 0.5, -0.5))
     # Update steps: a dot per (layer, column) with an update in it.
     has_update = np.logical_or.reduceat(run.due, starts, axis=1)
     rows, cols = np.nonzero(has_update)
@@ -125,9 +126,9 @@ def _run_column(fig: Figure, spec, run: RunLog) -> None:
     for step in jumps:
         for ax in (heat, strip):
             ax.axvline(step, color="red", lw=1, ls="--")
-    heat.set_title(INTERVALS.format(run.label) + " (white dots: updates"
-                   + ("; red: lr changes)" if len(jumps) else ")"), fontsize=10, loc="left")
-    heat.set_xlabel("step")
+    heat.set_title(INTERVALS.format(run.label), fontsize=10, loc="left")
+    heat.set_xlabel("step   (white dots: factor updates; grey: no record"
+                    + ("; red dashes: learning-rate changes)" if len(jumps) else ")"), fontsize=8)
     heat.tick_params(labelleft=False, labelsize=8)
     heat.set_xlim(edges[0], edges[-1])
     colourbar = fig.colorbar(image, cax=fig.add_subplot(cells[1, 2]))
@@ -136,24 +137,18 @@ def _run_column(fig: Figure, spec, run: RunLog) -> None:
 
     groups = layer_groups(run.layers)
     kinds.imshow(run.batchnorm[:, None].astype(float), aspect="auto", interpolation="nearest",
-                 cmap=_two_colours(), vmin=0, vmax=1, extent=(0, 1, n_layers - 0.5, -0.5))
+                 cmap=ListedColormap([KRON_COLOUR, BN_COLOUR]), vmin=0, vmax=1, extent=(0, 1, n_layers - 0.5, -0.5))
     kinds.set_xticks([])
     _layer_labels(kinds, run.layers, groups)
     for boundary in [i for i in range(1, n_layers) if groups[i] != groups[i - 1]]:
         heat.axhline(boundary - 0.5, color="black", lw=0.8)
         kinds.axhline(boundary - 0.5, color="black", lw=0.8)
-    heat.legend(handles=[Line2D([], [], color=KRON_COLOUR, lw=6, label="Kronecker (left strip)"),
-                         Line2D([], [], color=BN_COLOUR, lw=6, label="BatchNorm")],
-                loc="lower right", bbox_to_anchor=(1.0, 1.0), ncols=2, fontsize=7, frameon=False,
-                borderaxespad=0.1)
+    strip.legend(handles=[Line2D([], [], color=KRON_COLOUR, lw=6, label="Kronecker layer (left strip)"),
+                          Line2D([], [], color=BN_COLOUR, lw=6, label="BatchNorm layer")],
+                 loc="best", ncols=2, fontsize=7, framealpha=0.8)
 
     _diff(fig.add_subplot(cells[2, :]), run, jumps)
     _groups(fig.add_subplot(cells[3, :]), run, groups)
-
-
-def _two_colours():
-    from matplotlib.colors import ListedColormap
-    return ListedColormap([KRON_COLOUR, BN_COLOUR])
 
 
 def _layer_labels(ax, names: List[str], groups: List[str]) -> None:
@@ -174,9 +169,9 @@ def _layer_labels(ax, names: List[str], groups: List[str]) -> None:
 
 def _diff(ax, run: RunLog, jumps: np.ndarray) -> None:
     """Each layer's Diff where it was computed (its update steps), coloured by depth; λ as a line."""
-    ax.set_title(DIFF.format(run.label) + " (max over a layer's factors; colour: layer depth; "
-                 "below λ the layer's interval grows by one)",
-                 fontsize=10, loc="left")
+    ax.set_title(DIFF.format(run.label), fontsize=10, loc="left")
+    ax.set_xlabel("step   (a layer's largest factor Diff; colour: layer depth, input to output; "
+                  "below λ the layer's interval grows by one)", fontsize=8)
     measured = np.isfinite(run.diff)
     if not measured.any():
         ax.text(0.5, 0.5, "no Diff recorded", ha="center", va="center", transform=ax.transAxes)
@@ -199,7 +194,6 @@ def _diff(ax, run: RunLog, jumps: np.ndarray) -> None:
         ax.axvline(step, color="red", lw=1, ls="--")
     ax.set_yscale("log")
     ax.set_xlim(run.steps[0] - 0.5, run.steps[-1] + 0.5)
-    ax.set_xlabel("step")
     ax.set_ylabel("Diff" + (" (0 drawn at the bottom)" if (run.diff[measured] <= 0).any() else ""), fontsize=8)
     ax.legend(loc="upper right", fontsize=7, markerscale=3)
     ax.tick_params(labelsize=8)
@@ -207,7 +201,9 @@ def _diff(ax, run: RunLog, jumps: np.ndarray) -> None:
 
 def _groups(ax, run: RunLog, groups: List[str]) -> None:
     """Per stage the payload sent (stacked: Kronecker, BatchNorm) against every layer on every step."""
-    ax.set_title(GROUPS.format(run.label) + " (bars: sent; outline: every step)", fontsize=10, loc="left")
+    ax.set_title(GROUPS.format(run.label), fontsize=10, loc="left")
+    ax.set_xlabel("layer group   (bars: payload sent per rank; dashed: every layer on every step; "
+                  "%: the ratio)", fontsize=8)
     payload = np.nan_to_num(run.payload_bytes)
     if not payload.any():
         ax.text(0.5, 0.5, "no Fisher payload (one rank?)", ha="center", va="center", transform=ax.transAxes)

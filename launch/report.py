@@ -88,7 +88,7 @@ def _plot(paths: List[str], out: Optional[str]) -> int:
     finished = [r for r in runs if r.summary is not None]
     if finished:
         print(table([r.summary for r in finished], [r.name for r in finished]))
-        print(LEGEND)
+        print(LEGEND, flush=True)
     for run in runs:
         for problem in run.problems:
             print(f"report: {run.path}: {problem}", file=sys.stderr)

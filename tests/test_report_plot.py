@@ -12,12 +12,16 @@ import pytest
 from PIL import Image
 
 from launch import plots
+from launch.report import main as report_main
 from launch.runlog import RunLog, layer_groups, read_run
 from launch_helpers.common import FASHION, PYTHON, horovod_ready, read_jsonl, run as run_cmd
 from launch_helpers.jobs import job, tiny, train_cmd
 
-def report(*args: str) -> subprocess.CompletedProcess:
-    return run_cmd([PYTHON, "-m", "launch.report", *args], timeout=120)
+def report(capsys, *args: str) -> subprocess.CompletedProcess:
+    """launch.report's main in this process (the command line itself is run once, by the first test)."""
+    code = report_main(list(args))
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out, err)
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +63,7 @@ def png_size(path: str):
 
 
 def test_figure_of_a_kfac_run(kfac_run):
-    proc = report(kfac_run, "--plot")
+    proc = run_cmd([PYTHON, "-m", "launch.report", kfac_run, "--plot"], timeout=120)
     out = os.path.join(kfac_run, "report.png")
     assert proc.returncode == 0, proc.stderr
     assert f"figure: {out}" in proc.stdout
@@ -90,8 +94,8 @@ def test_figure_of_a_kfac_run(kfac_run):
     assert {t.get_text() for t in diff.get_legend().get_texts()} == {"raw Diff", "noise-aware Diff", "λ = 0.25"}
 
 
-def test_sgd_run_draws_only_what_applies(sgd_run):
-    proc = report(sgd_run, "--plot")
+def test_sgd_run_draws_only_what_applies(sgd_run, capsys):
+    proc = report(capsys, sgd_run, "--plot")
     assert proc.returncode == 0, proc.stderr
     figure = plots.build_figure([read_run(sgd_run)])
     assert titles(figure) == [plots.ACCURACY, plots.LOSS, plots.ACCURACY_TIME, plots.LOSS_TIME]
@@ -99,7 +103,7 @@ def test_sgd_run_draws_only_what_applies(sgd_run):
                                                                   plots.figure_size([read_run(sgd_run)]))
 
 
-def test_truncated_metrics_draws_what_is_complete(kfac_run, tmp_path):
+def test_truncated_metrics_draws_what_is_complete(kfac_run, tmp_path, capsys):
     killed = str(tmp_path / "killed")
     shutil.copytree(kfac_run, killed, ignore=shutil.ignore_patterns("checkpoints", "report.png"))
     os.remove(os.path.join(killed, "summary.json"))
@@ -108,7 +112,7 @@ def test_truncated_metrics_draws_what_is_complete(kfac_run, tmp_path):
     steps = [i for i, line in enumerate(lines) if '"kfac"' in line]
     with open(path, "w") as fh:                       # a job killed while writing its 6th record
         fh.writelines(lines[:steps[5]] + [lines[steps[5]][:200]])
-    proc = report(killed, "--plot", str(tmp_path / "killed.png"))
+    proc = report(capsys, killed, "--plot", str(tmp_path / "killed.png"))
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     assert "no summary.json" in proc.stderr and "not JSON" in proc.stderr
@@ -119,11 +123,11 @@ def test_truncated_metrics_draws_what_is_complete(kfac_run, tmp_path):
     assert heat.images[0].get_array().shape == (19, 5)
 
 
-def test_runs_side_by_side(kfac_run, sgd_run, tmp_path):
+def test_runs_side_by_side(kfac_run, sgd_run, tmp_path, capsys):
     second = str(tmp_path / "kfac_again")
     shutil.copytree(kfac_run, second, ignore=shutil.ignore_patterns("checkpoints"))
     out = str(tmp_path / "compare.png")
-    proc = report(kfac_run, second, sgd_run, "--plot", out)
+    proc = report(capsys, kfac_run, second, sgd_run, "--plot", out)
     assert proc.returncode == 0, proc.stderr
     runs = [read_run(p) for p in (kfac_run, second, sgd_run)]
     assert png_size(out) == tuple(round(v * plots.DPI) for v in plots.figure_size(runs))
@@ -137,7 +141,7 @@ def test_runs_side_by_side(kfac_run, sgd_run, tmp_path):
     assert len([line for line in traffic.lines if len(line.get_xdata())]) == 4    # 2 runs × (sent, every step)
 
 
-def test_bad_input_gives_one_line_and_exit_2(kfac_run, tmp_path):
+def test_bad_input_gives_one_line_and_exit_2(kfac_run, tmp_path, capsys):
     empty = str(tmp_path / "not_a_run")
     os.makedirs(empty)
     cases = [([empty, "--plot"], "not a run folder"),
@@ -145,7 +149,7 @@ def test_bad_input_gives_one_line_and_exit_2(kfac_run, tmp_path):
              (["--plot", kfac_run, kfac_run], "must end in .png"),
              ([empty], "cannot read")]
     for args, message in cases:
-        proc = report(*args)
+        proc = report(capsys, *args)
         assert proc.returncode == 2, (args, proc.stderr)
         assert len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr, (args, proc.stderr)
 
