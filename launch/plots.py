@@ -34,22 +34,22 @@ ACCURACY_TIME, LOSS_TIME = "accuracy against training time", "loss against train
 
 
 def figure_size(runs: Sequence[RunLog]) -> Tuple[float, float]:
-    """Inches (width, height) of the figure of ``runs``: a column per K-FAC run, rows for what applies."""
-    kfac = [r for r in runs if r.kfac]
-    width = max(15.0, 8.0 * len(kfac))
+    """Inches (width, height) of the figure of ``runs``: a column per K-FAC run with layer records, rows
+    for what applies."""
+    layered = sum(r.interval is not None for r in runs)
     height = 3.0                                                      # accuracy and loss
     if any(r.wire_bytes is not None for r in runs):
         height += 2.6                                                 # traffic
-    if any(r.interval is not None for r in kfac):
+    if layered:
         height += 0.8 + 3.6 + 2.6 + 2.4                               # lr strip, heatmap, Diff, groups
-    return width, height
+    return max(15.0, 8.0 * layered), height
 
 
 def build_figure(runs: Sequence[RunLog]) -> Figure:
     """The figure of one or several runs (see the module's docstring)."""
     fig = Figure(figsize=figure_size(runs), dpi=DPI, layout="constrained")
     colours = {id(r): f"C{i % 10}" for i, r in enumerate(runs)}
-    layered = [r for r in runs if r.kfac and r.interval is not None]
+    layered = [r for r in runs if r.interval is not None]
     traffic = [r for r in runs if r.wire_bytes is not None]
     heights = ([0.8 + 3.6 + 2.6 + 2.4] if layered else []) + ([2.6] if traffic else []) + [3.0]
     rows = iter(fig.add_gridspec(len(heights), 1, height_ratios=heights))
@@ -126,9 +126,8 @@ def _run_column(fig: Figure, spec, run: RunLog) -> None:
     for step in jumps:
         for ax in (heat, strip):
             ax.axvline(step, color="red", lw=1, ls="--")
-    heat.set_title(INTERVALS.format(run.label), fontsize=10, loc="left")
-    heat.set_xlabel("step   (white dots: factor updates; grey: no record"
-                    + ("; red dashes: learning-rate changes)" if len(jumps) else ")"), fontsize=8)
+    _head(heat, INTERVALS.format(run.label), "step   (white dots: factor updates; grey: no record"
+          + ("; red dashes: learning-rate changes)" if len(jumps) else ")"))
     heat.tick_params(labelleft=False, labelsize=8)
     heat.set_xlim(edges[0], edges[-1])
     colourbar = fig.colorbar(image, cax=fig.add_subplot(cells[1, 2]))
@@ -167,14 +166,25 @@ def _layer_labels(ax, names: List[str], groups: List[str]) -> None:
                   [f"{g} ({b - a + 1})" for g, a, b in keep], fontsize=8)
 
 
+def _head(ax, title: str, note: str) -> None:
+    """A panel's title, and under it (as the x label) how to read it."""
+    ax.set_title(title, fontsize=10, loc="left")
+    ax.set_xlabel(note, fontsize=8)
+
+
+def _nothing(ax, message: str) -> None:
+    ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
 def _diff(ax, run: RunLog, jumps: np.ndarray) -> None:
     """Each layer's Diff where it was computed (its update steps), coloured by depth; λ as a line."""
-    ax.set_title(DIFF.format(run.label), fontsize=10, loc="left")
-    ax.set_xlabel("step   (a layer's largest factor Diff; colour: layer depth, input to output; "
-                  "below λ the layer's interval grows by one)", fontsize=8)
+    _head(ax, DIFF.format(run.label), "step   (a layer's largest factor Diff; colour: layer depth, input to "
+          "output" + ("; below λ the layer's interval grows by one)" if run.threshold is not None else ")"))
     measured = np.isfinite(run.diff)
     if not measured.any():
-        ax.text(0.5, 0.5, "no Diff recorded", ha="center", va="center", transform=ax.transAxes)
+        _nothing(ax, "no Diff recorded")
         return
     positive = run.diff[measured & (run.diff > 0)]
     floor = (positive.min() if positive.size else 1e-3) / 2
@@ -201,12 +211,11 @@ def _diff(ax, run: RunLog, jumps: np.ndarray) -> None:
 
 def _groups(ax, run: RunLog, groups: List[str]) -> None:
     """Per stage the payload sent (stacked: Kronecker, BatchNorm) against every layer on every step."""
-    ax.set_title(GROUPS.format(run.label), fontsize=10, loc="left")
-    ax.set_xlabel("layer group   (bars: payload sent per rank; dashed: every layer on every step; "
-                  "%: the ratio)", fontsize=8)
+    _head(ax, GROUPS.format(run.label), "layer group   (bars: payload sent per rank; dashed: every layer on "
+          "every step; %: the ratio)")
     payload = np.nan_to_num(run.payload_bytes)
     if not payload.any():
-        ax.text(0.5, 0.5, "no Fisher payload (one rank?)", ha="center", va="center", transform=ax.transAxes)
+        _nothing(ax, "no Fisher payload (one rank?)")
         return
     names = list(dict.fromkeys(groups))
     member = np.array([[g == name for g in groups] for name in names])           # groups × layers

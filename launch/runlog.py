@@ -49,10 +49,6 @@ class RunLog:
     def label(self) -> str:
         return f"{self.name} ({self.method})"
 
-    @property
-    def kfac(self) -> bool:
-        return self.wire_bytes is not None or self.interval is not None
-
 
 def _read_config(path: str) -> Dict[str, Any]:
     try:

@@ -193,3 +193,20 @@ def test_lr_jumps_are_milestones_not_smooth_decay():
     assert list(plots.lr_jumps(run)) == [61]
     run.lr = 0.1 * (1 - run.steps / 101) ** 2
     assert list(plots.lr_jumps(run)) == []
+
+
+def test_run_without_layer_records_draws_traffic_and_learning(kfac_run, tmp_path):
+    """log.layer_records=false: each record keeps only the count of due layers."""
+    import json
+    folder = tmp_path / "no_layers"
+    folder.mkdir()
+    shutil.copy(os.path.join(kfac_run, "summary.json"), folder)
+    with open(os.path.join(kfac_run, "metrics.jsonl")) as src, open(folder / "metrics.jsonl", "w") as dst:
+        for entry in map(json.loads, src):
+            if "kfac" in entry:
+                layers = entry["kfac"].pop("layers")
+                entry["kfac"]["due_layers"] = sum(e["due"] for e in layers.values())
+            dst.write(json.dumps(entry) + "\n")
+    figure = plots.build_figure([read_run(str(folder))])
+    assert [t.split(",")[0] for t in titles(figure)] == [plots.TRAFFIC, plots.RATIO, plots.ACCURACY, plots.LOSS,
+                                                         plots.ACCURACY_TIME, plots.LOSS_TIME]
