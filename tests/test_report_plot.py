@@ -3,6 +3,7 @@ horovodrun, a one-process SGD run), of a killed run's truncated metrics.jsonl, o
 side, and the one-line errors. Large runs: the heatmap's downsampling and the capped layer labels."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -197,7 +198,6 @@ def test_lr_jumps_are_milestones_not_smooth_decay():
 
 def test_run_without_layer_records_draws_traffic_and_learning(kfac_run, tmp_path):
     """log.layer_records=false: each record keeps only the count of due layers."""
-    import json
     folder = tmp_path / "no_layers"
     folder.mkdir()
     shutil.copy(os.path.join(kfac_run, "summary.json"), folder)
