@@ -5,12 +5,20 @@
 #
 # Horovod's last release pins C++14; PyTorch >= 2.1 needs C++17 and 2.14's headers need C++20, so the
 # sdist is patched (CMAKE_CXX_STANDARD 14 -> 20 in CMakeLists.txt and horovod/torch/CMakeLists.txt)
-# before building. The wheel is cached outside the repository, per torch version and flavour
-# ($KFAC_HVD_CACHE/wheels/torch-<version>-<cpu|NCCL>[-nompi]/), so later installs take seconds.
+# before building. The wheel is cached outside the repository, per torch version, torch build
+# (torch.version.cuda: cu130, cu126, ...; cpu for a CPU-only torch) and flavour
+# ($KFAC_HVD_CACHE/wheels/torch-<version>+<build>-<cpu|NCCL>[-nompi]/), so later installs take seconds and
+# a wheel built against one CUDA build of torch is never installed next to another. A wheel cached under
+# the older key without the build (torch-<version>-<flavour>[-nompi]/) is taken over (copied to the new
+# key) when the CUDA runtime it links (libcudart.so.<major>, or none) is the one of the installed torch.
 # The script is idempotent: when the asked-for flavour is already installed it exits at once; when
 # another flavour (or version, or a broken build) is installed it reinstalls from the cache or builds.
 # The NCCL flavour builds without a GPU: it needs the CUDA toolkit (nvcc) and NCCL, which it takes from
-# the NCCL wheel next to torch (site-packages/nvidia/*/{include/nccl.h,lib/libnccl.so.2}).
+# the NCCL wheel next to torch (site-packages/nvidia/*/{include/nccl.h,lib/libnccl.so.2}). Before it
+# builds, it checks that every HOROVOD_BUILD_CUDA_CC_LIST entry is a GPU the installed torch has kernels
+# for (torch.cuda.get_arch_list()) and one the nvcc found can compile for (nvcc --list-gpu-arch), and
+# that both are of one CUDA major version; otherwise it stops with one line naming the mismatch (V100 =
+# 70 with a cu130 torch or nvcc 13, for instance).
 #
 # On a GPU machine without internet (system python3 with torch and nvidia-nccl-cu13, nvcc, cmake),
 # from the repository root, with the sdist brought along in .gpu_carry/ (`make horovod-sdist`):
@@ -25,7 +33,8 @@
 # Environment:
 #   PYTHON                      interpreter of the target environment (default: python, else python3)
 #   HOROVOD_GPU_OPERATIONS      unset for the cpu flavour, NCCL for the NCCL flavour
-#   HOROVOD_BUILD_CUDA_CC_LIST  GPU architectures of the NCCL flavour: 90 H100/H200 (default), 80 A100
+#   HOROVOD_BUILD_CUDA_CC_LIST  GPU architectures of the NCCL flavour: 90 H100/H200 (default), 80 A100,
+#                               70 V100 (needs a CUDA 12.x torch and toolkit; README.md, "GPU generations")
 #   HOROVOD_SDIST               a local horovod-0.28.1.tar.gz; otherwise .gpu_carry/ of this repository,
 #                               then the cache, then a download from PyPI
 #   KFAC_HVD_CACHE              cache folder for sdist, logs and wheels (default ~/.cache/kfac-hvd)
@@ -129,6 +138,10 @@ except Exception as exc:
     print("torch_error=%s: %s" % (type(exc).__name__, str(exc).splitlines()[0] if str(exc) else ""))
     sys.exit(0)
 print("torch=" + torch.__version__.split("+")[0])
+print("torch_full=" + torch.__version__)
+version_info = getattr(torch, "version", None)
+print("torch_cuda=" + (getattr(version_info, "cuda", None) or ""))
+print("torch_hip=" + ".".join((getattr(version_info, "hip", None) or "").split(".")[:2]))
 try:
     import horovod
 except Exception as exc:
@@ -170,9 +183,20 @@ else
   want_mpi=0
 fi
 
-key="torch-$torch_version-$flavour"
+# Which build of torch: its C++ extension links torch's CUDA runtime, so each build gets its own wheel.
+torch_cuda=$(pv torch_cuda)
+if [ -n "$torch_cuda" ]; then
+  torch_build="cu${torch_cuda//./}"
+elif [ -n "$(pv torch_hip)" ]; then
+  torch_build="rocm$(pv torch_hip)"
+else
+  torch_build=cpu
+fi
+key="torch-$torch_version+$torch_build-$flavour"
+# The key of wheels cached before the build was part of it.
+legacy_key="torch-$torch_version-$flavour"
 # A wheel without MPI must never stand in for one with it.
-[ "$want_mpi" = 1 ] || key="$key-nompi"
+if [ "$want_mpi" != 1 ]; then key="$key-nompi"; legacy_key="$legacy_key-nompi"; fi
 wheel_dir="$CACHE/wheels/$key"
 build_log="$CACHE/logs/horovod-build-$key.log"
 install_log="$CACHE/logs/horovod-install-$key.log"
@@ -196,7 +220,32 @@ case "$installed" in
   *) reason="horovod state unknown" ;;
 esac
 
-wheel=$(ls "$wheel_dir"/horovod-"$HOROVOD_VERSION"-"$pytag"-*.whl 2>/dev/null | head -1 || true)
+cached_wheel() { ls "$1"/horovod-"$HOROVOD_VERSION"-"$pytag"-*.whl 2>/dev/null | head -1 || true; }
+# The CUDA major versions a wheel's libraries load (libcudart.so.<major>); empty when none does.
+wheel_cuda_major() {
+  "$PYTHON" - "$1" <<'EOF'
+import re, sys, zipfile
+majors = set()
+try:
+    with zipfile.ZipFile(sys.argv[1]) as whl:
+        for name in whl.namelist():
+            if name.endswith(".so") or ".so." in name:
+                majors.update(re.findall(rb"libcudart\.so\.(\d+)", whl.read(name)))
+except (OSError, zipfile.BadZipFile):
+    print("unreadable")
+    sys.exit(0)
+print(",".join(sorted(m.decode() for m in majors)))
+EOF
+}
+wheel=$(cached_wheel "$wheel_dir")
+adopt_from=""
+if [ -n "$reason" ] && [ -z "$wheel" ]; then
+  legacy=$(cached_wheel "$CACHE/wheels/$legacy_key")
+  if [ -n "$legacy" ] && [ "$(wheel_cuda_major "$legacy")" = "${torch_cuda%%.*}" ]; then
+    adopt_from=$legacy
+    wheel="$wheel_dir/$(basename "$legacy")"
+  fi
+fi
 if [ -z "$reason" ]; then
   decision=skip
 elif [ -n "$wheel" ]; then
@@ -212,9 +261,11 @@ if [ "$dry_run" = 1 ]; then
   echo "mpi: $want_mpi"
   echo "python: $PYTHON"
   echo "torch: $torch_version"
+  echo "torch_build: $torch_build"
   echo "installed: $installed${installed_flavour:+ $installed_flavour}"
   echo "cache: $wheel_dir"
   echo "wheel: ${wheel:-none}"
+  echo "adopt_from: ${adopt_from:-none}"
   echo "build_log: $build_log"
 fi
 
@@ -285,6 +336,45 @@ if [ "$decision" = build ]; then
     # Which GPUs the kernels are compiled for: 80 A100, 90 H100/H200 (comma-separated for several).
     # 70 (V100) needs a CUDA 12.x toolkit and torch build: nvcc 13 has no compute_70.
     export HOROVOD_BUILD_CUDA_CC_LIST=${HOROVOD_BUILD_CUDA_CC_LIST:-90}
+    # Minutes of compiling would end in a Horovod whose kernels (or torch's) cannot run on the GPU asked for.
+    nvcc_release=$("$CUDA_HOME/bin/nvcc" --version 2>/dev/null | sed -n 's/.*release \([0-9][0-9.]*\),.*/\1/p' | head -1)
+    nvcc_archs=$("$CUDA_HOME/bin/nvcc" --list-gpu-arch 2>/dev/null | tr '\n' ' ' || true)
+    mismatch=$("$PYTHON" - "$REPO" "$HOROVOD_BUILD_CUDA_CC_LIST" "$CUDA_HOME" "$nvcc_release" "$nvcc_archs" <<'EOF'
+import sys
+repo, cc_list, cuda_home, nvcc_release, nvcc_archs = sys.argv[1:6]
+sys.path.insert(0, repo)
+import torch
+from launch.device import runs_on  # the rule the launcher applies to the GPU at start-up
+
+name = "torch " + torch.__version__
+torch_cuda = getattr(torch.version, "cuda", None)
+if not torch_cuda:
+    print("%s is a CPU-only build (torch.version.cuda is None); the NCCL flavour needs a CUDA build of torch" % name)
+    sys.exit(0)
+entries = [e.strip() for e in cc_list.split(",")]
+if not all(len(e) >= 2 and e.isdigit() for e in entries):
+    print("HOROVOD_BUILD_CUDA_CC_LIST=%s: each entry is a compute capability without its dot (70 V100, "
+          "80 A100, 90 H100/H200)" % cc_list)
+    sys.exit(0)
+nvcc = "nvcc %s (%s)" % (nvcc_release or "of unknown release", cuda_home)
+torch_archs = torch.cuda.get_arch_list()
+problems = []
+for cc in entries:
+    capability = (int(cc[:-1]), int(cc[-1]))
+    if not runs_on(capability, torch_archs):
+        problems.append("%s has no kernels for %d.%d (it has %s)"
+                        % (name, capability[0], capability[1], " ".join(torch_archs) or "none"))
+    if "compute_" + cc not in nvcc_archs.split():
+        problems.append("%s has no compute_%s (--list-gpu-arch: %s)" % (nvcc, cc, nvcc_archs.strip() or "nothing"))
+if nvcc_release and nvcc_release.split(".")[0] != torch_cuda.split(".")[0]:
+    problems.append("%s is built for CUDA %s but %s is another major version" % (name, torch_cuda, nvcc))
+if problems:
+    hint = ("; V100 (70) needs the CUDA 12.6 build of torch and a CUDA 12.x toolkit (README.md, GPU generations)"
+            if any(int(cc) < 75 for cc in entries) else "")
+    print("HOROVOD_BUILD_CUDA_CC_LIST=%s: %s%s" % (cc_list, "; ".join(problems), hint))
+EOF
+) || fail "check architectures (could not run $PYTHON)"
+    [ -z "$mismatch" ] || fail "check architectures ($mismatch)"
     if [ -z "${HOROVOD_NCCL_HOME:-}${HOROVOD_NCCL_INCLUDE:-}${HOROVOD_NCCL_LIB:-}" ]; then
       # NCCL of the wheel next to torch first: torch loads that libnccl.so.2 and Horovod must use the same.
       nccl=$("$PYTHON" - <<'EOF'
@@ -314,7 +404,7 @@ EOF
       nccl_include=$(printf '%s\n' "$nccl" | sed -n 1p)
       nccl_so=$(printf '%s\n' "$nccl" | sed -n 2p)
       [ -n "$nccl_include" ] && [ -n "$nccl_so" ] \
-        || fail "find NCCL (no site-packages/nvidia/*/include/nccl.h with lib*/libnccl.so* for $PYTHON; pip install nvidia-nccl-cu13, or set HOROVOD_NCCL_HOME)"
+        || fail "find NCCL (no site-packages/nvidia/*/include/nccl.h with lib*/libnccl.so* for $PYTHON; pip install nvidia-nccl-cu${torch_cuda%%.*}, or set HOROVOD_NCCL_HOME)"
       # Horovod's FindNCCL looks for libnccl.so; the wheel has only libnccl.so.2 (the SONAME, which
       # is what the built library will load, so the link is needed at build time only).
       mkdir -p "$work/nccl-lib"
@@ -438,6 +528,13 @@ if [ "$decision" = build ]; then
   wheel="$wheel_dir/$(basename "$built")"
 fi
 
+if [ -n "$adopt_from" ]; then
+  say "taking over $adopt_from (cached under the key without the torch build; it loads the CUDA runtime of torch $(pv torch_full))"
+  mkdir -p "$wheel_dir"
+  # Copy then rename, so that a concurrent install never sees half a wheel.
+  cp "$adopt_from" "$wheel_dir/.$(basename "$wheel").part" || fail "copy $adopt_from to $wheel_dir"
+  mv "$wheel_dir/.$(basename "$wheel").part" "$wheel"
+fi
 say "installing $wheel"
 reinstall=--force-reinstall
 [ -z "$target" ] || reinstall=""
