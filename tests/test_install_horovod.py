@@ -9,7 +9,7 @@ import pytest
 
 import conftest as session_checks
 from launch_helpers import common
-from launch_helpers.fake_env import Fake, failed_step, parse, write
+from launch_helpers.fake_env import Fake, failed_step, make_n, parse, write
 
 REPO = common.REPO
 REAL_PYTHON = sys.executable
@@ -219,18 +219,6 @@ def test_target_folder_is_put_on_pythonpath(tmp_path):
 
 
 # --- the Makefile ------------------------------------------------------------------------------------
-
-def make_n(tmp_path, target, **extra):
-    venv = tmp_path / "venv"
-    (venv / "bin").mkdir(parents=True, exist_ok=True)
-    (venv / ".kfac-hvd-ready").touch()  # a venv that is set up already
-    env = dict(os.environ, **extra)
-    env.pop("MAKEFLAGS", None)
-    proc = subprocess.run(["make", "-n", "-C", REPO, f"VENV={venv}", target], env=env, capture_output=True,
-                          text=True, timeout=60)
-    assert proc.returncode == 0, common.describe(proc)
-    return proc.stdout
-
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="make not installed")
 def test_make_setup_asks_the_script_even_when_the_venv_is_ready(tmp_path):

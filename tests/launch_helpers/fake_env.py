@@ -69,6 +69,19 @@ def failed_step(proc: subprocess.CompletedProcess) -> str:
     return proc.stderr
 
 
+def make_n(tmp_path, target: str, *args: str, **extra: str) -> str:
+    """What `make -n TARGET` would run for a venv that is set up already (so its stamp rule does not run)."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True, exist_ok=True)
+    (venv / ".kfac-hvd-ready").touch()
+    env = dict(os.environ, **extra)
+    env.pop("MAKEFLAGS", None)
+    proc = subprocess.run(["make", "-n", "-C", REPO, f"VENV={venv}", target, *args], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, common.describe(proc)
+    return proc.stdout
+
+
 class Fake:
     """``torch`` is torch.__version__ (None: no torch), ``torch_cuda`` torch.version.cuda (None: a CPU-only
     build), ``dists`` the installed package metadata (name -> version) beyond Horovod's runtime dependencies."""
