@@ -10,7 +10,8 @@
 # ($KFAC_HVD_CACHE/wheels/torch-<version>+<build>-<cpu|NCCL>[-nompi]/), so later installs take seconds and
 # a wheel built against one CUDA build of torch is never installed next to another. A wheel cached under
 # the older key without the build (torch-<version>-<flavour>[-nompi]/) is taken over (copied to the new
-# key) when the CUDA runtime it links (libcudart.so.<major>, or none) is the one of the installed torch.
+# key) when the CUDA runtime it links (libcudart.so.<major>, or none) is the one of the installed torch
+# (scripts/cuda_build.py answers that and does the architecture check below).
 # The script is idempotent: when the asked-for flavour is already installed it exits at once; when
 # another flavour (or version, or a broken build) is installed it reinstalls from the cache or builds.
 # The NCCL flavour builds without a GPU: it needs the CUDA toolkit (nvcc) and NCCL, which it takes from
@@ -221,27 +222,17 @@ case "$installed" in
 esac
 
 cached_wheel() { ls "$1"/horovod-"$HOROVOD_VERSION"-"$pytag"-*.whl 2>/dev/null | head -1 || true; }
-# The CUDA major versions a wheel's libraries load (libcudart.so.<major>); empty when none does.
-wheel_cuda_major() {
-  "$PYTHON" - "$1" <<'EOF'
-import re, sys, zipfile
-majors = set()
-try:
-    with zipfile.ZipFile(sys.argv[1]) as whl:
-        for name in whl.namelist():
-            if name.endswith(".so") or ".so." in name:
-                majors.update(re.findall(rb"libcudart\.so\.(\d+)", whl.read(name)))
-except (OSError, zipfile.BadZipFile):
-    print("unreadable")
-    sys.exit(0)
-print(",".join(sorted(m.decode() for m in majors)))
-EOF
+# Copy then rename, so that a concurrent install never sees half a wheel.
+put_in_cache() {
+  mkdir -p "$(dirname "$2")"
+  cp "$1" "$(dirname "$2")/.$(basename "$2").part" || fail "copy $1 to $(dirname "$2")"
+  mv "$(dirname "$2")/.$(basename "$2").part" "$2"
 }
 wheel=$(cached_wheel "$wheel_dir")
 adopt_from=""
 if [ -n "$reason" ] && [ -z "$wheel" ]; then
   legacy=$(cached_wheel "$CACHE/wheels/$legacy_key")
-  if [ -n "$legacy" ] && [ "$(wheel_cuda_major "$legacy")" = "${torch_cuda%%.*}" ]; then
+  if [ -n "$legacy" ] && [ "$("$PYTHON" "$REPO/scripts/cuda_build.py" wheel-cuda "$legacy")" = "${torch_cuda%%.*}" ]; then
     adopt_from=$legacy
     wheel="$wheel_dir/$(basename "$legacy")"
   fi
@@ -337,43 +328,8 @@ if [ "$decision" = build ]; then
     # 70 (V100) needs a CUDA 12.x toolkit and torch build: nvcc 13 has no compute_70.
     export HOROVOD_BUILD_CUDA_CC_LIST=${HOROVOD_BUILD_CUDA_CC_LIST:-90}
     # Minutes of compiling would end in a Horovod whose kernels (or torch's) cannot run on the GPU asked for.
-    nvcc_release=$("$CUDA_HOME/bin/nvcc" --version 2>/dev/null | sed -n 's/.*release \([0-9][0-9.]*\),.*/\1/p' | head -1)
-    nvcc_archs=$("$CUDA_HOME/bin/nvcc" --list-gpu-arch 2>/dev/null | tr '\n' ' ' || true)
-    mismatch=$("$PYTHON" - "$REPO" "$HOROVOD_BUILD_CUDA_CC_LIST" "$CUDA_HOME" "$nvcc_release" "$nvcc_archs" <<'EOF'
-import sys
-repo, cc_list, cuda_home, nvcc_release, nvcc_archs = sys.argv[1:6]
-sys.path.insert(0, repo)
-import torch
-from launch.device import runs_on  # the rule the launcher applies to the GPU at start-up
-
-name = "torch " + torch.__version__
-torch_cuda = getattr(torch.version, "cuda", None)
-if not torch_cuda:
-    print("%s is a CPU-only build (torch.version.cuda is None); the NCCL flavour needs a CUDA build of torch" % name)
-    sys.exit(0)
-entries = [e.strip() for e in cc_list.split(",")]
-if not all(len(e) >= 2 and e.isdigit() for e in entries):
-    print("HOROVOD_BUILD_CUDA_CC_LIST=%s: each entry is a compute capability without its dot (70 V100, "
-          "80 A100, 90 H100/H200)" % cc_list)
-    sys.exit(0)
-nvcc = "nvcc %s (%s)" % (nvcc_release or "of unknown release", cuda_home)
-torch_archs = torch.cuda.get_arch_list()
-problems = []
-for cc in entries:
-    capability = (int(cc[:-1]), int(cc[-1]))
-    if not runs_on(capability, torch_archs):
-        problems.append("%s has no kernels for %d.%d (it has %s)"
-                        % (name, capability[0], capability[1], " ".join(torch_archs) or "none"))
-    if "compute_" + cc not in nvcc_archs.split():
-        problems.append("%s has no compute_%s (--list-gpu-arch: %s)" % (nvcc, cc, nvcc_archs.strip() or "nothing"))
-if nvcc_release and nvcc_release.split(".")[0] != torch_cuda.split(".")[0]:
-    problems.append("%s is built for CUDA %s but %s is another major version" % (name, torch_cuda, nvcc))
-if problems:
-    hint = ("; V100 (70) needs the CUDA 12.6 build of torch and a CUDA 12.x toolkit (README.md, GPU generations)"
-            if any(int(cc) < 75 for cc in entries) else "")
-    print("HOROVOD_BUILD_CUDA_CC_LIST=%s: %s%s" % (cc_list, "; ".join(problems), hint))
-EOF
-) || fail "check architectures (could not run $PYTHON)"
+    mismatch=$("$PYTHON" "$REPO/scripts/cuda_build.py" arch-mismatch "$HOROVOD_BUILD_CUDA_CC_LIST" "$CUDA_HOME/bin/nvcc") \
+      || fail "check architectures (scripts/cuda_build.py failed with $PYTHON)"
     [ -z "$mismatch" ] || fail "check architectures ($mismatch)"
     if [ -z "${HOROVOD_NCCL_HOME:-}${HOROVOD_NCCL_INCLUDE:-}${HOROVOD_NCCL_LIB:-}" ]; then
       # NCCL of the wheel next to torch first: torch loads that libnccl.so.2 and Horovod must use the same.
@@ -521,19 +477,13 @@ if [ "$decision" = build ]; then
   say "built in $((SECONDS - start)) s"
   built=$(ls "$work"/out/horovod-"$HOROVOD_VERSION"-*.whl 2>/dev/null | head -1)
   [ -n "$built" ] || fail "build wheel (no wheel in $work/out)" "$build_log"
-  mkdir -p "$wheel_dir"
-  # Copy then rename, so that a concurrent install never sees half a wheel.
-  cp "$built" "$wheel_dir/.$(basename "$built").part"
-  mv "$wheel_dir/.$(basename "$built").part" "$wheel_dir/$(basename "$built")"
   wheel="$wheel_dir/$(basename "$built")"
+  put_in_cache "$built" "$wheel"
 fi
 
 if [ -n "$adopt_from" ]; then
   say "taking over $adopt_from (cached under the key without the torch build; it loads the CUDA runtime of torch $(pv torch_full))"
-  mkdir -p "$wheel_dir"
-  # Copy then rename, so that a concurrent install never sees half a wheel.
-  cp "$adopt_from" "$wheel_dir/.$(basename "$wheel").part" || fail "copy $adopt_from to $wheel_dir"
-  mv "$wheel_dir/.$(basename "$wheel").part" "$wheel"
+  put_in_cache "$adopt_from" "$wheel"
 fi
 say "installing $wheel"
 reinstall=--force-reinstall
