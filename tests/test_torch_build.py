@@ -52,10 +52,10 @@ V100_VARS = assignments(V100)
 V100_HOROVOD = {k: v for k, v in V100_VARS.items() if k.startswith("HOROVOD_")}
 
 
-def make_torch(fake, *args, **extra):
+def make_torch(fake, **extra):
     """`make torch` for real, with the fake environment as the venv (set up already: its stamp is fresh)."""
     open(os.path.join(fake.root, ".kfac-hvd-ready"), "w").close()
-    return subprocess.run(["make", "-s", "-C", REPO, f"VENV={fake.root}", "torch", *args], env=fake.environ(**extra),
+    return subprocess.run(["make", "-s", "-C", REPO, f"VENV={fake.root}", "torch"], env=fake.environ(**extra),
                           capture_output=True, text=True, timeout=60)
 
 
