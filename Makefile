@@ -1,28 +1,38 @@
-# Everything builds idempotently: Debian packages, the venv, Horovod (cached wheel), the project.
+# Everything builds idempotently: Debian packages, the venv, torch, Horovod (cached wheel), the project.
 # HOROVOD_GPU_OPERATIONS=NCCL make setup   installs the NCCL flavour of Horovod instead of the cpu one.
+# TORCH_SPEC="torch==X torchvision==Y" TORCH_INDEX_URL=URL make setup   installs that torch build (pip
+#   requirements, from that index; default: the pins below, from pip's configured indexes); a torch that
+#   satisfies TORCH_SPEC is kept. The V100 set-up: README.md, "GPU generations".
 VENV ?= .venv
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+TORCH_INDEX_URL ?=
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kfac-hvd-ready
 NP ?= 2
 SDIST_DIR := .gpu_carry
 
-.PHONY: setup horovod horovod-sdist demo test clean-venv
+.PHONY: setup torch horovod horovod-sdist demo test clean-venv
 
 setup: horovod
 
-# The venv and its packages; Horovod is handled by the `horovod` target.
+# The venv and its packages; torch and Horovod are handled by the `torch` and `horovod` targets.
 $(STAMP): setup.py scripts/install_system.sh
 	bash scripts/install_system.sh
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1 pyyaml mpi4py tqdm tensorboard matplotlib pytest
+	$(PY) -m pip install -q pyyaml mpi4py tqdm tensorboard matplotlib pytest
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@
+
+# Always run: the script returns in a fraction of a second when the installed torch satisfies TORCH_SPEC,
+# so a venv set up with another build (a V100's CUDA 12.6 torch) keeps it.
+torch: $(STAMP)
+	PYTHON=$(PY) TORCH_SPEC="$(TORCH_SPEC)" TORCH_INDEX_URL="$(TORCH_INDEX_URL)" bash scripts/install_torch.sh
 
 # Always run: the script returns in seconds when the asked-for flavour (HOROVOD_GPU_OPERATIONS) is
 # installed, and reinstalls (cached wheel) or rebuilds when another one is. MPI is part of this
 # machine's setup, so its absence is an error here rather than a Horovod without MPI.
-horovod: $(STAMP)
+horovod: torch
 	PYTHON=$(PY) KFAC_HVD_REQUIRE_MPI=1 bash scripts/install_horovod.sh
 
 # The Horovod sdist in a git-ignored folder, for building on a machine without internet.

@@ -2,7 +2,7 @@
 
 One training step, as it happens:
 
-    hooks capture              (forward/backward, armed layers only; autocast off, fp32/fp64)
+    hooks capture              (forward/backward, armed layers only; autocast off, fp32/fp64 sums)
       → factor allreduce       (started from the hooks as each factor is final, so it overlaps the
                                 backward pass; kfac.A.<layer>, kfac.G.<layer>, kfac.F.<layer>)
     KFAC.step():
@@ -31,6 +31,7 @@ from .exchange import Arrived, FactorExchange, allgather_inverses
 from .factors import (INVERSE_METHODS, TRIANGLES, damping_shifts, diff_from_squares, factor_statistics, invert_all,
                       kl_clip_scale, packed_numel, pi_from_diagonal_means, robust_damped_inverses, unpack)
 from .layers import DEFAULT_UNFOLD_CHUNK_BYTES, Layer, make_layer
+from .precision import FACTOR_MATMUL_PRECISIONS
 from .scheduler import IntervalScheduler
 from .state import load_kfac_state, save_kfac_state
 from .timing import PhaseTimer
@@ -52,15 +53,16 @@ class KFAC:
                  shrink_multiple: Optional[float] = None, separate_intervals: bool = False,
                  factor_decay: Optional[float] = None, kl_clip: Optional[float] = None,
                  pi_damping: bool = True, inverse_method: str = "cholesky", batched_inversion: bool = True,
-                 symmetric_comm: bool = True,
-                 skip_layers: Sequence[str] = (), include_batchnorm: bool = True,
+                 symmetric_comm: bool = True, skip_layers: Sequence[str] = (), include_batchnorm: bool = True,
                  factor_dtype: Optional[torch.dtype] = None, accumulation_steps: int = 1,
                  noise_aware_diff: bool = False,
                  local_inverse_max_dim: int = DEFAULT_LOCAL_INVERSE_MAX_DIM,
-                 unfold_chunk_bytes: int = DEFAULT_UNFOLD_CHUNK_BYTES, comm: Any = None) -> None:
+                 unfold_chunk_bytes: int = DEFAULT_UNFOLD_CHUNK_BYTES, narrow_factor_products: bool = True,
+                 factor_matmul_precision: str = "highest", comm: Any = None) -> None:
         _check_options(damping=damping, factor_decay=factor_decay, kl_clip=kl_clip, inverse_method=inverse_method,
                        batched_inversion=batched_inversion, accumulation_steps=accumulation_steps,
-                       local_inverse_max_dim=local_inverse_max_dim, unfold_chunk_bytes=unfold_chunk_bytes)
+                       local_inverse_max_dim=local_inverse_max_dim, unfold_chunk_bytes=unfold_chunk_bytes,
+                       narrow_factor_products=narrow_factor_products, factor_matmul_precision=factor_matmul_precision)
         if isinstance(skip_layers, str):
             skip_layers = (skip_layers,)
         self.damping = damping
@@ -111,7 +113,8 @@ class KFAC:
         self.exchange = FactorExchange(self.comm, self.traffic, symmetric=symmetric_comm)
         self.capture = FactorCapture(self.layers, on_final=self._factor_final, timer=self.timer,
                                      accumulation_steps=accumulation_steps, chunk_bytes=unfold_chunk_bytes,
-                                     split_halves=noise_aware_diff)
+                                     split_halves=noise_aware_diff, narrow_products=narrow_factor_products,
+                                     matmul_precision=factor_matmul_precision)
         self._arm(1)
 
     # Introspection ------------------------------------------------------------------------------
@@ -462,7 +465,7 @@ class KFAC:
 
 def _check_options(*, damping: float, factor_decay: Optional[float], kl_clip: Optional[float], inverse_method: str,
                    batched_inversion: bool, accumulation_steps: int, local_inverse_max_dim: int,
-                   unfold_chunk_bytes: int) -> None:
+                   unfold_chunk_bytes: int, narrow_factor_products: bool, factor_matmul_precision: str) -> None:
     if not damping > 0:
         raise ValueError(f"damping must be > 0, got {damping!r}")
     if factor_decay is not None and not 0 <= factor_decay < 1:
@@ -471,8 +474,12 @@ def _check_options(*, damping: float, factor_decay: Optional[float], kl_clip: Op
         raise ValueError(f"kl_clip must be > 0 or None, got {kl_clip!r}")
     if inverse_method not in INVERSE_METHODS:
         raise ValueError(f"inverse_method must be one of {INVERSE_METHODS}, got {inverse_method!r}")
-    if not isinstance(batched_inversion, bool):
-        raise ValueError(f"batched_inversion must be True or False, got {batched_inversion!r}")
+    if factor_matmul_precision not in tuple(FACTOR_MATMUL_PRECISIONS):      # a list is refused, not unhashable
+        raise ValueError(f"factor_matmul_precision must be one of {tuple(FACTOR_MATMUL_PRECISIONS)}, "
+                         f"got {factor_matmul_precision!r}")
+    for option, value in (("batched_inversion", batched_inversion), ("narrow_factor_products", narrow_factor_products)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{option} must be True or False, got {value!r}")
     for option, value, least in (("accumulation_steps", accumulation_steps, 1),
                                  ("local_inverse_max_dim", local_inverse_max_dim, 0),
                                  ("unfold_chunk_bytes", unfold_chunk_bytes, 1)):

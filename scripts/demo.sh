@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # make demo: distributed K-FAC with the per-layer adaptive factor-update interval (lambda = 0.25) on
 # Fashion-MNIST (real data, Debian's dataset-fashion-mnist), a small ResNet, 2 ranks under
-# horovodrun --gloo on this machine's CPUs. A few minutes; ends with a table: test top-1, Fisher
-# traffic per rank against updating every factor on every step, wall time.
+# horovodrun --gloo on this machine's CPUs. A few minutes; ends with a table (test top-1, Fisher
+# traffic per rank against updating every factor on every step, wall time) and the run's figure,
+# RUN_DIR/report.png (python -m launch.report RUN_DIR --plot).
 #
 # Environment:
 #   NP        ranks (default 2)
@@ -32,4 +33,4 @@ OMP_NUM_THREADS=1 "$BIN/horovodrun" -np "$NP" --gloo -H "localhost:$NP" \
 end=$(date +%s)
 echo
 echo "demo finished in $((end - start)) s (including start-up); outputs in $RUN_DIR"
-"$PYTHON" -m launch.report "$RUN_DIR"
+"$PYTHON" -m launch.report "$RUN_DIR" --plot

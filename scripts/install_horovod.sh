@@ -5,12 +5,21 @@
 #
 # Horovod's last release pins C++14; PyTorch >= 2.1 needs C++17 and 2.14's headers need C++20, so the
 # sdist is patched (CMAKE_CXX_STANDARD 14 -> 20 in CMakeLists.txt and horovod/torch/CMakeLists.txt)
-# before building. The wheel is cached outside the repository, per torch version and flavour
-# ($KFAC_HVD_CACHE/wheels/torch-<version>-<cpu|NCCL>[-nompi]/), so later installs take seconds.
+# before building. The wheel is cached outside the repository, per torch version, torch build
+# (torch.version.cuda: cu130, cu126, ...; cpu for a CPU-only torch) and flavour
+# ($KFAC_HVD_CACHE/wheels/torch-<version>+<build>-<cpu|NCCL>[-nompi]/), so later installs take seconds and
+# a wheel built against one CUDA build of torch is never installed next to another. A wheel cached under
+# the older key without the build (torch-<version>-<flavour>[-nompi]/) is taken over (copied to the new
+# key) when the CUDA runtime it links (libcudart.so.<major>, or none) is the one of the installed torch
+# (scripts/cuda_build.py answers that and does the architecture check below).
 # The script is idempotent: when the asked-for flavour is already installed it exits at once; when
 # another flavour (or version, or a broken build) is installed it reinstalls from the cache or builds.
 # The NCCL flavour builds without a GPU: it needs the CUDA toolkit (nvcc) and NCCL, which it takes from
-# the NCCL wheel next to torch (site-packages/nvidia/*/{include/nccl.h,lib/libnccl.so.2}).
+# the NCCL wheel next to torch (site-packages/nvidia/*/{include/nccl.h,lib/libnccl.so.2}). Before it
+# builds, it checks that every HOROVOD_BUILD_CUDA_CC_LIST entry is a GPU the installed torch has kernels
+# for (torch.cuda.get_arch_list()) and one the nvcc found can compile for (nvcc --list-gpu-arch), and
+# that both are of one CUDA major version; otherwise it stops with one line naming the mismatch (V100 =
+# 70 with a cu130 torch or nvcc 13, for instance).
 #
 # On a GPU machine without internet (system python3 with torch and nvidia-nccl-cu13, nvcc, cmake),
 # from the repository root, with the sdist brought along in .gpu_carry/ (`make horovod-sdist`):
@@ -25,7 +34,8 @@
 # Environment:
 #   PYTHON                      interpreter of the target environment (default: python, else python3)
 #   HOROVOD_GPU_OPERATIONS      unset for the cpu flavour, NCCL for the NCCL flavour
-#   HOROVOD_BUILD_CUDA_CC_LIST  GPU architectures of the NCCL flavour: 90 H100/H200 (default), 80 A100
+#   HOROVOD_BUILD_CUDA_CC_LIST  GPU architectures of the NCCL flavour: 90 H100/H200 (default), 80 A100,
+#                               70 V100 (needs a CUDA 12.x torch and toolkit; README.md, "GPU generations")
 #   HOROVOD_SDIST               a local horovod-0.28.1.tar.gz; otherwise .gpu_carry/ of this repository,
 #                               then the cache, then a download from PyPI
 #   KFAC_HVD_CACHE              cache folder for sdist, logs and wheels (default ~/.cache/kfac-hvd)
@@ -129,6 +139,10 @@ except Exception as exc:
     print("torch_error=%s: %s" % (type(exc).__name__, str(exc).splitlines()[0] if str(exc) else ""))
     sys.exit(0)
 print("torch=" + torch.__version__.split("+")[0])
+print("torch_full=" + torch.__version__)
+version_info = getattr(torch, "version", None)
+print("torch_cuda=" + (getattr(version_info, "cuda", None) or ""))
+print("torch_hip=" + ".".join((getattr(version_info, "hip", None) or "").split(".")[:2]))
 try:
     import horovod
 except Exception as exc:
@@ -170,9 +184,20 @@ else
   want_mpi=0
 fi
 
-key="torch-$torch_version-$flavour"
+# Which build of torch: its C++ extension links torch's CUDA runtime, so each build gets its own wheel.
+torch_cuda=$(pv torch_cuda)
+if [ -n "$torch_cuda" ]; then
+  torch_build="cu${torch_cuda//./}"
+elif [ -n "$(pv torch_hip)" ]; then
+  torch_build="rocm$(pv torch_hip)"
+else
+  torch_build=cpu
+fi
+key="torch-$torch_version+$torch_build-$flavour"
+# The key of wheels cached before the build was part of it.
+legacy_key="torch-$torch_version-$flavour"
 # A wheel without MPI must never stand in for one with it.
-[ "$want_mpi" = 1 ] || key="$key-nompi"
+if [ "$want_mpi" != 1 ]; then key="$key-nompi"; legacy_key="$legacy_key-nompi"; fi
 wheel_dir="$CACHE/wheels/$key"
 build_log="$CACHE/logs/horovod-build-$key.log"
 install_log="$CACHE/logs/horovod-install-$key.log"
@@ -196,7 +221,22 @@ case "$installed" in
   *) reason="horovod state unknown" ;;
 esac
 
-wheel=$(ls "$wheel_dir"/horovod-"$HOROVOD_VERSION"-"$pytag"-*.whl 2>/dev/null | head -1 || true)
+cached_wheel() { ls "$1"/horovod-"$HOROVOD_VERSION"-"$pytag"-*.whl 2>/dev/null | head -1 || true; }
+# Copy then rename, so that a concurrent install never sees half a wheel.
+put_in_cache() {
+  mkdir -p "$(dirname "$2")"
+  cp "$1" "$(dirname "$2")/.$(basename "$2").part" || fail "copy $1 to $(dirname "$2")"
+  mv "$(dirname "$2")/.$(basename "$2").part" "$2"
+}
+wheel=$(cached_wheel "$wheel_dir")
+adopt_from=""
+if [ -n "$reason" ] && [ -z "$wheel" ]; then
+  legacy=$(cached_wheel "$CACHE/wheels/$legacy_key")
+  if [ -n "$legacy" ] && [ "$("$PYTHON" "$REPO/scripts/cuda_build.py" wheel-cuda "$legacy")" = "${torch_cuda%%.*}" ]; then
+    adopt_from=$legacy
+    wheel="$wheel_dir/$(basename "$legacy")"
+  fi
+fi
 if [ -z "$reason" ]; then
   decision=skip
 elif [ -n "$wheel" ]; then
@@ -212,9 +252,11 @@ if [ "$dry_run" = 1 ]; then
   echo "mpi: $want_mpi"
   echo "python: $PYTHON"
   echo "torch: $torch_version"
+  echo "torch_build: $torch_build"
   echo "installed: $installed${installed_flavour:+ $installed_flavour}"
   echo "cache: $wheel_dir"
   echo "wheel: ${wheel:-none}"
+  echo "adopt_from: ${adopt_from:-none}"
   echo "build_log: $build_log"
 fi
 
@@ -285,6 +327,10 @@ if [ "$decision" = build ]; then
     # Which GPUs the kernels are compiled for: 80 A100, 90 H100/H200 (comma-separated for several).
     # 70 (V100) needs a CUDA 12.x toolkit and torch build: nvcc 13 has no compute_70.
     export HOROVOD_BUILD_CUDA_CC_LIST=${HOROVOD_BUILD_CUDA_CC_LIST:-90}
+    # Minutes of compiling would end in a Horovod whose kernels (or torch's) cannot run on the GPU asked for.
+    mismatch=$("$PYTHON" "$REPO/scripts/cuda_build.py" arch-mismatch "$HOROVOD_BUILD_CUDA_CC_LIST" "$CUDA_HOME/bin/nvcc") \
+      || fail "check architectures (scripts/cuda_build.py failed with $PYTHON)"
+    [ -z "$mismatch" ] || fail "check architectures ($mismatch)"
     if [ -z "${HOROVOD_NCCL_HOME:-}${HOROVOD_NCCL_INCLUDE:-}${HOROVOD_NCCL_LIB:-}" ]; then
       # NCCL of the wheel next to torch first: torch loads that libnccl.so.2 and Horovod must use the same.
       nccl=$("$PYTHON" - <<'EOF'
@@ -314,7 +360,7 @@ EOF
       nccl_include=$(printf '%s\n' "$nccl" | sed -n 1p)
       nccl_so=$(printf '%s\n' "$nccl" | sed -n 2p)
       [ -n "$nccl_include" ] && [ -n "$nccl_so" ] \
-        || fail "find NCCL (no site-packages/nvidia/*/include/nccl.h with lib*/libnccl.so* for $PYTHON; pip install nvidia-nccl-cu13, or set HOROVOD_NCCL_HOME)"
+        || fail "find NCCL (no site-packages/nvidia/*/include/nccl.h with lib*/libnccl.so* for $PYTHON; pip install nvidia-nccl-cu${torch_cuda%%.*}, or set HOROVOD_NCCL_HOME)"
       # Horovod's FindNCCL looks for libnccl.so; the wheel has only libnccl.so.2 (the SONAME, which
       # is what the built library will load, so the link is needed at build time only).
       mkdir -p "$work/nccl-lib"
@@ -431,13 +477,14 @@ if [ "$decision" = build ]; then
   say "built in $((SECONDS - start)) s"
   built=$(ls "$work"/out/horovod-"$HOROVOD_VERSION"-*.whl 2>/dev/null | head -1)
   [ -n "$built" ] || fail "build wheel (no wheel in $work/out)" "$build_log"
-  mkdir -p "$wheel_dir"
-  # Copy then rename, so that a concurrent install never sees half a wheel.
-  cp "$built" "$wheel_dir/.$(basename "$built").part"
-  mv "$wheel_dir/.$(basename "$built").part" "$wheel_dir/$(basename "$built")"
   wheel="$wheel_dir/$(basename "$built")"
+  put_in_cache "$built" "$wheel"
 fi
 
+if [ -n "$adopt_from" ]; then
+  say "taking over $adopt_from (cached under the key without the torch build; it loads the CUDA runtime of torch $(pv torch_full))"
+  put_in_cache "$adopt_from" "$wheel"
+fi
 say "installing $wheel"
 reinstall=--force-reinstall
 [ -z "$target" ] || reinstall=""

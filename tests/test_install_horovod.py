@@ -9,105 +9,10 @@ import pytest
 
 import conftest as session_checks
 from launch_helpers import common
+from launch_helpers.fake_env import Fake, failed_step, make_n, parse, write
 
 REPO = common.REPO
-SCRIPT = os.path.join(REPO, "scripts", "install_horovod.sh")
 REAL_PYTHON = sys.executable
-DEPS = {"cloudpickle": "cloudpickle", "psutil": "psutil", "pyyaml": "PyYAML", "packaging": "packaging"}
-
-
-def write(path, text, mode=None):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    if mode is not None:
-        os.chmod(path, mode)
-
-
-class Fake:
-    """A fake target environment: an interpreter (the real one without site-packages) that sees only a
-    made-up site folder with torch, maybe horovod, maybe an NCCL wheel and the runtime dependencies."""
-
-    def __init__(self, root, *, torch="2.14.1+cu130", horovod=None, nccl="nvidia/nccl", deps=tuple(DEPS),
-                 setuptools=True, mpicxx=True):
-        self.root = str(root)
-        self.site = os.path.join(self.root, "site")
-        self.cache = os.path.join(self.root, "cache")
-        self.bin = os.path.join(self.root, "bin")
-        self.python = os.path.join(self.bin, "python")
-        write(self.python, f'#!/bin/sh\nexec "{REAL_PYTHON}" -S "$@"\n', 0o755)
-        if torch is not None:
-            write(os.path.join(self.site, "torch", "__init__.py"), f"__version__ = {torch!r}\n")
-        if horovod is not None:
-            self.set_horovod(**horovod)
-        self.nccl_lib = None
-        if nccl is not None:
-            base = os.path.join(self.site, *nccl.split("/"))
-            write(os.path.join(base, "include", "nccl.h"), "#define NCCL_MAJOR 2\n")
-            self.nccl_lib = os.path.join(base, "lib", "libnccl.so.2")
-            write(self.nccl_lib, "")
-        for name in deps:
-            dist = DEPS[name]
-            write(os.path.join(self.site, f"{dist}-1.0.dist-info", "METADATA"),
-                  f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n")
-        if setuptools:
-            write(os.path.join(self.site, "setuptools", "__init__.py"), "")
-        # A CUDA toolkit reached through a wrapper script, as on this kind of machine.
-        self.cuda = os.path.join(self.root, "cuda-13.0")
-        write(os.path.join(self.cuda, "bin", "nvcc"), "#!/bin/sh\necho fake nvcc\n", 0o755)
-        write(os.path.join(self.bin, "nvcc"), f'#!/bin/sh\nexec {self.cuda}/bin/nvcc "$@"\n', 0o755)
-        self.mpicxx = os.path.join(self.bin, "mpicxx") if mpicxx else os.path.join(self.root, "absent", "mpicxx")
-        if mpicxx:
-            write(self.mpicxx, "#!/bin/sh\n", 0o755)
-
-    def set_horovod(self, version="0.28.1", nccl=0, mpi=1, gloo=1, broken=None):
-        top = "raise OSError('libhorovod_common.so: cannot open')\n" if broken == "package" else ""
-        write(os.path.join(self.site, "horovod", "__init__.py"), f"{top}__version__ = {version!r}\n")
-        body = ("raise ImportError('undefined symbol: _ZN7horovod')\n" if broken == "torch" else
-                f"def nccl_built():\n    return {nccl}\n\ndef mpi_built():\n    return {bool(mpi)}\n\n"
-                f"def gloo_built():\n    return {bool(gloo)}\n")
-        write(os.path.join(self.site, "horovod", "torch", "__init__.py"), body)
-
-    def cached_wheel(self, key, pytag=None):
-        pytag = pytag or "cp%d%d" % sys.version_info[:2]
-        path = os.path.join(self.cache, "wheels", key, f"horovod-0.28.1-{pytag}-{pytag}-linux_x86_64.whl")
-        write(path, "")
-        return path
-
-    def run(self, flavour=None, args=("--dry-run",), path_first=(), **extra):
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("HOROVOD_", "KFAC_HVD_", "CMAKE_")) and k not in ("CUDA_HOME", "PYTHONPATH",
-                                                                                      "MAKEFLAGS", "MPICXX")}
-        env.update(PYTHON=self.python, PYTHONPATH=self.site, KFAC_HVD_CACHE=self.cache, MPICXX=self.mpicxx,
-                   PATH=os.pathsep.join([*path_first, self.bin, env.get("PATH", "")]))
-        if flavour is not None:
-            env["HOROVOD_GPU_OPERATIONS"] = flavour
-        env.update(extra)
-        return subprocess.run(["bash", SCRIPT, *args], env=env, capture_output=True, text=True, timeout=60)
-
-    def dry_run(self, flavour=None, **kw):
-        proc = self.run(flavour, **kw)
-        assert proc.returncode == 0, common.describe(proc)
-        return parse(proc.stdout)
-
-
-def parse(out):
-    """'key: value' lines into a dict; 'env: NAME=value' lines into the dict under 'env'."""
-    result = {"env": {}}
-    for line in out.splitlines():
-        key, _, value = line.partition(": ")
-        if key == "env":
-            name, _, val = value.partition("=")
-            result["env"][name] = val
-        elif key:
-            result[key] = value
-    return result
-
-
-def failed_step(proc):
-    assert proc.returncode != 0, common.describe(proc)
-    return proc.stderr
-
 
 CPU_INSTALLED = dict(nccl=0, mpi=1, gloo=1)
 NCCL_INSTALLED = dict(nccl=23007, mpi=1, gloo=1)
@@ -130,27 +35,27 @@ def test_cpu_build_installed_but_nccl_asked_for_rebuilds(tmp_path):
     out = Fake(tmp_path, horovod=CPU_INSTALLED).dry_run("NCCL")
     assert out["decision"] == "build"
     assert "cpu flavour" in out["reason"]
-    assert out["cache"] == os.path.join(tmp_path, "cache", "wheels", "torch-2.14.1-NCCL")
+    assert out["cache"] == os.path.join(tmp_path, "cache", "wheels", "torch-2.14.1+cu130-NCCL")
 
 
 def test_nccl_build_installed_but_cpu_asked_for_reinstalls_the_cached_cpu_wheel(tmp_path):
     fake = Fake(tmp_path, horovod=NCCL_INSTALLED)
-    wheel = fake.cached_wheel("torch-2.14.1-cpu")
-    fake.cached_wheel("torch-2.14.1-NCCL")
+    wheel = fake.cached_wheel("torch-2.14.1+cu130-cpu")
+    fake.cached_wheel("torch-2.14.1+cu130-NCCL")
     out = fake.dry_run()
     assert out["decision"] == "install-cached" and out["wheel"] == wheel
 
 
 def test_cached_wheel_of_the_asked_flavour_is_installed_not_rebuilt(tmp_path):
     fake = Fake(tmp_path, horovod=CPU_INSTALLED)
-    wheel = fake.cached_wheel("torch-2.14.1-NCCL")
+    wheel = fake.cached_wheel("torch-2.14.1+cu130-NCCL")
     out = fake.dry_run("NCCL")
     assert out["decision"] == "install-cached" and out["wheel"] == wheel
 
 
 def test_cached_wheel_of_another_python_is_not_used(tmp_path):
     fake = Fake(tmp_path, horovod=CPU_INSTALLED)
-    fake.cached_wheel("torch-2.14.1-NCCL", pytag="cp27")
+    fake.cached_wheel("torch-2.14.1+cu130-NCCL", pytag="cp27")
     assert fake.dry_run("NCCL")["decision"] == "build"
 
 
@@ -189,7 +94,7 @@ def test_dry_run_by_environment_variable(tmp_path):
     proc = fake.run("NCCL", args=(), KFAC_HVD_DRY_RUN="1")
     assert proc.returncode == 0, common.describe(proc)
     assert parse(proc.stdout)["decision"] == "build"
-    assert not os.path.exists(os.path.join(fake.cache, "wheels", "torch-2.14.1-NCCL"))
+    assert not os.path.exists(os.path.join(fake.cache, "wheels", "torch-2.14.1+cu130-NCCL"))
 
 
 # --- the build environment ---------------------------------------------------------------------------
@@ -248,13 +153,13 @@ def test_cpu_environment_has_no_nccl(tmp_path):
     assert not any(name.startswith("HOROVOD_NCCL") for name in env)
     assert "HOROVOD_GPU_OPERATIONS" not in env
     assert env["CMAKE_POLICY_VERSION_MINIMUM"] == "3.5"
-    assert out["cache"].endswith(os.path.join("wheels", "torch-2.14.1-cpu"))
+    assert out["cache"].endswith(os.path.join("wheels", "torch-2.14.1+cu130-cpu"))
 
 
 def test_without_mpi_compiler_mpi_is_left_out_and_cached_apart(tmp_path):
     out = Fake(tmp_path, mpicxx=False).dry_run("NCCL")
     assert out["env"]["HOROVOD_WITHOUT_MPI"] == "1" and "HOROVOD_WITH_MPI" not in out["env"]
-    assert out["cache"].endswith("torch-2.14.1-NCCL-nompi")
+    assert out["cache"].endswith("torch-2.14.1+cu130-NCCL-nompi")
 
 
 def test_required_mpi_without_mpi_compiler_fails_naming_the_step(tmp_path):
@@ -314,18 +219,6 @@ def test_target_folder_is_put_on_pythonpath(tmp_path):
 
 
 # --- the Makefile ------------------------------------------------------------------------------------
-
-def make_n(tmp_path, target, **extra):
-    venv = tmp_path / "venv"
-    (venv / "bin").mkdir(parents=True, exist_ok=True)
-    (venv / ".kfac-hvd-ready").touch()  # a venv that is set up already
-    env = dict(os.environ, **extra)
-    env.pop("MAKEFLAGS", None)
-    proc = subprocess.run(["make", "-n", "-C", REPO, f"VENV={venv}", target], env=env, capture_output=True,
-                          text=True, timeout=60)
-    assert proc.returncode == 0, common.describe(proc)
-    return proc.stdout
-
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="make not installed")
 def test_make_setup_asks_the_script_even_when_the_venv_is_ready(tmp_path):

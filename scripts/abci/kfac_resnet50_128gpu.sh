@@ -23,16 +23,17 @@
 #     HOROVOD_HIERARCHICAL_ALLREDUCE=1  intra-node NCCL + inter-node MPI allreduce
 #     fp16 gradient compression: EXTRA="horovod.fp16_allreduce=true" (K-FAC factors stay fp32)
 #
-# Software for V100 (compute capability 7.0). The torch==2.14.1 wheel that 'make setup' takes from PyPI is
-# a CUDA 13.0 build with kernels for sm_75 and newer only, and nvcc 13 has no compute_70: a V100 needs a
-# CUDA 12.x build of torch and a CUDA 12.x toolkit (the cuda/12.x module below). In the job's environment,
-# before 'make setup': pip install torch torchvision from a CUDA 12.x index of download.pytorch.org
-# (e.g. .../whl/cu126, for the release pinned in the Makefile where one exists), then build Horovod
-# with NCCL for sm_70 against them:
-#     HOROVOD_GPU_OPERATIONS=NCCL HOROVOD_BUILD_CUDA_CC_LIST=70 make setup
-# ('make setup' replaces a Horovod of another flavour in the venv.) Each rank checks at start-up that
-# torch has kernels for its GPU and that Horovod was built with NCCL, and otherwise stops with one line
-# naming the fix (exit code 2).
+# Software for V100 (compute capability 7.0): the default torch of 'make setup' (2.14.1, a CUDA 13.0 build)
+# has kernels for sm_75 and newer only, and nvcc 13 has no compute_70. A V100 takes torch 2.14.1's CUDA
+# 12.6 build (the newest torch release with sm_70 kernels; Horovod needs no patch beyond the default's for
+# it), a CUDA 12.x toolkit (the cuda/12.x module below) and Horovod with NCCL for sm_70. With the modules
+# loaded, from the repository root, one command (README.md, "GPU generations"):
+#     TORCH_SPEC="torch==2.14.1+cu126 torchvision==0.29.1+cu126" TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126 HOROVOD_GPU_OPERATIONS=NCCL HOROVOD_BUILD_CUDA_CC_LIST=70 make setup
+# 'make setup' keeps a torch that satisfies TORCH_SPEC (a later plain 'make setup' keeps the cu126 build)
+# and replaces a Horovod of another flavour (without HOROVOD_GPU_OPERATIONS=NCCL: the cpu one). The build
+# stops at once, with one line, when torch or nvcc lacks sm_70. Each rank checks at start-up that torch
+# has kernels for its GPU and that Horovod was built with NCCL, and otherwise stops with one line naming
+# the fix (exit code 2).
 #
 # Grid Engine resources: rt_F = one full node (4 V100, 40 cores); h_rt = wall-clock limit.
 # A checkpoint is written every epoch and the paper configs say checkpoint.resume=auto, so

@@ -20,10 +20,13 @@
 # Software for H200 (compute capability 9.0): the torch==2.14.1 CUDA 13.0 wheel of 'make setup' has sm_90
 # kernels; load a CUDA 13 toolkit (nvcc) and build Horovod with NCCL for sm_90:
 #     HOROVOD_GPU_OPERATIONS=NCCL HOROVOD_BUILD_CUDA_CC_LIST=90 make setup
-# ('make setup' replaces a Horovod of another flavour in the venv.) The configs' bf16 autocast,
-# channels_last and cuDNN benchmark fit H200. Each rank checks at start-up that torch has kernels for
-# its GPU and that Horovod was built with NCCL, and otherwise stops with one line naming the fix (exit
-# code 2).
+# ('make setup' replaces a Horovod of another flavour in the venv.) On V100 nodes (7.0; no sm_70 kernels in
+# that torch, no compute_70 in nvcc 13) take torch 2.14.1's CUDA 12.6 build with a CUDA 12.x toolkit loaded,
+# with one command (README.md, "GPU generations"), and EXTRA="train.precision=fp16" (V100 has no bf16):
+#     TORCH_SPEC="torch==2.14.1+cu126 torchvision==0.29.1+cu126" TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126 HOROVOD_GPU_OPERATIONS=NCCL HOROVOD_BUILD_CUDA_CC_LIST=70 make setup
+# The configs' bf16 autocast, channels_last and cuDNN benchmark fit H200. Each rank checks at start-up that
+# torch has kernels for its GPU and that Horovod was built with NCCL, and otherwise stops with one line
+# naming the fix (exit code 2).
 #
 # PBS resources: -q rt_HF = full H200 nodes; select=16 chunks (one per node); walltime = limit.
 # $PBS_NODEFILE lists the nodes (one line per chunk); -map-by ppr:8:node places 8 ranks on each.
