@@ -9,7 +9,8 @@ One training step, as it happens:
       → wait for the factors   (one host read: finiteness, Diff and π of every due factor)
       → schedule update        (Algorithm 1 on the averaged factors; rank 0's decision is kept)
       → owner inverts          (layers partitioned over ranks by inversion cost; small layers and
-                                BatchNorm inverted on every rank; one host read for all inversions)
+                                BatchNorm inverted on every rank; one batched call per factor size;
+                                one host read for all inversions)
       → inverse allgather      (one collective, kfac.inverses, carrying rank 0's intervals too)
       → precondition every layer, on the device
 and the caller's optimiser step follows.
