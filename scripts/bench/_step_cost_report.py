@@ -7,8 +7,12 @@ import os
 from typing import Any, Dict, List, Optional, Tuple
 
 from _common import mean, median
+from _step_cost_limits import limits_table
 
-TITLES = {"sgd": "SGD", "every": "K-FAC every step", "lambda": "K-FAC λ = {lam}, factors held still",
+TITLES = {"sgd": "SGD", "every": "K-FAC every step",
+          "every_wide": "K-FAC every step, products of fp32 copies", "every_unbatched": "K-FAC every step, "
+          "one inversion call per factor", "replay": "K-FAC, recorded schedule replayed",
+          "lambda": "K-FAC λ = {lam}, factors held still",
           "floor": "preconditioning floor", "ours_nobn": "ours every step, no BN, factor_decay {decay}",
           "kfacpt_every": "kfac-pytorch every step (inverse)", "kfacpt_example": "kfac-pytorch 10/100 schedule",
           "kfacpt_every_eigen": "kfac-pytorch every step (eigen)"}
@@ -93,6 +97,9 @@ def summarise_run(name: str, runs: List[Dict[str, Any]], settings: Dict[str, Any
             "syncs_precond": max(s["syncs_precond"] for s in chosen), "syncs_step": max(s["syncs_step"] for s in chosen),
             "started": chosen[0].get("started"), "collectives": distinct([collectives(s) for s in chosen]),
             "phases": {p: mean([s.get("phases", {}).get(p, 0.0) for s in chosen]) for p in PHASES}}
+    if name == "replay":   # the steady state of a real schedule: every replayed step counts
+        out.update(wall=mean([s["wall"] for s in timed]), cpu=mean([s["cpu"] for s in timed]),
+                   due_fraction=mean([s["due"] / runs[0]["layers"] for s in timed]))
     if name == "lambda":
         window = [s for s in steps if s["t"] >= settings["lambda_steady_from"]]
         out.update(wall=mean([s["wall"] for s in window]), cpu=mean([s["cpu"] for s in window]),
@@ -301,12 +308,43 @@ def steps_table(data, summary) -> List[str]:
             whole = " / ".join(str(k["syncs_step"]) for k in kinds.values())
             memory = run["first"].get("memory_after_step", {}).get("total")
             lo, hi = run["range"] or (None, None)
-            what = {"lambda": " steady state, steps", "kfacpt_example": f" per step over {EXAMPLE_PERIOD}, steps"}
+            what = {"lambda": " steady state, steps", "replay": " mean of the replayed steps, steps",
+                    "kfacpt_example": f" per step over {EXAMPLE_PERIOD}, steps"}
             spread = f"[{what.get(key.split('/')[1], '')} {secs(lo)}–{secs(hi)}]".replace("[ ", "[")
             lines.append(f"| {n} | {label(key, s)} | {secs(run['wall'])} {spread} | "
                          f"{secs(run['cpu'])} | {fmt(run['x_sgd'])} / {fmt(run['cpu_x_sgd'])} | {fmt(run['x_floor'])} / "
                          f"{fmt(run['cpu_x_floor'])} | {reads} | {whole} | {mib(memory)} | {run['timed']} |")
     return lines
+
+
+def steady_table(data, summary) -> List[str]:
+    """Every step, the held-still worst case and the replayed real schedule, as multiples of SGD."""
+    rows = []
+    for n, runs in summary.items():
+        for key, run in runs.items():
+            name = key.split("/")[1]
+            if name not in ("every", "lambda", "replay", "floor"):
+                continue
+            if name == "replay":
+                due = f"{100 * run['due_fraction']:.1f}% of the layers, mean over the replayed steps"
+            elif name == "lambda":
+                pattern = run["due_pattern"][run["window"][0] - 1:]
+                due = f"{100 * mean(pattern) / run['first']['layers']:.1f}% (due counts {' '.join(map(str, pattern))})"
+            else:
+                due = "100% (update every step)" if name == "every" else "0% after step 2"
+            rows.append(f"| {n} | {label(key, data['settings'])} | {secs(run['wall'])} | {fmt(run['x_sgd'])} | "
+                        f"{fmt(run['cpu_x_sgd'])} | {due} |")
+    if not rows:
+        return []
+    trace = os.path.relpath(data["settings"]["schedule_trace"], os.path.dirname(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__))))) if data["settings"].get("schedule_trace") else "–"
+    return ["", "## Steady states against SGD", "",
+            "Held still: λ with lr 0 and one batch, where the modulo rule settles on an update every second step "
+            f"(the worst case). Replayed: the due pattern of the last {data['settings'].get('replay_steps')} steps of "
+            f"the recorded run `{trace}`, each layer due when the recorded layer of its type at the same relative "
+            "depth was, imposed step by step.", "",
+            "| ranks | configuration | s/step | × SGD (wall) | × SGD (CPU s) | layers due per step |",
+            "|---|---|---|---|---|---|"] + rows
 
 
 def interval_needed(update: Optional[float], idle: Optional[float], floor: Optional[float]) -> Optional[int]:
@@ -460,6 +498,10 @@ def phases_table(data, summary) -> List[str]:
 def notes(data) -> List[str]:
     s = data["settings"]
     out = ["", "## Not measured", ""]
+    for n, ranks in data["raw"].items():
+        for name, options in (ranks[0].get("not_in_library", {}) if ranks else {}).items():
+            out.append(f"- {TITLES[name]} ({n} rank(s)): the measured library has no "
+                       f"{', '.join(options)}.")
     if s["device"] == "cpu":
         out.append("- GPUs: this run is on CPU. The GPU path (`--device cuda`: steps timed between "
                    "`torch.cuda.synchronize` calls, `torch.cuda.max_memory_allocated`, `--precisions fp32,bf16`, "
@@ -492,10 +534,11 @@ def notes(data) -> List[str]:
 
 def markdown(data: Dict[str, Any]) -> str:
     summary = summarise(data)
-    lines = header(data) + targets_table(data, summary) + steps_table(data, summary) + lambda_table(data, summary)
+    lines = header(data) + targets_table(data, summary) + steps_table(data, summary) + steady_table(data, summary)
+    lines += lambda_table(data, summary)
     lines += comparison_table(data, summary) + work_table(data, summary) + collectives_table(data, summary)
     lines += memory_table(data, summary)
-    lines += phases_table(data, summary) + notes(data) + [""]
+    lines += phases_table(data, summary) + limits_table(data, summary, label) + notes(data) + [""]
     return "\n".join(lines)
 
 
