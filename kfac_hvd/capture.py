@@ -7,8 +7,10 @@ correctly. When a factor has seen ``accumulation_steps`` passes it is final and 
 (``on_final``), from inside the hook: A during the forward pass, G (BatchNorm: F) during the backward
 pass, so that its allreduce overlaps the rest of the backward pass.
 
-Factors are computed in the layer's factor dtype (fp32 or fp64) with autocast off, whatever precision
-the model runs in.
+Factors are summed in the layer's factor dtype (fp32 or fp64) with autocast off, whatever precision
+the model runs in; with ``narrow_products``, bf16/fp16 activations and gradients on CUDA enter the
+products as they are (exact products, fp32 accumulation: :mod:`kfac_hvd.precision`). fp32 products run
+at ``matmul_precision`` ("highest", or "high" for TF32), set around them and restored.
 
 With ``split_halves`` every pass's samples are summed in two halves (the same products, split): the
 factor is their combination and the gap between the halves' means estimates the factor's sampling noise
@@ -25,6 +27,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .factors import split_half_noise
 from .layers import BatchNormLayer, Layer
+from .precision import fp32_matmul_precision
 from .timing import PhaseTimer
 
 Key = Tuple[str, str]
@@ -34,13 +37,16 @@ OnFinal = Callable[[str, str, torch.Tensor, Optional[torch.Tensor], bool], None]
 
 class FactorCapture:
     def __init__(self, layers: Dict[str, Layer], *, on_final: OnFinal, timer: PhaseTimer,
-                 accumulation_steps: int = 1, chunk_bytes: int, split_halves: bool = False) -> None:
+                 accumulation_steps: int = 1, chunk_bytes: int, split_halves: bool = False,
+                 narrow_products: bool = True, matmul_precision: str = "highest") -> None:
         self.layers = layers
         self.on_final = on_final
         self.timer = timer
         self.accumulation_steps = accumulation_steps
         self.chunk_bytes = chunk_bytes
         self.split_halves = split_halves
+        self.narrow_products = narrow_products
+        self.matmul_precision = matmul_precision
         self.armed: Dict[str, frozenset] = {name: frozenset() for name in layers}
         self.sums: Dict[Key, List[torch.Tensor]] = {}
         self.samples: Dict[Key, List[int]] = {}
@@ -120,19 +126,21 @@ class FactorCapture:
         return [slice(0, half), slice(half, batch)]
 
     def _a_parts(self, layer: Layer, x: torch.Tensor) -> List[Part]:
-        return [layer.a_contribution(x[part], chunk_bytes=self.chunk_bytes) if _size(x, part) else _empty(layer, "A", x)
-                for part in self._parts(x.shape[0])]
+        return [layer.a_contribution(x[part], chunk_bytes=self.chunk_bytes, narrow_products=self.narrow_products)
+                if _size(x, part) else _empty(layer, "A", x) for part in self._parts(x.shape[0])]
 
     def _g_parts(self, layer: Layer, grad_output: torch.Tensor, inputs: Optional[torch.Tensor]) -> List[Part]:
         parts = self._parts(grad_output.shape[0])
         if isinstance(layer, BatchNormLayer):
             # x̂ uses the statistics of the whole batch, as BatchNorm itself did.
-            statistics = layer.statistics(inputs, self.chunk_bytes) if len(parts) > 1 else None
+            statistics = (layer.statistics(inputs, self.chunk_bytes, narrow_products=self.narrow_products)
+                          if len(parts) > 1 else None)
             return [layer.f_contribution(inputs[part], grad_output[part], chunk_bytes=self.chunk_bytes,
-                                         statistics=statistics) if _size(grad_output, part) else
-                    _empty(layer, "F", grad_output) for part in parts]
-        return [layer.g_contribution(grad_output[part], chunk_bytes=self.chunk_bytes) if _size(grad_output, part)
-                else _empty(layer, "G", grad_output) for part in parts]
+                                         narrow_products=self.narrow_products, statistics=statistics)
+                    if _size(grad_output, part) else _empty(layer, "F", grad_output) for part in parts]
+        return [layer.g_contribution(grad_output[part], chunk_bytes=self.chunk_bytes,
+                                     narrow_products=self.narrow_products)
+                if _size(grad_output, part) else _empty(layer, "G", grad_output) for part in parts]
 
     def _forward_hook(self, name: str):
         layer = self.layers[name]
@@ -165,9 +173,10 @@ class FactorCapture:
 
     @contextmanager
     def _computing(self, device: torch.device) -> Iterator[None]:
-        """No autograd, autocast off, and the time counted as the "factor" phase."""
+        """No autograd, autocast off, fp32 products at ``matmul_precision``, the time counted as the
+        "factor" phase."""
         with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False), \
-                self.timer.phase("factor", device):
+                fp32_matmul_precision(device, self.matmul_precision), self.timer.phase("factor", device):
             yield
 
 

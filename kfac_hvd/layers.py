@@ -19,6 +19,9 @@ is δ = N · grad_output):
 
 A layer returns *sums* over its samples (and the count); N is known only when the step's last
 micro-batch has passed, so the capture turns sums into factors: A = Σ/N, G = F = N²·Σ/N.
+
+Sums are in ``factor_dtype``. bf16/fp16 inputs on CUDA are multiplied as they are, with an fp32 result
+(``narrow_products``, see :mod:`kfac_hvd.precision`); otherwise they are cast to ``factor_dtype`` first.
 """
 from __future__ import annotations
 
@@ -29,9 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .precision import fp32_matmul_precision, takes_narrow_inputs
+
 FactorKinds = Tuple[str, ...]
-# Cap on the temporaries of one factor contribution (unfolded patches, fp32 copies of bf16 activations):
-# larger batches are processed in chunks of samples.
+# Cap on the temporaries of one factor contribution (unfolded patches, fp32 copies of bf16 activations,
+# products), counted at their real element sizes: larger batches are processed in chunks of samples.
 DEFAULT_UNFOLD_CHUNK_BYTES = 256 * 2 ** 20
 
 
@@ -79,30 +84,35 @@ class KroneckerLayer(ABC):
     def _output_columns(self, grad_output: torch.Tensor) -> torch.Tensor:
         """(samples, g_dim, positions) output gradients, positions ordered like ``_input_columns``."""
 
-    def _input_sample_bytes(self, inputs: torch.Tensor) -> int:
-        """Bytes of the temporaries one sample of ``inputs`` costs in :meth:`a_contribution`."""
+    def _input_sample_bytes(self, inputs: torch.Tensor, narrow: bool) -> int:
+        """Bytes of the temporaries one sample of ``inputs`` costs in :meth:`a_contribution`: the copy in
+        ``factor_dtype`` (none when ``narrow``), its unfolded patches and their rows, or their products."""
         width = self.a_dim - int(self.has_bias)
         positions = self._positions(inputs)
-        return (inputs[0].numel() + width * positions + width * max(positions, width)) * _element_bytes(self.factor_dtype)
+        columns = _element_bytes(inputs.dtype if narrow else self.factor_dtype)
+        copied = 0 if narrow else inputs[0].numel()
+        return (copied + width * positions) * columns + width * max(positions * columns,
+                                                                    width * _element_bytes(self.factor_dtype))
 
     def _positions(self, inputs: torch.Tensor) -> int:
         return inputs[0].numel() // inputs.shape[-1]
 
-    def a_contribution(self, inputs: torch.Tensor, *,
-                       chunk_bytes: int = DEFAULT_UNFOLD_CHUNK_BYTES) -> Tuple[torch.Tensor, int]:
+    def a_contribution(self, inputs: torch.Tensor, *, chunk_bytes: int = DEFAULT_UNFOLD_CHUNK_BYTES,
+                       narrow_products: bool = True) -> Tuple[torch.Tensor, int]:
         """Sum over this batch's samples of their A terms (mean over positions of aaᵀ), and the number
-        of samples. Computed in ``factor_dtype`` chunk by chunk; the bias column of ones is added
+        of samples. Summed in ``factor_dtype`` chunk by chunk; the bias column of ones is added
         analytically instead of being concatenated to every row."""
         samples = inputs.shape[0]
         width = self.a_dim - int(self.has_bias)
+        narrow = takes_narrow_inputs(inputs, self.factor_dtype, narrow_products)
         total = torch.zeros(self.a_dim, self.a_dim, dtype=self.factor_dtype, device=inputs.device)
         weights_block = total[:width, :width]
         positions = 1
-        for chunk in sample_chunks(inputs, self._input_sample_bytes(inputs), chunk_bytes):
-            columns = self._input_columns(chunk.to(self.factor_dtype))
+        for chunk in sample_chunks(inputs, self._input_sample_bytes(inputs, narrow), chunk_bytes):
+            columns = self._input_columns(chunk if narrow else chunk.to(self.factor_dtype))
             accumulate_gram(weights_block, columns)
             if self.has_bias:
-                column = columns.sum(dim=(0, 2))
+                column = columns.sum(dim=(0, 2), dtype=self.factor_dtype)
                 total[:width, width] += column
                 total[width, :width] += column
             positions = columns.shape[2]
@@ -110,15 +120,19 @@ class KroneckerLayer(ABC):
             total[width, width] = samples * positions
         return total.div_(positions), samples
 
-    def g_contribution(self, grad_output: torch.Tensor, *,
-                       chunk_bytes: int = DEFAULT_UNFOLD_CHUNK_BYTES) -> Tuple[torch.Tensor, int]:
+    def g_contribution(self, grad_output: torch.Tensor, *, chunk_bytes: int = DEFAULT_UNFOLD_CHUNK_BYTES,
+                       narrow_products: bool = True) -> Tuple[torch.Tensor, int]:
         """Sum over samples of Σ_positions ggᵀ with g = grad_output, and the number of samples. With
         δ = N·g this is Σ δδᵀ / N²: the capture multiplies by the step's N² (see module docstring)."""
         samples = grad_output.shape[0]
+        narrow = takes_narrow_inputs(grad_output, self.factor_dtype, narrow_products)
         total = torch.zeros(self.g_dim, self.g_dim, dtype=self.factor_dtype, device=grad_output.device)
-        per_sample = (2 * grad_output[0].numel() + self.g_dim ** 2) * _element_bytes(self.factor_dtype)
+        # The copy in factor_dtype (none when narrow), the rows (a copy for channels_last), the products.
+        copies, columns = (1, grad_output.dtype) if narrow else (2, self.factor_dtype)
+        per_sample = (copies * grad_output[0].numel() * _element_bytes(columns)
+                      + self.g_dim ** 2 * _element_bytes(self.factor_dtype))
         for chunk in sample_chunks(grad_output, per_sample, chunk_bytes):
-            accumulate_gram(total, self._output_columns(chunk.to(self.factor_dtype)))
+            accumulate_gram(total, self._output_columns(chunk if narrow else chunk.to(self.factor_dtype)))
         return total, samples
 
     # Gradients ----------------------------------------------------------------------------------
@@ -137,8 +151,9 @@ class KroneckerLayer(ABC):
         weight.grad.copy_(matrix.reshape(weight.shape))
 
     def precondition(self, inverses: dict, gradient: torch.Tensor) -> torch.Tensor:
-        """G⁻¹ · gradient · A⁻¹ for the gradient matrix of :meth:`grad_matrix`."""
-        return inverses["G"] @ gradient @ inverses["A"]
+        """G⁻¹ · gradient · A⁻¹ for the gradient matrix of :meth:`grad_matrix`, in full fp32 (no TF32)."""
+        with fp32_matmul_precision(gradient.device, "highest"):
+            return inverses["G"] @ gradient @ inverses["A"]
 
 
 class LinearLayer(KroneckerLayer):
@@ -179,12 +194,19 @@ def accumulate_gram(total: torch.Tensor, columns: torch.Tensor) -> None:
     """total += Σ_n X_n X_nᵀ for columns X of shape (n, d, s), choosing the cheaper way: one matrix
     product of the (n·s, d) rows when they are a view (channels_last gradients, linear layers) or when
     d > s, else a batched product (n, d, d) summed over n, which avoids copying n·s·d values when the
-    positions outnumber the channels (early convolutions)."""
+    positions outnumber the channels (early convolutions). Columns narrower than ``total`` (bf16/fp16
+    for an fp32 total, on CUDA) are multiplied as they are, with ``total``'s dtype as the result."""
     samples, width, positions = columns.shape
     rows = columns.transpose(1, 2)
+    narrow = columns.dtype != total.dtype
     if width > positions or rows.is_contiguous():
         flat = rows.reshape(samples * positions, width)
-        total.addmm_(flat.t(), flat)
+        if narrow:
+            total += torch.mm(flat.t(), flat, out_dtype=total.dtype)
+        else:
+            total.addmm_(flat.t(), flat)
+    elif narrow:
+        total += torch.bmm(columns, rows, out_dtype=total.dtype).sum(dim=0)
     else:
         total += torch.bmm(columns, rows).sum(dim=0)
 
@@ -209,38 +231,43 @@ class BatchNormLayer:
     def inversion_cost(self) -> float:
         return 8.0 * self.channels
 
-    def statistics(self, inputs: torch.Tensor, chunk_bytes: int = DEFAULT_UNFOLD_CHUNK_BYTES
-                   ) -> Tuple[torch.Tensor, torch.Tensor]:
+    def statistics(self, inputs: torch.Tensor, chunk_bytes: int = DEFAULT_UNFOLD_CHUNK_BYTES, *,
+                   narrow_products: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
         """Mean and biased variance per channel: the batch's in training mode (two passes, chunked,
-        in ``factor_dtype``), else the running statistics."""
+        summed in ``factor_dtype``), else the running statistics."""
         bn = self.module
         if not (bn.training or bn.running_mean is None):
             return bn.running_mean.to(self.factor_dtype), bn.running_var.to(self.factor_dtype)
+        cast = self._caster(inputs, narrow_products)
         per_sample = inputs[0].numel() * _element_bytes(self.factor_dtype)
         count = inputs.numel() // inputs.shape[1]
-        mean = sum(chunk.to(self.factor_dtype).sum(dim=(0, 2, 3))
+        mean = sum(cast(chunk).sum(dim=(0, 2, 3), dtype=self.factor_dtype)
                    for chunk in sample_chunks(inputs, per_sample, chunk_bytes)) / count
         centred = mean[None, :, None, None]
-        var = sum((chunk.to(self.factor_dtype) - centred).square().sum(dim=(0, 2, 3))
+        var = sum((cast(chunk) - centred).square().sum(dim=(0, 2, 3))
                   for chunk in sample_chunks(inputs, per_sample, chunk_bytes)) / count
         return mean, var
 
     def f_contribution(self, inputs: torch.Tensor, grad_output: torch.Tensor, *,
-                       chunk_bytes: int = DEFAULT_UNFOLD_CHUNK_BYTES,
+                       chunk_bytes: int = DEFAULT_UNFOLD_CHUNK_BYTES, narrow_products: bool = True,
                        statistics: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> Tuple[torch.Tensor, int]:
         """Σ_n g_n g_nᵀ per channel with g_n = (Σ_hw g·x̂, Σ_hw g) from g = grad_output (the capture
         multiplies by the step's N², as for G), and the number of samples. ``statistics``: the mean and
         variance x̂ uses, when ``inputs`` is part of the batch that BatchNorm normalised."""
         samples = grad_output.shape[0]
-        mean, var = statistics if statistics is not None else self.statistics(inputs, chunk_bytes)
+        if statistics is None:
+            statistics = self.statistics(inputs, chunk_bytes, narrow_products=narrow_products)
+        mean, var = statistics
         mean, rstd = mean[None, :, None, None], torch.rsqrt(var + self.module.eps)[None, :, None, None]
+        cast_x, cast_g = self._caster(inputs, narrow_products), self._caster(grad_output, narrow_products)
         total = torch.zeros(self.channels, 2, 2, dtype=self.factor_dtype, device=grad_output.device)
         per_sample = 3 * inputs[0].numel() * _element_bytes(self.factor_dtype)
         for x, g in zip(sample_chunks(inputs, per_sample, chunk_bytes),
                         sample_chunks(grad_output, per_sample, chunk_bytes)):
-            delta = g.to(self.factor_dtype)
-            x_hat = (x.to(self.factor_dtype) - mean) * rstd
-            per_sample_grads = torch.stack([(delta * x_hat).sum(dim=(2, 3)), delta.sum(dim=(2, 3))], dim=2)
+            delta = cast_g(g)
+            x_hat = (cast_x(x) - mean) * rstd          # fp32 from bf16/fp16 x without a copy of x
+            per_sample_grads = torch.stack([(delta * x_hat).sum(dim=(2, 3)),
+                                            delta.sum(dim=(2, 3), dtype=self.factor_dtype)], dim=2)
             total += torch.einsum("nci,ncj->cij", per_sample_grads, per_sample_grads)
         return total, samples
 
@@ -253,8 +280,16 @@ class BatchNormLayer:
         self.module.bias.grad.copy_(matrix[:, 1])
 
     def precondition(self, inverses: dict, gradient: torch.Tensor) -> torch.Tensor:
-        """(F_c + γI)⁻¹ g_c per channel, for the (C, 2) gradient of :meth:`grad_matrix`."""
-        return torch.einsum("cij,cj->ci", inverses["F"], gradient)
+        """(F_c + γI)⁻¹ g_c per channel, for the (C, 2) gradient of :meth:`grad_matrix`, in full fp32."""
+        with fp32_matmul_precision(gradient.device, "highest"):
+            return torch.einsum("cij,cj->ci", inverses["F"], gradient)
+
+    def _caster(self, tensor: torch.Tensor, narrow_products: bool):
+        """Elementwise maths promotes bf16/fp16 to fp32 inside the kernel, so narrow inputs need no cast
+        (the sums of a narrow tensor name their dtype); otherwise chunks are cast to ``factor_dtype``."""
+        if takes_narrow_inputs(tensor, self.factor_dtype, narrow_products):
+            return lambda chunk: chunk
+        return lambda chunk: chunk.to(self.factor_dtype)
 
 
 def _element_bytes(dtype: torch.dtype) -> int:

@@ -2,7 +2,8 @@
 
 One training step, as it happens:
 
-    hooks capture              (forward/backward, armed layers only; autocast off, fp32/fp64)
+    hooks capture              (forward/backward, armed layers only; autocast off, fp32/fp64 sums
+                                of bf16/fp16 products on CUDA, see kfac_hvd.precision)
       → factor allreduce       (started from the hooks as each factor is final, so it overlaps the
                                 backward pass; kfac.A.<layer>, kfac.G.<layer>, kfac.F.<layer>)
     KFAC.step():
@@ -31,6 +32,7 @@ from .exchange import Arrived, FactorExchange, allgather_inverses
 from .factors import (INVERSE_METHODS, TRIANGLES, damping_shifts, diff_from_squares, factor_statistics, invert_all,
                       kl_clip_scale, packed_numel, pi_from_diagonal_means, robust_damped_inverses, unpack)
 from .layers import DEFAULT_UNFOLD_CHUNK_BYTES, Layer, make_layer
+from .precision import FACTOR_MATMUL_PRECISIONS
 from .scheduler import IntervalScheduler
 from .state import load_kfac_state, save_kfac_state
 from .timing import PhaseTimer
@@ -51,15 +53,18 @@ class KFAC:
                  update_interval: int = 1, interval_policy: str = "modulo", max_interval: Optional[int] = None,
                  shrink_multiple: Optional[float] = None, separate_intervals: bool = False,
                  factor_decay: Optional[float] = None, kl_clip: Optional[float] = None,
-                 pi_damping: bool = True, inverse_method: str = "cholesky", symmetric_comm: bool = True,
+                 pi_damping: bool = True, inverse_method: str = "cholesky", batched_inversion: bool = True,
+                 symmetric_comm: bool = True,
                  skip_layers: Sequence[str] = (), include_batchnorm: bool = True,
                  factor_dtype: Optional[torch.dtype] = None, accumulation_steps: int = 1,
                  noise_aware_diff: bool = False,
                  local_inverse_max_dim: int = DEFAULT_LOCAL_INVERSE_MAX_DIM,
-                 unfold_chunk_bytes: int = DEFAULT_UNFOLD_CHUNK_BYTES, comm: Any = None) -> None:
+                 unfold_chunk_bytes: int = DEFAULT_UNFOLD_CHUNK_BYTES, narrow_factor_products: bool = True,
+                 factor_matmul_precision: str = "highest", comm: Any = None) -> None:
         _check_options(damping=damping, factor_decay=factor_decay, kl_clip=kl_clip, inverse_method=inverse_method,
-                       accumulation_steps=accumulation_steps, local_inverse_max_dim=local_inverse_max_dim,
-                       unfold_chunk_bytes=unfold_chunk_bytes)
+                       batched_inversion=batched_inversion, accumulation_steps=accumulation_steps,
+                       local_inverse_max_dim=local_inverse_max_dim, unfold_chunk_bytes=unfold_chunk_bytes,
+                       narrow_factor_products=narrow_factor_products, factor_matmul_precision=factor_matmul_precision)
         if isinstance(skip_layers, str):
             skip_layers = (skip_layers,)
         self.damping = damping
@@ -67,6 +72,7 @@ class KFAC:
         self.kl_clip = kl_clip
         self.pi_damping = pi_damping
         self.inverse_method = inverse_method
+        self.batched_inversion = batched_inversion
         self.symmetric_comm = symmetric_comm
         self.separate_intervals = separate_intervals
         self.accumulation_steps = accumulation_steps
@@ -109,7 +115,8 @@ class KFAC:
         self.exchange = FactorExchange(self.comm, self.traffic, symmetric=symmetric_comm)
         self.capture = FactorCapture(self.layers, on_final=self._factor_final, timer=self.timer,
                                      accumulation_steps=accumulation_steps, chunk_bytes=unfold_chunk_bytes,
-                                     split_halves=noise_aware_diff)
+                                     split_halves=noise_aware_diff, narrow_products=narrow_factor_products,
+                                     matmul_precision=factor_matmul_precision)
         self._arm(1)
 
     # Introspection ------------------------------------------------------------------------------
@@ -322,7 +329,7 @@ class KFAC:
                 continue
             jobs[name] = {kind: self.factors[name][kind] for kind in kinds}
             shifts[name] = damping_shifts(kinds, self.damping, self._pi(name))
-        inverses, failed = invert_all(jobs, shifts, self.inverse_method)
+        inverses, failed = invert_all(jobs, shifts, self.inverse_method, batched=self.batched_inversion)
         for name in failed:
             result, event = robust_damped_inverses(jobs[name], self.damping, pi=self._pi(name),
                                                    method=self.inverse_method)
@@ -459,7 +466,8 @@ class KFAC:
 
 
 def _check_options(*, damping: float, factor_decay: Optional[float], kl_clip: Optional[float], inverse_method: str,
-                   accumulation_steps: int, local_inverse_max_dim: int, unfold_chunk_bytes: int) -> None:
+                   batched_inversion: bool, accumulation_steps: int, local_inverse_max_dim: int, unfold_chunk_bytes: int,
+                   narrow_factor_products: bool, factor_matmul_precision: str) -> None:
     if not damping > 0:
         raise ValueError(f"damping must be > 0, got {damping!r}")
     if factor_decay is not None and not 0 <= factor_decay < 1:
@@ -468,6 +476,13 @@ def _check_options(*, damping: float, factor_decay: Optional[float], kl_clip: Op
         raise ValueError(f"kl_clip must be > 0 or None, got {kl_clip!r}")
     if inverse_method not in INVERSE_METHODS:
         raise ValueError(f"inverse_method must be one of {INVERSE_METHODS}, got {inverse_method!r}")
+    if factor_matmul_precision not in FACTOR_MATMUL_PRECISIONS:
+        raise ValueError(f"factor_matmul_precision must be one of {tuple(FACTOR_MATMUL_PRECISIONS)}, "
+                         f"got {factor_matmul_precision!r}")
+    if not isinstance(narrow_factor_products, bool):
+        raise ValueError(f"narrow_factor_products must be True or False, got {narrow_factor_products!r}")
+    if not isinstance(batched_inversion, bool):
+        raise ValueError(f"batched_inversion must be True or False, got {batched_inversion!r}")
     for option, value, least in (("accumulation_steps", accumulation_steps, 1),
                                  ("local_inverse_max_dim", local_inverse_max_dim, 0),
                                  ("unfold_chunk_bytes", unfold_chunk_bytes, 1)):
