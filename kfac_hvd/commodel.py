@@ -343,7 +343,8 @@ def traffic_lines(result: Dict[str, Any], args: argparse.Namespace) -> List[str]
     if "replay" in r:
         p = r["replay"]
         lines.append(f"  replay of {p['trace']} with λ = {p['update_threshold']} ({p['interval_policy']}): "
-                     f"{format_bytes(p['wire_bytes_per_rank'])} = {100 * p['ratio']:.1f}% of every step "
+                     f"{format_bytes(p['wire_bytes_per_rank'])} = "
+                     + (f"{100 * p['ratio']:.1f}%" if p["ratio"] is not None else "–") + " of every step "
                      f"(factor allreduce {format_bytes(p['factor_allreduce_wire_bytes_per_rank'])}, inverse allgather "
                      f"{format_bytes(p['inverse_allgather_wire_bytes_per_rank'])}; {p['inverse_allgathers']} "
                      f"allgathers, + {format_bytes(p['control_wire_bytes_per_rank'])} control), due fraction "

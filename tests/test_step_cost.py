@@ -95,3 +95,11 @@ def test_gpu_check_stops_without_a_gpu(tmp_path):
                           env=dict(os.environ, PYTHON=sys.executable))
     assert done.returncode == 2 and "no CUDA GPU" in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_variants_record_their_own_options():
+    """What the report reads to know a variant's factor path: the variant's value, not the library's default."""
+    assert worker.variant_options("every_wide")["narrow_factor_products"] is False
+    assert worker.variant_options("every_unbatched")["batched_inversion"] is False
+    assert worker.variant_options("every") == {"narrow_factor_products": True, "batched_inversion": True}
+    assert worker.unsupported_options("every_wide") == []

@@ -7,7 +7,7 @@ import os
 from typing import Any, Dict, List, Optional, Tuple
 
 from _common import mean, median
-from _step_cost_limits import limits_table
+from _step_cost_limits import EVERY_STEP, limits_table
 
 TITLES = {"sgd": "SGD", "every": "K-FAC every step",
           "every_wide": "K-FAC every step, products of fp32 copies", "every_unbatched": "K-FAC every step, "
@@ -387,21 +387,21 @@ def work_table(data, summary) -> List[str]:
     for n, per_rank in data["raw"].items():
         for rank in per_rank:
             for key, run in rank["runs"].items():
-                if key.split("/")[1] != "every":
+                if key.split("/")[1] not in EVERY_STEP:
                     continue
                 timed = [step for step in run["steps"] if step["timed"]]
                 owned = run["assignment"]["layers_owned"][rank["rank"]]
-                rows.append(f"| {n} | {rank['rank']} | {owned} + {run['local_layers']} | "
+                rows.append(f"| {n} | {label(key, data['settings'])} | {rank['rank']} | {owned} + {run['local_layers']} | "
                             f"{secs(mean([step['fwd_bwd_cpu'] for step in timed]))} | "
                             f"{secs(mean([step['precond_cpu'] for step in timed]))} | "
                             f"{secs(mean([step['cpu'] for step in timed]))} | {secs(mean([step['wall'] for step in timed]))} |")
     if not rows:
         return []
-    return ["", "## Work per rank (K-FAC every step, mean of the timed steps)", "",
+    return ["", "## Work per rank (K-FAC every step and its variants, mean of the timed steps)", "",
             "CPU seconds of each rank's training thread. Layers inverted here: those it owns (their inverses travel "
             "in the allgather) + those every rank inverts (max factor dim ≤ local_inverse_max_dim, and BatchNorm).", "",
-            "| ranks | rank | layers inverted here | fwd+bwd CPU s (with factor capture) | kfac.step CPU s | step CPU s | "
-            "step wall s |", "|" + "---|" * 7] + rows
+            "| ranks | configuration | rank | layers inverted here | fwd+bwd CPU s (with factor capture) | "
+            "kfac.step CPU s | step CPU s | step wall s |", "|" + "---|" * 8] + rows
 
 
 def comparison_table(data, summary) -> List[str]:

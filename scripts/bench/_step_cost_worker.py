@@ -153,13 +153,15 @@ def unsupported_options(name: str) -> List[str]:
     return [option for option in VARIANT_OPTIONS.get(name, {}) if option not in accepted]
 
 
-def library_options() -> Dict[str, Any]:
-    """The measured library's defaults of the options the variants switch (absent: not in this revision)."""
+def variant_options(name: str) -> Dict[str, Any]:
+    """The values of the options the variants switch in configuration ``name``: its own, else the measured
+    library's defaults (an option absent from this revision is left out)."""
     import inspect
     import kfac_hvd
     accepted = inspect.signature(kfac_hvd.KFAC).parameters
-    return {option: accepted[option].default for options in VARIANT_OPTIONS.values() for option in options
-            if option in accepted}
+    defaults = {option: accepted[option].default for options in VARIANT_OPTIONS.values() for option in options
+                if option in accepted}
+    return {**defaults, **VARIANT_OPTIONS.get(name, {})}
 
 
 def replay_pattern(kfac, path: str, steps: int) -> List[set]:
@@ -253,7 +255,7 @@ class Run:
         if self.pattern is not None:
             out["replayed"] = {"trace": self.args.schedule_trace, "due_per_step": [len(due) for due in self.pattern]}
         if self.ours is not None:
-            out["options"] = library_options()
+            out["options"] = variant_options(self.name)
             stats = self.ours.comm_stats()
             stats.pop("per_layer", None)
             intervals = list(self.ours.scheduler.interval.values())

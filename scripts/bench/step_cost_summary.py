@@ -3,8 +3,11 @@
 path (autocast-dtype against fp32-copy products, batched against per-factor inversions), every step and
 both steady states as multiples of SGD, each phase's fraction of the device's limit, and the targets for
 one H200 (bf16, 224 px, 128 images, 1 rank). Prints Markdown; scripts/gpu_check.sh appends it to its report.
+``--limits KIND`` measures nothing: each phase's limit on a device kind of ``kfac_hvd.devices`` from the
+layer shapes alone (the least time the datasheet allows, not a prediction of a measurement).
 
     python scripts/bench/step_cost_summary.py DIR/step_cost.json [--precision bf16] [--ranks 1]
+    python scripts/bench/step_cost_summary.py --limits H200 [--image-size 224] [--batch 128]
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ import sys
 from typing import Any, Dict, List, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _step_cost_limits import device_rates, limit_rows  # noqa: E402
+from _step_cost_limits import PHASE_ROWS, device_rates, gpu_rates, layer_profile, limit_rows, phase_costs  # noqa: E402
 from _step_cost_report import fmt, secs, summarise  # noqa: E402
 
 # Targets on one H200 (bf16 autocast, 224 px, 128 images, 1 rank), seconds or multiples of SGD.
@@ -45,7 +48,11 @@ def summary_lines(data: Dict[str, Any], precision: str, ranks: str) -> List[str]
              f"| factor computation (hooks): autocast-dtype products / fp32 copies | "
              f"{secs(value(runs, precision, 'every', 'factor'))} | {secs(value(runs, precision, 'every_wide', 'factor'))} |",
              f"| inversion: batched by size / one call per factor | {secs(value(runs, precision, 'every', 'inverse'))} | "
-             f"{secs(value(runs, precision, 'every_unbatched', 'inverse'))} |", "",
+             f"{secs(value(runs, precision, 'every_unbatched', 'inverse'))} |", ""]
+    if s["device"] == "cpu" or precision == "fp32":
+        lines += ["(Here both factor paths multiply fp32 values: the narrow products take bf16/fp16 inputs on CUDA "
+                  "only.)", ""]
+    lines += [
              "| configuration | s/step | × SGD |", "|---|---|---|"]
     for config, title in (("sgd", "SGD"), ("every", "K-FAC every step"), ("every_wide", "every step, fp32-copy products"),
                           ("every_unbatched", "every step, per-factor inversions"),
@@ -71,12 +78,46 @@ def summary_lines(data: Dict[str, Any], precision: str, ranks: str) -> List[str]
     return lines
 
 
+def device_limit_lines(kind: str, model: str, image_size: int, batch: int) -> List[str]:
+    """Each phase's roofline on ``kind`` for an update step with every layer due, one rank, fp32 and bf16 products."""
+    rates = gpu_rates(kind)
+    profile = layer_profile({"model": model, "num_classes": 1000, "seed": 0, "image_size": image_size})
+    lines = [f"### Limits of an update step on one {kind} ({model}, {image_size} px, {batch} images; from the layer "
+             "shapes and the datasheet, not measured)", "", f"Rates: {rates['source']}.", "",
+             "| phase | GFLOP | GB | limit ms, fp32 products | limit ms, bf16 products |", "|---|---|---|---|---|"]
+    costs = {products: phase_costs(profile, batch, 1, input_bytes=4 if products == "fp32" else 2)
+             for products in ("fp32", "bf16")}
+    for phase, _ in PHASE_ROWS:
+        if phase.endswith(("allreduce", "allgather")):
+            continue
+        limit = {}
+        for products, table in costs.items():
+            flop, nbytes = table[phase]
+            peak = rates[products] if phase == "factor products" else rates["fp32"]
+            limit[products] = 1e3 * max(flop / peak, nbytes / rates["memory_bandwidth"])
+        flop, nbytes = costs["fp32"][phase]
+        lines.append(f"| {phase} | {flop / 1e9:.4g} | {nbytes / 1e9:.3g} (fp32) / {costs['bf16'][phase][1] / 1e9:.3g} "
+                     f"(bf16) | {limit['fp32']:.3g} | {limit['bf16']:.3g} |")
+    return lines
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("json", help="step_cost.json of a step_cost.py run")
+    parser.add_argument("json", nargs="?", help="step_cost.json of a step_cost.py run")
+    parser.add_argument("--limits", metavar="KIND", help="no run: each phase's limit on this device kind")
+    parser.add_argument("--model", default="resnet50")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--precision", default="bf16", help="which precision's runs (default bf16)")
     parser.add_argument("--ranks", default="1", help="which launch (default 1 rank)")
     args = parser.parse_args(argv)
+    if args.limits:
+        if gpu_rates(args.limits) is None:
+            parser.exit(2, f"step_cost_summary: no rates for {args.limits!r}\n")
+        print("\n".join(device_limit_lines(args.limits, args.model, args.image_size, args.batch)))
+        return 0
+    if not args.json:
+        parser.exit(2, "step_cost_summary: give a step_cost.json or --limits KIND\n")
     try:
         with open(args.json) as handle:
             data = json.load(handle)
