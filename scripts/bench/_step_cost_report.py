@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -317,70 +316,6 @@ def steps_table(data, summary) -> List[str]:
     return lines
 
 
-def steady_table(data, summary) -> List[str]:
-    """Every step, the held-still worst case and the replayed real schedule, as multiples of SGD."""
-    rows = []
-    for n, runs in summary.items():
-        for key, run in runs.items():
-            name = key.split("/")[1]
-            if name not in ("every", "lambda", "replay", "floor"):
-                continue
-            if name == "replay":
-                due = f"{100 * run['due_fraction']:.1f}% of the layers, mean over the replayed steps"
-            elif name == "lambda":
-                pattern = run["due_pattern"][run["window"][0] - 1:]
-                due = f"{100 * mean(pattern) / run['first']['layers']:.1f}% (due counts {' '.join(map(str, pattern))})"
-            else:
-                due = "100% (update every step)" if name == "every" else "0% after step 2"
-            rows.append(f"| {n} | {label(key, data['settings'])} | {secs(run['wall'])} | {fmt(run['x_sgd'])} | "
-                        f"{fmt(run['cpu_x_sgd'])} | {due} |")
-    if not rows:
-        return []
-    trace = os.path.relpath(data["settings"]["schedule_trace"], os.path.dirname(os.path.dirname(os.path.dirname(
-        os.path.abspath(__file__))))) if data["settings"].get("schedule_trace") else "–"
-    return ["", "## Steady states against SGD", "",
-            "Held still: λ with lr 0 and one batch, where the modulo rule settles on an update every second step "
-            f"(the worst case). Replayed: the due pattern of the last {data['settings'].get('replay_steps')} steps of "
-            f"the recorded run `{trace}`, each layer due when the recorded layer of its type at the same relative "
-            "depth was, imposed step by step.", "",
-            "| ranks | configuration | s/step | × SGD (wall) | × SGD (CPU s) | layers due per step |",
-            "|---|---|---|---|---|---|"] + rows
-
-
-def interval_needed(update: Optional[float], idle: Optional[float], floor: Optional[float]) -> Optional[int]:
-    """Smallest k with (update + (k − 1) · idle) / k ≤ 1.5 · floor, or None."""
-    if update is None or idle is None or floor is None or TARGET_LAMBDA * floor <= idle:
-        return None
-    return max(1, math.ceil((update - idle) / (TARGET_LAMBDA * floor - idle)))
-
-
-def lambda_table(data, summary) -> List[str]:
-    s = data["settings"]
-    lines = ["", "## λ steady state", "",
-             f"λ = {s['update_threshold']:g}, {s['policy']} policy, learning rate 0 and one batch reused: every Diff is "
-             f"0, so every interval grows on each due step. Steady state: the mean over steps {s['lambda_steady_from']}–"
-             f"{s['lambda_steps']}. With the modulo rule (the paper's) held-still factors are due at t = 1, 2, 4, 6, 8, …: "
-             "every even step for good, so the steady state alternates an update step and a step with nothing due. "
-             "A longer interval k would cost (update + (k − 1) · idle) / k per step: the last column gives the "
-             "smallest k that meets the 1.5× target, from this run's medians (a projection, not a measurement).", "",
-             "| ranks | update step s (CPU s) | nothing-due step s (CPU s) | steady state s/step | floor s/step (CPU s) | "
-             "steady ÷ floor (wall / CPU) | nothing-due ÷ floor (wall / CPU) | layers due per step | "
-             "k for ≤ 1.5× floor (wall / CPU) |", "|" + "---|" * 9]
-    for n, runs in summary.items():
-        for key, run in runs.items():
-            floor = runs.get(key.replace("lambda", "floor"))
-            if not key.endswith("/lambda") or floor is None:
-                continue
-            update, idle = run["kinds"].get("update", {}), run["kinds"].get("idle", {})
-            k = [interval_needed(update.get(t), idle.get(t), floor[t]) for t in ("wall", "cpu")]
-            lines.append(f"| {n} | {secs(update.get('wall'))} ({secs(update.get('cpu'))}) | {secs(idle.get('wall'))} "
-                         f"({secs(idle.get('cpu'))}) | {secs(run['wall'])} | {secs(floor['wall'])} ({secs(floor['cpu'])}) | "
-                         f"{fmt(run['x_floor'])} / {fmt(run['cpu_x_floor'])} | {fmt(ratio(idle.get('wall'), floor['wall']))}"
-                         f" / {fmt(ratio(idle.get('cpu'), floor['cpu']))} | {' '.join(str(d) for d in run['due_pattern'])}"
-                         f" | {k[0] or '–'} / {k[1] or '–'} |")
-    return lines
-
-
 def work_table(data, summary) -> List[str]:
     """CPU seconds of each rank on an every-step update, beside what it inverts: where a rank's work goes."""
     rows = []
@@ -515,8 +450,9 @@ def notes(data) -> List[str]:
         out.append("- kfac-pytorch at more than one rank (it needs torch.distributed; compared in a world of one).")
     if s["device"] == "cuda" and max(int(n) for n in data["raw"]) == 1:
         out.append("- More than one GPU: this run has 1 rank.")
-    out += ["- The λ schedule on a training trajectory: here the factors are held still, the fastest growth the "
-            "schedule allows (how intervals grow in real training is in docs/RESULTS.md).",
+    out += ["- The λ schedule on this model's own training trajectory: the λ run holds the factors still (the "
+            "modulo rule's worst case); the replay imposes the due pattern another model recorded "
+            "(--schedule-trace), mapped by layer type and depth.",
             "- Host reads inside C++ (e.g. implicit device syncs of some CUDA ops): the counter sees Python-level "
             "tensor reads (`item`, `tolist`, `bool`, `float`, `int`, `numpy`) only.",
             "", "## Notes", "",
@@ -533,6 +469,7 @@ def notes(data) -> List[str]:
 
 
 def markdown(data: Dict[str, Any]) -> str:
+    from _step_cost_steady import lambda_table, steady_table   # it reads this module's formatters
     summary = summarise(data)
     lines = header(data) + targets_table(data, summary) + steps_table(data, summary) + steady_table(data, summary)
     lines += lambda_table(data, summary)
