@@ -13,6 +13,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 INVERSE_METHODS = ("cholesky", "eigen")
+BATCH_BYTES = 256 * 2 ** 20   # cap on one stacked batch of factors (ResNet-50's three 4608-wide A's: 243 MiB)
+Key = Tuple[str, str]         # (layer, kind)
 
 
 def diff_from_squares(change_sq: float, previous_sq: float) -> float:
@@ -150,9 +152,6 @@ def robust_damped_inverses(factors: Dict[str, torch.Tensor], damping: float, *, 
     return None, "inversion failed"
 
 
-BATCH_BYTES = 256 * 2 ** 20   # cap on one stacked batch of factors (ResNet-50's three 4608-wide A's: 243 MiB)
-
-
 def invert_all(jobs: Dict[str, Dict[str, torch.Tensor]], shifts: Dict[str, Dict[str, float]], method: str, *,
                batched: bool = True, batch_bytes: int = BATCH_BYTES
                ) -> Tuple[Dict[str, Dict[str, torch.Tensor]], List[str]]:
@@ -165,7 +164,10 @@ def invert_all(jobs: Dict[str, Dict[str, torch.Tensor]], shifts: Dict[str, Dict[
     Cholesky method in one closed-form pass; a layer's result does not depend on its batch. Otherwise
     one call per factor.
     """
-    attempts = _batched_attempts(jobs, shifts, method, batch_bytes) if batched else _single_attempts(jobs, shifts, method)
+    if batched:
+        attempts = _batched_attempts(jobs, shifts, method, batch_bytes)
+    else:
+        attempts = _single_attempts(jobs, shifts, method)
     failed = {name for name, _ in attempts.raised}
     if attempts.groups:
         flags = [group.flags() for group in attempts.groups]
@@ -178,9 +180,6 @@ def invert_all(jobs: Dict[str, Dict[str, torch.Tensor]], shifts: Dict[str, Dict[
             if name not in failed:
                 inverses.setdefault(name, {})[kind] = inverse
     return inverses, [name for name in jobs if name in failed]
-
-
-Key = Tuple[str, str]   # (layer, kind)
 
 
 class _Group:

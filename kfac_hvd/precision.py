@@ -12,6 +12,9 @@ products always run in full fp32 ("highest"): see the README.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
+from typing import ContextManager
+
 import torch
 
 NARROW_DTYPES = (torch.bfloat16, torch.float16)
@@ -29,26 +32,32 @@ def takes_narrow_inputs(tensor: torch.Tensor, factor_dtype: torch.dtype, enabled
             and tensor.device.type in NARROW_PRODUCT_DEVICES)
 
 
-class fp32_matmul_precision:
-    """Context: fp32 matrix products on ``device`` at ``precision`` ("highest" or "high") inside.
+def fp32_matmul_precision(device: torch.device, precision: str) -> ContextManager[None]:
+    """Context: fp32 matrix products on ``device`` at ``precision`` ("highest" or "high") inside; a
+    device without TF32 is left alone."""
+    if device.type not in TF32_DEVICES:
+        return _UNCHANGED
+    return _CuBLASPrecision(FACTOR_MATMUL_PRECISIONS[precision] == "tf32")
 
-    The cuBLAS setting is process-global and has two faces that PyTorch checks against each other: the
-    legacy one (``torch.set_float32_matmul_precision``, ``allow_tf32``) and the per-backend one
+
+_UNCHANGED = nullcontext()
+
+
+class _CuBLASPrecision:
+    """The cuBLAS setting is process-global and has two faces that PyTorch checks against each other:
+    the legacy one (``torch.set_float32_matmul_precision``, ``allow_tf32``) and the per-backend one
     (``torch.backends.cuda.matmul.fp32_precision``, which the kernels read). Inside the block both say
     the same; afterwards each is put back as it was, also on an exception. A legacy value that the
     per-backend API left unreadable (set through the new API only) is put back at its default,
     "highest". The calls are ``torch._C``'s own: the ``torch.backends`` properties wrap them at four
     times the cost, and this runs once per layer in the hooks and in the preconditioning."""
 
-    __slots__ = ("_active", "_tf32", "_saved")
+    __slots__ = ("_tf32", "_saved")
 
-    def __init__(self, device: torch.device, precision: str) -> None:
-        self._active = device.type in TF32_DEVICES
-        self._tf32 = FACTOR_MATMUL_PRECISIONS[precision] == "tf32"
+    def __init__(self, tf32: bool) -> None:
+        self._tf32 = tf32
 
     def __enter__(self) -> None:
-        if not self._active:
-            return
         try:
             legacy = torch._C._get_float32_matmul_precision()
         except RuntimeError:                 # "a mix of the legacy and new APIs"
@@ -58,8 +67,6 @@ class fp32_matmul_precision:
         torch._C._set_cublas_allow_tf32(self._tf32)          # both faces at once, nothing else
 
     def __exit__(self, *exception) -> None:
-        if not self._active:
-            return
         legacy, cuda, mkldnn = self._saved
         torch._C._set_float32_matmul_precision(legacy)        # also sets the two per-backend values:
         torch._C._set_fp32_precision_setter("cuda", "matmul", cuda)

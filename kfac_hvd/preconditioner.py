@@ -2,8 +2,7 @@
 
 One training step, as it happens:
 
-    hooks capture              (forward/backward, armed layers only; autocast off, fp32/fp64 sums
-                                of bf16/fp16 products on CUDA, see kfac_hvd.precision)
+    hooks capture              (forward/backward, armed layers only; autocast off, fp32/fp64 sums)
       → factor allreduce       (started from the hooks as each factor is final, so it overlaps the
                                 backward pass; kfac.A.<layer>, kfac.G.<layer>, kfac.F.<layer>)
     KFAC.step():
@@ -476,7 +475,7 @@ def _check_options(*, damping: float, factor_decay: Optional[float], kl_clip: Op
         raise ValueError(f"kl_clip must be > 0 or None, got {kl_clip!r}")
     if inverse_method not in INVERSE_METHODS:
         raise ValueError(f"inverse_method must be one of {INVERSE_METHODS}, got {inverse_method!r}")
-    if factor_matmul_precision not in FACTOR_MATMUL_PRECISIONS:
+    if factor_matmul_precision not in tuple(FACTOR_MATMUL_PRECISIONS):      # a list is refused, not unhashable
         raise ValueError(f"factor_matmul_precision must be one of {tuple(FACTOR_MATMUL_PRECISIONS)}, "
                          f"got {factor_matmul_precision!r}")
     if not isinstance(narrow_factor_products, bool):
