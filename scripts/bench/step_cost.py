@@ -43,10 +43,12 @@ each step and read with ``kfac_hvd.timeline.read_collectives``), ``kfac.memory_b
     .venv/bin/python scripts/bench/step_cost.py --kfac-pytorch /work/kfac-pytorch   # the CPU run (20 min here)
     .venv/bin/python scripts/bench/step_cost.py --smoke                              # tiny model, under 1 min
 
-The GPU check (scripts/gpu_check.sh): 1 rank, ResNet-50, 224 px, batch 128, sgd/every/lambda/floor in fp32 and
-in bf16, 45 s on an H200 (model building included); writes DIR/step_cost.json and DIR/step_cost.md:
+The GPU check (scripts/gpu_check.sh): 1 rank, ResNet-50, 224 px, batch 128, in bf16 and fp32 (sgd/every/
+lambda/floor took 45 s on an H200; the variants and the replay are not timed there yet); writes
+DIR/step_cost.json and DIR/step_cost.md, and scripts/bench/step_cost_summary.py reads the JSON:
 
-    python3 scripts/bench/step_cost.py --device cuda --ranks 1 --image-size 224 --batch 128 --precisions fp32,bf16 --out DIR
+    python3 scripts/bench/step_cost.py --device cuda --ranks 1 --launcher direct --image-size 224 --batch 128 \
+        --precisions bf16,fp32 --configs sgd,every,every_wide,every_unbatched,lambda,replay,floor --out DIR
 
 Without an importable Horovod a 1-rank run starts the worker directly (``--launcher auto``), with the
 library's local communicator and a plain optimiser, so the GPU check gives step costs even where Horovod
