@@ -25,8 +25,11 @@ Compute (FLOP = 2 × multiply-add), per GPU, at ``peak × efficiency``:
 
 * forward + backward: 3 × 2 × MACs of every Conv2d/Linear at its real output size (backward = 2 ×
   forward); BatchNorm, ReLU, pooling are not counted.
-* factors: A = 2·rows·dim(A)², G = 2·rows·dim(G)², rows = batch × output positions (im2col);
-  BatchNorm F ≈ 8 FLOP per activation (normalise, two products, two sums).
+* factors: A = 2·rows·dim(A)², G = 2·rows·dim(G)², rows = batch × output positions (im2col), at the
+  peak of the precision the products run in (``Gpu.factor_peak_flops``: fp32 without tensor cores, or the
+  tf32/bf16/fp16 tensor cores of :data:`kfac_hvd.devices.DEVICES`); with ``Gpu.memory_bandwidth`` the
+  im2col columns of the k×k convolutions are also written and read once at that bandwidth;
+  BatchNorm F ≈ 8 FLOP per activation (normalise, two products, two sums), at the fp32 peak.
 * inversion (Cholesky, then the inverse from the factor): ≈ n³ FLOP per n×n factor, i.e. the library's
   cost dim(A)³ + dim(G)³ (BatchNorm: 8 per channel), at ``peak × inverse_efficiency``. Per rank: the
   owned layers (greedy partition of the layers whose inverses travel) plus every locally inverted
