@@ -8,7 +8,9 @@ bandwidth); the fraction of the limit is that time over the measured one (1 = at
 """
 from __future__ import annotations
 
+import argparse
 import time
+from dataclasses import asdict
 from typing import Any, Dict, List, Optional
 
 # Library timer (kfac.collect_times) → phase of the table; "factor" is split into im2col and the rest.
@@ -52,10 +54,7 @@ def gpu_rates(device_name: str) -> Optional[Dict[str, Any]]:
     kind = device_kind(device_name)
     if kind is None:
         return None
-    rates = DEVICES[kind]
-    return {"name": kind, "fp32": rates.fp32, "tf32": rates.tf32, "bf16": rates.bf16, "fp16": rates.fp16,
-            "memory_bandwidth": rates.memory_bandwidth, "link_bandwidth": rates.link_bandwidth,
-            "source": rates.source}
+    return asdict(DEVICES[kind])
 
 
 def device_rates(data: Dict[str, Any]) -> Optional[Dict[str, Any]]:
@@ -69,21 +68,12 @@ def device_rates(data: Dict[str, Any]) -> Optional[Dict[str, Any]]:
 def layer_profile(settings: Dict[str, Any]):
     """The model's layer shapes at the run's image size (torchvision on the meta device; 'tiny' as the worker builds it)."""
     import torch
-    sys_path_worker()
     from _step_cost_worker import build_model
     from kfac_hvd.timemodel import profile_model
-    args = type("Args", (), dict(settings, channels_last=False))()
+    args = argparse.Namespace(**dict(settings, channels_last=False))
     with torch.device("meta"):
         model = build_model(args, torch.device("meta"))
     return profile_model(model, image_size=settings["image_size"])
-
-
-def sys_path_worker() -> None:
-    import os
-    import sys
-    here = os.path.dirname(os.path.abspath(__file__))
-    if here not in sys.path:
-        sys.path.insert(0, here)
 
 
 def phase_costs(profile, batch: int, ranks: int, *, input_bytes: int) -> Dict[str, List[float]]:
