@@ -13,6 +13,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 INVERSE_METHODS = ("cholesky", "eigen")
+BATCH_BYTES = 256 * 2 ** 20   # cap on one stacked batch of factors (ResNet-50's three 4608-wide A's: 243 MiB)
+Key = Tuple[str, str]         # (layer, kind)
 
 
 def diff_from_squares(change_sq: float, previous_sq: float) -> float:
@@ -105,11 +107,8 @@ def inverse_attempt(matrix: torch.Tensor, diagonal_shift: float, method: str) ->
         inverse = torch.cholesky_inverse(lower)
         return inverse, (info == 0).all() & torch.isfinite(inverse.sum())
     if method == "eigen":
-        eigenvalues, eigenvectors = torch.linalg.eigh(matrix)
-        # Clamping removes the small negative eigenvalues rounding leaves in a PSD factor.
-        scale = 1.0 / (eigenvalues.clamp(min=0.0) + diagonal_shift)
-        inverse = (eigenvectors * scale.unsqueeze(-2)) @ eigenvectors.transpose(-1, -2)
-        return inverse, torch.isfinite(inverse.sum())
+        inverse, ok = _eigen_inverse(matrix, float(diagonal_shift))
+        return inverse, ok.all()
     raise ValueError(f"inverse_method must be one of {INVERSE_METHODS}, got {method!r}")
 
 
@@ -153,29 +152,185 @@ def robust_damped_inverses(factors: Dict[str, torch.Tensor], damping: float, *, 
     return None, "inversion failed"
 
 
-def invert_all(jobs: Dict[str, Dict[str, torch.Tensor]], shifts: Dict[str, Dict[str, float]],
-               method: str) -> Tuple[Dict[str, Dict[str, torch.Tensor]], List[str]]:
+def invert_all(jobs: Dict[str, Dict[str, torch.Tensor]], shifts: Dict[str, Dict[str, float]], method: str, *,
+               batched: bool = True, batch_bytes: int = BATCH_BYTES
+               ) -> Tuple[Dict[str, Dict[str, torch.Tensor]], List[str]]:
     """First attempt at inverting every (layer → {kind: factor}) in ``jobs`` with its ``shifts``; one
     host read for all of them. Returns the inverses of the layers that succeeded and the names of the
-    layers that failed (for :func:`robust_damped_inverses`)."""
-    attempts: Dict[str, Dict[str, Tuple[torch.Tensor, torch.Tensor]]] = {}
-    failed: List[str] = []
+    layers that failed (for :func:`robust_damped_inverses`), in the order of ``jobs``.
+
+    ``batched``: factors of equal size, dtype and device are inverted in one call per group of at most
+    ``batch_bytes`` stacked bytes (a larger factor alone), and every 2×2 block (BatchNorm) of the
+    Cholesky method in one closed-form pass; a layer's result does not depend on its batch. Otherwise
+    one call per factor.
+    """
+    if batched:
+        attempts = _batched_attempts(jobs, shifts, method, batch_bytes)
+    else:
+        attempts = _single_attempts(jobs, shifts, method)
+    failed = {name for name, _ in attempts.raised}
+    if attempts.groups:
+        flags = [group.flags() for group in attempts.groups]
+        values = iter(torch.cat([flag.to(flags[0].device) for flag in flags]).tolist())
+        for group, flag in zip(attempts.groups, flags):
+            failed.update(name for name, _ in group.failed_keys([next(values) for _ in range(flag.numel())]))
+    inverses: Dict[str, Dict[str, torch.Tensor]] = {}
+    for group in attempts.groups:
+        for (name, kind), inverse in group.results():
+            if name not in failed:
+                inverses.setdefault(name, {})[kind] = inverse
+    return inverses, [name for name in jobs if name in failed]
+
+
+class _Group:
+    """Inverses of some factors of one size from one call.
+
+    ``members`` are (key, rows, factor shape): each member owns ``rows`` consecutive rows of
+    ``block_ok`` (one flag per stacked block) and, in a group of several, of ``inverse``.
+    """
+
+    def __init__(self, members: List[Tuple[Key, int, torch.Size]], inverse: torch.Tensor,
+                 block_ok: torch.Tensor) -> None:
+        self.members, self.inverse, self.block_ok = members, inverse, block_ok
+
+    def flags(self) -> torch.Tensor:
+        """What the one host read fetches: a flag per member, or one for the group when members span
+        several blocks (BatchNorm's channels)."""
+        if len(self.members) == len(self.block_ok):
+            return self.block_ok
+        return self.block_ok.all().reshape(1)
+
+    def failed_keys(self, flags: List[bool]) -> List[Key]:
+        if len(flags) == len(self.members):
+            return [key for (key, _, _), ok in zip(self.members, flags) if not ok]
+        if flags[0]:
+            return []
+        # Some block failed: find its members. A second read, only on a step where an inversion failed.
+        pieces = self.block_ok.split([blocks for _, blocks, _ in self.members])
+        return self.failed_keys(torch.stack([piece.all() for piece in pieces]).tolist())
+
+    def results(self) -> List[Tuple[Key, torch.Tensor]]:
+        if len(self.members) == 1:
+            key, _, shape = self.members[0]
+            return [(key, self.inverse.reshape(shape))]
+        # Each inverse gets its own storage: a layer refreshed later must free its slot.
+        pieces = self.inverse.split([blocks for _, blocks, _ in self.members])
+        return [(key, piece.reshape(shape).clone()) for (key, _, shape), piece in zip(self.members, pieces)]
+
+
+class _Attempts:
+    def __init__(self) -> None:
+        self.groups: List[_Group] = []
+        self.raised: List[Key] = []
+
+
+def _single_attempts(jobs: Dict[str, Dict[str, torch.Tensor]], shifts: Dict[str, Dict[str, float]],
+                     method: str) -> _Attempts:
+    """One :func:`inverse_attempt` per factor (``batched_inversion=False``)."""
+    attempts = _Attempts()
     for name, factors in jobs.items():
-        try:
-            attempts[name] = {kind: inverse_attempt(factor, shifts[name][kind], method)
-                              for kind, factor in factors.items()}
-        except (RuntimeError, torch.linalg.LinAlgError):  # eigh can raise where cholesky_ex reports
-            failed.append(name)
-    if not attempts:
-        return {}, failed
-    flags = torch.stack([torch.stack([ok for _, ok in kinds.values()]).all() for kinds in attempts.values()])
-    inverses = {}
-    for (name, kinds), ok in zip(attempts.items(), flags.tolist()):
-        if ok:
-            inverses[name] = {kind: inverse for kind, (inverse, _) in kinds.items()}
-        else:
-            failed.append(name)
-    return inverses, failed
+        for kind, factor in factors.items():
+            _attempt_one(attempts, (name, kind), factor, shifts[name][kind], method)
+    return attempts
+
+
+def _attempt_one(attempts: _Attempts, key: Key, factor: torch.Tensor, shift: float, method: str) -> None:
+    try:
+        inverse, ok = inverse_attempt(factor, shift, method)
+    except (RuntimeError, torch.linalg.LinAlgError):   # eigh can raise where cholesky_ex reports
+        attempts.raised.append(key)
+        return
+    attempts.groups.append(_Group([(key, 1, factor.shape)], inverse, ok.reshape(1)))
+
+
+def _batched_attempts(jobs: Dict[str, Dict[str, torch.Tensor]], shifts: Dict[str, Dict[str, float]],
+                      method: str, batch_bytes: int) -> _Attempts:
+    by_size: Dict[Tuple[int, torch.dtype, torch.device], List[Tuple[Key, torch.Tensor, float]]] = {}
+    for name, factors in jobs.items():
+        for kind, factor in factors.items():
+            by_size.setdefault((factor.shape[-1], factor.dtype, factor.device), []).append(
+                ((name, kind), factor, shifts[name][kind]))
+    attempts = _Attempts()
+    for (size, _, _), entries in by_size.items():
+        closed_form = size == 2 and method == "cholesky"
+        for batch in (_split_by_bytes(entries, batch_bytes) if not closed_form else [entries]):
+            try:
+                attempts.groups.append(_invert_batch(batch, method, closed_form))
+            except (RuntimeError, torch.linalg.LinAlgError):
+                # eigh reports no failing member: try each alone.
+                for key, factor, shift in batch:
+                    _attempt_one(attempts, key, factor, shift, method)
+    return attempts
+
+
+def _split_by_bytes(entries: List[Tuple[Key, torch.Tensor, float]], batch_bytes: int
+                    ) -> List[List[Tuple[Key, torch.Tensor, float]]]:
+    batches: List[List[Tuple[Key, torch.Tensor, float]]] = []
+    held = 0
+    for entry in entries:
+        nbytes = entry[1].numel() * entry[1].element_size()
+        if not batches or held + nbytes > batch_bytes:
+            batches.append([])
+            held = 0
+        batches[-1].append(entry)
+        held += nbytes
+    return batches
+
+
+def _invert_batch(batch: List[Tuple[Key, torch.Tensor, float]], method: str, closed_form: bool) -> _Group:
+    """One call for all of ``batch`` (factors of one size): (M_i + shift_i·I)⁻¹ for each stacked block."""
+    size = batch[0][1].shape[-1]
+    blocks = [factor.reshape(-1, size, size) for _, factor, _ in batch]
+    members = [(key, block.shape[0], factor.shape) for (key, factor, _), block in zip(batch, blocks)]
+    shift = _block_shifts(batch, blocks)
+    if closed_form:
+        inverse, ok = _inverse_2x2(torch.cat(blocks), shift)
+    elif method == "cholesky":
+        damped = torch.cat(blocks)     # the stack is the damped copy the single call makes too
+        damped.diagonal(dim1=-2, dim2=-1).add_(shift if isinstance(shift, float) else shift.unsqueeze(-1))
+        lower, info = torch.linalg.cholesky_ex(damped)
+        del damped
+        inverse = torch.cholesky_inverse(lower)
+        ok = (info == 0) & torch.isfinite(inverse.sum(dim=(-2, -1)))
+    else:
+        inverse, ok = _eigen_inverse(blocks[0] if len(blocks) == 1 else torch.cat(blocks), shift)
+    return _Group(members, inverse, ok)
+
+
+def _block_shifts(batch: List[Tuple[Key, torch.Tensor, float]], blocks: List[torch.Tensor]):
+    """The diagonal shift of each stacked block: a float when they are all equal (BatchNorm's γ), else
+    a tensor on the factors' device, copied without waiting for the device."""
+    values = [shift for _, _, shift in batch]
+    if all(value == values[0] for value in values):
+        return float(values[0])
+    counts = torch.tensor([block.shape[0] for block in blocks])
+    host = torch.tensor(values, dtype=blocks[0].dtype).repeat_interleave(counts)
+    device = blocks[0].device
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
+def _inverse_2x2(blocks: torch.Tensor, shift) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(F + shift·I)⁻¹ of symmetric 2×2 blocks by the closed form [[d, −b], [−b, a]] / (ad − b²), and a
+    flag per block: True when the damped block is positive definite (a > 0 and ad − b² > 0, what
+    Cholesky needs) and the inverse finite. b is read from the lower triangle, as Cholesky reads it."""
+    a = blocks[:, 0, 0] + shift
+    d = blocks[:, 1, 1] + shift
+    b = blocks[:, 1, 0]
+    determinant = a * d - b * b
+    inverse = torch.stack([d, -b, -b, a], dim=-1).div_(determinant.unsqueeze(-1)).view(-1, 2, 2)
+    ok = (a > 0) & (determinant > 0) & torch.isfinite(inverse).flatten(1).all(dim=1)
+    return inverse, ok
+
+
+def _eigen_inverse(matrix: torch.Tensor, shift) -> Tuple[torch.Tensor, torch.Tensor]:
+    eigenvalues, eigenvectors = torch.linalg.eigh(matrix)
+    # Clamping removes the small negative eigenvalues rounding leaves in a PSD factor.
+    shift = shift if isinstance(shift, float) else shift.unsqueeze(-1)
+    scale = 1.0 / (eigenvalues.clamp(min=0.0) + shift)
+    inverse = (eigenvectors * scale.unsqueeze(-2)) @ eigenvectors.transpose(-1, -2)
+    return inverse, torch.isfinite(inverse.sum(dim=(-2, -1)))
 
 
 # Triangle packing ---------------------------------------------------------------------------------

@@ -52,7 +52,8 @@ class KFAC:
                  update_interval: int = 1, interval_policy: str = "modulo", max_interval: Optional[int] = None,
                  shrink_multiple: Optional[float] = None, separate_intervals: bool = False,
                  factor_decay: Optional[float] = None, kl_clip: Optional[float] = None,
-                 pi_damping: bool = True, inverse_method: str = "cholesky", symmetric_comm: bool = True,
+                 pi_damping: bool = True, inverse_method: str = "cholesky", batched_inversion: bool = True,
+                 symmetric_comm: bool = True,
                  skip_layers: Sequence[str] = (), include_batchnorm: bool = True,
                  factor_dtype: Optional[torch.dtype] = None, accumulation_steps: int = 1,
                  noise_aware_diff: bool = False,
@@ -60,9 +61,9 @@ class KFAC:
                  unfold_chunk_bytes: int = DEFAULT_UNFOLD_CHUNK_BYTES, narrow_factor_products: bool = True,
                  factor_matmul_precision: str = "highest", comm: Any = None) -> None:
         _check_options(damping=damping, factor_decay=factor_decay, kl_clip=kl_clip, inverse_method=inverse_method,
-                       accumulation_steps=accumulation_steps, local_inverse_max_dim=local_inverse_max_dim,
-                       unfold_chunk_bytes=unfold_chunk_bytes, narrow_factor_products=narrow_factor_products,
-                       factor_matmul_precision=factor_matmul_precision)
+                       batched_inversion=batched_inversion, accumulation_steps=accumulation_steps,
+                       local_inverse_max_dim=local_inverse_max_dim, unfold_chunk_bytes=unfold_chunk_bytes,
+                       narrow_factor_products=narrow_factor_products, factor_matmul_precision=factor_matmul_precision)
         if isinstance(skip_layers, str):
             skip_layers = (skip_layers,)
         self.damping = damping
@@ -70,6 +71,7 @@ class KFAC:
         self.kl_clip = kl_clip
         self.pi_damping = pi_damping
         self.inverse_method = inverse_method
+        self.batched_inversion = batched_inversion
         self.symmetric_comm = symmetric_comm
         self.separate_intervals = separate_intervals
         self.accumulation_steps = accumulation_steps
@@ -326,7 +328,7 @@ class KFAC:
                 continue
             jobs[name] = {kind: self.factors[name][kind] for kind in kinds}
             shifts[name] = damping_shifts(kinds, self.damping, self._pi(name))
-        inverses, failed = invert_all(jobs, shifts, self.inverse_method)
+        inverses, failed = invert_all(jobs, shifts, self.inverse_method, batched=self.batched_inversion)
         for name in failed:
             result, event = robust_damped_inverses(jobs[name], self.damping, pi=self._pi(name),
                                                    method=self.inverse_method)
@@ -463,7 +465,7 @@ class KFAC:
 
 
 def _check_options(*, damping: float, factor_decay: Optional[float], kl_clip: Optional[float], inverse_method: str,
-                   accumulation_steps: int, local_inverse_max_dim: int, unfold_chunk_bytes: int,
+                   batched_inversion: bool, accumulation_steps: int, local_inverse_max_dim: int, unfold_chunk_bytes: int,
                    narrow_factor_products: bool, factor_matmul_precision: str) -> None:
     if not damping > 0:
         raise ValueError(f"damping must be > 0, got {damping!r}")
@@ -478,6 +480,8 @@ def _check_options(*, damping: float, factor_decay: Optional[float], kl_clip: Op
                          f"got {factor_matmul_precision!r}")
     if not isinstance(narrow_factor_products, bool):
         raise ValueError(f"narrow_factor_products must be True or False, got {narrow_factor_products!r}")
+    if not isinstance(batched_inversion, bool):
+        raise ValueError(f"batched_inversion must be True or False, got {batched_inversion!r}")
     for option, value, least in (("accumulation_steps", accumulation_steps, 1),
                                  ("local_inverse_max_dim", local_inverse_max_dim, 0),
                                  ("unfold_chunk_bytes", unfold_chunk_bytes, 1)):

@@ -67,8 +67,9 @@ def test_failed_cholesky_retries_with_more_damping_then_falls_back_to_eigendecom
     original = torch.linalg.cholesky_ex
 
     def spy(matrix, *args, **kwargs):
-        if matrix.shape == (37, 37) and matrix[0, 0] < 0:       # layer 6's A (4·3·3 + bias)
-            shifts.append(float(matrix[0, 0] + 10.0))
+        for block in matrix.reshape(-1, *matrix.shape[-2:]):    # one factor, or a batch of them
+            if block.shape == (37, 37) and block[0, 0] < 0:     # layer 6's A (4·3·3 + bias)
+                shifts.append(float(block[0, 0] + 10.0))
         return original(matrix, *args, **kwargs)
 
     monkeypatch.setattr(torch.linalg, "cholesky_ex", spy)
