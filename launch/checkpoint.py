@@ -98,11 +98,16 @@ class _HashingWriter:
 
     def __init__(self, fh):
         self.fh, self.sha, self.size = fh, hashlib.sha256(), 0
+        self.error: Optional[OSError] = None     # torch.save reports a failed write as a RuntimeError
 
     def write(self, data) -> int:
         self.sha.update(data)
         self.size += len(data)
-        return self.fh.write(data)
+        try:
+            return self.fh.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
 
     def flush(self) -> None:
         self.fh.flush()
@@ -152,7 +157,12 @@ def atomic_save(obj: Any, path: str) -> Dict[str, Any]:
     """
     def write(fh):
         hashing = _HashingWriter(fh)
-        torch.save(obj, hashing)
+        try:
+            torch.save(obj, hashing)
+        except RuntimeError:
+            if hashing.error is not None:
+                raise hashing.error from None     # disk full, quota: the system's reason, not torch's
+            raise
         return {"bytes": hashing.size, "sha256": hashing.sha.hexdigest()}
     return _atomic_write(path, write)
 
@@ -397,12 +407,12 @@ def _unlisted(path: str) -> str:
 
 
 def _refused_pickle(path: str, exc: Exception) -> str:
-    text = str(exc)
-    if "numpy" in text:
+    found = re.search(r"(?:unsupported|Unsupported global:) GLOBAL ([\w.]+)", str(exc))
+    name = found.group(1) if found else ""
+    if name.startswith("numpy"):
         return (f"written in the first checkpoint format (numpy objects pickled in it), which is not loaded "
                 f"unverified; if you trust the file, convert it once: python -m launch.checkpoint convert {path}")
-    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
-    what = f" ({found.group(1)})" if found else ""
+    what = f" ({name})" if name else ""
     return f"refused: it would build objects{what} that no checkpoint of this launcher holds; it is not loaded"
 
 

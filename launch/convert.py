@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import sys
 import time
 from typing import Any, Dict, List, Optional
 
@@ -64,12 +65,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         out = convert(args.file, args.out)
     except (CheckpointError, OSError, pickle.UnpicklingError, RuntimeError) as exc:
-        print(f"error: {exc}", flush=True)
+        print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
     print(f"converted {args.file} -> {out}; listed in {os.path.join(os.path.dirname(os.path.abspath(out)), MANIFEST)}")
     return 0
 
 
 if __name__ == "__main__":
-    import sys
     sys.exit(main())
