@@ -62,6 +62,7 @@ def test_planted_pickle_runs_no_code_on_automatic_or_explicit_resume(finished, t
     plant_pickle(planted, marker)
 
     auto = launch(cfg, run, "checkpoint.resume=auto")
+    assert not os.path.exists(marker)
     assert auto.returncode == 0, describe(auto)
     assert f"checkpoint {planted} is unusable (does not load: {folder}/checkpoints.json does not list it" in auto.stderr
     assert f"resumed from {folder}/step_0000004.pt" in auto.stdout
@@ -82,6 +83,7 @@ def test_planted_pickle_runs_no_code_on_automatic_or_explicit_resume(finished, t
     os.makedirs(os.path.dirname(elsewhere))
     plant_pickle(elsewhere, marker)
     explicit = launch(cfg, str(tmp_path / "other"), f"checkpoint.resume={elsewhere}")
+    assert not os.path.exists(marker)
     assert explicit.returncode == 2, describe(explicit)
     line = lines(explicit.stderr)
     assert len(line) == 1 and f"checkpoint.resume: no usable checkpoint: {elsewhere}: does not load" in line[0], line
