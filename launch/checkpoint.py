@@ -38,14 +38,13 @@ import os
 import pickle
 import random
 import re
-import shutil
-import tempfile
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
+from .atomic import atomic_save, atomic_write, link_last  # noqa: F401 (atomic_save: part of this module's API)
 from .reliability import storage_problem
 
 FORMAT = 2                  # 2: RNG states as tensors and numbers (loadable with weights_only=True)
@@ -93,99 +92,6 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 # --------------------------------------------------------------------------------------------------
 # Writing
 # --------------------------------------------------------------------------------------------------
-class _HashingWriter:
-    """A write-only file object that also computes the sha256 and size of what passes through."""
-
-    def __init__(self, fh):
-        self.fh, self.sha, self.size = fh, hashlib.sha256(), 0
-        self.error: Optional[OSError] = None     # torch.save reports a failed write as a RuntimeError
-
-    def write(self, data) -> int:
-        self.sha.update(data)
-        self.size += len(data)
-        try:
-            return self.fh.write(data)
-        except OSError as exc:
-            self.error = exc
-            raise
-
-    def flush(self) -> None:
-        self.fh.flush()
-
-
-def _fsync_dir(folder: str) -> None:
-    try:
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _atomic_write(path: str, write) -> Any:
-    """Call ``write(fh)`` on a temporary file in ``path``'s folder, fsync, rename over ``path``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + ".", dir=folder)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())        # mkstemp's 0600 would hide checkpoints from the group
-        with os.fdopen(fd, "wb") as fh:
-            result = write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(folder)
-    return result
-
-
-def atomic_save(obj: Any, path: str) -> Dict[str, Any]:
-    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``.
-
-    Returns ``{"bytes": size, "sha256": hex digest}`` of the file written.
-    """
-    def write(fh):
-        hashing = _HashingWriter(fh)
-        try:
-            torch.save(obj, hashing)
-        except RuntimeError:
-            if hashing.error is not None:
-                raise hashing.error from None     # disk full, quota: the system's reason, not torch's
-            raise
-        return {"bytes": hashing.size, "sha256": hashing.sha.hexdigest()}
-    return _atomic_write(path, write)
-
-
-def _link_last(target: str, last: str) -> None:
-    """Point ``last`` at ``target`` atomically: a hard link renamed over it, else an atomic copy."""
-    folder = os.path.dirname(os.path.abspath(last))
-    tmp = os.path.join(folder, f".tmp-{LAST}.{os.getpid()}")
-    try:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
-        os.link(target, tmp)
-        os.replace(tmp, last)
-        _fsync_dir(folder)
-    except OSError:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
-        def copy(fh):
-            with open(target, "rb") as src:
-                shutil.copyfileobj(src, fh, 1 << 24)
-        _atomic_write(last, copy)
-
-
 def _read_manifest_file(folder: str) -> Dict[str, Any]:
     try:
         with open(os.path.join(folder, MANIFEST), "r", encoding="utf-8") as fh:
@@ -203,7 +109,7 @@ def read_manifest(folder: str) -> List[Dict[str, Any]]:
 
 def _write_manifest(folder: str, entries: List[Dict[str, Any]], last: Optional[str]) -> None:
     text = json.dumps({"format": FORMAT, "last": last, "checkpoints": entries}, indent=1).encode()
-    _atomic_write(os.path.join(folder, MANIFEST), lambda fh: fh.write(text))
+    atomic_write(os.path.join(folder, MANIFEST), lambda fh: fh.write(text))
 
 
 def _step_files(folder: str) -> Dict[str, int]:
@@ -274,7 +180,7 @@ def write_checkpoint(folder: str, ckpt: Dict[str, Any], *, keep_last: int, keep_
     kept = [entry] + (older if keep_all else older[:max(keep_last - 1, 0)])
     try:
         _write_manifest(folder, kept, name)
-        _link_last(path, os.path.join(folder, LAST))
+        link_last(path, os.path.join(folder, LAST))
     except BaseException:
         os.unlink(path)          # never listed: the manifest and last.pt still name the previous one
         raise

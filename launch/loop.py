@@ -6,7 +6,9 @@ scale). Everything else stays on the device, the epoch's loss and accuracy sums 
 """
 from __future__ import annotations
 
+import json
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -212,8 +214,6 @@ def check_resume_config(run: Run, path: str, saved: Dict[str, Any]) -> None:
 def evaluations_after_checkpoint(log_dir: str, step: int, history: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """The evaluation of the checkpoint's own step, which ran after the checkpoint was written (so that
     a failing evaluation cannot lose the epoch) and is in metrics.jsonl only."""
-    import json
-    import os
     path, found = os.path.join(log_dir, "metrics.jsonl"), []
     if not os.path.exists(path):
         return []
