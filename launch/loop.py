@@ -81,6 +81,7 @@ class RunState:
     skip_batches: int = 0
     history: List[Dict[str, Any]] = field(default_factory=list)
     resume_path: Optional[str] = None
+    pending_eval: Optional[Dict[str, Any]] = None    # an epoch's evaluation the resumed checkpoint still owes
     last_eval: Dict[str, Any] = field(default_factory=dict)
     last_saved_step: int = -1
     train_time: float = 0.0
@@ -191,6 +192,10 @@ def resume_or_start(run: Run, candidates: List[str]) -> RunState:
     state.history = list(extra.get("history", []))
     if hvd.rank() == 0:
         state.history += evaluations_after_checkpoint(cfg.log.dir, state.step, state.history)
+    # Rank 0's history decides for every rank whether the checkpoint's evaluation still has to run.
+    pending = extra.get("pending_eval")
+    owed = bool(pending) and not any(h.get("step") == pending.get("step") for h in state.history)
+    state.pending_eval = pending if hvd.broadcast_object(owed, root_rank=0, name="ckpt.eval_owed") else None
     state.resume_path, state.last_saved_step = path, state.step
     log0(hvd, f"resumed from {path}: step {state.step}, epoch {state.epoch}, batch {state.skip_batches}")
     return state
@@ -229,7 +234,7 @@ def evaluations_after_checkpoint(log_dir: str, step: int, history: List[Dict[str
     return found
 
 
-def save(run: Run, state: RunState, batch_in_epoch: int) -> None:
+def save(run: Run, state: RunState, batch_in_epoch: int, pending_eval: Optional[Dict[str, Any]] = None) -> None:
     run.watchdog.beat(f"the checkpoint of step {state.step}")
     if run.out is not None:
         run.out.flush()                   # the metrics up to this step are on disk before the checkpoint
@@ -238,7 +243,8 @@ def save(run: Run, state: RunState, batch_in_epoch: int) -> None:
                              epoch=state.epoch, step=state.step, batch_in_epoch=batch_in_epoch,
                              config=cfg.to_dict(), keep_last=cfg.checkpoint.keep_last,
                              keep_all=cfg.checkpoint.keep_all,
-                             extra={"history": state.history, "grad_scaler": t.precision.state_dict()})
+                             extra={"history": state.history, "grad_scaler": t.precision.state_dict(),
+                                    "pending_eval": pending_eval})
     state.last_saved_step = state.step
     run.watchdog.beat(f"the checkpoint of step {state.step}")
 
@@ -353,35 +359,43 @@ def end_epoch(run: Run, state: RunState, tally: EpochTally, epoch_time: float) -
     n = max(n, 1.0)
     epoch_complete = batch_in_epoch >= run.steps_per_epoch
     last_epoch = state.epoch + 1 >= cfg.train.epochs or state.done
-    # The checkpoint first: an evaluation that fails (an unreadable image, a lost rank) loses no training.
+    every = cfg.train.eval_every
+    due = last_epoch or bool(every and (state.epoch + 1) % every == 0 and epoch_complete)
+    entry = {"epoch": state.epoch + 1 if epoch_complete else state.epoch + batch_in_epoch / run.steps_per_epoch,
+             "step": state.step, "train_loss": loss_sum / n, "train_acc": correct_sum / n, "epoch_time": epoch_time}
+    # The checkpoint first, holding the evaluation still owed: one that fails (an unreadable image, a lost
+    # rank) loses no training, and the resumed run evaluates that epoch first.
     ck = cfg.checkpoint
     enabled = ck.every_epochs > 0 or ck.every_steps is not None
     epoch_due = bool(ck.every_epochs and epoch_complete and (state.epoch + 1) % ck.every_epochs == 0)
     step_due = bool(ck.every_steps and state.step % ck.every_steps == 0)
     if enabled and (epoch_due or state.done or last_epoch or step_due) and state.last_saved_step != state.step:
-        save(run, state, batch_in_epoch)
-    every = cfg.train.eval_every
-    if last_epoch or (every and (state.epoch + 1) % every == 0 and epoch_complete):
-        state.last_eval = evaluate(run.trainer.model, run.val_loader, run.trainer.precision, hvd,
-                                   cfg.data.skip_unreadable, run.watchdog)
-        ev = state.last_eval
-        entry = {"epoch": state.epoch + 1 if epoch_complete else state.epoch + batch_in_epoch / run.steps_per_epoch,
-                 "step": state.step, "train_loss": loss_sum / n, "train_acc": correct_sum / n,
-                 "val_loss": ev["loss"], "val_top1": ev["top1"], "epoch_time": epoch_time}
-        if ev.get("skipped_images"):
-            entry["val_skipped_images"] = ev["skipped_images"]
-        state.history.append(entry)
-        if run.out is not None:
-            run.out.record({"eval": entry, "step": state.step})
-            run.out.scalars(state.step, {"val/top1": ev["top1"], "val/loss": ev["loss"],
-                                         "train/epoch_loss": entry["train_loss"], "train/epoch_acc": entry["train_acc"]})
-            run.out.flush()
-        message = (f"epoch {entry['epoch']:g}: train loss {entry['train_loss']:.4f} acc {entry['train_acc']:.4f}"
-                   f" | val loss {ev['loss']:.4f} top-1 {ev['top1']:.4f} | {epoch_time:.1f}s")
-        if run.progress is not None:
-            run.progress.write(message)
-        else:
-            log0(hvd, message)
+        save(run, state, batch_in_epoch, pending_eval=entry if due else None)
+    if due:
+        evaluate_epoch(run, state, entry)
+
+
+def evaluate_epoch(run: Run, state: RunState, entry: Dict[str, Any]) -> None:
+    """Evaluate, complete the epoch's history ``entry`` with it, record and print it."""
+    hvd = run.hvd
+    state.last_eval = ev = evaluate(run.trainer.model, run.val_loader, run.trainer.precision, hvd,
+                                    run.cfg.data.skip_unreadable, run.watchdog)
+    entry = {**{k: v for k, v in entry.items() if k != "epoch_time"}, "val_loss": ev["loss"],
+             "val_top1": ev["top1"], "epoch_time": entry["epoch_time"]}
+    if ev.get("skipped_images"):
+        entry["val_skipped_images"] = ev["skipped_images"]
+    state.history.append(entry)
+    if run.out is not None:
+        run.out.record({"eval": entry, "step": entry["step"]})
+        run.out.scalars(entry["step"], {"val/top1": ev["top1"], "val/loss": ev["loss"],
+                                        "train/epoch_loss": entry["train_loss"], "train/epoch_acc": entry["train_acc"]})
+        run.out.flush()
+    message = (f"epoch {entry['epoch']:g}: train loss {entry['train_loss']:.4f} acc {entry['train_acc']:.4f}"
+               f" | val loss {ev['loss']:.4f} top-1 {ev['top1']:.4f} | {entry['epoch_time']:.1f}s")
+    if run.progress is not None:
+        run.progress.write(message)
+    else:
+        log0(hvd, message)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -402,6 +416,8 @@ def run(cfg, resume_candidates: List[str]) -> int:
                 f"{r.total_steps} steps")
     if rank == 0 and cfg.log.progress:
         r.progress = Progress(r.total_steps, state.step, cfg.train.epochs, cfg.log.progress_every_s, wants_bar())
+    if state.pending_eval is not None:
+        evaluate_epoch(r, state, state.pending_eval)
     state.done = state.step >= r.total_steps
     while not state.done and state.epoch < cfg.train.epochs:
         train_epoch(r, state)

@@ -99,6 +99,8 @@ def test_truncated_val_jpeg_after_an_epoch_leaves_a_checkpoint_to_resume_from(tm
     assert f"resumed from {folder}/step_0000002.pt: step 2" in again.stdout
     summary = json.load(open(os.path.join(tmp_path, "run", "summary.json")))
     assert summary["steps"] == 2 and summary["final_top1"] is not None
+    (epoch,) = summary["history"]                  # the owed evaluation, with the epoch's training averages
+    assert epoch["epoch"] == 1 and epoch["step"] == 2 and epoch["train_loss"] > 0 and epoch["val_skipped_images"] == 1
 
 
 # ---- 7. disk full: one line, exit code 5, the previous checkpoint intact ---------------------------
