@@ -36,10 +36,10 @@ def image_config(tmp_path, train_dir, val_dir, *extra):
 @needs_horovod
 @pytest.mark.parametrize("launcher", ["horovodrun", pytest.param("mpirun", marks=needs_mpirun)])
 def test_ranks_with_different_data_folders_stop_together(tmp_path, launcher):
-    """The same config (a relative data.train_dir) started from two working directories: 12 training
-    images on rank 0, 6 on rank 1. Both ranks exit 2 with the same line naming the ranks and the sizes
-    (before: rank 0 took more steps than rank 1 and the job hung until the watchdog)."""
-    for rank, per_class in ((0, 6), (1, 3)):
+    """The same config (a relative data.train_dir) started from two working directories: 16 training
+    images on rank 0, 8 on rank 1. Both ranks exit 2 with the same line naming the ranks and the sizes
+    (before: rank 0 took 2 steps per epoch, rank 1 one, and the job hung until the watchdog)."""
+    for rank, per_class in ((0, 8), (1, 4)):
         make_image_tree(str(tmp_path / f"wd{rank}" / "data"), classes=("n01", "n02"), train_per_class=per_class,
                         val_per_class=2)
     cfg = image_config(tmp_path, "data/train", "data/val")
@@ -54,7 +54,7 @@ def test_ranks_with_different_data_folders_stop_together(tmp_path, launcher):
     assert rcs == ["2", "2"], errs
     assert errs[0][-1] == errs[1][-1], errs
     assert (f"config error: {cfg}: data.train_dir: ranks see different data (ranks differing from rank 0: 1): "
-            f"train_images: 6 on rank 1, 12 on rank 0") in errs[0][-1]
+            f"train_images: 8 on rank 1, 16 on rank 0") in errs[0][-1]
     assert seconds < 120
 
 
