@@ -14,7 +14,7 @@ from launch.reliability import RunStop, check_agreement, code_fingerprint, confi
 from launch_helpers.common import describe, horovod_ready
 from launch_helpers.images import make_image_tree
 from launch_helpers.jobs import DEMO, job, per_rank_shell, shell_train, train_cmd
-from launch_helpers.rundir import lines, synthetic_config
+from launch_helpers.rundir import OneRank, lines, synthetic_config
 
 needs_horovod = pytest.mark.skipif(not horovod_ready(), reason="horovod not installed")
 needs_mpirun = pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun not installed")
@@ -139,20 +139,7 @@ def test_disk_full_during_a_checkpoint_is_one_line_and_exit_code_5(tmp_path, sma
                        f"the previous checkpoint step_0000001.pt (step 1) is intact")
     assert sorted(os.listdir(folder)) == [".lock", "checkpoints.json", "last.pt", "step_0000001.pt"]
     assert open(os.path.join(folder, "step_0000001.pt"), "rb").read() == kept
-    assert ck.load_checkpoint(ck_one_rank(), ck.resume_candidates("auto", folder))[1]["step"] == 1
-
-
-def ck_one_rank():
-    class OneRank:
-        def rank(self):
-            return 0
-
-        def size(self):
-            return 1
-
-        def broadcast_object(self, obj, root_rank=0, name=None):
-            return obj
-    return OneRank()
+    assert ck.load_checkpoint(OneRank(), ck.resume_candidates("auto", folder))[1]["step"] == 1
 
 
 # ---- 8. overrides by YAML 1.2, once each; the planned world size -----------------------------------

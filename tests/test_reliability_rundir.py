@@ -16,20 +16,9 @@ import torch
 from launch import checkpoint as ck
 from launch_helpers.common import describe, env, horovod_ready
 from launch_helpers.jobs import job, train_cmd
-from launch_helpers.rundir import lines, plant_pickle, snapshot, synthetic_config
+from launch_helpers.rundir import OneRank, lines, plant_pickle, snapshot, synthetic_config
 
 pytestmark = pytest.mark.skipif(not horovod_ready(), reason="horovod not installed")
-
-
-class OneRank:
-    def rank(self):
-        return 0
-
-    def size(self):
-        return 1
-
-    def broadcast_object(self, obj, root_rank=0, name=None):
-        return obj
 
 
 def launch(cfg, run_dir, *overrides, timeout=120):
@@ -134,19 +123,17 @@ def test_rerun_into_a_used_folder_changes_no_byte_and_overwrite_moves_it_aside(f
     assert json.load(open(os.path.join(run, "summary.json")))["steps"] == 1
 
 
-def write(folder, step):
+def write(folder, step, keep_all=False):
     state = {"format": ck.FORMAT, "epoch": 0, "step": step, "batch_in_epoch": step,
              "model": {"w": torch.full((3,), step)}, "optimizer": {}, "kfac": None, "rng": []}
-    return ck.write_checkpoint(str(folder), state, keep_last=2, keep_all=False)
+    return ck.write_checkpoint(str(folder), state, keep_last=2, keep_all=keep_all)
 
 
 def test_pruning_sets_aside_checkpoints_newer_than_the_resumed_one(tmp_path, caplog):
     """A run resumed from step 2 (step 3 failed to read, say) saves step 3: the checkpoints of steps 3 and
     4 it did not resume from are moved aside, still verifiable; only older ones beyond keep_last go."""
     for step in (1, 2, 3, 4):
-        ck.write_checkpoint(str(tmp_path), {"format": ck.FORMAT, "epoch": 0, "step": step, "batch_in_epoch": step,
-                                            "model": {"w": torch.full((3,), step)}, "optimizer": {}, "kfac": None,
-                                            "rng": []}, keep_last=2, keep_all=True)
+        write(tmp_path, step, keep_all=True)
     originals = {s: open(tmp_path / f"step_000000{s}.pt", "rb").read() for s in (3, 4)}
     with caplog.at_level(logging.WARNING, logger="launch.checkpoint"):
         write(tmp_path, 3)
