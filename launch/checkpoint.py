@@ -61,15 +61,19 @@ class CheckpointError(Exception):
     """No usable checkpoint; the message names the file(s) and why."""
 
 
+def plain_rng_states(numpy_state: tuple, python_state: tuple) -> Dict[str, Any]:
+    """numpy's and Python's RNG state tuples as dicts of tensors and numbers."""
+    kind, keys, pos, has_gauss, cached = numpy_state
+    version, internal, gauss_next = python_state
+    return {"numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys).astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+            "python": {"version": int(version), "internal": torch.tensor(internal, dtype=torch.int64),
+                       "gauss_next": gauss_next}}
+
+
 def rng_state() -> Dict[str, Any]:
     """This process's RNG states as tensors and plain numbers (what ``weights_only`` loading accepts)."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    version, internal, gauss_next = random.getstate()
-    state = {"torch": torch.get_rng_state(),
-             "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-             "python": {"version": int(version), "internal": torch.tensor(internal, dtype=torch.int64),
-                        "gauss_next": gauss_next}}
+    state = {"torch": torch.get_rng_state(), **plain_rng_states(np.random.get_state(), random.getstate())}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -92,7 +96,8 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 # --------------------------------------------------------------------------------------------------
 # Writing
 # --------------------------------------------------------------------------------------------------
-def _read_manifest_file(folder: str) -> Dict[str, Any]:
+def read_manifest_file(folder: str) -> Dict[str, Any]:
+    """``checkpoints.json`` of ``folder`` as a dict ({} when it is missing or unreadable)."""
     try:
         with open(os.path.join(folder, MANIFEST), "r", encoding="utf-8") as fh:
             data = json.load(fh)
@@ -103,11 +108,12 @@ def _read_manifest_file(folder: str) -> Dict[str, Any]:
 
 def read_manifest(folder: str) -> List[Dict[str, Any]]:
     """The manifest's entries, newest first; [] when it is missing or unreadable."""
-    entries = _read_manifest_file(folder).get("checkpoints", [])
+    entries = read_manifest_file(folder).get("checkpoints", [])
     return [e for e in entries if isinstance(e, dict) and "file" in e and "step" in e] if isinstance(entries, list) else []
 
 
-def _write_manifest(folder: str, entries: List[Dict[str, Any]], last: Optional[str]) -> None:
+def write_manifest(folder: str, entries: List[Dict[str, Any]], last: Optional[str]) -> None:
+    """Replace ``checkpoints.json`` of ``folder`` atomically: ``entries`` newest first, ``last`` the newest's file."""
     text = json.dumps({"format": FORMAT, "last": last, "checkpoints": entries}, indent=1).encode()
     atomic_write(os.path.join(folder, MANIFEST), lambda fh: fh.write(text))
 
@@ -138,7 +144,7 @@ def _set_aside(folder: str, files: Dict[str, int], known: List[Dict[str, Any]], 
         os.replace(path, os.path.join(target, name))
         moved.append(entry or {"file": name, "step": files[name]})
     if moved:
-        _write_manifest(target, sorted(moved, key=lambda e: -e["step"]), None)
+        write_manifest(target, sorted(moved, key=lambda e: -e["step"]), None)
         logger.warning("checkpoints of steps %s (at or after step %d, which this run now saves) moved to %s",
                        ", ".join(str(e["step"]) for e in moved), step, target)
     if deleted:
@@ -179,7 +185,7 @@ def write_checkpoint(folder: str, ckpt: Dict[str, Any], *, keep_last: int, keep_
     older.sort(key=lambda e: -e["step"])
     kept = [entry] + (older if keep_all else older[:max(keep_last - 1, 0)])
     try:
-        _write_manifest(folder, kept, name)
+        write_manifest(folder, kept, name)
         link_last(path, os.path.join(folder, LAST))
     except BaseException:
         os.unlink(path)          # never listed: the manifest and last.pt still name the previous one
@@ -278,7 +284,7 @@ def _manifest_entry(path: str) -> Optional[Dict[str, Any]]:
     """The entry of ``checkpoints.json`` beside ``path`` that describes it (``last.pt``: the manifest's
     ``last``), or None."""
     folder = os.path.dirname(os.path.abspath(path))
-    manifest = _read_manifest_file(folder)
+    manifest = read_manifest_file(folder)
     name = os.path.basename(path)
     if name == LAST and manifest.get("last"):
         name = manifest["last"]

@@ -10,25 +10,12 @@ import os
 import pickle
 import sys
 import time
-from typing import Any, Dict, List, Optional
+from typing import List, Optional
 
-import numpy as np
 import torch
 
-from .checkpoint import (FORMAT, LAST, MANIFEST, REQUIRED, CheckpointError, _read_manifest_file, _write_manifest,
-                         atomic_save, read_manifest)
-
-
-def _rng_from_format_1(state: Dict[str, Any]) -> Dict[str, Any]:
-    """A first-format RNG entry (numpy's and Python's tuples pickled as they are) in today's form."""
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    version, internal, gauss_next = state["python"]
-    out = dict(state)
-    out["numpy"] = {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys).astype(np.int64)),
-                    "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
-    out["python"] = {"version": int(version), "internal": torch.tensor(internal, dtype=torch.int64),
-                     "gauss_next": gauss_next}
-    return out
+from .checkpoint import (FORMAT, LAST, MANIFEST, REQUIRED, CheckpointError, read_manifest_file, write_manifest,
+                         atomic_save, plain_rng_states, read_manifest)
 
 
 def convert(path: str, out: Optional[str] = None) -> str:
@@ -40,15 +27,16 @@ def convert(path: str, out: Optional[str] = None) -> str:
     state = torch.load(path, map_location="cpu", weights_only=False)   # the user vouches for this file
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED):
         raise CheckpointError(f"{path}: not a checkpoint of this launcher")
-    state["rng"] = [r if isinstance(r.get("numpy"), dict) else _rng_from_format_1(r) for r in state["rng"]]
+    state["rng"] = [r if isinstance(r.get("numpy"), dict) else {**r, **plain_rng_states(r["numpy"], r["python"])}
+                    for r in state["rng"]]
     state["format"] = FORMAT
     info = atomic_save(state, out)
     folder, name = os.path.dirname(os.path.abspath(out)), os.path.basename(out)
     entry = {"file": name, "step": int(state["step"]), "epoch": state["epoch"],
              "batch_in_epoch": state["batch_in_epoch"], **info, "time": time.time(), "converted_from": path}
     entries = [e for e in read_manifest(folder) if e["file"] != name] + [entry]
-    _write_manifest(folder, sorted(entries, key=lambda e: -e["step"]),
-                    _read_manifest_file(folder).get("last") or name)
+    write_manifest(folder, sorted(entries, key=lambda e: -e["step"]),
+                    read_manifest_file(folder).get("last") or name)
     return out
 
 
