@@ -65,12 +65,12 @@ def setup_logging(rank: int) -> None:
 # Ranks must agree: the resolved configuration and the code
 # --------------------------------------------------------------------------------------------------
 def fingerprint(value: Any) -> str:
+    """sha256 of a JSON-able value, independent of dict order."""
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def config_fingerprint(cfg) -> str:
-    text = json.dumps(cfg.to_dict(), sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
+    return fingerprint(cfg.to_dict())
 
 
 def _versions() -> Dict[str, str]:
