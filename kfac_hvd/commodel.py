@@ -33,6 +33,7 @@ from torch import nn
 
 from .assignment import DEFAULT_LOCAL_INVERSE_MAX_DIM, assign_layers, inverted_everywhere
 from .comm import allgather_wire_bytes, allreduce_wire_bytes, broadcast_wire_bytes
+from .devices import DEVICES
 from .factors import packed_numel
 from .layers import Layer, make_layer
 from .scheduler import IntervalScheduler
@@ -286,7 +287,16 @@ def _parser() -> argparse.ArgumentParser:
     time.add_argument("--alpha-inter-us", type=float, default=5.0, help="µs per inter-node ring step")
     time.add_argument("--alpha-intra-us", type=float, default=2.0, help="µs per intra-node ring step")
     time.add_argument("--fusion-mib", type=float, default=64.0, help="Horovod fusion buffer, MiB")
-    time.add_argument("--peak-tflops", type=float, default=15.7, help="GPU peak, TFLOP/s (V100 fp32)")
+    time.add_argument("--device", default="V100", choices=sorted(DEVICES),
+                      help="device kind whose datasheet rates the model takes (default V100, the paper's)")
+    time.add_argument("--factor-precision", default="fp32",
+                      help="input precision of the factor products (fp32, tf32, bf16, fp16; the device's peak for "
+                           "it; a comma list models each, e.g. fp32,fp16: the fp32 copy against tensor cores)")
+    time.add_argument("--peak-tflops", type=float, help="GPU fp32 peak, TFLOP/s (default: the device's)")
+    time.add_argument("--memory-gbs", type=float,
+                      help="memory bandwidth for the im2col traffic, GB/s (default: the device's; 0: not counted)")
+    time.add_argument("--sgd-epochs", type=float, default=90,
+                      help="epochs SGD needs for the accuracy compared (default 90: Goyal et al.'s schedule)")
     time.add_argument("--efficiency", type=float, default=0.6, help="fraction of peak for GEMM-like work")
     time.add_argument("--inverse-efficiency", type=float, default=0.25, help="fraction of peak for inversions")
     time.add_argument("--batch-per-gpu", type=int, help="default: batch / ranks")
@@ -295,33 +305,6 @@ def _parser() -> argparse.ArgumentParser:
                       help="share of layers due per step without a trace (default 0.119: the paper's λ = 0.25 "
                            "traffic ratio, 357 GB / 3.0 TB)")
     return parser
-
-
-def time_model(args: argparse.Namespace, model: nn.Module, schedule: Optional[List[List[str]]]) -> Dict[str, Any]:
-    from . import timemodel as tm
-
-    network = tm.Network(gpus_per_node=args.gpus_per_node, nvlink_bandwidth=args.nvlink_gbs * 1e9,
-                         node_bandwidth=args.node_gbs * 1e9, alpha_message=args.alpha_message_us * 1e-6,
-                         alpha_intra=args.alpha_intra_us * 1e-6, alpha_inter=args.alpha_inter_us * 1e-6,
-                         fusion_bytes=int(args.fusion_mib * 2 ** 20), topology=args.topology)
-    gpu = tm.Gpu(peak_flops=args.peak_tflops * 1e12, efficiency=args.efficiency,
-                 inverse_efficiency=args.inverse_efficiency)
-    setup = tm.Setup(world_size=args.ranks, batch_per_gpu=args.batch_per_gpu or max(1, args.batch // args.ranks),
-                     element_bytes=args.dtype_bytes, symmetric=not args.no_triangle,
-                     local_inverse_max_dim=args.local_inverse_max_dim)
-    step = tm.StepModel(tm.profile_model(model, image_size=args.image_size, include_batchnorm=not args.no_batchnorm),
-                        network, gpu, setup)
-    fraction_label = (f"λ = 0.25, due fraction {args.due_fraction:.3f} (paper's traffic ratio)"
-                      if args.due_fraction == PAPER_LAMBDA025_RATIO else f"due fraction {args.due_fraction:g}")
-    rows = tm.time_rows(step, fractions=[(fraction_label, args.due_fraction)],
-                        schedules=[(f"λ = {args.update_threshold}, replayed trace ({args.interval_policy})", schedule)]
-                        if schedule is not None else [])
-    every = step.profile.layer_names
-    return {"assumptions": tm.assumptions(step), "assumption_lines": tm.describe_assumptions(step), "rows": rows,
-            "every_step_inverse_comm_seconds": {
-                "broadcast_scheme": step.broadcast_scheme_seconds(every, adaptive=True),
-                "allgather_scheme": step.phases(dict.fromkeys(every, 1.0), adaptive=True)["inverse_allgather"]},
-            "table": tm.format_table(rows), "markdown_table": tm.format_table(rows, markdown=True)}
 
 
 def traffic_lines(result: Dict[str, Any], args: argparse.Namespace) -> List[str]:
@@ -360,38 +343,12 @@ def traffic_lines(result: Dict[str, Any], args: argparse.Namespace) -> List[str]
     if "replay" in r:
         p = r["replay"]
         lines.append(f"  replay of {p['trace']} with λ = {p['update_threshold']} ({p['interval_policy']}): "
-                     f"{format_bytes(p['wire_bytes_per_rank'])} = {100 * p['ratio']:.1f}% of every step "
+                     f"{format_bytes(p['wire_bytes_per_rank'])} = "
+                     + (f"{100 * p['ratio']:.1f}%" if p["ratio"] is not None else "–") + " of every step "
                      f"(factor allreduce {format_bytes(p['factor_allreduce_wire_bytes_per_rank'])}, inverse allgather "
                      f"{format_bytes(p['inverse_allgather_wire_bytes_per_rank'])}; {p['inverse_allgathers']} "
                      f"allgathers, + {format_bytes(p['control_wire_bytes_per_rank'])} control), due fraction "
                      f"{p['due_fraction']:.3f}, mean final interval {p['mean_final_interval']:.1f}")
-    return lines
-
-
-def time_lines(result: Dict[str, Any]) -> List[str]:
-    t = result["time"]
-    lines = ["Step time per GPU, milliseconds (a MODEL, not a measurement). Assumptions:"]
-    lines += [f"  - {line}" for line in t["assumption_lines"]]
-    return lines + ["", t["table"], ""] + time_summary(result)
-
-
-def time_summary(result: Dict[str, Any]) -> List[str]:
-    """What the table implies: the inverse exchange before and after, throughput, run time, critical path."""
-    t, steps = result["time"], result["steps"]
-    comm = t["every_step_inverse_comm_seconds"]
-    sgd = t["rows"][0]["phases"]
-    images = t["assumptions"]["setup"]["batch_per_gpu"] / (sgd["forward"] + sgd["backward"])
-    lines = [f"inverse communication of one every-step update: {1e3 * comm['broadcast_scheme']:.1f} ms as one "
-             f"broadcast per inverse + schedule broadcast, {1e3 * comm['allgather_scheme']:.1f} ms as one allgather "
-             "with local inversion",
-             f"SGD compute alone: {images:.0f} images/s per GPU (compare with a measured fp32 throughput to "
-             "calibrate --efficiency)"]
-    for row in t["rows"]:
-        path = " -> ".join(f"{k} {1e3 * v:.1f}" for k, v in row["critical_path"].items())
-        lines.append(f"{row['method']}: {steps} steps = {steps * row['overlap'] / 3600:.2f} h with overlap; "
-                     f"critical path (ms): {path}" + ("" if row["allreduce_hidden"] else
-                                                      f"; allreduces exceed the backward window by "
-                                                      f"{1e3 * row['exposed_allreduce']:.1f} ms"))
     return lines
 
 
@@ -421,6 +378,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         result["replay"] = {**replay, "trace": args.trace, "update_threshold": args.update_threshold,
                             "interval_policy": args.interval_policy}
     if args.time:
+        from .timereport import markdown, time_lines, time_model, time_summary
         result["time"] = time_model(args, model, schedule)
     text = traffic_lines(result, args) + ([""] + time_lines(result) if args.time else [])
     if args.markdown and args.time:
@@ -431,28 +389,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                   args.note))
     if args.json:
         time = result.get("time", {})
-        for key in ("table", "markdown_table"):
+        for key in ("table", "markdown_table", "accuracy_table"):
             time.pop(key, None)
         print(json.dumps(result, indent=1))
         return 0
     print("\n".join(text))
     return 0
-
-
-def markdown(result: Dict[str, Any], command: str, text: List[str], note: str = "") -> str:
-    t = result["time"]
-    parts = [f"# Step-time model of distributed K-FAC ({result['model']}, {result['ranks']} GPUs)", "",
-             "**A model, not a measurement**: α-β collectives and FLOP-counted compute, every constant stated "
-             "below. Generated by", "", "```bash", command, "```", ""] + ([note, ""] if note else []) + [
-             f"Milliseconds per step per GPU (the run: {result['steps']} steps). *fwd+bwd*, *factor*, *inversion*, "
-             "*precond.*: compute; *grad AR*, "
-             "*factor AR*: allreduces (hidden under the backward pass with overlap, as far as it lasts); *inv. "
-             "allgather*: the one inverse allgather. Rows with a due fraction pay factor, factor-AR, inversion and "
-             "allgather costs for the due layers only (replayed trace: averaged step by step).", "",
-             t["markdown_table"], "", "## Assumptions", ""]
-    parts += [f"- {line}" for line in t["assumption_lines"]]
-    parts += ["", "## Traffic and critical path", "", "```text", *text, "```", ""]
-    return "\n".join(parts)
 
 
 if __name__ == "__main__":

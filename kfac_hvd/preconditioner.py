@@ -465,8 +465,8 @@ class KFAC:
 
 
 def _check_options(*, damping: float, factor_decay: Optional[float], kl_clip: Optional[float], inverse_method: str,
-                   batched_inversion: bool, accumulation_steps: int, local_inverse_max_dim: int,
-                   unfold_chunk_bytes: int, narrow_factor_products: bool, factor_matmul_precision: str) -> None:
+                   batched_inversion: bool, accumulation_steps: int, local_inverse_max_dim: int, unfold_chunk_bytes: int,
+                   narrow_factor_products: bool, factor_matmul_precision: str) -> None:
     if not damping > 0:
         raise ValueError(f"damping must be > 0, got {damping!r}")
     if factor_decay is not None and not 0 <= factor_decay < 1:
@@ -478,9 +478,10 @@ def _check_options(*, damping: float, factor_decay: Optional[float], kl_clip: Op
     if factor_matmul_precision not in tuple(FACTOR_MATMUL_PRECISIONS):      # a list is refused, not unhashable
         raise ValueError(f"factor_matmul_precision must be one of {tuple(FACTOR_MATMUL_PRECISIONS)}, "
                          f"got {factor_matmul_precision!r}")
-    for option, value in (("batched_inversion", batched_inversion), ("narrow_factor_products", narrow_factor_products)):
-        if not isinstance(value, bool):
-            raise ValueError(f"{option} must be True or False, got {value!r}")
+    if not isinstance(narrow_factor_products, bool):
+        raise ValueError(f"narrow_factor_products must be True or False, got {narrow_factor_products!r}")
+    if not isinstance(batched_inversion, bool):
+        raise ValueError(f"batched_inversion must be True or False, got {batched_inversion!r}")
     for option, value, least in (("accumulation_steps", accumulation_steps, 1),
                                  ("local_inverse_max_dim", local_inverse_max_dim, 0),
                                  ("unfold_chunk_bytes", unfold_chunk_bytes, 1)):

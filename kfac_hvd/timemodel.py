@@ -25,8 +25,11 @@ Compute (FLOP = 2 × multiply-add), per GPU, at ``peak × efficiency``:
 
 * forward + backward: 3 × 2 × MACs of every Conv2d/Linear at its real output size (backward = 2 ×
   forward); BatchNorm, ReLU, pooling are not counted.
-* factors: A = 2·rows·dim(A)², G = 2·rows·dim(G)², rows = batch × output positions (im2col);
-  BatchNorm F ≈ 8 FLOP per activation (normalise, two products, two sums).
+* factors: A = 2·rows·dim(A)², G = 2·rows·dim(G)², rows = batch × output positions (im2col), at the
+  peak of the precision the products run in (``Gpu.factor_peak_flops``: fp32 without tensor cores, or the
+  tf32/bf16/fp16 tensor cores of :data:`kfac_hvd.devices.DEVICES`); with ``Gpu.memory_bandwidth`` the
+  im2col columns of the k×k convolutions are also written and read once at that bandwidth;
+  BatchNorm F ≈ 8 FLOP per activation (normalise, two products, two sums), at the fp32 peak.
 * inversion (Cholesky, then the inverse from the factor): ≈ n³ FLOP per n×n factor, i.e. the library's
   cost dim(A)³ + dim(G)³ (BatchNorm: 8 per channel), at ``peak × inverse_efficiency``. Per rank: the
   owned layers (greedy partition of the layers whose inverses travel) plus every locally inverted
@@ -50,14 +53,15 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, Iterable, List, Mapping, Sequence
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from .assignment import DEFAULT_LOCAL_INVERSE_MAX_DIM, assign_layers, inverted_everywhere
 from .factors import packed_numel
-from .layers import make_layer
+from .devices import DEVICES
+from .layers import Conv2dLayer, make_layer
 
 TOPOLOGIES = ("flat", "hierarchical")
 PHASES = ("forward", "backward", "factor", "gradient_allreduce", "factor_allreduce", "inversion",
@@ -120,20 +124,50 @@ class Network:
 
 @dataclass(frozen=True)
 class Gpu:
-    """Compute rate. Defaults: V100 fp32 peak; both efficiencies are assumptions."""
+    """Compute rates. Defaults: V100 fp32 peak; the efficiencies are assumptions.
+
+    ``factor_peak_flops``: the peak of the Kronecker factor products in the precision they run in (None:
+    ``peak_flops``), e.g. a V100's fp16 tensor cores (125 TFLOP/s) when autocast hands the hooks fp16
+    activations. ``memory_bandwidth``: when given, the im2col columns of the k×k convolutions
+    (``factor_input_bytes`` per value, written once and read once) cost their bytes at
+    ``memory_bandwidth × memory_efficiency``; None leaves that traffic out."""
 
     peak_flops: float = 15.7e12
     efficiency: float = 0.6               # forward/backward, factor GEMMs, preconditioning matmuls
     inverse_efficiency: float = 0.25      # Cholesky + inverse of factors (n ≤ 4,609: far from peak)
+    factor_peak_flops: Optional[float] = None
+    factor_precision: str = "fp32"
+    memory_bandwidth: Optional[float] = None
+    memory_efficiency: float = 0.7
+    factor_input_bytes: int = 4
 
-    def seconds(self, flop: float, *, inverse: bool = False) -> float:
-        return flop / (self.peak_flops * (self.inverse_efficiency if inverse else self.efficiency))
+    @classmethod
+    def of(cls, kind: str, *, factor_precision: str = "fp32", **overrides: Any) -> "Gpu":
+        """The datasheet rates of a device kind of :data:`kfac_hvd.devices.DEVICES`, factor products
+        at ``factor_precision``'s peak (fp32: plain fp32; tf32/bf16/fp16: tensor cores)."""
+        rates = DEVICES[kind]
+        values = dict(peak_flops=rates.fp32, factor_peak_flops=rates.flops(factor_precision),
+                      factor_precision=factor_precision, memory_bandwidth=rates.memory_bandwidth,
+                      factor_input_bytes=4 if factor_precision in ("fp32", "tf32") else 2)
+        values.update(overrides)
+        return cls(**values)
+
+    def seconds(self, flop: float, *, inverse: bool = False, factor: bool = False) -> float:
+        peak = (self.factor_peak_flops or self.peak_flops) if factor else self.peak_flops
+        return flop / (peak * (self.inverse_efficiency if inverse else self.efficiency))
+
+    def memory_seconds(self, nbytes: float) -> float:
+        if self.memory_bandwidth is None:
+            return 0.0
+        return nbytes / (self.memory_bandwidth * self.memory_efficiency)
 
 
 @dataclass(frozen=True)
 class LayerProfile:
-    """A K-FAC layer's sizes: Kronecker (a_dim, g_dim) or BatchNorm (channels), and its output positions
-    per sample (conv: H·W of the output; linear: 1; BatchNorm: H·W)."""
+    """A K-FAC layer's sizes: Kronecker (a_dim, g_dim) or BatchNorm (channels), its output positions
+    per sample (conv: H·W of the output; linear: 1; BatchNorm: H·W), the width of the rows its A hook
+    multiplies (``a_width``: a_dim without the bias column, which is added analytically), whether those
+    rows are im2col columns (k×k convolutions) and the values of one sample's input."""
 
     name: str
     kind: str                  # "kronecker" | "batchnorm"
@@ -141,6 +175,9 @@ class LayerProfile:
     g_dim: int = 0
     channels: int = 0
     positions: int = 1
+    a_width: int = 0
+    unfolds: bool = False
+    input_values: int = 0
 
     def factor_shapes(self) -> Dict[str, tuple]:
         if self.kind == "batchnorm":
@@ -165,6 +202,34 @@ class LayerProfile:
     def triangle_bytes(self, element_bytes: int = 4, symmetric: bool = True) -> int:
         return sum(packed_numel(shape, symmetric) for shape in self.factor_shapes().values()) * element_bytes
 
+    def im2col_values(self, batch: int) -> int:
+        """Values of the im2col columns of ``batch`` samples (0 unless the hook unfolds)."""
+        return batch * self.positions * self.a_width if self.unfolds else 0
+
+    def phase_costs(self, batch: int, *, input_bytes: int = 4, element_bytes: int = 4) -> Dict[str, Tuple[float, float]]:
+        """(FLOP, bytes) of one update of this layer per phase, the bytes the least any implementation
+        moves through memory: im2col writes its columns after reading the input; the factor products
+        read their operands (the columns, else the activations, and the output gradients, at
+        ``input_bytes`` per value) and write the factors; the statistics read each factor and its
+        predecessor; an inversion reads a factor and writes its inverse; preconditioning reads both
+        inverses and the gradient, writes and reads the intermediate product and writes the result.
+        Factors, inverses and gradients are ``element_bytes`` per value."""
+        rows = batch * self.positions
+        values = sum(math.prod(shape) for shape in self.factor_shapes().values())
+        flop = self.factor_flop(batch)
+        if self.kind == "batchnorm":
+            operands = 2.0 * rows * self.channels * input_bytes          # activations and output gradients
+            precondition_bytes = 8.0 * self.channels * element_bytes      # 4 inverse values, 2 gradient in, 2 out
+        else:
+            operands = rows * ((self.a_width or self.a_dim) + self.g_dim) * input_bytes
+            precondition_bytes = (self.a_dim ** 2 + self.g_dim ** 2 + 4.0 * self.a_dim * self.g_dim) * element_bytes
+        im2col = (batch * self.input_values + self.im2col_values(batch)) * input_bytes if self.unfolds else 0.0
+        return {"im2col": (0.0, float(im2col)),
+                "factor products": (flop["forward"] + flop["backward"], operands + values * element_bytes),
+                "statistics": (3.0 * values, 2.0 * values * element_bytes),
+                "inversion": (self.inversion_flop(), 2.0 * values * element_bytes),
+                "precondition": (self.precondition_flop(), float(precondition_bytes))}
+
 
 @dataclass
 class ModelProfile:
@@ -178,10 +243,14 @@ class ModelProfile:
 def profile_model(model: nn.Module, *, image_size: int = 224, in_channels: int = 3,
                   include_batchnorm: bool = True) -> ModelProfile:
     """Run one ``image_size`` image through a shape-only copy of ``model`` (meta device) and read every
-    layer's output size. The caller's model is left untouched."""
+    layer's input and output size. The caller's model is left untouched."""
     probe = copy.deepcopy(model).to("meta")
-    outputs: Dict[str, tuple] = {}
-    handles = [module.register_forward_hook(lambda _m, _i, out, name=name: outputs.__setitem__(name, tuple(out.shape)))
+    shapes: Dict[str, tuple] = {}
+
+    def record(name: str, inputs: tuple, out: torch.Tensor) -> None:
+        shapes[name] = (tuple(inputs[0].shape), tuple(out.shape))
+
+    handles = [module.register_forward_hook(lambda _m, inputs, out, name=name: record(name, inputs, out))
                for name, module in probe.named_modules() if isinstance(module, (nn.Conv2d, nn.Linear, nn.BatchNorm2d))]
     with torch.no_grad():
         probe(torch.empty(1, in_channels, image_size, image_size, device="meta"))
@@ -190,9 +259,9 @@ def profile_model(model: nn.Module, *, image_size: int = 224, in_channels: int =
     macs = 0
     layers: List[LayerProfile] = []
     for name, module in probe.named_modules():
-        if name not in outputs:
+        if name not in shapes:
             continue
-        out = outputs[name]
+        inputs, out = shapes[name]
         # (N, C, H, W) for Conv2d/BatchNorm2d; (N, ..., features) for Linear
         positions = math.prod(out[1:-1]) if isinstance(module, nn.Linear) else math.prod(out[2:])
         if isinstance(module, nn.Conv2d):
@@ -203,9 +272,13 @@ def profile_model(model: nn.Module, *, image_size: int = 224, in_channels: int =
         if layer is None:
             continue
         if isinstance(module, nn.BatchNorm2d):
-            layers.append(LayerProfile(name, "batchnorm", channels=module.num_features, positions=positions))
+            layers.append(LayerProfile(name, "batchnorm", channels=module.num_features, positions=positions,
+                                       input_values=math.prod(inputs[1:])))
         else:
-            layers.append(LayerProfile(name, "kronecker", a_dim=layer.a_dim, g_dim=layer.g_dim, positions=positions))
+            layers.append(LayerProfile(name, "kronecker", a_dim=layer.a_dim, g_dim=layer.g_dim, positions=positions,
+                                       a_width=layer.a_dim - int(layer.has_bias),
+                                       unfolds=isinstance(layer, Conv2dLayer) and not layer._pointwise,
+                                       input_values=math.prod(inputs[1:])))
     parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return ModelProfile(layers, macs, parameters, image_size, [layer.name for layer in layers])
 
@@ -250,7 +323,7 @@ class StepModel:
         times["factor_backward"] = 0.0
         if not kfac:
             return times
-        factor = {"forward": 0.0, "backward": 0.0}
+        factor = {"forward": 0.0, "backward": 0.0}       # seconds, by the hook that does the work
         factor_bytes = inverse_bytes = control = 0.0
         load = [0.0] * s.world_size
         local_load = precondition = 0.0
@@ -259,8 +332,10 @@ class StepModel:
             weight = due.get(layer.name, 0.0)
             if not weight:
                 continue
-            for hook, flop in layer.factor_flop(s.batch_per_gpu).items():
-                factor[hook] += weight * flop
+            for hook, flop in layer.factor_flop(s.batch_per_gpu).items():   # BatchNorm's sums: no GEMM
+                factor[hook] += weight * gpu.seconds(flop, factor=layer.kind == "kronecker")
+            im2col = layer.im2col_values(s.batch_per_gpu) * gpu.factor_input_bytes
+            factor["forward"] += weight * gpu.memory_seconds(2 * im2col)   # written, then read by the product
             triangles = layer.triangle_bytes(s.element_bytes, s.symmetric)
             factor_bytes += weight * triangles
             control += weight * s.control_bytes_per_layer if adaptive else 0.0
@@ -269,8 +344,8 @@ class StepModel:
                 load[self.owner[layer.name]] += weight * layer.inversion_flop()
             else:
                 local_load += weight * layer.inversion_flop()
-        times["factor"] = gpu.seconds(factor["forward"] + factor["backward"])
-        times["factor_backward"] = gpu.seconds(factor["backward"])
+        times["factor"] = factor["forward"] + factor["backward"]
+        times["factor_backward"] = factor["backward"]
         times["factor_allreduce"] = net.fused_allreduce(factor_bytes, s.world_size)
         times["inversion"] = gpu.seconds(local_load + max(load), inverse=True)
         times["inverse_allgather"] = net.allgather(inverse_bytes + control, s.world_size)
@@ -350,6 +425,18 @@ def time_rows(model: StepModel, *, fractions: Sequence[tuple] = (),
     return rows
 
 
+def time_to_accuracy(rows: Sequence[Dict[str, Any]], *, kfac_steps: int, sgd_steps: int) -> List[Dict[str, Any]]:
+    """Hours of each row's run (its steps × its overlapped step time) and the ratio to SGD's (rows[0])."""
+    out = []
+    for row in rows:
+        steps = sgd_steps if row["method"] == "SGD" else kfac_steps
+        out.append({"method": row["method"], "steps": steps, "step_seconds": row["overlap"],
+                    "hours": steps * row["overlap"] / 3600})
+    for entry in out:
+        entry["x_sgd"] = entry["hours"] / out[0]["hours"]
+    return out
+
+
 def assumptions(model: StepModel) -> Dict[str, Any]:
     net, gpu, s = model.network, model.gpu, model.setup
     return {"network": asdict(net), "gpu": asdict(gpu), "setup": asdict(s),
@@ -357,52 +444,3 @@ def assumptions(model: StepModel) -> Dict[str, Any]:
             "parameters": model.profile.parameters, "image_size": model.profile.image_size,
             "layers": len(model.profile.layers), "locally_inverted_layers":
                 len(model.profile.layers) - len(model.travelling), "travelling_layers": len(model.travelling)}
-
-
-def format_table(rows: Sequence[Dict[str, Any]], *, markdown: bool = False) -> str:
-    """The time table: phases and step times in milliseconds per step, per GPU."""
-    head = ["method", "fwd+bwd", "factor", "grad AR", "factor AR", "inversion", "inv. allgather",
-            "precond.", "step, no overlap", "step, overlap", "AR exposed", "bottleneck (overlap)"]
-    body = []
-    for row in rows:
-        p = row["phases"]
-        ms = lambda value: f"{1e3 * value:.1f}"  # noqa: E731
-        body.append([row["method"], ms(p["forward"] + p["backward"]), ms(p["factor"]), ms(p["gradient_allreduce"]),
-                     ms(p["factor_allreduce"]), ms(p["inversion"]), ms(p["inverse_allgather"]), ms(p["precondition"]),
-                     ms(row["no_overlap"]), ms(row["overlap"]), ms(row["exposed_allreduce"]), row["bottleneck"]])
-    if markdown:
-        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in body])
-    widths = [max(len(str(r[i])) for r in [head] + body) for i in range(len(head))]
-    fmt = lambda cells: "  ".join(str(c).ljust(w) if i in (0, len(head) - 1) else str(c).rjust(w)  # noqa: E731
-                                  for i, (c, w) in enumerate(zip(cells, widths)))
-    return "\n".join(line.rstrip() for line in [fmt(head), fmt(["-" * w for w in widths])] + [fmt(c) for c in body])
-
-
-def describe_assumptions(model: StepModel) -> List[str]:
-    net, gpu, s, prof = model.network, model.gpu, model.setup, model.profile
-    nodes = math.ceil(s.world_size / net.gpus_per_node)
-    ring = ("flat ring over all GPUs; every ring step costs the slowest (inter-node) edge"
-            if net.topology == "flat" else "hierarchical: ring inside each node around a ring over the nodes")
-    return [
-        f"{s.world_size} GPUs = {nodes} nodes × {net.gpus_per_node}; batch {s.batch_per_gpu} per GPU at "
-        f"{prof.image_size} px; {len(prof.layers)} K-FAC layers, {len(model.travelling)} of them inverted by one "
-        f"owner and allgathered, {len(prof.layers) - len(model.travelling)} inverted on every rank "
-        f"(BatchNorm, and both factors ≤ {s.local_inverse_max_dim} wide)",
-        f"collectives: {ring}; NVLink {net.nvlink_bandwidth / 1e9:g} GB/s, node NICs {net.node_bandwidth / 1e9:g} GB/s "
-        f"(per direction); α {1e6 * net.alpha_message:g} µs per collective + {1e6 * net.alpha_inter:g} µs per "
-        f"inter-node ring step ({1e6 * net.alpha_intra:g} µs inside a node); allreduce 2(P−1)/P·n/B, allgather "
-        f"(P−1)/P·n/B, broadcast n/B; fusion buffer {net.fusion_bytes / 2 ** 20:g} MiB",
-        f"compute: {gpu.peak_flops / 1e12:g} TFLOP/s peak × {gpu.efficiency:g} for forward/backward, factors and "
-        f"preconditioning, × {gpu.inverse_efficiency:g} for inversions; forward "
-        f"{2 * prof.forward_macs_per_sample / 1e9:.2f} GFLOP per image (conv + linear MACs × 2), backward "
-        "2 × forward",
-        "factors 2·rows·dim² (rows = batch × output positions), inversion dim(A)³ + dim(G)³ on the most loaded "
-        "rank plus every local layer, preconditioning 2(dG²·dA + dG·dA²) for every layer every step",
-        f"gradient allreduce: {prof.parameters / 1e6:.1f} M parameters every step; {s.element_bytes} bytes per value; "
-        + ("factors and inverses as upper triangles (n(n+1)/2 values)" if s.symmetric else "full matrices"),
-        "overlap: gradient + factor allreduces run under the backward pass (and its factor hooks) as far as it "
-        "lasts; inversion, inverse allgather and preconditioning are on the critical path",
-        "not modelled: the last bucket's tail after backward, compute/communication contention, stragglers, "
-        "optimiser update, data loading, triangle packing",
-    ]

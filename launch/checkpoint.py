@@ -14,8 +14,18 @@ Layout of ``checkpoint.dir``:
 - ``checkpoints.json``: the manifest, newest first: file, step, epoch, size and sha256 of each;
 - ``last.pt``: a hard link to the newest (a copy where the file system has no hard links).
 
-On resume (``auto``), the newest checkpoint whose size and sha256 match the manifest and that loads
-is used; a truncated or corrupt one is reported and the one before it is tried.
+Loading never runs code: every file is checked against the manifest beside it (size, then sha256)
+before it is opened, and opened with ``torch.load(weights_only=True)``, which builds tensors and plain
+containers only (RNG states are stored as tensors and numbers for that). A file no manifest lists is
+refused unless ``checkpoint.trust_unlisted`` vouches for it; a checkpoint of the first format (numpy
+objects pickled in it) is refused with the command that converts it (``python -m launch.checkpoint
+convert FILE``, run by a user who trusts the file).
+
+On resume (``auto``), the newest checkpoint that passes these checks is used; a refused one is
+reported and the one before it is tried. Checkpoints of steps at or after the first step a resumed
+run saves (the abandoned continuation of an earlier run, or a file that failed to read) are moved to
+``superseded/<time>/`` with their manifest entries; only a file whose size contradicts the manifest is
+deleted.
 """
 from __future__ import annotations
 
@@ -25,18 +35,21 @@ import io
 import json
 import logging
 import os
+import pickle
 import random
 import re
-import shutil
-import tempfile
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
-FORMAT = 1
+from .atomic import atomic_save, atomic_write, link_last  # noqa: F401 (atomic_save: part of this module's API)
+from .reliability import storage_problem
+
+FORMAT = 2                  # 2: RNG states as tensors and numbers (loadable with weights_only=True)
 MANIFEST = "checkpoints.json"
+SUPERSEDED = "superseded"
 LAST = "last.pt"
 STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
 REQUIRED = ("format", "epoch", "step", "batch_in_epoch", "model", "optimizer", "kfac", "rng")
@@ -48,8 +61,19 @@ class CheckpointError(Exception):
     """No usable checkpoint; the message names the file(s) and why."""
 
 
+def plain_rng_states(numpy_state: tuple, python_state: tuple) -> Dict[str, Any]:
+    """numpy's and Python's RNG state tuples as dicts of tensors and numbers."""
+    kind, keys, pos, has_gauss, cached = numpy_state
+    version, internal, gauss_next = python_state
+    return {"numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys).astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+            "python": {"version": int(version), "internal": torch.tensor(internal, dtype=torch.int64),
+                       "gauss_next": gauss_next}}
+
+
 def rng_state() -> Dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """This process's RNG states as tensors and plain numbers (what ``weights_only`` loading accepts)."""
+    state = {"torch": torch.get_rng_state(), **plain_rng_states(np.random.get_state(), random.getstate())}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -57,8 +81,11 @@ def rng_state() -> Dict[str, Any]:
 
 def set_rng_state(state: Dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(v) for v in p["internal"].tolist()), p["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
         try:
             torch.cuda.set_rng_state_all(state["cuda"])
@@ -69,97 +96,26 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 # --------------------------------------------------------------------------------------------------
 # Writing
 # --------------------------------------------------------------------------------------------------
-class _HashingWriter:
-    """A write-only file object that also computes the sha256 and size of what passes through."""
-
-    def __init__(self, fh):
-        self.fh, self.sha, self.size = fh, hashlib.sha256(), 0
-
-    def write(self, data) -> int:
-        self.sha.update(data)
-        self.size += len(data)
-        return self.fh.write(data)
-
-    def flush(self) -> None:
-        self.fh.flush()
-
-
-def _fsync_dir(folder: str) -> None:
+def read_manifest_file(folder: str) -> Dict[str, Any]:
+    """``checkpoints.json`` of ``folder`` as a dict ({} when it is missing or unreadable)."""
     try:
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _atomic_write(path: str, write) -> Any:
-    """Call ``write(fh)`` on a temporary file in ``path``'s folder, fsync, rename over ``path``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + ".", dir=folder)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())        # mkstemp's 0600 would hide checkpoints from the group
-        with os.fdopen(fd, "wb") as fh:
-            result = write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(folder)
-    return result
-
-
-def atomic_save(obj: Any, path: str) -> Dict[str, Any]:
-    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``.
-
-    Returns ``{"bytes": size, "sha256": hex digest}`` of the file written.
-    """
-    def write(fh):
-        hashing = _HashingWriter(fh)
-        torch.save(obj, hashing)
-        return {"bytes": hashing.size, "sha256": hashing.sha.hexdigest()}
-    return _atomic_write(path, write)
-
-
-def _link_last(target: str, last: str) -> None:
-    """Point ``last`` at ``target`` atomically: a hard link renamed over it, else an atomic copy."""
-    folder = os.path.dirname(os.path.abspath(last))
-    tmp = os.path.join(folder, f".tmp-{LAST}.{os.getpid()}")
-    try:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
-        os.link(target, tmp)
-        os.replace(tmp, last)
-        _fsync_dir(folder)
-    except OSError:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
-        def copy(fh):
-            with open(target, "rb") as src:
-                shutil.copyfileobj(src, fh, 1 << 24)
-        _atomic_write(last, copy)
+        with open(os.path.join(folder, MANIFEST), "r", encoding="utf-8") as fh:
+            data = json.load(fh)
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
 
 
 def read_manifest(folder: str) -> List[Dict[str, Any]]:
     """The manifest's entries, newest first; [] when it is missing or unreadable."""
-    try:
-        with open(os.path.join(folder, MANIFEST), "r", encoding="utf-8") as fh:
-            entries = json.load(fh).get("checkpoints", [])
-        return [e for e in entries if isinstance(e, dict) and "file" in e and "step" in e]
-    except (OSError, ValueError, AttributeError):
-        return []
+    entries = read_manifest_file(folder).get("checkpoints", [])
+    return [e for e in entries if isinstance(e, dict) and "file" in e and "step" in e] if isinstance(entries, list) else []
+
+
+def write_manifest(folder: str, entries: List[Dict[str, Any]], last: Optional[str]) -> None:
+    """Replace ``checkpoints.json`` of ``folder`` atomically: ``entries`` newest first, ``last`` the newest's file."""
+    text = json.dumps({"format": FORMAT, "last": last, "checkpoints": entries}, indent=1).encode()
+    atomic_write(os.path.join(folder, MANIFEST), lambda fh: fh.write(text))
 
 
 def _step_files(folder: str) -> Dict[str, int]:
@@ -171,34 +127,69 @@ def _step_files(folder: str) -> Dict[str, int]:
     return out
 
 
+def _set_aside(folder: str, files: Dict[str, int], known: List[Dict[str, Any]], step: int) -> None:
+    """Move checkpoints of steps >= ``step`` to ``superseded/<time>/`` (with their manifest entries, so
+    that each stays verifiable); a file whose size contradicts its manifest entry is deleted instead."""
+    entries = {e["file"]: e for e in known}
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    target = os.path.join(folder, SUPERSEDED, stamp)
+    moved, deleted = [], []
+    for name in sorted(files, key=files.get):
+        path, entry = os.path.join(folder, name), entries.get(name)
+        if entry is not None and "bytes" in entry and os.path.getsize(path) != entry["bytes"]:
+            os.unlink(path)
+            deleted.append(name)
+            continue
+        os.makedirs(target, exist_ok=True)
+        os.replace(path, os.path.join(target, name))
+        moved.append(entry or {"file": name, "step": files[name]})
+    if moved:
+        write_manifest(target, sorted(moved, key=lambda e: -e["step"]), None)
+        logger.warning("checkpoints of steps %s (at or after step %d, which this run now saves) moved to %s",
+                       ", ".join(str(e["step"]) for e in moved), step, target)
+    if deleted:
+        logger.warning("checkpoint files deleted as their size differs from the manifest's: %s", ", ".join(deleted))
+
+
 def write_checkpoint(folder: str, ckpt: Dict[str, Any], *, keep_last: int, keep_all: bool) -> str:
-    """Write ``ckpt`` as ``step_<7-digit step>.pt``, update the manifest and ``last.pt``, prune old files."""
+    """Write ``ckpt`` as ``step_<7-digit step>.pt``, update the manifest and ``last.pt``, prune old files.
+
+    Only files of earlier steps are pruned (the oldest beyond ``keep_last``; none with ``keep_all``);
+    files of this step or later are set aside (:func:`_set_aside`), never deleted unseen.
+    """
     step = int(ckpt["step"])
     name = f"step_{step:07d}.pt"
-    # Rank 0 is the only writer, one checkpoint at a time: a temporary file here is left from a crash.
+    # Rank 0 of the one job holding the run folder's lock is the only writer, one checkpoint at a
+    # time: a temporary file here is left from a crash.
     for stale in glob.glob(os.path.join(folder, ".tmp-*")):
         try:
             os.unlink(stale)
         except OSError:
             pass
-    info = atomic_save(ckpt, os.path.join(folder, name))
+    os.makedirs(folder, exist_ok=True)
+    known = read_manifest(folder)
+    on_disk = _step_files(folder)
+    later = {f: s for f, s in on_disk.items() if s >= step}
+    if later:
+        _set_aside(folder, later, known, step)
+        on_disk = {f: s for f, s in on_disk.items() if s < step}
+    path = os.path.join(folder, name)
+    info = atomic_save(ckpt, path)
     entry = {"file": name, "step": step, "epoch": ckpt["epoch"], "batch_in_epoch": ckpt["batch_in_epoch"],
              **info, "time": time.time()}
     # Older checkpoints, newest first: the manifest's, then files it does not know (a crash between
-    # writing a file and the manifest); files of later steps belong to a run that was resumed from an
-    # earlier checkpoint and are dropped.
-    known = read_manifest(folder)
+    # writing a file and the manifest: listed without a checksum, so refused unless trusted).
     listed = {e["file"] for e in known}
-    on_disk = _step_files(folder)
-    older = [e for e in known if e["file"] != name and e["step"] < step and e["file"] in on_disk]
-    older += [{"file": f, "step": s} for f, s in sorted(on_disk.items(), key=lambda kv: -kv[1])
-              if f not in listed and f != name and s < step]
+    older = [e for e in known if e["file"] in on_disk]
+    older += [{"file": f, "step": s} for f, s in on_disk.items() if f not in listed]
     older.sort(key=lambda e: -e["step"])
     kept = [entry] + (older if keep_all else older[:max(keep_last - 1, 0)])
-    manifest = {"format": FORMAT, "last": name, "checkpoints": kept}
-    text = json.dumps(manifest, indent=1).encode()
-    _atomic_write(os.path.join(folder, MANIFEST), lambda fh: fh.write(text))
-    _link_last(os.path.join(folder, name), os.path.join(folder, LAST))
+    try:
+        write_manifest(folder, kept, name)
+        link_last(path, os.path.join(folder, LAST))
+    except BaseException:
+        os.unlink(path)          # never listed: the manifest and last.pt still name the previous one
+        raise
     keep_files = {e["file"] for e in kept}
     for f in on_disk:
         if f not in keep_files:
@@ -206,32 +197,49 @@ def write_checkpoint(folder: str, ckpt: Dict[str, Any], *, keep_last: int, keep_
                 os.unlink(os.path.join(folder, f))
             except OSError:
                 pass
-    return os.path.join(folder, name)
+    return path
+
+
+class StorageError(Exception):
+    """A checkpoint could not be written (disk full, quota, read-only folder); the previous one is intact."""
 
 
 def save_checkpoint(hvd, folder: str, *, model, optimizer, kfac, epoch: int, step: int,
                     batch_in_epoch: int, config: Dict[str, Any], keep_last: int = 2, keep_all: bool = False,
                     extra: Optional[Dict[str, Any]] = None) -> Optional[str]:
-    """Collective: every rank contributes its RNG state and buffers; rank 0 writes. Returns the path."""
+    """Collective: every rank contributes its RNG state and buffers; rank 0 writes. Returns the path.
+
+    Rank 0's outcome is broadcast, so a write that fails (:class:`StorageError`) stops every rank alike.
+    """
     buffers = {k: v.detach().cpu().clone() for k, v in model.named_buffers()}
     states = hvd.allgather_object({"rng": rng_state(), "buffers": buffers})
-    if hvd.rank() != 0:
-        return None
-    ckpt = {
-        "format": FORMAT,
-        "epoch": epoch,
-        "step": step,
-        "batch_in_epoch": batch_in_epoch,
-        "world_size": hvd.size(),
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "kfac": kfac.state_dict() if kfac is not None else None,
-        "rng": [s["rng"] for s in states],
-        "rank_buffers": [s["buffers"] for s in states],
-        "config": config,
-        "extra": extra or {},
-    }
-    return write_checkpoint(folder, ckpt, keep_last=keep_last, keep_all=keep_all)
+    path, problem = None, None
+    if hvd.rank() == 0:
+        ckpt = {
+            "format": FORMAT,
+            "epoch": epoch,
+            "step": step,
+            "batch_in_epoch": batch_in_epoch,
+            "world_size": hvd.size(),
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "kfac": kfac.state_dict() if kfac is not None else None,
+            "rng": [s["rng"] for s in states],
+            "rank_buffers": [s["buffers"] for s in states],
+            "config": config,
+            "extra": extra or {},
+        }
+        try:
+            path = write_checkpoint(folder, ckpt, keep_last=keep_last, keep_all=keep_all)
+        except OSError as exc:
+            problem = storage_problem(exc, f"cannot write the checkpoint of step {step} in {folder}")
+            previous = read_manifest(folder)
+            problem += (f"; the previous checkpoint {previous[0]['file']} (step {previous[0]['step']}) is intact"
+                        if previous else "; no earlier checkpoint exists")
+    problem = hvd.broadcast_object(problem, root_rank=0, name="ckpt.written")
+    if problem:
+        raise StorageError(problem)
+    return path
 
 
 # --------------------------------------------------------------------------------------------------
@@ -273,19 +281,21 @@ def _same(a: str, b: str) -> bool:
 
 
 def _manifest_entry(path: str) -> Optional[Dict[str, Any]]:
+    """The entry of ``checkpoints.json`` beside ``path`` that describes it (``last.pt``: the manifest's
+    ``last``), or None."""
     folder = os.path.dirname(os.path.abspath(path))
-    entries = read_manifest(folder)
-    for e in entries:
-        if os.path.basename(path) == e["file"] or _same(path, os.path.join(folder, e["file"])):
+    manifest = read_manifest_file(folder)
+    name = os.path.basename(path)
+    if name == LAST and manifest.get("last"):
+        name = manifest["last"]
+    for e in read_manifest(folder):
+        if name == e["file"] or _same(path, os.path.join(folder, e["file"])):
             return e
     return None
 
 
 def verify(path: str, payload: bytes) -> Optional[str]:
-    """Why ``payload`` (the bytes of ``path``) is not a usable checkpoint, or None when it is.
-
-    With a manifest entry, size and sha256 must match; the file must load and hold every key.
-    """
+    """Why ``payload`` (the bytes of ``path``) differs from its manifest entry (size, sha256), or None."""
     entry = _manifest_entry(path)
     if entry is not None and "sha256" in entry:
         if len(payload) != entry.get("bytes"):
@@ -296,11 +306,38 @@ def verify(path: str, payload: bytes) -> Optional[str]:
 
 
 def _load_bytes(payload: bytes) -> Dict[str, Any]:
-    return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=False)
+    """Tensors and plain containers only: a pickle that would build any other object (and so could run
+    code) raises instead."""
+    return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
 
 
-def _read_verified(path: str) -> Tuple[Optional[bytes], Optional[Dict[str, Any]], Optional[str]]:
+def _unlisted(path: str) -> str:
+    manifest = os.path.join(os.path.dirname(os.path.abspath(path)), MANIFEST)
+    return (f"does not load: {manifest} does not list it (no size and sha256 to verify it against), so it is "
+            f"not a checkpoint of this launcher until someone vouches for it: set checkpoint.trust_unlisted=true, "
+            f"or run python -m launch.checkpoint convert {path}")
+
+
+def _refused_pickle(path: str, exc: Exception) -> str:
+    found = re.search(r"(?:unsupported|Unsupported global:) GLOBAL ([\w.]+)", str(exc))
+    name = found.group(1) if found else ""
+    if name.startswith("numpy"):
+        return (f"written in the first checkpoint format (numpy objects pickled in it), which is not loaded "
+                f"unverified; if you trust the file, convert it once: python -m launch.checkpoint convert {path}")
+    what = f" ({name})" if name else ""
+    return f"refused: it would build objects{what} that no checkpoint of this launcher holds; it is not loaded"
+
+
+def _read_verified(path: str, trust_unlisted: bool = False
+                   ) -> Tuple[Optional[bytes], Optional[Dict[str, Any]], Optional[str]]:
+    """(bytes, state, None), or (None, None, why not): verified against the manifest before it is opened."""
+    entry = _manifest_entry(path)
+    if (entry is None or "sha256" not in entry) and not trust_unlisted:
+        return None, None, _unlisted(path)
     try:
+        if entry is not None and "bytes" in entry and os.path.getsize(path) != entry["bytes"]:
+            return None, None, (f"truncated or extended: {os.path.getsize(path)} bytes, "
+                                f"the manifest says {entry['bytes']}")
         with open(path, "rb") as fh:
             payload = fh.read()
     except OSError as exc:
@@ -310,6 +347,10 @@ def _read_verified(path: str) -> Tuple[Optional[bytes], Optional[Dict[str, Any]]
         return None, None, problem
     try:
         state = _load_bytes(payload)
+    except pickle.UnpicklingError as exc:
+        if "Weights only load failed" in str(exc):
+            return None, None, _refused_pickle(path, exc)
+        return None, None, f"does not load ({(str(exc).splitlines() or ['?'])[0][:160]})"
     except Exception as exc:  # noqa: BLE001 - any failure to unpickle means an unusable file
         text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         return None, None, f"does not load ({text[:160]})"
@@ -319,17 +360,21 @@ def _read_verified(path: str) -> Tuple[Optional[bytes], Optional[Dict[str, Any]]
     return payload, state, None
 
 
-def load_checkpoint(hvd, candidates: List[str]) -> Tuple[str, Dict[str, Any]]:
+def load_checkpoint(hvd, candidates: List[str], trust_unlisted: bool = False,
+                    beat: Optional[Callable[[str], None]] = None) -> Tuple[str, Dict[str, Any]]:
     """Collective: rank 0 picks the first usable file of ``candidates`` and broadcasts its content.
 
     Every rejected file is reported (a warning on rank 0). Rank 0's verdict is broadcast, so when no
-    file is usable every rank raises :class:`CheckpointError` with the same message.
+    file is usable every rank raises :class:`CheckpointError` with the same message. ``beat`` (the
+    watchdog's) is called before each file is read and each piece is broadcast.
     """
+    beat = beat or (lambda what: None)
     chosen, payload, state, error = None, None, None, None
     if hvd.rank() == 0:
         problems = []
         for i, path in enumerate(candidates):
-            payload, state, problem = _read_verified(path)
+            beat(f"reading the checkpoint {path}")
+            payload, state, problem = _read_verified(path, trust_unlisted)
             if problem is None:
                 chosen = path
                 break
@@ -342,13 +387,14 @@ def load_checkpoint(hvd, candidates: List[str]) -> Tuple[str, Dict[str, Any]]:
     if error:
         raise CheckpointError(error)
     if hvd.size() > 1:
-        payload = broadcast_bytes(hvd, payload)
+        payload = broadcast_bytes(hvd, payload, beat=beat)
         if hvd.rank() != 0:
             state = _load_bytes(payload)
     return chosen, state
 
 
-def broadcast_bytes(hvd, payload: Optional[bytes], chunk: int = 1 << 27) -> bytes:
+def broadcast_bytes(hvd, payload: Optional[bytes], chunk: int = 1 << 27,
+                    beat: Optional[Callable[[str], None]] = None) -> bytes:
     """Rank 0's ``payload`` on every rank, sent in chunks of ``chunk`` bytes.
 
     A ResNet-50 K-FAC checkpoint is about 2 GB (factors, previous factors and inverses of 107
@@ -359,6 +405,8 @@ def broadcast_bytes(hvd, payload: Optional[bytes], chunk: int = 1 << 27) -> byte
     buf = (torch.frombuffer(bytearray(payload), dtype=torch.uint8) if root
            else torch.empty(n, dtype=torch.uint8))
     for i, start in enumerate(range(0, n, chunk)):
+        if beat is not None:
+            beat(f"receiving the checkpoint (byte {start} of {n})")
         part = buf[start:start + chunk]
         received = hvd.broadcast(part, root_rank=0, name=f"ckpt.chunk.{i}")
         if not root:
@@ -400,3 +448,10 @@ def restore(ckpt: Dict[str, Any], hvd, *, model, optimizer, kfac, seed: int) -> 
         torch.manual_seed(s)
         np.random.seed(s % 2 ** 32)
         random.seed(s)
+
+
+
+if __name__ == "__main__":      # python -m launch.checkpoint convert FILE (launch/convert.py)
+    import sys
+    from launch.convert import main
+    sys.exit(main())

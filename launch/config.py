@@ -3,7 +3,9 @@
 A config is a YAML mapping of sections (``model``, ``data``, ``optim``, ``kfac``, ``train``,
 ``checkpoint``, ``log``, ``horovod``).  A file may say ``base: other.yaml`` (relative to the file) and
 then only lists what it changes.  ``key=value`` overrides from the command line are applied last; the
-value is parsed as YAML (``null``, ``0.25``, ``[30, 60]``, ``true``).
+value is parsed as YAML (``null``, ``0.25``, ``[30, 60]``, ``true``); a key given twice there is an
+error. Files and overrides are read with the YAML 1.2 core schema (:mod:`launch.yaml12`: ``010`` is 10,
+``1:30`` and ``yes`` are strings).
 
 Every leaf key is declared in :data:`launch.schema.SCHEMA` with its type, default and allowed range.  Any problem
 (unknown key, wrong type, value out of range, inconsistent combination) raises :class:`ConfigError`,
@@ -22,6 +24,7 @@ import yaml
 
 # The schema lives in its own module; its names are re-exported here for callers of launch.config.
 from .schema import FASHION_FILES, KNOWN_TRAIN_SIZES, SCHEMA, SECTIONS, Spec, keys_markdown  # noqa: F401
+from .yaml12 import Yaml12Loader, load_scalar_or_flow
 
 DEFAULTS_SOURCE = "defaults"
 CLI_SOURCE = "command line"
@@ -85,8 +88,8 @@ class Config:
 # --------------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------------
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a key given twice in one mapping (YAML would keep the last silently)."""
+class _UniqueKeyLoader(Yaml12Loader):
+    """The YAML 1.2 loader, refusing a key given twice in one mapping (YAML would keep the last silently)."""
 
     def construct_mapping(self, node, deep=False):
         seen = set()
@@ -184,7 +187,7 @@ def parse_override(text: str, source: str = CLI_SOURCE) -> Tuple[str, Any]:
     if name not in SCHEMA[section]:
         raise ConfigError(source, key, _unknown_key_text(section, name))
     try:
-        value = yaml.safe_load(raw) if raw.strip() != "" else None
+        value = load_scalar_or_flow(raw) if raw.strip() != "" else None
     except yaml.YAMLError:
         value = raw
     return key, value
@@ -195,8 +198,12 @@ def load_config(path: str, overrides: Optional[List[str]] = None) -> Config:
     overrides = list(overrides or [])
     flat, sources = _load_chain(path, CLI_SOURCE, ())
     cli = f"{path} ({CLI_SOURCE})"
+    given: Dict[str, str] = {}
     for text in overrides:
         key, value = parse_override(text, cli)
+        if key in given:
+            raise ConfigError(cli, key, f"given twice ({given[key]} and {text}); give it once")
+        given[key] = text
         flat[key] = value
         sources[key] = cli
     values: Dict[str, Section] = {}
@@ -242,7 +249,7 @@ def _coerce(value: Any, spec: Spec, source: str, key: str) -> Any:
             raise bad()
     elif kind == "float":
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            # YAML 1.1 reads "1e-3" (no dot) as a string; accept it as a number.
+            # A number written as a quoted string ("1e-3") is still a number.
             if isinstance(value, str):
                 try:
                     value = float(value)
@@ -311,6 +318,9 @@ def check_consistency(cfg: Config) -> None:
             re.compile(pattern)
         except re.error as exc:
             raise cfg.error("kfac.skip_layers", f"not a regular expression: {pattern!r} ({exc})") from None
+    if cfg.log.overwrite and cfg.checkpoint.resume:
+        raise cfg.error("log.overwrite", f"starts the run anew, so it cannot go with checkpoint.resume="
+                                         f"{cfg.checkpoint.resume}; set checkpoint.resume=null")
     if d.val_resize < d.image_size:
         raise cfg.error("data.val_resize", f"must be >= data.image_size ({d.image_size})")
 

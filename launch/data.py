@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import logging
 import math
 import os
@@ -206,6 +207,23 @@ def build_datasets(cfg) -> Tuple[Dataset, Dataset]:
         train = Synthetic(d.synthetic_size, shape, cfg.model.num_classes, cfg.train.seed)
         val = Synthetic(d.synthetic_val_size, shape, cfg.model.num_classes, cfg.train.seed + 1)
     return _subset(train, d.train_subset), _subset(val, d.val_subset)
+
+
+def dataset_identity(cfg, train: Dataset, val: Dataset) -> dict:
+    """What the ranks must agree on about the data they read (paths aside): the kind, the sizes, a hash of
+    the class names (ImageFolder) and the synthetic seed."""
+    def classes_hash(ds: Dataset) -> Optional[str]:
+        while isinstance(ds, Subset):
+            ds = ds.dataset
+        names = getattr(ds, "classes", None)      # an ImageFolder's class folders
+        if not isinstance(names, (list, tuple)):
+            return None
+        return hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
+    identity = {"kind": cfg.data.dataset, "train_images": len(train), "val_images": len(val),
+                "train_classes": classes_hash(train), "val_classes": classes_hash(val)}
+    if cfg.data.dataset == "synthetic":
+        identity["synthetic_seed"] = cfg.train.seed
+    return identity
 
 
 def train_size(cfg) -> int:

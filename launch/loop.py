@@ -6,7 +6,9 @@ scale). Everything else stays on the device, the epoch's loss and accuracy sums 
 """
 from __future__ import annotations
 
+import json
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -18,7 +20,7 @@ from torch import nn
 
 from . import checkpoint as ckpt_mod
 from .config import kfac_kwargs
-from .data import build_datasets, build_loaders
+from .data import build_datasets, build_loaders, dataset_identity
 from .data import start_epoch as start_epoch_data
 from .device import apply_backend_flags, describe_device, host_collectives_warning, pick_device
 from .dist import controller_name, describe_layout, init_horovod, world_layout
@@ -28,7 +30,8 @@ from .outputs import RunOutputs
 from .precision import MixedPrecision
 from .progress import Progress, wants_bar
 from .reliability import (EXIT_DIVERGED, BufferGuard, Faults, RunStop, Watchdog, check_agreement,
-                          code_fingerprint, config_fingerprint, logger, setup_logging)
+                          code_fingerprint, config_fingerprint, fingerprint, logger, setup_logging)
+from .rundir import resume_changes
 from .schedule import learning_rate, rescalable_weights
 from .step import DIVERGED, OVERFLOW, StepOutcome, Trainer, train_step
 from .summary import log_record, summarize
@@ -61,7 +64,7 @@ class Run:
     total_steps: int
     timer: StepTimer
     out: Optional[RunOutputs] = None          # rank 0's outputs, once the run has resumed or started
-    watchdog: Optional[Watchdog] = None       # started with the training, after a resume's checkpoint read
+    watchdog: Optional[Watchdog] = None       # started after set-up, before a resume's checkpoint is read
     progress: Optional[Progress] = None
 
     @property
@@ -78,6 +81,7 @@ class RunState:
     skip_batches: int = 0
     history: List[Dict[str, Any]] = field(default_factory=list)
     resume_path: Optional[str] = None
+    pending_eval: Optional[Dict[str, Any]] = None    # an epoch's evaluation the resumed checkpoint still owes
     last_eval: Dict[str, Any] = field(default_factory=dict)
     last_saved_step: int = -1
     train_time: float = 0.0
@@ -113,8 +117,10 @@ def set_up(cfg) -> Run:
     device = pick_device(cfg.train.device, hvd.local_rank())
     flags = apply_backend_flags(cfg.train.tf32, cfg.train.cudnn_benchmark)
     code_digest, code_detail = code_fingerprint()
-    layout = world_layout(hvd, str(device), {"config": config_fingerprint(cfg), "code": code_digest})
-    check_agreement(hvd, cfg, layout, code_detail)        # every rank stops alike on a mismatch
+    data_id = dataset_identity(cfg, train_ds, val_ds)
+    layout = world_layout(hvd, str(device), {"config": config_fingerprint(cfg), "code": code_digest,
+                                             "data": fingerprint(data_id)})
+    check_agreement(hvd, cfg, layout, code_detail, data_id)      # every rank stops alike on a mismatch
     precision = MixedPrecision(cfg.train.precision, cfg.train.channels_last, device)
     log0(hvd, describe_layout(layout, how, controller_name(hvd)))
     log0(hvd, describe_device(cfg.train.device, device))
@@ -123,8 +129,10 @@ def set_up(cfg) -> Run:
     if warning:
         log0(hvd, warning)
     if cfg.train.world_size is not None and cfg.train.world_size != size:
-        log0(hvd, f"warning: train.world_size is {cfg.train.world_size} but {size} rank(s) were launched; "
-                  f"global batch is {cfg.data.batch_size * size}, not {cfg.data.batch_size * cfg.train.world_size}")
+        raise cfg.error("train.world_size", f"is {cfg.train.world_size} but {size} rank(s) were launched (a global "
+                                            f"batch of {cfg.data.batch_size * size}, not "
+                                            f"{cfg.data.batch_size * cfg.train.world_size}); launch "
+                                            f"{cfg.train.world_size} rank(s), or set train.world_size=null")
 
     # Same initial weights everywhere (also broadcast later); distinct data randomness per rank.
     seed_everything(cfg.train.seed)
@@ -168,7 +176,9 @@ def resume_or_start(run: Run, candidates: List[str]) -> RunState:
         return state
     path = None
     try:
-        path, saved = ckpt_mod.load_checkpoint(hvd, candidates)
+        path, saved = ckpt_mod.load_checkpoint(hvd, candidates, cfg.checkpoint.trust_unlisted, run.watchdog.beat)
+        check_resume_config(run, path, saved)
+        run.watchdog.beat(f"restoring the checkpoint {path}")
         ckpt_mod.restore(saved, hvd, model=t.model, optimizer=t.optimizer, kfac=t.kfac, seed=cfg.train.seed)
     except ckpt_mod.CheckpointError as exc:
         raise cfg.error("checkpoint.resume", str(exc)) from None
@@ -180,12 +190,51 @@ def resume_or_start(run: Run, candidates: List[str]) -> RunState:
     if state.skip_batches >= run.steps_per_epoch:
         state.epoch, state.skip_batches = state.epoch + 1, 0
     state.history = list(extra.get("history", []))
+    if hvd.rank() == 0:
+        state.history += evaluations_after_checkpoint(cfg.log.dir, state.step, state.history)
+    # Rank 0's history decides for every rank whether the checkpoint's evaluation still has to run.
+    pending = extra.get("pending_eval")
+    owed = bool(pending) and not any(h.get("step") == pending.get("step") for h in state.history)
+    state.pending_eval = pending if hvd.broadcast_object(owed, root_rank=0, name="ckpt.eval_owed") else None
     state.resume_path, state.last_saved_step = path, state.step
     log0(hvd, f"resumed from {path}: step {state.step}, epoch {state.epoch}, batch {state.skip_batches}")
     return state
 
 
-def save(run: Run, state: RunState, batch_in_epoch: int) -> None:
+def check_resume_config(run: Run, path: str, saved: Dict[str, Any]) -> None:
+    """Stop (exit code 2, on every rank alike) when the checkpoint's run computed otherwise than this one
+    would; print the accepted differences (keys that may change on resume, checkpoint.allow_changes)."""
+    cfg, hvd = run.cfg, run.hvd
+    refused, accepted = resume_changes(saved.get("config") or {}, cfg.to_dict(), saved.get("world_size"),
+                                       hvd.size(), list(cfg.checkpoint.allow_changes))
+    if refused:
+        keys = ", ".join(t.split(" ", 1)[0] for t in refused)
+        raise cfg.error("checkpoint.resume", f"{path} was written by a run with other settings: {'; '.join(refused)}; "
+                                             f"resume with the checkpoint's values, start a new log.dir, or accept "
+                                             f"the change knowingly with checkpoint.allow_changes=[{keys}]")
+    if accepted:
+        log0(hvd, f"resume: changed since the checkpoint: {'; '.join(accepted)}")
+
+
+def evaluations_after_checkpoint(log_dir: str, step: int, history: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """The evaluation of the checkpoint's own step, which ran after the checkpoint was written (so that
+    a failing evaluation cannot lose the epoch) and is in metrics.jsonl only."""
+    path, found = os.path.join(log_dir, "metrics.jsonl"), []
+    if not os.path.exists(path):
+        return []
+    with open(path, "r", encoding="utf-8") as fh:
+        for line in fh:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            entry = record.get("eval") if isinstance(record, dict) else None
+            if isinstance(entry, dict) and record.get("step") == step and entry not in history + found:
+                found.append(entry)
+    return found
+
+
+def save(run: Run, state: RunState, batch_in_epoch: int, pending_eval: Optional[Dict[str, Any]] = None) -> None:
     run.watchdog.beat(f"the checkpoint of step {state.step}")
     if run.out is not None:
         run.out.flush()                   # the metrics up to this step are on disk before the checkpoint
@@ -194,7 +243,8 @@ def save(run: Run, state: RunState, batch_in_epoch: int) -> None:
                              epoch=state.epoch, step=state.step, batch_in_epoch=batch_in_epoch,
                              config=cfg.to_dict(), keep_last=cfg.checkpoint.keep_last,
                              keep_all=cfg.checkpoint.keep_all,
-                             extra={"history": state.history, "grad_scaler": t.precision.state_dict()})
+                             extra={"history": state.history, "grad_scaler": t.precision.state_dict(),
+                                    "pending_eval": pending_eval})
     state.last_saved_step = state.step
     run.watchdog.beat(f"the checkpoint of step {state.step}")
 
@@ -301,7 +351,7 @@ def log_step(run: Run, state: RunState, outcome: StepOutcome, epoch_position: fl
 
 
 def end_epoch(run: Run, state: RunState, tally: EpochTally, epoch_time: float) -> None:
-    """Train averages over ranks, evaluation when due, the end-of-epoch checkpoint when due."""
+    """Train averages over ranks, the end-of-epoch checkpoint when due, then evaluation when due."""
     cfg, hvd = run.cfg, run.hvd
     batch_in_epoch = tally.batch_in_epoch
     totals = torch.cat([tally.sums, tally.sums.new_tensor([float(tally.images)])])
@@ -310,33 +360,42 @@ def end_epoch(run: Run, state: RunState, tally: EpochTally, epoch_time: float) -
     epoch_complete = batch_in_epoch >= run.steps_per_epoch
     last_epoch = state.epoch + 1 >= cfg.train.epochs or state.done
     every = cfg.train.eval_every
-    if last_epoch or (every and (state.epoch + 1) % every == 0 and epoch_complete):
-        state.last_eval = evaluate(run.trainer.model, run.val_loader, run.trainer.precision, hvd,
-                                   cfg.data.skip_unreadable, run.watchdog)
-        ev = state.last_eval
-        entry = {"epoch": state.epoch + 1 if epoch_complete else state.epoch + batch_in_epoch / run.steps_per_epoch,
-                 "step": state.step, "train_loss": loss_sum / n, "train_acc": correct_sum / n,
-                 "val_loss": ev["loss"], "val_top1": ev["top1"], "epoch_time": epoch_time}
-        if ev.get("skipped_images"):
-            entry["val_skipped_images"] = ev["skipped_images"]
-        state.history.append(entry)
-        if run.out is not None:
-            run.out.record({"eval": entry, "step": state.step})
-            run.out.scalars(state.step, {"val/top1": ev["top1"], "val/loss": ev["loss"],
-                                         "train/epoch_loss": entry["train_loss"], "train/epoch_acc": entry["train_acc"]})
-            run.out.flush()
-        message = (f"epoch {entry['epoch']:g}: train loss {entry['train_loss']:.4f} acc {entry['train_acc']:.4f}"
-                   f" | val loss {ev['loss']:.4f} top-1 {ev['top1']:.4f} | {epoch_time:.1f}s")
-        if run.progress is not None:
-            run.progress.write(message)
-        else:
-            log0(hvd, message)
+    due = last_epoch or bool(every and (state.epoch + 1) % every == 0 and epoch_complete)
+    entry = {"epoch": state.epoch + 1 if epoch_complete else state.epoch + batch_in_epoch / run.steps_per_epoch,
+             "step": state.step, "train_loss": loss_sum / n, "train_acc": correct_sum / n, "epoch_time": epoch_time}
+    # The checkpoint first, holding the evaluation still owed: one that fails (an unreadable image, a lost
+    # rank) loses no training, and the resumed run evaluates that epoch first.
     ck = cfg.checkpoint
     enabled = ck.every_epochs > 0 or ck.every_steps is not None
     epoch_due = bool(ck.every_epochs and epoch_complete and (state.epoch + 1) % ck.every_epochs == 0)
     step_due = bool(ck.every_steps and state.step % ck.every_steps == 0)
     if enabled and (epoch_due or state.done or last_epoch or step_due) and state.last_saved_step != state.step:
-        save(run, state, batch_in_epoch)
+        save(run, state, batch_in_epoch, pending_eval=entry if due else None)
+    if due:
+        evaluate_epoch(run, state, entry)
+
+
+def evaluate_epoch(run: Run, state: RunState, entry: Dict[str, Any]) -> None:
+    """Evaluate, complete the epoch's history ``entry`` with it, record and print it."""
+    hvd = run.hvd
+    state.last_eval = ev = evaluate(run.trainer.model, run.val_loader, run.trainer.precision, hvd,
+                                    run.cfg.data.skip_unreadable, run.watchdog)
+    entry = {**{k: v for k, v in entry.items() if k != "epoch_time"}, "val_loss": ev["loss"],
+             "val_top1": ev["top1"], "epoch_time": entry["epoch_time"]}
+    if ev.get("skipped_images"):
+        entry["val_skipped_images"] = ev["skipped_images"]
+    state.history.append(entry)
+    if run.out is not None:
+        run.out.record({"eval": entry, "step": entry["step"]})
+        run.out.scalars(entry["step"], {"val/top1": ev["top1"], "val/loss": ev["loss"],
+                                        "train/epoch_loss": entry["train_loss"], "train/epoch_acc": entry["train_acc"]})
+        run.out.flush()
+    message = (f"epoch {entry['epoch']:g}: train loss {entry['train_loss']:.4f} acc {entry['train_acc']:.4f}"
+               f" | val loss {ev['loss']:.4f} top-1 {ev['top1']:.4f} | {entry['epoch_time']:.1f}s")
+    if run.progress is not None:
+        run.progress.write(message)
+    else:
+        log0(hvd, message)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -345,8 +404,11 @@ def end_epoch(run: Run, state: RunState, tally: EpochTally, epoch_time: float) -
 def run(cfg, resume_candidates: List[str]) -> int:
     t_start = time.time()
     r = set_up(cfg)
-    state = resume_or_start(r, resume_candidates)
     rank = r.hvd.rank()
+    # From here to the summary a rank that stops making progress (a peer lost while the checkpoint
+    # is read or broadcast, or in the closing collectives) exits instead of hanging.
+    r.watchdog = Watchdog(cfg.train.watchdog_s, rank)
+    state = resume_or_start(r, resume_candidates)
     r.out = RunOutputs(cfg, state.step if state.resume_path else None) if rank == 0 else None
     size = r.hvd.size()
     log0(r.hvd, f"training: {cfg.optim.method}, {size} rank(s) x {cfg.data.batch_size} = "
@@ -354,7 +416,8 @@ def run(cfg, resume_candidates: List[str]) -> int:
                 f"{r.total_steps} steps")
     if rank == 0 and cfg.log.progress:
         r.progress = Progress(r.total_steps, state.step, cfg.train.epochs, cfg.log.progress_every_s, wants_bar())
-    r.watchdog = Watchdog(cfg.train.watchdog_s, rank)
+    if state.pending_eval is not None:
+        evaluate_epoch(r, state, state.pending_eval)
     state.done = state.step >= r.total_steps
     while not state.done and state.epoch < cfg.train.epochs:
         train_epoch(r, state)
@@ -364,6 +427,7 @@ def run(cfg, resume_candidates: List[str]) -> int:
     if not state.last_eval:        # nothing left to train (a finished run resumed): still report accuracy
         state.last_eval = evaluate(r.trainer.model, r.val_loader, r.trainer.precision, r.hvd,
                                    cfg.data.skip_unreadable, r.watchdog)
-    r.watchdog.stop()
+    r.watchdog.beat("the summary")
     summarize(r, state, time.time() - t_start)
+    r.watchdog.stop()
     return 0

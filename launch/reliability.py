@@ -10,9 +10,13 @@ Exit codes of ``launch.train`` (docs/RELIABILITY.md):
   rank made no progress for ``train.watchdog_s`` seconds. Resubmitting (``checkpoint.resume: auto``)
   continues from the last checkpoint.
 - 4: training diverged: ``train.max_bad_steps`` consecutive steps with a non-finite loss or gradient.
+- 5: the run folder cannot be written any more (disk full, quota exceeded, read-only file system):
+  one line naming the file or folder; the previous checkpoint is intact. Resubmit with
+  ``checkpoint.resume: auto`` once there is room.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -26,7 +30,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-EXIT_OK, EXIT_ERROR, EXIT_INPUT, EXIT_ABORTED, EXIT_DIVERGED = 0, 1, 2, 3, 4
+EXIT_OK, EXIT_ERROR, EXIT_INPUT, EXIT_ABORTED, EXIT_DIVERGED, EXIT_STORAGE = 0, 1, 2, 3, 4, 5
 
 logger = logging.getLogger("launch")
 
@@ -37,6 +41,13 @@ class RunStop(Exception):
     def __init__(self, code: int, message: str):
         super().__init__(message)
         self.code, self.message = code, message
+
+
+def storage_problem(exc: OSError, what: str) -> str:
+    """One line: what could not be written, the system's reason and its errno name."""
+    code = errno.errorcode.get(exc.errno or 0, "")
+    reason = exc.strerror or str(exc)
+    return f"error: {what}: {reason}" + (f" ({code})" if code else "")
 
 
 def setup_logging(rank: int) -> None:
@@ -53,9 +64,13 @@ def setup_logging(rank: int) -> None:
 # --------------------------------------------------------------------------------------------------
 # Ranks must agree: the resolved configuration and the code
 # --------------------------------------------------------------------------------------------------
+def fingerprint(value: Any) -> str:
+    """sha256 of a JSON-able value, independent of dict order."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def config_fingerprint(cfg) -> str:
-    text = json.dumps(cfg.to_dict(), sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
+    return fingerprint(cfg.to_dict())
 
 
 def _versions() -> Dict[str, str]:
@@ -96,18 +111,20 @@ def _flat(cfg) -> Dict[str, Any]:
     return {f"{s}.{k}": v for s, sec in cfg.to_dict().items() for k, v in sec.items()}
 
 
-def check_agreement(hvd, cfg, layout: List[dict], code_detail: Dict[str, Any]) -> None:
-    """Raise RunStop(2) on every rank when the ranks' config or code fingerprints differ.
+def check_agreement(hvd, cfg, layout: List[dict], code_detail: Dict[str, Any],
+                    data_identity: Optional[Dict[str, Any]] = None) -> None:
+    """Raise RunStop(2) on every rank when the ranks' config, code or data fingerprints differ.
 
-    ``layout`` is the allgathered per-rank record (with ``config`` and ``code`` digests), so every rank
-    takes the same decision; the details are exchanged only when something differs.
+    ``layout`` is the allgathered per-rank record (with ``config``, ``code`` and ``data`` digests), so
+    every rank takes the same decision; the details are exchanged only when something differs.
     """
     ref = layout[0]
     cfg_bad = [r["rank"] for r in layout if r["config"] != ref["config"]]
     code_bad = [r["rank"] for r in layout if r["code"] != ref["code"]]
-    if not cfg_bad and not code_bad:
+    data_bad = [r["rank"] for r in layout if r.get("data") != ref.get("data")]
+    if not cfg_bad and not code_bad and not data_bad:
         return
-    detail = hvd.allgather_object({"config": _flat(cfg), **code_detail})
+    detail = hvd.allgather_object({"config": _flat(cfg), "data": data_identity, **code_detail})
     parts, key = [], None
     if cfg_bad:
         other = cfg_bad[0]
@@ -128,6 +145,15 @@ def check_agreement(hvd, cfg, layout: List[dict], code_detail: Dict[str, Any]) -
         what = ", ".join(files[:4]) + (f" (+{len(files) - 4} more)" if len(files) > 4 else "")
         parts.append(f"ranks run different code (ranks differing from rank 0: {_ranks(code_bad)}): "
                      + "; ".join(x for x in ([f"files {what}"] if files else []) + versions))
+    if data_bad:
+        other = data_bad[0]
+        mine, theirs = detail[0].get("data") or {}, detail[other].get("data") or {}
+        fields = [k for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
+        shown = ", ".join(f"{k}: {theirs.get(k)!r} on rank {other}, {mine.get(k)!r} on rank 0" for k in fields)
+        data_key = {"imagenet": "data.train_dir" if any(f.startswith("train") for f in fields) else "data.val_dir",
+                    "fashion_mnist": "data.fashion_mnist_dir"}.get(cfg.data.dataset, "data.dataset")
+        key = key or data_key
+        parts.append(f"ranks see different data (ranks differing from rank 0: {_ranks(data_bad)}): {shown}")
     where = f"{cfg.source(key)}: {key}" if key else cfg.path
     raise RunStop(EXIT_INPUT, f"config error: {where}: " + "; ".join(parts))
 

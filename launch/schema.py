@@ -154,7 +154,8 @@ SCHEMA: Dict[str, Dict[str, Spec]] = {
         "max_steps": Spec("int", None, nullable=True, check=ge(1),
                           doc="stop after this many steps in total (tests, quick runs)"),
         "world_size": Spec("int", None, nullable=True, check=ge(1),
-                           doc="ranks the experiment is planned for (dry run; checked at launch)"),
+                           doc="ranks the experiment is planned for (dry run); a launch with another number of "
+                               "ranks stops (exit code 2); null: any number"),
         "seed": Spec("int", 0, check=ge(0), doc="seed of weights, shuffling and augmentation"),
         "device": Spec("str", "auto", choices=("auto", "cpu", "cuda"),
                        doc="auto: the GPU of this rank's local rank if CUDA is available (rank 0 says what it "
@@ -185,10 +186,20 @@ SCHEMA: Dict[str, Dict[str, Spec]] = {
                           doc="step_<7-digit step>.pt files kept, newest first (last.pt is the newest)"),
         "keep_all": Spec("bool", False, doc="keep every step_<7-digit step>.pt (overrides keep_last)"),
         "resume": Spec("str", None, nullable=True,
-                       doc="checkpoint file to resume from, or 'auto' (last.pt in dir if present)"),
+                       doc="checkpoint file to resume from, or 'auto' (the newest verified one in dir, if any); "
+                           "its saved config must match this run's but for the keys that may change on resume"),
+        "trust_unlisted": Spec("bool", False,
+                               doc="load a checkpoint file that no checkpoints.json beside it lists (unverified; "
+                                   "still loaded without running code)"),
+        "allow_changes": Spec("list_str", [], check=lambda keys: _known_keys(keys),
+                              doc="keys (section.key) whose change since the checkpoint a resumed run accepts "
+                                  "knowingly, e.g. [optim.lr]"),
     },
     "log": {
-        "dir": Spec("str", None, nullable=True, doc="run folder; default runs/<config name>"),
+        "dir": Spec("str", None, nullable=True, doc="run folder; default runs/<config name>. A fresh run into a "
+                    "folder holding another run's outputs stops (exit code 2)"),
+        "overwrite": Spec("bool", False, doc="a fresh run (checkpoint.resume null) into a used log.dir first moves "
+                          "the old run aside to <log.dir>.old-<time>; nothing is deleted"),
         "tensorboard": Spec("bool", True, doc="TensorBoard scalars in <log.dir>/tensorboard"),
         "progress": Spec("bool", True,
                          doc="progress on rank 0: a tqdm bar on a terminal; under a launcher (horovodrun, "
@@ -234,6 +245,32 @@ SCHEMA: Dict[str, Dict[str, Spec]] = {
                                   "loss stays finite (with train.precision=fp16: a loss-scale overflow)"),
     },
 }
+
+# Keys that may change when a run is resumed: they leave the computation of the steps as it was
+# (length of the run, cadences, logging, tuning of the transport, fault injection). Any other key
+# that differs from the checkpoint's saved config stops the resume (exit code 2) unless it is listed
+# in checkpoint.allow_changes. "section.*" stands for every key of the section.
+RESUME_MAY_CHANGE = (
+    "train.epochs", "train.max_steps", "train.eval_every", "train.max_bad_steps", "train.watchdog_s",
+    "train.threads", "data.workers", "data.pin_memory", "data.val_batch_size", "data.skip_unreadable",
+    "checkpoint.*", "log.*", "debug.*",
+    "horovod.init", "horovod.fusion_threshold_mb", "horovod.cycle_time_ms", "horovod.timeline",
+    "horovod.timeline_mark_cycles", "horovod.autotune", "horovod.stall_check_s", "horovod.stall_shutdown_s",
+    "horovod.gloo_timeout_s", "horovod.allow_host_collectives",
+)
+
+
+def may_change_on_resume(key: str) -> bool:
+    return key in RESUME_MAY_CHANGE or key.split(".")[0] + ".*" in RESUME_MAY_CHANGE
+
+
+def _known_keys(keys) -> Optional[str]:
+    for key in keys:
+        section, _, name = str(key).partition(".")
+        if section not in SCHEMA or name not in SCHEMA[section]:
+            return f"unknown key {key!r} (expected section.key, e.g. optim.lr)"
+    return None
+
 
 # Known training-set sizes used by the dry run when the data is not present.
 KNOWN_TRAIN_SIZES = {"imagenet": 1281167, "fashion_mnist": 60000}

@@ -4,13 +4,15 @@ Also installed as ``kfac-hvd-train``.  Start it with ``horovodrun -np N ...`` or
 (one process per GPU or per CPU slot); a single process runs without a launcher.  See docs/LAUNCHER.md.
 
 Exit codes: 0 success, 1 unexpected error, 2 bad input (configuration, data, checkpoint, ranks that
-disagree; one line on stderr, the same on every rank), 3 the job cannot continue (a rank died or
-hung), 4 training diverged.  See docs/RELIABILITY.md.
+disagree, a run folder in use or holding another run; one line on stderr, the same on every rank),
+3 the job cannot continue (a rank died or hung), 4 training diverged, 5 the run folder cannot be
+written (disk full, quota, read-only).  See docs/RELIABILITY.md.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import io
 import os
 import sys
@@ -141,15 +143,31 @@ def main(argv: Optional[List[str]] = None) -> int:
         candidates = resume_candidates(cfg.checkpoint.resume, cfg.checkpoint.dir)
     except ConfigError as err:
         return config_error(err)
-    from .loop import run
-    from .reliability import EXIT_ABORTED, RunStop
+    from .checkpoint import StorageError
+    from .reliability import EXIT_ABORTED, EXIT_STORAGE, RunStop, storage_problem
+    from .rundir import claim, release
+    locks = None
     try:
+        from .dist import env_rank
+        if env_rank() == 0:        # the only rank that writes: it holds the run folder before writing anything
+            locks, lines = claim(cfg, fresh=not candidates, command=" ".join(sys.argv))
+            for line in lines:
+                print(line, file=sys.stderr if line.startswith("warning") else sys.stdout, flush=True)
+        from .loop import run
         return run(cfg, candidates)
-    except ConfigError as err:     # found while reading the data (e.g. class folders that differ)
+    except ConfigError as err:     # also found while reading the data (e.g. class folders that differ)
         return config_error(err)
     except RunStop as stop:        # decided on every rank alike
         print(stop.message, file=sys.stderr, flush=True)
         return stop.code
+    except StorageError as err:    # a checkpoint that could not be written, on every rank alike
+        print(str(err), file=sys.stderr, flush=True)
+        return EXIT_STORAGE
+    except OSError as exc:
+        if exc.errno not in STORAGE_ERRNOS:
+            raise
+        print(storage_problem(exc, f"cannot write {exc.filename or 'the run folder'}"), file=sys.stderr, flush=True)
+        return EXIT_STORAGE
     except Exception as exc:  # noqa: BLE001
         if not _peer_lost(exc):
             raise
@@ -161,6 +179,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         # At once, as the watchdog does: a launcher ends the survivors moments after a rank dies, and an
         # orderly interpreter shutdown (Horovod's own included) would lose the exit code to its SIGTERM.
         os._exit(EXIT_ABORTED)
+    finally:
+        release(locks)
+
+
+# Disk full, quota exceeded, read-only file system, file too large (RLIMIT_FSIZE).
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
 
 
 def _peer_lost(exc: BaseException) -> bool:

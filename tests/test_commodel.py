@@ -310,3 +310,76 @@ def test_cli_traffic_time_and_trace(tmp_path):
     assert "A model, not a measurement" in text and "--time" in text and "| SGD |" in text
     plain = run_cli("--local-inverse-max-dim", "0")
     assert "3.0 TB" in plain and "the other 54 layers" in plain and "(53 layers)" in plain
+
+
+# Device rates and the precision of the factor products ---------------------------------------------
+def test_device_kinds_from_torch_names():
+    from kfac_hvd.devices import device_kind
+    assert device_kind("NVIDIA H200") == "H200" and device_kind("NVIDIA H100 80GB HBM3") == "H100"
+    assert device_kind("NVIDIA A100-SXM4-80GB") == "A100" and device_kind("Tesla V100-SXM2-16GB") == "V100"
+    assert device_kind("cpu") is None
+
+
+def test_factor_products_at_the_rate_of_their_precision_by_hand():
+    """tiny_model at 8x8, batch 2, on a V100 with fp16 products: the Kronecker products at 125 TFLOP/s,
+    BatchNorm's sums at the fp32 15.7, the 3x3 conv's im2col columns (2 x 64 rows x 27, 2 bytes each)
+    written and read at 900 GB/s x 0.7."""
+    profile = tm.profile_model(tiny_model(), image_size=8)
+    free = tm.Network(alpha_message=0, alpha_intra=0, alpha_inter=0, nvlink_bandwidth=math.inf, node_bandwidth=math.inf)
+    gpu = tm.Gpu.of("V100", factor_precision="fp16")
+    assert (gpu.peak_flops, gpu.factor_peak_flops, gpu.factor_input_bytes) == (15.7e12, 125e12, 2)
+    times = tm.StepModel(profile, free, gpu, tm.Setup(world_size=2, batch_per_gpu=2)).phases(
+        dict.fromkeys(profile.layer_names, 1.0))
+    kronecker = 2 * 128 * 27 ** 2 + 2 * 2 * 513 ** 2 + 2 * 128 * 8 ** 2 + 2 * 2 * 10 ** 2
+    batchnorm = 8 * 128 * 8
+    im2col = 2 * (2 * 64 * 27) * 2
+    expected = kronecker / (125e12 * 0.6) + batchnorm / (15.7e12 * 0.6) + im2col / (900e9 * 0.7)
+    assert times["factor"] == pytest.approx(expected, rel=1e-12)
+    assert times["precondition"] == pytest.approx((2 * (8 ** 2 * 27 + 8 * 27 ** 2) + 8 * 8
+                                                   + 2 * (10 ** 2 * 513 + 10 * 513 ** 2)) / (15.7e12 * 0.6), rel=1e-12)
+    with pytest.raises(ValueError, match="V100 has no bf16"):
+        tm.Gpu.of("V100", factor_precision="bf16")
+
+
+def test_phase_costs_of_a_3x3_conv_by_hand():
+    """Conv2d(3, 8, 3, padding=1, no bias) on 8x8: 64 positions, im2col rows of 27; batch 2, fp32."""
+    conv = tm.profile_model(tiny_model(), image_size=8).layers[0]
+    assert (conv.a_width, conv.unfolds, conv.input_values) == (27, True, 3 * 64)
+    costs = conv.phase_costs(2)
+    rows = 2 * 64
+    assert costs["im2col"] == (0.0, (2 * 3 * 64 + rows * 27) * 4)
+    assert costs["factor products"] == (2 * rows * (27 ** 2 + 8 ** 2), (rows * (27 + 8) + 27 ** 2 + 8 ** 2) * 4)
+    assert costs["inversion"] == (27 ** 3 + 8 ** 3, 2 * (27 ** 2 + 8 ** 2) * 4)
+    assert costs["precondition"][1] == (27 ** 2 + 8 ** 2 + 4 * 27 * 8) * 4
+
+
+def test_resnet50_factor_cost_at_224_px_and_128_images():
+    """The FLOPs of the factor products and the im2col values, from ResNet-50's output sizes by hand:
+    conv1 (7x7, 147 wide) at 112x112, the 3x3 convs of the four stages (64, 128, 256, 512 channels:
+    576, 1152, 2304, 4608 wide) at 56, 28, 14, 7 (each stage's first 3x3 conv has stride 2 but for the first)."""
+    profile = resnet_model().profile
+    columns = 112 ** 2 * 147 + 3 * 56 ** 2 * 576 + 4 * 28 ** 2 * 1152 + 6 * 14 ** 2 * 2304 + 3 * 7 ** 2 * 4608
+    assert sum(layer.im2col_values(128) for layer in profile.layers) == 128 * columns   # 1.83 G values
+    products = sum(layer.phase_costs(128)["factor products"][0] for layer in profile.layers if layer.kind == "kronecker")
+    assert products == pytest.approx(6.42e12, rel=2e-3)
+
+
+def test_time_to_accuracy_by_hand():
+    rows = [{"method": "SGD", "overlap": 0.3}, {"method": "K-FAC", "overlap": 0.5}]
+    sgd, kfac = tm.time_to_accuracy(rows, kfac_steps=2814, sgd_steps=7037)
+    assert sgd["hours"] == pytest.approx(7037 * 0.3 / 3600) and sgd["x_sgd"] == 1.0
+    assert kfac["steps"] == 2814 and kfac["x_sgd"] == pytest.approx(2814 * 0.5 / (7037 * 0.3))
+
+
+def test_cli_models_each_factor_precision(capsys):
+    assert commodel.main(["--time", "--json", "--steps", "2814", "--factor-precision", "fp32,fp16"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    rows = {row["method"]: row for row in result["time"]["rows"]}
+    assert len(rows) == 5 and list(rows)[0] == "SGD"
+    fp32, fp16 = rows["K-FAC, every step [fp32 factor products]"], rows["K-FAC, every step [fp16 factor products]"]
+    assert fp16["phases"]["factor"] < fp32["phases"]["factor"] / 5
+    assert fp16["phases"]["inversion"] == fp32["phases"]["inversion"]
+    accuracy = result["time"]["time_to_accuracy"]
+    assert [entry["steps"] for entry in accuracy] == [90 * 1_281_167 // 16384] + [2814] * 4
+    with pytest.raises(SystemExit, match="V100 has no bf16"):
+        commodel.main(["--time", "--factor-precision", "bf16"])

@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 from typing import Any, Dict, List, Optional, Tuple
 
 from _common import mean, median
+from _step_cost_limits import EVERY_STEP, limits_table
 
-TITLES = {"sgd": "SGD", "every": "K-FAC every step", "lambda": "K-FAC λ = {lam}, factors held still",
+TITLES = {"sgd": "SGD", "every": "K-FAC every step",
+          "every_wide": "K-FAC every step, products of fp32 copies", "every_unbatched": "K-FAC every step, "
+          "one inversion call per factor", "replay": "K-FAC, recorded schedule replayed",
+          "lambda": "K-FAC λ = {lam}, factors held still",
           "floor": "preconditioning floor", "ours_nobn": "ours every step, no BN, factor_decay {decay}",
           "kfacpt_every": "kfac-pytorch every step (inverse)", "kfacpt_example": "kfac-pytorch 10/100 schedule",
           "kfacpt_every_eigen": "kfac-pytorch every step (eigen)"}
@@ -93,6 +96,9 @@ def summarise_run(name: str, runs: List[Dict[str, Any]], settings: Dict[str, Any
             "syncs_precond": max(s["syncs_precond"] for s in chosen), "syncs_step": max(s["syncs_step"] for s in chosen),
             "started": chosen[0].get("started"), "collectives": distinct([collectives(s) for s in chosen]),
             "phases": {p: mean([s.get("phases", {}).get(p, 0.0) for s in chosen]) for p in PHASES}}
+    if name == "replay":   # the steady state of a real schedule: every replayed step counts
+        out.update(wall=mean([s["wall"] for s in timed]), cpu=mean([s["cpu"] for s in timed]),
+                   due_fraction=mean([s["due"] / runs[0]["layers"] for s in timed]))
     if name == "lambda":
         window = [s for s in steps if s["t"] >= settings["lambda_steady_from"]]
         out.update(wall=mean([s["wall"] for s in window]), cpu=mean([s["cpu"] for s in window]),
@@ -301,45 +307,12 @@ def steps_table(data, summary) -> List[str]:
             whole = " / ".join(str(k["syncs_step"]) for k in kinds.values())
             memory = run["first"].get("memory_after_step", {}).get("total")
             lo, hi = run["range"] or (None, None)
-            what = {"lambda": " steady state, steps", "kfacpt_example": f" per step over {EXAMPLE_PERIOD}, steps"}
+            what = {"lambda": " steady state, steps", "replay": " mean of the replayed steps, steps",
+                    "kfacpt_example": f" per step over {EXAMPLE_PERIOD}, steps"}
             spread = f"[{what.get(key.split('/')[1], '')} {secs(lo)}–{secs(hi)}]".replace("[ ", "[")
             lines.append(f"| {n} | {label(key, s)} | {secs(run['wall'])} {spread} | "
                          f"{secs(run['cpu'])} | {fmt(run['x_sgd'])} / {fmt(run['cpu_x_sgd'])} | {fmt(run['x_floor'])} / "
                          f"{fmt(run['cpu_x_floor'])} | {reads} | {whole} | {mib(memory)} | {run['timed']} |")
-    return lines
-
-
-def interval_needed(update: Optional[float], idle: Optional[float], floor: Optional[float]) -> Optional[int]:
-    """Smallest k with (update + (k − 1) · idle) / k ≤ 1.5 · floor, or None."""
-    if update is None or idle is None or floor is None or TARGET_LAMBDA * floor <= idle:
-        return None
-    return max(1, math.ceil((update - idle) / (TARGET_LAMBDA * floor - idle)))
-
-
-def lambda_table(data, summary) -> List[str]:
-    s = data["settings"]
-    lines = ["", "## λ steady state", "",
-             f"λ = {s['update_threshold']:g}, {s['policy']} policy, learning rate 0 and one batch reused: every Diff is "
-             f"0, so every interval grows on each due step. Steady state: the mean over steps {s['lambda_steady_from']}–"
-             f"{s['lambda_steps']}. With the modulo rule (the paper's) held-still factors are due at t = 1, 2, 4, 6, 8, …: "
-             "every even step for good, so the steady state alternates an update step and a step with nothing due. "
-             "A longer interval k would cost (update + (k − 1) · idle) / k per step: the last column gives the "
-             "smallest k that meets the 1.5× target, from this run's medians (a projection, not a measurement).", "",
-             "| ranks | update step s (CPU s) | nothing-due step s (CPU s) | steady state s/step | floor s/step (CPU s) | "
-             "steady ÷ floor (wall / CPU) | nothing-due ÷ floor (wall / CPU) | layers due per step | "
-             "k for ≤ 1.5× floor (wall / CPU) |", "|" + "---|" * 9]
-    for n, runs in summary.items():
-        for key, run in runs.items():
-            floor = runs.get(key.replace("lambda", "floor"))
-            if not key.endswith("/lambda") or floor is None:
-                continue
-            update, idle = run["kinds"].get("update", {}), run["kinds"].get("idle", {})
-            k = [interval_needed(update.get(t), idle.get(t), floor[t]) for t in ("wall", "cpu")]
-            lines.append(f"| {n} | {secs(update.get('wall'))} ({secs(update.get('cpu'))}) | {secs(idle.get('wall'))} "
-                         f"({secs(idle.get('cpu'))}) | {secs(run['wall'])} | {secs(floor['wall'])} ({secs(floor['cpu'])}) | "
-                         f"{fmt(run['x_floor'])} / {fmt(run['cpu_x_floor'])} | {fmt(ratio(idle.get('wall'), floor['wall']))}"
-                         f" / {fmt(ratio(idle.get('cpu'), floor['cpu']))} | {' '.join(str(d) for d in run['due_pattern'])}"
-                         f" | {k[0] or '–'} / {k[1] or '–'} |")
     return lines
 
 
@@ -349,21 +322,21 @@ def work_table(data, summary) -> List[str]:
     for n, per_rank in data["raw"].items():
         for rank in per_rank:
             for key, run in rank["runs"].items():
-                if key.split("/")[1] != "every":
+                if key.split("/")[1] not in EVERY_STEP:
                     continue
                 timed = [step for step in run["steps"] if step["timed"]]
                 owned = run["assignment"]["layers_owned"][rank["rank"]]
-                rows.append(f"| {n} | {rank['rank']} | {owned} + {run['local_layers']} | "
+                rows.append(f"| {n} | {label(key, data['settings'])} | {rank['rank']} | {owned} + {run['local_layers']} | "
                             f"{secs(mean([step['fwd_bwd_cpu'] for step in timed]))} | "
                             f"{secs(mean([step['precond_cpu'] for step in timed]))} | "
                             f"{secs(mean([step['cpu'] for step in timed]))} | {secs(mean([step['wall'] for step in timed]))} |")
     if not rows:
         return []
-    return ["", "## Work per rank (K-FAC every step, mean of the timed steps)", "",
+    return ["", "## Work per rank (K-FAC every step and its variants, mean of the timed steps)", "",
             "CPU seconds of each rank's training thread. Layers inverted here: those it owns (their inverses travel "
             "in the allgather) + those every rank inverts (max factor dim ≤ local_inverse_max_dim, and BatchNorm).", "",
-            "| ranks | rank | layers inverted here | fwd+bwd CPU s (with factor capture) | kfac.step CPU s | step CPU s | "
-            "step wall s |", "|" + "---|" * 7] + rows
+            "| ranks | configuration | rank | layers inverted here | fwd+bwd CPU s (with factor capture) | "
+            "kfac.step CPU s | step CPU s | step wall s |", "|" + "---|" * 8] + rows
 
 
 def comparison_table(data, summary) -> List[str]:
@@ -460,6 +433,10 @@ def phases_table(data, summary) -> List[str]:
 def notes(data) -> List[str]:
     s = data["settings"]
     out = ["", "## Not measured", ""]
+    for n, ranks in data["raw"].items():
+        for name, options in (ranks[0].get("not_in_library", {}) if ranks else {}).items():
+            out.append(f"- {TITLES[name]} ({n} rank(s)): the measured library has no "
+                       f"{', '.join(options)}.")
     if s["device"] == "cpu":
         out.append("- GPUs: this run is on CPU. The GPU path (`--device cuda`: steps timed between "
                    "`torch.cuda.synchronize` calls, `torch.cuda.max_memory_allocated`, `--precisions fp32,bf16`, "
@@ -473,8 +450,9 @@ def notes(data) -> List[str]:
         out.append("- kfac-pytorch at more than one rank (it needs torch.distributed; compared in a world of one).")
     if s["device"] == "cuda" and max(int(n) for n in data["raw"]) == 1:
         out.append("- More than one GPU: this run has 1 rank.")
-    out += ["- The λ schedule on a training trajectory: here the factors are held still, the fastest growth the "
-            "schedule allows (how intervals grow in real training is in docs/RESULTS.md).",
+    out += ["- The λ schedule on this model's own training trajectory: the λ run holds the factors still (the "
+            "modulo rule's worst case); the replay imposes the due pattern another model recorded "
+            "(--schedule-trace), mapped by layer type and depth.",
             "- Host reads inside C++ (e.g. implicit device syncs of some CUDA ops): the counter sees Python-level "
             "tensor reads (`item`, `tolist`, `bool`, `float`, `int`, `numpy`) only.",
             "", "## Notes", "",
@@ -491,11 +469,13 @@ def notes(data) -> List[str]:
 
 
 def markdown(data: Dict[str, Any]) -> str:
+    from _step_cost_steady import lambda_table, steady_table   # it reads this module's formatters
     summary = summarise(data)
-    lines = header(data) + targets_table(data, summary) + steps_table(data, summary) + lambda_table(data, summary)
+    lines = header(data) + targets_table(data, summary) + steps_table(data, summary) + steady_table(data, summary)
+    lines += lambda_table(data, summary)
     lines += comparison_table(data, summary) + work_table(data, summary) + collectives_table(data, summary)
     lines += memory_table(data, summary)
-    lines += phases_table(data, summary) + notes(data) + [""]
+    lines += phases_table(data, summary) + limits_table(data, summary, label) + notes(data) + [""]
     return "\n".join(lines)
 
 

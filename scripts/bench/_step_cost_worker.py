@@ -20,9 +20,14 @@ import warnings
 from typing import Any, Dict, List
 
 from kfac_hvd.diagnostics import HostSyncCounter
+from kfac_hvd.layers import sample_chunks
 
 FROZEN_INTERVAL = 10 ** 9
 ONE_RANK_ONLY = ("ours_nobn", "kfacpt_every", "kfacpt_example", "kfacpt_every_eigen")
+# Every-step K-FAC with one of the library's faster paths turned off: the factor products of fp32 copies
+# of the captured activations and gradients, and one inversion call per factor.
+VARIANT_OPTIONS = {"every": {}, "every_wide": {"narrow_factor_products": False},
+                   "every_unbatched": {"batched_inversion": False}}
 
 
 # Processes --------------------------------------------------------------------------------------
@@ -140,11 +145,42 @@ def build_theirs(name: str, model, args):
         factor_decay=args.factor_decay, kl_clip=args.kl_clip or None, lr=args.lr, compute_method=method)
 
 
+def unsupported_options(name: str) -> List[str]:
+    """Options of a configuration that the measured library does not have (an older revision)."""
+    import inspect
+    import kfac_hvd
+    accepted = inspect.signature(kfac_hvd.KFAC).parameters
+    return [option for option in VARIANT_OPTIONS.get(name, {}) if option not in accepted]
+
+
+def variant_options(name: str) -> Dict[str, Any]:
+    """The values of the options the variants switch in configuration ``name``: its own, else the measured
+    library's defaults (an option absent from this revision is left out)."""
+    import inspect
+    import kfac_hvd
+    accepted = inspect.signature(kfac_hvd.KFAC).parameters
+    defaults = {option: accepted[option].default for options in VARIANT_OPTIONS.values() for option in options
+                if option in accepted}
+    return {**defaults, **VARIANT_OPTIONS.get(name, {})}
+
+
+def replay_pattern(kfac, path: str, steps: int) -> List[set]:
+    """The due layers of each of the last ``steps`` steps of a recorded run (a metrics.jsonl), each of this
+    model's layers taking the due flags of the recorded layer of its type at the same relative depth."""
+    from kfac_hvd.commodel import layer_type, load_trace, map_layers
+    records = load_trace(path)[-steps:]
+    recorded = {name: "batchnorm" if "diff_F" in entry else "kronecker" for name, entry in records[0]["layers"].items()}
+    mapping = map_layers({name: layer_type(layer) for name, layer in kfac.layers.items()}, recorded)
+    return [{name for name, source in mapping.items() if record["layers"][source]["due"]} for record in records]
+
+
 def build_ours(name: str, model, args):
     import kfac_hvd
     common = dict(damping=args.damping, kl_clip=args.kl_clip or None, inverse_method=args.inverse_method)
-    if name == "every":
-        return kfac_hvd.KFAC(model, **common)
+    if name in VARIANT_OPTIONS:
+        return kfac_hvd.KFAC(model, **common, **VARIANT_OPTIONS[name])
+    if name == "replay":   # the due pattern is imposed step by step (Run.before_step)
+        return kfac_hvd.KFAC(model, interval_policy="since_last", **common)
     if name == "lambda":
         return kfac_hvd.KFAC(model, update_threshold=args.update_threshold, interval_policy=args.policy, **common)
     if name == "floor":   # since_last: an interval of 10**9 set after step 1 is never due again
@@ -160,6 +196,8 @@ def step_counts(name: str, args) -> Dict[str, int]:
         return {"discard": 0, "timed": args.lambda_steps}
     if name == "floor":   # step 1 inverts everything; step 2 still captures what was armed before the freeze
         return {"discard": 2, "timed": args.steps}
+    if name == "replay":  # step 1 inverts everything; then the recorded pattern
+        return {"discard": 1, "timed": args.replay_steps}
     if name == "kfacpt_example":   # its step 0 computes and inverts everything
         return {"discard": 1, "timed": args.kfacpt_example_steps - 1}
     return {"discard": args.warmup, "timed": args.steps}
@@ -180,6 +218,18 @@ class Run:
         backend.broadcast(self.model)
         self.ours = build_ours(name, self.model, args)
         self.theirs = build_theirs(name, self.model, args) if name.startswith("kfacpt") else None
+        self.pattern = replay_pattern(self.ours, args.schedule_trace, args.replay_steps) if name == "replay" else None
+
+    def before_step(self, t: int) -> None:
+        """Replay: make exactly the recorded layers due on step t + 1 (timed step t + 1 is the pattern's
+        t-th step). With interval_policy since_last and no λ, interval 1 is due on the next step and the
+        frozen interval never; set before step t, whose kfac.step() arms step t + 1."""
+        if self.pattern is None:
+            return
+        due = self.pattern[t - 1] if t - 1 < len(self.pattern) else set()
+        for name in self.ours.layers:
+            for key in self.ours._keys_of(name):
+                self.ours.scheduler.set_interval(key, 1 if name in due else FROZEN_INTERVAL)
 
     def precondition(self) -> Dict[str, Any]:
         if self.ours is not None:
@@ -202,7 +252,10 @@ class Run:
 
     def describe(self) -> Dict[str, Any]:
         out: Dict[str, Any] = {"lr": self.lr, "fixed_batch": self.static}
+        if self.pattern is not None:
+            out["replayed"] = {"trace": self.args.schedule_trace, "due_per_step": [len(due) for due in self.pattern]}
         if self.ours is not None:
+            out["options"] = variant_options(self.name)
             stats = self.ours.comm_stats()
             stats.pop("per_layer", None)
             intervals = list(self.ours.scheduler.interval.values())
@@ -271,6 +324,8 @@ def run_config(name: str, precision: str, args, backend, device) -> Dict[str, An
         torch.cuda.reset_peak_memory_stats(device)
     run = Run(name, args, backend, device)
     counts = step_counts(name, args)
+    if run.pattern is not None:
+        counts["timed"] = len(run.pattern)
     batches = make_batches(args, backend.rank, device, 1 if run.static else 2)
     total = counts["discard"] + counts["timed"]
     steps: List[Dict[str, Any]] = []
@@ -280,6 +335,7 @@ def run_config(name: str, precision: str, args, backend, device) -> Dict[str, An
     for t in range(1, total + 1):
         mark = f"mark.{precision}.{name}.{t}"
         backend.mark(mark, device)
+        run.before_step(t)
         entry, loss = measure_step(run, batches[t % len(batches)], precision, probe_memory=t == total)
         run.after_step(t)
         if run.ours is not None:
@@ -289,16 +345,55 @@ def run_config(name: str, precision: str, args, backend, device) -> Dict[str, An
         losses.append(loss)
     backend.mark(f"mark.{precision}.{name}.end", device)   # the last step's part of the timeline ends here
     result = {"steps": steps, **counts, "wall_s": time.perf_counter() - started,
-              "losses": [float(loss) for loss in losses], **run.describe()}
+              "losses": [float(loss) for loss in losses], **run.describe()}   # describe() removes the hooks
+    if name in VARIANT_OPTIONS:
+        result["im2col_seconds"] = time_im2col(run, batches[0], precision, result["options"])
     if device.type == "cuda":
         result["cuda_max_memory_allocated"] = torch.cuda.max_memory_allocated(device)
     return result
 
 
+def time_im2col(run: Run, batch, precision: str, options: Dict[str, Any]) -> float:
+    """Seconds to unfold every k×k convolution's input of one forward pass as the capture hook does
+    (chunk by chunk, in the dtype of the factor path: the captured bf16/fp16 on the narrow path, else a
+    copy in the factor dtype; the library's own rule decides). Run after the configuration, its hooks
+    removed."""
+    import torch
+    try:
+        from kfac_hvd.precision import takes_narrow_inputs
+    except ImportError:   # a revision before the narrow path: every product of fp32 copies
+        takes_narrow_inputs = None
+    enabled = options.get("narrow_factor_products", False)
+    inputs: Dict[str, Any] = {}
+    unfolding = {name: layer for name, layer in run.ours.layers.items()
+                 if hasattr(layer, "_pointwise") and not layer._pointwise}
+    handles = [layer.module.register_forward_pre_hook(
+        lambda _m, args, name=name: inputs.__setitem__(name, args[0].detach())) for name, layer in unfolding.items()]
+    with torch.no_grad(), autocast(run.args, run.device, precision):
+        run.model(batch[0])
+    for handle in handles:
+        handle.remove()
+    synchronize(run.device)
+    started = time.perf_counter()
+    for name, layer in unfolding.items():
+        x = inputs[name]
+        if takes_narrow_inputs is None:
+            narrow, per_sample = False, layer._input_sample_bytes(x)
+        else:
+            narrow = takes_narrow_inputs(x, layer.factor_dtype, enabled)
+            per_sample = layer._input_sample_bytes(x, narrow)
+        for chunk in sample_chunks(x, per_sample, run.ours.capture.chunk_bytes):
+            layer._input_columns(chunk if narrow else chunk.to(layer.factor_dtype))
+    synchronize(run.device)
+    return time.perf_counter() - started
+
+
 # Entry ------------------------------------------------------------------------------------------
 def configs_for(args, size: int) -> List[str]:
-    """The comparison with kfac-pytorch (and ours_nobn, its like-for-like row) runs at 1 rank, given a checkout."""
-    return [name for name in args.config_list if name not in ONE_RANK_ONLY or (size == 1 and args.kfac_pytorch)]
+    """The comparison with kfac-pytorch (and ours_nobn, its like-for-like row) runs at 1 rank, given a checkout;
+    a variant whose option the measured library lacks is left out."""
+    return [name for name in args.config_list if (name not in ONE_RANK_ONLY or (size == 1 and args.kfac_pytorch))
+            and not unsupported_options(name)]
 
 
 def pick_device(args, backend):
@@ -320,7 +415,9 @@ def main(args) -> None:
     device = pick_device(args, backend)
     out: Dict[str, Any] = {"rank": backend.rank, "size": backend.size, "horovod": backend.horovod,
                            "device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                           "rank_batch": args.rank_batch, "runs": {}}
+                           "rank_batch": args.rank_batch, "runs": {},
+                           "not_in_library": {name: unsupported_options(name) for name in args.config_list
+                                              if unsupported_options(name)}}
     if device.type == "cuda":
         out["device_name"] = torch.cuda.get_device_name(device)
     path = os.path.join(args.worker_dir, f"rank{backend.rank}.json")

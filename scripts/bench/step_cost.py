@@ -12,6 +12,14 @@ initial weights:
              schedule allows). Its steady-state cost per step is the mean over steps --lambda-steady-from
              to the end; with the paper's modulo rule held-still factors are due on every even step
              (1, 2, 4, 6, …), so that window alternates an update step and a step with nothing due
+  every_wide       every, with the factor products of fp32 copies of the captured tensors
+                   (``narrow_factor_products=False``: the path before the autocast-dtype products)
+  every_unbatched  every, with one inversion call per factor (``batched_inversion=False``)
+  replay     K-FAC with the due pattern of a recorded run (--schedule-trace, a metrics.jsonl as ``make demo``
+             or scripts/bench/pareto.py write it) imposed step by step: its last --replay-steps steps, each of
+             this model's layers due when the recorded layer of its type at the same relative depth was; the
+             real-schedule steady state is the mean over those steps (step 1, which inverts everything, is
+             discarded). The λ run above is the held-still worst case beside it
   floor      the preconditioning floor: the schedule is frozen after step 1 (every interval 10**9), so only
              preconditioning remains; steps 1 and 2 are discarded
 and, at 1 rank when ``--kfac-pytorch PATH`` names a checkout of gpauloski/kfac-pytorch (imported from
@@ -20,6 +28,11 @@ there; it uses torch.distributed for several ranks, so it is compared in a world
   kfacpt_every     KFACPreconditioner, factor_update_steps = inv_update_steps = 1, compute_method inverse
   kfacpt_example   its ImageNet example's schedule: factors every 10 steps, inverses every 100
   (kfacpt_every_eigen, not run unless asked: every step with its default eigendecomposition)
+
+A variant whose option the measured library lacks (an older --library-rev) is left out and named in the
+report. The every-step configurations also get a table of each phase against the device's limits: FLOPs and
+bytes from the layer shapes, peak rates from kfac_hvd.devices (datasheets) or, on the CPU, measured at the
+start of the run (a 2048³ fp32 product and a 256 MiB copy, with --threads threads).
 
 Per step: wall seconds (on CUDA between ``torch.cuda.synchronize`` calls around the whole step), CPU seconds
 of the training thread, host reads in the whole step and in ``kfac.step()`` (the counter of
@@ -30,10 +43,12 @@ each step and read with ``kfac_hvd.timeline.read_collectives``), ``kfac.memory_b
     .venv/bin/python scripts/bench/step_cost.py --kfac-pytorch /work/kfac-pytorch   # the CPU run (20 min here)
     .venv/bin/python scripts/bench/step_cost.py --smoke                              # tiny model, under 1 min
 
-The GPU check (scripts/gpu_check.sh): 1 rank, ResNet-50, 224 px, batch 128, sgd/every/lambda/floor in fp32 and
-in bf16, 45 s on an H200 (model building included); writes DIR/step_cost.json and DIR/step_cost.md:
+The GPU check (scripts/gpu_check.sh): 1 rank, ResNet-50, 224 px, batch 128, in bf16 and fp32 (sgd/every/
+lambda/floor took 45 s on an H200; the variants and the replay are not timed there yet); writes
+DIR/step_cost.json and DIR/step_cost.md, and scripts/bench/step_cost_summary.py reads the JSON:
 
-    python3 scripts/bench/step_cost.py --device cuda --ranks 1 --image-size 224 --batch 128 --precisions fp32,bf16 --out DIR
+    python3 scripts/bench/step_cost.py --device cuda --ranks 1 --launcher direct --image-size 224 --batch 128 \
+        --precisions bf16,fp32 --configs sgd,every,every_wide,every_unbatched,lambda,replay,floor --out DIR
 
 Without an importable Horovod a 1-rank run starts the worker directly (``--launcher auto``), with the
 library's local communicator and a plain optimiser, so the GPU check gives step costs even where Horovod
@@ -56,13 +71,15 @@ from typing import Any, Dict, List, Optional
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import REPO, command_line, git_revision, load_average, machine_info  # noqa: E402
 
-CONFIGS = ("sgd", "every", "lambda", "floor", "ours_nobn", "kfacpt_every", "kfacpt_example", "kfacpt_every_eigen")
-DEFAULT_CONFIGS = "sgd,every,lambda,floor,ours_nobn,kfacpt_every,kfacpt_example"
+CONFIGS = ("sgd", "every", "every_wide", "every_unbatched", "lambda", "replay", "floor", "ours_nobn", "kfacpt_every",
+           "kfacpt_example", "kfacpt_every_eigen")
+DEFAULT_CONFIGS = "sgd,every,every_wide,every_unbatched,lambda,replay,floor,ours_nobn,kfacpt_every,kfacpt_example"
+TRACE = os.path.join(REPO, "docs", "results", "step_cost_trace.jsonl")
 # Defaults that depend on the device: CPU steps take seconds to tens of seconds, GPU steps well under one.
-DEVICE_DEFAULTS = {"cpu": dict(warmup=1, steps=2, lambda_steps=6, kfacpt_example_steps=11),
-                   "cuda": dict(warmup=3, steps=10, lambda_steps=12, kfacpt_example_steps=101)}
+DEVICE_DEFAULTS = {"cpu": dict(warmup=1, steps=2, lambda_steps=6, kfacpt_example_steps=11, replay_steps=12),
+                   "cuda": dict(warmup=3, steps=10, lambda_steps=12, kfacpt_example_steps=101, replay_steps=60)}
 SMOKE = dict(model="tiny", num_classes=10, image_size=16, batch=4, ranks="1,2", warmup=1, steps=2, lambda_steps=6,
-             kfacpt_example_steps=11)
+             kfacpt_example_steps=11, replay_steps=6)
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -88,6 +105,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--lambda-steps", type=int, help="steps of the λ run, all recorded (6 / 12)")
     p.add_argument("--lambda-steady-from", type=int, default=3, help="first step of the λ steady state (3)")
     p.add_argument("--kfacpt-example-steps", type=int, help="steps of kfacpt_example, the first untimed (11 / 101)")
+    p.add_argument("--schedule-trace", default=TRACE, help="metrics.jsonl whose due pattern the replay run imposes "
+                                                           "(default docs/results/step_cost_trace.jsonl)")
+    p.add_argument("--replay-steps", type=int, help="steps of the replay run after its first (12 / 60)")
+    p.add_argument("--keep-trace", metavar="METRICS", help="measure nothing: write the due flags and Diffs of a "
+                                                           "metrics.jsonl to --schedule-trace")
     p.add_argument("--update-threshold", type=float, default=0.25, help="λ (default 0.25)")
     p.add_argument("--policy", choices=("modulo", "since_last"), default="modulo",
                    help="interval policy of the λ run (default modulo, the paper's and the library's)")
@@ -138,6 +160,9 @@ def resolve(p: argparse.ArgumentParser, args: argparse.Namespace, argv: Optional
         p.error("--lambda-steady-from is after the last λ step")
     if args.kfac_pytorch:
         args.kfac_pytorch = os.path.abspath(args.kfac_pytorch)
+    args.schedule_trace = os.path.abspath(args.schedule_trace)
+    if "replay" in args.config_list and not args.keep_trace and not args.rerender and not os.path.exists(args.schedule_trace):
+        p.error(f"--schedule-trace {args.schedule_trace} does not exist (the replay run needs a metrics.jsonl)")
     if not args.worker:
         return
     ranks = args.rank_list[0]
@@ -280,6 +305,9 @@ def parent(args: argparse.Namespace, argv: List[str]) -> None:
     if args.rerender:
         report.rerender(args.out)
         return
+    if args.keep_trace:
+        keep_trace(args.keep_trace, args.schedule_trace)
+        return
     started = time.time()
     root = tempfile.mkdtemp(prefix="step_cost_")
     library = snapshot_library(args, root)
@@ -287,6 +315,9 @@ def parent(args: argparse.Namespace, argv: List[str]) -> None:
                             "library": {k: v for k, v in library.items() if k != "path"},
                             "kfac_pytorch": external_revision(args.kfac_pytorch), "machine": machine_info(),
                             "settings": settings(args)}
+    if args.device == "cpu":
+        from _step_cost_limits import measure_cpu
+        data["cpu_rates"] = measure_cpu(args.threads)
     launches = [launch(args, n, library["path"], argv) for n in args.rank_list]
     shutil.rmtree(root, ignore_errors=True)
     data["launches"] = [{k: run[k] for k in ("ranks", "launcher", "returncode", "wall_s")} for run in launches]
@@ -299,6 +330,25 @@ def parent(args: argparse.Namespace, argv: List[str]) -> None:
         print(handle.read())
     if any(run["returncode"] != 0 for run in launches):
         sys.exit(1)
+
+
+def keep_trace(metrics: str, target: str) -> None:
+    """The K-FAC part of a metrics.jsonl that the replays need (each layer's due flag and Diffs, to 4 digits),
+    one step a line; the Diffs of layers that were not due are left out after step 1 (whose keys say each
+    layer's type)."""
+    from kfac_hvd.commodel import load_trace
+    try:
+        records = load_trace(metrics)
+    except (OSError, ValueError) as error:
+        sys.exit(f"step_cost: {error}")
+    with open(target, "w") as handle:
+        for record in records:
+            layers = {name: {key: (round(value, 4) if isinstance(value, float) else value)
+                             for key, value in entry.items()
+                             if key == "due" or (key.startswith("diff_") and (value is not None or record is records[0]))}
+                      for name, entry in record["layers"].items()}
+            handle.write(json.dumps({"step": record["step"], "layers": layers}, separators=(",", ":")) + "\n")
+    print(f"[step_cost] wrote {len(records)} steps of {metrics} to {target}")
 
 
 def main(argv: Optional[List[str]] = None) -> None:

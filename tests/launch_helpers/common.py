@@ -80,11 +80,13 @@ def read_jsonl(path: str) -> List[dict]:
 
 
 def tiny_fashion_args(run_dir: str, *extra: str) -> List[str]:
-    """A few steps of the demo config on a small Fashion-MNIST subset (seconds on 2 ranks)."""
+    """A few steps of the demo config on a small Fashion-MNIST subset (seconds on 2 ranks); ``extra`` may
+    set again any key set here (an override given twice is an error)."""
+    base = {"log.dir": run_dir, "data.train_subset": "256", "data.val_subset": "200", "data.batch_size": "16",
+            "model.width": "8", "train.epochs": "1", "log.progress": "false", "log.tensorboard": "false"}
+    given = {a.split("=", 1)[0] for a in extra}
     return ["--config", os.path.join(CONFIGS, "fashion_mnist", "small_resnet_kfac_lambda0.25.yaml"),
-            f"log.dir={run_dir}", "data.train_subset=256", "data.val_subset=200", "data.batch_size=16",
-            "model.width=8", "train.epochs=1", "log.progress=false", "log.tensorboard=false",
-            *extra]
+            *(f"{k}={v}" for k, v in base.items() if k not in given), *extra]
 
 
 def describe(proc: subprocess.CompletedProcess) -> str:

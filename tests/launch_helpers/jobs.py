@@ -18,10 +18,15 @@ DEMO = os.path.join(CONFIGS, "fashion_mnist", "small_resnet_kfac_lambda0.25.yaml
 
 
 def tiny(run_dir: str, *extra: str) -> List[str]:
-    """Arguments of a very small K-FAC run: 64 Fashion-MNIST images, batch 8, width 4 (4 steps on 2 ranks)."""
-    return ["--config", DEMO, f"log.dir={run_dir}", "data.train_subset=64", "data.val_subset=32",
-            "data.batch_size=8", "data.val_batch_size=32", "model.width=4", "train.epochs=1",
-            "log.progress=false", "log.tensorboard=false", "checkpoint.every_epochs=0", *extra]
+    """Arguments of a very small K-FAC run: 64 Fashion-MNIST images, batch 8, width 4 (4 steps on 2 ranks).
+
+    Any number of ranks may run it (train.world_size=null) unless ``extra`` sets train.world_size, and
+    ``extra`` may set again any key set here (an override given twice is an error)."""
+    base = {"log.dir": run_dir, "data.train_subset": "64", "data.val_subset": "32", "data.batch_size": "8",
+            "data.val_batch_size": "32", "model.width": "4", "train.epochs": "1", "log.progress": "false",
+            "log.tensorboard": "false", "checkpoint.every_epochs": "0", "train.world_size": "null"}
+    given = {a.split("=", 1)[0] for a in extra}
+    return ["--config", DEMO, *(f"{k}={v}" for k, v in base.items() if k not in given), *extra]
 
 
 def train_cmd(args: List[str]) -> List[str]:
