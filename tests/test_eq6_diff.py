@@ -11,30 +11,13 @@ import torch
 import kfac_hvd
 from direct_factors import (direct_factors, diff, forward_backward, make_model, noise_aware_diff,
                             split_half_noise, step_inputs)
+from mirror_comm import MirrorCommunicator
 from multiproc import run
 
 KEYS = (("conv", "A"), ("conv", "G"), ("bn", "F"), ("fc", "A"), ("fc", "G"))
 WORKER = "tests/workers/diff_worker.py"
 # fp64 factors; the library sums triangles and chunks in another order than the test.
 TOLERANCE = dict(rel=1e-9, abs=1e-12)
-
-
-class MirrorCommunicator:
-    """Two ranks that saw the same batch, as rank 0 sees them: Horovod's Average of two equal tensors is
-    that tensor, and with every layer inverted on every rank (the model's factors are all under
-    local_inverse_max_dim) rank 1 adds nothing to the inverse allgather."""
-
-    rank = 0
-    size = 2
-
-    def allreduce_async(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
-        return tensor
-
-    def allgather_async(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
-        return tensor
-
-    def wait(self, handle: torch.Tensor) -> torch.Tensor:
-        return handle
 
 
 def two_steps(kfac_options: dict, batch: int, comm=None):

@@ -1,0 +1,164 @@
+"""Edges of the maths helpers that whole training steps do not reach: Diff's 0/0 rule, an empty half of
+the split-half noise, triangle indices and their cache, transport with persistent storage, the KL
+clip below an inner product of 1, a convolution's output positions, scheduler state with unknown keys.
+Each one was found by mutation testing (docs/TESTING.md)."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import kfac_hvd
+from direct_factors import diff, forward_backward, make_model, step_inputs
+from kfac_hvd.factors import (TriangleIndices, diff_from_squares, kl_clip_scale, pack, packed_numel,
+                              pi_from_diagonal_means, split_half_noise, unpack)
+from kfac_hvd.layers import Conv2dLayer
+from kfac_hvd.scheduler import IntervalScheduler
+from mirror_comm import MirrorCommunicator
+
+
+def test_diff_from_squares_is_the_root_of_the_ratio_and_zero_over_zero_is_zero():
+    assert diff_from_squares(4.0, 1.0) == 2.0
+    assert diff_from_squares(1.0, 4.0) == 0.5
+    assert diff_from_squares(-1e-30, 4.0) == 0.0          # rounding below 0 is no change
+    assert diff_from_squares(0.0, 0.0) == 0.0             # a factor that stays zero has not changed
+    assert diff_from_squares(1.0, 0.0) == math.inf        # one that leaves zero changed without bound
+
+
+def test_split_half_noise_of_an_empty_half_is_a_zero_scalar_of_the_factor_dtype():
+    full = torch.arange(4.0, dtype=torch.float64).reshape(2, 2)
+    for first, second in ((0, 3), (3, 0)):
+        noise = split_half_noise(full, first, full + 1, second)
+        assert noise.shape == () and noise.dtype == torch.float64 and float(noise) == 0.0
+
+
+def test_one_sample_batch_has_no_noise_estimate_and_keeps_the_raw_diff():
+    """A batch of one sample leaves the first half empty: v = 0, so the noise-aware Diff is Eq. (6)."""
+    model = make_model()
+    kfac = kfac_hvd.KFAC(model, noise_aware_diff=True)
+    for step in (1, 2):
+        forward_backward(model, *step_inputs(step, 1, seed=3))
+        record = kfac.step()
+    for name, kinds in kfac.noise.items():
+        assert kinds and all(value == 0.0 for value in kinds.values()), name
+        entry = record["layers"][name]
+        for kind in kinds:
+            assert entry[f"diff_{kind}"] == entry[f"raw_diff_{kind}"] > 0
+
+
+def test_triangle_indices_are_row_major_upper_positions():
+    indices = TriangleIndices().get(3, torch.device("cpu"))
+    assert indices.dtype == torch.int32
+    assert indices.tolist() == [0, 1, 2, 4, 5, 8]
+
+
+def test_triangle_indices_keep_the_least_recently_used_sizes_within_the_budget():
+    """int32 indices: n(n+1)/2 · 4 bytes, so sizes 3, 4, 5 take 24, 40 and 60 bytes."""
+    cpu = torch.device("cpu")
+    cache = TriangleIndices(budget_bytes=84)
+    first = cache.get(3, cpu)
+    cache.get(4, cpu)
+    assert cache.get(3, cpu) is first and cache.nbytes() == 64     # kept, and now the most recent
+    cache.get(5, cpu)                                              # 124 > 84: size 4 goes, 3 and 5 stay
+    assert cache.nbytes() == 84
+    assert cache.get(3, cpu) is first
+    tiny = TriangleIndices(budget_bytes=1)                         # over budget, the newest is still kept
+    tiny.get(3, cpu)
+    tiny.get(4, cpu)
+    assert tiny.nbytes() == 40
+    tiny.clear()
+    assert tiny.nbytes() == 0
+
+
+@pytest.mark.parametrize("shape", [(5, 5), (3, 2, 2)])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_pack_and_unpack_round_trip_into_given_storage(shape, symmetric):
+    entries = torch.randn(shape, dtype=torch.float64)
+    matrix = entries + entries.mT                   # exactly symmetric
+    flat = pack(matrix, symmetric)
+    assert flat.shape == (packed_numel(shape, symmetric),)
+    out = torch.full_like(flat, float("nan"))
+    assert pack(matrix, symmetric, out=out) is out and torch.equal(out, flat)
+    target = torch.full(shape, float("nan"), dtype=torch.float64)
+    assert unpack(flat, shape, symmetric, out=target) is target
+    assert torch.equal(target, matrix) and torch.equal(unpack(flat, shape, symmetric), matrix)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_transported_factors_are_unpacked_into_the_storage_they_already_have(symmetric):
+    """X_pre's storage is reused from the second update on: no new factor-sized tensor per step. While
+    the factors travel, the exchange holds their packed buffers (fp64; no noise value)."""
+    model = make_model()
+    kfac = kfac_hvd.KFAC(model, comm=MirrorCommunicator(), symmetric_comm=symmetric)
+    shapes = {name: layer.factor_shapes() for name, layer in kfac.layers.items()}
+    in_flight = 8 * sum(packed_numel(shape, symmetric) for kinds in shapes.values() for shape in kinds.values())
+    storage = []
+    for step in (1, 2, 3):
+        forward_backward(model, *step_inputs(step, 6, seed=4))
+        assert kfac.memory_bytes()["communication_buffers"] == in_flight
+        kfac.step()
+        assert kfac.memory_bytes()["communication_buffers"] == 0
+        storage.append({(name, kind): factor.data_ptr() for name, kinds in kfac.previous.items()
+                        for kind, factor in kinds.items()})
+    assert storage[1] == storage[2]
+
+
+def test_pi_is_one_unless_both_traces_are_positive_and_their_ratio_finite():
+    assert pi_from_diagonal_means(0.5, 2.0) == 0.5
+    assert pi_from_diagonal_means(0.0, 1.0) == 1.0
+    assert pi_from_diagonal_means(1.0, 0.0) == 1.0
+    assert pi_from_diagonal_means(1e300, 1e-300) == 1.0      # the ratio overflows
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_inverses_and_intervals_travel_in_the_allgather_and_change_nothing(symmetric):
+    """local_inverse_max_dim=20: the linear layer (A 49×49) is the one layer not inverted everywhere, so
+    rank 0 owns it and the allgather carries its inverses and rank 0's intervals (every Diff below λ:
+    due at steps 1, 2, 4, 6). The gradients equal those of one process on the same batches."""
+    options = dict(update_threshold=1e9, local_inverse_max_dim=20, symmetric_comm=symmetric)
+    travelling, alone = make_model(), make_model()
+    kfac = kfac_hvd.KFAC(travelling, comm=MirrorCommunicator(), **options)
+    reference = kfac_hvd.KFAC(alone, **options)
+    assert kfac.assignment.owner == {"fc": 0}
+    due = []
+    for step in range(1, 7):
+        for model, k in ((travelling, kfac), (alone, reference)):
+            forward_backward(model, *step_inputs(2 if step % 2 else 1, 6, seed=step))
+            record = k.step()
+        due.append(record["layers"]["fc"]["due"])
+        for p, q in zip(travelling.parameters(), alone.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=0)
+    assert due == [True, True, False, True, False, True]
+    assert kfac.scheduler.interval == reference.scheduler.interval == {"conv": 4, "bn": 4, "fc": 4}
+    stats = kfac.comm_stats()
+    assert stats["control_payload_bytes"] == 4 * 3 * 8           # 4 update steps, 3 intervals, fp64
+    for kind, shape in kfac.layers["fc"].factor_shapes().items():
+        sent = stats["per_layer"]["fc"][f"{kind}_inv"]
+        assert sent["count"] == 4 and sent["payload_bytes"] == 4 * 8 * packed_numel(shape, symmetric)
+    assert not any(kind.endswith("_inv") for kind in stats["per_layer"]["conv"])
+
+
+def test_kl_clip_scale_below_an_inner_product_of_one():
+    """lr² ⟨v, g⟩ = 0.25·1 and c = 0.01: ν = sqrt(0.01/0.25) = 0.2 (and 1 when the sum is not positive)."""
+    gradients = {"layer": torch.tensor([[1.0, 0.0]])}
+    scale = kl_clip_scale({"layer": torch.tensor([[1.0, 3.0]])}, gradients, 0.01, 0.5)
+    assert float(scale) == pytest.approx(0.2)
+    assert float(kl_clip_scale({"layer": torch.tensor([[-1.0, 3.0]])}, gradients, 0.01, 0.5)) == 1.0
+
+
+@pytest.mark.parametrize("options", [dict(kernel_size=3, stride=2, padding=1),
+                                     dict(kernel_size=(3, 5), stride=(2, 1), padding=(0, 2), dilation=(2, 1)),
+                                     dict(kernel_size=(1, 3), stride=(1, 3), padding=(1, 0))])
+def test_conv_positions_are_the_output_pixels(options):
+    """The chunk budget counts one unfolded patch per output pixel."""
+    conv = nn.Conv2d(2, 3, **options)
+    x = torch.randn(1, 2, 9, 11)
+    assert Conv2dLayer("conv", conv, torch.float32)._positions(x) == conv(x)[0, 0].numel()
+
+
+def test_scheduler_state_naming_unknown_keys_is_refused_with_three_of_them():
+    scheduler = IntervalScheduler(["a"])
+    state = {"interval": {"a": 2, "w": 1, "x": 1, "y": 1, "z": 1}, "last_update": {"a": 1}}
+    with pytest.raises(ValueError, match=r"does not have: \['w', 'x', 'y'\]$"):
+        scheduler.load_state_dict(state)
+    assert scheduler.interval == {"a": 1}
