@@ -162,3 +162,42 @@ def test_scheduler_state_naming_unknown_keys_is_refused_with_three_of_them():
     with pytest.raises(ValueError, match=r"does not have: \['w', 'x', 'y'\]$"):
         scheduler.load_state_dict(state)
     assert scheduler.interval == {"a": 1}
+
+
+@pytest.mark.parametrize("options,culprit", [(dict(interval_policy="every"), "interval_policy"),
+                                             (dict(update_threshold=0.0), "update_threshold"),
+                                             (dict(max_interval=0), "max_interval"),
+                                             (dict(shrink_multiple=1.0), "shrink_multiple"),
+                                             (dict(initial_interval=0), "initial/fixed interval")])
+def test_bad_scheduler_option_is_named_in_the_error(options, culprit):
+    with pytest.raises(ValueError, match=culprit):
+        IntervalScheduler(["a"], **options)
+
+
+def test_scheduler_bounds_are_inclusive():
+    """max_interval=1 is allowed (it pins every interval at 1); a Diff exactly m·λ halves the interval,
+    which never falls below 1 and stays an int."""
+    pinned = IntervalScheduler(["a"], update_threshold=0.25, max_interval=1)
+    assert pinned.record("a", 2, 0.0) == 1
+    scheduler = IntervalScheduler(["a"], update_threshold=0.25, shrink_multiple=2.0, initial_interval=3)
+    assert scheduler.state_dict() == {"interval": {"a": 3}, "last_update": {"a": 0}}
+    halved = scheduler.record("a", 3, 0.5)
+    assert halved == 1 and isinstance(halved, int)
+    assert scheduler.record("a", 4, 0.5) == 1
+
+
+@pytest.mark.parametrize("method", ["cholesky", "eigen"])
+def test_batchnorm_blocks_are_inverted_block_by_block(method):
+    """BatchNorm's (C, 2, 2) blocks through a whole step: ĝ_c = (F_c + γI)⁻¹ g_c with F from the
+    direct computation."""
+    from direct_factors import direct_factors
+    damping = 1e-2
+    model = make_model()
+    kfac = kfac_hvd.KFAC(model, damping=damping, inverse_method=method)
+    seen = forward_backward(model, *step_inputs(1, 6, seed=5))
+    gradient = torch.stack([model.bn.weight.grad, model.bn.bias.grad], dim=1).clone()
+    kfac.step()
+    blocks = direct_factors(model, seen)[("bn", "F")] + damping * torch.eye(2, dtype=torch.float64)
+    expected = torch.linalg.solve(blocks, gradient.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(torch.stack([model.bn.weight.grad, model.bn.bias.grad], dim=1), expected,
+                               rtol=1e-9, atol=1e-12)
