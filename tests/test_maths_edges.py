@@ -111,11 +111,13 @@ def test_pi_is_one_unless_both_traces_are_positive_and_their_ratio_finite():
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_inverses_and_intervals_travel_in_the_allgather_and_change_nothing(symmetric):
+@pytest.mark.parametrize("threshold", [1e9, None])
+def test_inverses_and_intervals_travel_in_the_allgather_and_change_nothing(symmetric, threshold):
     """local_inverse_max_dim=20: the linear layer (A 49×49) is the one layer not inverted everywhere, so
-    rank 0 owns it and the allgather carries its inverses and rank 0's intervals (every Diff below λ:
-    due at steps 1, 2, 4, 6). The gradients equal those of one process on the same batches."""
-    options = dict(update_threshold=1e9, local_inverse_max_dim=20, symmetric_comm=symmetric)
+    rank 0 owns it and the allgather carries its inverses, and with λ rank 0's intervals (every Diff
+    below λ: due at steps 1, 2, 4, 6). The gradients equal those of one process on the same batches;
+    the counters hold what was handed to the collectives (fp64)."""
+    options = dict(update_threshold=threshold, local_inverse_max_dim=20, symmetric_comm=symmetric)
     travelling, alone = make_model(), make_model()
     kfac = kfac_hvd.KFAC(travelling, comm=MirrorCommunicator(), **options)
     reference = kfac_hvd.KFAC(alone, **options)
@@ -126,16 +128,48 @@ def test_inverses_and_intervals_travel_in_the_allgather_and_change_nothing(symme
             forward_backward(model, *step_inputs(2 if step % 2 else 1, 6, seed=step))
             record = k.step()
         due.append(record["layers"]["fc"]["due"])
+        if record["layers"]["fc"]["due"]:
+            assert record["factor_allreduces_started"] == {"hooks": 5, "step": 0}
         for p, q in zip(travelling.parameters(), alone.parameters()):
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=0)
-    assert due == [True, True, False, True, False, True]
-    assert kfac.scheduler.interval == reference.scheduler.interval == {"conv": 4, "bn": 4, "fc": 4}
+    updates = 4 if threshold else 6
+    assert due == ([True, True, False, True, False, True] if threshold else [True] * 6)
+    assert kfac.scheduler.interval == reference.scheduler.interval == {name: 4 if threshold else 1
+                                                                       for name in ("conv", "bn", "fc")}
     stats = kfac.comm_stats()
-    assert stats["control_payload_bytes"] == 4 * 3 * 8           # 4 update steps, 3 intervals, fp64
-    for kind, shape in kfac.layers["fc"].factor_shapes().items():
-        sent = stats["per_layer"]["fc"][f"{kind}_inv"]
-        assert sent["count"] == 4 and sent["payload_bytes"] == 4 * 8 * packed_numel(shape, symmetric)
-    assert not any(kind.endswith("_inv") for kind in stats["per_layer"]["conv"])
+    assert stats["control_payload_bytes"] == (updates * 3 * 8 if threshold else 0)   # 3 intervals per update
+    shapes = {name: layer.factor_shapes() for name, layer in kfac.layers.items()}
+    for name, kinds in shapes.items():
+        for kind, shape in kinds.items():
+            sent = stats["per_layer"][name][kind]
+            assert sent["count"] == updates and sent["payload_bytes"] == updates * 8 * packed_numel(shape, symmetric)
+            inverse = stats["per_layer"][name].get(f"{kind}_inv")
+            if name == "fc":
+                assert inverse["count"] == updates
+                assert inverse["payload_bytes"] == updates * 8 * packed_numel(shape, symmetric)
+            else:
+                assert inverse is None
+    dense = sum(math.prod(shape) for kinds in shapes.values() for shape in kinds.values()) \
+        + sum(math.prod(shape) for shape in shapes["fc"].values())
+    assert stats["dense_payload_bytes"] == updates * 8 * dense
+
+
+def test_ranks_that_disagree_on_the_allgather_layout_get_a_clear_error():
+    """With every layer owned by some rank, rank 1's inverses are missing from what arrives."""
+    model = make_model()
+    kfac = kfac_hvd.KFAC(model, comm=MirrorCommunicator(), local_inverse_max_dim=0)
+    forward_backward(model, *step_inputs(1, 6, seed=6))
+    with pytest.raises(RuntimeError, match="ranks disagree on the due layers or their owners"):
+        kfac.step()
+
+
+def test_a_factor_started_twice_in_one_step_is_refused():
+    from kfac_hvd.comm import LocalCommunicator, TrafficCounter
+    from kfac_hvd.exchange import FactorExchange
+    exchange = FactorExchange(LocalCommunicator(), TrafficCounter(1), symmetric=True)
+    exchange.start("fc", "A", torch.eye(2))
+    with pytest.raises(RuntimeError, match="factor A of layer 'fc' was started twice"):
+        exchange.start("fc", "A", torch.eye(2))
 
 
 def test_kl_clip_scale_below_an_inner_product_of_one():
