@@ -159,7 +159,7 @@ def test_ranks_that_disagree_on_the_allgather_layout_get_a_clear_error():
     model = make_model()
     kfac = kfac_hvd.KFAC(model, comm=MirrorCommunicator(), local_inverse_max_dim=0)
     forward_backward(model, *step_inputs(1, 6, seed=6))
-    with pytest.raises(RuntimeError, match="ranks disagree on the due layers or their owners"):
+    with pytest.raises(RuntimeError, match="ranks disagree on the due layers or their owners$"):
         kfac.step()
 
 
@@ -235,3 +235,23 @@ def test_batchnorm_blocks_are_inverted_block_by_block(method):
     expected = torch.linalg.solve(blocks, gradient.unsqueeze(-1)).squeeze(-1)
     torch.testing.assert_close(torch.stack([model.bn.weight.grad, model.bn.bias.grad], dim=1), expected,
                                rtol=1e-9, atol=1e-12)
+
+
+def test_an_eval_mode_pass_captures_nothing():
+    """Validation between two training steps, with autograd on: the armed layers' hooks skip it, so the
+    training pass that follows is the step's one pass."""
+    model = make_model()
+    kfac = kfac_hvd.KFAC(model)
+    model.eval()
+    forward_backward(model, *step_inputs(1, 6, seed=7))
+    model.train()
+    forward_backward(model, *step_inputs(1, 6, seed=7))
+    assert kfac.step()["factor_allreduces_started"] == {"hooks": 5, "step": 0}
+
+
+def test_a_layer_armed_for_a_alone_captures_no_g():
+    model = make_model()
+    kfac = kfac_hvd.KFAC(model)
+    kfac.capture.arm({"fc": ["A"]})
+    forward_backward(model, *step_inputs(1, 6, seed=8))
+    assert kfac.capture.handed_over == {("fc", "A")}
