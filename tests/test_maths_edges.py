@@ -182,12 +182,34 @@ def test_kl_clip_scale_below_an_inner_product_of_one():
 
 @pytest.mark.parametrize("options", [dict(kernel_size=3, stride=2, padding=1),
                                      dict(kernel_size=(3, 5), stride=(2, 1), padding=(0, 2), dilation=(2, 1)),
-                                     dict(kernel_size=(1, 3), stride=(1, 3), padding=(1, 0))])
+                                     dict(kernel_size=(1, 3), stride=(1, 3), padding=(1, 0)),
+                                     dict(kernel_size=1, stride=(2, 1))])
 def test_conv_positions_are_the_output_pixels(options):
-    """The chunk budget counts one unfolded patch per output pixel."""
+    """One unfolded patch per output pixel (strided, dilated, and 1×1 without unfold), and the chunk
+    budget counts as many."""
     conv = nn.Conv2d(2, 3, **options)
     x = torch.randn(1, 2, 9, 11)
-    assert Conv2dLayer("conv", conv, torch.float32)._positions(x) == conv(x)[0, 0].numel()
+    layer = Conv2dLayer("conv", conv, torch.float32)
+    pixels = conv(x)[0, 0].numel()
+    assert layer._positions(x) == pixels
+    assert layer._input_columns(x).shape == (1, layer.a_dim - 1, pixels)
+
+
+def test_inversion_costs_are_the_cubes_of_the_factor_sizes():
+    """What the owner assignment balances: dim(A)³ + dim(G)³, and 8 per BatchNorm channel."""
+    from kfac_hvd.layers import BatchNormLayer, LinearLayer
+    assert LinearLayer("fc", nn.Linear(4, 3), torch.float32).inversion_cost() == 5 ** 3 + 3 ** 3
+    assert BatchNormLayer("bn", nn.BatchNorm2d(3), torch.float32).inversion_cost() == 24
+
+
+def test_batchnorm_fisher_in_chunks_equals_one_pass():
+    from kfac_hvd.layers import BatchNormLayer
+    layer = BatchNormLayer("bn", nn.BatchNorm2d(3), torch.float64)
+    x, grad = torch.randn(5, 3, 4, 4, dtype=torch.float64), torch.randn(5, 3, 4, 4, dtype=torch.float64)
+    whole, samples = layer.f_contribution(x, grad, chunk_bytes=1 << 30)
+    chunked, _ = layer.f_contribution(x, grad, chunk_bytes=1)        # one sample at a time
+    assert samples == 5
+    torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=0)
 
 
 def test_scheduler_state_naming_unknown_keys_is_refused_with_three_of_them():
