@@ -46,5 +46,13 @@ demo: setup
 test: setup
 	KFAC_HVD_STRICT=1 $(PY) -m pytest -q -rs tests
 
+# Mutation testing of the maths (setup.cfg's [mutmut] section; docs/TESTING.md): long, not part of
+# `test`. Niced and one thread, so a shared machine stays usable; results stay in mutants/.
+.PHONY: mutation
+mutation: setup
+	$(PY) -m pip install -q mutmut==3.8.1
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 nice -n 15 $(VENV)/bin/mutmut run --max-children 1
+	$(VENV)/bin/mutmut results
+
 clean-venv:
 	rm -rf $(VENV)

@@ -414,14 +414,12 @@ def packed_numel(shape: Tuple[int, ...], symmetric: bool) -> int:
 
 
 def kl_clip_scale(preconditioned: Dict[str, torch.Tensor], gradients: Dict[str, torch.Tensor],
-                  kl_clip: float, lr: Optional[float]) -> torch.Tensor:
+                  kl_clip: float, lr: float) -> torch.Tensor:
     """ν = min(1, sqrt(kl_clip / (lr² Σ ⟨v, g⟩))) from Ba et al. 2017, bounding the update's KL.
 
     A 0-d tensor on the gradients' device: computing it takes no host synchronisation. A sum that is
     not positive (or not finite) gives ν = 1.
     """
-    if lr is None:
-        raise ValueError("kfac.step(lr=...) is required when kl_clip is set")
     inner = torch.stack([(preconditioned[name] * gradients[name]).sum() for name in preconditioned]).sum()
     inner = inner * lr ** 2
     scale = torch.sqrt(kl_clip / inner).clamp(max=1.0)

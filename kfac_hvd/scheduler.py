@@ -77,9 +77,6 @@ class IntervalScheduler:
             return step % interval == 0
         return step - self.last_update[key] >= interval
 
-    def due_keys(self, step: int) -> List[str]:
-        return [key for key in self.keys if self.is_due(key, step)]
-
     def record(self, key: str, step: int, diff: Optional[float]) -> int:
         """Take a due step's diff (``None`` on the first update, which has no previous factors).
 

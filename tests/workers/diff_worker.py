@@ -1,0 +1,57 @@
+"""Runs under horovodrun (2 ranks): two K-FAC steps at fixed weights, each rank on its own batches,
+with triangles and whole matrices, raw and noise-aware Diff. Each rank writes rank<r>.json into --out:
+the step records, and its own factors and split-half noise computed directly (tests/direct_factors.py),
+from which the test forms the averages."""
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import horovod.torch as hvd  # noqa: E402
+import kfac_hvd  # noqa: E402
+from direct_factors import direct_factors, forward_backward, make_model, split_half_noise, step_inputs  # noqa: E402
+
+BATCH = 9   # odd: halves of 4 and 5 samples
+RUNS = {"symmetric": dict(symmetric_comm=True), "full": dict(symmetric_comm=False),
+        "symmetric-noise": dict(symmetric_comm=True, noise_aware_diff=True),
+        "full-noise": dict(symmetric_comm=False, noise_aware_diff=True)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    hvd.init()
+    model = make_model()          # the same weights on both ranks
+    data = [step_inputs(step, BATCH, seed=1 + hvd.rank()) for step in (1, 2)]
+    factors, noise = [], []
+    for x, y in data:
+        seen = forward_backward(model, x, y)
+        factors.append({f"{name}.{kind}": value.tolist() for (name, kind), value in direct_factors(model, seen).items()})
+        noise.append({f"{name}.{kind}": value for (name, kind), value in split_half_noise(model, seen).items()})
+    runs = {}
+    for run_name, options in RUNS.items():
+        run_model = make_model()   # the same weights again
+        # Every layer owned by one rank: the inverse allgather carries them, as for large layers.
+        kfac = kfac_hvd.KFAC(run_model, local_inverse_max_dim=0, **options)
+        records = []
+        for x, y in data:
+            forward_backward(run_model, x, y)
+            record = kfac.step()
+            records.append({"layers": record["layers"]})
+        kfac.remove_hooks()
+        runs[run_name] = records
+    result = {"rank": hvd.rank(), "size": hvd.size(), "runs": runs, "factors": factors, "noise": noise}
+    with open(os.path.join(args.out, f"rank{hvd.rank()}.json"), "w") as handle:
+        json.dump(result, handle)
+    hvd.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
