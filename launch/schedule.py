@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import nn
@@ -31,6 +32,24 @@ def learning_rate(optim_cfg, epoch: float) -> float:
     if o.warmup_epochs > 0 and epoch < o.warmup_epochs:
         lr = o.warmup_init_lr + (lr - o.warmup_init_lr) * (epoch / o.warmup_epochs)
     return lr
+
+
+def interval_switch_step(kfac_cfg, steps_per_epoch: int) -> Optional[int]:
+    """The step (from 1) from whose end on a fixed interval with a warm-up keeps ``update_interval``;
+    every step before it, and it, updates every factor. None: no warm-up.
+
+    The library's fixed interval has no warm-up of its own; the launcher starts K-FAC at interval 1 and
+    sets the scheduler's intervals to ``update_interval`` before this step, whose end arms the next one.
+    """
+    if kfac_cfg.interval_warmup_epochs <= 0:
+        return None
+    return max(1, round(kfac_cfg.interval_warmup_epochs * steps_per_epoch))
+
+
+def end_interval_warmup(kfac, interval: int) -> None:
+    """Every factor's interval becomes ``interval`` (the same decision on every rank: no collective)."""
+    for key in kfac.scheduler.keys:
+        kfac.scheduler.set_interval(key, interval)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float, correct_momentum: bool) -> None:
