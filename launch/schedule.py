@@ -1,4 +1,5 @@
-"""Learning-rate schedules as pure functions of the (fractional) epoch, and optimiser helpers."""
+"""Learning-rate schedules as pure functions of the (fractional) epoch, the fixed factor interval's warm-up,
+and optimiser helpers."""
 from __future__ import annotations
 
 import math
@@ -35,11 +36,12 @@ def learning_rate(optim_cfg, epoch: float) -> float:
 
 
 def interval_switch_step(kfac_cfg, steps_per_epoch: int) -> Optional[int]:
-    """The step (from 1) from whose end on a fixed interval with a warm-up keeps ``update_interval``;
-    every step before it, and it, updates every factor. None: no warm-up.
+    """The last step W (from 1) of a fixed interval's warm-up, or None without one: steps 1..W update every
+    factor, later steps every ``update_interval``-th.
 
-    The library's fixed interval has no warm-up of its own; the launcher starts K-FAC at interval 1 and
-    sets the scheduler's intervals to ``update_interval`` before this step, whose end arms the next one.
+    The library's fixed interval has no warm-up of its own: the launcher starts K-FAC at interval 1 and
+    sets every interval to ``update_interval`` just before step W runs, since the end of step W decides
+    which factors step W + 1 captures.
     """
     if kfac_cfg.interval_warmup_epochs <= 0:
         return None

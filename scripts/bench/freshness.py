@@ -4,21 +4,23 @@ against the adaptive interval, at equal factor work, in a base regime and one ax
     .venv/bin/python scripts/bench/freshness.py --deadline 10:40   # no run starts after 10:40 UTC
     .venv/bin/python scripts/bench/freshness.py --report-only      # table, runs.json and plot from finished runs
 
-The base regime is Fashion-MNIST as a new user first tries it: the demo's small ResNet (19 K-FAC layers,
-28x28 images), one process, batch 128, 10,000 training images for 3 epochs (234 steps), lr 0.05 with a
-0.2-epoch warm-up and linear decay to 0, momentum 0.9, **no kl_clip**, the whole test set. Each variation
-changes one axis: kl_clip 1e-3, batch 512 (the same 3 epochs: 57 steps), lr 0.1, 2 ranks of 64
-(horovodrun --gloo). At every point: SGD; fixed k = 1, 2, 5, 20; k = 5 and 20 after one epoch of
-every-step updates, k = 20 after 0.2 epochs; λ = 0.25 and 0.5 with the raw and the noise-aware Diff
-(modulo); λ = 0.5, raw, since_last.
+The base regime is Fashion-MNIST as a new user first tries it: the demo's small ResNet (19 K-FAC layers),
+one process, batch 128, 10,000 training images for 3 epochs (234 steps), lr 0.05 with a 0.2-epoch warm-up
+and linear decay to 0, momentum 0.9, **no kl_clip**, the whole test set; the images average-pooled to
+14x14, which halves a run's cost (the machine is shared). Each variation changes one axis: kl_clip 1e-3,
+batch 512 (the same 3 epochs: 57 steps), lr 0.1, 2 ranks of 64 (horovodrun --gloo), 28x28 images. The
+schedules (SCHEDULES): SGD; fixed k = 1, 2, 5, 10, 20; k = 5 and 20 after one epoch of every-step updates,
+k = 20 after 0.2 epochs (kfac.interval_warmup_epochs); λ = 0.25 and 0.5 with the raw and the noise-aware
+Diff (modulo); λ = 0.5, raw, since_last.
 
 Order (so that an interrupted sweep has the most useful runs): the base regime, seed 0 (BASE_ORDER);
 kl_clip, seed 0; the base regime, seeds 1 and 2 (BASE_SEEDED); the other variations, seed 0
-(VARIATION_SCHEDULES, TWO_RANK_SCHEDULES at 2 ranks); then seeds 1 and 2 of DECIDING in each variation
-whose seed-0 runs are near a decision (a run collapsed or diverged, or two schedules' top-1 differ by more
-than DECISION_SPREAD), the widest first. Every run is one
-process per rank at nice 10 with one thread. Finished runs (summary.json, or outcome.json for a run that
-stopped) are kept in runs/freshness/<regime>__<schedule>_s<seed>/ and not run again.
+(VARIATION_SCHEDULES, TWO_RANK_SCHEDULES at 2 ranks) and 28x28 images (FULL_SIZE_SCHEDULES); then seeds
+1 and 2 of DECIDING in each variation, first those whose seed-0 runs are near a decision (a run collapsed
+or diverged, or two schedules' top-1 differ by more than DECISION_SPREAD), the widest first. Every
+run has one thread per rank at nice 10; the single-rank runs of a sweep thread share one process
+(_train_worker.py), the 2-rank runs start under horovodrun. Finished runs (summary.json, or outcome.json
+for a run that stopped) are kept in runs/freshness/<regime>__<schedule>_s<seed>/ and not run again.
 """
 from __future__ import annotations
 
@@ -62,12 +64,12 @@ class Regime:
 
 
 REGIMES = (
-    Regime("base", "batch 128, 1 process, lr 0.05, no kl_clip"),
+    Regime("base", "14x14, batch 128, 1 process, lr 0.05, no kl_clip"),
     Regime("clip", "kl_clip 1e-3", ("kfac.kl_clip=0.001",)),
     Regime("b512", "batch 512 (57 steps)", ("data.batch_size=512",)),
     Regime("lr2", "lr 0.1", ("optim.lr=0.1", "optim.warmup_init_lr=0.01")),
     Regime("np2", "2 ranks x 64", ("data.batch_size=64", "train.world_size=2"), ranks=2),
-    Regime("full28", "28x28 images", ("data.fashion_mnist_pool=1",)),
+    Regime("full28", "28x28 images (not pooled)", ("data.fashion_mnist_pool=1",)),
 )
 
 
@@ -86,6 +88,7 @@ SCHEDULES: Dict[str, Tuple[str, Tuple[str, ...]]] = {
     "fixed1": ("every step (k = 1)", _fixed(1)),
     "fixed2": ("fixed k = 2", _fixed(2)),
     "fixed5": ("fixed k = 5", _fixed(5)),
+    "fixed10": ("fixed k = 10", _fixed(10)),
     "fixed20": ("fixed k = 20", _fixed(20)),
     "warm1_k5": ("1 epoch every step, then k = 5", _fixed(5, 1.0)),
     "warm1_k20": ("1 epoch every step, then k = 20", _fixed(20, 1.0)),
@@ -98,15 +101,17 @@ SCHEDULES: Dict[str, Tuple[str, Tuple[str, ...]]] = {
 }
 # The base regime's runs, most telling first (an interrupted sweep keeps these).
 BASE_ORDER = ("fixed1", "fixed5", "fixed20", "raw0.5", "noise0.5", "warm1_k20", "warm0.2_k20", "fixed2", "raw0.25",
-              "noise0.25", "since0.5", "warm1_k5", "sgd")
+              "noise0.25", "since0.5", "warm1_k5", "sgd", "fixed10")
 # Seeds 1 and 2 of the base regime: the fixed front and the schedules near the adaptive runs' work.
-BASE_SEEDED = ("fixed1", "fixed2", "fixed5", "fixed20", "warm1_k20", "warm0.2_k20", "raw0.5", "noise0.25", "noise0.5")
+BASE_SEEDED = ("fixed1", "fixed2", "fixed5", "fixed10", "fixed20", "warm1_k20", "warm0.2_k20", "raw0.5", "noise0.25", "noise0.5")
 # A variation runs the fixed front, the short warm-up and λ = 0.5; 2 ranks (two processes and a horovodrun
 # start each) the fewest of them that still decide.
-VARIATION_SCHEDULES = ("fixed1", "fixed2", "fixed5", "fixed20", "warm0.2_k20", "raw0.5", "noise0.5")
-TWO_RANK_SCHEDULES = ("fixed5", "fixed20", "raw0.5", "noise0.5")
-DECIDING = ("fixed5", "fixed20", "warm0.2_k20", "raw0.5", "noise0.5")   # seeds 1-2 of a variation
-FULL_SIZE_SCHEDULES = ("sgd", "fixed2", "fixed5", "fixed20", "warm0.2_k20", "raw0.5", "noise0.5")
+VARIATION_SCHEDULES = ("fixed1", "fixed2", "fixed5", "fixed10", "fixed20", "warm0.2_k20", "raw0.5", "noise0.5",
+                       "warm1_k20")
+TWO_RANK_SCHEDULES = ("fixed5", "fixed10", "fixed20", "raw0.5", "noise0.5")
+DECIDING = ("fixed5", "fixed10", "fixed20", "warm0.2_k20", "warm1_k20", "raw0.5", "noise0.5")   # seeds 1-2 of a variation
+FULL_SIZE_SCHEDULES = ("sgd", "fixed2", "fixed5", "fixed10", "fixed20", "warm0.2_k20", "raw0.5", "noise0.5",
+                       "warm1_k20")
 
 def run_dir(runs_dir: Path, regime: str, schedule: str, seed: int) -> Path:
     return runs_dir / f"{regime}__{schedule}_s{seed}"
@@ -141,9 +146,10 @@ class Worker:
     def train(self, label: str, run_dir: Path, argv: List[str]) -> int:
         if self.process is None or self.process.poll() is not None:
             env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-            self.process = subprocess.Popen(
-                ["nice", "-n", str(NICE), str(ROOT / ".venv/bin/python"), str(Path(__file__).parent / "_train_worker.py")],
-                cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            command = ["nice", "-n", str(NICE), str(ROOT / ".venv/bin/python"),
+                       str(Path(__file__).parent / "_train_worker.py")]
+            self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdin=subprocess.PIPE,
+                                            stdout=subprocess.PIPE, text=True)
         print(f"[freshness] {label}: in a worker", flush=True)
         start = time.time()
         self.process.stdin.write(json.dumps({"run_dir": str(run_dir), "argv": argv}) + "\n")
@@ -200,10 +206,11 @@ def plan_phases(runs_dir: Path) -> List[Tuple[str, Callable[[], List[Tuple[Regim
             return FULL_SIZE_SCHEDULES
         return TWO_RANK_SCHEDULES if regime.ranks > 1 else VARIATION_SCHEDULES
 
-    def near_decision() -> List[Tuple[Regime, str, int]]:
+    def by_decision() -> List[Tuple[Regime, str, int]]:
         spreads = {r.name: decision_spread(runs_dir, r.name) for r in variations}
         chosen = sorted((r for r in variations if spreads[r.name] is not None), key=lambda r: -spreads[r.name])
-        return [(r, s, seed) for r in chosen for seed in (1, 2) for s in DECIDING if s in schedules_of(r)]
+        tied = [r for r in variations if spreads[r.name] is None]
+        return [(r, s, seed) for r in chosen + tied for seed in (1, 2) for s in DECIDING if s in schedules_of(r)]
 
     others = [r for r in variations if r.name not in ("clip", "full28")]
     return [
@@ -212,7 +219,7 @@ def plan_phases(runs_dir: Path) -> List[Tuple[str, Callable[[], List[Tuple[Regim
         ("base regime, seeds 1-2", lambda: [(base, s, seed) for seed in (1, 2) for s in BASE_SEEDED]),
         ("the other variations, seed 0", lambda: [(r, s, 0) for r in others for s in schedules_of(r)]),
         ("28x28 images, seed 0", lambda: [(regimes["full28"], s, 0) for s in FULL_SIZE_SCHEDULES]),
-        ("variations near a decision (widest first), seeds 1-2", near_decision),
+        ("variations, seeds 1-2, those near a decision first (widest first)", by_decision),
     ]
 
 
@@ -241,17 +248,16 @@ def main() -> int:
     deadline = deadline_of(args.deadline)
     sweep_start = time.time()
     if not args.report_only:
-        for title, jobs in plan_phases(runs_dir):
-            jobs = jobs()
-            todo = [job for job in jobs if not finished(run_dir(runs_dir, job[0].name, job[1], job[2]))]
-            print(f"[freshness] {title}: {len(todo)} of {len(jobs)} runs to do", flush=True)
+        def job(item: Tuple[Regime, str, int]) -> None:
+            if deadline is not None and datetime.datetime.now(datetime.timezone.utc) >= deadline:
+                return
+            run_one(runs_dir, *item)
 
-            def job(item: Tuple[Regime, str, int]) -> None:
-                if deadline is not None and datetime.datetime.now(datetime.timezone.utc) >= deadline:
-                    return
-                run_one(runs_dir, *item)
-
-            with ThreadPoolExecutor(max_workers=args.workers) as pool:
+        with ThreadPoolExecutor(max_workers=args.workers) as pool:      # its threads keep their workers
+            for title, jobs in plan_phases(runs_dir):
+                jobs = jobs()
+                todo = [job for job in jobs if not finished(run_dir(runs_dir, job[0].name, job[1], job[2]))]
+                print(f"[freshness] {title}: {len(todo)} of {len(jobs)} runs to do", flush=True)
                 list(pool.map(job, todo))
         print(f"[freshness] sweep: {(time.time() - sweep_start) / 60:.1f} min", flush=True)
     from report_freshness import write_report

@@ -11,7 +11,7 @@ from _common import interpolate_log_x, pct
 from freshness import REGIMES, SCHEDULES, outcome, run_dir
 
 FAMILIES = {  # prefix -> plot style and legend
-    "fixed": ("k", "s", "fixed k (1, 2, 5, 20)"),
+    "fixed": ("k", "s", "fixed k (1, 2, 5, 10, 20)"),
     "warm": ("tab:green", "D", "warm-up of every-step updates, then k"),
     "raw": ("tab:blue", "o", "λ, raw Diff"),
     "noise": ("tab:red", "^", "λ, noise-aware Diff"),
@@ -33,13 +33,16 @@ def collect(runs_dir: Path) -> Dict[str, Dict[str, Dict[int, Dict[str, Any]]]]:
 
 
 def fixed_front(points: Dict[str, Dict[int, Dict[str, Any]]], seed: int) -> List[Tuple[float, float]]:
-    """(factor work, top-1) of one seed's fixed intervals without warm-up, by work (a collapsed run keeps its
-    top-1: that is the cost of its stale curvature; a diverged run counts as 10%, chance)."""
+    """(factor work, top-1) of the fixed intervals without warm-up, by work: the same seed's run, or the mean
+    over the seeds run when that seed was not. A collapsed run keeps its top-1 (the cost of its stale
+    curvature); a diverged one counts as 10%, chance."""
     front = []
     for schedule, seeds in points.items():
-        run = seeds.get(seed)
-        if schedule.startswith("fixed") and run is not None and run.get("work"):
-            front.append((run["work"], run["top1"] if run["top1"] is not None else 0.1))
+        runs = [seeds[seed]] if seed in seeds else list(seeds.values())
+        runs = [r for r in runs if r.get("work")]
+        if schedule.startswith("fixed") and runs:
+            front.append((statistics.mean(r["work"] for r in runs),
+                          statistics.mean(r["top1"] if r["top1"] is not None else 0.1 for r in runs)))
     return sorted(front)
 
 
@@ -64,7 +67,8 @@ def cell(run: Dict[str, Any]) -> str:
     if run["top1"] is None:
         return f"{run['status']} (exit {run.get('exit')})"
     mark = {"ok": "", "collapsed": " (collapsed)", "diverged": " (diverged)"}[run["status"]]
-    return f"{100 * run['top1']:.1f}{mark}"
+    skipped = run.get("skipped_steps") or 0
+    return f"{100 * run['top1']:.1f}{mark}" + (f" ({skipped} non-finite steps skipped)" if skipped else "")
 
 
 def summary_row(schedule: str, seeds: Dict[int, Dict[str, Any]], gain: Optional[List[Tuple[int, float]]]) -> str:
@@ -85,8 +89,12 @@ def summary_row(schedule: str, seeds: Dict[int, Dict[str, Any]], gain: Optional[
 def plot(found: Dict[str, Dict[str, Dict[int, Dict[str, Any]]]], out: Path) -> None:
     import matplotlib.pyplot as plt
     regimes = [r for r in REGIMES if r.name in found]
-    fig, axes = plt.subplots(1, len(regimes), figsize=(3.6 * len(regimes), 4.2), sharey=True, squeeze=False)
-    for ax, regime in zip(axes[0], regimes):
+    columns = min(3, len(regimes))
+    rows = -(-len(regimes) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.6 * rows), sharey=True, squeeze=False)
+    for ax in axes.flat[len(regimes):]:
+        ax.set_visible(False)
+    for ax, regime in zip(axes.flat, regimes):
         points = found[regime.name]
         for prefix, (color, marker, label) in FAMILIES.items():
             xs, ys = [], []
@@ -111,13 +119,14 @@ def plot(found: Dict[str, Dict[str, Dict[int, Dict[str, Any]]]], out: Path) -> N
             ax.axhline(100 * statistics.mean(sgd), color="grey", ls=":", lw=1, label="SGD")
         ax.axhline(100 * 0.2, color="tab:orange", ls="-", lw=0.6, alpha=0.6)
         ax.set_xscale("log")
-        ax.set_title(regime.label, fontsize=9)
-        ax.set_xlabel("factor work, % of every step (log)")
+        ax.set_title(f"{regime.name}: {regime.label}", fontsize=9)
+        ax.set_xlabel("factor work, % of every step (log)", fontsize=8)
         ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].set_ylabel("test top-1 (%), each seed")
+    for row in axes:
+        row[0].set_ylabel("test top-1 (%), each seed", fontsize=8)
     axes[0][0].legend(fontsize=7, loc="lower right")
-    fig.suptitle("Fashion-MNIST, 3 epochs on 10,000 images: accuracy against factor work "
-                 "(orange line: 20%, below it a run has collapsed)", fontsize=10)
+    fig.suptitle("Fashion-MNIST, 3 epochs on 10,000 images: one point per run (orange: 20%, below it a run "
+                 "has collapsed; dotted: SGD)", fontsize=9)
     fig.tight_layout()
     fig.savefig(out / "freshness.png", dpi=100)
     plt.close(fig)
@@ -135,7 +144,7 @@ def write_report(runs_dir: Path, out: Path) -> None:
         regime_gains = gains(points)
         all_gains[regime.name] = regime_gains
         lines += [f"### {regime.name}: {regime.label}", "",
-                  "| schedule | top-1 per seed (%) | diverged or collapsed | mean top-1 of the others | factor work "
+                  "| schedule | top-1 per seed (%) | diverged or collapsed | mean top-1 of the rest | factor work "
                   "| vs fixed k at equal work, per seed (mean, range) |", "|---|---|---|---|---|---|"]
         for schedule in SCHEDULES:
             if schedule in points:
