@@ -17,7 +17,9 @@ Order (so that an interrupted sweep has the most useful runs): the base regime, 
 kl_clip, seed 0; the base regime, seeds 1 and 2 (BASE_SEEDED); the other variations, seed 0
 (VARIATION_SCHEDULES, TWO_RANK_SCHEDULES at 2 ranks) and 28x28 images (FULL_SIZE_SCHEDULES); then seeds
 1 and 2 of DECIDING in each variation, first those whose seed-0 runs are near a decision (a run collapsed
-or diverged, or two schedules' top-1 differ by more than DECISION_SPREAD), the widest first. Every
+or diverged, or two schedules' top-1 differ by more than DECISION_SPREAD), the widest first; last, every
+step on 28x28 images, seeds 1 and 2 of BASE_SEEDED_LAST, and of k = 1 and 2 in clip, b512 and lr2, and SGD
+at batch 512 and lr 0.1. Every
 run has one thread per rank at nice 10; the single-rank runs of a sweep thread share one process
 (_train_worker.py), the 2-rank runs start under horovodrun. Finished runs (summary.json, or outcome.json
 for a run that stopped) are kept in runs/freshness/<regime>__<schedule>_s<seed>/ and not run again.
@@ -104,6 +106,7 @@ BASE_ORDER = ("fixed1", "fixed5", "fixed20", "raw0.5", "noise0.5", "warm1_k20", 
               "noise0.25", "since0.5", "warm1_k5", "sgd", "fixed10")
 # Seeds 1 and 2 of the base regime: the fixed front and the schedules near the adaptive runs' work.
 BASE_SEEDED = ("fixed1", "fixed2", "fixed5", "fixed10", "fixed20", "warm1_k20", "warm0.2_k20", "raw0.5", "noise0.25", "noise0.5")
+BASE_SEEDED_LAST = ("since0.5", "raw0.25", "warm1_k5")
 # A variation runs the fixed front, the short warm-up and λ = 0.5; 2 ranks (two processes and a horovodrun
 # start each) the fewest of them that still decide.
 VARIATION_SCHEDULES = ("fixed1", "fixed2", "fixed5", "fixed10", "fixed20", "warm0.2_k20", "raw0.5", "noise0.5",
@@ -220,6 +223,12 @@ def plan_phases(runs_dir: Path) -> List[Tuple[str, Callable[[], List[Tuple[Regim
         ("the other variations, seed 0", lambda: [(r, s, 0) for r in others for s in schedules_of(r)]),
         ("28x28 images, seed 0", lambda: [(regimes["full28"], s, 0) for s in FULL_SIZE_SCHEDULES]),
         ("variations, seeds 1-2, those near a decision first (widest first)", by_decision),
+        ("the rest: every step on 28x28 images, seed 0; the other base schedules, seeds 1-2",
+         lambda: [(regimes["full28"], "fixed1", 0)]
+         + [(base, s, seed) for seed in (1, 2) for s in BASE_SEEDED_LAST]),
+        ("the fixed front's upper end, seeds 1-2; SGD at batch 512 and lr 0.1",
+         lambda: [(regimes[r], s, seed) for r in ("clip", "b512", "lr2") for seed in (1, 2) for s in ("fixed1", "fixed2")]
+         + [(regimes[r], "sgd", 0) for r in ("b512", "lr2")]),
     ]
 
 
