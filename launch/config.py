@@ -321,6 +321,9 @@ def check_consistency(cfg: Config) -> None:
     if cfg.log.overwrite and cfg.checkpoint.resume:
         raise cfg.error("log.overwrite", f"starts the run anew, so it cannot go with checkpoint.resume="
                                          f"{cfg.checkpoint.resume}; set checkpoint.resume=null")
+    if cfg.kfac.interval_warmup_epochs > 0 and cfg.kfac.update_threshold is not None:
+        raise cfg.error("kfac.interval_warmup_epochs", "applies to a fixed interval only (kfac.update_threshold: "
+                                                       "null); the adaptive interval starts at 1 by itself")
     if d.val_resize < d.image_size:
         raise cfg.error("data.val_resize", f"must be >= data.image_size ({d.image_size})")
 
@@ -378,7 +381,7 @@ def kfac_kwargs(cfg: Config) -> Dict[str, Any]:
     return {
         "damping": k.damping,
         "update_threshold": k.update_threshold,
-        "update_interval": k.update_interval,
+        "update_interval": 1 if k.interval_warmup_epochs > 0 else k.update_interval,  # schedule.interval_switch_step
         "interval_policy": k.interval_policy,
         "max_interval": k.max_interval,
         "shrink_multiple": k.shrink_multiple,

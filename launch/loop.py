@@ -32,7 +32,7 @@ from .progress import Progress, wants_bar
 from .reliability import (EXIT_DIVERGED, BufferGuard, Faults, RunStop, Watchdog, check_agreement,
                           code_fingerprint, config_fingerprint, fingerprint, logger, setup_logging)
 from .rundir import resume_changes
-from .schedule import learning_rate, rescalable_weights
+from .schedule import end_interval_warmup, interval_switch_step, learning_rate, rescalable_weights
 from .step import DIVERGED, OVERFLOW, StepOutcome, Trainer, train_step
 from .summary import log_record, summarize
 from .timing import StepTimer
@@ -66,6 +66,7 @@ class Run:
     out: Optional[RunOutputs] = None          # rank 0's outputs, once the run has resumed or started
     watchdog: Optional[Watchdog] = None       # started after set-up, before a resume's checkpoint is read
     progress: Optional[Progress] = None
+    interval_switch_step: Optional[int] = None   # a fixed interval's warm-up ends on this step
 
     @property
     def kfac(self):
@@ -146,8 +147,10 @@ def set_up(cfg) -> Run:
     total_steps = len(train_loader) * cfg.train.epochs
     if cfg.train.max_steps is not None:
         total_steps = min(total_steps, cfg.train.max_steps)
+    switch = interval_switch_step(cfg.kfac, len(train_loader)) if trainer.kfac is not None else None
     return Run(cfg=cfg, hvd=hvd, device=device, trainer=trainer, train_loader=train_loader, val_loader=val_loader,
-               sampler=sampler, steps_per_epoch=len(train_loader), total_steps=total_steps, timer=StepTimer(device))
+               sampler=sampler, steps_per_epoch=len(train_loader), total_steps=total_steps, timer=StepTimer(device),
+               interval_switch_step=switch)
 
 
 def build_trainer(cfg, hvd, model: nn.Module, precision: MixedPrecision, dataset, faults: Faults) -> Trainer:
@@ -291,6 +294,8 @@ def run_step(run: Run, state: RunState, tally: EpochTally, x: torch.Tensor, y: t
     run.watchdog.beat(f"step {state.step + 1}")
     run.trainer.faults.hang(state.step + 1)
     lr = learning_rate(run.cfg.optim, state.step / run.steps_per_epoch)
+    if state.step + 1 == run.interval_switch_step:     # a resumed run past it has the intervals from its checkpoint
+        end_interval_warmup(run.kfac, run.cfg.kfac.update_interval)
     outcome = train_step(run.trainer, x, y, state.step + 1, lr)
     run.timer.stop()
     count_step(run, state, outcome)

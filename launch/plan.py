@@ -85,6 +85,7 @@ def make_plan(cfg) -> Dict[str, Any]:
             "layer_kinds": kinds,
             "update_threshold": cfg.kfac.update_threshold,
             "update_interval": cfg.kfac.update_interval,
+            "interval_warmup_epochs": cfg.kfac.interval_warmup_epochs,
             "interval_policy": cfg.kfac.interval_policy,
             "damping": cfg.kfac.damping,
             "local_inverse_max_dim": kfac.local_inverse_max_dim,
@@ -125,7 +126,9 @@ def format_plan(plan: Dict[str, Any]) -> str:
         lam = k["update_threshold"]
         every = k.get("update_interval", 1)
         if lam is None:
-            row("factor updates", "every step" if every == 1 else f"every {every} steps (fixed interval)")
+            warmup = k.get("interval_warmup_epochs") or 0.0
+            row("factor updates", "every step" if every == 1 else f"every {every} steps (fixed interval)"
+                + (f" after every step for {warmup:g} epochs" if warmup > 0 and every > 1 else ""))
         else:
             row("factor updates", f"adaptive, lambda = {lam} ({k['interval_policy']} rule"
                                   + (f", starting interval {every})" if every > 1 else ")"))

@@ -124,6 +124,9 @@ SCHEMA: Dict[str, Dict[str, Spec]] = {
                                  doc="lambda of the adaptive interval; null = every step"),
         "update_interval": Spec("int", 1, check=ge(1),
                                 doc="null lambda: fixed interval k (every k-th step); with lambda: start interval"),
+        "interval_warmup_epochs": Spec("float", 0.0, check=ge(0.0),
+                                       doc="null lambda: update every factor on every step for this many epochs, "
+                                           "then every update_interval steps"),
         "interval_policy": Spec("str", "modulo", choices=("modulo", "since_last"),
                                 doc="due when t % interval == 0 (paper) or t - t_last >= interval"),
         "max_interval": Spec("int", None, nullable=True, check=ge(1), doc="cap on any interval"),

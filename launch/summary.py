@@ -88,6 +88,7 @@ def summarize(run, state, wall_time: float) -> Optional[Dict[str, Any]]:
     if kfac is not None:
         summary["kfac"] = {
             "update_threshold": cfg.kfac.update_threshold, "update_interval": cfg.kfac.update_interval,
+            "interval_warmup_epochs": cfg.kfac.interval_warmup_epochs,
             "interval_policy": cfg.kfac.interval_policy, "layers": len(kfac.layer_names),
             "mean_interval": kfac.mean_interval(), "seconds": state.kfac_seconds,
             "numerics_events": state.kfac_events,

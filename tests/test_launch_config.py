@@ -89,6 +89,8 @@ def test_resolved_config_round_trips(chain, tmp_path):
     ("train: {epochs: 2}\ntrain: {seed: 1}", "line 4", "duplicate key 'train'"),
     ("kfac: {damping: 0.1, damping: 0.2}", "line 3", "duplicate key 'damping'"),
     ("kfac: {update_interval: 0}", "kfac.update_interval", ">= 1"),
+    ("kfac: {interval_warmup_epochs: -1}", "kfac.interval_warmup_epochs", ">= 0"),
+    ("kfac: {update_threshold: 0.25, interval_warmup_epochs: 1}", "kfac.interval_warmup_epochs", "fixed interval only"),
 ])
 def test_bad_values_name_file_and_key(tmp_path, text, key, words):
     body = text + "\n"

@@ -1,6 +1,7 @@
 """Small helpers shared by the benchmark scripts: the machine's description and a few statistics."""
 from __future__ import annotations
 
+import math
 import os
 import platform
 import shlex
@@ -8,7 +9,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -89,17 +90,43 @@ def spread(values: Sequence[float]) -> Optional[List[float]]:
 # Host reads ----------------------------------------------------------------------------------------
 
 
-def train_on_two_ranks(tool: str, label: str, run_dir: str, arguments: Sequence[str]) -> None:
-    """``horovodrun -np 2 --gloo`` on ``python -m launch.train ARGUMENTS``; its output goes to
-    RUN_DIR/stdout.txt, and a failed run stops the benchmark with the folder's name."""
+def train(tool: str, label: str, run_dir: str, arguments: Sequence[str], ranks: int = 2,
+          nice: Optional[int] = None) -> int:
+    """``python -m launch.train ARGUMENTS``, under ``horovodrun -np RANKS --gloo`` when RANKS > 1 and
+    under ``nice -n NICE`` when given; its output goes to RUN_DIR/stdout.txt. Returns the exit code."""
     os.makedirs(run_dir, exist_ok=True)   # Horovod opens a timeline before the launcher makes folders
-    command = [os.path.join(REPO, ".venv/bin/horovodrun"), "-np", "2", "--gloo", "-H", "localhost:2",
-               os.path.join(REPO, ".venv/bin/python"), "-m", "launch.train", *arguments]
-    print(f"[{tool}] {label}: {shlex.join(command[6:])}", flush=True)
+    python = [os.path.join(REPO, ".venv/bin/python"), "-m", "launch.train", *arguments]
+    launcher = ([os.path.join(REPO, ".venv/bin/horovodrun"), "-np", str(ranks), "--gloo", "-H", f"localhost:{ranks}"]
+                if ranks > 1 else [])
+    niceness = ["nice", "-n", str(nice)] if nice is not None else []
+    print(f"[{tool}] {label}: {shlex.join(python[1:])}", flush=True)
     start = time.time()
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(niceness + launcher + python, cwd=REPO, capture_output=True, text=True, env=env)
     with open(os.path.join(run_dir, "stdout.txt"), "w") as handle:
         handle.write(result.stdout + result.stderr)
-    if result.returncode != 0:
-        raise SystemExit(f"{tool}: run {label} failed (exit {result.returncode}); see {run_dir}/stdout.txt")
-    print(f"[{tool}]   done in {time.time() - start:.0f} s", flush=True)
+    print(f"[{tool}]   {label}: exit {result.returncode} after {time.time() - start:.0f} s", flush=True)
+    return result.returncode
+
+
+def train_on_two_ranks(tool: str, label: str, run_dir: str, arguments: Sequence[str]) -> None:
+    """:func:`train` on 2 ranks; a failed run stops the benchmark with the folder's name."""
+    code = train(tool, label, run_dir, arguments, ranks=2)
+    if code != 0:
+        raise SystemExit(f"{tool}: run {label} failed (exit {code}); see {run_dir}/stdout.txt")
+
+
+# Reports -------------------------------------------------------------------------------------------
+
+
+def pct(value: Optional[float], digits: int = 1) -> str:
+    return "–" if value is None else f"{100 * value:.{digits}f}%"
+
+
+def interpolate_log_x(points: Sequence[Tuple[float, float]], x: float) -> Optional[float]:
+    """y at ``x`` on the polyline through ``points`` (sorted by x), linear in log(x); None outside it."""
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 <= x <= x1:
+            w = (math.log(x) - math.log(x0)) / (math.log(x1) - math.log(x0)) if x1 > x0 else 0.0
+            return y0 + w * (y1 - y0)
+    return None

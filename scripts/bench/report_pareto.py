@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+from _common import interpolate_log_x, pct
+
 PAPER = {0.2: 0.169, 0.25: 0.119, 0.3: 0.109}     # Table 1: Fisher traffic as a fraction of every step
 
 
@@ -59,15 +61,6 @@ def fixed_front(groups: Dict[str, Dict[str, Any]]) -> List[Tuple[float, float]]:
     return sorted(points)
 
 
-def fixed_accuracy_at(front: List[Tuple[float, float]], traffic: float) -> Optional[float]:
-    """The fixed intervals' top-1 at ``traffic``, linear in log(traffic) between neighbouring k."""
-    for (t0, a0), (t1, a1) in zip(front, front[1:]):
-        if t0 <= traffic <= t1:
-            w = (math.log(traffic) - math.log(t0)) / (math.log(t1) - math.log(t0)) if t1 > t0 else 0.0
-            return a0 + w * (a1 - a0)
-    return None
-
-
 def fixed_traffic_for(front: List[Tuple[float, float]], accuracy: float) -> Optional[float]:
     """The least traffic at which the fixed front (interpolated) reaches ``accuracy``."""
     if front and front[0][1] >= accuracy:
@@ -84,7 +77,7 @@ def comparisons(groups: Dict[str, Dict[str, Any]]) -> List[Dict[str, Any]]:
     rows = []
     for name, g in groups.items():
         if name.startswith(("raw", "noise")) and g["traffic_mean"]:
-            equal_traffic = fixed_accuracy_at(front, g["traffic_mean"])
+            equal_traffic = interpolate_log_x(front, g["traffic_mean"])
             equal_accuracy = fixed_traffic_for(front, g["top1_mean"])
             rows.append({"name": name, "label": g["label"], "traffic": g["traffic_mean"], "top1": g["top1_mean"],
                          "gain_pt_at_equal_traffic": None if equal_traffic is None else
@@ -102,10 +95,6 @@ def replay(root: Path, trace: str, lam: float) -> Optional[float]:
     if result.returncode != 0:
         return None
     return json.loads(result.stdout)["replay"]["ratio"]
-
-
-def pct(value: Optional[float], digits: int = 1) -> str:
-    return "–" if value is None else f"{100 * value:.{digits}f}%"
 
 
 def plot_front(groups: Dict[str, Dict[str, Any]], out: Path) -> None:

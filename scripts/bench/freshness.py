@@ -1,0 +1,278 @@
+"""Where stale curvature costs accuracy: fixed intervals (with and without a warm-up of fresh factors)
+against the adaptive interval, at equal factor work, in a base regime and one axis changed at a time.
+
+    .venv/bin/python scripts/bench/freshness.py --deadline 10:40   # no run starts after 10:40 UTC
+    .venv/bin/python scripts/bench/freshness.py --report-only      # table, runs.json and plot from finished runs
+
+The base regime is Fashion-MNIST as a new user first tries it: the demo's small ResNet (19 K-FAC layers),
+one process, batch 128, 10,000 training images for 3 epochs (234 steps), lr 0.05 with a 0.2-epoch warm-up
+and linear decay to 0, momentum 0.9, **no kl_clip**, the whole test set; the images average-pooled to
+14x14, which halves a run's cost (the machine is shared). Each variation changes one axis: kl_clip 1e-3,
+batch 512 (the same 3 epochs: 57 steps), lr 0.1, 2 ranks of 64 (horovodrun --gloo), 28x28 images. The
+schedules (SCHEDULES): SGD; fixed k = 1, 2, 5, 10, 20; k = 5 and 20 after one epoch of every-step updates,
+k = 20 after 0.2 epochs (kfac.interval_warmup_epochs); λ = 0.25 and 0.5 with the raw and the noise-aware
+Diff (modulo); λ = 0.5, raw, since_last.
+
+Order (so that an interrupted sweep has the most useful runs): the base regime, seed 0 (BASE_ORDER);
+kl_clip, seed 0; the base regime, seeds 1 and 2 (BASE_SEEDED); the other variations, seed 0
+(VARIATION_SCHEDULES, TWO_RANK_SCHEDULES at 2 ranks) and 28x28 images (FULL_SIZE_SCHEDULES); then seeds
+1 and 2 of DECIDING in each variation, first those whose seed-0 runs are near a decision (a run collapsed
+or diverged, or two schedules' top-1 differ by more than DECISION_SPREAD), the widest first; last, every
+step on 28x28 images, seeds 1 and 2 of BASE_SEEDED_LAST, and of k = 1 and 2 in clip, b512 and lr2, and SGD
+at batch 512 and lr 0.1. Every
+run has one thread per rank at nice 10; the single-rank runs of a sweep thread share one process
+(_train_worker.py), the 2-rank runs start under horovodrun. Finished runs (summary.json, or outcome.json
+for a run that stopped) are kept in runs/freshness/<regime>__<schedule>_s<seed>/ and not run again.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import train  # noqa: E402
+
+CONFIG = "configs/fashion_mnist/small_resnet_kfac_every_step.yaml"
+BASE = ["train.world_size=1", "data.batch_size=128", "data.train_subset=10000", "data.val_subset=null",
+        "data.fashion_mnist_pool=2",
+        "optim.lr=0.05", "optim.warmup_init_lr=0.005", "optim.warmup_epochs=0.2", "optim.poly_power=1.0",
+        "optim.poly_start_epoch=0.0", "optim.poly_end_epoch=3.0", "optim.momentum=0.9", "kfac.kl_clip=null",
+        "train.epochs=3", "train.eval_every=0", "checkpoint.every_epochs=0", "log.tensorboard=false",
+        "log.progress=false", "train.threads=1"]
+DIVERGED_EXIT = 4           # launch.train's exit code for a run that stopped on non-finite losses
+COLLAPSED_TOP1 = 0.20       # a finished run below this top-1 has collapsed
+DECISION_SPREAD = 0.02      # seed-0 top-1 range (over the K-FAC schedules) that calls for more seeds
+NICE = 10
+
+
+@dataclass(frozen=True)
+class Regime:
+    name: str
+    label: str
+    overrides: Tuple[str, ...] = ()
+    ranks: int = 1
+
+
+REGIMES = (
+    Regime("base", "14x14, batch 128, 1 process, lr 0.05, no kl_clip"),
+    Regime("clip", "kl_clip 1e-3", ("kfac.kl_clip=0.001",)),
+    Regime("b512", "batch 512 (57 steps)", ("data.batch_size=512",)),
+    Regime("lr2", "lr 0.1", ("optim.lr=0.1", "optim.warmup_init_lr=0.01")),
+    Regime("np2", "2 ranks x 64", ("data.batch_size=64", "train.world_size=2"), ranks=2),
+    Regime("full28", "28x28 images (not pooled)", ("data.fashion_mnist_pool=1",)),
+)
+
+
+def _fixed(k: int, warmup: float = 0.0) -> Tuple[str, ...]:
+    return ("kfac.update_threshold=null", f"kfac.update_interval={k}", f"kfac.interval_warmup_epochs={warmup:g}")
+
+
+def _adaptive(lam: float, noise: bool, policy: str = "modulo") -> Tuple[str, ...]:
+    return (f"kfac.update_threshold={lam}", f"kfac.noise_aware_diff={str(noise).lower()}",
+            f"kfac.interval_policy={policy}")
+
+
+# name -> (label, overrides); the name's prefix is the family the report groups by.
+SCHEDULES: Dict[str, Tuple[str, Tuple[str, ...]]] = {
+    "sgd": ("SGD", ("optim.method=sgd",)),
+    "fixed1": ("every step (k = 1)", _fixed(1)),
+    "fixed2": ("fixed k = 2", _fixed(2)),
+    "fixed5": ("fixed k = 5", _fixed(5)),
+    "fixed10": ("fixed k = 10", _fixed(10)),
+    "fixed20": ("fixed k = 20", _fixed(20)),
+    "warm1_k5": ("1 epoch every step, then k = 5", _fixed(5, 1.0)),
+    "warm1_k20": ("1 epoch every step, then k = 20", _fixed(20, 1.0)),
+    "warm0.2_k20": ("0.2 epoch every step, then k = 20", _fixed(20, 0.2)),
+    "raw0.25": ("λ = 0.25, raw Diff", _adaptive(0.25, False)),
+    "raw0.5": ("λ = 0.5, raw Diff", _adaptive(0.5, False)),
+    "noise0.25": ("λ = 0.25, noise-aware Diff", _adaptive(0.25, True)),
+    "noise0.5": ("λ = 0.5, noise-aware Diff", _adaptive(0.5, True)),
+    "since0.5": ("λ = 0.5, raw Diff, since_last", _adaptive(0.5, False, "since_last")),
+}
+# The base regime's runs, most telling first (an interrupted sweep keeps these).
+BASE_ORDER = ("fixed1", "fixed5", "fixed20", "raw0.5", "noise0.5", "warm1_k20", "warm0.2_k20", "fixed2", "raw0.25",
+              "noise0.25", "since0.5", "warm1_k5", "sgd", "fixed10")
+# Seeds 1 and 2 of the base regime: the fixed front and the schedules near the adaptive runs' work.
+BASE_SEEDED = ("fixed1", "fixed2", "fixed5", "fixed10", "fixed20", "warm1_k20", "warm0.2_k20", "raw0.5", "noise0.25", "noise0.5")
+BASE_SEEDED_LAST = ("since0.5", "raw0.25", "warm1_k5")
+# A variation runs the fixed front, the short warm-up and λ = 0.5; 2 ranks (two processes and a horovodrun
+# start each) the fewest of them that still decide.
+VARIATION_SCHEDULES = ("fixed1", "fixed2", "fixed5", "fixed10", "fixed20", "warm0.2_k20", "raw0.5", "noise0.5",
+                       "warm1_k20")
+TWO_RANK_SCHEDULES = ("fixed5", "fixed10", "fixed20", "raw0.5", "noise0.5")
+DECIDING = ("fixed5", "fixed10", "fixed20", "warm0.2_k20", "warm1_k20", "raw0.5", "noise0.5")   # seeds 1-2 of a variation
+FULL_SIZE_SCHEDULES = ("sgd", "fixed2", "fixed5", "fixed10", "fixed20", "warm0.2_k20", "raw0.5", "noise0.5",
+                       "warm1_k20")
+
+def run_dir(runs_dir: Path, regime: str, schedule: str, seed: int) -> Path:
+    return runs_dir / f"{regime}__{schedule}_s{seed}"
+
+
+def finished(path: Path) -> bool:
+    return (path / "summary.json").exists() or (path / "outcome.json").exists()
+
+
+def outcome(path: Path) -> Optional[Dict]:
+    """What a finished run gives the report: top-1, factor work, and whether it diverged or collapsed."""
+    if (path / "summary.json").exists():
+        summary = json.loads((path / "summary.json").read_text())
+        top1 = summary.get("final_top1")
+        fisher = summary.get("fisher") or {}
+        finite = all(summary.get("rank_state_finite") or [True])
+        status = "diverged" if not finite or top1 is None else "collapsed" if top1 < COLLAPSED_TOP1 else "ok"
+        return {"status": status, "top1": top1, "work": fisher.get("compute_ratio"), "traffic": fisher.get("ratio"),
+                "skipped_steps": summary.get("skipped_step_count", 0), "wall_s": summary.get("wall_time_s"),
+                "mean_interval": (summary.get("kfac") or {}).get("mean_interval"), "steps": summary.get("steps")}
+    if (path / "outcome.json").exists():
+        return json.loads((path / "outcome.json").read_text())
+    return None
+
+
+class Worker:
+    """A process of scripts/bench/_train_worker.py (one per sweep thread) for the single-rank runs."""
+
+    def __init__(self) -> None:
+        self.process: Optional[subprocess.Popen] = None
+
+    def train(self, label: str, run_dir: Path, argv: List[str]) -> int:
+        if self.process is None or self.process.poll() is not None:
+            env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+            command = ["nice", "-n", str(NICE), str(ROOT / ".venv/bin/python"),
+                       str(Path(__file__).parent / "_train_worker.py")]
+            self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdin=subprocess.PIPE,
+                                            stdout=subprocess.PIPE, text=True)
+        print(f"[freshness] {label}: in a worker", flush=True)
+        start = time.time()
+        self.process.stdin.write(json.dumps({"run_dir": str(run_dir), "argv": argv}) + "\n")
+        self.process.stdin.flush()
+        reply = self.process.stdout.readline()
+        code = json.loads(reply)["exit"] if reply else -1
+        print(f"[freshness]   {label}: exit {code} after {time.time() - start:.0f} s", flush=True)
+        return code
+
+
+_workers = threading.local()
+
+
+def run_one(runs_dir: Path, regime: Regime, schedule: str, seed: int) -> None:
+    path = run_dir(runs_dir, regime.name, schedule, seed)
+    if finished(path):
+        return
+    shutil.rmtree(path, ignore_errors=True)          # an interrupted run starts again from step 0
+    label, overrides = SCHEDULES[schedule]
+    start = time.time()
+    argv = ["--config", CONFIG, *BASE, *regime.overrides, *overrides, f"train.seed={seed}", f"log.dir={path}"]
+    name = f"{regime.name} / {schedule} / seed {seed}"
+    if regime.ranks > 1:
+        code = train("freshness", name, str(path), argv, ranks=regime.ranks, nice=NICE)
+    else:
+        if not hasattr(_workers, "worker"):
+            _workers.worker = Worker()
+        code = _workers.worker.train(name, path, argv)
+    if code == 0 and (path / "summary.json").exists():
+        return
+    status = "diverged" if code == DIVERGED_EXIT else "failed"
+    (path / "outcome.json").write_text(json.dumps({"status": status, "exit": code, "top1": None, "work": None,
+                                                   "wall_s": time.time() - start}))
+
+
+def decision_spread(runs_dir: Path, regime: str) -> Optional[float]:
+    """How far a regime's seed-0 K-FAC runs are from a tie: their top-1 range, 1 when a run collapsed or
+    diverged; None below DECISION_SPREAD."""
+    results = [outcome(run_dir(runs_dir, regime, s, 0)) for s in SCHEDULES if s != "sgd"]
+    results = [r for r in results if r is not None]
+    if any(r["status"] != "ok" for r in results):
+        return 1.0
+    top1 = [r["top1"] for r in results]
+    spread = max(top1) - min(top1) if top1 else 0.0
+    return spread if spread > DECISION_SPREAD else None
+
+
+def plan_phases(runs_dir: Path) -> List[Tuple[str, Callable[[], List[Tuple[Regime, str, int]]]]]:
+    regimes = {r.name: r for r in REGIMES}
+    base, variations = regimes["base"], REGIMES[1:]
+
+    def schedules_of(regime: Regime) -> Tuple[str, ...]:
+        if regime.name == "full28":
+            return FULL_SIZE_SCHEDULES
+        return TWO_RANK_SCHEDULES if regime.ranks > 1 else VARIATION_SCHEDULES
+
+    def by_decision() -> List[Tuple[Regime, str, int]]:
+        spreads = {r.name: decision_spread(runs_dir, r.name) for r in variations}
+        chosen = sorted((r for r in variations if spreads[r.name] is not None), key=lambda r: -spreads[r.name])
+        tied = [r for r in variations if spreads[r.name] is None]
+        return [(r, s, seed) for r in chosen + tied for seed in (1, 2) for s in DECIDING if s in schedules_of(r)]
+
+    others = [r for r in variations if r.name not in ("clip", "full28")]
+    return [
+        ("base regime, seed 0", lambda: [(base, s, 0) for s in BASE_ORDER]),
+        ("kl_clip, seed 0", lambda: [(regimes["clip"], s, 0) for s in VARIATION_SCHEDULES]),
+        ("base regime, seeds 1-2", lambda: [(base, s, seed) for seed in (1, 2) for s in BASE_SEEDED]),
+        ("the other variations, seed 0", lambda: [(r, s, 0) for r in others for s in schedules_of(r)]),
+        ("28x28 images, seed 0", lambda: [(regimes["full28"], s, 0) for s in FULL_SIZE_SCHEDULES]),
+        ("variations, seeds 1-2, those near a decision first (widest first)", by_decision),
+        ("the rest: every step on 28x28 images, seed 0; the other base schedules, seeds 1-2",
+         lambda: [(regimes["full28"], "fixed1", 0)]
+         + [(base, s, seed) for seed in (1, 2) for s in BASE_SEEDED_LAST]),
+        ("the fixed front's upper end, seeds 1-2; SGD at batch 512 and lr 0.1",
+         lambda: [(regimes[r], s, seed) for r in ("clip", "b512", "lr2") for seed in (1, 2) for s in ("fixed1", "fixed2")]
+         + [(regimes[r], "sgd", 0) for r in ("b512", "lr2")]),
+    ]
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs-dir", default="runs/freshness")
+    parser.add_argument("--out", default="docs/results/freshness")
+    parser.add_argument("--workers", type=int, default=3, help="runs at a time")
+    parser.add_argument("--deadline", default=None, help="HH:MM (UTC): start no run after this time")
+    parser.add_argument("--report-only", action="store_true")
+    return parser.parse_args()
+
+
+def deadline_of(text: Optional[str]) -> Optional[datetime.datetime]:
+    if not text:
+        return None
+    now = datetime.datetime.now(datetime.timezone.utc)
+    hour, minute = (int(part) for part in text.split(":"))
+    return now.replace(hour=hour, minute=minute, second=0, microsecond=0)
+
+
+def main() -> int:
+    args = parse_args()
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    runs_dir = ROOT / args.runs_dir
+    deadline = deadline_of(args.deadline)
+    sweep_start = time.time()
+    if not args.report_only:
+        def job(item: Tuple[Regime, str, int]) -> None:
+            if deadline is not None and datetime.datetime.now(datetime.timezone.utc) >= deadline:
+                return
+            run_one(runs_dir, *item)
+
+        with ThreadPoolExecutor(max_workers=args.workers) as pool:      # its threads keep their workers
+            for title, jobs in plan_phases(runs_dir):
+                jobs = jobs()
+                todo = [job for job in jobs if not finished(run_dir(runs_dir, job[0].name, job[1], job[2]))]
+                print(f"[freshness] {title}: {len(todo)} of {len(jobs)} runs to do", flush=True)
+                list(pool.map(job, todo))
+        print(f"[freshness] sweep: {(time.time() - sweep_start) / 60:.1f} min", flush=True)
+    from report_freshness import write_report
+    write_report(runs_dir, ROOT / args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
