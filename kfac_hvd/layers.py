@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .precision import fp32_matmul_precision, takes_narrow_inputs
+from .precision import takes_narrow_inputs
 
 FactorKinds = Tuple[str, ...]
 # Cap on the temporaries of one factor contribution (unfolded patches, fp32 copies of bf16 activations,
@@ -151,9 +151,8 @@ class KroneckerLayer(ABC):
         weight.grad.copy_(matrix.reshape(weight.shape))
 
     def precondition(self, inverses: dict, gradient: torch.Tensor) -> torch.Tensor:
-        """G⁻¹ · gradient · A⁻¹ for the gradient matrix of :meth:`grad_matrix`, in full fp32 (no TF32)."""
-        with fp32_matmul_precision(gradient.device, "highest"):
-            return inverses["G"] @ gradient @ inverses["A"]
+        """G⁻¹ · gradient · A⁻¹ for the gradient matrix of :meth:`grad_matrix` (``KFAC`` runs it in full fp32)."""
+        return inverses["G"] @ gradient @ inverses["A"]
 
 
 class LinearLayer(KroneckerLayer):
@@ -280,9 +279,8 @@ class BatchNormLayer:
         self.module.bias.grad.copy_(matrix[:, 1])
 
     def precondition(self, inverses: dict, gradient: torch.Tensor) -> torch.Tensor:
-        """(F_c + γI)⁻¹ g_c per channel, for the (C, 2) gradient of :meth:`grad_matrix`, in full fp32."""
-        with fp32_matmul_precision(gradient.device, "highest"):
-            return torch.einsum("cij,cj->ci", inverses["F"], gradient)
+        """(F_c + γI)⁻¹ g_c per channel, for the (C, 2) gradient of :meth:`grad_matrix` (full fp32 in ``KFAC``)."""
+        return torch.einsum("cij,cj->ci", inverses["F"], gradient)
 
     def _caster(self, tensor: torch.Tensor, narrow_products: bool):
         """Elementwise maths promotes bf16/fp16 to fp32 inside the kernel, so narrow inputs need no cast

@@ -50,7 +50,7 @@ class _CuBLASPrecision:
     the same; afterwards each is put back as it was, also on an exception. A legacy value that the
     per-backend API left unreadable (set through the new API only) is put back at its default,
     "highest". The calls are ``torch._C``'s own: the ``torch.backends`` properties wrap them at four
-    times the cost, and this runs once per layer in the hooks and in the preconditioning."""
+    times the cost, and this runs once per layer in the hooks and once per step in the preconditioning."""
 
     __slots__ = ("_tf32", "_saved")
 

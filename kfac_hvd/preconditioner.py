@@ -32,7 +32,7 @@ from .exchange import Arrived, FactorExchange, allgather_inverses
 from .factors import (INVERSE_METHODS, TRIANGLES, damping_shifts, diff_from_squares, factor_statistics, invert_all,
                       kl_clip_scale, packed_numel, pi_from_diagonal_means, robust_damped_inverses, unpack)
 from .layers import DEFAULT_UNFOLD_CHUNK_BYTES, Layer, make_layer
-from .precision import FACTOR_MATMUL_PRECISIONS
+from .precision import FACTOR_MATMUL_PRECISIONS, fp32_matmul_precision
 from .scheduler import IntervalScheduler
 from .state import load_kfac_state, save_kfac_state
 from .timing import PhaseTimer
@@ -393,14 +393,17 @@ class KFAC:
     def _precondition(self, lr: Optional[float]) -> Optional[torch.Tensor]:
         gradients: Dict[str, torch.Tensor] = {}
         updates: Dict[str, torch.Tensor] = {}
-        for name, layer in self.layers.items():
-            if layer.module.weight.grad is None or len(self.inverses[name]) < len(layer.factor_kinds):
-                continue  # no part in this step's loss, or never inverted: the plain gradient stays
-            gradients[name] = layer.grad_matrix()
-            updates[name] = layer.precondition(self.inverses[name], gradients[name])
         scale = None
-        if self.kl_clip is not None and updates:
-            scale = kl_clip_scale(updates, gradients, self.kl_clip, lr)
+        # Full fp32 whatever the caller's TF32 setting: the damped inverses are ill-conditioned, and TF32
+        # would change the update far more than the factors (README, "factor_matmul_precision").
+        with fp32_matmul_precision(self._device(), "highest"):
+            for name, layer in self.layers.items():
+                if layer.module.weight.grad is None or len(self.inverses[name]) < len(layer.factor_kinds):
+                    continue  # no part in this step's loss, or never inverted: the plain gradient stays
+                gradients[name] = layer.grad_matrix()
+                updates[name] = layer.precondition(self.inverses[name], gradients[name])
+            if self.kl_clip is not None and updates:
+                scale = kl_clip_scale(updates, gradients, self.kl_clip, lr)
         for name, update in updates.items():
             self.layers[name].set_grad_matrix(update * scale if scale is not None else update)
         return scale

@@ -396,6 +396,9 @@ def kfac_kwargs(cfg: Config) -> Dict[str, Any]:
         "local_inverse_max_dim": k.local_inverse_max_dim,
         "noise_aware_diff": k.noise_aware_diff,
         "unfold_chunk_bytes": max(1, int(k.unfold_chunk_mb * 2 ** 20)),
+        "narrow_factor_products": k.narrow_factor_products,
+        "factor_matmul_precision": k.factor_matmul_precision,
+        "batched_inversion": k.batched_inversion,
     }
 
 

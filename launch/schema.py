@@ -151,6 +151,14 @@ SCHEMA: Dict[str, Dict[str, Spec]] = {
                                      "not in the paper)"),
         "unfold_chunk_mb": Spec("float", 256.0, check=gt(0.0),
                                 doc="memory bound (MiB) of one im2col chunk when a conv layer's A factor is computed"),
+        "narrow_factor_products": Spec("bool", True,
+                                       doc="CUDA: bf16/fp16 activations and gradients enter the factor products as "
+                                           "they are (fp32 accumulation and result); false: cast to fp32 first"),
+        "factor_matmul_precision": Spec("str", "highest", choices=("highest", "high"),
+                                        doc="CUDA: fp32 factor products in full fp32 or TF32 (high); K-FAC's own, "
+                                            "whatever train.tf32 says"),
+        "batched_inversion": Spec("bool", True,
+                                  doc="invert factors of equal size in one batched call; false: one call each"),
     },
     "train": {
         "epochs": Spec("int", 1, check=ge(1), doc="training epochs"),
