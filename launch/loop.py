@@ -6,7 +6,6 @@ scale). Everything else stays on the device, the epoch's loss and accuracy sums 
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -26,7 +25,7 @@ from .device import apply_backend_flags, describe_device, host_collectives_warni
 from .dist import controller_name, describe_layout, init_horovod, world_layout
 from .evaluation import evaluate
 from .models import build_model
-from .outputs import RunOutputs
+from .outputs import RunOutputs, metrics_records
 from .precision import MixedPrecision
 from .progress import Progress, wants_bar
 from .reliability import (EXIT_DIVERGED, BufferGuard, Faults, RunStop, Watchdog, check_agreement,
@@ -225,15 +224,10 @@ def evaluations_after_checkpoint(log_dir: str, step: int, history: List[Dict[str
     path, found = os.path.join(log_dir, "metrics.jsonl"), []
     if not os.path.exists(path):
         return []
-    with open(path, "r", encoding="utf-8") as fh:
-        for line in fh:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            entry = record.get("eval") if isinstance(record, dict) else None
-            if isinstance(entry, dict) and record.get("step") == step and entry not in history + found:
-                found.append(entry)
+    for record in metrics_records(path):
+        entry = record.get("eval")
+        if isinstance(entry, dict) and record.get("step") == step and entry not in history + found:
+            found.append(entry)
     return found
 
 

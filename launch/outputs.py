@@ -4,7 +4,24 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterator, List, Optional
+
+
+def metrics_records(path: str, bad_lines: Optional[List[int]] = None) -> Iterator[Dict[str, Any]]:
+    """The records (JSON objects) of a metrics.jsonl in order. A line that is not JSON (a killed job's
+    last, half-written line) is skipped, its number appended to ``bad_lines``."""
+    with open(path, "r", encoding="utf-8", errors="replace") as fh:
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                if bad_lines is not None:
+                    bad_lines.append(number)
+                continue
+            if isinstance(record, dict):
+                yield record
 
 
 def _clean(value):

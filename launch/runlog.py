@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import yaml
 
+from .outputs import metrics_records
 from .report import method_label
 
 
@@ -69,18 +70,8 @@ def _method_source(summary: Optional[Dict[str, Any]], cfg: Dict[str, Any]) -> Di
 
 
 def _lines(path: str, problems: List[str]):
-    bad = []
-    with open(path, "r", encoding="utf-8", errors="replace") as fh:
-        for number, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
-                bad.append(number)
-                continue
-            if isinstance(entry, dict):
-                yield entry
+    bad: List[int] = []
+    yield from metrics_records(path, bad)
     if bad:
         problems.append(f"metrics.jsonl: {len(bad)} line(s) not JSON (line {bad[0]}{', ...' if len(bad) > 1 else ''}; "
                         "a killed job?), drawn without them")

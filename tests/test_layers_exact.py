@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 from torch import nn
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
 
 import kfac_hvd
 from kfac_hvd.factors import damped_inverses, pack, unpack

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import kfac_hvd
-from direct_factors import diff, forward_backward, make_model, step_inputs
+from direct_factors import forward_backward, make_model, step_inputs
 from kfac_hvd.factors import (TriangleIndices, diff_from_squares, kl_clip_scale, pack, packed_numel,
                               pi_from_diagonal_means, split_half_noise, unpack)
 from kfac_hvd.layers import Conv2dLayer
