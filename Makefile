@@ -11,7 +11,7 @@ STAMP := $(VENV)/.kfac-hvd-ready
 NP ?= 2
 SDIST_DIR := .gpu_carry
 
-.PHONY: setup torch horovod horovod-sdist demo test clean-venv
+.PHONY: setup torch horovod horovod-sdist demo test lint clean-venv
 
 setup: horovod
 
@@ -20,7 +20,7 @@ $(STAMP): setup.py scripts/install_system.sh
 	bash scripts/install_system.sh
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q pyyaml mpi4py tqdm tensorboard matplotlib pytest
+	$(PY) -m pip install -q pyyaml mpi4py tqdm tensorboard matplotlib pytest pydantic ruff mypy
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
@@ -45,6 +45,13 @@ demo: setup
 # Strict: a missing or broken Horovod, mpirun or Fashion-MNIST fails the run instead of skipping tests.
 test: setup
 	KFAC_HVD_STRICT=1 $(PY) -m pytest -q -rs tests
+
+# Lint (ruff.toml) and format check over the repository, types (setup.cfg's [mypy]) over the library and
+# the launcher. Needs the venv (make setup).
+lint:
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 # Mutation testing of the maths (setup.cfg's [mutmut] section; docs/TESTING.md): long, not part of
 # `test`. Niced and one thread, so a shared machine stays usable; results stay in mutants/.

@@ -1,4 +1,5 @@
 """kfac_hvd: distributed K-FAC on Horovod with a per-layer adaptive factor-update interval."""
+
 from .assignment import Assignment, assign_layers
 from .preconditioner import KFAC
 from .scheduler import IntervalScheduler

@@ -1,16 +1,17 @@
 """Which rank inverts which layer: greedy longest-processing-time partition by inversion cost."""
+
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Tuple
 
 DEFAULT_LOCAL_INVERSE_MAX_DIM = 256
 
 
 @dataclass(frozen=True)
 class Assignment:
-    owner: Dict[str, int]   # layer name -> rank that inverts it and broadcasts the inverses
-    load: List[float]       # total inversion cost per rank
+    owner: dict[str, int]  # layer name -> rank that inverts it and broadcasts the inverses
+    load: list[float]  # total inversion cost per rank
 
     @property
     def world_size(self) -> int:
@@ -22,7 +23,7 @@ class Assignment:
         mean = sum(self.load) / len(self.load)
         return max(self.load) / mean if mean > 0 else 1.0
 
-    def layers_of(self, rank: int) -> List[str]:
+    def layers_of(self, rank: int) -> list[str]:
         return [name for name, owner in self.owner.items() if owner == rank]
 
 
@@ -35,7 +36,7 @@ def assign_layers(costs: Mapping[str, float], world_size: int) -> Assignment:
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     load = [0.0] * world_size
-    owner: Dict[str, int] = {}
+    owner: dict[str, int] = {}
     # Name breaks cost ties so that the order never depends on dict insertion.
     for name in sorted(costs, key=lambda n: (-costs[n], n)):
         rank = min(range(world_size), key=lambda r: (load[r], r))
@@ -44,7 +45,7 @@ def assign_layers(costs: Mapping[str, float], world_size: int) -> Assignment:
     return Assignment(owner={name: owner[name] for name in costs}, load=load)
 
 
-def inverted_everywhere(factor_shapes: Mapping[str, Tuple[int, ...]], local_inverse_max_dim: int) -> bool:
+def inverted_everywhere(factor_shapes: Mapping[str, tuple[int, ...]], local_inverse_max_dim: int) -> bool:
     """Whether a layer is cheap enough for every rank to invert it from the averaged factors, so that
     its inverses never travel: batched 2×2 blocks (BatchNorm) always; Kronecker factors when neither is
     wider than ``local_inverse_max_dim`` (a 256-wide Cholesky inverse is ~17 MFLOP: microseconds on a

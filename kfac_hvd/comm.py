@@ -11,13 +11,14 @@ to Horovod goes through :class:`TrafficCounter`, which keeps per layer and kind
     - allgather (ring), n-byte share of the gathered buffer: (P−1)/P · n per rank;
     - broadcast (from one root): n per rank; P = 1 sends nothing.
 """
+
 from __future__ import annotations
 
-from collections import defaultdict
-from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, Optional
-
 import math
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -37,31 +38,43 @@ def broadcast_wire_bytes(payload: int, world_size: int) -> float:
     return float(payload) if world_size > 1 else 0.0
 
 
-WIRE_BYTES = {"allreduce": allreduce_wire_bytes, "allgather": allgather_wire_bytes,
-              "broadcast": broadcast_wire_bytes}
+WIRE_BYTES = {
+    "allreduce": allreduce_wire_bytes,
+    "allgather": allgather_wire_bytes,
+    "broadcast": broadcast_wire_bytes,
+}
 
 
-def every_step_cost(layers: Iterable[Any], world_size: int, *, symmetric: bool = True,
-                    element_bytes: Optional[int] = None,
-                    local_inverse_max_dim: int = DEFAULT_LOCAL_INVERSE_MAX_DIM) -> Dict[str, float]:
+def every_step_cost(
+    layers: Iterable[Any],
+    world_size: int,
+    *,
+    symmetric: bool = True,
+    element_bytes: int | None = None,
+    local_inverse_max_dim: int = DEFAULT_LOCAL_INVERSE_MAX_DIM,
+) -> dict[str, float]:
     """One step with every factor of every layer updated: payload, wire and dense bytes, elements.
 
     Every factor is allreduced; the inverses of the layers that are not inverted on every rank travel
     in the step's inverse allgather.
     """
-    cost = {"every_step_payload_bytes": 0, "every_step_wire_bytes": 0.0, "every_step_dense_payload_bytes": 0,
-            "every_step_elements": 0}
+    cost = {
+        "every_step_payload_bytes": 0,
+        "every_step_wire_bytes": 0.0,
+        "every_step_dense_payload_bytes": 0,
+        "every_step_elements": 0,
+    }
     for layer in layers:
         element = element_bytes or torch.finfo(layer.factor_dtype).bits // 8
         shapes = layer.factor_shapes()
         local = inverted_everywhere(shapes, local_inverse_max_dim)
-        for kind, shape in shapes.items():
+        for shape in shapes.values():
             cost["every_step_elements"] += math.prod(shape)
             if world_size == 1:
                 continue
             payload = packed_numel(shape, symmetric) * element
             dense = math.prod(shape) * element
-            messages = 1 if local else 2       # factor allreduce (+ inverse allgather)
+            messages = 1 if local else 2  # factor allreduce (+ inverse allgather)
             cost["every_step_payload_bytes"] += messages * payload
             cost["every_step_dense_payload_bytes"] += messages * dense
             cost["every_step_wire_bytes"] += allreduce_wire_bytes(payload, world_size)
@@ -75,10 +88,12 @@ class TrafficCounter:
     """Cumulative Fisher traffic of this rank, and what updating every factor every step would cost."""
 
     world_size: int
-    per_layer: Dict[str, Dict[str, Dict[str, float]]] = field(
-        default_factory=lambda: defaultdict(lambda: defaultdict(lambda: {"count": 0, "payload_bytes": 0,
-                                                                         "wire_bytes": 0.0})))
-    totals: Dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    per_layer: dict[str, dict[str, dict[str, float]]] = field(
+        default_factory=lambda: defaultdict(
+            lambda: defaultdict(lambda: {"count": 0, "payload_bytes": 0, "wire_bytes": 0.0})
+        )
+    )
+    totals: dict[str, float] = field(default_factory=lambda: defaultdict(float))
 
     def add(self, layer: str, kind: str, op: str, payload: int) -> None:
         wire = WIRE_BYTES[op](payload, self.world_size)
@@ -93,32 +108,48 @@ class TrafficCounter:
         for key, value in amounts.items():
             self.totals[key] += value
 
-    def summary(self) -> Dict[str, Any]:
+    def summary(self) -> dict[str, Any]:
         totals = dict(self.totals)
-        for key in ("payload_bytes", "wire_bytes", "dense_payload_bytes", "every_step_payload_bytes",
-                    "every_step_wire_bytes", "every_step_dense_payload_bytes", "computed_elements",
-                    "every_step_elements", "control_payload_bytes"):
+        for key in (
+            "payload_bytes",
+            "wire_bytes",
+            "dense_payload_bytes",
+            "every_step_payload_bytes",
+            "every_step_wire_bytes",
+            "every_step_dense_payload_bytes",
+            "computed_elements",
+            "every_step_elements",
+            "control_payload_bytes",
+        ):
             totals.setdefault(key, 0.0)
 
-        def ratio(numerator: str, denominator: str) -> Optional[float]:
+        def ratio(numerator: str, denominator: str) -> float | None:
             return totals[numerator] / totals[denominator] if totals[denominator] else None
 
         return {
             "world_size": self.world_size,
-            **{k: (int(v) if k.endswith("payload_bytes") or k.endswith("elements") else v)
-               for k, v in totals.items()},
+            **{
+                k: (int(v) if k.endswith("payload_bytes") or k.endswith("elements") else v)
+                for k, v in totals.items()
+            },
             "ratio": ratio("payload_bytes", "every_step_payload_bytes"),
             "compute_ratio": ratio("computed_elements", "every_step_elements"),
-            "per_layer": {layer: {kind: dict(entry) for kind, entry in kinds.items()}
-                          for layer, kinds in self.per_layer.items()},
+            "per_layer": {
+                layer: {kind: dict(entry) for kind, entry in kinds.items()}
+                for layer, kinds in self.per_layer.items()
+            },
         }
 
-    def state_dict(self) -> Dict[str, Any]:
-        return {"totals": dict(self.totals),
-                "per_layer": {layer: {kind: dict(entry) for kind, entry in kinds.items()}
-                              for layer, kinds in self.per_layer.items()}}
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "totals": dict(self.totals),
+            "per_layer": {
+                layer: {kind: dict(entry) for kind, entry in kinds.items()}
+                for layer, kinds in self.per_layer.items()
+            },
+        }
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.totals.clear()
         self.totals.update(state["totals"])
         self.per_layer.clear()
@@ -164,11 +195,10 @@ class HorovodCommunicator:
         return self._hvd.synchronize(handle)
 
 
-def default_communicator() -> "HorovodCommunicator | LocalCommunicator":
+def default_communicator() -> HorovodCommunicator | LocalCommunicator:
     """Horovod when it is importable and initialised, else a single local process."""
     try:
         import horovod.torch as hvd
     except ImportError:
         return LocalCommunicator()
     return HorovodCommunicator() if hvd.is_initialized() else LocalCommunicator()
-

@@ -18,6 +18,7 @@ Without a trace every layer is due every step (λ = –). With a trace recorded 
 trace's per-layer diffs drive Algorithm 1 at the large run's scale: see :func:`replay_trace`.
 ``--time`` adds the step-time model of :mod:`kfac_hvd.timemodel`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,7 +27,8 @@ import json
 import math
 import shlex
 import sys
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -39,8 +41,8 @@ from .layers import Layer, make_layer
 from .scheduler import IntervalScheduler
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
-CONTROL_BYTES_PER_LAYER = 4   # one int32 interval per due layer, in rank 0's part of the allgather
-PAPER_LAMBDA025_RATIO = 357 / 3000   # Table 1: 357 GB of 3.0 TB at λ = 0.25
+CONTROL_BYTES_PER_LAYER = 4  # one int32 interval per due layer, in rank 0's part of the allgather
+PAPER_LAMBDA025_RATIO = 357 / 3000  # Table 1: 357 GB of 3.0 TB at λ = 0.25
 
 
 def triangle_payload(layer: Layer, *, symmetric: bool = True, element_bytes: int = 4) -> int:
@@ -53,8 +55,14 @@ def travels(layer: Layer, local_inverse_max_dim: int = DEFAULT_LOCAL_INVERSE_MAX
     return not inverted_everywhere(layer.factor_shapes(), local_inverse_max_dim)
 
 
-def layer_wire_bytes(layer: Layer, world_size: int, *, symmetric: bool = True, element_bytes: int = 4,
-                     local_inverse_max_dim: int = DEFAULT_LOCAL_INVERSE_MAX_DIM) -> float:
+def layer_wire_bytes(
+    layer: Layer,
+    world_size: int,
+    *,
+    symmetric: bool = True,
+    element_bytes: int = 4,
+    local_inverse_max_dim: int = DEFAULT_LOCAL_INVERSE_MAX_DIM,
+) -> float:
     """Wire bytes per rank of one update of ``layer``: factor allreduce (+ its share of the inverse allgather)."""
     payload = triangle_payload(layer, symmetric=symmetric, element_bytes=element_bytes)
     wire = allreduce_wire_bytes(payload, world_size)
@@ -63,9 +71,11 @@ def layer_wire_bytes(layer: Layer, world_size: int, *, symmetric: bool = True, e
     return wire
 
 
-def model_layers(model: nn.Module, *, include_batchnorm: bool = True) -> List[Layer]:
-    layers = [make_layer(name, module, include_batchnorm=include_batchnorm, factor_dtype=torch.float32)
-              for name, module in model.named_modules()]
+def model_layers(model: nn.Module, *, include_batchnorm: bool = True) -> list[Layer]:
+    layers = [
+        make_layer(name, module, include_batchnorm=include_batchnorm, factor_dtype=torch.float32)
+        for name, module in model.named_modules()
+    ]
     return [layer for layer in layers if layer is not None]
 
 
@@ -73,40 +83,70 @@ def layer_type(layer: Layer) -> str:
     return "batchnorm" if "F" in layer.factor_shapes() else "kronecker"
 
 
-def every_step_traffic(model: "nn.Module | Iterable[Layer]", world_size: int, steps: int, *, symmetric: bool = True,
-                       element_bytes: int = 4, include_batchnorm: bool = True,
-                       local_inverse_max_dim: int = DEFAULT_LOCAL_INVERSE_MAX_DIM) -> Dict[str, Any]:
+def every_step_traffic(
+    model: nn.Module | Iterable[Layer],
+    world_size: int,
+    steps: int,
+    *,
+    symmetric: bool = True,
+    element_bytes: int = 4,
+    include_batchnorm: bool = True,
+    local_inverse_max_dim: int = DEFAULT_LOCAL_INVERSE_MAX_DIM,
+) -> dict[str, Any]:
     """Per-rank Fisher traffic of ``steps`` steps that update every layer: a model's K-FAC layers, or
     the given layers (e.g. ``kfac.layers.values()``, which honours ``skip_layers``)."""
-    layers = model_layers(model, include_batchnorm=include_batchnorm) if isinstance(model, nn.Module) else list(model)
-    factors = sum(triangle_payload(layer, symmetric=symmetric, element_bytes=element_bytes) for layer in layers)
+    layers = (
+        model_layers(model, include_batchnorm=include_batchnorm)
+        if isinstance(model, nn.Module)
+        else list(model)
+    )
+    factors = sum(
+        triangle_payload(layer, symmetric=symmetric, element_bytes=element_bytes) for layer in layers
+    )
     moving = [layer for layer in layers if travels(layer, local_inverse_max_dim)]
-    inverses = sum(triangle_payload(layer, symmetric=symmetric, element_bytes=element_bytes) for layer in moving)
+    inverses = sum(
+        triangle_payload(layer, symmetric=symmetric, element_bytes=element_bytes) for layer in moving
+    )
     values = sum(math.prod(shape) for layer in layers for shape in layer.factor_shapes().values())
     factor_wire = allreduce_wire_bytes(factors, world_size)
     inverse_wire = allgather_wire_bytes(inverses, world_size) if inverses else 0.0
-    return {"layers": len(layers), "locally_inverted_layers": len(layers) - len(moving),
-            "travelling_layers": len(moving), "local_inverse_max_dim": local_inverse_max_dim,
-            "factor_values": values, "factor_bytes": values * element_bytes,
-            "factor_payload_bytes_per_step": factors, "inverse_payload_bytes_per_step": inverses,
-            "factor_allreduce_tensors_per_step": sum(len(layer.factor_shapes()) for layer in layers),
-            "inverse_allgathers_per_step": 1 if inverses and world_size > 1 else 0,
-            "wire_bytes_per_step": factor_wire + inverse_wire,
-            "factor_allreduce_wire_bytes_per_rank": steps * factor_wire,
-            "inverse_allgather_wire_bytes_per_rank": steps * inverse_wire,
-            "wire_bytes_per_rank": steps * (factor_wire + inverse_wire),
-            "payload_bytes_per_rank": steps * (factors + inverses),
-            "allreduce_only_dense_wire_bytes_per_rank":
-                steps * allreduce_wire_bytes(values * element_bytes, world_size)}
+    return {
+        "layers": len(layers),
+        "locally_inverted_layers": len(layers) - len(moving),
+        "travelling_layers": len(moving),
+        "local_inverse_max_dim": local_inverse_max_dim,
+        "factor_values": values,
+        "factor_bytes": values * element_bytes,
+        "factor_payload_bytes_per_step": factors,
+        "inverse_payload_bytes_per_step": inverses,
+        "factor_allreduce_tensors_per_step": sum(len(layer.factor_shapes()) for layer in layers),
+        "inverse_allgathers_per_step": 1 if inverses and world_size > 1 else 0,
+        "wire_bytes_per_step": factor_wire + inverse_wire,
+        "factor_allreduce_wire_bytes_per_rank": steps * factor_wire,
+        "inverse_allgather_wire_bytes_per_rank": steps * inverse_wire,
+        "wire_bytes_per_rank": steps * (factor_wire + inverse_wire),
+        "payload_bytes_per_rank": steps * (factors + inverses),
+        "allreduce_only_dense_wire_bytes_per_rank": steps
+        * allreduce_wire_bytes(values * element_bytes, world_size),
+    }
 
 
-def scheme_comparison(layers: Sequence[Layer], world_size: int, *, symmetric: bool = True, element_bytes: int = 4,
-                      local_inverse_max_dim: int = DEFAULT_LOCAL_INVERSE_MAX_DIM) -> Dict[str, Any]:
+def scheme_comparison(
+    layers: Sequence[Layer],
+    world_size: int,
+    *,
+    symmetric: bool = True,
+    element_bytes: int = 4,
+    local_inverse_max_dim: int = DEFAULT_LOCAL_INVERSE_MAX_DIM,
+) -> dict[str, Any]:
     """One update step with every layer due, per rank: the broadcast scheme (one broadcast per inverse from
     its owner, every layer owned by some rank, + rank 0's schedule broadcast) against the allgather scheme
     (local inversion of cheap layers + one allgather), and what local inversion alone removes."""
+
     def payload(group: Iterable[Layer]) -> int:
-        return sum(triangle_payload(layer, symmetric=symmetric, element_bytes=element_bytes) for layer in group)
+        return sum(
+            triangle_payload(layer, symmetric=symmetric, element_bytes=element_bytes) for layer in group
+        )
 
     local = [layer for layer in layers if not travels(layer, local_inverse_max_dim)]
     moving = [layer for layer in layers if travels(layer, local_inverse_max_dim)]
@@ -114,28 +154,44 @@ def scheme_comparison(layers: Sequence[Layer], world_size: int, *, symmetric: bo
     matrices = lambda group: sum(len(layer.factor_shapes()) for layer in group)  # noqa: E731
     control = CONTROL_BYTES_PER_LAYER * len(layers)
     return {
-        "factor_allreduce": {"tensors": matrices(layers), "payload_bytes": payload(layers),
-                             "wire_bytes": allreduce_wire_bytes(payload(layers), world_size)},
-        "broadcast_scheme": {"broadcasts": matrices(layers), "roots": len(set(owners.values())),
-                             "schedule_broadcasts": 1, "payload_bytes": payload(layers),
-                             "wire_bytes": sum(
-                                 broadcast_wire_bytes(packed_numel(shape, symmetric) * element_bytes, world_size)
-                                 for layer in layers for shape in layer.factor_shapes().values()),
-                             "control_payload_bytes": control},
-        "allgather_scheme": {"allgathers": 1, "layers": len(moving), "matrices": matrices(moving),
-                             "payload_bytes": payload(moving),
-                             "wire_bytes": allgather_wire_bytes(payload(moving), world_size),
-                             "control_payload_bytes": control},
+        "factor_allreduce": {
+            "tensors": matrices(layers),
+            "payload_bytes": payload(layers),
+            "wire_bytes": allreduce_wire_bytes(payload(layers), world_size),
+        },
+        "broadcast_scheme": {
+            "broadcasts": matrices(layers),
+            "roots": len(set(owners.values())),
+            "schedule_broadcasts": 1,
+            "payload_bytes": payload(layers),
+            "wire_bytes": sum(
+                broadcast_wire_bytes(packed_numel(shape, symmetric) * element_bytes, world_size)
+                for layer in layers
+                for shape in layer.factor_shapes().values()
+            ),
+            "control_payload_bytes": control,
+        },
+        "allgather_scheme": {
+            "allgathers": 1,
+            "layers": len(moving),
+            "matrices": matrices(moving),
+            "payload_bytes": payload(moving),
+            "wire_bytes": allgather_wire_bytes(payload(moving), world_size),
+            "control_payload_bytes": control,
+        },
         "local_inversion_removes": {
-            "layers": len(local), "batchnorm_layers": sum(layer_type(layer) == "batchnorm" for layer in local),
+            "layers": len(local),
+            "batchnorm_layers": sum(layer_type(layer) == "batchnorm" for layer in local),
             "kronecker_layers": sum(layer_type(layer) == "kronecker" for layer in local),
-            "matrices": matrices(local), "payload_bytes": payload(local),
+            "matrices": matrices(local),
+            "payload_bytes": payload(local),
             "allgather_wire_bytes": allgather_wire_bytes(payload(local), world_size),
-            "broadcast_wire_bytes": float(payload(local)) if world_size > 1 else 0.0},
+            "broadcast_wire_bytes": float(payload(local)) if world_size > 1 else 0.0,
+        },
     }
 
 
-def load_trace(path: str) -> List[Dict[str, Any]]:
+def load_trace(path: str) -> list[dict[str, Any]]:
     """K-FAC step records from a metrics.jsonl (a line is a record, or holds one under "kfac")."""
     records = []
     with open(path) as handle:
@@ -154,14 +210,14 @@ def load_trace(path: str) -> List[Dict[str, Any]]:
     return records
 
 
-def map_layers(targets: Dict[str, str], trace: Dict[str, str]) -> Dict[str, str]:
+def map_layers(targets: dict[str, str], trace: dict[str, str]) -> dict[str, str]:
     """Target layer → trace layer (both given as ordered name → type). The same name if the trace has
     it, else the trace layer of the same type at the same relative depth, so that a small model's trace
     can stand in for a large model."""
-    trace_by_type: Dict[str, List[str]] = {}
+    trace_by_type: dict[str, list[str]] = {}
     for name, kind in trace.items():
         trace_by_type.setdefault(kind, []).append(name)
-    target_by_type: Dict[str, List[str]] = {}
+    target_by_type: dict[str, list[str]] = {}
     for name, kind in targets.items():
         target_by_type.setdefault(kind, []).append(name)
     mapping = {}
@@ -173,10 +229,19 @@ def map_layers(targets: Dict[str, str], trace: Dict[str, str]) -> Dict[str, str]
     return mapping
 
 
-def replay_trace(records: Sequence[Dict[str, Any]], layers: Sequence[Layer], steps: int, world_size: int, *,
-                 update_threshold: float, interval_policy: str = "modulo", symmetric: bool = True,
-                 element_bytes: int = 4, local_inverse_max_dim: int = DEFAULT_LOCAL_INVERSE_MAX_DIM,
-                 keep_schedule: bool = False) -> Dict[str, Any]:
+def replay_trace(
+    records: Sequence[dict[str, Any]],
+    layers: Sequence[Layer],
+    steps: int,
+    world_size: int,
+    *,
+    update_threshold: float,
+    interval_policy: str = "modulo",
+    symmetric: bool = True,
+    element_bytes: int = 4,
+    local_inverse_max_dim: int = DEFAULT_LOCAL_INVERSE_MAX_DIM,
+    keep_schedule: bool = False,
+) -> dict[str, Any]:
     """Predict the Fisher traffic of a ``steps``-step run whose layers behave like the trace's.
 
     Assumptions: a layer's Diff depends on the fraction of training done, not on the step count or
@@ -188,29 +253,42 @@ def replay_trace(records: Sequence[Dict[str, Any]], layers: Sequence[Layer], ste
     ``keep_schedule``: also return ``schedule``, the due layer names of every step (for the time model).
     """
     trace_names = list(records[0]["layers"])
-    trace_types = {name: ("batchnorm" if "diff_F" in records[0]["layers"][name] else "kronecker")
-                   for name in trace_names}
+    trace_types = {
+        name: ("batchnorm" if "diff_F" in records[0]["layers"][name] else "kronecker") for name in trace_names
+    }
     mapping = map_layers({layer.name: layer_type(layer) for layer in layers}, trace_types)
     # Per trace layer: progress points at which it had a diff, and the diff.
     total = len(records)
-    timeline: Dict[str, Tuple[List[float], List[float]]] = {name: ([], []) for name in trace_names}
+    timeline: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in trace_names}
     for index, record in enumerate(records):
         for name, entry in record["layers"].items():
             diffs = [v for k, v in entry.items() if k.startswith("diff_") and v is not None]
             if diffs and name in timeline:
                 timeline[name][0].append(index / max(1, total - 1))
                 timeline[name][1].append(max(diffs))
-    scheduler = IntervalScheduler([layer.name for layer in layers], update_threshold=update_threshold,
-                                  interval_policy=interval_policy)
-    factor_wire = {layer.name: allreduce_wire_bytes(triangle_payload(layer, symmetric=symmetric,
-                                                                     element_bytes=element_bytes), world_size)
-                   for layer in layers}
-    per_layer_wire = {layer.name: layer_wire_bytes(layer, world_size, symmetric=symmetric, element_bytes=element_bytes,
-                                                   local_inverse_max_dim=local_inverse_max_dim) for layer in layers}
+    scheduler = IntervalScheduler(
+        [layer.name for layer in layers], update_threshold=update_threshold, interval_policy=interval_policy
+    )
+    factor_wire = {
+        layer.name: allreduce_wire_bytes(
+            triangle_payload(layer, symmetric=symmetric, element_bytes=element_bytes), world_size
+        )
+        for layer in layers
+    }
+    per_layer_wire = {
+        layer.name: layer_wire_bytes(
+            layer,
+            world_size,
+            symmetric=symmetric,
+            element_bytes=element_bytes,
+            local_inverse_max_dim=local_inverse_max_dim,
+        )
+        for layer in layers
+    }
     wire = factor_part = control = 0.0
     allgathers = 0
     updates = dict.fromkeys(per_layer_wire, 0)
-    schedule: List[List[str]] = []
+    schedule: list[list[str]] = []
     for step in range(1, steps + 1):
         progress = (step - 1) / max(1, steps - 1)
         due = [layer.name for layer in layers if scheduler.is_due(layer.name, step)]
@@ -228,13 +306,20 @@ def replay_trace(records: Sequence[Dict[str, Any]], layers: Sequence[Layer], ste
         if keep_schedule:
             schedule.append(due)
     every_step_wire = steps * sum(per_layer_wire.values())
-    result = {"steps": steps, "wire_bytes_per_rank": wire, "factor_allreduce_wire_bytes_per_rank": factor_part,
-              "inverse_allgather_wire_bytes_per_rank": wire - factor_part, "inverse_allgathers": allgathers,
-              "control_wire_bytes_per_rank": control, "every_step_wire_bytes_per_rank": every_step_wire,
-              "ratio": wire / every_step_wire if every_step_wire else None,
-              "layer_updates": sum(updates.values()), "updates_per_layer": updates,
-              "due_fraction": sum(updates.values()) / (steps * len(layers)) if steps and layers else 0.0,
-              "mean_final_interval": sum(scheduler.interval.values()) / len(layers)}
+    result = {
+        "steps": steps,
+        "wire_bytes_per_rank": wire,
+        "factor_allreduce_wire_bytes_per_rank": factor_part,
+        "inverse_allgather_wire_bytes_per_rank": wire - factor_part,
+        "inverse_allgathers": allgathers,
+        "control_wire_bytes_per_rank": control,
+        "every_step_wire_bytes_per_rank": every_step_wire,
+        "ratio": wire / every_step_wire if every_step_wire else None,
+        "layer_updates": sum(updates.values()),
+        "updates_per_layer": updates,
+        "due_fraction": sum(updates.values()) / (steps * len(layers)) if steps and layers else 0.0,
+        "mean_final_interval": sum(scheduler.interval.values()) / len(layers),
+    }
     if keep_schedule:
         result["schedule"] = schedule
     return result
@@ -244,7 +329,7 @@ def _build_model(name: str) -> nn.Module:
     import torchvision
 
     try:
-        with torch.device("meta"):   # shapes only: no weights are initialised
+        with torch.device("meta"):  # shapes only: no weights are initialised
             return getattr(torchvision.models, name)(weights=None)
     except AttributeError:
         raise SystemExit(f"commodel: unknown torchvision model '{name}'") from None
@@ -268,46 +353,78 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype-bytes", type=int, default=4, help="bytes per factor value (4 = fp32)")
     parser.add_argument("--no-triangle", action="store_true", help="send full matrices, not upper triangles")
     parser.add_argument("--no-batchnorm", action="store_true", help="leave BatchNorm layers out of K-FAC")
-    parser.add_argument("--local-inverse-max-dim", type=int, default=DEFAULT_LOCAL_INVERSE_MAX_DIM,
-                        help="Kronecker layers with both factors at most this wide are inverted on every rank "
-                             f"(default {DEFAULT_LOCAL_INVERSE_MAX_DIM}, the library's); BatchNorm always is")
+    parser.add_argument(
+        "--local-inverse-max-dim",
+        type=int,
+        default=DEFAULT_LOCAL_INVERSE_MAX_DIM,
+        help="Kronecker layers with both factors at most this wide are inverted on every rank "
+        f"(default {DEFAULT_LOCAL_INVERSE_MAX_DIM}, the library's); BatchNorm always is",
+    )
     parser.add_argument("--trace", help="metrics.jsonl of a recorded run to replay at this scale")
     parser.add_argument("--update-threshold", type=float, default=0.25, help="λ for --trace replay")
     parser.add_argument("--interval-policy", default="modulo", choices=("modulo", "since_last"))
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     time = parser.add_argument_group("step-time model (--time; a model, see kfac_hvd/timemodel.py)")
-    time.add_argument("--time", action="store_true", help="model seconds per step (α-β collectives + FLOP compute)")
-    time.add_argument("--markdown", metavar="PATH", help="with --time: also write the table as markdown to PATH")
-    time.add_argument("--note", default="", help="a paragraph for the --markdown file (e.g. where the trace is from)")
+    time.add_argument(
+        "--time", action="store_true", help="model seconds per step (α-β collectives + FLOP compute)"
+    )
+    time.add_argument(
+        "--markdown", metavar="PATH", help="with --time: also write the table as markdown to PATH"
+    )
+    time.add_argument(
+        "--note", default="", help="a paragraph for the --markdown file (e.g. where the trace is from)"
+    )
     time.add_argument("--topology", default="flat", choices=("flat", "hierarchical"))
     time.add_argument("--gpus-per-node", type=int, default=4)
-    time.add_argument("--nvlink-gbs", type=float, default=50.0, help="GB/s per direction between GPUs of a node")
+    time.add_argument(
+        "--nvlink-gbs", type=float, default=50.0, help="GB/s per direction between GPUs of a node"
+    )
     time.add_argument("--node-gbs", type=float, default=25.0, help="GB/s per direction per node (2 × IB EDR)")
     time.add_argument("--alpha-message-us", type=float, default=50.0, help="µs per collective")
     time.add_argument("--alpha-inter-us", type=float, default=5.0, help="µs per inter-node ring step")
     time.add_argument("--alpha-intra-us", type=float, default=2.0, help="µs per intra-node ring step")
     time.add_argument("--fusion-mib", type=float, default=64.0, help="Horovod fusion buffer, MiB")
-    time.add_argument("--device", default="V100", choices=sorted(DEVICES),
-                      help="device kind whose datasheet rates the model takes (default V100, the paper's)")
-    time.add_argument("--factor-precision", default="fp32",
-                      help="input precision of the factor products (fp32, tf32, bf16, fp16; the device's peak for "
-                           "it; a comma list models each, e.g. fp32,fp16: the fp32 copy against tensor cores)")
+    time.add_argument(
+        "--device",
+        default="V100",
+        choices=sorted(DEVICES),
+        help="device kind whose datasheet rates the model takes (default V100, the paper's)",
+    )
+    time.add_argument(
+        "--factor-precision",
+        default="fp32",
+        help="input precision of the factor products (fp32, tf32, bf16, fp16; the device's peak for "
+        "it; a comma list models each, e.g. fp32,fp16: the fp32 copy against tensor cores)",
+    )
     time.add_argument("--peak-tflops", type=float, help="GPU fp32 peak, TFLOP/s (default: the device's)")
-    time.add_argument("--memory-gbs", type=float,
-                      help="memory bandwidth for the im2col traffic, GB/s (default: the device's; 0: not counted)")
-    time.add_argument("--sgd-epochs", type=float, default=90,
-                      help="epochs SGD needs for the accuracy compared (default 90: Goyal et al.'s schedule)")
+    time.add_argument(
+        "--memory-gbs",
+        type=float,
+        help="memory bandwidth for the im2col traffic, GB/s (default: the device's; 0: not counted)",
+    )
+    time.add_argument(
+        "--sgd-epochs",
+        type=float,
+        default=90,
+        help="epochs SGD needs for the accuracy compared (default 90: Goyal et al.'s schedule)",
+    )
     time.add_argument("--efficiency", type=float, default=0.6, help="fraction of peak for GEMM-like work")
-    time.add_argument("--inverse-efficiency", type=float, default=0.25, help="fraction of peak for inversions")
+    time.add_argument(
+        "--inverse-efficiency", type=float, default=0.25, help="fraction of peak for inversions"
+    )
     time.add_argument("--batch-per-gpu", type=int, help="default: batch / ranks")
     time.add_argument("--image-size", type=int, default=224)
-    time.add_argument("--due-fraction", type=float, default=PAPER_LAMBDA025_RATIO,
-                      help="share of layers due per step without a trace (default 0.119: the paper's λ = 0.25 "
-                           "traffic ratio, 357 GB / 3.0 TB)")
+    time.add_argument(
+        "--due-fraction",
+        type=float,
+        default=PAPER_LAMBDA025_RATIO,
+        help="share of layers due per step without a trace (default 0.119: the paper's λ = 0.25 "
+        "traffic ratio, 357 GB / 3.0 TB)",
+    )
     return parser
 
 
-def traffic_lines(result: Dict[str, Any], args: argparse.Namespace) -> List[str]:
+def traffic_lines(result: dict[str, Any], args: argparse.Namespace) -> list[str]:
     r, steps, s = result, result["steps"], result["scheme"]
     removed, before, after = s["local_inversion_removes"], s["broadcast_scheme"], s["allgather_scheme"]
     lines = [
@@ -342,51 +459,77 @@ def traffic_lines(result: Dict[str, Any], args: argparse.Namespace) -> List[str]
     ]
     if "replay" in r:
         p = r["replay"]
-        lines.append(f"  replay of {p['trace']} with λ = {p['update_threshold']} ({p['interval_policy']}): "
-                     f"{format_bytes(p['wire_bytes_per_rank'])} = "
-                     + (f"{100 * p['ratio']:.1f}%" if p["ratio"] is not None else "–") + " of every step "
-                     f"(factor allreduce {format_bytes(p['factor_allreduce_wire_bytes_per_rank'])}, inverse allgather "
-                     f"{format_bytes(p['inverse_allgather_wire_bytes_per_rank'])}; {p['inverse_allgathers']} "
-                     f"allgathers, + {format_bytes(p['control_wire_bytes_per_rank'])} control), due fraction "
-                     f"{p['due_fraction']:.3f}, mean final interval {p['mean_final_interval']:.1f}")
+        lines.append(
+            f"  replay of {p['trace']} with λ = {p['update_threshold']} ({p['interval_policy']}): "
+            f"{format_bytes(p['wire_bytes_per_rank'])} = "
+            + (f"{100 * p['ratio']:.1f}%" if p["ratio"] is not None else "–")
+            + " of every step "
+            f"(factor allreduce {format_bytes(p['factor_allreduce_wire_bytes_per_rank'])}, inverse allgather "
+            f"{format_bytes(p['inverse_allgather_wire_bytes_per_rank'])}; {p['inverse_allgathers']} "
+            f"allgathers, + {format_bytes(p['control_wire_bytes_per_rank'])} control), due fraction "
+            f"{p['due_fraction']:.3f}, mean final interval {p['mean_final_interval']:.1f}"
+        )
     return lines
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     steps = args.steps or int(args.epochs * args.train_images // args.batch)
     symmetric = not args.no_triangle
     model = _build_model(args.model)
     layers = model_layers(model, include_batchnorm=not args.no_batchnorm)
-    options = dict(symmetric=symmetric, element_bytes=args.dtype_bytes,
-                   local_inverse_max_dim=args.local_inverse_max_dim)
-    result: Dict[str, Any] = {
-        "model": args.model, "ranks": args.ranks, "batch": args.batch, "steps": steps,
-        "dtype_bytes": args.dtype_bytes, "triangle_packing": symmetric,
+    options = dict(
+        symmetric=symmetric, element_bytes=args.dtype_bytes, local_inverse_max_dim=args.local_inverse_max_dim
+    )
+    result: dict[str, Any] = {
+        "model": args.model,
+        "ranks": args.ranks,
+        "batch": args.batch,
+        "steps": steps,
+        "dtype_bytes": args.dtype_bytes,
+        "triangle_packing": symmetric,
         **every_step_traffic(layers, args.ranks, steps, **options),
-        "scheme": scheme_comparison(layers, args.ranks, **options)}
+        "scheme": scheme_comparison(layers, args.ranks, **options),
+    }
     schedule = None
     if args.trace:
         try:
             records = load_trace(args.trace)
         except (OSError, ValueError) as error:
             parser.exit(2, f"commodel: {error}\n")
-        replay = replay_trace(records, layers, steps, args.ranks, update_threshold=args.update_threshold,
-                              interval_policy=args.interval_policy, keep_schedule=args.time, **options)
+        replay = replay_trace(
+            records,
+            layers,
+            steps,
+            args.ranks,
+            update_threshold=args.update_threshold,
+            interval_policy=args.interval_policy,
+            keep_schedule=args.time,
+            **options,
+        )
         schedule = replay.pop("schedule", None)
-        result["replay"] = {**replay, "trace": args.trace, "update_threshold": args.update_threshold,
-                            "interval_policy": args.interval_policy}
+        result["replay"] = {
+            **replay,
+            "trace": args.trace,
+            "update_threshold": args.update_threshold,
+            "interval_policy": args.interval_policy,
+        }
     if args.time:
         from .timereport import markdown, time_lines, time_model, time_summary
+
         result["time"] = time_model(args, model, schedule)
     text = traffic_lines(result, args) + ([""] + time_lines(result) if args.time else [])
     if args.markdown and args.time:
-        command = "python -m kfac_hvd.commodel " + " ".join(shlex.quote(a) for a in (argv if argv is not None
-                                                                                      else sys.argv[1:]))
+        command = "python -m kfac_hvd.commodel " + " ".join(
+            shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
+        )
         with open(args.markdown, "w", encoding="utf-8") as handle:
-            handle.write(markdown(result, command, traffic_lines(result, args) + [""] + time_summary(result),
-                                  args.note))
+            handle.write(
+                markdown(
+                    result, command, traffic_lines(result, args) + [""] + time_summary(result), args.note
+                )
+            )
     if args.json:
         time = result.get("time", {})
         for key in ("table", "markdown_table", "accuracy_table"):

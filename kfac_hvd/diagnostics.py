@@ -12,12 +12,14 @@ The counter patches ``torch.Tensor`` while the block runs (counters may be neste
 a region out. It sees Python-level reads only: a synchronisation inside a C++ operator is not counted
 (``torch.cuda.set_sync_debug_mode`` reports those on a GPU).
 """
+
 from __future__ import annotations
 
 import contextlib
 import os
 import traceback
-from typing import Any, Callable, Iterator, List, Tuple
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -27,11 +29,11 @@ TENSOR_READS = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "
 class HostSyncCounter:
     def __init__(self) -> None:
         self.count = 0
-        self.where: List[str] = []
+        self.where: list[str] = []
         self._active = False
-        self._patched: List[Tuple[Any, str, Callable]] = []
+        self._patched: list[tuple[Any, str, Callable]] = []
 
-    def __enter__(self) -> "HostSyncCounter":
+    def __enter__(self) -> HostSyncCounter:
         targets = [(torch.Tensor, name) for name in TENSOR_READS]
         targets += [(torch.cuda, "synchronize"), (torch.cuda.Event, "synchronize")]
         for owner, name in targets:
@@ -62,4 +64,5 @@ class HostSyncCounter:
                 caller = traceback.extract_stack(limit=2)[0]
                 self.where.append(f"{name} at {os.path.basename(caller.filename)}:{caller.lineno}")
             return original(*args, **kwargs)
+
         return read

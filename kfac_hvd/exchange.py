@@ -8,18 +8,20 @@
   keys, and every rank knows the layout from the assignment and the due set. Horovod fuses
   allgathers but never broadcasts, so this replaces one broadcast per inverse.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any
 
 import torch
 
 from .comm import TrafficCounter
 from .factors import pack, packed_numel
 
-Key = Tuple[str, str]   # (layer, kind)
+Key = tuple[str, str]  # (layer, kind)
 
 
 @dataclass
@@ -27,10 +29,10 @@ class Arrived:
     """An averaged factor: as it travelled (flat: packed upper triangles, or the whole matrix without
     triangle packing) when several ranks averaged it, else the full local matrix."""
 
-    shape: Tuple[int, ...]
+    shape: tuple[int, ...]
     values: torch.Tensor
     transported: bool
-    noise: Optional[torch.Tensor] = None   # split-half noise estimate, averaged over ranks (0-d)
+    noise: torch.Tensor | None = None  # split-half noise estimate, averaged over ranks (0-d)
 
 
 class FactorExchange:
@@ -38,15 +40,22 @@ class FactorExchange:
         self.comm = comm
         self.traffic = traffic
         self.symmetric = symmetric
-        self._in_flight: Dict[Key, Tuple[Tuple[int, ...], Any, Optional[torch.Tensor]]] = {}
+        self._in_flight: dict[Key, tuple[tuple[int, ...], Any, torch.Tensor | None]] = {}
         self.started_from = {"hooks": 0, "step": 0}
 
     @property
     def distributed(self) -> bool:
         return self.comm.size > 1
 
-    def start(self, name: str, kind: str, factor: torch.Tensor, noise: Optional[torch.Tensor] = None, *,
-              from_step: bool = False) -> None:
+    def start(
+        self,
+        name: str,
+        kind: str,
+        factor: torch.Tensor,
+        noise: torch.Tensor | None = None,
+        *,
+        from_step: bool = False,
+    ) -> None:
         """Hand one final local factor (and its noise estimate, which rides in the same buffer as one
         more value) to the allreduce; the full matrix is released."""
         key = (name, kind)
@@ -66,10 +75,10 @@ class FactorExchange:
         handle = self.comm.allreduce_async(buffer, name=f"kfac.{kind}.{name}")
         self._in_flight[key] = (tuple(factor.shape), handle, buffer)
 
-    def wait(self) -> Dict[str, Dict[str, Arrived]]:
+    def wait(self) -> dict[str, dict[str, Arrived]]:
         """Every started factor, averaged over ranks; the exchange is empty afterwards."""
-        arrived: Dict[str, Dict[str, Arrived]] = {}
-        for (name, kind), (shape, handle, buffer) in self._in_flight.items():
+        arrived: dict[str, dict[str, Arrived]] = {}
+        for (name, kind), (shape, handle, _buffer) in self._in_flight.items():
             if self.distributed:
                 averaged = self.comm.wait(handle)
                 size = packed_numel(shape, self.symmetric)
@@ -81,19 +90,30 @@ class FactorExchange:
         self._in_flight.clear()
         return arrived
 
-    def reset_counts(self) -> Dict[str, int]:
+    def reset_counts(self) -> dict[str, int]:
         counts, self.started_from = self.started_from, {"hooks": 0, "step": 0}
         return counts
 
     def buffer_bytes(self) -> int:
-        return sum(buffer.numel() * buffer.element_size()
-                   for _, _, buffer in self._in_flight.values() if buffer is not None)
+        return sum(
+            buffer.numel() * buffer.element_size()
+            for _, _, buffer in self._in_flight.values()
+            if buffer is not None
+        )
 
 
-def allgather_inverses(comm: Any, traffic: TrafficCounter, *, layout: Sequence[Sequence[Tuple[str, str, Tuple[int, ...]]]],
-                       mine: Dict[Key, torch.Tensor], control: Optional[Sequence[float]], control_count: int,
-                       symmetric: bool, dtype: torch.dtype, device: torch.device
-                       ) -> Tuple[Dict[Key, torch.Tensor], List[float]]:
+def allgather_inverses(
+    comm: Any,
+    traffic: TrafficCounter,
+    *,
+    layout: Sequence[Sequence[tuple[str, str, tuple[int, ...]]]],
+    mine: dict[Key, torch.Tensor],
+    control: Sequence[float] | None,
+    control_count: int,
+    symmetric: bool,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> tuple[dict[Key, torch.Tensor], list[float]]:
     """One allgather of every owner's packed inverses (and rank 0's ``control`` values).
 
     ``layout[r]`` lists (layer, kind, shape) of the inverses rank r sends, in order; rank 0's part ends
@@ -107,21 +127,23 @@ def allgather_inverses(comm: Any, traffic: TrafficCounter, *, layout: Sequence[S
     send = torch.cat(pieces) if pieces else torch.zeros(0, dtype=dtype, device=device)
     gathered = comm.wait(comm.allgather_async(send, name="kfac.inverses"))
     element = torch.finfo(dtype).bits // 8
-    received: Dict[Key, torch.Tensor] = {}
+    received: dict[Key, torch.Tensor] = {}
     offset = 0
-    control_values: List[float] = []
+    control_values: list[float] = []
     for part_rank, part in enumerate(layout):
         for name, kind, shape in part:
             size = packed_numel(shape, symmetric)
-            received[(name, kind)] = gathered[offset:offset + size]
+            received[(name, kind)] = gathered[offset : offset + size]
             traffic.add(name, f"{kind}_inv", "allgather", size * element)
             traffic.add_totals(dense_payload_bytes=math.prod(shape) * element)
             offset += size
         if part_rank == 0 and control_count:
-            control_values = gathered[offset:offset + control_count].tolist()
+            control_values = gathered[offset : offset + control_count].tolist()
             traffic.add_totals(control_payload_bytes=control_count * element)
             offset += control_count
     if offset != gathered.numel():
-        raise RuntimeError(f"K-FAC inverse allgather: expected {offset} values, received {gathered.numel()}; "
-                           "ranks disagree on the due layers or their owners")
+        raise RuntimeError(
+            f"K-FAC inverse allgather: expected {offset} values, received {gathered.numel()}; "
+            "ranks disagree on the due layers or their owners"
+        )
     return received, control_values

@@ -4,17 +4,18 @@ The per-step functions (:func:`factor_statistics`, :func:`invert_all`) work on m
 return device tensors or one host read for all of them: a step's host synchronisations do not grow
 with the number of layers.
 """
+
 from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 
 INVERSE_METHODS = ("cholesky", "eigen")
-BATCH_BYTES = 256 * 2 ** 20   # cap on one stacked batch of factors (ResNet-50's three 4608-wide A's: 243 MiB)
-Key = Tuple[str, str]         # (layer, kind)
+BATCH_BYTES = 256 * 2**20  # cap on one stacked batch of factors (ResNet-50's three 4608-wide A's: 243 MiB)
+Key = tuple[str, str]  # (layer, kind)
 
 
 def diff_from_squares(change_sq: float, previous_sq: float) -> float:
@@ -24,8 +25,9 @@ def diff_from_squares(change_sq: float, previous_sq: float) -> float:
     return math.sqrt(max(change_sq, 0.0) / previous_sq)
 
 
-def split_half_noise(first: torch.Tensor, first_samples: int, second: torch.Tensor, second_samples: int
-                     ) -> torch.Tensor:
+def split_half_noise(
+    first: torch.Tensor, first_samples: int, second: torch.Tensor, second_samples: int
+) -> torch.Tensor:
     """Unbiased estimate of Var(X) = E‖X − E X‖²_F for X = (n₁X₁ + n₂X₂)/n, the mean of n independent
     per-sample terms, from the means X₁, X₂ of two disjoint parts of them (docs/NOISE.md):
     E‖X₁ − X₂‖² = σ²(1/n₁ + 1/n₂) and Var(X) = σ²/n, so Var(X) ≈ ‖X₁ − X₂‖²·n₁n₂/n². A 0-d tensor on
@@ -33,11 +35,12 @@ def split_half_noise(first: torch.Tensor, first_samples: int, second: torch.Tens
     total = first_samples + second_samples
     if not (first_samples and second_samples):
         return torch.zeros((), dtype=first.dtype, device=first.device)
-    return (first - second).square().sum() * (first_samples * second_samples / total ** 2)
+    return (first - second).square().sum() * (first_samples * second_samples / total**2)
 
 
-def factor_statistics(factors: Sequence[Tuple[torch.Tensor, Tuple[int, ...], bool, Optional[torch.Tensor],
-                                             Optional[torch.Tensor]]]) -> List[List[float]]:
+def factor_statistics(
+    factors: Sequence[tuple[torch.Tensor, tuple[int, ...], bool, torch.Tensor | None, torch.Tensor | None]],
+) -> list[list[float]]:
     """For each (X, shape, packed, X_pre or None, noise or None), with X the full (batched) matrix or,
     when ``packed``, its upper triangles as :func:`pack` gives them (X_pre is always full): [Σ X
     (non-finite iff X holds a NaN or Inf), ‖X − X_pre‖², ‖X_pre‖², mean of X's diagonal (for π), the
@@ -65,7 +68,9 @@ def factor_statistics(factors: Sequence[Tuple[torch.Tensor, Tuple[int, ...], boo
             change_sq = zero if previous is None else (current - previous).square().sum()
         previous_sq = zero if previous is None else torch.linalg.vector_norm(previous).square()
         noise = zero if noise is None else noise.to(current.dtype)
-        rows.append(torch.stack([current.sum(), change_sq, previous_sq, diagonal_mean, noise]).to(torch.float64))
+        rows.append(
+            torch.stack([current.sum(), change_sq, previous_sq, diagonal_mean, noise]).to(torch.float64)
+        )
     return torch.stack(rows).tolist()
 
 
@@ -88,7 +93,7 @@ def pi_correction(a_factor: torch.Tensor, g_factor: torch.Tensor) -> float:
     return pi_from_diagonal_means(*means)
 
 
-def damping_shifts(kinds: Sequence[str], damping: float, pi: float) -> Dict[str, float]:
+def damping_shifts(kinds: Sequence[str], damping: float, pi: float) -> dict[str, float]:
     """Diagonal shift per factor: (A + π√γ I), (G + √γ/π I) — factored Tikhonov damping (Martens &
     Grosse 2015, §6.3); BatchNorm's 2×2 blocks: F + γ I, the exact damped block."""
     if "F" in kinds:
@@ -97,7 +102,9 @@ def damping_shifts(kinds: Sequence[str], damping: float, pi: float) -> Dict[str,
     return {"A": pi * root, "G": root / pi}
 
 
-def inverse_attempt(matrix: torch.Tensor, diagonal_shift: float, method: str) -> Tuple[torch.Tensor, torch.Tensor]:
+def inverse_attempt(
+    matrix: torch.Tensor, diagonal_shift: float, method: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(M + shift·I)⁻¹ for a symmetric positive semi-definite M (batched over leading dimensions), and a
     0-d bool tensor on the device that is True when it succeeded. Nothing is read back to the host."""
     if method == "cholesky":
@@ -120,16 +127,18 @@ def symmetric_inverse(matrix: torch.Tensor, diagonal_shift: float, method: str) 
     return inverse
 
 
-def damped_inverses(factors: Dict[str, torch.Tensor], damping: float, *, pi_damping: bool,
-                    method: str) -> Dict[str, torch.Tensor]:
+def damped_inverses(
+    factors: dict[str, torch.Tensor], damping: float, *, pi_damping: bool, method: str
+) -> dict[str, torch.Tensor]:
     """Inverses of one layer's damped factors (see :func:`damping_shifts`)."""
     pi = pi_correction(factors["A"], factors["G"]) if pi_damping and "A" in factors else 1.0
     shifts = damping_shifts(list(factors), damping, pi)
     return {kind: symmetric_inverse(factor, shifts[kind], method) for kind, factor in factors.items()}
 
 
-def robust_damped_inverses(factors: Dict[str, torch.Tensor], damping: float, *, pi: float, method: str,
-                           retries: int = 3) -> Tuple[Optional[Dict[str, torch.Tensor]], str]:
+def robust_damped_inverses(
+    factors: dict[str, torch.Tensor], damping: float, *, pi: float, method: str, retries: int = 3
+) -> tuple[dict[str, torch.Tensor] | None, str]:
     """The fallback when a layer's first inversion failed; returns (inverses or None, what happened).
 
     Retries with damping ×10 up to ``retries`` times, then by eigendecomposition with clamped
@@ -137,24 +146,34 @@ def robust_damped_inverses(factors: Dict[str, torch.Tensor], damping: float, *, 
     the caller to keep the inverse it already holds. Each attempt reads one flag back from the device:
     this path runs only for layers whose inversion failed.
     """
-    attempts = [(damping * 10 ** i, method) for i in range(1, retries + 1)]
+    attempts = [(damping * 10**i, method) for i in range(1, retries + 1)]
     if method != "eigen":
         attempts.append((damping, "eigen"))
     for attempt_damping, attempt_method in attempts:
         shifts = damping_shifts(list(factors), attempt_damping, pi)
         try:
-            results = {kind: inverse_attempt(factor, shifts[kind], attempt_method) for kind, factor in factors.items()}
+            results = {
+                kind: inverse_attempt(factor, shifts[kind], attempt_method)
+                for kind, factor in factors.items()
+            }
         except (RuntimeError, torch.linalg.LinAlgError):
             continue
         if bool(torch.stack([ok for _, ok in results.values()]).all()):
-            return ({kind: inverse for kind, (inverse, _) in results.items()},
-                    f"inverted with {attempt_method}, damping {attempt_damping:g}")
+            return (
+                {kind: inverse for kind, (inverse, _) in results.items()},
+                f"inverted with {attempt_method}, damping {attempt_damping:g}",
+            )
     return None, "inversion failed"
 
 
-def invert_all(jobs: Dict[str, Dict[str, torch.Tensor]], shifts: Dict[str, Dict[str, float]], method: str, *,
-               batched: bool = True, batch_bytes: int = BATCH_BYTES
-               ) -> Tuple[Dict[str, Dict[str, torch.Tensor]], List[str]]:
+def invert_all(
+    jobs: dict[str, dict[str, torch.Tensor]],
+    shifts: dict[str, dict[str, float]],
+    method: str,
+    *,
+    batched: bool = True,
+    batch_bytes: int = BATCH_BYTES,
+) -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:
     """First attempt at inverting every (layer → {kind: factor}) in ``jobs`` with its ``shifts``; one
     host read for all of them. Returns the inverses of the layers that succeeded and the names of the
     layers that failed (for :func:`robust_damped_inverses`), in the order of ``jobs``.
@@ -174,7 +193,7 @@ def invert_all(jobs: Dict[str, Dict[str, torch.Tensor]], shifts: Dict[str, Dict[
         values = iter(torch.cat([flag.to(flags[0].device) for flag in flags]).tolist())
         for group, flag in zip(attempts.groups, flags):
             failed.update(name for name, _ in group.failed_keys([next(values) for _ in range(flag.numel())]))
-    inverses: Dict[str, Dict[str, torch.Tensor]] = {}
+    inverses: dict[str, dict[str, torch.Tensor]] = {}
     for group in attempts.groups:
         for (name, kind), inverse in group.results():
             if name not in failed:
@@ -189,8 +208,9 @@ class _Group:
     ``block_ok`` (one flag per stacked block) and, in a group of several, of ``inverse``.
     """
 
-    def __init__(self, members: List[Tuple[Key, int, torch.Size]], inverse: torch.Tensor,
-                 block_ok: torch.Tensor) -> None:
+    def __init__(
+        self, members: list[tuple[Key, int, torch.Size]], inverse: torch.Tensor, block_ok: torch.Tensor
+    ) -> None:
         self.members, self.inverse, self.block_ok = members, inverse, block_ok
 
     def flags(self) -> torch.Tensor:
@@ -200,7 +220,7 @@ class _Group:
             return self.block_ok
         return self.block_ok.all().reshape(1)
 
-    def failed_keys(self, flags: List[bool]) -> List[Key]:
+    def failed_keys(self, flags: list[bool]) -> list[Key]:
         if len(flags) == len(self.members):
             return [key for (key, _, _), ok in zip(self.members, flags) if not ok]
         if flags[0]:
@@ -209,7 +229,7 @@ class _Group:
         pieces = self.block_ok.split([blocks for _, blocks, _ in self.members])
         return self.failed_keys(torch.stack([piece.all() for piece in pieces]).tolist())
 
-    def results(self) -> List[Tuple[Key, torch.Tensor]]:
+    def results(self) -> list[tuple[Key, torch.Tensor]]:
         if len(self.members) == 1:
             key, _, shape = self.members[0]
             return [(key, self.inverse.reshape(shape))]
@@ -220,12 +240,13 @@ class _Group:
 
 class _Attempts:
     def __init__(self) -> None:
-        self.groups: List[_Group] = []
-        self.raised: List[Key] = []
+        self.groups: list[_Group] = []
+        self.raised: list[Key] = []
 
 
-def _single_attempts(jobs: Dict[str, Dict[str, torch.Tensor]], shifts: Dict[str, Dict[str, float]],
-                     method: str) -> _Attempts:
+def _single_attempts(
+    jobs: dict[str, dict[str, torch.Tensor]], shifts: dict[str, dict[str, float]], method: str
+) -> _Attempts:
     """One :func:`inverse_attempt` per factor (``batched_inversion=False``)."""
     attempts = _Attempts()
     for name, factors in jobs.items():
@@ -237,23 +258,28 @@ def _single_attempts(jobs: Dict[str, Dict[str, torch.Tensor]], shifts: Dict[str,
 def _attempt_one(attempts: _Attempts, key: Key, factor: torch.Tensor, shift: float, method: str) -> None:
     try:
         inverse, ok = inverse_attempt(factor, shift, method)
-    except (RuntimeError, torch.linalg.LinAlgError):   # eigh can raise where cholesky_ex reports
+    except (RuntimeError, torch.linalg.LinAlgError):  # eigh can raise where cholesky_ex reports
         attempts.raised.append(key)
         return
     attempts.groups.append(_Group([(key, 1, factor.shape)], inverse, ok.reshape(1)))
 
 
-def _batched_attempts(jobs: Dict[str, Dict[str, torch.Tensor]], shifts: Dict[str, Dict[str, float]],
-                      method: str, batch_bytes: int) -> _Attempts:
-    by_size: Dict[Tuple[int, torch.dtype, torch.device], List[Tuple[Key, torch.Tensor, float]]] = {}
+def _batched_attempts(
+    jobs: dict[str, dict[str, torch.Tensor]],
+    shifts: dict[str, dict[str, float]],
+    method: str,
+    batch_bytes: int,
+) -> _Attempts:
+    by_size: dict[tuple[int, torch.dtype, torch.device], list[tuple[Key, torch.Tensor, float]]] = {}
     for name, factors in jobs.items():
         for kind, factor in factors.items():
             by_size.setdefault((factor.shape[-1], factor.dtype, factor.device), []).append(
-                ((name, kind), factor, shifts[name][kind]))
+                ((name, kind), factor, shifts[name][kind])
+            )
     attempts = _Attempts()
     for (size, _, _), entries in by_size.items():
         closed_form = size == 2 and method == "cholesky"
-        for batch in (_split_by_bytes(entries, batch_bytes) if not closed_form else [entries]):
+        for batch in _split_by_bytes(entries, batch_bytes) if not closed_form else [entries]:
             try:
                 attempts.groups.append(_invert_batch(batch, method, closed_form))
             except (RuntimeError, torch.linalg.LinAlgError):
@@ -263,9 +289,10 @@ def _batched_attempts(jobs: Dict[str, Dict[str, torch.Tensor]], shifts: Dict[str
     return attempts
 
 
-def _split_by_bytes(entries: List[Tuple[Key, torch.Tensor, float]], batch_bytes: int
-                    ) -> List[List[Tuple[Key, torch.Tensor, float]]]:
-    batches: List[List[Tuple[Key, torch.Tensor, float]]] = []
+def _split_by_bytes(
+    entries: list[tuple[Key, torch.Tensor, float]], batch_bytes: int
+) -> list[list[tuple[Key, torch.Tensor, float]]]:
+    batches: list[list[tuple[Key, torch.Tensor, float]]] = []
     held = 0
     for entry in entries:
         nbytes = entry[1].numel() * entry[1].element_size()
@@ -277,7 +304,7 @@ def _split_by_bytes(entries: List[Tuple[Key, torch.Tensor, float]], batch_bytes:
     return batches
 
 
-def _invert_batch(batch: List[Tuple[Key, torch.Tensor, float]], method: str, closed_form: bool) -> _Group:
+def _invert_batch(batch: list[tuple[Key, torch.Tensor, float]], method: str, closed_form: bool) -> _Group:
     """One call for all of ``batch`` (factors of one size): (M_i + shift_i·I)⁻¹ for each stacked block."""
     size = batch[0][1].shape[-1]
     blocks = [factor.reshape(-1, size, size) for _, factor, _ in batch]
@@ -286,7 +313,7 @@ def _invert_batch(batch: List[Tuple[Key, torch.Tensor, float]], method: str, clo
     if closed_form:
         inverse, ok = _inverse_2x2(torch.cat(blocks), shift)
     elif method == "cholesky":
-        damped = torch.cat(blocks)     # the stack is the damped copy the single call makes too
+        damped = torch.cat(blocks)  # the stack is the damped copy the single call makes too
         damped.diagonal(dim1=-2, dim2=-1).add_(shift if isinstance(shift, float) else shift.unsqueeze(-1))
         lower, info = torch.linalg.cholesky_ex(damped)
         del damped
@@ -297,7 +324,7 @@ def _invert_batch(batch: List[Tuple[Key, torch.Tensor, float]], method: str, clo
     return _Group(members, inverse, ok)
 
 
-def _block_shifts(batch: List[Tuple[Key, torch.Tensor, float]], blocks: List[torch.Tensor]):
+def _block_shifts(batch: list[tuple[Key, torch.Tensor, float]], blocks: list[torch.Tensor]):
     """The diagonal shift of each stacked block: a float when they are all equal (BatchNorm's γ), else
     a tensor on the factors' device, copied without waiting for the device."""
     values = [shift for _, _, shift in batch]
@@ -311,7 +338,7 @@ def _block_shifts(batch: List[Tuple[Key, torch.Tensor, float]], blocks: List[tor
     return host.to(device)
 
 
-def _inverse_2x2(blocks: torch.Tensor, shift) -> Tuple[torch.Tensor, torch.Tensor]:
+def _inverse_2x2(blocks: torch.Tensor, shift) -> tuple[torch.Tensor, torch.Tensor]:
     """(F + shift·I)⁻¹ of symmetric 2×2 blocks by the closed form [[d, −b], [−b, a]] / (ad − b²), and a
     flag per block: True when the damped block is positive definite (a > 0 and ad − b² > 0, what
     Cholesky needs) and the inverse finite. b is read from the lower triangle, as Cholesky reads it."""
@@ -324,7 +351,7 @@ def _inverse_2x2(blocks: torch.Tensor, shift) -> Tuple[torch.Tensor, torch.Tenso
     return inverse, ok
 
 
-def _eigen_inverse(matrix: torch.Tensor, shift) -> Tuple[torch.Tensor, torch.Tensor]:
+def _eigen_inverse(matrix: torch.Tensor, shift) -> tuple[torch.Tensor, torch.Tensor]:
     eigenvalues, eigenvectors = torch.linalg.eigh(matrix)
     # Clamping removes the small negative eigenvalues rounding leaves in a PSD factor.
     shift = shift if isinstance(shift, float) else shift.unsqueeze(-1)
@@ -343,9 +370,9 @@ class TriangleIndices:
     factors and inverses alone.
     """
 
-    def __init__(self, budget_bytes: int = 128 * 2 ** 20) -> None:
+    def __init__(self, budget_bytes: int = 128 * 2**20) -> None:
         self.budget_bytes = budget_bytes
-        self._kept: "OrderedDict[Tuple[int, str], torch.Tensor]" = OrderedDict()
+        self._kept: OrderedDict[tuple[int, str], torch.Tensor] = OrderedDict()
 
     def get(self, size: int, device: torch.device) -> torch.Tensor:
         key = (size, str(device))
@@ -369,10 +396,10 @@ class TriangleIndices:
 
 
 TRIANGLES = TriangleIndices()
-_UNPACK_CHUNK = 1 << 22   # index entries widened to int64 at a time when unpacking
+_UNPACK_CHUNK = 1 << 22  # index entries widened to int64 at a time when unpacking
 
 
-def pack(matrix: torch.Tensor, symmetric: bool, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+def pack(matrix: torch.Tensor, symmetric: bool, out: torch.Tensor | None = None) -> torch.Tensor:
     """The tensor handed to Horovod: upper triangle(s) of a symmetric (batched) matrix, or all of it;
     written into ``out`` (1-D, contiguous, ``packed_numel`` long) when given."""
     if not symmetric:
@@ -387,8 +414,9 @@ def pack(matrix: torch.Tensor, symmetric: bool, out: Optional[torch.Tensor] = No
     return out
 
 
-def unpack(flat: torch.Tensor, shape: Tuple[int, ...], symmetric: bool,
-           out: Optional[torch.Tensor] = None) -> torch.Tensor:
+def unpack(
+    flat: torch.Tensor, shape: tuple[int, ...], symmetric: bool, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Inverse of :func:`pack`, exact (the lower triangle is a copy of the upper one); into ``out`` (of
     ``shape``, contiguous) when given. The upper triangle is scattered, then mirrored with one
     transposed copy: no second set of indices."""
@@ -400,27 +428,30 @@ def unpack(flat: torch.Tensor, shape: Tuple[int, ...], symmetric: bool,
     target = flat.new_empty(shape) if out is None else out
     matrix = target.view(-1, size * size)
     for start in range(0, upper.numel(), _UNPACK_CHUNK):
-        matrix.index_copy_(-1, upper[start:start + _UNPACK_CHUNK].long(), values[:, start:start + _UNPACK_CHUNK])
+        matrix.index_copy_(
+            -1, upper[start : start + _UNPACK_CHUNK].long(), values[:, start : start + _UNPACK_CHUNK]
+        )
     square = target.view(-1, size, size)
     square.triu_()
     square.add_(square.mT.tril(-1))
     return target
 
 
-def packed_numel(shape: Tuple[int, ...], symmetric: bool) -> int:
+def packed_numel(shape: tuple[int, ...], symmetric: bool) -> int:
     batch = math.prod(shape[:-2])
     size = shape[-1]
     return batch * (size * (size + 1) // 2 if symmetric else size * size)
 
 
-def kl_clip_scale(preconditioned: Dict[str, torch.Tensor], gradients: Dict[str, torch.Tensor],
-                  kl_clip: float, lr: float) -> torch.Tensor:
+def kl_clip_scale(
+    preconditioned: dict[str, torch.Tensor], gradients: dict[str, torch.Tensor], kl_clip: float, lr: float
+) -> torch.Tensor:
     """ν = min(1, sqrt(kl_clip / (lr² Σ ⟨v, g⟩))) from Ba et al. 2017, bounding the update's KL.
 
     A 0-d tensor on the gradients' device: computing it takes no host synchronisation. A sum that is
     not positive (or not finite) gives ν = 1.
     """
     inner = torch.stack([(preconditioned[name] * gradients[name]).sum() for name in preconditioned]).sum()
-    inner = inner * lr ** 2
+    inner = inner * lr**2
     scale = torch.sqrt(kl_clip / inner).clamp(max=1.0)
     return torch.where((inner > 0) & torch.isfinite(scale), scale, torch.ones_like(scale))

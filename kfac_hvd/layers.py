@@ -23,10 +23,11 @@ micro-batch has passed, so the capture turns sums into factors: A = Σ/N, G = F 
 Sums are in ``factor_dtype``. bf16/fp16 inputs on CUDA are multiplied as they are, with an fp32 result
 (``narrow_products``, see :mod:`kfac_hvd.precision`); otherwise they are cast to ``factor_dtype`` first.
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Iterator, Optional, Tuple
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -34,10 +35,10 @@ from torch import nn
 
 from .precision import takes_narrow_inputs
 
-FactorKinds = Tuple[str, ...]
+FactorKinds = tuple[str, ...]
 # Cap on the temporaries of one factor contribution (unfolded patches, fp32 copies of bf16 activations,
 # products), counted at their real element sizes: larger batches are processed in chunks of samples.
-DEFAULT_UNFOLD_CHUNK_BYTES = 256 * 2 ** 20
+DEFAULT_UNFOLD_CHUNK_BYTES = 256 * 2**20
 
 
 def sample_chunks(tensor: torch.Tensor, bytes_per_sample: int, chunk_bytes: int) -> Iterator[torch.Tensor]:
@@ -45,7 +46,7 @@ def sample_chunks(tensor: torch.Tensor, bytes_per_sample: int, chunk_bytes: int)
     ``chunk_bytes`` (at least one sample each)."""
     per_chunk = max(1, chunk_bytes // max(1, bytes_per_sample))
     for start in range(0, tensor.shape[0], per_chunk):
-        yield tensor[start:start + per_chunk]
+        yield tensor[start : start + per_chunk]
 
 
 class KroneckerLayer(ABC):
@@ -91,14 +92,20 @@ class KroneckerLayer(ABC):
         positions = self._positions(inputs)
         columns = _element_bytes(inputs.dtype if narrow else self.factor_dtype)
         copied = 0 if narrow else inputs[0].numel()
-        return (copied + width * positions) * columns + width * max(positions * columns,
-                                                                    width * _element_bytes(self.factor_dtype))
+        return (copied + width * positions) * columns + width * max(
+            positions * columns, width * _element_bytes(self.factor_dtype)
+        )
 
     def _positions(self, inputs: torch.Tensor) -> int:
         return inputs[0].numel() // inputs.shape[-1]
 
-    def a_contribution(self, inputs: torch.Tensor, *, chunk_bytes: int = DEFAULT_UNFOLD_CHUNK_BYTES,
-                       narrow_products: bool = True) -> Tuple[torch.Tensor, int]:
+    def a_contribution(
+        self,
+        inputs: torch.Tensor,
+        *,
+        chunk_bytes: int = DEFAULT_UNFOLD_CHUNK_BYTES,
+        narrow_products: bool = True,
+    ) -> tuple[torch.Tensor, int]:
         """Sum over this batch's samples of their A terms (mean over positions of aaᵀ), and the number
         of samples. Summed in ``factor_dtype`` chunk by chunk; the bias column of ones is added
         analytically instead of being concatenated to every row."""
@@ -120,8 +127,13 @@ class KroneckerLayer(ABC):
             total[width, width] = samples * positions
         return total.div_(positions), samples
 
-    def g_contribution(self, grad_output: torch.Tensor, *, chunk_bytes: int = DEFAULT_UNFOLD_CHUNK_BYTES,
-                       narrow_products: bool = True) -> Tuple[torch.Tensor, int]:
+    def g_contribution(
+        self,
+        grad_output: torch.Tensor,
+        *,
+        chunk_bytes: int = DEFAULT_UNFOLD_CHUNK_BYTES,
+        narrow_products: bool = True,
+    ) -> tuple[torch.Tensor, int]:
         """Sum over samples of Σ_positions ggᵀ with g = grad_output, and the number of samples. With
         δ = N·g this is Σ δδᵀ / N²: the capture multiplies by the step's N² (see module docstring)."""
         samples = grad_output.shape[0]
@@ -129,8 +141,9 @@ class KroneckerLayer(ABC):
         total = torch.zeros(self.g_dim, self.g_dim, dtype=self.factor_dtype, device=grad_output.device)
         # The copy in factor_dtype (none when narrow), the rows (a copy for channels_last), the products.
         copies, columns = (1, grad_output.dtype) if narrow else (2, self.factor_dtype)
-        per_sample = (copies * grad_output[0].numel() * _element_bytes(columns)
-                      + self.g_dim ** 2 * _element_bytes(self.factor_dtype))
+        per_sample = copies * grad_output[0].numel() * _element_bytes(
+            columns
+        ) + self.g_dim**2 * _element_bytes(self.factor_dtype)
         for chunk in sample_chunks(grad_output, per_sample, chunk_bytes):
             accumulate_gram(total, self._output_columns(chunk if narrow else chunk.to(self.factor_dtype)))
         return total, samples
@@ -173,20 +186,26 @@ class Conv2dLayer(KroneckerLayer):
     def _positions(self, inputs: torch.Tensor) -> int:
         conv = self.module
         height, width = inputs.shape[-2:]
-        out_h = (height + 2 * conv.padding[0] - conv.dilation[0] * (conv.kernel_size[0] - 1) - 1) // conv.stride[0] + 1
-        out_w = (width + 2 * conv.padding[1] - conv.dilation[1] * (conv.kernel_size[1] - 1) - 1) // conv.stride[1] + 1
+        out_h = (
+            height + 2 * conv.padding[0] - conv.dilation[0] * (conv.kernel_size[0] - 1) - 1
+        ) // conv.stride[0] + 1
+        out_w = (
+            width + 2 * conv.padding[1] - conv.dilation[1] * (conv.kernel_size[1] - 1) - 1
+        ) // conv.stride[1] + 1
         return out_h * out_w
 
     def _input_columns(self, inputs: torch.Tensor) -> torch.Tensor:
         conv = self.module
         if self._pointwise:
-            picked = inputs[:, :, ::conv.stride[0], ::conv.stride[1]]
+            picked = inputs[:, :, :: conv.stride[0], :: conv.stride[1]]
             return picked.reshape(inputs.shape[0], inputs.shape[1], -1)
         # (N, C·kh·kw, S), channel-major like weight.view(out, -1)
-        return F.unfold(inputs, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
+        return F.unfold(
+            inputs, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride
+        )
 
     def _output_columns(self, grad_output: torch.Tensor) -> torch.Tensor:
-        return grad_output.flatten(2)      # a view for NCHW; a copy for channels_last (see accumulate_gram)
+        return grad_output.flatten(2)  # a view for NCHW; a copy for channels_last (see accumulate_gram)
 
 
 def accumulate_gram(total: torch.Tensor, columns: torch.Tensor) -> None:
@@ -230,8 +249,13 @@ class BatchNormLayer:
     def inversion_cost(self) -> float:
         return 8.0 * self.channels
 
-    def statistics(self, inputs: torch.Tensor, chunk_bytes: int = DEFAULT_UNFOLD_CHUNK_BYTES, *,
-                   narrow_products: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+    def statistics(
+        self,
+        inputs: torch.Tensor,
+        chunk_bytes: int = DEFAULT_UNFOLD_CHUNK_BYTES,
+        *,
+        narrow_products: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and biased variance per channel: the batch's in training mode (two passes, chunked,
         summed in ``factor_dtype``), else the running statistics."""
         bn = self.module
@@ -240,16 +264,32 @@ class BatchNormLayer:
         cast = self._caster(inputs, narrow_products)
         per_sample = inputs[0].numel() * _element_bytes(self.factor_dtype)
         count = inputs.numel() // inputs.shape[1]
-        mean = sum(cast(chunk).sum(dim=(0, 2, 3), dtype=self.factor_dtype)
-                   for chunk in sample_chunks(inputs, per_sample, chunk_bytes)) / count
+        mean = (
+            sum(
+                cast(chunk).sum(dim=(0, 2, 3), dtype=self.factor_dtype)
+                for chunk in sample_chunks(inputs, per_sample, chunk_bytes)
+            )
+            / count
+        )
         centred = mean[None, :, None, None]
-        var = sum((cast(chunk) - centred).square().sum(dim=(0, 2, 3))
-                  for chunk in sample_chunks(inputs, per_sample, chunk_bytes)) / count
+        var = (
+            sum(
+                (cast(chunk) - centred).square().sum(dim=(0, 2, 3))
+                for chunk in sample_chunks(inputs, per_sample, chunk_bytes)
+            )
+            / count
+        )
         return mean, var
 
-    def f_contribution(self, inputs: torch.Tensor, grad_output: torch.Tensor, *,
-                       chunk_bytes: int = DEFAULT_UNFOLD_CHUNK_BYTES, narrow_products: bool = True,
-                       statistics: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> Tuple[torch.Tensor, int]:
+    def f_contribution(
+        self,
+        inputs: torch.Tensor,
+        grad_output: torch.Tensor,
+        *,
+        chunk_bytes: int = DEFAULT_UNFOLD_CHUNK_BYTES,
+        narrow_products: bool = True,
+        statistics: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, int]:
         """Σ_n g_n g_nᵀ per channel with g_n = (Σ_hw g·x̂, Σ_hw g) from g = grad_output (the capture
         multiplies by the step's N², as for G), and the number of samples. ``statistics``: the mean and
         variance x̂ uses, when ``inputs`` is part of the batch that BatchNorm normalised."""
@@ -261,12 +301,15 @@ class BatchNormLayer:
         cast_x, cast_g = self._caster(inputs, narrow_products), self._caster(grad_output, narrow_products)
         total = torch.zeros(self.channels, 2, 2, dtype=self.factor_dtype, device=grad_output.device)
         per_sample = 3 * inputs[0].numel() * _element_bytes(self.factor_dtype)
-        for x, g in zip(sample_chunks(inputs, per_sample, chunk_bytes),
-                        sample_chunks(grad_output, per_sample, chunk_bytes)):
+        for x, g in zip(
+            sample_chunks(inputs, per_sample, chunk_bytes),
+            sample_chunks(grad_output, per_sample, chunk_bytes),
+        ):
             delta = cast_g(g)
-            x_hat = (cast_x(x) - mean) * rstd          # fp32 from bf16/fp16 x without a copy of x
-            per_sample_grads = torch.stack([(delta * x_hat).sum(dim=(2, 3)),
-                                            delta.sum(dim=(2, 3), dtype=self.factor_dtype)], dim=2)
+            x_hat = (cast_x(x) - mean) * rstd  # fp32 from bf16/fp16 x without a copy of x
+            per_sample_grads = torch.stack(
+                [(delta * x_hat).sum(dim=(2, 3)), delta.sum(dim=(2, 3), dtype=self.factor_dtype)], dim=2
+            )
             total += torch.einsum("nci,ncj->cij", per_sample_grads, per_sample_grads)
         return total, samples
 
@@ -297,19 +340,29 @@ def _element_bytes(dtype: torch.dtype) -> int:
 Layer = KroneckerLayer | BatchNormLayer
 
 
-def make_layer(name: str, module: nn.Module, *, include_batchnorm: bool,
-               factor_dtype: Optional[torch.dtype] = None) -> Optional[Layer]:
+def make_layer(
+    name: str, module: nn.Module, *, include_batchnorm: bool, factor_dtype: torch.dtype | None = None
+) -> Layer | None:
     """The K-FAC view of ``module``, or ``None`` when K-FAC leaves it to the plain optimiser."""
+
     def dtype_for(param: torch.Tensor) -> torch.dtype:
         # Factors are at least fp32, even for fp16/bf16 models; a float64 model keeps float64.
         return factor_dtype or torch.promote_types(param.dtype, torch.float32)
 
     if isinstance(module, nn.Linear) and module.weight.requires_grad:
         return LinearLayer(name, module, dtype_for(module.weight))
-    if (isinstance(module, nn.Conv2d) and module.weight.requires_grad and module.groups == 1
-            and not isinstance(module.padding, str)):
+    if (
+        isinstance(module, nn.Conv2d)
+        and module.weight.requires_grad
+        and module.groups == 1
+        and not isinstance(module.padding, str)
+    ):
         return Conv2dLayer(name, module, dtype_for(module.weight))
-    if (include_batchnorm and isinstance(module, nn.BatchNorm2d) and module.affine
-            and module.weight.requires_grad):
+    if (
+        include_batchnorm
+        and isinstance(module, nn.BatchNorm2d)
+        and module.affine
+        and module.weight.requires_grad
+    ):
         return BatchNormLayer(name, module, dtype_for(module.weight))
     return None

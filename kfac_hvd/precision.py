@@ -10,10 +10,10 @@ TF32: fp32 products on CUDA may use TF32 tensor cores ("high"); K-FAC sets the c
 around its factor products and restores it afterwards (also on an exception). The preconditioning
 products always run in full fp32 ("highest"): see the README.
 """
+
 from __future__ import annotations
 
-from contextlib import nullcontext
-from typing import ContextManager
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
@@ -28,11 +28,15 @@ FACTOR_MATMUL_PRECISIONS = {"highest": "ieee", "high": "tf32"}
 
 def takes_narrow_inputs(tensor: torch.Tensor, factor_dtype: torch.dtype, enabled: bool) -> bool:
     """Whether the factor products multiply ``tensor`` in its own bf16/fp16 dtype (fp32 result)."""
-    return (enabled and factor_dtype == torch.float32 and tensor.dtype in NARROW_DTYPES
-            and tensor.device.type in NARROW_PRODUCT_DEVICES)
+    return (
+        enabled
+        and factor_dtype == torch.float32
+        and tensor.dtype in NARROW_DTYPES
+        and tensor.device.type in NARROW_PRODUCT_DEVICES
+    )
 
 
-def fp32_matmul_precision(device: torch.device, precision: str) -> ContextManager[None]:
+def fp32_matmul_precision(device: torch.device, precision: str) -> AbstractContextManager[None]:
     """Context: fp32 matrix products on ``device`` at ``precision`` ("highest" or "high") inside; a
     device without TF32 is left alone."""
     if device.type not in TF32_DEVICES:
@@ -60,14 +64,17 @@ class _CuBLASPrecision:
     def __enter__(self) -> None:
         try:
             legacy = torch._C._get_float32_matmul_precision()
-        except RuntimeError:                 # "a mix of the legacy and new APIs"
+        except RuntimeError:  # "a mix of the legacy and new APIs"
             legacy = "highest"
-        self._saved = (legacy, torch._C._get_fp32_precision_getter("cuda", "matmul"),
-                       torch._C._get_fp32_precision_getter("mkldnn", "matmul"))
-        torch._C._set_cublas_allow_tf32(self._tf32)          # both faces at once, nothing else
+        self._saved = (
+            legacy,
+            torch._C._get_fp32_precision_getter("cuda", "matmul"),
+            torch._C._get_fp32_precision_getter("mkldnn", "matmul"),
+        )
+        torch._C._set_cublas_allow_tf32(self._tf32)  # both faces at once, nothing else
 
     def __exit__(self, *exception) -> None:
         legacy, cuda, mkldnn = self._saved
-        torch._C._set_float32_matmul_precision(legacy)        # also sets the two per-backend values:
+        torch._C._set_float32_matmul_precision(legacy)  # also sets the two per-backend values:
         torch._C._set_fp32_precision_setter("cuda", "matmul", cuda)
         torch._C._set_fp32_precision_setter("mkldnn", "matmul", mkldnn)

@@ -15,12 +15,14 @@ One training step, as it happens:
       → precondition every layer, on the device
 and the caller's optimiser step follows.
 """
+
 from __future__ import annotations
 
 import logging
 import math
 import re
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,8 +31,19 @@ from .assignment import DEFAULT_LOCAL_INVERSE_MAX_DIM, Assignment, assign_layers
 from .capture import FactorCapture
 from .comm import TrafficCounter, default_communicator, every_step_cost
 from .exchange import Arrived, FactorExchange, allgather_inverses
-from .factors import (INVERSE_METHODS, TRIANGLES, damping_shifts, diff_from_squares, factor_statistics, invert_all,
-                      kl_clip_scale, packed_numel, pi_from_diagonal_means, robust_damped_inverses, unpack)
+from .factors import (
+    INVERSE_METHODS,
+    TRIANGLES,
+    damping_shifts,
+    diff_from_squares,
+    factor_statistics,
+    invert_all,
+    kl_clip_scale,
+    packed_numel,
+    pi_from_diagonal_means,
+    robust_damped_inverses,
+    unpack,
+)
 from .layers import DEFAULT_UNFOLD_CHUNK_BYTES, Layer, make_layer
 from .precision import FACTOR_MATMUL_PRECISIONS, fp32_matmul_precision
 from .scheduler import IntervalScheduler
@@ -49,22 +62,46 @@ class KFAC:
     are keyword-only; see the README for each one.
     """
 
-    def __init__(self, model: nn.Module, *, damping: float = 1e-3, update_threshold: Optional[float] = None,
-                 update_interval: int = 1, interval_policy: str = "modulo", max_interval: Optional[int] = None,
-                 shrink_multiple: Optional[float] = None, separate_intervals: bool = False,
-                 factor_decay: Optional[float] = None, kl_clip: Optional[float] = None,
-                 pi_damping: bool = True, inverse_method: str = "cholesky", batched_inversion: bool = True,
-                 symmetric_comm: bool = True,
-                 skip_layers: Sequence[str] = (), include_batchnorm: bool = True,
-                 factor_dtype: Optional[torch.dtype] = None, accumulation_steps: int = 1,
-                 noise_aware_diff: bool = False,
-                 local_inverse_max_dim: int = DEFAULT_LOCAL_INVERSE_MAX_DIM,
-                 unfold_chunk_bytes: int = DEFAULT_UNFOLD_CHUNK_BYTES, narrow_factor_products: bool = True,
-                 factor_matmul_precision: str = "highest", comm: Any = None) -> None:
-        _check_options(damping=damping, factor_decay=factor_decay, kl_clip=kl_clip, inverse_method=inverse_method,
-                       batched_inversion=batched_inversion, accumulation_steps=accumulation_steps,
-                       local_inverse_max_dim=local_inverse_max_dim, unfold_chunk_bytes=unfold_chunk_bytes,
-                       narrow_factor_products=narrow_factor_products, factor_matmul_precision=factor_matmul_precision)
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        damping: float = 1e-3,
+        update_threshold: float | None = None,
+        update_interval: int = 1,
+        interval_policy: str = "modulo",
+        max_interval: int | None = None,
+        shrink_multiple: float | None = None,
+        separate_intervals: bool = False,
+        factor_decay: float | None = None,
+        kl_clip: float | None = None,
+        pi_damping: bool = True,
+        inverse_method: str = "cholesky",
+        batched_inversion: bool = True,
+        symmetric_comm: bool = True,
+        skip_layers: Sequence[str] = (),
+        include_batchnorm: bool = True,
+        factor_dtype: torch.dtype | None = None,
+        accumulation_steps: int = 1,
+        noise_aware_diff: bool = False,
+        local_inverse_max_dim: int = DEFAULT_LOCAL_INVERSE_MAX_DIM,
+        unfold_chunk_bytes: int = DEFAULT_UNFOLD_CHUNK_BYTES,
+        narrow_factor_products: bool = True,
+        factor_matmul_precision: str = "highest",
+        comm: Any = None,
+    ) -> None:
+        _check_options(
+            damping=damping,
+            factor_decay=factor_decay,
+            kl_clip=kl_clip,
+            inverse_method=inverse_method,
+            batched_inversion=batched_inversion,
+            accumulation_steps=accumulation_steps,
+            local_inverse_max_dim=local_inverse_max_dim,
+            unfold_chunk_bytes=unfold_chunk_bytes,
+            narrow_factor_products=narrow_factor_products,
+            factor_matmul_precision=factor_matmul_precision,
+        )
         if isinstance(skip_layers, str):
             skip_layers = (skip_layers,)
         self.damping = damping
@@ -80,7 +117,7 @@ class KFAC:
         self.noise_aware_diff = noise_aware_diff
 
         skip_patterns = [re.compile(pattern) for pattern in skip_layers]
-        self.layers: Dict[str, Layer] = {}
+        self.layers: dict[str, Layer] = {}
         for name, module in model.named_modules():
             if any(pattern.search(name) for pattern in skip_patterns):
                 continue
@@ -91,68 +128,91 @@ class KFAC:
             raise ValueError("KFAC found no Linear, Conv2d or BatchNorm2d layer to precondition in the model")
 
         self.comm = comm if comm is not None else default_communicator()
-        self.local_layers = [name for name, layer in self.layers.items()
-                             if inverted_everywhere(layer.factor_shapes(), local_inverse_max_dim)]
+        self.local_layers = [
+            name
+            for name, layer in self.layers.items()
+            if inverted_everywhere(layer.factor_shapes(), local_inverse_max_dim)
+        ]
         self._local = set(self.local_layers)
         self.assignment: Assignment = self.assign(self.comm.size)
         self.scheduler = IntervalScheduler(
-            [key for name in self.layers for key in self._keys_of(name)], update_threshold=update_threshold,
-            interval_policy=interval_policy, max_interval=max_interval, shrink_multiple=shrink_multiple,
-            initial_interval=update_interval)
+            [key for name in self.layers for key in self._keys_of(name)],
+            update_threshold=update_threshold,
+            interval_policy=interval_policy,
+            max_interval=max_interval,
+            shrink_multiple=shrink_multiple,
+            initial_interval=update_interval,
+        )
         self.traffic = TrafficCounter(self.comm.size)
-        self._every_step_cost = every_step_cost(self.layers.values(), self.comm.size, symmetric=symmetric_comm,
-                                                local_inverse_max_dim=local_inverse_max_dim)
+        self._every_step_cost = every_step_cost(
+            self.layers.values(),
+            self.comm.size,
+            symmetric=symmetric_comm,
+            local_inverse_max_dim=local_inverse_max_dim,
+        )
         self._transport_dtype = _promote(layer.factor_dtype for layer in self.layers.values())
         self.steps = 0
-        self.factors: Dict[str, Dict[str, torch.Tensor]] = {name: {} for name in self.layers}
-        self.previous: Dict[str, Dict[str, torch.Tensor]] = {name: {} for name in self.layers}
-        self.inverses: Dict[str, Dict[str, torch.Tensor]] = {name: {} for name in self.layers}
-        self.diagonal_means: Dict[str, Dict[str, float]] = {name: {} for name in self.layers}  # for π
+        self.factors: dict[str, dict[str, torch.Tensor]] = {name: {} for name in self.layers}
+        self.previous: dict[str, dict[str, torch.Tensor]] = {name: {} for name in self.layers}
+        self.inverses: dict[str, dict[str, torch.Tensor]] = {name: {} for name in self.layers}
+        self.diagonal_means: dict[str, dict[str, float]] = {name: {} for name in self.layers}  # for π
         # Estimated sampling noise E‖X − E X‖² of each X_pre (noise_aware_diff)
-        self.noise: Dict[str, Dict[str, float]] = {name: {} for name in self.layers}
+        self.noise: dict[str, dict[str, float]] = {name: {} for name in self.layers}
         self._rejected: set = set()  # layers whose averaged factors were non-finite on this step
         self.timer = PhaseTimer()
         self.exchange = FactorExchange(self.comm, self.traffic, symmetric=symmetric_comm)
-        self.capture = FactorCapture(self.layers, on_final=self._factor_final, timer=self.timer,
-                                     accumulation_steps=accumulation_steps, chunk_bytes=unfold_chunk_bytes,
-                                     split_halves=noise_aware_diff, narrow_products=narrow_factor_products,
-                                     matmul_precision=factor_matmul_precision)
+        self.capture = FactorCapture(
+            self.layers,
+            on_final=self._factor_final,
+            timer=self.timer,
+            accumulation_steps=accumulation_steps,
+            chunk_bytes=unfold_chunk_bytes,
+            split_halves=noise_aware_diff,
+            narrow_products=narrow_factor_products,
+            matmul_precision=factor_matmul_precision,
+        )
         self._arm(1)
 
     # Introspection ------------------------------------------------------------------------------
     @property
-    def layer_names(self) -> List[str]:
+    def layer_names(self) -> list[str]:
         return list(self.layers)
 
-    def inversion_costs(self) -> Dict[str, float]:
+    def inversion_costs(self) -> dict[str, float]:
         return {name: layer.inversion_cost() for name, layer in self.layers.items()}
 
     def assign(self, world_size: int) -> Assignment:
         """Owners of the layers whose inverses travel, for ``world_size`` ranks (layers inverted on every
         rank, see ``local_inverse_max_dim``, are left out of the balance)."""
-        return assign_layers({name: cost for name, cost in self.inversion_costs().items() if name not in self._local},
-                             world_size)
+        return assign_layers(
+            {name: cost for name, cost in self.inversion_costs().items() if name not in self._local},
+            world_size,
+        )
 
     def mean_interval(self) -> float:
         intervals = self.scheduler.interval.values()
         return sum(intervals) / len(intervals)
 
-    def comm_stats(self) -> Dict[str, Any]:
+    def comm_stats(self) -> dict[str, Any]:
         """Cumulative Fisher traffic of this rank (see :mod:`kfac_hvd.comm` for the wire model)."""
         return {"steps": self.steps, **self.traffic.summary()}
 
-    def collect_times(self) -> Dict[str, float]:
+    def collect_times(self) -> dict[str, float]:
         """Seconds per phase ("factor", "factor_comm", "schedule", "inverse", "inverse_comm",
         "precondition") summed over the steps since the last call, then reset. On CUDA the phases are
         CUDA events and this waits for the last of them: call it when you log, not on every step."""
         return self.timer.collect()
 
-    def memory_bytes(self) -> Dict[str, int]:
+    def memory_bytes(self) -> dict[str, int]:
         """Bytes this rank holds for K-FAC, by category (tensors shared between categories counted once)."""
         seen: set = set()
-        sizes = {"factors": _bytes(seen, self.factors, self.previous), "inverses": _bytes(seen, self.inverses),
-                 "capture_buffers": self.capture.buffer_bytes(), "communication_buffers": self.exchange.buffer_bytes(),
-                 "caches": TRIANGLES.nbytes()}
+        sizes = {
+            "factors": _bytes(seen, self.factors, self.previous),
+            "inverses": _bytes(seen, self.inverses),
+            "capture_buffers": self.capture.buffer_bytes(),
+            "communication_buffers": self.exchange.buffer_bytes(),
+            "caches": TRIANGLES.nbytes(),
+        }
         sizes["total"] = sum(sizes.values())
         return sizes
 
@@ -160,7 +220,7 @@ class KFAC:
         self.capture.remove()
 
     # The training step --------------------------------------------------------------------------
-    def step(self, *, lr: Optional[float] = None, loss_scale: Any = None) -> Dict[str, Any]:
+    def step(self, *, lr: float | None = None, loss_scale: Any = None) -> dict[str, Any]:
         """Precondition every registered layer's gradient in place; return this step's record.
 
         ``loss_scale``: the factor by which the backward pass's gradients were multiplied (a GradScaler's
@@ -172,7 +232,7 @@ class KFAC:
         step = self.steps + 1
         due = self._due
         device = self._device()
-        numerics: Dict[str, str] = {}
+        numerics: dict[str, str] = {}
         with self.timer.phase("factor_comm", device):
             arrived = self._wait_for_factors(count_compute=True)
         with self.timer.phase("schedule", device):
@@ -187,7 +247,7 @@ class KFAC:
         self.steps = step
         return self._finish(step, due, diffs, numerics, kl_scale, skipped=False)
 
-    def skip_step(self, *, check_factors: bool = True) -> Dict[str, Any]:
+    def skip_step(self, *, check_factors: bool = True) -> dict[str, Any]:
         """The optimiser skips this step on every rank: wait for the factor collectives the hooks started,
         keep nothing, count nothing as computed, and leave the step counter where it is (the next step
         captures again). With ``check_factors``, layers whose averaged factors were non-finite are
@@ -205,8 +265,16 @@ class KFAC:
                     numerics[name] = NON_FINITE
         return self._finish(step, due, {}, numerics, None, skipped=True)
 
-    def _finish(self, step: int, due: Dict[str, List[str]], diffs: Dict[str, Dict[str, float]],
-                numerics: Dict[str, str], kl_scale: Optional[torch.Tensor], *, skipped: bool) -> Dict[str, Any]:
+    def _finish(
+        self,
+        step: int,
+        due: dict[str, list[str]],
+        diffs: dict[str, dict[str, float]],
+        numerics: dict[str, str],
+        kl_scale: torch.Tensor | None,
+        *,
+        skipped: bool,
+    ) -> dict[str, Any]:
         started = self.exchange.reset_counts()
         self._rejected.clear()
         self._arm(self.steps + 1)
@@ -217,26 +285,32 @@ class KFAC:
         record.update(numerics=numerics, skipped=skipped, factor_allreduces_started=started)
         return record
 
-    def _factor_final(self, name: str, kind: str, factor: torch.Tensor, noise: Optional[torch.Tensor],
-                      from_step: bool) -> None:
+    def _factor_final(
+        self, name: str, kind: str, factor: torch.Tensor, noise: torch.Tensor | None, from_step: bool
+    ) -> None:
         self.exchange.start(name, kind, factor, noise, from_step=from_step)
 
-    def _wait_for_factors(self, *, count_compute: bool) -> Dict[str, Dict[str, Arrived]]:
+    def _wait_for_factors(self, *, count_compute: bool) -> dict[str, dict[str, Arrived]]:
         self.capture.finish()
         missing = self.capture.missing()
         if missing:
             name, kind = missing[0]
             raise RuntimeError(
                 f"K-FAC layer '{name}' is due on step {self.steps + 1} but captured no {kind} factor: "
-                "run forward and backward in training mode before kfac.step(), or skip the layer")
+                "run forward and backward in training mode before kfac.step(), or skip the layer"
+            )
         arrived = self.exchange.wait()
         if count_compute:
-            self.traffic.add_totals(computed_elements=sum(math.prod(factor.shape) for kinds in arrived.values()
-                                                          for factor in kinds.values()))
+            self.traffic.add_totals(
+                computed_elements=sum(
+                    math.prod(factor.shape) for kinds in arrived.values() for factor in kinds.values()
+                )
+            )
         return arrived
 
-    def _adopt_factors(self, step: int, arrived: Dict[str, Dict[str, Arrived]], loss_scale: Any,
-                       numerics: Dict[str, str]) -> Tuple[Dict[str, Dict[str, float]], List[str]]:
+    def _adopt_factors(
+        self, step: int, arrived: dict[str, dict[str, Arrived]], loss_scale: Any, numerics: dict[str, str]
+    ) -> tuple[dict[str, dict[str, float]], list[str]]:
         """Algorithm 1's bookkeeping on the averaged factors (one host read for all of them).
 
         A non-finite averaged factor (every rank sees the same one) is dropped: the layer keeps its
@@ -247,16 +321,18 @@ class KFAC:
             for kinds in arrived.values():
                 for kind, factor in kinds.items():
                     if kind != "A":
-                        factor.values.div_(loss_scale ** 2)
-                        if factor.noise is not None:      # a squared norm of G-sized differences
-                            factor.noise = factor.noise / loss_scale ** 4
+                        factor.values.div_(loss_scale**2)
+                        if factor.noise is not None:  # a squared norm of G-sized differences
+                            factor.noise = factor.noise / loss_scale**4
         order = [(name, kind) for name, kinds in arrived.items() for kind in kinds]
-        statistics = self._statistics([(arrived[name][kind], self.previous[name].get(kind)) for name, kind in order])
-        rows: Dict[str, Dict[str, List[float]]] = {}
+        statistics = self._statistics(
+            [(arrived[name][kind], self.previous[name].get(kind)) for name, kind in order]
+        )
+        rows: dict[str, dict[str, list[float]]] = {}
         for (name, kind), row in zip(order, statistics):
             rows.setdefault(name, {})[kind] = row
-        diffs: Dict[str, Dict[str, float]] = {}
-        due_keys: List[str] = []
+        diffs: dict[str, dict[str, float]] = {}
+        due_keys: list[str] = []
         for name in (name for name in self.layers if name in rows):
             kinds = rows[name]
             keys = [key for key in self._keys_of(name) if set(self._kinds_of_key(name, key)) <= set(kinds)]
@@ -282,7 +358,9 @@ class KFAC:
                 self._store_factor(name, kind, arrived[name][kind], diagonal_mean)
                 self.noise[name][kind] = noise
             for key in keys:
-                layer_diffs = [diffs[name][kind] for kind in self._kinds_of_key(name, key) if kind in diffs.get(name, {})]
+                layer_diffs = [
+                    diffs[name][kind] for kind in self._kinds_of_key(name, key) if kind in diffs.get(name, {})
+                ]
                 self.scheduler.record(key, step, max(layer_diffs) if layer_diffs else None)
         return diffs, due_keys
 
@@ -300,14 +378,16 @@ class KFAC:
             self.factors[name][kind] = fresh
             self.diagonal_means[name][kind] = diagonal_mean
         elif running is None:
-            self.factors[name][kind] = fresh.clone()   # X_pre is overwritten in place on the next update
+            self.factors[name][kind] = fresh.clone()  # X_pre is overwritten in place on the next update
             self.diagonal_means[name][kind] = diagonal_mean
         else:
             running.mul_(self.factor_decay).add_(fresh, alpha=1 - self.factor_decay)
             old = self.diagonal_means[name][kind]
-            self.diagonal_means[name][kind] = self.factor_decay * old + (1 - self.factor_decay) * diagonal_mean
+            self.diagonal_means[name][kind] = (
+                self.factor_decay * old + (1 - self.factor_decay) * diagonal_mean
+            )
 
-    def _statistics(self, entries: Sequence[Tuple[Arrived, Optional[torch.Tensor]]]) -> List[List[float]]:
+    def _statistics(self, entries: Sequence[tuple[Arrived, torch.Tensor | None]]) -> list[list[float]]:
         """:func:`factor_statistics` of arrived factors (packed triangles, flat or full), one host read."""
         views = []
         for arrived, previous in entries:
@@ -316,12 +396,14 @@ class KFAC:
             views.append((values, arrived.shape, triangles, previous, arrived.noise))
         return factor_statistics(views)
 
-    def _invert(self, due: Dict[str, List[str]], numerics: Dict[str, str]) -> Dict[Tuple[str, str], torch.Tensor]:
+    def _invert(
+        self, due: dict[str, list[str]], numerics: dict[str, str]
+    ) -> dict[tuple[str, str], torch.Tensor]:
         """Invert what this rank inverts: its own due layers and every due local layer (one host read).
         Returns the inverses it must send; a layer it cannot invert sends the inverse already held."""
         rank = self.comm.rank
-        jobs: Dict[str, Dict[str, torch.Tensor]] = {}
-        shifts: Dict[str, Dict[str, float]] = {}
+        jobs: dict[str, dict[str, torch.Tensor]] = {}
+        shifts: dict[str, dict[str, float]] = {}
         for name, kinds in due.items():
             if name not in self._local and self.assignment.owner[name] != rank:
                 continue
@@ -331,28 +413,32 @@ class KFAC:
             shifts[name] = damping_shifts(kinds, self.damping, self._pi(name))
         inverses, failed = invert_all(jobs, shifts, self.inverse_method, batched=self.batched_inversion)
         for name in failed:
-            result, event = robust_damped_inverses(jobs[name], self.damping, pi=self._pi(name),
-                                                   method=self.inverse_method)
+            result, event = robust_damped_inverses(
+                jobs[name], self.damping, pi=self._pi(name), method=self.inverse_method
+            )
             numerics[name] = event if result is not None else event + ", previous inverse kept"
             if result is not None:
                 inverses[name] = result
-        mine: Dict[Tuple[str, str], torch.Tensor] = {}
+        mine: dict[tuple[str, str], torch.Tensor] = {}
         for name, kinds in due.items():
             if name in self._local:
                 self.inverses[name].update(inverses.get(name, {}))
             elif self.assignment.owner[name] == rank:
                 for kind in kinds:
-                    mine[(name, kind)] = inverses[name][kind] if name in inverses else self._held_inverse(name, kind)
+                    mine[(name, kind)] = (
+                        inverses[name][kind] if name in inverses else self._held_inverse(name, kind)
+                    )
         return mine
 
-    def _share_inverses(self, due: Dict[str, List[str]], mine: Dict[Tuple[str, str], torch.Tensor],
-                        due_keys: List[str]) -> None:
+    def _share_inverses(
+        self, due: dict[str, list[str]], mine: dict[tuple[str, str], torch.Tensor], due_keys: list[str]
+    ) -> None:
         """One allgather: every owner's inverses, and rank 0's intervals for the due keys."""
         for (name, kind), inverse in mine.items():
             self.inverses[name][kind] = inverse
         if self.comm.size == 1:
             return
-        layout: List[List[Tuple[str, str, Tuple[int, ...]]]] = [[] for _ in range(self.comm.size)]
+        layout: list[list[tuple[str, str, tuple[int, ...]]]] = [[] for _ in range(self.comm.size)]
         for name, kinds in due.items():
             if name not in self._local:
                 shapes = self.layers[name].factor_shapes()
@@ -362,8 +448,16 @@ class KFAC:
             return
         control = [float(self.scheduler.interval[key]) for key in due_keys] if self.comm.rank == 0 else None
         received, intervals = allgather_inverses(
-            self.comm, self.traffic, layout=layout, mine=mine, control=control, control_count=control_count,
-            symmetric=self.symmetric_comm, dtype=self._transport_dtype, device=self._device())
+            self.comm,
+            self.traffic,
+            layout=layout,
+            mine=mine,
+            control=control,
+            control_count=control_count,
+            symmetric=self.symmetric_comm,
+            dtype=self._transport_dtype,
+            device=self._device(),
+        )
         for (name, kind), values in received.items():
             if (name, kind) in mine:
                 continue
@@ -371,7 +465,7 @@ class KFAC:
             held = self.inverses[name].get(kind)
             if held is None or held.dtype != dtype or not held.is_contiguous():
                 held = self.inverses[name][kind] = torch.empty(shape, dtype=dtype, device=values.device)
-            unpack(values.to(dtype), shape, self.symmetric_comm, out=held)   # in place: no second copy
+            unpack(values.to(dtype), shape, self.symmetric_comm, out=held)  # in place: no second copy
         # Ranks may round the averaged factors differently (MPI allreduce does not promise bitwise
         # equality), so rank 0's intervals are the ones every rank keeps.
         for key, interval in zip(due_keys, intervals):
@@ -390,9 +484,9 @@ class KFAC:
             return 1.0
         return pi_from_diagonal_means(means["A"], means["G"])
 
-    def _precondition(self, lr: Optional[float]) -> Optional[torch.Tensor]:
-        gradients: Dict[str, torch.Tensor] = {}
-        updates: Dict[str, torch.Tensor] = {}
+    def _precondition(self, lr: float | None) -> torch.Tensor | None:
+        gradients: dict[str, torch.Tensor] = {}
+        updates: dict[str, torch.Tensor] = {}
         scale = None
         # Full fp32 whatever the caller's TF32 setting: the damped inverses are ill-conditioned, and TF32
         # would change the update far more than the factors (README, "factor_matmul_precision").
@@ -409,19 +503,23 @@ class KFAC:
         return scale
 
     # Schedule helpers ---------------------------------------------------------------------------
-    def _keys_of(self, name: str) -> List[str]:
+    def _keys_of(self, name: str) -> list[str]:
         if self.separate_intervals:
             return [f"{name}:{kind}" for kind in self.layers[name].factor_kinds]
         return [name]
 
-    def _kinds_of_key(self, name: str, key: str) -> List[str]:
+    def _kinds_of_key(self, name: str, key: str) -> list[str]:
         return [key.rsplit(":", 1)[1]] if self.separate_intervals else list(self.layers[name].factor_kinds)
 
-    def _due_kinds(self, step: int) -> Dict[str, List[str]]:
-        due: Dict[str, List[str]] = {}
+    def _due_kinds(self, step: int) -> dict[str, list[str]]:
+        due: dict[str, list[str]] = {}
         for name in self.layers:
-            kinds = [kind for key in self._keys_of(name) if self.scheduler.is_due(key, step)
-                     for kind in self._kinds_of_key(name, key)]
+            kinds = [
+                kind
+                for key in self._keys_of(name)
+                if self.scheduler.is_due(key, step)
+                for kind in self._kinds_of_key(name, key)
+            ]
             if kinds:
                 due[name] = kinds
         return due
@@ -434,12 +532,17 @@ class KFAC:
         return next(iter(self.layers.values())).module.weight.device
 
     # Accounting ---------------------------------------------------------------------------------
-    def _record(self, step: int, due: Dict[str, List[str]], diffs: Dict[str, Dict[str, float]],
-                kl_scale: Optional[torch.Tensor]) -> Dict[str, Any]:
+    def _record(
+        self,
+        step: int,
+        due: dict[str, list[str]],
+        diffs: dict[str, dict[str, float]],
+        kl_scale: torch.Tensor | None,
+    ) -> dict[str, Any]:
         layers = {}
         for name in self.layers:
             intervals = [self.scheduler.interval[key] for key in self._keys_of(name)]
-            entry: Dict[str, Any] = {"due": name in due, "interval": min(intervals)}
+            entry: dict[str, Any] = {"due": name in due, "interval": min(intervals)}
             if self.separate_intervals:
                 entry["intervals"] = dict(zip(self.layers[name].factor_kinds, intervals))
             for kind in self.layers[name].factor_kinds:
@@ -450,27 +553,37 @@ class KFAC:
             layers[name] = entry
         return {"step": step, "layers": layers, "kl_scale": kl_scale, "mean_interval": self.mean_interval()}
 
-    def _step_payload(self, name: str, kinds: List[str]) -> int:
+    def _step_payload(self, name: str, kinds: list[str]) -> int:
         if self.comm.size == 1:
             return 0
         shapes = self.layers[name].factor_shapes()
         element = torch.finfo(self.layers[name].factor_dtype).bits // 8
-        messages = 1 if name in self._local else 2      # factor allreduce (+ inverse allgather)
+        messages = 1 if name in self._local else 2  # factor allreduce (+ inverse allgather)
         return sum(messages * packed_numel(shapes[kind], self.symmetric_comm) * element for kind in kinds)
 
     # State --------------------------------------------------------------------------------------
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue the schedule exactly: step, intervals, factors, inverses."""
         return save_kfac_state(self)
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         load_kfac_state(self, state)
         self._arm(self.steps + 1)
 
 
-def _check_options(*, damping: float, factor_decay: Optional[float], kl_clip: Optional[float], inverse_method: str,
-                   batched_inversion: bool, accumulation_steps: int, local_inverse_max_dim: int, unfold_chunk_bytes: int,
-                   narrow_factor_products: bool, factor_matmul_precision: str) -> None:
+def _check_options(
+    *,
+    damping: float,
+    factor_decay: float | None,
+    kl_clip: float | None,
+    inverse_method: str,
+    batched_inversion: bool,
+    accumulation_steps: int,
+    local_inverse_max_dim: int,
+    unfold_chunk_bytes: int,
+    narrow_factor_products: bool,
+    factor_matmul_precision: str,
+) -> None:
     if not damping > 0:
         raise ValueError(f"damping must be > 0, got {damping!r}")
     if factor_decay is not None and not 0 <= factor_decay < 1:
@@ -479,16 +592,20 @@ def _check_options(*, damping: float, factor_decay: Optional[float], kl_clip: Op
         raise ValueError(f"kl_clip must be > 0 or None, got {kl_clip!r}")
     if inverse_method not in INVERSE_METHODS:
         raise ValueError(f"inverse_method must be one of {INVERSE_METHODS}, got {inverse_method!r}")
-    if factor_matmul_precision not in tuple(FACTOR_MATMUL_PRECISIONS):      # a list is refused, not unhashable
-        raise ValueError(f"factor_matmul_precision must be one of {tuple(FACTOR_MATMUL_PRECISIONS)}, "
-                         f"got {factor_matmul_precision!r}")
+    if factor_matmul_precision not in tuple(FACTOR_MATMUL_PRECISIONS):  # a list is refused, not unhashable
+        raise ValueError(
+            f"factor_matmul_precision must be one of {tuple(FACTOR_MATMUL_PRECISIONS)}, "
+            f"got {factor_matmul_precision!r}"
+        )
     if not isinstance(narrow_factor_products, bool):
         raise ValueError(f"narrow_factor_products must be True or False, got {narrow_factor_products!r}")
     if not isinstance(batched_inversion, bool):
         raise ValueError(f"batched_inversion must be True or False, got {batched_inversion!r}")
-    for option, value, least in (("accumulation_steps", accumulation_steps, 1),
-                                 ("local_inverse_max_dim", local_inverse_max_dim, 0),
-                                 ("unfold_chunk_bytes", unfold_chunk_bytes, 1)):
+    for option, value, least in (
+        ("accumulation_steps", accumulation_steps, 1),
+        ("local_inverse_max_dim", local_inverse_max_dim, 0),
+        ("unfold_chunk_bytes", unfold_chunk_bytes, 1),
+    ):
         if not (isinstance(value, int) and not isinstance(value, bool) and value >= least):
             raise ValueError(f"{option} must be an int >= {least}, got {value!r}")
 
@@ -500,7 +617,7 @@ def _promote(dtypes) -> torch.dtype:
     return result
 
 
-def _bytes(seen: set, *groups: Dict[str, Dict[str, torch.Tensor]]) -> int:
+def _bytes(seen: set, *groups: dict[str, dict[str, torch.Tensor]]) -> int:
     total = 0
     for group in groups:
         for kinds in group.values():

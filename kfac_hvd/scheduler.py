@@ -16,10 +16,11 @@ A *key* is what owns an interval: a layer name, or "layer:A" / "layer:G" when A 
 intervals. Computing the diff (a Frobenius-norm ratio of factors) is the caller's job; this module only
 turns diffs into intervals.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional
 
 POLICIES = ("modulo", "since_last")
 
@@ -39,14 +40,14 @@ class IntervalScheduler:
         ``initial_interval`` steps after the last update (``since_last``).
     """
 
-    keys: List[str]
-    update_threshold: Optional[float] = None
+    keys: list[str]
+    update_threshold: float | None = None
     interval_policy: str = "modulo"
-    max_interval: Optional[int] = None
-    shrink_multiple: Optional[float] = None
+    max_interval: int | None = None
+    shrink_multiple: float | None = None
     initial_interval: int = 1
-    interval: Dict[str, int] = field(default_factory=dict)
-    last_update: Dict[str, int] = field(default_factory=dict)
+    interval: dict[str, int] = field(default_factory=dict)
+    last_update: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.interval_policy not in POLICIES:
@@ -77,7 +78,7 @@ class IntervalScheduler:
             return step % interval == 0
         return step - self.last_update[key] >= interval
 
-    def record(self, key: str, step: int, diff: Optional[float]) -> int:
+    def record(self, key: str, step: int, diff: float | None) -> int:
         """Take a due step's diff (``None`` on the first update, which has no previous factors).
 
         Returns the key's interval for the steps that follow.
@@ -110,12 +111,12 @@ class IntervalScheduler:
         self.last_update.update({k: int(v) for k, v in state["last_update"].items()})
 
 
-def due_steps(scheduler: IntervalScheduler, key: str, diffs: Iterable[Optional[float]]) -> List[int]:
+def due_steps(scheduler: IntervalScheduler, key: str, diffs: Iterable[float | None]) -> list[int]:
     """The due steps of ``key`` when its successive due steps see ``diffs`` (a small replay helper).
 
     Stops when ``diffs`` is exhausted; used by tests and by the traffic model.
     """
-    steps: List[int] = []
+    steps: list[int] = []
     diff_iter = iter(diffs)
     step = 0
     while True:

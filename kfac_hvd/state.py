@@ -1,34 +1,43 @@
 """K-FAC's checkpointable state: what ``KFAC.state_dict`` saves and ``KFAC.load_state_dict`` checks."""
+
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 if TYPE_CHECKING:  # pragma: no cover
     from .preconditioner import KFAC
 
-TensorGroups = Dict[str, Dict[str, torch.Tensor]]
+TensorGroups = dict[str, dict[str, torch.Tensor]]
 GROUPS = ("factors", "previous", "inverses")
 
 
 def _cpu(tensors: TensorGroups) -> TensorGroups:
-    return {name: {kind: t.detach().cpu().clone() for kind, t in kinds.items()} for name, kinds in tensors.items()}
+    return {
+        name: {kind: t.detach().cpu().clone() for kind, t in kinds.items()} for name, kinds in tensors.items()
+    }
 
 
-def save_kfac_state(kfac: "KFAC") -> Dict[str, Any]:
+def save_kfac_state(kfac: KFAC) -> dict[str, Any]:
     """Step, intervals and t_last, factors, previous factors, inverses, the diagonal means behind π,
     the traffic counters; on the CPU."""
     # Without a running average the factors are the previous factors: saved once.
     factors = _cpu(kfac.factors) if kfac.factor_decay is not None else None
-    return {"steps": kfac.steps, "scheduler": kfac.scheduler.state_dict(), "factors": factors,
-            "previous": _cpu(kfac.previous), "inverses": _cpu(kfac.inverses),
-            "diagonal_means": {name: dict(means) for name, means in kfac.diagonal_means.items()},
-            "noise": {name: dict(noise) for name, noise in kfac.noise.items()},
-            "traffic": kfac.traffic.state_dict(), "layer_names": kfac.layer_names}
+    return {
+        "steps": kfac.steps,
+        "scheduler": kfac.scheduler.state_dict(),
+        "factors": factors,
+        "previous": _cpu(kfac.previous),
+        "inverses": _cpu(kfac.inverses),
+        "diagonal_means": {name: dict(means) for name, means in kfac.diagonal_means.items()},
+        "noise": {name: dict(noise) for name, noise in kfac.noise.items()},
+        "traffic": kfac.traffic.state_dict(),
+        "layer_names": kfac.layer_names,
+    }
 
 
-def load_kfac_state(kfac: "KFAC", state: Dict[str, Any]) -> None:
+def load_kfac_state(kfac: KFAC, state: dict[str, Any]) -> None:
     """Check ``state`` against the model (ValueError naming what does not fit), then adopt it."""
     missing = {"steps", "scheduler", "factors", "previous", "inverses", "traffic"} - set(state)
     if missing:
@@ -46,8 +55,10 @@ def load_kfac_state(kfac: "KFAC", state: Dict[str, Any]) -> None:
             for kind, tensor in kinds.items():
                 expected = kfac.layers[name].factor_shapes()[kind]
                 if tuple(tensor.shape) != tuple(expected):
-                    raise ValueError(f"K-FAC state {group}/{name}/{kind} has shape {tuple(tensor.shape)}, "
-                                     f"the model needs {tuple(expected)}")
+                    raise ValueError(
+                        f"K-FAC state {group}/{name}/{kind} has shape {tuple(tensor.shape)}, "
+                        f"the model needs {tuple(expected)}"
+                    )
     kfac.scheduler.load_state_dict(state["scheduler"])
     kfac.steps = int(state["steps"])
     for group in GROUPS:
@@ -55,14 +66,18 @@ def load_kfac_state(kfac: "KFAC", state: Dict[str, Any]) -> None:
         for name in kfac.layers:
             device = kfac.layers[name].module.weight.device
             dtype = kfac.layers[name].factor_dtype
-            target[name] = {kind: t.to(device=device, dtype=dtype).clone()
-                            for kind, t in state[group].get(name, {}).items()}
+            target[name] = {
+                kind: t.to(device=device, dtype=dtype).clone()
+                for kind, t in state[group].get(name, {}).items()
+            }
     if kfac.factor_decay is None:
         kfac.factors = {name: dict(kinds) for name, kinds in kfac.previous.items()}
     means = state.get("diagonal_means")
     if means is None:  # a state saved before the means were kept: take them from the factors
-        means = {name: {kind: torch.diagonal(t, dim1=-2, dim2=-1).mean().item() for kind, t in kinds.items()}
-                 for name, kinds in kfac.factors.items()}
+        means = {
+            name: {kind: torch.diagonal(t, dim1=-2, dim2=-1).mean().item() for kind, t in kinds.items()}
+            for name, kinds in kfac.factors.items()
+        }
     kfac.diagonal_means = {name: dict(means.get(name, {})) for name in kfac.layers}
     noise = state.get("noise") or {}
     kfac.noise = {name: dict(noise.get(name, {})) for name in kfac.layers}

@@ -2,18 +2,26 @@
 
 Used to check the library's traffic counters against Horovod's own record of what it moved.
 """
+
 from __future__ import annotations
 
 import json
 import math
 import re
-from typing import Dict, List, Tuple
 
-ELEMENT_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8, "int32": 4, "int64": 8, "uint8": 1,
-                 "int8": 1}
+ELEMENT_BYTES = {
+    "float16": 2,
+    "bfloat16": 2,
+    "float32": 4,
+    "float64": 8,
+    "int32": 4,
+    "int64": 8,
+    "uint8": 1,
+    "int8": 1,
+}
 
 
-def read_collectives(path: str, prefix: str = "kfac.") -> Dict[Tuple[str, str], List[int]]:
+def read_collectives(path: str, prefix: str = "kfac.") -> dict[tuple[str, str], list[int]]:
     """(op, tensor name) → [count, bytes] for tensors whose name starts with ``prefix``.
 
     Horovod names a tensor's row "<op>.<tensor name>" and puts dtype and shape on the closing event of
@@ -25,9 +33,12 @@ def read_collectives(path: str, prefix: str = "kfac.") -> Dict[Tuple[str, str], 
     if not text.endswith("]"):
         text += "]"  # a timeline whose job is still running (or was killed) has an open array
     events = json.loads(text)
-    rows = {event["pid"]: event["args"]["name"] for event in events
-            if event.get("ph") == "M" and event.get("name") == "process_name" and "name" in event.get("args", {})}
-    found: Dict[Tuple[str, str], List[int]] = {}
+    rows = {
+        event["pid"]: event["args"]["name"]
+        for event in events
+        if event.get("ph") == "M" and event.get("name") == "process_name" and "name" in event.get("args", {})
+    }
+    found: dict[tuple[str, str], list[int]] = {}
     for event in events:
         op, _, tensor = rows.get(event.get("pid"), "").partition(".")
         if not tensor.startswith(prefix):

@@ -48,24 +48,34 @@ is exposed; inversion, the inverse allgather and preconditioning follow on the c
 last bucket's allreduce after the backward pass ends, contention between compute and communication,
 stragglers, the optimiser's own update, data loading, packing/unpacking triangles.
 """
+
 from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any
 
 import torch
 from torch import nn
 
 from .assignment import DEFAULT_LOCAL_INVERSE_MAX_DIM, assign_layers, inverted_everywhere
-from .factors import packed_numel
 from .devices import DEVICES
+from .factors import packed_numel
 from .layers import Conv2dLayer, make_layer
 
 TOPOLOGIES = ("flat", "hierarchical")
-PHASES = ("forward", "backward", "factor", "gradient_allreduce", "factor_allreduce", "inversion",
-          "inverse_allgather", "precondition")
+PHASES = (
+    "forward",
+    "backward",
+    "factor",
+    "gradient_allreduce",
+    "factor_allreduce",
+    "inversion",
+    "inverse_allgather",
+    "precondition",
+)
 
 
 @dataclass(frozen=True)
@@ -73,46 +83,53 @@ class Network:
     """α-β constants. Defaults: ABCI compute node (4 × V100 SXM2 on NVLink, 2 × IB EDR)."""
 
     gpus_per_node: int = 4
-    nvlink_bandwidth: float = 50e9        # B/s per direction between two GPUs of a node (2 NVLink2 links)
-    node_bandwidth: float = 25e9          # B/s per direction per node: 2 × 100 Gb/s InfiniBand EDR
-    alpha_message: float = 50e-6          # s per collective: launch and Horovod's negotiation
-    alpha_intra: float = 2e-6             # s per ring step inside a node
-    alpha_inter: float = 5e-6             # s per ring step across nodes
-    fusion_bytes: int = 64 * 2 ** 20      # Horovod's fusion buffer
+    nvlink_bandwidth: float = 50e9  # B/s per direction between two GPUs of a node (2 NVLink2 links)
+    node_bandwidth: float = 25e9  # B/s per direction per node: 2 × 100 Gb/s InfiniBand EDR
+    alpha_message: float = 50e-6  # s per collective: launch and Horovod's negotiation
+    alpha_intra: float = 2e-6  # s per ring step inside a node
+    alpha_inter: float = 5e-6  # s per ring step across nodes
+    fusion_bytes: int = 64 * 2**20  # Horovod's fusion buffer
     topology: str = "flat"
 
     def __post_init__(self) -> None:
         if self.topology not in TOPOLOGIES:
             raise ValueError(f"topology must be one of {TOPOLOGIES}, got {self.topology!r}")
 
-    def _stages(self, world_size: int) -> List[tuple]:
+    def _stages(self, world_size: int) -> list[tuple]:
         """(ranks, α per step, bandwidth) of each ring a collective runs through."""
         nodes = math.ceil(world_size / self.gpus_per_node)
         if nodes == 1:
             return [(world_size, self.alpha_intra, self.nvlink_bandwidth)]
         if self.topology == "flat":
             return [(world_size, self.alpha_inter, min(self.nvlink_bandwidth, self.node_bandwidth))]
-        return [(min(world_size, self.gpus_per_node), self.alpha_intra, self.nvlink_bandwidth),
-                (nodes, self.alpha_inter, self.node_bandwidth)]
+        return [
+            (min(world_size, self.gpus_per_node), self.alpha_intra, self.nvlink_bandwidth),
+            (nodes, self.alpha_inter, self.node_bandwidth),
+        ]
 
     def allreduce(self, payload: float, world_size: int) -> float:
         if world_size <= 1 or payload <= 0:
             return 0.0
-        return self.alpha_message + sum(2 * (p - 1) * alpha + 2 * (p - 1) / p * payload / bandwidth
-                                        for p, alpha, bandwidth in self._stages(world_size))
+        return self.alpha_message + sum(
+            2 * (p - 1) * alpha + 2 * (p - 1) / p * payload / bandwidth
+            for p, alpha, bandwidth in self._stages(world_size)
+        )
 
     def allgather(self, payload: float, world_size: int) -> float:
         """``payload``: the bytes every rank holds afterwards (the sum of all ranks' shares)."""
         if world_size <= 1 or payload <= 0:
             return 0.0
-        return self.alpha_message + sum((p - 1) * alpha + (p - 1) / p * payload / bandwidth
-                                        for p, alpha, bandwidth in self._stages(world_size))
+        return self.alpha_message + sum(
+            (p - 1) * alpha + (p - 1) / p * payload / bandwidth
+            for p, alpha, bandwidth in self._stages(world_size)
+        )
 
     def broadcast(self, payload: float, world_size: int) -> float:
         if world_size <= 1 or payload <= 0:
             return 0.0
-        return self.alpha_message + sum((p - 1) * alpha + payload / bandwidth
-                                        for p, alpha, bandwidth in self._stages(world_size))
+        return self.alpha_message + sum(
+            (p - 1) * alpha + payload / bandwidth for p, alpha, bandwidth in self._stages(world_size)
+        )
 
     def fused_allreduce(self, payload: float, world_size: int) -> float:
         """``payload`` bytes of many tensors, fused into ⌈payload/fusion⌉ equal messages."""
@@ -133,22 +150,26 @@ class Gpu:
     ``memory_bandwidth × memory_efficiency``; None leaves that traffic out."""
 
     peak_flops: float = 15.7e12
-    efficiency: float = 0.6               # forward/backward, factor GEMMs, preconditioning matmuls
-    inverse_efficiency: float = 0.25      # Cholesky + inverse of factors (n ≤ 4,609: far from peak)
-    factor_peak_flops: Optional[float] = None
+    efficiency: float = 0.6  # forward/backward, factor GEMMs, preconditioning matmuls
+    inverse_efficiency: float = 0.25  # Cholesky + inverse of factors (n ≤ 4,609: far from peak)
+    factor_peak_flops: float | None = None
     factor_precision: str = "fp32"
-    memory_bandwidth: Optional[float] = None
+    memory_bandwidth: float | None = None
     memory_efficiency: float = 0.7
     factor_input_bytes: int = 4
 
     @classmethod
-    def of(cls, kind: str, *, factor_precision: str = "fp32", **overrides: Any) -> "Gpu":
+    def of(cls, kind: str, *, factor_precision: str = "fp32", **overrides: Any) -> Gpu:
         """The datasheet rates of a device kind of :data:`kfac_hvd.devices.DEVICES`, factor products
         at ``factor_precision``'s peak (fp32: plain fp32; tf32/bf16/fp16: tensor cores)."""
         rates = DEVICES[kind]
-        values = dict(peak_flops=rates.fp32, factor_peak_flops=rates.flops(factor_precision),
-                      factor_precision=factor_precision, memory_bandwidth=rates.memory_bandwidth,
-                      factor_input_bytes=4 if factor_precision in ("fp32", "tf32") else 2)
+        values = dict(
+            peak_flops=rates.fp32,
+            factor_peak_flops=rates.flops(factor_precision),
+            factor_precision=factor_precision,
+            memory_bandwidth=rates.memory_bandwidth,
+            factor_input_bytes=4 if factor_precision in ("fp32", "tf32") else 2,
+        )
         values.update(overrides)
         return cls(**values)
 
@@ -170,7 +191,7 @@ class LayerProfile:
     rows are im2col columns (k×k convolutions) and the values of one sample's input."""
 
     name: str
-    kind: str                  # "kronecker" | "batchnorm"
+    kind: str  # "kronecker" | "batchnorm"
     a_dim: int = 0
     g_dim: int = 0
     channels: int = 0
@@ -179,25 +200,29 @@ class LayerProfile:
     unfolds: bool = False
     input_values: int = 0
 
-    def factor_shapes(self) -> Dict[str, tuple]:
+    def factor_shapes(self) -> dict[str, tuple]:
         if self.kind == "batchnorm":
             return {"F": (self.channels, 2, 2)}
         return {"A": (self.a_dim, self.a_dim), "G": (self.g_dim, self.g_dim)}
 
     def inversion_flop(self) -> float:
-        return 8.0 * self.channels if self.kind == "batchnorm" else float(self.a_dim) ** 3 + float(self.g_dim) ** 3
+        return (
+            8.0 * self.channels
+            if self.kind == "batchnorm"
+            else float(self.a_dim) ** 3 + float(self.g_dim) ** 3
+        )
 
-    def factor_flop(self, batch: int) -> Dict[str, float]:
+    def factor_flop(self, batch: int) -> dict[str, float]:
         """FLOP of this layer's factors for ``batch`` samples, split by the hook that computes them."""
         rows = batch * self.positions
         if self.kind == "batchnorm":
             return {"forward": 0.0, "backward": 8.0 * rows * self.channels}
-        return {"forward": 2.0 * rows * self.a_dim ** 2, "backward": 2.0 * rows * self.g_dim ** 2}
+        return {"forward": 2.0 * rows * self.a_dim**2, "backward": 2.0 * rows * self.g_dim**2}
 
     def precondition_flop(self) -> float:
         if self.kind == "batchnorm":
             return 8.0 * self.channels
-        return 2.0 * (self.g_dim ** 2 * self.a_dim + self.g_dim * self.a_dim ** 2)
+        return 2.0 * (self.g_dim**2 * self.a_dim + self.g_dim * self.a_dim**2)
 
     def triangle_bytes(self, element_bytes: int = 4, symmetric: bool = True) -> int:
         return sum(packed_numel(shape, symmetric) for shape in self.factor_shapes().values()) * element_bytes
@@ -206,7 +231,9 @@ class LayerProfile:
         """Values of the im2col columns of ``batch`` samples (0 unless the hook unfolds)."""
         return batch * self.positions * self.a_width if self.unfolds else 0
 
-    def phase_costs(self, batch: int, *, input_bytes: int = 4, element_bytes: int = 4) -> Dict[str, Tuple[float, float]]:
+    def phase_costs(
+        self, batch: int, *, input_bytes: int = 4, element_bytes: int = 4
+    ) -> dict[str, tuple[float, float]]:
         """(FLOP, bytes) of one update of this layer per phase, the bytes the least any implementation
         moves through memory: im2col writes its columns after reading the input; the factor products
         read their operands (the columns, else the activations, and the output gradients, at
@@ -218,46 +245,56 @@ class LayerProfile:
         values = sum(math.prod(shape) for shape in self.factor_shapes().values())
         flop = self.factor_flop(batch)
         if self.kind == "batchnorm":
-            operands = 2.0 * rows * self.channels * input_bytes          # activations and output gradients
-            precondition_bytes = 8.0 * self.channels * element_bytes      # 4 inverse values, 2 gradient in, 2 out
+            operands = 2.0 * rows * self.channels * input_bytes  # activations and output gradients
+            precondition_bytes = 8.0 * self.channels * element_bytes  # 4 inverse values, 2 gradient in, 2 out
         else:
             operands = rows * ((self.a_width or self.a_dim) + self.g_dim) * input_bytes
-            precondition_bytes = (self.a_dim ** 2 + self.g_dim ** 2 + 4.0 * self.a_dim * self.g_dim) * element_bytes
-        im2col = (batch * self.input_values + self.im2col_values(batch)) * input_bytes if self.unfolds else 0.0
-        return {"im2col": (0.0, float(im2col)),
-                "factor products": (flop["forward"] + flop["backward"], operands + values * element_bytes),
-                "statistics": (3.0 * values, 2.0 * values * element_bytes),
-                "inversion": (self.inversion_flop(), 2.0 * values * element_bytes),
-                "precondition": (self.precondition_flop(), float(precondition_bytes))}
+            precondition_bytes = (
+                self.a_dim**2 + self.g_dim**2 + 4.0 * self.a_dim * self.g_dim
+            ) * element_bytes
+        im2col = (
+            (batch * self.input_values + self.im2col_values(batch)) * input_bytes if self.unfolds else 0.0
+        )
+        return {
+            "im2col": (0.0, float(im2col)),
+            "factor products": (flop["forward"] + flop["backward"], operands + values * element_bytes),
+            "statistics": (3.0 * values, 2.0 * values * element_bytes),
+            "inversion": (self.inversion_flop(), 2.0 * values * element_bytes),
+            "precondition": (self.precondition_flop(), float(precondition_bytes)),
+        }
 
 
 @dataclass
 class ModelProfile:
-    layers: List[LayerProfile]
-    forward_macs_per_sample: int       # every Conv2d and Linear, K-FAC layer or not
-    parameters: int                    # trainable parameters (the gradient allreduce)
+    layers: list[LayerProfile]
+    forward_macs_per_sample: int  # every Conv2d and Linear, K-FAC layer or not
+    parameters: int  # trainable parameters (the gradient allreduce)
     image_size: int
-    layer_names: List[str] = field(default_factory=list)
+    layer_names: list[str] = field(default_factory=list)
 
 
-def profile_model(model: nn.Module, *, image_size: int = 224, in_channels: int = 3,
-                  include_batchnorm: bool = True) -> ModelProfile:
+def profile_model(
+    model: nn.Module, *, image_size: int = 224, in_channels: int = 3, include_batchnorm: bool = True
+) -> ModelProfile:
     """Run one ``image_size`` image through a shape-only copy of ``model`` (meta device) and read every
     layer's input and output size. The caller's model is left untouched."""
     probe = copy.deepcopy(model).to("meta")
-    shapes: Dict[str, tuple] = {}
+    shapes: dict[str, tuple] = {}
 
     def record(name: str, inputs: tuple, out: torch.Tensor) -> None:
         shapes[name] = (tuple(inputs[0].shape), tuple(out.shape))
 
-    handles = [module.register_forward_hook(lambda _m, inputs, out, name=name: record(name, inputs, out))
-               for name, module in probe.named_modules() if isinstance(module, (nn.Conv2d, nn.Linear, nn.BatchNorm2d))]
+    handles = [
+        module.register_forward_hook(lambda _m, inputs, out, name=name: record(name, inputs, out))
+        for name, module in probe.named_modules()
+        if isinstance(module, (nn.Conv2d, nn.Linear, nn.BatchNorm2d))
+    ]
     with torch.no_grad():
         probe(torch.empty(1, in_channels, image_size, image_size, device="meta"))
     for handle in handles:
         handle.remove()
     macs = 0
-    layers: List[LayerProfile] = []
+    layers: list[LayerProfile] = []
     for name, module in probe.named_modules():
         if name not in shapes:
             continue
@@ -272,13 +309,28 @@ def profile_model(model: nn.Module, *, image_size: int = 224, in_channels: int =
         if layer is None:
             continue
         if isinstance(module, nn.BatchNorm2d):
-            layers.append(LayerProfile(name, "batchnorm", channels=module.num_features, positions=positions,
-                                       input_values=math.prod(inputs[1:])))
+            layers.append(
+                LayerProfile(
+                    name,
+                    "batchnorm",
+                    channels=module.num_features,
+                    positions=positions,
+                    input_values=math.prod(inputs[1:]),
+                )
+            )
         else:
-            layers.append(LayerProfile(name, "kronecker", a_dim=layer.a_dim, g_dim=layer.g_dim, positions=positions,
-                                       a_width=layer.a_dim - int(layer.has_bias),
-                                       unfolds=isinstance(layer, Conv2dLayer) and not layer._pointwise,
-                                       input_values=math.prod(inputs[1:])))
+            layers.append(
+                LayerProfile(
+                    name,
+                    "kronecker",
+                    a_dim=layer.a_dim,
+                    g_dim=layer.g_dim,
+                    positions=positions,
+                    a_width=layer.a_dim - int(layer.has_bias),
+                    unfolds=isinstance(layer, Conv2dLayer) and not layer._pointwise,
+                    input_values=math.prod(inputs[1:]),
+                )
+            )
     parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return ModelProfile(layers, macs, parameters, image_size, [layer.name for layer in layers])
 
@@ -289,10 +341,10 @@ class Setup:
 
     world_size: int = 128
     batch_per_gpu: int = 128
-    element_bytes: int = 4                # fp32 factors, inverses and gradients
-    symmetric: bool = True                # triangles on the wire
+    element_bytes: int = 4  # fp32 factors, inverses and gradients
+    symmetric: bool = True  # triangles on the wire
     local_inverse_max_dim: int = DEFAULT_LOCAL_INVERSE_MAX_DIM
-    control_bytes_per_layer: int = 4      # new interval of a due layer, in rank 0's part of the allgather
+    control_bytes_per_layer: int = 4  # new interval of a due layer, in rank 0's part of the allgather
 
 
 def travels(layer: LayerProfile, local_inverse_max_dim: int) -> bool:
@@ -304,26 +356,38 @@ class StepModel:
 
     def __init__(self, profile: ModelProfile, network: Network, gpu: Gpu, setup: Setup) -> None:
         self.profile, self.network, self.gpu, self.setup = profile, network, gpu, setup
-        self.travelling = [layer.name for layer in profile.layers if travels(layer, setup.local_inverse_max_dim)]
-        owners = assign_layers({layer.name: layer.inversion_flop() for layer in profile.layers
-                                if layer.name in set(self.travelling)}, setup.world_size).owner
+        self.travelling = [
+            layer.name for layer in profile.layers if travels(layer, setup.local_inverse_max_dim)
+        ]
+        owners = assign_layers(
+            {
+                layer.name: layer.inversion_flop()
+                for layer in profile.layers
+                if layer.name in set(self.travelling)
+            },
+            setup.world_size,
+        ).owner
         self.owner = owners
         self.by_name = {layer.name: layer for layer in profile.layers}
 
-    def compute_seconds(self) -> Dict[str, float]:
+    def compute_seconds(self) -> dict[str, float]:
         flop = 2.0 * self.profile.forward_macs_per_sample * self.setup.batch_per_gpu
         return {"forward": self.gpu.seconds(flop), "backward": self.gpu.seconds(2 * flop)}
 
-    def phases(self, due: Mapping[str, float], *, kfac: bool = True, adaptive: bool = False) -> Dict[str, float]:
+    def phases(
+        self, due: Mapping[str, float], *, kfac: bool = True, adaptive: bool = False
+    ) -> dict[str, float]:
         """``due``: layer → weight (1: due on this step; a fraction: the average step). Layers absent: 0."""
         s, net, gpu = self.setup, self.network, self.gpu
         times = dict.fromkeys(PHASES, 0.0)
         times.update(self.compute_seconds())
-        times["gradient_allreduce"] = net.fused_allreduce(self.profile.parameters * s.element_bytes, s.world_size)
+        times["gradient_allreduce"] = net.fused_allreduce(
+            self.profile.parameters * s.element_bytes, s.world_size
+        )
         times["factor_backward"] = 0.0
         if not kfac:
             return times
-        factor = {"forward": 0.0, "backward": 0.0}       # seconds, by the hook that does the work
+        factor = {"forward": 0.0, "backward": 0.0}  # seconds, by the hook that does the work
         factor_bytes = inverse_bytes = control = 0.0
         load = [0.0] * s.world_size
         local_load = precondition = 0.0
@@ -332,10 +396,10 @@ class StepModel:
             weight = due.get(layer.name, 0.0)
             if not weight:
                 continue
-            for hook, flop in layer.factor_flop(s.batch_per_gpu).items():   # BatchNorm's sums: no GEMM
+            for hook, flop in layer.factor_flop(s.batch_per_gpu).items():  # BatchNorm's sums: no GEMM
                 factor[hook] += weight * gpu.seconds(flop, factor=layer.kind == "kronecker")
             im2col = layer.im2col_values(s.batch_per_gpu) * gpu.factor_input_bytes
-            factor["forward"] += weight * gpu.memory_seconds(2 * im2col)   # written, then read by the product
+            factor["forward"] += weight * gpu.memory_seconds(2 * im2col)  # written, then read by the product
             triangles = layer.triangle_bytes(s.element_bytes, s.symmetric)
             factor_bytes += weight * triangles
             control += weight * s.control_bytes_per_layer if adaptive else 0.0
@@ -358,33 +422,45 @@ class StepModel:
         s, seconds, names = self.setup, 0.0, list(due)
         for name in names:
             for shape in self.by_name[name].factor_shapes().values():
-                seconds += self.network.broadcast(packed_numel(shape, s.symmetric) * s.element_bytes, s.world_size)
+                seconds += self.network.broadcast(
+                    packed_numel(shape, s.symmetric) * s.element_bytes, s.world_size
+                )
         if adaptive and names:
             seconds += self.network.broadcast(s.control_bytes_per_layer * len(names), s.world_size)
         return seconds
 
 
-def step_seconds(times: Mapping[str, float]) -> Dict[str, Any]:
+def step_seconds(times: Mapping[str, float]) -> dict[str, Any]:
     """Step time without and with overlap, and the critical path of the overlapped step."""
     allreduce = times["gradient_allreduce"] + times["factor_allreduce"]
     window = times["backward"] + times["factor_backward"]
     exposed = max(0.0, allreduce - window)
     compute = times["forward"] + times["backward"] + times["factor"]
     after = times["inversion"] + times["inverse_allgather"] + times["precondition"]
-    path = {"forward + backward": times["forward"] + times["backward"], "factor computation": times["factor"],
-            "exposed allreduce": exposed,
-            "inversion": times["inversion"], "inverse allgather": times["inverse_allgather"],
-            "precondition": times["precondition"]}
-    return {"no_overlap": compute + allreduce + after, "overlap": compute + exposed + after,
-            "allreduce": allreduce, "overlap_window": window, "exposed_allreduce": exposed,
-            "allreduce_hidden": exposed == 0.0, "critical_path": {k: v for k, v in path.items() if v > 0},
-            "bottleneck": max(path, key=path.get)}
+    path = {
+        "forward + backward": times["forward"] + times["backward"],
+        "factor computation": times["factor"],
+        "exposed allreduce": exposed,
+        "inversion": times["inversion"],
+        "inverse allgather": times["inverse_allgather"],
+        "precondition": times["precondition"],
+    }
+    return {
+        "no_overlap": compute + allreduce + after,
+        "overlap": compute + exposed + after,
+        "allreduce": allreduce,
+        "overlap_window": window,
+        "exposed_allreduce": exposed,
+        "allreduce_hidden": exposed == 0.0,
+        "critical_path": {k: v for k, v in path.items() if v > 0},
+        "bottleneck": max(path, key=path.get),
+    }
 
 
-def average_row(model: StepModel, schedule: Sequence[Iterable[str]], *, adaptive: bool) -> Dict[str, Any]:
+def average_row(model: StepModel, schedule: Sequence[Iterable[str]], *, adaptive: bool) -> dict[str, Any]:
     """Phase times and step times averaged over the steps of a replayed schedule (the due layers of each
     step). Step times are averaged step by step, so a step that pays a big inversion is not smoothed."""
-    cache: Dict[frozenset, tuple] = {}
+    cache: dict[frozenset, tuple] = {}
     totals = dict.fromkeys(PHASES + ("factor_backward",), 0.0)
     no_overlap = overlap = 0.0
     due_updates = 0
@@ -403,44 +479,70 @@ def average_row(model: StepModel, schedule: Sequence[Iterable[str]], *, adaptive
     phases = {phase: value / count for phase, value in totals.items()}
     row = step_seconds(phases)
     row.update(no_overlap=no_overlap / count, overlap=overlap / count)
-    return {"phases": phases, **row,
-            "due_fraction": due_updates / (count * max(1, len(model.profile.layers)))}
+    return {
+        "phases": phases,
+        **row,
+        "due_fraction": due_updates / (count * max(1, len(model.profile.layers))),
+    }
 
 
-def time_rows(model: StepModel, *, fractions: Sequence[tuple] = (),
-              schedules: Sequence[tuple] = ()) -> List[Dict[str, Any]]:
+def time_rows(
+    model: StepModel, *, fractions: Sequence[tuple] = (), schedules: Sequence[tuple] = ()
+) -> list[dict[str, Any]]:
     """Rows of the time table: SGD, K-FAC every step, then K-FAC with λ, once per (label, due fraction)
     (every layer due on that share of the steps: the average step's costs) and once per (label, schedule)
     (a replayed trace's due layers, step by step)."""
     every = dict.fromkeys(model.by_name, 1.0)
     rows = []
     for method, times in (("SGD", model.phases({}, kfac=False)), ("K-FAC, every step", model.phases(every))):
-        rows.append({"method": method, "due_fraction": 0.0 if method == "SGD" else 1.0, "phases": times,
-                     **step_seconds(times)})
+        rows.append(
+            {
+                "method": method,
+                "due_fraction": 0.0 if method == "SGD" else 1.0,
+                "phases": times,
+                **step_seconds(times),
+            }
+        )
     for label, fraction in fractions:
         times = model.phases(dict.fromkeys(model.by_name, fraction), adaptive=True)
-        rows.append({"method": f"K-FAC, {label}", "due_fraction": fraction, "phases": times, **step_seconds(times)})
+        rows.append(
+            {"method": f"K-FAC, {label}", "due_fraction": fraction, "phases": times, **step_seconds(times)}
+        )
     for label, schedule in schedules:
         rows.append({"method": f"K-FAC, {label}", **average_row(model, schedule, adaptive=True)})
     return rows
 
 
-def time_to_accuracy(rows: Sequence[Dict[str, Any]], *, kfac_steps: int, sgd_steps: int) -> List[Dict[str, Any]]:
+def time_to_accuracy(
+    rows: Sequence[dict[str, Any]], *, kfac_steps: int, sgd_steps: int
+) -> list[dict[str, Any]]:
     """Hours of each row's run (its steps × its overlapped step time) and the ratio to SGD's (rows[0])."""
     out = []
     for row in rows:
         steps = sgd_steps if row["method"] == "SGD" else kfac_steps
-        out.append({"method": row["method"], "steps": steps, "step_seconds": row["overlap"],
-                    "hours": steps * row["overlap"] / 3600})
+        out.append(
+            {
+                "method": row["method"],
+                "steps": steps,
+                "step_seconds": row["overlap"],
+                "hours": steps * row["overlap"] / 3600,
+            }
+        )
     for entry in out:
         entry["x_sgd"] = entry["hours"] / out[0]["hours"]
     return out
 
 
-def assumptions(model: StepModel) -> Dict[str, Any]:
+def assumptions(model: StepModel) -> dict[str, Any]:
     net, gpu, s = model.network, model.gpu, model.setup
-    return {"network": asdict(net), "gpu": asdict(gpu), "setup": asdict(s),
-            "forward_gflop_per_image": 2 * model.profile.forward_macs_per_sample / 1e9,
-            "parameters": model.profile.parameters, "image_size": model.profile.image_size,
-            "layers": len(model.profile.layers), "locally_inverted_layers":
-                len(model.profile.layers) - len(model.travelling), "travelling_layers": len(model.travelling)}
+    return {
+        "network": asdict(net),
+        "gpu": asdict(gpu),
+        "setup": asdict(s),
+        "forward_gflop_per_image": 2 * model.profile.forward_macs_per_sample / 1e9,
+        "parameters": model.profile.parameters,
+        "image_size": model.profile.image_size,
+        "layers": len(model.profile.layers),
+        "locally_inverted_layers": len(model.profile.layers) - len(model.travelling),
+        "travelling_layers": len(model.travelling),
+    }

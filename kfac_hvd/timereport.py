@@ -4,11 +4,13 @@ Builds :class:`kfac_hvd.timemodel.StepModel` from the command line (the device's
 precision of the factor products), formats its rows as text and Markdown, and adds the time each run
 needs for the compared accuracy.
 """
+
 from __future__ import annotations
 
 import argparse
 import math
-from typing import Any, Dict, List, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from torch import nn
 
@@ -17,125 +19,210 @@ from .commodel import PAPER_LAMBDA025_RATIO
 from .devices import DEVICES, PRECISIONS
 
 
-def factor_precisions(args: argparse.Namespace) -> List[str]:
+def factor_precisions(args: argparse.Namespace) -> list[str]:
     precisions = [p.strip() for p in args.factor_precision.split(",") if p.strip()]
     unknown = [p for p in precisions if p not in PRECISIONS]
     if unknown or not precisions:
-        raise SystemExit(f"commodel: --factor-precision takes {', '.join(PRECISIONS)}, got {args.factor_precision!r}")
+        raise SystemExit(
+            f"commodel: --factor-precision takes {', '.join(PRECISIONS)}, got {args.factor_precision!r}"
+        )
     return precisions
 
 
-def time_model(args: argparse.Namespace, model: nn.Module, schedule: Optional[List[List[str]]]) -> Dict[str, Any]:
-    network = tm.Network(gpus_per_node=args.gpus_per_node, nvlink_bandwidth=args.nvlink_gbs * 1e9,
-                         node_bandwidth=args.node_gbs * 1e9, alpha_message=args.alpha_message_us * 1e-6,
-                         alpha_intra=args.alpha_intra_us * 1e-6, alpha_inter=args.alpha_inter_us * 1e-6,
-                         fusion_bytes=int(args.fusion_mib * 2 ** 20), topology=args.topology)
-    overrides: Dict[str, Any] = {"efficiency": args.efficiency, "inverse_efficiency": args.inverse_efficiency}
+def time_model(
+    args: argparse.Namespace, model: nn.Module, schedule: list[list[str]] | None
+) -> dict[str, Any]:
+    network = tm.Network(
+        gpus_per_node=args.gpus_per_node,
+        nvlink_bandwidth=args.nvlink_gbs * 1e9,
+        node_bandwidth=args.node_gbs * 1e9,
+        alpha_message=args.alpha_message_us * 1e-6,
+        alpha_intra=args.alpha_intra_us * 1e-6,
+        alpha_inter=args.alpha_inter_us * 1e-6,
+        fusion_bytes=int(args.fusion_mib * 2**20),
+        topology=args.topology,
+    )
+    overrides: dict[str, Any] = {"efficiency": args.efficiency, "inverse_efficiency": args.inverse_efficiency}
     if args.peak_tflops is not None:
         overrides["peak_flops"] = args.peak_tflops * 1e12
     if args.memory_gbs is not None:
         overrides["memory_bandwidth"] = args.memory_gbs * 1e9 or None
-    setup = tm.Setup(world_size=args.ranks, batch_per_gpu=args.batch_per_gpu or max(1, args.batch // args.ranks),
-                     element_bytes=args.dtype_bytes, symmetric=not args.no_triangle,
-                     local_inverse_max_dim=args.local_inverse_max_dim)
+    setup = tm.Setup(
+        world_size=args.ranks,
+        batch_per_gpu=args.batch_per_gpu or max(1, args.batch // args.ranks),
+        element_bytes=args.dtype_bytes,
+        symmetric=not args.no_triangle,
+        local_inverse_max_dim=args.local_inverse_max_dim,
+    )
     profile = tm.profile_model(model, image_size=args.image_size, include_batchnorm=not args.no_batchnorm)
     precisions = factor_precisions(args)
     try:
-        steps = [tm.StepModel(profile, network, tm.Gpu.of(args.device, factor_precision=precision, **overrides), setup)
-                 for precision in precisions]
+        steps = [
+            tm.StepModel(
+                profile, network, tm.Gpu.of(args.device, factor_precision=precision, **overrides), setup
+            )
+            for precision in precisions
+        ]
     except ValueError as error:
         raise SystemExit(f"commodel: {error}") from None
-    fraction_label = (f"λ = 0.25, due fraction {args.due_fraction:.3f} (paper's traffic ratio)"
-                      if args.due_fraction == PAPER_LAMBDA025_RATIO else f"due fraction {args.due_fraction:g}")
-    rows: List[Dict[str, Any]] = []
+    fraction_label = (
+        f"λ = 0.25, due fraction {args.due_fraction:.3f} (paper's traffic ratio)"
+        if args.due_fraction == PAPER_LAMBDA025_RATIO
+        else f"due fraction {args.due_fraction:g}"
+    )
+    rows: list[dict[str, Any]] = []
     for step, precision in zip(steps, precisions):
-        these = tm.time_rows(step, fractions=[(fraction_label, args.due_fraction)],
-                             schedules=[(f"λ = {args.update_threshold}, replayed trace ({args.interval_policy})",
-                                         schedule)] if schedule is not None else [])
+        these = tm.time_rows(
+            step,
+            fractions=[(fraction_label, args.due_fraction)],
+            schedules=[(f"λ = {args.update_threshold}, replayed trace ({args.interval_policy})", schedule)]
+            if schedule is not None
+            else [],
+        )
         if len(precisions) > 1:
             for row in these[1:]:
                 row["method"] += f" [{precision} factor products]"
-        rows += these if not rows else these[1:]          # one SGD row: it has no factor products
+        rows += these if not rows else these[1:]  # one SGD row: it has no factor products
     every = profile.layer_names
     step = steps[0]
     kfac_steps = args.steps or int(args.epochs * args.train_images // args.batch)
     sgd_steps = int(args.sgd_epochs * args.train_images // args.batch)
     accuracy = tm.time_to_accuracy(rows, kfac_steps=kfac_steps, sgd_steps=sgd_steps)
     lines = describe_assumptions(step)
-    rates = ", ".join(f"{p} {s.gpu.factor_peak_flops / 1e12:g} TFLOP/s ({s.gpu.factor_input_bytes}-byte im2col values)"
-                      for p, s in zip(precisions, steps))
-    lines.insert(3, f"device {args.device} ({DEVICES[args.device].source}); factor-product peaks modelled: {rates}")
-    return {"assumptions": tm.assumptions(step), "assumption_lines": lines, "rows": rows,
-            "factor_precisions": precisions, "device": args.device, "device_source": DEVICES[args.device].source,
-            "every_step_inverse_comm_seconds": {
-                "broadcast_scheme": step.broadcast_scheme_seconds(every, adaptive=True),
-                "allgather_scheme": step.phases(dict.fromkeys(every, 1.0), adaptive=True)["inverse_allgather"]},
-            "time_to_accuracy": accuracy, "sgd_steps": sgd_steps, "sgd_epochs": args.sgd_epochs,
-            "table": format_table(rows), "markdown_table": format_table(rows, markdown=True),
-            "accuracy_table": format_accuracy_table(accuracy)}
+    rates = ", ".join(
+        f"{p} {s.gpu.factor_peak_flops / 1e12:g} TFLOP/s ({s.gpu.factor_input_bytes}-byte im2col values)"
+        for p, s in zip(precisions, steps)
+    )
+    lines.insert(
+        3, f"device {args.device} ({DEVICES[args.device].source}); factor-product peaks modelled: {rates}"
+    )
+    return {
+        "assumptions": tm.assumptions(step),
+        "assumption_lines": lines,
+        "rows": rows,
+        "factor_precisions": precisions,
+        "device": args.device,
+        "device_source": DEVICES[args.device].source,
+        "every_step_inverse_comm_seconds": {
+            "broadcast_scheme": step.broadcast_scheme_seconds(every, adaptive=True),
+            "allgather_scheme": step.phases(dict.fromkeys(every, 1.0), adaptive=True)["inverse_allgather"],
+        },
+        "time_to_accuracy": accuracy,
+        "sgd_steps": sgd_steps,
+        "sgd_epochs": args.sgd_epochs,
+        "table": format_table(rows),
+        "markdown_table": format_table(rows, markdown=True),
+        "accuracy_table": format_accuracy_table(accuracy),
+    }
 
 
-def time_lines(result: Dict[str, Any]) -> List[str]:
+def time_lines(result: dict[str, Any]) -> list[str]:
     t = result["time"]
     lines = ["Step time per GPU, milliseconds (a MODEL, not a measurement). Assumptions:"]
     lines += [f"  - {line}" for line in t["assumption_lines"]]
     return lines + ["", t["table"], ""] + time_summary(result)
 
 
-def time_summary(result: Dict[str, Any]) -> List[str]:
+def time_summary(result: dict[str, Any]) -> list[str]:
     """What the table implies: the inverse exchange before and after, throughput, run time, critical path."""
     t = result["time"]
     comm = t["every_step_inverse_comm_seconds"]
     sgd = t["rows"][0]["phases"]
     images = t["assumptions"]["setup"]["batch_per_gpu"] / (sgd["forward"] + sgd["backward"])
-    lines = [f"inverse communication of one every-step update: {1e3 * comm['broadcast_scheme']:.1f} ms as one "
-             f"broadcast per inverse + schedule broadcast, {1e3 * comm['allgather_scheme']:.1f} ms as one allgather "
-             "with local inversion",
-             f"SGD compute alone: {images:.0f} images/s per GPU (compare with a measured fp32 throughput to "
-             "calibrate --efficiency)"]
-    lines.append(f"time to the compared accuracy: K-FAC {t['time_to_accuracy'][1]['steps']} steps, SGD "
-                 f"{t['sgd_steps']} steps ({t['sgd_epochs']:g} epochs at the same batch):")
+    lines = [
+        f"inverse communication of one every-step update: {1e3 * comm['broadcast_scheme']:.1f} ms as one "
+        f"broadcast per inverse + schedule broadcast, {1e3 * comm['allgather_scheme']:.1f} ms as one allgather "
+        "with local inversion",
+        f"SGD compute alone: {images:.0f} images/s per GPU (compare with a measured fp32 throughput to "
+        "calibrate --efficiency)",
+    ]
+    lines.append(
+        f"time to the compared accuracy: K-FAC {t['time_to_accuracy'][1]['steps']} steps, SGD "
+        f"{t['sgd_steps']} steps ({t['sgd_epochs']:g} epochs at the same batch):"
+    )
     lines += [f"  {e['method']}: {e['hours']:.2f} h = {e['x_sgd']:.2f}× SGD's" for e in t["time_to_accuracy"]]
     for row in t["rows"]:
         path = " -> ".join(f"{k} {1e3 * v:.1f}" for k, v in row["critical_path"].items())
-        lines.append(f"{row['method']}: critical path (ms): {path}" + ("" if row["allreduce_hidden"] else
-                                                                     f"; allreduces exceed the backward window by "
-                                                                     f"{1e3 * row['exposed_allreduce']:.1f} ms"))
+        lines.append(
+            f"{row['method']}: critical path (ms): {path}"
+            + (
+                ""
+                if row["allreduce_hidden"]
+                else f"; allreduces exceed the backward window by {1e3 * row['exposed_allreduce']:.1f} ms"
+            )
+        )
     return lines
 
 
-def format_table(rows: Sequence[Dict[str, Any]], *, markdown: bool = False) -> str:
+def format_table(rows: Sequence[dict[str, Any]], *, markdown: bool = False) -> str:
     """The time table: phases and step times in milliseconds per step, per GPU."""
-    head = ["method", "fwd+bwd", "factor", "grad AR", "factor AR", "inversion", "inv. allgather",
-            "precond.", "step, no overlap", "step, overlap", "AR exposed", "bottleneck (overlap)"]
+    head = [
+        "method",
+        "fwd+bwd",
+        "factor",
+        "grad AR",
+        "factor AR",
+        "inversion",
+        "inv. allgather",
+        "precond.",
+        "step, no overlap",
+        "step, overlap",
+        "AR exposed",
+        "bottleneck (overlap)",
+    ]
     body = []
     for row in rows:
         p = row["phases"]
         ms = lambda value: f"{1e3 * value:.1f}"  # noqa: E731
-        body.append([row["method"], ms(p["forward"] + p["backward"]), ms(p["factor"]), ms(p["gradient_allreduce"]),
-                     ms(p["factor_allreduce"]), ms(p["inversion"]), ms(p["inverse_allgather"]), ms(p["precondition"]),
-                     ms(row["no_overlap"]), ms(row["overlap"]), ms(row["exposed_allreduce"]), row["bottleneck"]])
+        body.append(
+            [
+                row["method"],
+                ms(p["forward"] + p["backward"]),
+                ms(p["factor"]),
+                ms(p["gradient_allreduce"]),
+                ms(p["factor_allreduce"]),
+                ms(p["inversion"]),
+                ms(p["inverse_allgather"]),
+                ms(p["precondition"]),
+                ms(row["no_overlap"]),
+                ms(row["overlap"]),
+                ms(row["exposed_allreduce"]),
+                row["bottleneck"],
+            ]
+        )
     if markdown:
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in body])
     widths = [max(len(str(r[i])) for r in [head] + body) for i in range(len(head))]
-    fmt = lambda cells: "  ".join(str(c).ljust(w) if i in (0, len(head) - 1) else str(c).rjust(w)  # noqa: E731
-                                  for i, (c, w) in enumerate(zip(cells, widths)))
-    return "\n".join(line.rstrip() for line in [fmt(head), fmt(["-" * w for w in widths])] + [fmt(c) for c in body])
+
+    def fmt(cells: list) -> str:
+        return "  ".join(
+            str(c).ljust(w) if i in (0, len(head) - 1) else str(c).rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths))
+        )
+
+    return "\n".join(
+        line.rstrip() for line in [fmt(head), fmt(["-" * w for w in widths])] + [fmt(c) for c in body]
+    )
 
 
-def format_accuracy_table(entries: Sequence[Dict[str, Any]]) -> str:
+def format_accuracy_table(entries: Sequence[dict[str, Any]]) -> str:
     lines = ["| method | steps | s/step (overlap) | hours | × SGD's time |", "|---|---|---|---|---|"]
-    lines += [f"| {e['method']} | {e['steps']:,} | {e['step_seconds']:.3f} | {e['hours']:.2f} | {e['x_sgd']:.2f} |"
-              for e in entries]
+    lines += [
+        f"| {e['method']} | {e['steps']:,} | {e['step_seconds']:.3f} | {e['hours']:.2f} | {e['x_sgd']:.2f} |"
+        for e in entries
+    ]
     return "\n".join(lines)
 
 
-def describe_assumptions(model: tm.StepModel) -> List[str]:
+def describe_assumptions(model: tm.StepModel) -> list[str]:
     net, gpu, s, prof = model.network, model.gpu, model.setup, model.profile
     nodes = math.ceil(s.world_size / net.gpus_per_node)
-    ring = ("flat ring over all GPUs; every ring step costs the slowest (inter-node) edge"
-            if net.topology == "flat" else "hierarchical: ring inside each node around a ring over the nodes")
+    ring = (
+        "flat ring over all GPUs; every ring step costs the slowest (inter-node) edge"
+        if net.topology == "flat"
+        else "hierarchical: ring inside each node around a ring over the nodes"
+    )
     return [
         f"{s.world_size} GPUs = {nodes} nodes × {net.gpus_per_node}; batch {s.batch_per_gpu} per GPU at "
         f"{prof.image_size} px; {len(prof.layers)} K-FAC layers, {len(model.travelling)} of them inverted by one "
@@ -144,14 +231,17 @@ def describe_assumptions(model: tm.StepModel) -> List[str]:
         f"collectives: {ring}; NVLink {net.nvlink_bandwidth / 1e9:g} GB/s, node NICs {net.node_bandwidth / 1e9:g} GB/s "
         f"(per direction); α {1e6 * net.alpha_message:g} µs per collective + {1e6 * net.alpha_inter:g} µs per "
         f"inter-node ring step ({1e6 * net.alpha_intra:g} µs inside a node); allreduce 2(P−1)/P·n/B, allgather "
-        f"(P−1)/P·n/B, broadcast n/B; fusion buffer {net.fusion_bytes / 2 ** 20:g} MiB",
+        f"(P−1)/P·n/B, broadcast n/B; fusion buffer {net.fusion_bytes / 2**20:g} MiB",
         f"compute: {gpu.peak_flops / 1e12:g} TFLOP/s peak × {gpu.efficiency:g} for forward/backward, BatchNorm's "
         f"factor sums and preconditioning, × {gpu.inverse_efficiency:g} for inversions; the Kronecker factor "
         f"products at {(gpu.factor_peak_flops or gpu.peak_flops) / 1e12:g} TFLOP/s peak ({gpu.factor_precision}) × "
         f"{gpu.efficiency:g}; "
-        + (f"im2col columns ({gpu.factor_input_bytes} bytes a value) written and read at "
-           f"{gpu.memory_bandwidth / 1e9:g} GB/s × {gpu.memory_efficiency:g}; " if gpu.memory_bandwidth else
-           "im2col memory traffic not counted; ")
+        + (
+            f"im2col columns ({gpu.factor_input_bytes} bytes a value) written and read at "
+            f"{gpu.memory_bandwidth / 1e9:g} GB/s × {gpu.memory_efficiency:g}; "
+            if gpu.memory_bandwidth
+            else "im2col memory traffic not counted; "
+        )
         + f"forward "
         f"{2 * prof.forward_macs_per_sample / 1e9:.2f} GFLOP per image (conv + linear MACs × 2), backward "
         "2 × forward",
@@ -166,21 +256,41 @@ def describe_assumptions(model: tm.StepModel) -> List[str]:
     ]
 
 
-def markdown(result: Dict[str, Any], command: str, text: List[str], note: str = "") -> str:
+def markdown(result: dict[str, Any], command: str, text: list[str], note: str = "") -> str:
     t = result["time"]
-    parts = [f"# Step-time model of distributed K-FAC ({result['model']}, {result['ranks']} GPUs)", "",
-             "**A model, not a measurement**: α-β collectives and FLOP-counted compute, every constant stated "
-             "below. Generated by", "", "```bash", command, "```", ""] + ([note, ""] if note else []) + [
-             f"Milliseconds per step per GPU (the run: {result['steps']} steps). *fwd+bwd*, *factor*, *inversion*, "
-             "*precond.*: compute; *grad AR*, "
-             "*factor AR*: allreduces (hidden under the backward pass with overlap, as far as it lasts); *inv. "
-             "allgather*: the one inverse allgather. Rows with a due fraction pay factor, factor-AR, inversion and "
-             "allgather costs for the due layers only (replayed trace: averaged step by step).", "",
-             t["markdown_table"], "",
-             f"## Time to the compared accuracy ({result['steps']:,} K-FAC steps, {t['sgd_steps']:,} SGD steps)", "",
-             f"Each row's steps × its step time with overlap. SGD: {t['sgd_epochs']:g} epochs at the same global "
-             f"batch of {result['batch']:,} ({t['sgd_steps']:,} steps).", "",
-             t["accuracy_table"], "", "## Assumptions", ""]
+    parts = (
+        [
+            f"# Step-time model of distributed K-FAC ({result['model']}, {result['ranks']} GPUs)",
+            "",
+            "**A model, not a measurement**: α-β collectives and FLOP-counted compute, every constant stated "
+            "below. Generated by",
+            "",
+            "```bash",
+            command,
+            "```",
+            "",
+        ]
+        + ([note, ""] if note else [])
+        + [
+            f"Milliseconds per step per GPU (the run: {result['steps']} steps). *fwd+bwd*, *factor*, *inversion*, "
+            "*precond.*: compute; *grad AR*, "
+            "*factor AR*: allreduces (hidden under the backward pass with overlap, as far as it lasts); *inv. "
+            "allgather*: the one inverse allgather. Rows with a due fraction pay factor, factor-AR, inversion and "
+            "allgather costs for the due layers only (replayed trace: averaged step by step).",
+            "",
+            t["markdown_table"],
+            "",
+            f"## Time to the compared accuracy ({result['steps']:,} K-FAC steps, {t['sgd_steps']:,} SGD steps)",
+            "",
+            f"Each row's steps × its step time with overlap. SGD: {t['sgd_epochs']:g} epochs at the same global "
+            f"batch of {result['batch']:,} ({t['sgd_steps']:,} steps).",
+            "",
+            t["accuracy_table"],
+            "",
+            "## Assumptions",
+            "",
+        ]
+    )
     parts += [f"- {line}" for line in t["assumption_lines"]]
     parts += ["", "## Traffic and critical path", "", "```text", *text, "```", ""]
     return "\n".join(parts)

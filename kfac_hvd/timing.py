@@ -5,19 +5,20 @@ CUDA the work is only queued when the call returns, so a phase records a pair of
 elapsed times are read when the caller asks (:meth:`PhaseTimer.collect`), with one synchronisation
 at most, on the last event.
 """
+
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Dict, Iterator, List, Tuple
 
 import torch
 
 
 class PhaseTimer:
     def __init__(self) -> None:
-        self._seconds: Dict[str, float] = {}
-        self._pending: List[Tuple[str, "torch.cuda.Event", "torch.cuda.Event"]] = []
+        self._seconds: dict[str, float] = {}
+        self._pending: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
 
     @contextmanager
     def phase(self, name: str, device: torch.device) -> Iterator[None]:
@@ -47,7 +48,7 @@ class PhaseTimer:
             name, start, end = self._pending.pop(0)
             self.add(name, start.elapsed_time(end) / 1e3)
 
-    def collect(self) -> Dict[str, float]:
+    def collect(self) -> dict[str, float]:
         """Seconds per phase since the last call (then reset); waits for the last recorded event."""
         if self._pending:
             self._pending[-1][2].synchronize()

@@ -1,11 +1,13 @@
 """Whole files or none: writes to a temporary file in the target's folder, fsync'ed and renamed over it."""
+
 from __future__ import annotations
 
 import hashlib
 import os
 import shutil
 import tempfile
-from typing import Any, Callable, Dict, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -15,7 +17,7 @@ class _HashingWriter:
 
     def __init__(self, fh):
         self.fh, self.sha, self.size = fh, hashlib.sha256(), 0
-        self.error: Optional[OSError] = None     # torch.save reports a failed write as a RuntimeError
+        self.error: OSError | None = None  # torch.save reports a failed write as a RuntimeError
 
     def write(self, data) -> int:
         self.sha.update(data)
@@ -53,7 +55,7 @@ def atomic_write(path: str, write: Callable[[Any], Any]) -> Any:
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + ".", dir=folder)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())        # mkstemp's 0600 would hide checkpoints from the group
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide checkpoints from the group
         with os.fdopen(fd, "wb") as fh:
             result = write(fh)
             fh.flush()
@@ -67,20 +69,22 @@ def atomic_write(path: str, write: Callable[[Any], Any]) -> Any:
     return result
 
 
-def atomic_save(obj: Any, path: str) -> Dict[str, Any]:
+def atomic_save(obj: Any, path: str) -> dict[str, Any]:
     """torch.save to a temporary file in the same folder, fsync, then rename over ``path``.
 
     Returns ``{"bytes": size, "sha256": hex digest}`` of the file written.
     """
+
     def write(fh):
         hashing = _HashingWriter(fh)
         try:
             torch.save(obj, hashing)
         except RuntimeError:
             if hashing.error is not None:
-                raise hashing.error from None     # disk full, quota: the system's reason, not torch's
+                raise hashing.error from None  # disk full, quota: the system's reason, not torch's
             raise
         return {"bytes": hashing.size, "sha256": hashing.sha.hexdigest()}
+
     return atomic_write(path, write)
 
 
@@ -97,7 +101,9 @@ def link_last(target: str, last: str) -> None:
     except OSError:
         if os.path.lexists(tmp):
             os.unlink(tmp)
+
         def copy(fh):
             with open(target, "rb") as src:
                 shutil.copyfileobj(src, fh, 1 << 24)
+
         atomic_write(last, copy)

@@ -27,6 +27,7 @@ run saves (the abandoned continuation of an earlier run, or a file that failed t
 ``superseded/<time>/`` with their manifest entries; only a file whose size contradicts the manifest is
 deleted.
 """
+
 from __future__ import annotations
 
 import glob
@@ -39,15 +40,16 @@ import pickle
 import random
 import re
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
 
-from .atomic import atomic_save, atomic_write, link_last  # noqa: F401 (atomic_save: part of this module's API)
+from .atomic import atomic_save, atomic_write, link_last
 from .reliability import storage_problem
 
-FORMAT = 2                  # 2: RNG states as tensors and numbers (loadable with weights_only=True)
+FORMAT = 2  # 2: RNG states as tensors and numbers (loadable with weights_only=True)
 MANIFEST = "checkpoints.json"
 SUPERSEDED = "superseded"
 LAST = "last.pt"
@@ -61,17 +63,27 @@ class CheckpointError(Exception):
     """No usable checkpoint; the message names the file(s) and why."""
 
 
-def plain_rng_states(numpy_state: tuple, python_state: tuple) -> Dict[str, Any]:
+def plain_rng_states(numpy_state: tuple, python_state: tuple) -> dict[str, Any]:
     """numpy's and Python's RNG state tuples as dicts of tensors and numbers."""
     kind, keys, pos, has_gauss, cached = numpy_state
     version, internal, gauss_next = python_state
-    return {"numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys).astype(np.int64)), "pos": int(pos),
-                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-            "python": {"version": int(version), "internal": torch.tensor(internal, dtype=torch.int64),
-                       "gauss_next": gauss_next}}
+    return {
+        "numpy": {
+            "kind": str(kind),
+            "keys": torch.from_numpy(np.asarray(keys).astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "python": {
+            "version": int(version),
+            "internal": torch.tensor(internal, dtype=torch.int64),
+            "gauss_next": gauss_next,
+        },
+    }
 
 
-def rng_state() -> Dict[str, Any]:
+def rng_state() -> dict[str, Any]:
     """This process's RNG states as tensors and plain numbers (what ``weights_only`` loading accepts)."""
     state = {"torch": torch.get_rng_state(), **plain_rng_states(np.random.get_state(), random.getstate())}
     if torch.cuda.is_available():
@@ -79,11 +91,12 @@ def rng_state() -> Dict[str, Any]:
     return state
 
 
-def set_rng_state(state: Dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
+    np.random.set_state(
+        (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
     p = state["python"]
     random.setstate((p["version"], tuple(int(v) for v in p["internal"].tolist()), p["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
@@ -96,29 +109,33 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 # --------------------------------------------------------------------------------------------------
 # Writing
 # --------------------------------------------------------------------------------------------------
-def read_manifest_file(folder: str) -> Dict[str, Any]:
+def read_manifest_file(folder: str) -> dict[str, Any]:
     """``checkpoints.json`` of ``folder`` as a dict ({} when it is missing or unreadable)."""
     try:
-        with open(os.path.join(folder, MANIFEST), "r", encoding="utf-8") as fh:
+        with open(os.path.join(folder, MANIFEST), encoding="utf-8") as fh:
             data = json.load(fh)
         return data if isinstance(data, dict) else {}
     except (OSError, ValueError):
         return {}
 
 
-def read_manifest(folder: str) -> List[Dict[str, Any]]:
+def read_manifest(folder: str) -> list[dict[str, Any]]:
     """The manifest's entries, newest first; [] when it is missing or unreadable."""
     entries = read_manifest_file(folder).get("checkpoints", [])
-    return [e for e in entries if isinstance(e, dict) and "file" in e and "step" in e] if isinstance(entries, list) else []
+    return (
+        [e for e in entries if isinstance(e, dict) and "file" in e and "step" in e]
+        if isinstance(entries, list)
+        else []
+    )
 
 
-def write_manifest(folder: str, entries: List[Dict[str, Any]], last: Optional[str]) -> None:
+def write_manifest(folder: str, entries: list[dict[str, Any]], last: str | None) -> None:
     """Replace ``checkpoints.json`` of ``folder`` atomically: ``entries`` newest first, ``last`` the newest's file."""
     text = json.dumps({"format": FORMAT, "last": last, "checkpoints": entries}, indent=1).encode()
     atomic_write(os.path.join(folder, MANIFEST), lambda fh: fh.write(text))
 
 
-def _step_files(folder: str) -> Dict[str, int]:
+def _step_files(folder: str) -> dict[str, int]:
     out = {}
     for path in glob.glob(os.path.join(folder, "step_*.pt")):
         m = STEP_FILE.match(os.path.basename(path))
@@ -127,7 +144,7 @@ def _step_files(folder: str) -> Dict[str, int]:
     return out
 
 
-def _set_aside(folder: str, files: Dict[str, int], known: List[Dict[str, Any]], step: int) -> None:
+def _set_aside(folder: str, files: dict[str, int], known: list[dict[str, Any]], step: int) -> None:
     """Move checkpoints of steps >= ``step`` to ``superseded/<time>/`` (with their manifest entries, so
     that each stays verifiable); a file whose size contradicts its manifest entry is deleted instead."""
     entries = {e["file"]: e for e in known}
@@ -145,13 +162,19 @@ def _set_aside(folder: str, files: Dict[str, int], known: List[Dict[str, Any]], 
         moved.append(entry or {"file": name, "step": files[name]})
     if moved:
         write_manifest(target, sorted(moved, key=lambda e: -e["step"]), None)
-        logger.warning("checkpoints of steps %s (at or after step %d, which this run now saves) moved to %s",
-                       ", ".join(str(e["step"]) for e in moved), step, target)
+        logger.warning(
+            "checkpoints of steps %s (at or after step %d, which this run now saves) moved to %s",
+            ", ".join(str(e["step"]) for e in moved),
+            step,
+            target,
+        )
     if deleted:
-        logger.warning("checkpoint files deleted as their size differs from the manifest's: %s", ", ".join(deleted))
+        logger.warning(
+            "checkpoint files deleted as their size differs from the manifest's: %s", ", ".join(deleted)
+        )
 
 
-def write_checkpoint(folder: str, ckpt: Dict[str, Any], *, keep_last: int, keep_all: bool) -> str:
+def write_checkpoint(folder: str, ckpt: dict[str, Any], *, keep_last: int, keep_all: bool) -> str:
     """Write ``ckpt`` as ``step_<7-digit step>.pt``, update the manifest and ``last.pt``, prune old files.
 
     Only files of earlier steps are pruned (the oldest beyond ``keep_last``; none with ``keep_all``);
@@ -175,20 +198,26 @@ def write_checkpoint(folder: str, ckpt: Dict[str, Any], *, keep_last: int, keep_
         on_disk = {f: s for f, s in on_disk.items() if s < step}
     path = os.path.join(folder, name)
     info = atomic_save(ckpt, path)
-    entry = {"file": name, "step": step, "epoch": ckpt["epoch"], "batch_in_epoch": ckpt["batch_in_epoch"],
-             **info, "time": time.time()}
+    entry = {
+        "file": name,
+        "step": step,
+        "epoch": ckpt["epoch"],
+        "batch_in_epoch": ckpt["batch_in_epoch"],
+        **info,
+        "time": time.time(),
+    }
     # Older checkpoints, newest first: the manifest's, then files it does not know (a crash between
     # writing a file and the manifest: listed without a checksum, so refused unless trusted).
     listed = {e["file"] for e in known}
     older = [e for e in known if e["file"] in on_disk]
     older += [{"file": f, "step": s} for f, s in on_disk.items() if f not in listed]
     older.sort(key=lambda e: -e["step"])
-    kept = [entry] + (older if keep_all else older[:max(keep_last - 1, 0)])
+    kept = [entry] + (older if keep_all else older[: max(keep_last - 1, 0)])
     try:
         write_manifest(folder, kept, name)
         link_last(path, os.path.join(folder, LAST))
     except BaseException:
-        os.unlink(path)          # never listed: the manifest and last.pt still name the previous one
+        os.unlink(path)  # never listed: the manifest and last.pt still name the previous one
         raise
     keep_files = {e["file"] for e in kept}
     for f in on_disk:
@@ -204,9 +233,21 @@ class StorageError(Exception):
     """A checkpoint could not be written (disk full, quota, read-only folder); the previous one is intact."""
 
 
-def save_checkpoint(hvd, folder: str, *, model, optimizer, kfac, epoch: int, step: int,
-                    batch_in_epoch: int, config: Dict[str, Any], keep_last: int = 2, keep_all: bool = False,
-                    extra: Optional[Dict[str, Any]] = None) -> Optional[str]:
+def save_checkpoint(
+    hvd,
+    folder: str,
+    *,
+    model,
+    optimizer,
+    kfac,
+    epoch: int,
+    step: int,
+    batch_in_epoch: int,
+    config: dict[str, Any],
+    keep_last: int = 2,
+    keep_all: bool = False,
+    extra: dict[str, Any] | None = None,
+) -> str | None:
     """Collective: every rank contributes its RNG state and buffers; rank 0 writes. Returns the path.
 
     Rank 0's outcome is broadcast, so a write that fails (:class:`StorageError`) stops every rank alike.
@@ -234,8 +275,11 @@ def save_checkpoint(hvd, folder: str, *, model, optimizer, kfac, epoch: int, ste
         except OSError as exc:
             problem = storage_problem(exc, f"cannot write the checkpoint of step {step} in {folder}")
             previous = read_manifest(folder)
-            problem += (f"; the previous checkpoint {previous[0]['file']} (step {previous[0]['step']}) is intact"
-                        if previous else "; no earlier checkpoint exists")
+            problem += (
+                f"; the previous checkpoint {previous[0]['file']} (step {previous[0]['step']}) is intact"
+                if previous
+                else "; no earlier checkpoint exists"
+            )
     problem = hvd.broadcast_object(problem, root_rank=0, name="ckpt.written")
     if problem:
         raise StorageError(problem)
@@ -245,7 +289,7 @@ def save_checkpoint(hvd, folder: str, *, model, optimizer, kfac, epoch: int, ste
 # --------------------------------------------------------------------------------------------------
 # Reading
 # --------------------------------------------------------------------------------------------------
-def resolve_resume(resume: Optional[str], ckpt_dir: str) -> Optional[str]:
+def resolve_resume(resume: str | None, ckpt_dir: str) -> str | None:
     """'auto' -> <dir>/last.pt when it exists (else None); a path -> itself."""
     if not resume:
         return None
@@ -255,7 +299,7 @@ def resolve_resume(resume: Optional[str], ckpt_dir: str) -> Optional[str]:
     return resume
 
 
-def resume_candidates(resume: Optional[str], ckpt_dir: str) -> List[str]:
+def resume_candidates(resume: str | None, ckpt_dir: str) -> list[str]:
     """Files to try in order: an explicit file alone; for 'auto', every checkpoint in ``ckpt_dir``
     newest first (``last.pt`` last, when it is not one of them: a folder of an older layout)."""
     if not resume:
@@ -265,8 +309,11 @@ def resume_candidates(resume: Optional[str], ckpt_dir: str) -> List[str]:
     steps = dict(_step_files(ckpt_dir))
     for e in read_manifest(ckpt_dir):
         steps.setdefault(e["file"], e["step"])
-    paths = [os.path.join(ckpt_dir, f) for f, _ in sorted(steps.items(), key=lambda kv: -kv[1])
-             if os.path.isfile(os.path.join(ckpt_dir, f))]
+    paths = [
+        os.path.join(ckpt_dir, f)
+        for f, _ in sorted(steps.items(), key=lambda kv: -kv[1])
+        if os.path.isfile(os.path.join(ckpt_dir, f))
+    ]
     last = os.path.join(ckpt_dir, LAST)
     if os.path.isfile(last) and not any(_same(last, p) for p in paths):
         paths.append(last)
@@ -280,7 +327,7 @@ def _same(a: str, b: str) -> bool:
         return False
 
 
-def _manifest_entry(path: str) -> Optional[Dict[str, Any]]:
+def _manifest_entry(path: str) -> dict[str, Any] | None:
     """The entry of ``checkpoints.json`` beside ``path`` that describes it (``last.pt``: the manifest's
     ``last``), or None."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -294,7 +341,7 @@ def _manifest_entry(path: str) -> Optional[Dict[str, Any]]:
     return None
 
 
-def verify(path: str, payload: bytes) -> Optional[str]:
+def verify(path: str, payload: bytes) -> str | None:
     """Why ``payload`` (the bytes of ``path``) differs from its manifest entry (size, sha256), or None."""
     entry = _manifest_entry(path)
     if entry is not None and "sha256" in entry:
@@ -305,7 +352,7 @@ def verify(path: str, payload: bytes) -> Optional[str]:
     return None
 
 
-def _load_bytes(payload: bytes) -> Dict[str, Any]:
+def _load_bytes(payload: bytes) -> dict[str, Any]:
     """Tensors and plain containers only: a pickle that would build any other object (and so could run
     code) raises instead."""
     return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
@@ -313,31 +360,41 @@ def _load_bytes(payload: bytes) -> Dict[str, Any]:
 
 def _unlisted(path: str) -> str:
     manifest = os.path.join(os.path.dirname(os.path.abspath(path)), MANIFEST)
-    return (f"does not load: {manifest} does not list it (no size and sha256 to verify it against), so it is "
-            f"not a checkpoint of this launcher until someone vouches for it: set checkpoint.trust_unlisted=true, "
-            f"or run python -m launch.checkpoint convert {path}")
+    return (
+        f"does not load: {manifest} does not list it (no size and sha256 to verify it against), so it is "
+        f"not a checkpoint of this launcher until someone vouches for it: set checkpoint.trust_unlisted=true, "
+        f"or run python -m launch.checkpoint convert {path}"
+    )
 
 
 def _refused_pickle(path: str, exc: Exception) -> str:
     found = re.search(r"(?:unsupported|Unsupported global:) GLOBAL ([\w.]+)", str(exc))
     name = found.group(1) if found else ""
     if name.startswith("numpy"):
-        return (f"written in the first checkpoint format (numpy objects pickled in it), which is not loaded "
-                f"unverified; if you trust the file, convert it once: python -m launch.checkpoint convert {path}")
+        return (
+            f"written in the first checkpoint format (numpy objects pickled in it), which is not loaded "
+            f"unverified; if you trust the file, convert it once: python -m launch.checkpoint convert {path}"
+        )
     what = f" ({name})" if name else ""
-    return f"refused: it would build objects{what} that no checkpoint of this launcher holds; it is not loaded"
+    return (
+        f"refused: it would build objects{what} that no checkpoint of this launcher holds; it is not loaded"
+    )
 
 
-def _read_verified(path: str, trust_unlisted: bool = False
-                   ) -> Tuple[Optional[bytes], Optional[Dict[str, Any]], Optional[str]]:
+def _read_verified(
+    path: str, trust_unlisted: bool = False
+) -> tuple[bytes | None, dict[str, Any] | None, str | None]:
     """(bytes, state, None), or (None, None, why not): verified against the manifest before it is opened."""
     entry = _manifest_entry(path)
     if (entry is None or "sha256" not in entry) and not trust_unlisted:
         return None, None, _unlisted(path)
     try:
         if entry is not None and "bytes" in entry and os.path.getsize(path) != entry["bytes"]:
-            return None, None, (f"truncated or extended: {os.path.getsize(path)} bytes, "
-                                f"the manifest says {entry['bytes']}")
+            return (
+                None,
+                None,
+                (f"truncated or extended: {os.path.getsize(path)} bytes, the manifest says {entry['bytes']}"),
+            )
         with open(path, "rb") as fh:
             payload = fh.read()
     except OSError as exc:
@@ -351,7 +408,7 @@ def _read_verified(path: str, trust_unlisted: bool = False
         if "Weights only load failed" in str(exc):
             return None, None, _refused_pickle(path, exc)
         return None, None, f"does not load ({(str(exc).splitlines() or ['?'])[0][:160]})"
-    except Exception as exc:  # noqa: BLE001 - any failure to unpickle means an unusable file
+    except Exception as exc:
         text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         return None, None, f"does not load ({text[:160]})"
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED):
@@ -360,8 +417,9 @@ def _read_verified(path: str, trust_unlisted: bool = False
     return payload, state, None
 
 
-def load_checkpoint(hvd, candidates: List[str], trust_unlisted: bool = False,
-                    beat: Optional[Callable[[str], None]] = None) -> Tuple[str, Dict[str, Any]]:
+def load_checkpoint(
+    hvd, candidates: list[str], trust_unlisted: bool = False, beat: Callable[[str], None] | None = None
+) -> tuple[str, dict[str, Any]]:
     """Collective: rank 0 picks the first usable file of ``candidates`` and broadcasts its content.
 
     Every rejected file is reported (a warning on rank 0). Rank 0's verdict is broadcast, so when no
@@ -393,8 +451,9 @@ def load_checkpoint(hvd, candidates: List[str], trust_unlisted: bool = False,
     return chosen, state
 
 
-def broadcast_bytes(hvd, payload: Optional[bytes], chunk: int = 1 << 27,
-                    beat: Optional[Callable[[str], None]] = None) -> bytes:
+def broadcast_bytes(
+    hvd, payload: bytes | None, chunk: int = 1 << 27, beat: Callable[[str], None] | None = None
+) -> bytes:
     """Rank 0's ``payload`` on every rank, sent in chunks of ``chunk`` bytes.
 
     A ResNet-50 K-FAC checkpoint is about 2 GB (factors, previous factors and inverses of 107
@@ -402,19 +461,20 @@ def broadcast_bytes(hvd, payload: Optional[bytes], chunk: int = 1 << 27,
     """
     root = hvd.rank() == 0
     n = hvd.broadcast_object(len(payload) if root else None, root_rank=0, name="ckpt.size")
-    buf = (torch.frombuffer(bytearray(payload), dtype=torch.uint8) if root
-           else torch.empty(n, dtype=torch.uint8))
+    buf = (
+        torch.frombuffer(bytearray(payload), dtype=torch.uint8) if root else torch.empty(n, dtype=torch.uint8)
+    )
     for i, start in enumerate(range(0, n, chunk)):
         if beat is not None:
             beat(f"receiving the checkpoint (byte {start} of {n})")
-        part = buf[start:start + chunk]
+        part = buf[start : start + chunk]
         received = hvd.broadcast(part, root_rank=0, name=f"ckpt.chunk.{i}")
         if not root:
             part.copy_(received)
     return payload if root else buf.numpy().tobytes()
 
 
-def restore(ckpt: Dict[str, Any], hvd, *, model, optimizer, kfac, seed: int) -> None:
+def restore(ckpt: dict[str, Any], hvd, *, model, optimizer, kfac, seed: int) -> None:
     """Load model/optimiser/K-FAC state and this rank's RNG state and buffers from a checkpoint.
 
     Raises ValueError (the same on every rank) when the checkpoint does not fit this run.
@@ -423,8 +483,9 @@ def restore(ckpt: Dict[str, Any], hvd, *, model, optimizer, kfac, seed: int) -> 
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
     except (RuntimeError, ValueError, KeyError) as exc:
-        raise ValueError(f"its model or optimiser state does not fit this model "
-                         f"({str(exc).splitlines()[0][:200]})") from None
+        raise ValueError(
+            f"its model or optimiser state does not fit this model ({str(exc).splitlines()[0][:200]})"
+        ) from None
     if kfac is not None:
         if ckpt.get("kfac") is None:
             raise ValueError("it was written by an SGD run; it has no K-FAC state")
@@ -446,12 +507,13 @@ def restore(ckpt: Dict[str, Any], hvd, *, model, optimizer, kfac, seed: int) -> 
         # Another world size: fresh, distinct streams per rank, derived from the step.
         s = seed + 7919 * hvd.rank() + 104729 * int(ckpt.get("step", 0))
         torch.manual_seed(s)
-        np.random.seed(s % 2 ** 32)
+        np.random.seed(s % 2**32)
         random.seed(s)
 
 
-
-if __name__ == "__main__":      # python -m launch.checkpoint convert FILE (launch/convert.py)
+if __name__ == "__main__":  # python -m launch.checkpoint convert FILE (launch/convert.py)
     import sys
+
     from launch.convert import main
+
     sys.exit(main())

@@ -11,6 +11,7 @@ Every leaf key is declared in :data:`launch.schema.SCHEMA` with its type, defaul
 (unknown key, wrong type, value out of range, inconsistent combination) raises :class:`ConfigError`,
 whose message is one line naming the file (or ``command line``) that set the offending key.
 """
+
 from __future__ import annotations
 
 import copy
@@ -18,7 +19,7 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 import yaml
 
@@ -33,7 +34,7 @@ CLI_SOURCE = "command line"
 class ConfigError(Exception):
     """A configuration problem; ``str(err)`` is a single line naming the file and the key."""
 
-    def __init__(self, source: str, key: Optional[str], message: str):
+    def __init__(self, source: str, key: str | None, message: str):
         self.source, self.key, self.message = source, key, message
         where = f"{source}: {key}" if key else source
         super().__init__(f"config error: {where}: {message}")
@@ -55,9 +56,9 @@ class Section(dict):
 @dataclass
 class Config:
     path: str
-    values: Dict[str, Section]
-    sources: Dict[str, str] = field(default_factory=dict)   # dotted key -> file / command line
-    overrides: List[str] = field(default_factory=list)
+    values: dict[str, Section]
+    sources: dict[str, str] = field(default_factory=dict)  # dotted key -> file / command line
+    overrides: list[str] = field(default_factory=list)
 
     def __getattr__(self, name):
         values = self.__dict__.get("values", {})
@@ -71,7 +72,7 @@ class Config:
     def error(self, key: str, message: str) -> ConfigError:
         return ConfigError(self.source(key), key, message)
 
-    def to_dict(self) -> Dict[str, Dict[str, Any]]:
+    def to_dict(self) -> dict[str, dict[str, Any]]:
         return {s: dict(v) for s, v in self.values.items()}
 
     def dump(self) -> str:
@@ -97,23 +98,26 @@ class _UniqueKeyLoader(Yaml12Loader):
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key '{key}'", key_node.start_mark)
+                    None, None, f"duplicate key '{key}'", key_node.start_mark
+                )
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
 
 
-def _read_yaml(path: str, origin: str, key: Optional[str] = None) -> Dict[str, Any]:
+def _read_yaml(path: str, origin: str, key: str | None = None) -> dict[str, Any]:
     if os.path.isdir(path):
         raise ConfigError(origin, key, f"config file is a directory: {path}")
     if not os.path.isfile(path):
         raise ConfigError(origin, key, f"config file not found: {path}")
     try:
-        with open(path, "r", encoding="utf-8") as fh:
+        with open(path, encoding="utf-8") as fh:
             data = yaml.load(fh, Loader=_UniqueKeyLoader)
     except OSError as exc:
         raise ConfigError(path, None, f"cannot read the file ({exc.strerror or exc})") from None
     except UnicodeDecodeError as exc:
-        raise ConfigError(path, None, f"not a text (UTF-8) file: byte {exc.start} cannot be decoded") from None
+        raise ConfigError(
+            path, None, f"not a text (UTF-8) file: byte {exc.start} cannot be decoded"
+        ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
@@ -126,15 +130,14 @@ def _read_yaml(path: str, origin: str, key: Optional[str] = None) -> Dict[str, A
     return data
 
 
-def _flatten(path: str, data: Dict[str, Any]) -> Dict[str, Any]:
+def _flatten(path: str, data: dict[str, Any]) -> dict[str, Any]:
     """Section mapping -> {"section.key": value}; rejects unknown sections and keys."""
     flat = {}
     for section, body in data.items():
         if section == "base":
             continue
         if section not in SCHEMA:
-            raise ConfigError(path, str(section),
-                              f"unknown section (known: base, {', '.join(SECTIONS)})")
+            raise ConfigError(path, str(section), f"unknown section (known: base, {', '.join(SECTIONS)})")
         if body is None:
             continue
         if not isinstance(body, dict):
@@ -149,19 +152,21 @@ def _flatten(path: str, data: Dict[str, Any]) -> Dict[str, Any]:
 
 def _unknown_key_text(section: str, key: str) -> str:
     import difflib
+
     close = difflib.get_close_matches(key, list(SCHEMA[section]), n=1)
     hint = f"; did you mean '{section}.{close[0]}'?" if close else ""
     return f"unknown key{hint}"
 
 
-def _load_chain(path: str, origin: str, seen: Tuple[str, ...],
-                key: Optional[str] = None) -> Tuple[Dict[str, Any], Dict[str, str]]:
+def _load_chain(
+    path: str, origin: str, seen: tuple[str, ...], key: str | None = None
+) -> tuple[dict[str, Any], dict[str, str]]:
     real = os.path.realpath(path)
     if real in seen:
         raise ConfigError(origin, "base", f"circular 'base:' chain ({path} is already in the chain)")
     data = _read_yaml(path, origin, key)
-    flat: Dict[str, Any] = {}
-    sources: Dict[str, str] = {}
+    flat: dict[str, Any] = {}
+    sources: dict[str, str] = {}
     base = data.get("base")
     if base is not None:
         if not isinstance(base, str) or not base:
@@ -174,7 +179,7 @@ def _load_chain(path: str, origin: str, seen: Tuple[str, ...],
     return flat, sources
 
 
-def parse_override(text: str, source: str = CLI_SOURCE) -> Tuple[str, Any]:
+def parse_override(text: str, source: str = CLI_SOURCE) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(source, None, f"override '{text}' is not of the form section.key=value")
     key, raw = text.split("=", 1)
@@ -193,12 +198,12 @@ def parse_override(text: str, source: str = CLI_SOURCE) -> Tuple[str, Any]:
     return key, value
 
 
-def load_config(path: str, overrides: Optional[List[str]] = None) -> Config:
+def load_config(path: str, overrides: list[str] | None = None) -> Config:
     """Read ``path`` (following ``base:``), apply ``overrides`` and validate."""
     overrides = list(overrides or [])
     flat, sources = _load_chain(path, CLI_SOURCE, ())
     cli = f"{path} ({CLI_SOURCE})"
-    given: Dict[str, str] = {}
+    given: dict[str, str] = {}
     for text in overrides:
         key, value = parse_override(text, cli)
         if key in given:
@@ -206,7 +211,7 @@ def load_config(path: str, overrides: Optional[List[str]] = None) -> Config:
         given[key] = text
         flat[key] = value
         sources[key] = cli
-    values: Dict[str, Section] = {}
+    values: dict[str, Section] = {}
     for section, specs in SCHEMA.items():
         sec = Section()
         for key, spec in specs.items():
@@ -225,9 +230,15 @@ def load_config(path: str, overrides: Optional[List[str]] = None) -> Config:
 # Validation
 # --------------------------------------------------------------------------------------------------
 def _type_name(spec: Spec) -> str:
-    names = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
-             "list_int": "a list of integers", "list_float": "a list of numbers",
-             "list_str": "a list of strings"}
+    names = {
+        "int": "an integer",
+        "float": "a number",
+        "bool": "true or false",
+        "str": "a string",
+        "list_int": "a list of integers",
+        "list_float": "a list of numbers",
+        "list_str": "a list of strings",
+    }
     text = names[spec.kind]
     return text + " or null" if spec.nullable else text
 
@@ -266,7 +277,7 @@ def _coerce(value: Any, spec: Spec, source: str, key: str) -> Any:
     elif kind.startswith("list_"):
         item = kind[5:]
         if isinstance(value, (int, float, str)) and not isinstance(value, bool):
-            value = [value]   # a single value stands for a one-element list
+            value = [value]  # a single value stands for a one-element list
         if not isinstance(value, list):
             raise bad()
         out = []
@@ -294,19 +305,25 @@ def check_consistency(cfg: Config) -> None:
     """Checks spanning several keys (each error still names one key)."""
     m, d, o = cfg.model, cfg.data, cfg.optim
     if o.schedule == "poly" and o.poly_end_epoch <= o.poly_start_epoch:
-        raise cfg.error("optim.poly_end_epoch",
-                        f"must be > optim.poly_start_epoch ({o.poly_start_epoch}), got {o.poly_end_epoch}")
+        raise cfg.error(
+            "optim.poly_end_epoch",
+            f"must be > optim.poly_start_epoch ({o.poly_start_epoch}), got {o.poly_end_epoch}",
+        )
     if o.schedule == "step" and list(o.milestones) != sorted(o.milestones):
         raise cfg.error("optim.milestones", f"must be increasing, got {o.milestones}")
     if o.nesterov and o.momentum == 0:
         raise cfg.error("optim.nesterov", "needs optim.momentum > 0")
     if o.weight_rescaling and o.weight_decay > 0:
-        raise cfg.error("optim.weight_rescaling",
-                        "choose weight decay or weight rescaling, not both (set optim.weight_decay=0)")
+        raise cfg.error(
+            "optim.weight_rescaling",
+            "choose weight decay or weight rescaling, not both (set optim.weight_decay=0)",
+        )
     if d.dataset == "fashion_mnist":
         if m.name == "resnet50":
-            raise cfg.error("model.name", "resnet50 expects 3x224x224 images; use small_resnet "
-                                          "for fashion_mnist (1x28x28)")
+            raise cfg.error(
+                "model.name",
+                "resnet50 expects 3x224x224 images; use small_resnet for fashion_mnist (1x28x28)",
+            )
         if m.num_classes != 10:
             raise cfg.error("model.num_classes", f"fashion_mnist has 10 classes, got {m.num_classes}")
     if d.dataset == "imagenet":
@@ -319,16 +336,22 @@ def check_consistency(cfg: Config) -> None:
         except re.error as exc:
             raise cfg.error("kfac.skip_layers", f"not a regular expression: {pattern!r} ({exc})") from None
     if cfg.log.overwrite and cfg.checkpoint.resume:
-        raise cfg.error("log.overwrite", f"starts the run anew, so it cannot go with checkpoint.resume="
-                                         f"{cfg.checkpoint.resume}; set checkpoint.resume=null")
+        raise cfg.error(
+            "log.overwrite",
+            f"starts the run anew, so it cannot go with checkpoint.resume="
+            f"{cfg.checkpoint.resume}; set checkpoint.resume=null",
+        )
     if cfg.kfac.interval_warmup_epochs > 0 and cfg.kfac.update_threshold is not None:
-        raise cfg.error("kfac.interval_warmup_epochs", "applies to a fixed interval only (kfac.update_threshold: "
-                                                       "null); the adaptive interval starts at 1 by itself")
+        raise cfg.error(
+            "kfac.interval_warmup_epochs",
+            "applies to a fixed interval only (kfac.update_threshold: "
+            "null); the adaptive interval starts at 1 by itself",
+        )
     if d.val_resize < d.image_size:
         raise cfg.error("data.val_resize", f"must be >= data.image_size ({d.image_size})")
 
 
-def data_problems(cfg: Config) -> List[ConfigError]:
+def data_problems(cfg: Config) -> list[ConfigError]:
     """Missing / empty data directories (a warning in a dry run, an error in a real run)."""
     d = cfg.data
     problems = []
@@ -344,12 +367,11 @@ def data_problems(cfg: Config) -> List[ConfigError]:
         else:
             missing = [f for f in FASHION_FILES if not os.path.isfile(os.path.join(root, f))]
             if missing:
-                problems.append(cfg.error("data.fashion_mnist_dir",
-                                          f"{root} lacks {', '.join(missing)}"))
+                problems.append(cfg.error("data.fashion_mnist_dir", f"{root} lacks {', '.join(missing)}"))
     return problems
 
 
-def _imagefolder_problem(root: str) -> Optional[str]:
+def _imagefolder_problem(root: str) -> str | None:
     if not os.path.isdir(root):
         return f"directory not found: {root}"
     try:
@@ -375,13 +397,15 @@ def resolve_paths(cfg: Config) -> None:
         cfg.data["val_batch_size"] = cfg.data.batch_size
 
 
-def kfac_kwargs(cfg: Config) -> Dict[str, Any]:
+def kfac_kwargs(cfg: Config) -> dict[str, Any]:
     """Keyword arguments for ``kfac_hvd.KFAC`` from the ``kfac`` section."""
     k = cfg.kfac
     return {
         "damping": k.damping,
         "update_threshold": k.update_threshold,
-        "update_interval": 1 if k.interval_warmup_epochs > 0 else k.update_interval,  # schedule.interval_switch_step
+        "update_interval": 1
+        if k.interval_warmup_epochs > 0
+        else k.update_interval,  # schedule.interval_switch_step
         "interval_policy": k.interval_policy,
         "max_interval": k.max_interval,
         "shrink_multiple": k.shrink_multiple,
@@ -395,7 +419,7 @@ def kfac_kwargs(cfg: Config) -> Dict[str, Any]:
         "include_batchnorm": k.include_batchnorm,
         "local_inverse_max_dim": k.local_inverse_max_dim,
         "noise_aware_diff": k.noise_aware_diff,
-        "unfold_chunk_bytes": max(1, int(k.unfold_chunk_mb * 2 ** 20)),
+        "unfold_chunk_bytes": max(1, int(k.unfold_chunk_mb * 2**20)),
         "narrow_factor_products": k.narrow_factor_products,
         "factor_matmul_precision": k.factor_matmul_precision,
         "batched_inversion": k.batched_inversion,

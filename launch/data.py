@@ -1,4 +1,5 @@
 """Datasets and loaders: ImageNet (ImageFolder), Fashion-MNIST (Debian IDX files), synthetic."""
+
 from __future__ import annotations
 
 import gzip
@@ -9,7 +10,7 @@ import os
 import re
 import struct
 import zlib
-from typing import Iterator, List, Optional, Tuple
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -37,7 +38,7 @@ def read_idx(path: str) -> np.ndarray:
     zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
     if zero != 0 or dtype_code != 0x08:
         raise ValueError(f"{path}: not an unsigned-byte IDX file")
-    dims = struct.unpack(">" + "I" * ndim, raw[4:4 + 4 * ndim])
+    dims = struct.unpack(">" + "I" * ndim, raw[4 : 4 + 4 * ndim])
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if data.size != int(np.prod(dims)):
         raise ValueError(f"{path}: expected {int(np.prod(dims))} values, found {data.size}")
@@ -52,8 +53,8 @@ class FashionMNIST(Dataset):
         images = read_idx(os.path.join(root, f"{prefix}-images-idx3-ubyte.gz"))
         labels = read_idx(os.path.join(root, f"{prefix}-labels-idx1-ubyte.gz"))
         x = torch.from_numpy(images.copy()).float().div_(255.0).sub_(FASHION_MEAN).div_(FASHION_STD)
-        self.images = x.unsqueeze(1)                      # N x 1 x 28 x 28
-        if pool > 1:                                      # N x 1 x 28/pool x 28/pool: cheaper long runs
+        self.images = x.unsqueeze(1)  # N x 1 x 28 x 28
+        if pool > 1:  # N x 1 x 28/pool x 28/pool: cheaper long runs
             self.images = torch.nn.functional.avg_pool2d(self.images, pool)
         self.shift = max(1, 2 // pool)
         self.targets = torch.from_numpy(labels.astype(np.int64))
@@ -61,6 +62,7 @@ class FashionMNIST(Dataset):
         self.eraser = None
         if augment and random_erasing > 0:
             from torchvision import transforms
+
             self.eraser = transforms.RandomErasing(p=random_erasing)
 
     def __len__(self):
@@ -84,7 +86,7 @@ class FashionMNIST(Dataset):
 class Synthetic(Dataset):
     """Deterministic random images (per index) with labels ``index % classes``: throughput runs."""
 
-    def __init__(self, size: int, shape: Tuple[int, int, int], classes: int, seed: int):
+    def __init__(self, size: int, shape: tuple[int, int, int], classes: int, seed: int):
         self.size, self.shape, self.classes, self.seed = size, shape, classes, seed
 
     def __len__(self):
@@ -100,6 +102,7 @@ class Synthetic(Dataset):
 # --------------------------------------------------------------------------------------------------
 def imagenet_transforms(cfg, train: bool):
     from torchvision import transforms as T
+
     d = cfg.data
     norm = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
     if train:
@@ -120,32 +123,35 @@ class CheckedImageFolder(ImageFolder):
     ``data.skip_unreadable``, leaves those images out).
     """
 
-    def __init__(self, root: str, transform, shape: Tuple[int, int, int], substitute: bool):
+    def __init__(self, root: str, transform, shape: tuple[int, int, int], substitute: bool):
         super().__init__(root, transform=transform)
         self.shape, self.substitute = tuple(shape), substitute
 
     def __getitem__(self, index):
         try:
             return super().__getitem__(index)
-        except Exception as exc:  # noqa: BLE001 - any failure to read or decode one file
+        except Exception as exc:
             if self.substitute:
-                logger.warning("unreadable image skipped (data.skip_unreadable): %s (%s)",
-                               self.samples[index][0], _reason(exc))
+                logger.warning(
+                    "unreadable image skipped (data.skip_unreadable): %s (%s)",
+                    self.samples[index][0],
+                    _reason(exc),
+                )
                 for k in range(1, min(len(self.samples), 33)):
                     try:
                         return super().__getitem__((index + k) % len(self.samples))
-                    except Exception:  # noqa: BLE001
+                    except Exception:
                         continue
             return torch.zeros(self.shape), -(index + 1)
 
 
 def _reason(exc: BaseException) -> str:
     text = str(exc).splitlines()[0] if str(exc) else ""
-    text = re.sub(r"<_io\.\w+ name='[^']*'>|'/[^']*'", "", text).rstrip(" :")   # the path is named already
+    text = re.sub(r"<_io\.\w+ name='[^']*'>|'/[^']*'", "", text).rstrip(" :")  # the path is named already
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def unreadable_paths(dataset: Dataset, targets: torch.Tensor) -> List[str]:
+def unreadable_paths(dataset: Dataset, targets: torch.Tensor) -> list[str]:
     """The files behind marker labels (< 0) of a batch, each with the reason it cannot be read."""
     base = dataset
     while isinstance(base, Subset):
@@ -161,14 +167,15 @@ def describe_unreadable(path: str) -> str:
     """Why ``path`` cannot be read as an image (tried again here, in the main process)."""
     try:
         from PIL import Image
+
         with open(path, "rb") as fh:
             Image.open(fh).convert("RGB")
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         return _reason(exc)
     return "failed in the loader"
 
 
-def _subset(ds: Dataset, n: Optional[int]) -> Dataset:
+def _subset(ds: Dataset, n: int | None) -> Dataset:
     """The first ``n`` of evenly spaced indices (so an ImageFolder subset spans its classes)."""
     if n is None or n >= len(ds):
         return ds
@@ -176,7 +183,7 @@ def _subset(ds: Dataset, n: Optional[int]) -> Dataset:
     return Subset(ds, idx.tolist())
 
 
-def build_datasets(cfg) -> Tuple[Dataset, Dataset]:
+def build_datasets(cfg) -> tuple[Dataset, Dataset]:
     """Both datasets; a folder or file that cannot be read raises ConfigError naming its key."""
     d = cfg.data
     if d.dataset == "imagenet":
@@ -184,18 +191,24 @@ def build_datasets(cfg) -> Tuple[Dataset, Dataset]:
         sets = []
         for key, root, train in (("data.train_dir", d.train_dir, True), ("data.val_dir", d.val_dir, False)):
             try:
-                sets.append(CheckedImageFolder(root, imagenet_transforms(cfg, train), shape,
-                                               substitute=train and d.skip_unreadable))
-            except (OSError, RuntimeError) as exc:   # e.g. a class folder without image files
+                sets.append(
+                    CheckedImageFolder(
+                        root, imagenet_transforms(cfg, train), shape, substitute=train and d.skip_unreadable
+                    )
+                )
+            except (OSError, RuntimeError) as exc:  # e.g. a class folder without image files
                 raise cfg.error(key, f"{root}: {str(exc).splitlines()[0]}") from None
         train, val = sets
         for key, ds in (("data.train_dir", train), ("data.val_dir", val)):
             if len(ds.classes) > cfg.model.num_classes:
-                raise cfg.error(key, f"{len(ds.classes)} class folders but model.num_classes is "
-                                     f"{cfg.model.num_classes}")
+                raise cfg.error(
+                    key, f"{len(ds.classes)} class folders but model.num_classes is {cfg.model.num_classes}"
+                )
         if val.classes != train.classes:
-            raise cfg.error("data.val_dir", f"class folders differ from data.train_dir's "
-                                            f"({len(val.classes)} vs {len(train.classes)})")
+            raise cfg.error(
+                "data.val_dir",
+                f"class folders differ from data.train_dir's ({len(val.classes)} vs {len(train.classes)})",
+            )
     elif d.dataset == "fashion_mnist":
         try:
             train = FashionMNIST(d.fashion_mnist_dir, True, True, d.random_erasing, d.fashion_mnist_pool)
@@ -212,15 +225,22 @@ def build_datasets(cfg) -> Tuple[Dataset, Dataset]:
 def dataset_identity(cfg, train: Dataset, val: Dataset) -> dict:
     """What the ranks must agree on about the data they read (paths aside): the kind, the sizes, a hash of
     the class names (ImageFolder) and the synthetic seed."""
-    def classes_hash(ds: Dataset) -> Optional[str]:
+
+    def classes_hash(ds: Dataset) -> str | None:
         while isinstance(ds, Subset):
             ds = ds.dataset
-        names = getattr(ds, "classes", None)      # an ImageFolder's class folders
+        names = getattr(ds, "classes", None)  # an ImageFolder's class folders
         if not isinstance(names, (list, tuple)):
             return None
         return hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
-    identity = {"kind": cfg.data.dataset, "train_images": len(train), "val_images": len(val),
-                "train_classes": classes_hash(train), "val_classes": classes_hash(val)}
+
+    identity = {
+        "kind": cfg.data.dataset,
+        "train_images": len(train),
+        "val_images": len(val),
+        "train_classes": classes_hash(train),
+        "val_classes": classes_hash(val),
+    }
     if cfg.data.dataset == "synthetic":
         identity["synthetic_seed"] = cfg.train.seed
     return identity
@@ -253,7 +273,7 @@ class ResumableDistributedSampler(DistributedSampler):
 
     def __iter__(self) -> Iterator[int]:
         indices = list(super().__iter__())
-        return iter(indices[self.skip:])
+        return iter(indices[self.skip :])
 
     def __len__(self) -> int:
         return self.num_samples - self.skip
@@ -279,33 +299,54 @@ def steps_per_epoch(n: int, world_size: int, batch: int, drop_last: bool) -> int
 
 def build_loaders(cfg, train_ds, val_ds, rank: int, size: int, use_cuda: bool):
     d = cfg.data
-    sampler = ResumableDistributedSampler(train_ds, num_replicas=size, rank=rank, shuffle=True,
-                                          seed=cfg.train.seed, drop_last=False)
-    common = dict(num_workers=d.workers, pin_memory=d.pin_memory and use_cuda,
-                  persistent_workers=d.workers > 0)
+    sampler = ResumableDistributedSampler(
+        train_ds, num_replicas=size, rank=rank, shuffle=True, seed=cfg.train.seed, drop_last=False
+    )
+    common = dict(
+        num_workers=d.workers, pin_memory=d.pin_memory and use_cuda, persistent_workers=d.workers > 0
+    )
     if d.workers > 0:
         # Reproducible worker RNG: each worker derives its seed from torch's base seed (per rank).
         common["worker_init_fn"] = _worker_init
     # Own generators: creating a loader iterator draws the workers' base seed from the loader's
     # generator instead of the global RNG, so the global stream (augmentation with workers=0, mixup)
     # depends only on the steps taken, and a resumed run continues it exactly.
-    train = DataLoader(train_ds, batch_size=d.batch_size, sampler=sampler, drop_last=d.drop_last,
-                       generator=torch.Generator(), **common)
-    val = DataLoader(val_ds, batch_size=d.val_batch_size, sampler=ShardSampler(len(val_ds), rank, size),
-                     generator=torch.Generator().manual_seed(cfg.train.seed), **common)
+    train = DataLoader(
+        train_ds,
+        batch_size=d.batch_size,
+        sampler=sampler,
+        drop_last=d.drop_last,
+        generator=torch.Generator(),
+        **common,
+    )
+    val = DataLoader(
+        val_ds,
+        batch_size=d.val_batch_size,
+        sampler=ShardSampler(len(val_ds), rank, size),
+        generator=torch.Generator().manual_seed(cfg.train.seed),
+        **common,
+    )
     return train, val, sampler
 
 
-def start_epoch(loader: DataLoader, sampler: ResumableDistributedSampler, seed: int, rank: int, epoch: int,
-                skip_batches: int, batch_size: int) -> None:
+def start_epoch(
+    loader: DataLoader,
+    sampler: ResumableDistributedSampler,
+    seed: int,
+    rank: int,
+    epoch: int,
+    skip_batches: int,
+    batch_size: int,
+) -> None:
     """Shuffle for ``epoch``, skip the batches already done, and seed the workers for (rank, epoch)."""
     sampler.set_epoch(epoch)
     sampler.set_skip(skip_batches * batch_size)
-    loader.generator.manual_seed((seed * 1_000_003 + rank * 10_007 + epoch) % 2 ** 63)
+    loader.generator.manual_seed((seed * 1_000_003 + rank * 10_007 + epoch) % 2**63)
 
 
 def _worker_init(worker_id: int) -> None:
-    seed = torch.initial_seed() % 2 ** 32
+    seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     import random
+
     random.seed(seed)

@@ -1,9 +1,9 @@
 """Horovod start-up: tuning knobs, initialisation under horovodrun or mpirun, the world layout."""
+
 from __future__ import annotations
 
 import os
 import socket
-from typing import Dict, List, Optional
 
 # Environment variables set by MPI launchers (Open MPI, MPICH / Intel MPI / PMI, PMIx, MVAPICH, Slurm).
 MPI_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE", "MPI_LOCALNRANKS")
@@ -11,7 +11,7 @@ MPI_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE
 GLOO_ENV = ("HOROVOD_GLOO_RENDEZVOUS_ADDR", "HOROVOD_CONTROLLER")
 
 
-def horovod_env(hcfg) -> Dict[str, str]:
+def horovod_env(hcfg) -> dict[str, str]:
     """Environment variables that carry the ``horovod`` section to Horovod's core (read at init).
 
     Values already in the environment win, so a job script can still override a config.
@@ -58,8 +58,14 @@ def started_by_mpi() -> bool:
 
 def env_rank() -> int:
     """This process's rank as the launcher announced it (before initialisation); 0 if unknown."""
-    for key in ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "MV2_COMM_WORLD_RANK",
-                "SLURM_PROCID"):
+    for key in (
+        "HOROVOD_RANK",
+        "OMPI_COMM_WORLD_RANK",
+        "PMIX_RANK",
+        "PMI_RANK",
+        "MV2_COMM_WORLD_RANK",
+        "SLURM_PROCID",
+    ):
         if key in os.environ:
             try:
                 return int(os.environ[key])
@@ -73,30 +79,39 @@ def init_horovod(hcfg):
     for key, value in horovod_env(hcfg).items():
         os.environ.setdefault(key, value)
     import horovod.torch as hvd
+
     how = hcfg.init
     if how == "auto":
         how = "mpi4py" if started_by_mpi() else "horovod"
     if how == "mpi4py":
         from mpi4py import MPI
+
         hvd.init(comm=MPI.COMM_WORLD)
     else:
         hvd.init()
     return hvd, how
 
 
-def world_layout(hvd, device: str, extra: Optional[dict] = None) -> List[dict]:
+def world_layout(hvd, device: str, extra: dict | None = None) -> list[dict]:
     """Collective: (rank, host, local rank, device, pid, ``extra``) of every rank, in rank order."""
-    me = {"rank": hvd.rank(), "host": socket.gethostname(), "local_rank": hvd.local_rank(),
-          "device": device, "pid": os.getpid(), **(extra or {})}
+    me = {
+        "rank": hvd.rank(),
+        "host": socket.gethostname(),
+        "local_rank": hvd.local_rank(),
+        "device": device,
+        "pid": os.getpid(),
+        **(extra or {}),
+    }
     return sorted(hvd.allgather_object(me), key=lambda r: r["rank"])
 
 
-def describe_layout(layout: List[dict], how: str, controller: Optional[str]) -> str:
-    hosts: Dict[str, List[dict]] = {}
+def describe_layout(layout: list[dict], how: str, controller: str | None) -> str:
+    hosts: dict[str, list[dict]] = {}
     for r in layout:
         hosts.setdefault(r["host"], []).append(r)
-    head = (f"world: {len(layout)} rank(s) on {len(hosts)} host(s); init via {how}"
-            + (f", controller {controller}" if controller else ""))
+    head = f"world: {len(layout)} rank(s) on {len(hosts)} host(s); init via {how}" + (
+        f", controller {controller}" if controller else ""
+    )
     lines = [head]
     for host, ranks in hosts.items():
         devs = sorted({r["device"] for r in ranks})
@@ -105,7 +120,7 @@ def describe_layout(layout: List[dict], how: str, controller: Optional[str]) -> 
     return "\n".join(lines)
 
 
-def _ranges(ids: List[int]) -> str:
+def _ranges(ids: list[int]) -> str:
     ids = sorted(ids)
     out, start, prev = [], ids[0], ids[0]
     for i in ids[1:] + [None]:
@@ -118,12 +133,12 @@ def _ranges(ids: List[int]) -> str:
     return "[" + ",".join(out) + "]"
 
 
-def controller_name(hvd) -> Optional[str]:
+def controller_name(hvd) -> str | None:
     try:
         if hvd.mpi_enabled():
             return "MPI"
         if hvd.gloo_enabled():
             return "Gloo"
-    except Exception:  # noqa: BLE001 - older builds lack these probes
+    except Exception:
         return None
     return None

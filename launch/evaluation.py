@@ -1,7 +1,6 @@
 """Top-1 and loss over the whole evaluation set: per-rank sums on the device, one allreduce, one read."""
-from __future__ import annotations
 
-from typing import Dict, List
+from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
@@ -12,8 +11,14 @@ from .step import stop_for_unreadable
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader, precision: MixedPrecision, hvd, skip_unreadable: bool = False,
-             watchdog=None) -> Dict[str, float]:
+def evaluate(
+    model: torch.nn.Module,
+    loader,
+    precision: MixedPrecision,
+    hvd,
+    skip_unreadable: bool = False,
+    watchdog=None,
+) -> dict[str, float]:
     """Each rank evaluates its disjoint shard under the run's autocast; the sums are added over ranks.
 
     Unreadable images (marker labels < 0, checked on the host labels) are left out with
@@ -21,9 +26,9 @@ def evaluate(model: torch.nn.Module, loader, precision: MixedPrecision, hvd, ski
     """
     device = precision.device
     model.eval()
-    sums = torch.zeros(2, dtype=torch.float64, device=device)      # loss, correct
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss, correct
     images, unreadable = 0, 0
-    bad: List[str] = []
+    bad: list[str] = []
     for x, y in loader:
         if watchdog is not None:
             watchdog.beat("an evaluation batch")
@@ -38,15 +43,21 @@ def evaluate(model: torch.nn.Module, loader, precision: MixedPrecision, hvd, ski
         x, y = precision.inputs(x), y.to(device, non_blocking=True)
         with precision.autocast():
             out = model(x)
-        sums += torch.stack([F.cross_entropy(out.float(), y, reduction="sum").double(),
-                             (out.argmax(1) == y).sum().double()])
+        sums += torch.stack(
+            [F.cross_entropy(out.float(), y, reduction="sum").double(), (out.argmax(1) == y).sum().double()]
+        )
         images += y.numel()
     model.train()
     counts = torch.tensor([images, unreadable], dtype=torch.float64, device=device)
-    loss, correct, images_total, unreadable_total = hvd.allreduce(torch.cat([sums, counts]), op=hvd.Sum,
-                                                                  name="eval.sums").tolist()
+    loss, correct, images_total, unreadable_total = hvd.allreduce(
+        torch.cat([sums, counts]), op=hvd.Sum, name="eval.sums"
+    ).tolist()
     if unreadable_total > 0 and not skip_unreadable:
         stop_for_unreadable(hvd, bad, "data.val_dir")
     n = max(images_total, 1.0)
-    return {"loss": loss / n, "top1": correct / n, "images": int(images_total),
-            "skipped_images": int(unreadable_total)}
+    return {
+        "loss": loss / n,
+        "top1": correct / n,
+        "images": int(images_total),
+        "skipped_images": int(unreadable_total),
+    }

@@ -4,6 +4,7 @@ Host synchronisations per training step: the step's status read (:mod:`launch.st
 steps only, one read of what the record needs from the device (timers, K-FAC's kl_scale, the loss
 scale). Everything else stays on the device, the epoch's loss and accuracy sums included.
 """
+
 from __future__ import annotations
 
 import math
@@ -11,7 +12,7 @@ import os
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,8 +29,19 @@ from .models import build_model
 from .outputs import RunOutputs, metrics_records
 from .precision import MixedPrecision
 from .progress import Progress, wants_bar
-from .reliability import (EXIT_DIVERGED, BufferGuard, Faults, RunStop, Watchdog, check_agreement,
-                          code_fingerprint, config_fingerprint, fingerprint, logger, setup_logging)
+from .reliability import (
+    EXIT_DIVERGED,
+    BufferGuard,
+    Faults,
+    RunStop,
+    Watchdog,
+    check_agreement,
+    code_fingerprint,
+    config_fingerprint,
+    fingerprint,
+    logger,
+    setup_logging,
+)
 from .rundir import resume_changes
 from .schedule import end_interval_warmup, interval_switch_step, learning_rate, rescalable_weights
 from .step import DIVERGED, OVERFLOW, StepOutcome, Trainer, train_step
@@ -44,7 +56,7 @@ def log0(hvd, *args) -> None:
 
 def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
-    np.random.seed(seed % 2 ** 32)
+    np.random.seed(seed % 2**32)
     random.seed(seed)
 
 
@@ -62,10 +74,10 @@ class Run:
     steps_per_epoch: int
     total_steps: int
     timer: StepTimer
-    out: Optional[RunOutputs] = None          # rank 0's outputs, once the run has resumed or started
-    watchdog: Optional[Watchdog] = None       # started after set-up, before a resume's checkpoint is read
-    progress: Optional[Progress] = None
-    interval_switch_step: Optional[int] = None   # a fixed interval's warm-up ends on this step
+    out: RunOutputs | None = None  # rank 0's outputs, once the run has resumed or started
+    watchdog: Watchdog | None = None  # started after set-up, before a resume's checkpoint is read
+    progress: Progress | None = None
+    interval_switch_step: int | None = None  # a fixed interval's warm-up ends on this step
 
     @property
     def kfac(self):
@@ -79,17 +91,17 @@ class RunState:
     step: int = 0
     epoch: int = 0
     skip_batches: int = 0
-    history: List[Dict[str, Any]] = field(default_factory=list)
-    resume_path: Optional[str] = None
-    pending_eval: Optional[Dict[str, Any]] = None    # an epoch's evaluation the resumed checkpoint still owes
-    last_eval: Dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    resume_path: str | None = None
+    pending_eval: dict[str, Any] | None = None  # an epoch's evaluation the resumed checkpoint still owes
+    last_eval: dict[str, Any] = field(default_factory=dict)
     last_saved_step: int = -1
     train_time: float = 0.0
     images_done: int = 0
-    kfac_seconds: Dict[str, float] = field(default_factory=dict)
+    kfac_seconds: dict[str, float] = field(default_factory=dict)
     kfac_events: int = 0
-    skipped_steps: List[int] = field(default_factory=list)
-    overflow_steps: List[int] = field(default_factory=list)
+    skipped_steps: list[int] = field(default_factory=list)
+    overflow_steps: list[int] = field(default_factory=list)
     bad_in_a_row: int = 0
     done: bool = False
 
@@ -99,11 +111,11 @@ class RunState:
 # --------------------------------------------------------------------------------------------------
 def build_optimizer(cfg, model: nn.Module, hvd):
     o = cfg.optim
-    base = torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
-                           weight_decay=o.weight_decay)
+    base = torch.optim.SGD(
+        model.parameters(), lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay
+    )
     compression = hvd.Compression.fp16 if cfg.horovod.fp16_allreduce else hvd.Compression.none
-    return hvd.DistributedOptimizer(base, named_parameters=model.named_parameters(),
-                                    compression=compression)
+    return hvd.DistributedOptimizer(base, named_parameters=model.named_parameters(), compression=compression)
 
 
 def set_up(cfg) -> Run:
@@ -118,9 +130,12 @@ def set_up(cfg) -> Run:
     flags = apply_backend_flags(cfg.train.tf32, cfg.train.cudnn_benchmark)
     code_digest, code_detail = code_fingerprint()
     data_id = dataset_identity(cfg, train_ds, val_ds)
-    layout = world_layout(hvd, str(device), {"config": config_fingerprint(cfg), "code": code_digest,
-                                             "data": fingerprint(data_id)})
-    check_agreement(hvd, cfg, layout, code_detail, data_id)      # every rank stops alike on a mismatch
+    layout = world_layout(
+        hvd,
+        str(device),
+        {"config": config_fingerprint(cfg), "code": code_digest, "data": fingerprint(data_id)},
+    )
+    check_agreement(hvd, cfg, layout, code_detail, data_id)  # every rank stops alike on a mismatch
     precision = MixedPrecision(cfg.train.precision, cfg.train.channels_last, device)
     log0(hvd, describe_layout(layout, how, controller_name(hvd)))
     log0(hvd, describe_device(cfg.train.device, device))
@@ -129,27 +144,45 @@ def set_up(cfg) -> Run:
     if warning:
         log0(hvd, warning)
     if cfg.train.world_size is not None and cfg.train.world_size != size:
-        raise cfg.error("train.world_size", f"is {cfg.train.world_size} but {size} rank(s) were launched (a global "
-                                            f"batch of {cfg.data.batch_size * size}, not "
-                                            f"{cfg.data.batch_size * cfg.train.world_size}); launch "
-                                            f"{cfg.train.world_size} rank(s), or set train.world_size=null")
+        raise cfg.error(
+            "train.world_size",
+            f"is {cfg.train.world_size} but {size} rank(s) were launched (a global "
+            f"batch of {cfg.data.batch_size * size}, not "
+            f"{cfg.data.batch_size * cfg.train.world_size}); launch "
+            f"{cfg.train.world_size} rank(s), or set train.world_size=null",
+        )
 
     # Same initial weights everywhere (also broadcast later); distinct data randomness per rank.
     seed_everything(cfg.train.seed)
     model = precision.prepare_model(build_model(cfg))
     seed_everything(cfg.train.seed + 1000 * rank + 1)
-    train_loader, val_loader, sampler = build_loaders(cfg, train_ds, val_ds, rank, size, device.type == "cuda")
+    train_loader, val_loader, sampler = build_loaders(
+        cfg, train_ds, val_ds, rank, size, device.type == "cuda"
+    )
     if len(train_loader) == 0:
-        raise cfg.error("data.batch_size", f"no full batch of {cfg.data.batch_size} per rank: "
-                                           f"{len(train_ds)} training images over {size} rank(s)")
+        raise cfg.error(
+            "data.batch_size",
+            f"no full batch of {cfg.data.batch_size} per rank: "
+            f"{len(train_ds)} training images over {size} rank(s)",
+        )
     trainer = build_trainer(cfg, hvd, model, precision, train_loader.dataset, Faults(cfg.debug, rank, size))
     total_steps = len(train_loader) * cfg.train.epochs
     if cfg.train.max_steps is not None:
         total_steps = min(total_steps, cfg.train.max_steps)
     switch = interval_switch_step(cfg.kfac, len(train_loader)) if trainer.kfac is not None else None
-    return Run(cfg=cfg, hvd=hvd, device=device, trainer=trainer, train_loader=train_loader, val_loader=val_loader,
-               sampler=sampler, steps_per_epoch=len(train_loader), total_steps=total_steps, timer=StepTimer(device),
-               interval_switch_step=switch)
+    return Run(
+        cfg=cfg,
+        hvd=hvd,
+        device=device,
+        trainer=trainer,
+        train_loader=train_loader,
+        val_loader=val_loader,
+        sampler=sampler,
+        steps_per_epoch=len(train_loader),
+        total_steps=total_steps,
+        timer=StepTimer(device),
+        interval_switch_step=switch,
+    )
 
 
 def build_trainer(cfg, hvd, model: nn.Module, precision: MixedPrecision, dataset, faults: Faults) -> Trainer:
@@ -157,28 +190,42 @@ def build_trainer(cfg, hvd, model: nn.Module, precision: MixedPrecision, dataset
     kfac = None
     if cfg.optim.method == "kfac":
         import kfac_hvd
+
         kfac = kfac_hvd.KFAC(model, **kfac_kwargs(cfg))
-    return Trainer(hvd=hvd, model=model, optimizer=optimizer, kfac=kfac,
-                   criterion=nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing), precision=precision,
-                   buffers=BufferGuard(model), params=[p for p in model.parameters() if p.requires_grad],
-                   rescaled_weights=rescalable_weights(model) if cfg.optim.weight_rescaling else None,
-                   faults=faults, dataset=dataset, mixup_alpha=cfg.data.mixup_alpha,
-                   momentum_correction=cfg.optim.momentum_correction)
+    return Trainer(
+        hvd=hvd,
+        model=model,
+        optimizer=optimizer,
+        kfac=kfac,
+        criterion=nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing),
+        precision=precision,
+        buffers=BufferGuard(model),
+        params=[p for p in model.parameters() if p.requires_grad],
+        rescaled_weights=rescalable_weights(model) if cfg.optim.weight_rescaling else None,
+        faults=faults,
+        dataset=dataset,
+        mixup_alpha=cfg.data.mixup_alpha,
+        momentum_correction=cfg.optim.momentum_correction,
+    )
 
 
-def resume_or_start(run: Run, candidates: List[str]) -> RunState:
+def resume_or_start(run: Run, candidates: list[str]) -> RunState:
     """Restore the newest usable checkpoint (rank 0's list decides), or broadcast rank 0's initial state."""
     cfg, hvd, t = run.cfg, run.hvd, run.trainer
     state = RunState()
     # Only rank 0 reads checkpoints (other nodes need not see the folder): its list decides for all.
-    candidates = hvd.broadcast_object(candidates if hvd.rank() == 0 else None, root_rank=0, name="ckpt.candidates")
+    candidates = hvd.broadcast_object(
+        candidates if hvd.rank() == 0 else None, root_rank=0, name="ckpt.candidates"
+    )
     if not candidates:
         hvd.broadcast_parameters(t.model.state_dict(), root_rank=0)
         hvd.broadcast_optimizer_state(t.optimizer, root_rank=0)
         return state
     path = None
     try:
-        path, saved = ckpt_mod.load_checkpoint(hvd, candidates, cfg.checkpoint.trust_unlisted, run.watchdog.beat)
+        path, saved = ckpt_mod.load_checkpoint(
+            hvd, candidates, cfg.checkpoint.trust_unlisted, run.watchdog.beat
+        )
         check_resume_config(run, path, saved)
         run.watchdog.beat(f"restoring the checkpoint {path}")
         ckpt_mod.restore(saved, hvd, model=t.model, optimizer=t.optimizer, kfac=t.kfac, seed=cfg.train.seed)
@@ -203,22 +250,32 @@ def resume_or_start(run: Run, candidates: List[str]) -> RunState:
     return state
 
 
-def check_resume_config(run: Run, path: str, saved: Dict[str, Any]) -> None:
+def check_resume_config(run: Run, path: str, saved: dict[str, Any]) -> None:
     """Stop (exit code 2, on every rank alike) when the checkpoint's run computed otherwise than this one
     would; print the accepted differences (keys that may change on resume, checkpoint.allow_changes)."""
     cfg, hvd = run.cfg, run.hvd
-    refused, accepted = resume_changes(saved.get("config") or {}, cfg.to_dict(), saved.get("world_size"),
-                                       hvd.size(), list(cfg.checkpoint.allow_changes))
+    refused, accepted = resume_changes(
+        saved.get("config") or {},
+        cfg.to_dict(),
+        saved.get("world_size"),
+        hvd.size(),
+        list(cfg.checkpoint.allow_changes),
+    )
     if refused:
         keys = ", ".join(t.split(" ", 1)[0] for t in refused)
-        raise cfg.error("checkpoint.resume", f"{path} was written by a run with other settings: {'; '.join(refused)}; "
-                                             f"resume with the checkpoint's values, start a new log.dir, or accept "
-                                             f"the change knowingly with checkpoint.allow_changes=[{keys}]")
+        raise cfg.error(
+            "checkpoint.resume",
+            f"{path} was written by a run with other settings: {'; '.join(refused)}; "
+            f"resume with the checkpoint's values, start a new log.dir, or accept "
+            f"the change knowingly with checkpoint.allow_changes=[{keys}]",
+        )
     if accepted:
         log0(hvd, f"resume: changed since the checkpoint: {'; '.join(accepted)}")
 
 
-def evaluations_after_checkpoint(log_dir: str, step: int, history: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+def evaluations_after_checkpoint(
+    log_dir: str, step: int, history: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
     """The evaluation of the checkpoint's own step, which ran after the checkpoint was written (so that
     a failing evaluation cannot lose the epoch) and is in metrics.jsonl only."""
     path, found = os.path.join(log_dir, "metrics.jsonl"), []
@@ -231,17 +288,29 @@ def evaluations_after_checkpoint(log_dir: str, step: int, history: List[Dict[str
     return found
 
 
-def save(run: Run, state: RunState, batch_in_epoch: int, pending_eval: Optional[Dict[str, Any]] = None) -> None:
+def save(run: Run, state: RunState, batch_in_epoch: int, pending_eval: dict[str, Any] | None = None) -> None:
     run.watchdog.beat(f"the checkpoint of step {state.step}")
     if run.out is not None:
-        run.out.flush()                   # the metrics up to this step are on disk before the checkpoint
+        run.out.flush()  # the metrics up to this step are on disk before the checkpoint
     cfg, t = run.cfg, run.trainer
-    ckpt_mod.save_checkpoint(run.hvd, cfg.checkpoint.dir, model=t.model, optimizer=t.optimizer, kfac=t.kfac,
-                             epoch=state.epoch, step=state.step, batch_in_epoch=batch_in_epoch,
-                             config=cfg.to_dict(), keep_last=cfg.checkpoint.keep_last,
-                             keep_all=cfg.checkpoint.keep_all,
-                             extra={"history": state.history, "grad_scaler": t.precision.state_dict(),
-                                    "pending_eval": pending_eval})
+    ckpt_mod.save_checkpoint(
+        run.hvd,
+        cfg.checkpoint.dir,
+        model=t.model,
+        optimizer=t.optimizer,
+        kfac=t.kfac,
+        epoch=state.epoch,
+        step=state.step,
+        batch_in_epoch=batch_in_epoch,
+        config=cfg.to_dict(),
+        keep_last=cfg.checkpoint.keep_last,
+        keep_all=cfg.checkpoint.keep_all,
+        extra={
+            "history": state.history,
+            "grad_scaler": t.precision.state_dict(),
+            "pending_eval": pending_eval,
+        },
+    )
     state.last_saved_step = state.step
     run.watchdog.beat(f"the checkpoint of step {state.step}")
 
@@ -253,7 +322,7 @@ def save(run: Run, state: RunState, batch_in_epoch: int, pending_eval: Optional[
 class EpochTally:
     """This rank's sums over the epoch's applied steps (on the device) and the epoch's position."""
 
-    sums: torch.Tensor                 # loss * images, correct
+    sums: torch.Tensor  # loss * images, correct
     images: int = 0
     batch_in_epoch: int = 0
 
@@ -261,20 +330,32 @@ class EpochTally:
 def train_epoch(run: Run, state: RunState) -> None:
     """The steps of ``state.epoch`` (from the batch a resumed run stopped at), then the epoch's end."""
     cfg = run.cfg
-    start_epoch_data(run.train_loader, run.sampler, cfg.train.seed, run.hvd.rank(), state.epoch, state.skip_batches,
-                     cfg.data.batch_size)
+    start_epoch_data(
+        run.train_loader,
+        run.sampler,
+        cfg.train.seed,
+        run.hvd.rank(),
+        state.epoch,
+        state.skip_batches,
+        cfg.data.batch_size,
+    )
     tally = EpochTally(torch.zeros(2, dtype=torch.float64, device=run.device), 0, state.skip_batches)
     state.skip_batches = 0
     run.trainer.model.train()
     t_epoch = time.perf_counter()
     run.watchdog.beat(f"the start of epoch {state.epoch + 1}")
-    run.timer.start()     # a step's time includes loading its batch, not logging or checkpoints
+    run.timer.start()  # a step's time includes loading its batch, not logging or checkpoints
     for x, y in run.train_loader:
         run_step(run, state, tally, x, y)
         state.done = state.step >= run.total_steps
         # Mid-epoch checkpoints; the last batch of an epoch is checkpointed after its evaluation.
         every = cfg.checkpoint.every_steps
-        if every and state.step % every == 0 and not state.done and tally.batch_in_epoch < run.steps_per_epoch:
+        if (
+            every
+            and state.step % every == 0
+            and not state.done
+            and tally.batch_in_epoch < run.steps_per_epoch
+        ):
             save(run, state, tally.batch_in_epoch)
         if state.done:
             break
@@ -288,7 +369,9 @@ def run_step(run: Run, state: RunState, tally: EpochTally, x: torch.Tensor, y: t
     run.watchdog.beat(f"step {state.step + 1}")
     run.trainer.faults.hang(state.step + 1)
     lr = learning_rate(run.cfg.optim, state.step / run.steps_per_epoch)
-    if state.step + 1 == run.interval_switch_step:     # a resumed run past it has the intervals from its checkpoint
+    if (
+        state.step + 1 == run.interval_switch_step
+    ):  # a resumed run past it has the intervals from its checkpoint
         end_interval_warmup(run.kfac, run.cfg.kfac.update_interval)
     outcome = train_step(run.trainer, x, y, state.step + 1, lr)
     run.timer.stop()
@@ -300,8 +383,14 @@ def run_step(run: Run, state: RunState, tally: EpochTally, x: torch.Tensor, y: t
     if state.step % run.cfg.log.every_steps == 0 or state.step == run.total_steps or outcome.skipped:
         log_step(run, state, outcome, state.epoch + tally.batch_in_epoch / run.steps_per_epoch)
     if run.progress is not None:
-        run.progress.update(state.step, state.epoch + 1, outcome.loss, lr, outcome.images * run.hvd.size(),
-                            run.kfac.mean_interval() if run.kfac is not None else None)
+        run.progress.update(
+            state.step,
+            state.epoch + 1,
+            outcome.loss,
+            lr,
+            outcome.images * run.hvd.size(),
+            run.kfac.mean_interval() if run.kfac is not None else None,
+        )
     run.trainer.faults.kill(state.step)
     return outcome
 
@@ -312,11 +401,14 @@ def count_step(run: Run, state: RunState, outcome: StepOutcome) -> None:
     state.images_done += outcome.images * run.hvd.size()
     if outcome.record is not None:
         state.kfac_events += len(outcome.record.get("numerics") or {})
-    if outcome.verdict == OVERFLOW:           # expected under fp16: neither divergence nor its end
+    if outcome.verdict == OVERFLOW:  # expected under fp16: neither divergence nor its end
         state.overflow_steps.append(state.step)
         if run.hvd.rank() == 0:
-            logger.warning("step %d: fp16 gradients overflowed at the current loss scale (the loss is finite): "
-                           "step skipped on every rank, the loss scale backs off", state.step)
+            logger.warning(
+                "step %d: fp16 gradients overflowed at the current loss scale (the loss is finite): "
+                "step skipped on every rank, the loss scale backs off",
+                state.step,
+            )
         return
     if outcome.verdict != DIVERGED:
         state.bad_in_a_row = 0
@@ -326,15 +418,21 @@ def count_step(run: Run, state: RunState, outcome: StepOutcome) -> None:
     if not math.isfinite(outcome.loss):
         logger.warning("step %d: non-finite loss (%r) on this rank", state.step, outcome.loss)
     if run.hvd.rank() == 0:
-        logger.warning("step %d: optimiser step skipped on every rank (non-finite loss on %d rank(s), non-finite "
-                       "gradients: %s)", state.step, outcome.nonfinite_loss_ranks,
-                       "yes" if outcome.nonfinite_gradients else "no")
+        logger.warning(
+            "step %d: optimiser step skipped on every rank (non-finite loss on %d rank(s), non-finite "
+            "gradients: %s)",
+            state.step,
+            outcome.nonfinite_loss_ranks,
+            "yes" if outcome.nonfinite_gradients else "no",
+        )
     max_bad = run.cfg.train.max_bad_steps
     if state.bad_in_a_row >= max_bad:
-        raise RunStop(EXIT_DIVERGED,
-                      f"error: training diverged: {state.bad_in_a_row} consecutive steps (up to step {state.step}) "
-                      f"with a non-finite loss or gradient (train.max_bad_steps = {max_bad}); the last checkpoint "
-                      f"is in {run.cfg.checkpoint.dir}")
+        raise RunStop(
+            EXIT_DIVERGED,
+            f"error: training diverged: {state.bad_in_a_row} consecutive steps (up to step {state.step}) "
+            f"with a non-finite loss or gradient (train.max_bad_steps = {max_bad}); the last checkpoint "
+            f"is in {run.cfg.checkpoint.dir}",
+        )
 
 
 def log_step(run: Run, state: RunState, outcome: StepOutcome, epoch_position: float) -> None:
@@ -360,37 +458,65 @@ def end_epoch(run: Run, state: RunState, tally: EpochTally, epoch_time: float) -
     last_epoch = state.epoch + 1 >= cfg.train.epochs or state.done
     every = cfg.train.eval_every
     due = last_epoch or bool(every and (state.epoch + 1) % every == 0 and epoch_complete)
-    entry = {"epoch": state.epoch + 1 if epoch_complete else state.epoch + batch_in_epoch / run.steps_per_epoch,
-             "step": state.step, "train_loss": loss_sum / n, "train_acc": correct_sum / n, "epoch_time": epoch_time}
+    entry = {
+        "epoch": state.epoch + 1 if epoch_complete else state.epoch + batch_in_epoch / run.steps_per_epoch,
+        "step": state.step,
+        "train_loss": loss_sum / n,
+        "train_acc": correct_sum / n,
+        "epoch_time": epoch_time,
+    }
     # The checkpoint first, holding the evaluation still owed: one that fails (an unreadable image, a lost
     # rank) loses no training, and the resumed run evaluates that epoch first.
     ck = cfg.checkpoint
     enabled = ck.every_epochs > 0 or ck.every_steps is not None
     epoch_due = bool(ck.every_epochs and epoch_complete and (state.epoch + 1) % ck.every_epochs == 0)
     step_due = bool(ck.every_steps and state.step % ck.every_steps == 0)
-    if enabled and (epoch_due or state.done or last_epoch or step_due) and state.last_saved_step != state.step:
+    if (
+        enabled
+        and (epoch_due or state.done or last_epoch or step_due)
+        and state.last_saved_step != state.step
+    ):
         save(run, state, batch_in_epoch, pending_eval=entry if due else None)
     if due:
         evaluate_epoch(run, state, entry)
 
 
-def evaluate_epoch(run: Run, state: RunState, entry: Dict[str, Any]) -> None:
+def evaluate_epoch(run: Run, state: RunState, entry: dict[str, Any]) -> None:
     """Evaluate, complete the epoch's history ``entry`` with it, record and print it."""
     hvd = run.hvd
-    state.last_eval = ev = evaluate(run.trainer.model, run.val_loader, run.trainer.precision, hvd,
-                                    run.cfg.data.skip_unreadable, run.watchdog)
-    entry = {**{k: v for k, v in entry.items() if k != "epoch_time"}, "val_loss": ev["loss"],
-             "val_top1": ev["top1"], "epoch_time": entry["epoch_time"]}
+    state.last_eval = ev = evaluate(
+        run.trainer.model,
+        run.val_loader,
+        run.trainer.precision,
+        hvd,
+        run.cfg.data.skip_unreadable,
+        run.watchdog,
+    )
+    entry = {
+        **{k: v for k, v in entry.items() if k != "epoch_time"},
+        "val_loss": ev["loss"],
+        "val_top1": ev["top1"],
+        "epoch_time": entry["epoch_time"],
+    }
     if ev.get("skipped_images"):
         entry["val_skipped_images"] = ev["skipped_images"]
     state.history.append(entry)
     if run.out is not None:
         run.out.record({"eval": entry, "step": entry["step"]})
-        run.out.scalars(entry["step"], {"val/top1": ev["top1"], "val/loss": ev["loss"],
-                                        "train/epoch_loss": entry["train_loss"], "train/epoch_acc": entry["train_acc"]})
+        run.out.scalars(
+            entry["step"],
+            {
+                "val/top1": ev["top1"],
+                "val/loss": ev["loss"],
+                "train/epoch_loss": entry["train_loss"],
+                "train/epoch_acc": entry["train_acc"],
+            },
+        )
         run.out.flush()
-    message = (f"epoch {entry['epoch']:g}: train loss {entry['train_loss']:.4f} acc {entry['train_acc']:.4f}"
-               f" | val loss {ev['loss']:.4f} top-1 {ev['top1']:.4f} | {entry['epoch_time']:.1f}s")
+    message = (
+        f"epoch {entry['epoch']:g}: train loss {entry['train_loss']:.4f} acc {entry['train_acc']:.4f}"
+        f" | val loss {ev['loss']:.4f} top-1 {ev['top1']:.4f} | {entry['epoch_time']:.1f}s"
+    )
     if run.progress is not None:
         run.progress.write(message)
     else:
@@ -400,7 +526,7 @@ def evaluate_epoch(run: Run, state: RunState, entry: Dict[str, Any]) -> None:
 # --------------------------------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------------------------------
-def run(cfg, resume_candidates: List[str]) -> int:
+def run(cfg, resume_candidates: list[str]) -> int:
     t_start = time.time()
     r = set_up(cfg)
     rank = r.hvd.rank()
@@ -410,11 +536,16 @@ def run(cfg, resume_candidates: List[str]) -> int:
     state = resume_or_start(r, resume_candidates)
     r.out = RunOutputs(cfg, state.step if state.resume_path else None) if rank == 0 else None
     size = r.hvd.size()
-    log0(r.hvd, f"training: {cfg.optim.method}, {size} rank(s) x {cfg.data.batch_size} = "
-                f"{size * cfg.data.batch_size} images per step, {r.steps_per_epoch} steps per epoch, "
-                f"{r.total_steps} steps")
+    log0(
+        r.hvd,
+        f"training: {cfg.optim.method}, {size} rank(s) x {cfg.data.batch_size} = "
+        f"{size * cfg.data.batch_size} images per step, {r.steps_per_epoch} steps per epoch, "
+        f"{r.total_steps} steps",
+    )
     if rank == 0 and cfg.log.progress:
-        r.progress = Progress(r.total_steps, state.step, cfg.train.epochs, cfg.log.progress_every_s, wants_bar())
+        r.progress = Progress(
+            r.total_steps, state.step, cfg.train.epochs, cfg.log.progress_every_s, wants_bar()
+        )
     if state.pending_eval is not None:
         evaluate_epoch(r, state, state.pending_eval)
     state.done = state.step >= r.total_steps
@@ -423,9 +554,10 @@ def run(cfg, resume_candidates: List[str]) -> int:
         state.epoch += 1
     if r.progress is not None:
         r.progress.close()
-    if not state.last_eval:        # nothing left to train (a finished run resumed): still report accuracy
-        state.last_eval = evaluate(r.trainer.model, r.val_loader, r.trainer.precision, r.hvd,
-                                   cfg.data.skip_unreadable, r.watchdog)
+    if not state.last_eval:  # nothing left to train (a finished run resumed): still report accuracy
+        state.last_eval = evaluate(
+            r.trainer.model, r.val_loader, r.trainer.precision, r.hvd, cfg.data.skip_unreadable, r.watchdog
+        )
     r.watchdog.beat("the summary")
     summarize(r, state, time.time() - t_start)
     r.watchdog.stop()

@@ -1,7 +1,8 @@
 """Models: torchvision ResNet-50 (ImageNet) and a small ResNet for 28x28 inputs."""
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -17,8 +18,7 @@ class BasicBlock(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.downsample = None
         if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
-                                            nn.BatchNorm2d(cout))
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
 
     def forward(self, x):
         identity = x if self.downsample is None else self.downsample(x)
@@ -31,15 +31,21 @@ class SmallResNet(nn.Module):
     """CIFAR-style ResNet for small images: 3x3 stem, len(blocks) stages of basic blocks (the first
     at full resolution, then stride 2), global average pooling and a linear classifier."""
 
-    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 16,
-                 blocks: Sequence[int] = (1, 1, 1), zero_init_residual: bool = False):
+    def __init__(
+        self,
+        in_channels: int = 1,
+        num_classes: int = 10,
+        width: int = 16,
+        blocks: Sequence[int] = (1, 1, 1),
+        zero_init_residual: bool = False,
+    ):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
         stages, cin = [], width
         for i, n in enumerate(blocks):
-            cout = width * (2 ** i)
+            cout = width * (2**i)
             layers = [BasicBlock(cin, cout, 1 if i == 0 else 2)]
             layers += [BasicBlock(cout, cout, 1) for _ in range(n - 1)]
             stages.append(nn.Sequential(*layers))
@@ -65,8 +71,10 @@ def build_model(cfg) -> nn.Module:
     m = cfg.model
     if m.name == "resnet50":
         import torchvision
-        return torchvision.models.resnet50(weights=None, num_classes=m.num_classes,
-                                           zero_init_residual=m.zero_init_residual)
+
+        return torchvision.models.resnet50(
+            weights=None, num_classes=m.num_classes, zero_init_residual=m.zero_init_residual
+        )
     in_channels = 1 if cfg.data.dataset == "fashion_mnist" else 3
     return SmallResNet(in_channels, m.num_classes, m.width, m.blocks, m.zero_init_residual)
 

@@ -1,16 +1,18 @@
 """Rank 0's outputs: resolved config, metrics.jsonl, TensorBoard scalars, summary.json."""
+
 from __future__ import annotations
 
 import json
 import math
 import os
-from typing import Any, Dict, Iterator, List, Optional
+from collections.abc import Iterator
+from typing import Any
 
 
-def metrics_records(path: str, bad_lines: Optional[List[int]] = None) -> Iterator[Dict[str, Any]]:
+def metrics_records(path: str, bad_lines: list[int] | None = None) -> Iterator[dict[str, Any]]:
     """The records (JSON objects) of a metrics.jsonl in order. A line that is not JSON (a killed job's
     last, half-written line) is skipped, its number appended to ``bad_lines``."""
-    with open(path, "r", encoding="utf-8", errors="replace") as fh:
+    with open(path, encoding="utf-8", errors="replace") as fh:
         for number, line in enumerate(fh, 1):
             if not line.strip():
                 continue
@@ -43,7 +45,7 @@ def _clean(value):
 class RunOutputs:
     """Everything rank 0 writes into the run folder (``log.dir``). Other ranks get ``None``."""
 
-    def __init__(self, cfg, resume_step: Optional[int]):
+    def __init__(self, cfg, resume_step: int | None):
         self.dir = cfg.log.dir
         os.makedirs(self.dir, exist_ok=True)
         with open(os.path.join(self.dir, "config.yaml"), "w", encoding="utf-8") as fh:
@@ -57,15 +59,17 @@ class RunOutputs:
         self.tb = None
         if cfg.log.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(os.path.join(self.dir, "tensorboard"),
-                                    purge_step=(resume_step + 1) if resume_step else None)
+
+            self.tb = SummaryWriter(
+                os.path.join(self.dir, "tensorboard"), purge_step=(resume_step + 1) if resume_step else None
+            )
 
     def _truncate_after(self, step: int) -> None:
         """On resume drop records of steps after the checkpoint (a crashed run may have logged them)."""
         if not os.path.exists(self.metrics_path):
             return
         keep = []
-        with open(self.metrics_path, "r", encoding="utf-8") as fh:
+        with open(self.metrics_path, encoding="utf-8") as fh:
             for line in fh:
                 try:
                     entry = json.loads(line)
@@ -78,7 +82,7 @@ class RunOutputs:
             fh.writelines(keep)
         os.replace(tmp, self.metrics_path)
 
-    def record(self, entry: Dict[str, Any]) -> None:
+    def record(self, entry: dict[str, Any]) -> None:
         """One line per record, flushed at once: a crash loses no record already made."""
         self.metrics.write(json.dumps(_clean(entry)) + "\n")
         self.metrics.flush()
@@ -88,14 +92,14 @@ class RunOutputs:
         if self.tb is not None:
             self.tb.flush()
 
-    def scalars(self, step: int, values: Dict[str, Optional[float]]) -> None:
+    def scalars(self, step: int, values: dict[str, float | None]) -> None:
         if self.tb is None:
             return
         for tag, value in values.items():
             if value is not None:
                 self.tb.add_scalar(tag, value, step)
 
-    def summary(self, summary: Dict[str, Any]) -> str:
+    def summary(self, summary: dict[str, Any]) -> str:
         path = os.path.join(self.dir, "summary.json")
         tmp = path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as fh:

@@ -1,9 +1,10 @@
 """``--dry-run``: the experiment plan for the configured world size, without launching anything."""
+
 from __future__ import annotations
 
 import json
 import sys
-from typing import Any, Dict
+from typing import Any
 
 from torch import nn
 
@@ -30,7 +31,7 @@ def _kind(module: nn.Module) -> str:
     return type(module).__name__
 
 
-def make_plan(cfg) -> Dict[str, Any]:
+def make_plan(cfg) -> dict[str, Any]:
     """Build the model (and K-FAC's layer registry) in this process and compute the plan."""
     warnings = [str(p).replace("config error", "warning", 1) for p in data_problems(cfg)]
     world = cfg.train.world_size or 1
@@ -44,7 +45,7 @@ def make_plan(cfg) -> Dict[str, Any]:
         total = min(total, cfg.train.max_steps)
     model = build_model(cfg)
     n_params = sum(p.numel() for p in model.parameters())
-    plan: Dict[str, Any] = {
+    plan: dict[str, Any] = {
         "config": cfg.path,
         "model": cfg.model.name,
         "parameters": n_params,
@@ -63,10 +64,11 @@ def make_plan(cfg) -> Dict[str, Any]:
     if cfg.optim.method == "kfac":
         import kfac_hvd
         from kfac_hvd import commodel
+
         kfac = kfac_hvd.KFAC(model, **kfac_kwargs(cfg))
         names = list(kfac.layer_names)
         modules = dict(model.named_modules())
-        kinds: Dict[str, int] = {}
+        kinds: dict[str, int] = {}
         for name in names:
             kind = _kind(modules[name]) if name in modules else "other"
             kinds[kind] = kinds.get(kind, 0) + 1
@@ -78,8 +80,13 @@ def make_plan(cfg) -> Dict[str, Any]:
         per_rank_layers = [0] * world
         for owner in assignment.owner.values():
             per_rank_layers[owner] += 1
-        traffic = commodel.every_step_traffic(kfac.layers.values(), world, total, symmetric=cfg.kfac.symmetric_comm,
-                                              local_inverse_max_dim=kfac.local_inverse_max_dim)
+        traffic = commodel.every_step_traffic(
+            kfac.layers.values(),
+            world,
+            total,
+            symmetric=cfg.kfac.symmetric_comm,
+            local_inverse_max_dim=kfac.local_inverse_max_dim,
+        )
         plan["kfac"] = {
             "layers": len(names),
             "layer_kinds": kinds,
@@ -109,7 +116,7 @@ def _jsonable(v) -> bool:
         return False
 
 
-def format_plan(plan: Dict[str, Any]) -> str:
+def format_plan(plan: dict[str, Any]) -> str:
     lines = [f"plan for {plan['config']} (dry run: nothing launched)"]
     row = lambda k, v: lines.append(f"  {k:<22} {v}")  # noqa: E731
     row("model", f"{plan['model']} ({plan['parameters']:,} parameters)")
@@ -117,8 +124,11 @@ def format_plan(plan: Dict[str, Any]) -> str:
     row("ranks", plan["world_size"])
     row("batch", f"{plan['batch_per_rank']} per rank, {plan['global_batch']} global")
     row("data", f"{plan['dataset']}, {plan['train_images']} training images")
-    row("steps", f"{plan['steps_per_epoch']} per epoch x {plan['epochs']} epochs -> {plan['steps']} "
-                 f"(epochs x images / global batch = {plan['steps_continuous']:.1f})")
+    row(
+        "steps",
+        f"{plan['steps_per_epoch']} per epoch x {plan['epochs']} epochs -> {plan['steps']} "
+        f"(epochs x images / global batch = {plan['steps_continuous']:.1f})",
+    )
     k = plan.get("kfac")
     if k:
         kinds = ", ".join(f"{v} {n}" for n, v in sorted(k["layer_kinds"].items()))
@@ -127,21 +137,37 @@ def format_plan(plan: Dict[str, Any]) -> str:
         every = k.get("update_interval", 1)
         if lam is None:
             warmup = k.get("interval_warmup_epochs") or 0.0
-            row("factor updates", "every step" if every == 1 else f"every {every} steps (fixed interval)"
-                + (f" after every step for {warmup:g} epochs" if warmup > 0 and every > 1 else ""))
+            row(
+                "factor updates",
+                "every step"
+                if every == 1
+                else f"every {every} steps (fixed interval)"
+                + (f" after every step for {warmup:g} epochs" if warmup > 0 and every > 1 else ""),
+            )
         else:
-            row("factor updates", f"adaptive, lambda = {lam} ({k['interval_policy']} rule"
-                                  + (f", starting interval {every})" if every > 1 else ")"))
+            row(
+                "factor updates",
+                f"adaptive, lambda = {lam} ({k['interval_policy']} rule"
+                + (f", starting interval {every})" if every > 1 else ")"),
+            )
         row("damping", k["damping"])
         load = k["inversion_load_per_rank"]
         mean = sum(load) / len(load) if load else 0.0
-        row("inverted on every rank", f"{k['locally_inverted_layers']} layers (BatchNorm, and Kronecker layers with "
-                                      f"both factors <= {k['local_inverse_max_dim']} wide), load "
-                                      f"{k['local_inversion_load']:.3g} per rank; their inverses never travel")
-        row("inverted by an owner", f"{k['assigned_layers']} layers, partitioned over {len(load)} ranks by "
-                                    "dim(A)^3 + dim(G)^3")
-        row("inversion load", f"max {max(load):.3g}, mean {mean:.3g}, imbalance (max/mean) "
-                              f"{k['imbalance']:.3f}; ranks without layers: {k['ranks_without_layers']}")
+        row(
+            "inverted on every rank",
+            f"{k['locally_inverted_layers']} layers (BatchNorm, and Kronecker layers with "
+            f"both factors <= {k['local_inverse_max_dim']} wide), load "
+            f"{k['local_inversion_load']:.3g} per rank; their inverses never travel",
+        )
+        row(
+            "inverted by an owner",
+            f"{k['assigned_layers']} layers, partitioned over {len(load)} ranks by dim(A)^3 + dim(G)^3",
+        )
+        row(
+            "inversion load",
+            f"max {max(load):.3g}, mean {mean:.3g}, imbalance (max/mean) "
+            f"{k['imbalance']:.3f}; ranks without layers: {k['ranks_without_layers']}",
+        )
         ranks = list(enumerate(zip(k["layers_per_rank"], load)))
         if len(ranks) > 16:
             lines.append("  heaviest ranks (rank: layers, load):")
@@ -150,15 +176,21 @@ def format_plan(plan: Dict[str, Any]) -> str:
             lines.append("  per-rank inversion load (rank: layers, load):")
         cells = [f"{r}: {n}, {x:.3g}" for r, (n, x) in ranks]
         for i in range(0, len(cells), 4):
-            lines.append("    " + " | ".join(cells[i:i + 4]))
+            lines.append("    " + " | ".join(cells[i : i + 4]))
         t = k["every_step_traffic"]
         wire = t.get("wire_bytes_per_rank")
         if wire is not None:
-            row("every-step Fisher", f"{_human(wire)} per rank over {plan['steps']} steps "
-                                     f"({_human(wire / max(plan['steps'], 1))} per step; factor "
-                                     f"allreduce + one inverse allgather, wire model)")
-            row("", f"factor allreduce {_human(t['factor_allreduce_wire_bytes_per_rank'])}, inverse allgather "
-                    f"{_human(t['inverse_allgather_wire_bytes_per_rank'])} ({t['travelling_layers']} layers' inverses)")
+            row(
+                "every-step Fisher",
+                f"{_human(wire)} per rank over {plan['steps']} steps "
+                f"({_human(wire / max(plan['steps'], 1))} per step; factor "
+                f"allreduce + one inverse allgather, wire model)",
+            )
+            row(
+                "",
+                f"factor allreduce {_human(t['factor_allreduce_wire_bytes_per_rank'])}, inverse allgather "
+                f"{_human(t['inverse_allgather_wire_bytes_per_rank'])} ({t['travelling_layers']} layers' inverses)",
+            )
             dense = t.get("allreduce_only_dense_wire_bytes_per_rank")
             if dense is not None:
                 row("", f"{_human(dense)} as a dense fp32 factor allreduce alone")
@@ -177,4 +209,3 @@ def dry_run(cfg, plan_json: str = None) -> int:
         with open(plan_json, "w", encoding="utf-8") as fh:
             json.dump(plan, fh, indent=2)
     return 0
-

@@ -14,10 +14,12 @@ the memory format of the input images (channels_last: NHWC, what tensor-core con
 K-FAC's factors stay fp32 whatever autocast does (the library computes them in fp32); the step passes
 the loss scale to ``kfac.step`` so that the gradient-side factors are unscaled.
 """
+
 from __future__ import annotations
 
 import contextlib
-from typing import Any, ContextManager, Dict, Optional
+from contextlib import AbstractContextManager
+from typing import Any
 
 import torch
 
@@ -30,13 +32,14 @@ class MixedPrecision:
     def __init__(self, precision: str, channels_last: bool, device: torch.device):
         self.precision = precision
         self.device = device
-        self.dtype: Optional[torch.dtype] = AUTOCAST_DTYPES.get(precision)
+        self.dtype: torch.dtype | None = AUTOCAST_DTYPES.get(precision)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.scaler: Optional[torch.amp.GradScaler] = (torch.amp.GradScaler(device.type)
-                                                      if precision == "fp16" else None)
+        self.scaler: torch.amp.GradScaler | None = (
+            torch.amp.GradScaler(device.type) if precision == "fp16" else None
+        )
 
     # Forward -------------------------------------------------------------------------------------
-    def autocast(self) -> ContextManager[Any]:
+    def autocast(self) -> AbstractContextManager[Any]:
         if self.dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
@@ -86,16 +89,18 @@ class MixedPrecision:
         self.scaler.update()
 
     # Checkpoints --------------------------------------------------------------------------------
-    def state_dict(self) -> Optional[Dict[str, Any]]:
+    def state_dict(self) -> dict[str, Any] | None:
         return self.scaler.state_dict() if self.scaler is not None else None
 
-    def load_state_dict(self, state: Optional[Dict[str, Any]]) -> None:
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
         if self.scaler is not None and state:
             self.scaler.load_state_dict(state)
 
     def describe(self) -> str:
-        what = {"fp32": "fp32 (no autocast)",
-                "bf16": "bf16 autocast (no loss scaling)",
-                "fp16": "fp16 autocast with a GradScaler (overflow steps are skipped on every rank)"}[self.precision]
+        what = {
+            "fp32": "fp32 (no autocast)",
+            "bf16": "bf16 autocast (no loss scaling)",
+            "fp16": "fp16 autocast with a GradScaler (overflow steps are skipped on every rank)",
+        }[self.precision]
         layout = "channels_last" if self.memory_format is torch.channels_last else "contiguous (NCHW)"
         return f"precision: {what}; memory format {layout}; K-FAC factors fp32"

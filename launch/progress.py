@@ -4,11 +4,11 @@ tqdm redraws its bar with carriage returns. Under horovodrun or mpirun each rank
 line by line, so a whole epoch of redraws arrives as one garbled line; in a batch job's log file it is
 the same. There a plain line is printed every ``log.progress_every_s`` seconds instead.
 """
+
 from __future__ import annotations
 
 import sys
 import time
-from typing import Optional
 
 from .dist import under_launcher
 
@@ -28,14 +28,22 @@ class Progress:
         self.bar = None
         if bar:
             from tqdm import tqdm
-            self.bar = tqdm(total=total_steps, initial=done_steps, unit="step", dynamic_ncols=True,
-                            file=sys.stderr, mininterval=1.0)
+
+            self.bar = tqdm(
+                total=total_steps,
+                initial=done_steps,
+                unit="step",
+                dynamic_ncols=True,
+                file=sys.stderr,
+                mininterval=1.0,
+            )
         self._last_time = time.monotonic()
         self._last_step = done_steps
         self._images = 0
 
-    def update(self, step: int, epoch: int, loss: float, lr: float, images: int,
-               mean_interval: Optional[float]) -> None:
+    def update(
+        self, step: int, epoch: int, loss: float, lr: float, images: int, mean_interval: float | None
+    ) -> None:
         """``epoch``: 1-based; ``images``: images of this step over all ranks. Reads only host values."""
         self._images += images
         if self.bar is not None:
@@ -50,8 +58,10 @@ class Progress:
             return
         seconds = max(now - self._last_time, 1e-9)
         steps = max(step - self._last_step, 1)
-        line = (f"progress: step {step}/{self.total} ({100.0 * step / max(self.total, 1):.0f}%), epoch {epoch}/{self.epochs}, "
-                f"loss {loss:.4f}, {self._images / seconds:.1f} images/s, {seconds / steps:.3f} s/step, lr {lr:.4g}")
+        line = (
+            f"progress: step {step}/{self.total} ({100.0 * step / max(self.total, 1):.0f}%), epoch {epoch}/{self.epochs}, "
+            f"loss {loss:.4f}, {self._images / seconds:.1f} images/s, {seconds / steps:.3f} s/step, lr {lr:.4g}"
+        )
         if mean_interval is not None:
             line += f", K-FAC mean interval {mean_interval:.2f}"
         print(line, flush=True)

@@ -14,6 +14,7 @@ Exit codes of ``launch.train`` (docs/RELIABILITY.md):
   one line naming the file or folder; the previous checkpoint is intact. Resubmit with
   ``checkpoint.resume: auto`` once there is room.
 """
+
 from __future__ import annotations
 
 import errno
@@ -26,7 +27,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 import torch
 
@@ -73,20 +74,21 @@ def config_fingerprint(cfg) -> str:
     return fingerprint(cfg.to_dict())
 
 
-def _versions() -> Dict[str, str]:
+def _versions() -> dict[str, str]:
     out = {"python": ".".join(platform.python_version_tuple()[:2]), "torch": torch.__version__}
     for name in ("torchvision", "horovod", "numpy"):
         try:
             out[name] = __import__(name).__version__
-        except Exception:  # noqa: BLE001 - a missing package is a version too
+        except Exception:
             out[name] = "absent"
     return out
 
 
-def code_files() -> Dict[str, str]:
+def code_files() -> dict[str, str]:
     """sha256 (16 hex digits) of every .py file of the kfac_hvd and launch packages this process imports."""
     import kfac_hvd
     import launch
+
     files = {}
     for pkg in (kfac_hvd, launch):
         root = os.path.dirname(os.path.abspath(pkg.__file__))
@@ -101,18 +103,19 @@ def code_files() -> Dict[str, str]:
     return files
 
 
-def code_fingerprint() -> Tuple[str, Dict[str, Any]]:
+def code_fingerprint() -> tuple[str, dict[str, Any]]:
     """(digest, detail): the sources of kfac_hvd and launch plus the versions of the libraries."""
     detail = {"files": code_files(), "versions": _versions()}
     return hashlib.sha256(json.dumps(detail, sort_keys=True).encode()).hexdigest(), detail
 
 
-def _flat(cfg) -> Dict[str, Any]:
+def _flat(cfg) -> dict[str, Any]:
     return {f"{s}.{k}": v for s, sec in cfg.to_dict().items() for k, v in sec.items()}
 
 
-def check_agreement(hvd, cfg, layout: List[dict], code_detail: Dict[str, Any],
-                    data_identity: Optional[Dict[str, Any]] = None) -> None:
+def check_agreement(
+    hvd, cfg, layout: list[dict], code_detail: dict[str, Any], data_identity: dict[str, Any] | None = None
+) -> None:
     """Raise RunStop(2) on every rank when the ranks' config, code or data fingerprints differ.
 
     ``layout`` is the allgathered per-rank record (with ``config``, ``code`` and ``data`` digests), so
@@ -131,34 +134,50 @@ def check_agreement(hvd, cfg, layout: List[dict], code_detail: Dict[str, Any],
         mine, theirs = detail[0]["config"], detail[other]["config"]
         keys = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
         key = keys[0] if keys else None
-        shown = ", ".join(f"{k}: {theirs.get(k)!r} on rank {other}, {mine.get(k)!r} on rank 0" for k in keys[:3])
+        shown = ", ".join(
+            f"{k}: {theirs.get(k)!r} on rank {other}, {mine.get(k)!r} on rank 0" for k in keys[:3]
+        )
         more = f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""
-        parts.append(f"ranks disagree on the resolved configuration (ranks differing from rank 0: "
-                     f"{_ranks(cfg_bad)}): {shown}{more}")
+        parts.append(
+            f"ranks disagree on the resolved configuration (ranks differing from rank 0: "
+            f"{_ranks(cfg_bad)}): {shown}{more}"
+        )
     if code_bad:
         other = code_bad[0]
         mine, theirs = detail[0], detail[other]
-        files = sorted(f for f in set(mine["files"]) | set(theirs["files"])
-                       if mine["files"].get(f) != theirs["files"].get(f))
-        versions = [f"{k} {theirs['versions'].get(k)} on rank {other}, {v} on rank 0"
-                    for k, v in mine["versions"].items() if theirs["versions"].get(k) != v]
+        files = sorted(
+            f
+            for f in set(mine["files"]) | set(theirs["files"])
+            if mine["files"].get(f) != theirs["files"].get(f)
+        )
+        versions = [
+            f"{k} {theirs['versions'].get(k)} on rank {other}, {v} on rank 0"
+            for k, v in mine["versions"].items()
+            if theirs["versions"].get(k) != v
+        ]
         what = ", ".join(files[:4]) + (f" (+{len(files) - 4} more)" if len(files) > 4 else "")
-        parts.append(f"ranks run different code (ranks differing from rank 0: {_ranks(code_bad)}): "
-                     + "; ".join(x for x in ([f"files {what}"] if files else []) + versions))
+        parts.append(
+            f"ranks run different code (ranks differing from rank 0: {_ranks(code_bad)}): "
+            + "; ".join(x for x in ([f"files {what}"] if files else []) + versions)
+        )
     if data_bad:
         other = data_bad[0]
         mine, theirs = detail[0].get("data") or {}, detail[other].get("data") or {}
         fields = [k for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
-        shown = ", ".join(f"{k}: {theirs.get(k)!r} on rank {other}, {mine.get(k)!r} on rank 0" for k in fields)
-        data_key = {"imagenet": "data.train_dir" if any(f.startswith("train") for f in fields) else "data.val_dir",
-                    "fashion_mnist": "data.fashion_mnist_dir"}.get(cfg.data.dataset, "data.dataset")
+        shown = ", ".join(
+            f"{k}: {theirs.get(k)!r} on rank {other}, {mine.get(k)!r} on rank 0" for k in fields
+        )
+        data_key = {
+            "imagenet": "data.train_dir" if any(f.startswith("train") for f in fields) else "data.val_dir",
+            "fashion_mnist": "data.fashion_mnist_dir",
+        }.get(cfg.data.dataset, "data.dataset")
         key = key or data_key
         parts.append(f"ranks see different data (ranks differing from rank 0: {_ranks(data_bad)}): {shown}")
     where = f"{cfg.source(key)}: {key}" if key else cfg.path
     raise RunStop(EXIT_INPUT, f"config error: {where}: " + "; ".join(parts))
 
 
-def _ranks(ranks: List[int]) -> str:
+def _ranks(ranks: list[int]) -> str:
     return ", ".join(map(str, ranks[:8])) + (f" (+{len(ranks) - 8} more)" if len(ranks) > 8 else "")
 
 
@@ -173,7 +192,7 @@ class Watchdog:
     launcher (horovodrun, mpirun) then ends the other ranks.
     """
 
-    def __init__(self, timeout: Optional[float], rank: int):
+    def __init__(self, timeout: float | None, rank: int):
         self.timeout, self.rank = timeout, rank
         self.last, self.what = time.monotonic(), "start-up"
         self._stop = threading.Event()
@@ -193,9 +212,11 @@ class Watchdog:
         while not self._stop.wait(poll):
             idle = time.monotonic() - self.last
             if idle > self.timeout:
-                msg = (f"error: rank {self.rank}: no progress for {idle:.0f} s (train.watchdog_s = "
-                       f"{self.timeout:g}) since {self.what}; a rank died, hung or stopped answering. "
-                       f"Exiting with code {EXIT_ABORTED} so the job ends instead of hanging.\n")
+                msg = (
+                    f"error: rank {self.rank}: no progress for {idle:.0f} s (train.watchdog_s = "
+                    f"{self.timeout:g}) since {self.what}; a rank died, hung or stopped answering. "
+                    f"Exiting with code {EXIT_ABORTED} so the job ends instead of hanging.\n"
+                )
                 try:
                     os.write(2, msg.encode())
                 finally:
@@ -213,7 +234,7 @@ class BufferGuard:
     """
 
     def __init__(self, model: torch.nn.Module):
-        self.groups: Dict[Tuple[Any, Any], Tuple[List[torch.Tensor], List[torch.Tensor]]] = {}
+        self.groups: dict[tuple[Any, Any], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         for buf in model.buffers():
             live, saved = self.groups.setdefault((buf.device, buf.dtype), ([], []))
             live.append(buf)
@@ -230,7 +251,7 @@ class BufferGuard:
             _copy(live, saved)
 
 
-def _copy(dst: List[torch.Tensor], src: List[torch.Tensor]) -> None:
+def _copy(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
     if hasattr(torch, "_foreach_copy_"):
         torch._foreach_copy_(dst, src)
     else:  # pragma: no cover - older torch
@@ -238,7 +259,7 @@ def _copy(dst: List[torch.Tensor], src: List[torch.Tensor]) -> None:
             d.copy_(s)
 
 
-def all_finite(tensors: List[torch.Tensor]) -> bool:
+def all_finite(tensors: list[torch.Tensor]) -> bool:
     """True when every element of every tensor is finite (one device synchronisation)."""
     tensors = [t for t in tensors if t is not None]
     if not tensors:
@@ -256,11 +277,13 @@ class Faults:
         self.overflow_step = dcfg.overflow_step
         armed = [k for k in ("nan_step", "kill_step", "hang_step", "overflow_step") if dcfg[k] is not None]
         if armed and dcfg.fault_rank >= size:
-            logger.warning("debug.fault_rank is %d but there are %d rank(s): no fault is injected",
-                           dcfg.fault_rank, size)
+            logger.warning(
+                "debug.fault_rank is %d but there are %d rank(s): no fault is injected", dcfg.fault_rank, size
+            )
         elif armed and self.on:
-            logger.warning("fault injection armed on this rank: %s",
-                           ", ".join(f"debug.{k}={dcfg[k]}" for k in armed))
+            logger.warning(
+                "fault injection armed on this rank: %s", ", ".join(f"debug.{k}={dcfg[k]}" for k in armed)
+            )
 
     def poison(self, step: int, x: torch.Tensor) -> torch.Tensor:
         """The input batch of ``step`` (1-based), with one NaN pixel at debug.nan_step."""
@@ -289,7 +312,10 @@ class Faults:
 
     def kill(self, step: int) -> None:
         if self.on and step == self.kill_step:
-            print(f"debug.kill_step: rank {self.rank} sends itself SIGKILL after step {step}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"debug.kill_step: rank {self.rank} sends itself SIGKILL after step {step}",
+                file=sys.stderr,
+                flush=True,
+            )
             sys.stdout.flush()
             os.kill(os.getpid(), signal.SIGKILL)

@@ -1,12 +1,12 @@
 """A short table from one or more runs' summary.json, and with ``--plot`` their figure:
 ``python -m launch.report RUN_DIR [RUN_DIR ...] [--plot [OUT.png]]``. Exit code 2 when a run cannot be read."""
+
 from __future__ import annotations
 
 import argparse
 import json
 import os
 import sys
-from typing import List, Optional
 
 from kfac_hvd.commodel import format_bytes
 
@@ -18,7 +18,7 @@ def _bytes(n) -> str:
 def load(path: str) -> dict:
     if os.path.isdir(path):
         path = os.path.join(path, "summary.json")
-    with open(path, "r", encoding="utf-8") as fh:
+    with open(path, encoding="utf-8") as fh:
         return json.load(fh)
 
 
@@ -35,7 +35,7 @@ def method_label(summary: dict) -> str:
     return "kfac, every step" if every == 1 else f"kfac, every {every} steps"
 
 
-def row(summary: dict, label: str) -> List[str]:
+def row(summary: dict, label: str) -> list[str]:
     fisher = summary.get("fisher") or {}
     kfac = summary.get("kfac") or {}
     top1 = summary.get("final_top1")
@@ -52,31 +52,41 @@ def row(summary: dict, label: str) -> List[str]:
     ]
 
 
-LEGEND = ("Fisher/rank: factor allreduce + inverse allgather bytes per rank (ring wire model); "
-          "ratio: payload vs updating every layer every step")
+LEGEND = (
+    "Fisher/rank: factor allreduce + inverse allgather bytes per rank (ring wire model); "
+    "ratio: payload vs updating every layer every step"
+)
 
 
-def table(summaries: List[dict], labels: List[str]) -> str:
+def table(summaries: list[dict], labels: list[str]) -> str:
     head = ["run", "method", "test top-1", "Fisher/rank", "every-step", "ratio", "interval", "wall time"]
-    rows = [head] + [row(s, l) for s, l in zip(summaries, labels)]
+    rows = [head] + [row(s, label) for s, label in zip(summaries, labels)]
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    fmt = lambda r: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+
+    def fmt(r: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+
     lines = [fmt(rows[0]), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows[1:]]
     return "\n".join(lines)
 
 
-def _plot(paths: List[str], out: Optional[str]) -> int:
+def _plot(paths: list[str], out: str | None) -> int:
     from . import plots
     from .runlog import NotARun, read_run
-    folders = [path if os.path.isdir(path) or not path.endswith(".json") else os.path.dirname(path) or "."
-               for path in paths]
+
+    folders = [
+        path if os.path.isdir(path) or not path.endswith(".json") else os.path.dirname(path) or "."
+        for path in paths
+    ]
     if out is None and len(folders) > 1:
         print("report: --plot with several runs needs the figure's path: --plot OUT.png", file=sys.stderr)
         return 2
     out = out or os.path.join(folders[0], "report.png")
     if not out.lower().endswith(".png"):
-        print(f"report: --plot {out}: the figure's path must end in .png (run folders go before --plot)",
-              file=sys.stderr)
+        print(
+            f"report: --plot {out}: the figure's path must end in .png (run folders go before --plot)",
+            file=sys.stderr,
+        )
         return 2
     runs = []
     for folder in folders:
@@ -101,11 +111,16 @@ def _plot(paths: List[str], out: Optional[str]) -> int:
     return 0
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launch.report", description=__doc__)
     parser.add_argument("runs", nargs="+", help="run folders (or summary.json files)")
-    parser.add_argument("--plot", nargs="?", const="", metavar="OUT.png",
-                        help="also draw the runs' figure (default RUN_DIR/report.png for one run)")
+    parser.add_argument(
+        "--plot",
+        nargs="?",
+        const="",
+        metavar="OUT.png",
+        help="also draw the runs' figure (default RUN_DIR/report.png for one run)",
+    )
     args = parser.parse_args(argv)
     if args.plot is not None:
         return _plot(args.runs, args.plot or None)
@@ -116,7 +131,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         except (OSError, json.JSONDecodeError) as exc:
             print(f"report: cannot read {path}: {exc}", file=sys.stderr)
             return 2
-        labels.append(os.path.basename(os.path.normpath(path if os.path.isdir(path) else os.path.dirname(path))))
+        labels.append(
+            os.path.basename(os.path.normpath(path if os.path.isdir(path) else os.path.dirname(path)))
+        )
     print(table(summaries, labels))
     print(LEGEND)
     return 0

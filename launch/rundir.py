@@ -11,6 +11,7 @@ A fresh run (``checkpoint.resume`` null, or ``auto`` finding no checkpoint) into
 another run's outputs stops, unless ``log.overwrite`` moves the old run aside to
 ``<log.dir>.old-<time>`` first. Nothing is deleted.
 """
+
 from __future__ import annotations
 
 import errno
@@ -19,7 +20,7 @@ import json
 import os
 import socket
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 from .config import SCHEMA, ConfigError
 from .schema import may_change_on_resume
@@ -38,11 +39,12 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _describe(record: Dict[str, Any]) -> str:
+def _describe(record: dict[str, Any]) -> str:
     if not record:
         return "a job that has not yet written its details"
-    return (f"pid {record.get('pid')} on host {record.get('host')}, started {record.get('started')}"
-            + (f" ({record['command']})" if record.get("command") else ""))
+    return f"pid {record.get('pid')} on host {record.get('host')}, started {record.get('started')}" + (
+        f" ({record['command']})" if record.get("command") else ""
+    )
 
 
 class FolderLock:
@@ -58,24 +60,32 @@ class FolderLock:
         except BlockingIOError:
             holder = self.record()
             os.close(self.fd)
-            raise ConfigError(self.path, None, f"run folder {folder} is in use by another job: {_describe(holder)}; "
-                                               f"wait for it to end, or choose another log.dir") from None
+            raise ConfigError(
+                self.path,
+                None,
+                f"run folder {folder} is in use by another job: {_describe(holder)}; "
+                f"wait for it to end, or choose another log.dir",
+            ) from None
         except OSError as exc:
             if exc.errno not in NO_FLOCK:
                 raise
-            self.flock = False           # a file system without flock: the record alone decides
+            self.flock = False  # a file system without flock: the record alone decides
         self.previous = self.record()
         if not self.flock and self.previous and not self._stale(self.previous):
             os.close(self.fd)
-            raise ConfigError(self.path, None, f"run folder {folder} is in use by another job: "
-                                               f"{_describe(self.previous)} (this file system has no flock; delete "
-                                               f"{self.path} if that job is gone)")
+            raise ConfigError(
+                self.path,
+                None,
+                f"run folder {folder} is in use by another job: "
+                f"{_describe(self.previous)} (this file system has no flock; delete "
+                f"{self.path} if that job is gone)",
+            )
 
     @staticmethod
-    def _stale(record: Dict[str, Any]) -> bool:
+    def _stale(record: dict[str, Any]) -> bool:
         return record.get("host") == socket.gethostname() and not _pid_alive(int(record.get("pid", 0) or 0))
 
-    def record(self) -> Dict[str, Any]:
+    def record(self) -> dict[str, Any]:
         try:
             os.lseek(self.fd, 0, os.SEEK_SET)
             text = os.read(self.fd, 1 << 16).decode("utf-8", "replace")
@@ -83,17 +93,23 @@ class FolderLock:
         except (OSError, ValueError):
             return {"host": "?", "pid": "?", "started": "? (unreadable lock record)"}
 
-    def take_over_warning(self) -> Optional[str]:
+    def take_over_warning(self) -> str | None:
         """The warning for a record left by a job that did not end cleanly, or None."""
         if not self.previous:
             return None
         dead = " (no longer running)" if self._stale(self.previous) else ""
-        return (f"warning: {self.path}: taking over the lock left by {_describe(self.previous)}{dead}; "
-                f"that job did not end cleanly")
+        return (
+            f"warning: {self.path}: taking over the lock left by {_describe(self.previous)}{dead}; "
+            f"that job did not end cleanly"
+        )
 
     def write(self, command: str) -> None:
-        record = {"host": socket.gethostname(), "pid": os.getpid(),
-                  "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": command[:300]}
+        record = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "command": command[:300],
+        }
         os.ftruncate(self.fd, 0)
         os.lseek(self.fd, 0, os.SEEK_SET)
         os.write(self.fd, json.dumps(record).encode())
@@ -103,10 +119,10 @@ class FolderLock:
         if self.fd < 0:
             return
         try:
-            os.ftruncate(self.fd, 0)          # an empty record: this job ended cleanly
+            os.ftruncate(self.fd, 0)  # an empty record: this job ended cleanly
         except OSError:
             pass
-        os.close(self.fd)                     # releases the flock
+        os.close(self.fd)  # releases the flock
         self.fd = -1
 
 
@@ -115,7 +131,7 @@ def _inside(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
-def _outputs(folder: str) -> List[str]:
+def _outputs(folder: str) -> list[str]:
     """What ``folder`` holds of a run: every entry but the lock and empty folders."""
     try:
         names = sorted(os.listdir(folder))
@@ -130,13 +146,13 @@ def _outputs(folder: str) -> List[str]:
     return out
 
 
-def claim(cfg, fresh: bool, command: str = "") -> Tuple[List[FolderLock], List[str]]:
+def claim(cfg, fresh: bool, command: str = "") -> tuple[list[FolderLock], list[str]]:
     """Rank 0, before it writes anything: lock the run folder(s), refuse or move aside another run's
     outputs when this run starts fresh. Returns the locks (held until :func:`release`) and the lines
     to print. Raises ConfigError (exit code 2) with one line."""
     log_dir, ck_dir = cfg.log.dir, cfg.checkpoint.dir
     folders = [log_dir] + ([] if _inside(ck_dir, log_dir) else [ck_dir])
-    locks: List[FolderLock] = []
+    locks: list[FolderLock] = []
     try:
         for folder in folders:
             locks.append(FolderLock(folder))
@@ -164,20 +180,27 @@ def claim(cfg, fresh: bool, command: str = "") -> Tuple[List[FolderLock], List[s
         raise
 
 
-def _used_error(cfg, used: Dict[str, List[str]]) -> ConfigError:
+def _used_error(cfg, used: dict[str, list[str]]) -> ConfigError:
     folder, names = next(iter(used.items()))
     shown = ", ".join(names[:5]) + (f" (+{len(names) - 5} more)" if len(names) > 5 else "")
     if cfg.checkpoint.resume == "auto":
-        ways = ("it has no checkpoint to resume from; choose another log.dir, or set checkpoint.resume=null "
-                "log.overwrite=true to move the old run aside")
+        ways = (
+            "it has no checkpoint to resume from; choose another log.dir, or set checkpoint.resume=null "
+            "log.overwrite=true to move the old run aside"
+        )
     else:
-        ways = ("to continue it set checkpoint.resume=auto; to start anew choose another log.dir, or set "
-                "log.overwrite=true to move the old run aside")
-    return cfg.error("log.dir", f"{folder} holds another run's outputs ({shown}): {ways} "
-                                f"(to {os.path.abspath(folder)}.old-<time>; nothing is deleted)")
+        ways = (
+            "to continue it set checkpoint.resume=auto; to start anew choose another log.dir, or set "
+            "log.overwrite=true to move the old run aside"
+        )
+    return cfg.error(
+        "log.dir",
+        f"{folder} holds another run's outputs ({shown}): {ways} "
+        f"(to {os.path.abspath(folder)}.old-<time>; nothing is deleted)",
+    )
 
 
-def release(locks: Optional[List[FolderLock]]) -> None:
+def release(locks: list[FolderLock] | None) -> None:
     for lock in locks or []:
         lock.release()
 
@@ -185,12 +208,13 @@ def release(locks: Optional[List[FolderLock]]) -> None:
 # --------------------------------------------------------------------------------------------------
 # A resumed run must be the run that wrote the checkpoint
 # --------------------------------------------------------------------------------------------------
-def _flat(values: Dict[str, Any]) -> Dict[str, Any]:
+def _flat(values: dict[str, Any]) -> dict[str, Any]:
     return {f"{s}.{k}": v for s, sec in values.items() if isinstance(sec, dict) for k, v in sec.items()}
 
 
-def resume_changes(saved: Dict[str, Any], current: Dict[str, Any], saved_world: Optional[int], world: int,
-                   allowed: List[str]) -> Tuple[List[str], List[str]]:
+def resume_changes(
+    saved: dict[str, Any], current: dict[str, Any], saved_world: int | None, world: int, allowed: list[str]
+) -> tuple[list[str], list[str]]:
     """(refused, accepted): ``key old → new`` for every key whose value differs between the checkpoint's
     saved config and this run's. ``train.world_size`` compares the ranks launched. A key the saved
     config lacks (added to the schema since) counts as its default."""
@@ -201,8 +225,12 @@ def resume_changes(saved: Dict[str, Any], current: Dict[str, Any], saved_world: 
         section, _, name = key.partition(".")
         spec = SCHEMA.get(section, {}).get(name)
         before = old.get(key, spec.default if spec is not None else None)
-        if before == new[key] or (isinstance(before, (int, float)) and isinstance(new[key], (int, float))
-                                  and not isinstance(before, bool) and float(before) == float(new[key])):
+        if before == new[key] or (
+            isinstance(before, (int, float))
+            and isinstance(new[key], (int, float))
+            and not isinstance(before, bool)
+            and float(before) == float(new[key])
+        ):
             continue
         text = f"{key} {before!r} → {new[key]!r}"
         if may_change_on_resume(key):

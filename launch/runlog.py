@@ -1,12 +1,13 @@
 """A run folder read back for its pictures: metrics.jsonl as arrays (steps × layers), summary.json and
 config.yaml for the method. Read-only; a truncated metrics.jsonl (a killed job) gives what is complete."""
+
 from __future__ import annotations
 
 import json
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import numpy as np
 import yaml
@@ -22,45 +23,45 @@ class NotARun(ValueError):
 @dataclass
 class RunLog:
     path: str
-    name: str                                   # the folder's name, as the table shows it
-    method: str                                 # report.method_label
-    threshold: Optional[float]                  # λ, None without the adaptive interval
-    summary: Optional[Dict[str, Any]]
-    steps: np.ndarray                           # training records' steps
+    name: str  # the folder's name, as the table shows it
+    method: str  # report.method_label
+    threshold: float | None  # λ, None without the adaptive interval
+    summary: dict[str, Any] | None
+    steps: np.ndarray  # training records' steps
     lr: np.ndarray
     loss: np.ndarray
     acc: np.ndarray
-    train_time: np.ndarray                      # cumulative step times at each record (s)
-    evals: List[Dict[str, Any]] = field(default_factory=list)
+    train_time: np.ndarray  # cumulative step times at each record (s)
+    evals: list[dict[str, Any]] = field(default_factory=list)
     # K-FAC: cumulative Fisher bytes per rank at each record; NaN where a record has none.
-    wire_bytes: Optional[np.ndarray] = None
-    every_step_wire_bytes: Optional[np.ndarray] = None
-    ratio: Optional[np.ndarray] = None
+    wire_bytes: np.ndarray | None = None
+    every_step_wire_bytes: np.ndarray | None = None
+    ratio: np.ndarray | None = None
     # Per-layer records (log.layer_records), rows in model order; NaN where a record has no entry.
-    layers: List[str] = field(default_factory=list)
-    batchnorm: Optional[np.ndarray] = None      # bool per layer (its Fisher block is unit-wise: diff_F)
-    interval: Optional[np.ndarray] = None       # layers × records
-    due: Optional[np.ndarray] = None            # layers × records, bool
-    diff: Optional[np.ndarray] = None           # max over the layer's factors of diff_X (NaN: none)
-    raw_diff: Optional[np.ndarray] = None       # the same of raw_diff_X (noise-aware runs)
-    payload_bytes: Optional[np.ndarray] = None  # layers × records
-    problems: List[str] = field(default_factory=list)
+    layers: list[str] = field(default_factory=list)
+    batchnorm: np.ndarray | None = None  # bool per layer (its Fisher block is unit-wise: diff_F)
+    interval: np.ndarray | None = None  # layers × records
+    due: np.ndarray | None = None  # layers × records, bool
+    diff: np.ndarray | None = None  # max over the layer's factors of diff_X (NaN: none)
+    raw_diff: np.ndarray | None = None  # the same of raw_diff_X (noise-aware runs)
+    payload_bytes: np.ndarray | None = None  # layers × records
+    problems: list[str] = field(default_factory=list)
 
     @property
     def label(self) -> str:
         return f"{self.name} ({self.method})"
 
 
-def _read_config(path: str) -> Dict[str, Any]:
+def _read_config(path: str) -> dict[str, Any]:
     try:
-        with open(os.path.join(path, "config.yaml"), "r", encoding="utf-8") as fh:
+        with open(os.path.join(path, "config.yaml"), encoding="utf-8") as fh:
             cfg = yaml.safe_load(fh)
     except (OSError, yaml.YAMLError):
         return {}
     return cfg if isinstance(cfg, dict) else {}
 
 
-def _method_source(summary: Optional[Dict[str, Any]], cfg: Dict[str, Any]) -> Dict[str, Any]:
+def _method_source(summary: dict[str, Any] | None, cfg: dict[str, Any]) -> dict[str, Any]:
     """What method_label reads: the summary's, or (an unfinished run) the resolved config's."""
     if summary is not None:
         return summary
@@ -69,15 +70,17 @@ def _method_source(summary: Optional[Dict[str, Any]], cfg: Dict[str, Any]) -> Di
     return {"method": method, "kfac": kfac if method == "kfac" else None}
 
 
-def _lines(path: str, problems: List[str]):
-    bad: List[int] = []
+def _lines(path: str, problems: list[str]):
+    bad: list[int] = []
     yield from metrics_records(path, bad)
     if bad:
-        problems.append(f"metrics.jsonl: {len(bad)} line(s) not JSON (line {bad[0]}{', ...' if len(bad) > 1 else ''}; "
-                        "a killed job?), drawn without them")
+        problems.append(
+            f"metrics.jsonl: {len(bad)} line(s) not JSON (line {bad[0]}{', ...' if len(bad) > 1 else ''}; "
+            "a killed job?), drawn without them"
+        )
 
 
-def _max_of(entry: Dict[str, Any], prefix: str) -> float:
+def _max_of(entry: dict[str, Any], prefix: str) -> float:
     values = [v for k, v in entry.items() if k.startswith(prefix) and isinstance(v, (int, float))]
     return max(values) if values else np.nan
 
@@ -89,10 +92,10 @@ def read_run(path: str) -> RunLog:
         raise NotARun(f"{path}: not a folder")
     if not os.path.isfile(metrics):
         raise NotARun(f"{path}: not a run folder (no metrics.jsonl)")
-    problems: List[str] = []
+    problems: list[str] = []
     summary = None
     try:
-        with open(os.path.join(path, "summary.json"), "r", encoding="utf-8") as fh:
+        with open(os.path.join(path, "summary.json"), encoding="utf-8") as fh:
             summary = json.load(fh)
     except FileNotFoundError:
         problems.append("no summary.json (an unfinished run?): drawn from metrics.jsonl")
@@ -102,8 +105,8 @@ def read_run(path: str) -> RunLog:
     source = _method_source(summary, cfg)
     threshold = (source.get("kfac") or {}).get("update_threshold")
 
-    train: List[Dict[str, Any]] = []
-    evals: List[Dict[str, Any]] = []
+    train: list[dict[str, Any]] = []
+    evals: list[dict[str, Any]] = []
     for entry in _lines(metrics, problems):
         if isinstance(entry.get("eval"), dict):
             evals.append(dict(entry["eval"], step=entry.get("step", entry["eval"].get("step"))))
@@ -114,19 +117,36 @@ def read_run(path: str) -> RunLog:
     train.sort(key=lambda e: e["step"])
 
     def column(key: str) -> np.ndarray:
-        return np.array([e.get(key) if isinstance(e.get(key), (int, float)) else np.nan for e in train], float)
+        return np.array(
+            [e.get(key) if isinstance(e.get(key), (int, float)) else np.nan for e in train], float
+        )
 
     steps = np.array([e["step"] for e in train])
     # A record's step time stands for every step since the previous record (log.every_steps).
     gaps = np.diff(steps, prepend=0)
     train_time = np.cumsum(np.nan_to_num(column("step_time")) * gaps)
-    log = RunLog(path=path, name=os.path.basename(os.path.normpath(path)), method=method_label(source),
-                 threshold=threshold, summary=summary, steps=steps, lr=column("lr"), loss=column("loss"),
-                 acc=column("acc"), train_time=train_time, evals=evals, problems=problems)
+    log = RunLog(
+        path=path,
+        name=os.path.basename(os.path.normpath(path)),
+        method=method_label(source),
+        threshold=threshold,
+        summary=summary,
+        steps=steps,
+        lr=column("lr"),
+        loss=column("loss"),
+        acc=column("acc"),
+        train_time=train_time,
+        evals=evals,
+        problems=problems,
+    )
     fisher = [e.get("fisher") if isinstance(e.get("fisher"), dict) else {} for e in train]
     if any(fisher):
+
         def fisher_column(key: str) -> np.ndarray:
-            return np.array([f.get(key) if isinstance(f.get(key), (int, float)) else np.nan for f in fisher], float)
+            return np.array(
+                [f.get(key) if isinstance(f.get(key), (int, float)) else np.nan for f in fisher], float
+            )
+
         log.wire_bytes = fisher_column("wire_bytes")
         log.every_step_wire_bytes = fisher_column("every_step_wire_bytes")
         log.ratio = fisher_column("ratio")
@@ -134,8 +154,8 @@ def read_run(path: str) -> RunLog:
     return log
 
 
-def _read_layers(log: RunLog, records: List[Dict[str, Any]]) -> None:
-    names: Dict[str, None] = {}
+def _read_layers(log: RunLog, records: list[dict[str, Any]]) -> None:
+    names: dict[str, None] = {}
     for record in records:
         if isinstance(record.get("layers"), dict):
             names.update(dict.fromkeys(record["layers"]))
@@ -158,22 +178,28 @@ def _read_layers(log: RunLog, records: List[Dict[str, Any]]) -> None:
             if isinstance(entry.get("payload_bytes"), (int, float)):
                 payload[i, j] = entry["payload_bytes"]
             batchnorm[i] = batchnorm[i] or "diff_F" in entry
-    log.interval, log.due, log.diff, log.payload_bytes, log.batchnorm = interval, due, diff, payload, batchnorm
+    log.interval, log.due, log.diff, log.payload_bytes, log.batchnorm = (
+        interval,
+        due,
+        diff,
+        payload,
+        batchnorm,
+    )
     log.raw_diff = raw if np.isfinite(raw).any() else None
 
 
-def layer_groups(names: List[str]) -> List[str]:
+def layer_groups(names: list[str]) -> list[str]:
     """The stage of each layer, from its module name: ``layer3.4.conv2`` -> ``layer3`` (torchvision
     ResNet), ``stages.1.0.bn1`` -> ``stages.1`` (nested Sequentials), top-level layers before the first
     stage -> ``stem``, after it -> ``head``."""
-    stages: List[Optional[str]] = []
+    stages: list[str | None] = []
     for name in names:
         parts = name.split(".")
         first = next((i for i, p in enumerate(parts) if re.fullmatch(r"\d+", p)), None)
         if first is None or first == 0:
             stages.append(None)
         elif first + 1 < len(parts) and re.fullmatch(r"\d+", parts[first + 1]):
-            stages.append(".".join(parts[:first + 1]))
+            stages.append(".".join(parts[: first + 1]))
         else:
             stages.append(".".join(parts[:first]))
     seen = False

@@ -1,9 +1,9 @@
 """Learning-rate schedules as pure functions of the (fractional) epoch, the fixed factor interval's warm-up,
 and optimiser helpers."""
+
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 from torch import nn
@@ -35,7 +35,7 @@ def learning_rate(optim_cfg, epoch: float) -> float:
     return lr
 
 
-def interval_switch_step(kfac_cfg, steps_per_epoch: int) -> Optional[int]:
+def interval_switch_step(kfac_cfg, steps_per_epoch: int) -> int | None:
     """The last step W (from 1) of a fixed interval's warm-up, or None without one: steps 1..W update every
     factor, later steps every ``update_interval``-th.
 

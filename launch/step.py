@@ -15,10 +15,11 @@ Verdicts:
   Skipped on every rank, BatchNorm statistics put back; the loop counts these towards
   ``train.max_bad_steps``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,15 +39,15 @@ class Trainer:
 
     hvd: Any
     model: nn.Module
-    optimizer: Any                     # hvd.DistributedOptimizer
-    kfac: Any                          # kfac_hvd.KFAC or None (SGD)
+    optimizer: Any  # hvd.DistributedOptimizer
+    kfac: Any  # kfac_hvd.KFAC or None (SGD)
     criterion: nn.Module
     precision: MixedPrecision
     buffers: BufferGuard
-    params: List[torch.Tensor]
-    rescaled_weights: Optional[List[torch.Tensor]]
+    params: list[torch.Tensor]
+    rescaled_weights: list[torch.Tensor] | None
     faults: Faults
-    dataset: Any                       # the training set (to name unreadable images)
+    dataset: Any  # the training set (to name unreadable images)
     mixup_alpha: float
     momentum_correction: bool
 
@@ -54,14 +55,14 @@ class Trainer:
 @dataclass
 class StepOutcome:
     verdict: str
-    loss: float                        # this rank's loss (host value)
-    correct: int                       # this rank's correct predictions
-    images: int                        # this rank's batch size
+    loss: float  # this rank's loss (host value)
+    correct: int  # this rank's correct predictions
+    images: int  # this rank's batch size
     lr: float
     nonfinite_loss_ranks: int
     nonfinite_gradients: bool
-    record: Optional[Dict[str, Any]]   # K-FAC's step record
-    sums: torch.Tensor                 # (loss * images, correct) on the device, for the epoch's averages
+    record: dict[str, Any] | None  # K-FAC's step record
+    sums: torch.Tensor  # (loss * images, correct) on the device, for the epoch's averages
 
     @property
     def skipped(self) -> bool:
@@ -87,7 +88,7 @@ def forward_loss(t: Trainer, x: torch.Tensor, y: torch.Tensor):
     return output, loss
 
 
-def nonfinite_flag(tensors: List[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+def nonfinite_flag(tensors: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     """1.0 when any element of any tensor is NaN or Inf, else 0.0: a device tensor, no host read.
 
     The max-norm of each tensor keeps NaN and Inf and cannot overflow for finite values.
@@ -99,12 +100,19 @@ def nonfinite_flag(tensors: List[torch.Tensor], like: torch.Tensor) -> torch.Ten
     return (~torch.isfinite(torch.stack([n.float() for n in norms]))).any().float()
 
 
-def exchange_status(t: Trainer, loss: torch.Tensor, correct: torch.Tensor, unreadable: torch.Tensor) -> List[float]:
+def exchange_status(
+    t: Trainer, loss: torch.Tensor, correct: torch.Tensor, unreadable: torch.Tensor
+) -> list[float]:
     """The step's one host read: [non-finite-loss ranks, non-finite-gradient ranks, unreadable images
     (all summed over ranks), this rank's loss, this rank's correct count]."""
     loss = loss.detach().float()
-    flags = torch.stack([(~torch.isfinite(loss)).float(), nonfinite_flag([p.grad for p in t.params], loss),
-                         unreadable.float()])
+    flags = torch.stack(
+        [
+            (~torch.isfinite(loss)).float(),
+            nonfinite_flag([p.grad for p in t.params], loss),
+            unreadable.float(),
+        ]
+    )
     flags = t.hvd.allreduce(flags, op=t.hvd.Sum, name="train.status")
     return torch.cat([flags, loss.reshape(1), correct.float().reshape(1)]).tolist()
 
@@ -121,17 +129,19 @@ def train_step(t: Trainer, x: torch.Tensor, y_host: torch.Tensor, step: int, lr:
     """Step ``step`` (1-based) on this rank; every rank takes the same verdict. One host read."""
     x = t.precision.inputs(t.faults.poison(step, x))
     y = y_host.to(t.precision.device, non_blocking=True)
-    unreadable = (y < 0).sum()                   # marker labels of images the loader could not read
+    unreadable = (y < 0).sum()  # marker labels of images the loader could not read
     y = y.clamp(min=0)
     set_lr(t.optimizer, lr, t.momentum_correction)
     t.optimizer.zero_grad()
     t.buffers.save()
     output, loss = forward_loss(t, x, y)
     t.precision.backward(t.faults.overflow(step, loss))
-    t.optimizer.synchronize()                    # gradients averaged over ranks
+    t.optimizer.synchronize()  # gradients averaged over ranks
     t.precision.unscale_(t.optimizer)
     correct = (output.argmax(1) == y).sum()
-    bad_loss, bad_grad, unreadable_total, loss_value, correct_value = exchange_status(t, loss, correct, unreadable)
+    bad_loss, bad_grad, unreadable_total, loss_value, correct_value = exchange_status(
+        t, loss, correct, unreadable
+    )
     if unreadable_total:
         stop_for_unreadable(t.hvd, unreadable_paths(t.dataset, y_host), "data.train_dir")
     verdict = judge(int(bad_loss), int(bad_grad), t.precision.scaler is not None)
@@ -145,17 +155,21 @@ def train_step(t: Trainer, x: torch.Tensor, y_host: torch.Tensor, step: int, lr:
         # An fp16 overflow is expected and already reported by the loop: no per-layer K-FAC warnings.
         record = t.kfac.skip_step(check_factors=verdict == DIVERGED) if t.kfac is not None else None
         if verdict == DIVERGED:
-            t.buffers.restore()                  # BatchNorm statistics from before the batch
+            t.buffers.restore()  # BatchNorm statistics from before the batch
     t.precision.end_step(t.optimizer, any_rank_nonfinite=bool(bad_grad))
     sums = torch.stack([loss.detach().double() * y.numel(), correct.double()])
-    return StepOutcome(verdict, loss_value, int(correct_value), y.numel(), lr, int(bad_loss), bool(bad_grad),
-                       record, sums)
+    return StepOutcome(
+        verdict, loss_value, int(correct_value), y.numel(), lr, int(bad_loss), bool(bad_grad), record, sums
+    )
 
 
-def stop_for_unreadable(hvd, local: List[str], key: str) -> None:
+def stop_for_unreadable(hvd, local: list[str], key: str) -> None:
     """Collective (every rank knows that some rank found unreadable images): stop with their paths."""
     found = [p for paths in hvd.allgather_object(local) for p in paths]
     first = found[0] if found else "an image"
     more = f" (+{len(found) - 1} more)" if len(found) > 1 else ""
-    raise RunStop(EXIT_INPUT, f"data error: {key}: unreadable image {first}{more}; "
-                              f"set data.skip_unreadable=true to skip unreadable images")
+    raise RunStop(
+        EXIT_INPUT,
+        f"data error: {key}: unreadable image {first}{more}; "
+        f"set data.skip_unreadable=true to skip unreadable images",
+    )

@@ -5,10 +5,11 @@ records a CUDA event at the start and the end of each step instead and reads the
 (on logged steps and at the end of an epoch): one wait for the newest event, after which every older
 event is complete. On the CPU it reads the wall clock.
 """
+
 from __future__ import annotations
 
 import time
-from typing import List, Tuple, Union
+from typing import Union
 
 import torch
 
@@ -20,8 +21,8 @@ class StepTimer:
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
-        self._open: Union[Mark, None] = None
-        self._pending: List[Tuple[Mark, Mark]] = []
+        self._open: Mark | None = None
+        self._pending: list[tuple[Mark, Mark]] = []
 
     def _mark(self) -> Mark:
         if not self.cuda:
@@ -39,7 +40,7 @@ class StepTimer:
         self._pending.append((self._open, self._mark()))
         self._open = None
 
-    def take(self) -> List[float]:
+    def take(self) -> list[float]:
         """Seconds of each step stopped since the last call, oldest first (CUDA: waits once)."""
         pending, self._pending = self._pending, []
         if not pending:

@@ -8,6 +8,7 @@ disagree, a run folder in use or holding another run; one line on stderr, the sa
 3 the job cannot continue (a rank died or hung), 4 training diverged, 5 the run folder cannot be
 written (disk full, quota, read-only).  See docs/RELIABILITY.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,22 +17,29 @@ import errno
 import io
 import os
 import sys
-from typing import List, Optional
 
 from .config import ConfigError, data_problems, kfac_kwargs, load_config, resolve_paths
 
 
-def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="kfac-hvd-train",
         description="Distributed K-FAC (or SGD) training on Horovod, configured by a YAML file.",
         epilog="Example: horovodrun -np 2 --gloo -H localhost:2 python -m launch.train "
-               "--config configs/fashion_mnist/small_resnet_kfac_lambda0.25.yaml train.epochs=1")
+        "--config configs/fashion_mnist/small_resnet_kfac_lambda0.25.yaml train.epochs=1",
+    )
     parser.add_argument("--config", required=True, help="YAML experiment file")
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
-                        help="override a config value (parsed as YAML: null, 0.25, [30, 60], true)")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="print the plan for train.world_size ranks and exit; launches nothing")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="section.key=value",
+        help="override a config value (parsed as YAML: null, 0.25, [30, 60], true)",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the plan for train.world_size ranks and exit; launches nothing",
+    )
     parser.add_argument("--plan-json", metavar="FILE", help="with --dry-run: also write the plan as JSON")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     return parser.parse_args(argv)
@@ -49,6 +57,7 @@ def precheck(cfg) -> None:
     process the launcher announced as rank 0; the launcher ends the others when it exits.
     """
     from .dist import env_rank
+
     problems = data_problems(cfg)
     if problems:
         raise problems[0]
@@ -68,7 +77,8 @@ def precheck(cfg) -> None:
     if cfg.optim.method == "kfac":
         check_kfac_options(cfg)
     from .device import check_device
-    check_device(cfg)         # CUDA present when asked for, precision supported, Horovod able to take CUDA tensors
+
+    check_device(cfg)  # CUDA present when asked for, precision supported, Horovod able to take CUDA tensors
 
 
 def check_horovod(cfg) -> None:
@@ -83,13 +93,15 @@ def check_horovod(cfg) -> None:
             import horovod.torch as hvd
     except ImportError as exc:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ConfigError(cfg.path, None, f"cannot import horovod.torch ({reason}); run 'make setup'") from None
+        raise ConfigError(
+            cfg.path, None, f"cannot import horovod.torch ({reason}); run 'make setup'"
+        ) from None
     if not hasattr(hvd, "init"):
         reason = (printed.getvalue().strip().splitlines() or ["its PyTorch extension was not built"])[0]
         raise ConfigError(cfg.path, None, f"cannot import horovod.torch ({reason}); run 'make setup'")
 
 
-def _unwritable(path: str) -> Optional[str]:
+def _unwritable(path: str) -> str | None:
     """Why the folder ``path`` cannot be created or written, or None (nothing is created here)."""
     probe = os.path.abspath(path)
     while not os.path.exists(probe):
@@ -111,7 +123,9 @@ CONFIG_KEY_OF_KWARG = {"unfold_chunk_bytes": "unfold_chunk_mb"}
 def check_kfac_options(cfg) -> None:
     """Let the library judge the ``kfac`` section on a one-layer model (no Horovod needed)."""
     import torch
+
     import kfac_hvd
+
     probe = torch.nn.Sequential(torch.nn.Linear(2, 2))
     try:
         kfac = kfac_hvd.KFAC(probe, **kfac_kwargs(cfg))
@@ -119,13 +133,13 @@ def check_kfac_options(cfg) -> None:
         text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         key = next((f"kfac.{CONFIG_KEY_OF_KWARG.get(k, k)}" for k in kfac_kwargs(cfg) if k in text), "kfac")
         if "no Linear, Conv2d or BatchNorm2d layer" in text:
-            return   # the probe's only layer was skipped by kfac.skip_layers; judged on the real model
+            return  # the probe's only layer was skipped by kfac.skip_layers; judged on the real model
         raise cfg.error(key, text) from None
     if hasattr(kfac, "remove_hooks"):
         kfac.remove_hooks()
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
@@ -135,46 +149,60 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 0
         if args.dry_run:
             from .plan import dry_run
+
             if cfg.optim.method == "kfac":
                 check_kfac_options(cfg)
             return dry_run(cfg, args.plan_json)
         precheck(cfg)
         from .checkpoint import resume_candidates
+
         candidates = resume_candidates(cfg.checkpoint.resume, cfg.checkpoint.dir)
     except ConfigError as err:
         return config_error(err)
     from .checkpoint import StorageError
     from .reliability import EXIT_ABORTED, EXIT_STORAGE, RunStop, storage_problem
     from .rundir import claim, release
+
     locks = None
     try:
         from .dist import env_rank
-        if env_rank() == 0:        # the only rank that writes: it holds the run folder before writing anything
+
+        if env_rank() == 0:  # the only rank that writes: it holds the run folder before writing anything
             locks, lines = claim(cfg, fresh=not candidates, command=" ".join(sys.argv))
             for line in lines:
                 print(line, file=sys.stderr if line.startswith("warning") else sys.stdout, flush=True)
         from .loop import run
+
         return run(cfg, candidates)
-    except ConfigError as err:     # also found while reading the data (e.g. class folders that differ)
+    except ConfigError as err:  # also found while reading the data (e.g. class folders that differ)
         return config_error(err)
-    except RunStop as stop:        # decided on every rank alike
+    except RunStop as stop:  # decided on every rank alike
         print(stop.message, file=sys.stderr, flush=True)
         return stop.code
-    except StorageError as err:    # a checkpoint that could not be written, on every rank alike
+    except StorageError as err:  # a checkpoint that could not be written, on every rank alike
         print(str(err), file=sys.stderr, flush=True)
         return EXIT_STORAGE
     except OSError as exc:
         if exc.errno not in STORAGE_ERRNOS:
             raise
-        print(storage_problem(exc, f"cannot write {exc.filename or 'the run folder'}"), file=sys.stderr, flush=True)
+        print(
+            storage_problem(exc, f"cannot write {exc.filename or 'the run folder'}"),
+            file=sys.stderr,
+            flush=True,
+        )
         return EXIT_STORAGE
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         if not _peer_lost(exc):
             raise
         from .dist import env_rank
+
         text = str(exc).splitlines()[0] if str(exc) else ""
-        print(f"error: rank {env_rank()}: Horovod shut down: another rank failed, exited or stopped "
-              f"answering ({type(exc).__name__}: {text[:300]})", file=sys.stderr, flush=True)
+        print(
+            f"error: rank {env_rank()}: Horovod shut down: another rank failed, exited or stopped "
+            f"answering ({type(exc).__name__}: {text[:300]})",
+            file=sys.stderr,
+            flush=True,
+        )
         sys.stdout.flush()
         # At once, as the watchdog does: a launcher ends the survivors moments after a rank dies, and an
         # orderly interpreter shutdown (Horovod's own included) would lose the exit code to its SIGTERM.

@@ -5,6 +5,7 @@ PyYAML resolves plain scalars by YAML 1.1: ``010`` is octal 8, ``1:30`` is the s
 files and command-line overrides are read with, ``010`` is 10, ``0o10`` is 8, ``0x10`` is 16, ``1:30``
 and ``yes`` are strings, ``1e-3`` is a number, and only ``true``/``false`` (any case style) are booleans.
 """
+
 from __future__ import annotations
 
 import re
@@ -14,8 +15,10 @@ import yaml
 BOOL = re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$")
 NULL = re.compile(r"^(?:~|null|Null|NULL|)$")
 INT = re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$")
-FLOAT = re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
-                   r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$")
+FLOAT = re.compile(
+    r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+    r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+)
 RESOLVED_TAGS = ("bool", "int", "float", "null")
 
 
@@ -26,9 +29,13 @@ class Yaml12Loader(yaml.SafeLoader):
 # Drop YAML 1.1's resolvers of the four scalar types, keep the others (timestamps are off too: a
 # date-like value stays a string, which is what every key of the schema wants).
 Yaml12Loader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers
-            if tag.rsplit(":", 1)[-1] not in RESOLVED_TAGS + ("timestamp",)]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    first: [
+        (tag, regexp)
+        for tag, regexp in resolvers
+        if tag.rsplit(":", 1)[-1] not in RESOLVED_TAGS + ("timestamp",)
+    ]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
 Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:bool", BOOL, list("tTfF"))
 Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:null", NULL, ["~", "n", "N", ""])
 Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:int", INT, list("-+0123456789"))
@@ -41,7 +48,7 @@ def _int(loader: yaml.SafeLoader, node: yaml.Node) -> int:
         return int(text[2:], 8)
     if text.startswith("0x"):
         return int(text[2:], 16)
-    return int(text, 10)                     # "010" is ten: no leading-zero octal
+    return int(text, 10)  # "010" is ten: no leading-zero octal
 
 
 def _float(loader: yaml.SafeLoader, node: yaml.Node) -> float:

@@ -1,16 +1,20 @@
 """Session checks: under KFAC_HVD_STRICT=1 (make test, CI) a missing prerequisite fails the run instead of
 skipping the tests that need it; tests marked `cuda` are skipped, with the reason, where there is no GPU."""
+
 import os
 import shutil
 import subprocess
 
 import pytest
-
 from launch_helpers.common import BIN, FASHION, horovod_problem
 
 STRICT = os.environ.get("KFAC_HVD_STRICT") == "1"
-FASHION_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-                 "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+FASHION_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
 
 
 def strict_problems():
@@ -18,18 +22,27 @@ def strict_problems():
     problems = []
     if shutil.which("mpirun") is None:
         problems.append("mpirun is not on PATH (apt-get install openmpi-bin)")
-    absent = [name for name in FASHION_FILES
-              if not any(os.path.isfile(os.path.join(FASHION, name + ext)) for ext in (".gz", ""))]
+    absent = [
+        name
+        for name in FASHION_FILES
+        if not any(os.path.isfile(os.path.join(FASHION, name + ext)) for ext in (".gz", ""))
+    ]
     if absent:
-        problems.append(f"Fashion-MNIST IDX files missing in {FASHION}: {', '.join(absent)} "
-                        "(apt-get install dataset-fashion-mnist)")
+        problems.append(
+            f"Fashion-MNIST IDX files missing in {FASHION}: {', '.join(absent)} "
+            "(apt-get install dataset-fashion-mnist)"
+        )
     problem = horovod_problem()
     if problem is not None:
         problems.append(problem)
     else:
         try:
-            check = subprocess.run([os.path.join(BIN, "horovodrun"), "--check-build"], capture_output=True,
-                                   text=True, timeout=120)
+            check = subprocess.run(
+                [os.path.join(BIN, "horovodrun"), "--check-build"],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
             lines = {line.strip() for line in check.stdout.splitlines()}
             lacking = [name for name in ("PyTorch", "Gloo", "MPI") if f"[X] {name}" not in lines]
             if check.returncode != 0:

@@ -5,14 +5,14 @@ The model keeps every K-FAC layer's input and output (``retain_grad``), so after
 holds, per layer, the input and the gradient of the mean loss with respect to the output; the
 per-sample output gradient is δ = N · grad_output with N the batch size.
 """
+
 import math
-from typing import Dict, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-Key = Tuple[str, str]     # (layer name as KFAC names it, factor kind)
+Key = tuple[str, str]  # (layer name as KFAC names it, factor kind)
 
 
 class ThreeLayerNet(nn.Module):
@@ -23,7 +23,7 @@ class ThreeLayerNet(nn.Module):
         self.conv = nn.Conv2d(2, 3, 3, padding=1)
         self.bn = nn.BatchNorm2d(3)
         self.fc = nn.Linear(3 * 4 * 4, 4)
-        self.seen: Dict[str, torch.Tensor] = {}
+        self.seen: dict[str, torch.Tensor] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv_out = self.conv(x)
@@ -32,21 +32,27 @@ class ThreeLayerNet(nn.Module):
         fc_out = self.fc(hidden)
         for tensor in (conv_out, bn_out, fc_out):
             tensor.retain_grad()
-        self.seen = {"conv_in": x, "conv_out": conv_out, "bn_in": conv_out, "bn_out": bn_out,
-                     "fc_in": hidden, "fc_out": fc_out}
+        self.seen = {
+            "conv_in": x,
+            "conv_out": conv_out,
+            "bn_in": conv_out,
+            "bn_out": bn_out,
+            "fc_in": hidden,
+            "fc_out": fc_out,
+        }
         return fc_out
 
 
 def make_model(seed: int = 0) -> ThreeLayerNet:
     torch.manual_seed(seed)
     model = ThreeLayerNet().double()
-    with torch.no_grad():    # γ, β away from their initial 1, 0, so that x̂ really matters
+    with torch.no_grad():  # γ, β away from their initial 1, 0, so that x̂ really matters
         model.bn.weight.uniform_(0.5, 1.5)
         model.bn.bias.uniform_(-0.5, 0.5)
     return model
 
 
-def step_inputs(step: int, batch: int, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def step_inputs(step: int, batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Step 2's inputs carry a fixed spatial pattern (which BatchNorm's per-channel normalisation does
     not remove) and all have class 0: every factor drifts by more than its sampling noise, so the
     noise-aware Diff is not clamped at 0."""
@@ -59,18 +65,24 @@ def step_inputs(step: int, batch: int, seed: int) -> Tuple[torch.Tensor, torch.T
     return x, y
 
 
-def forward_backward(model: ThreeLayerNet, x: torch.Tensor, y: torch.Tensor) -> Dict[str, torch.Tensor]:
+def forward_backward(model: ThreeLayerNet, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
     """One training pass with a mean loss; returns the layers' inputs and output gradients."""
     model.zero_grad()
     nn.functional.cross_entropy(model(x), y).backward()
     seen = model.seen
-    return {"conv_in": seen["conv_in"].detach(), "conv_grad": seen["conv_out"].grad,
-            "bn_in": seen["bn_in"].detach(), "bn_grad": seen["bn_out"].grad,
-            "fc_in": seen["fc_in"].detach(), "fc_grad": seen["fc_out"].grad}
+    return {
+        "conv_in": seen["conv_in"].detach(),
+        "conv_grad": seen["conv_out"].grad,
+        "bn_in": seen["bn_in"].detach(),
+        "bn_grad": seen["bn_out"].grad,
+        "fc_in": seen["fc_in"].detach(),
+        "fc_grad": seen["fc_out"].grad,
+    }
 
 
-def direct_factors(model: ThreeLayerNet, seen: Dict[str, torch.Tensor], samples: slice = slice(None)
-                   ) -> Dict[Key, torch.Tensor]:
+def direct_factors(
+    model: ThreeLayerNet, seen: dict[str, torch.Tensor], samples: slice = slice(None)
+) -> dict[Key, torch.Tensor]:
     """Every factor as the mean over ``samples`` (default: the whole batch) of its per-sample term.
     δ = N·grad_output with N the whole batch, and BatchNorm's x̂ uses the whole batch's statistics,
     as the layers did, whichever samples are averaged."""
@@ -86,11 +98,12 @@ def direct_factors(model: ThreeLayerNet, seen: Dict[str, torch.Tensor], samples:
     # Conv2d (KFC): a = im2col patch + 1 at each of the S positions; A = mean over samples and positions
     # of aaᵀ, G = mean over samples of the sum over positions of δδᵀ.
     conv = model.conv
-    patches = F.unfold(picked["conv_in"], conv.kernel_size, dilation=conv.dilation, padding=conv.padding,
-                       stride=conv.stride)                                    # (n, C·3·3, S)
+    patches = F.unfold(
+        picked["conv_in"], conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride
+    )  # (n, C·3·3, S)
     positions = patches.shape[2]
     patches = torch.cat([patches, torch.ones(count, 1, positions, dtype=torch.float64)], dim=1)
-    delta = (batch * picked["conv_grad"]).flatten(2)                          # (n, out, S)
+    delta = (batch * picked["conv_grad"]).flatten(2)  # (n, out, S)
     factors[("conv", "A")] = torch.einsum("nis,njs->ij", patches, patches) / (count * positions)
     factors[("conv", "G")] = torch.einsum("nis,njs->ij", delta, delta) / count
 
@@ -100,23 +113,23 @@ def direct_factors(model: ThreeLayerNet, seen: Dict[str, torch.Tensor], samples:
     variance = whole.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
     x_hat = (picked["bn_in"] - mean) / torch.sqrt(variance + model.bn.eps)
     delta = batch * picked["bn_grad"]
-    per_sample = torch.stack([(delta * x_hat).sum(dim=(2, 3)), delta.sum(dim=(2, 3))], dim=2)   # (n, C, 2)
+    per_sample = torch.stack([(delta * x_hat).sum(dim=(2, 3)), delta.sum(dim=(2, 3))], dim=2)  # (n, C, 2)
     factors[("bn", "F")] = torch.einsum("nci,ncj->cij", per_sample, per_sample) / count
     return factors
 
 
-def halves(batch: int) -> Tuple[slice, slice]:
+def halves(batch: int) -> tuple[slice, slice]:
     """The two parts the noise estimate compares: the first ⌊n/2⌋ samples and the rest."""
     return slice(0, batch // 2), slice(batch // 2, batch)
 
 
-def split_half_noise(model: ThreeLayerNet, seen: Dict[str, torch.Tensor]) -> Dict[Key, float]:
+def split_half_noise(model: ThreeLayerNet, seen: dict[str, torch.Tensor]) -> dict[Key, float]:
     """v = ‖X₁ − X₂‖²_F · n₁n₂/n² (docs/NOISE.md) from the halves' factors computed directly."""
     batch = seen["fc_in"].shape[0]
     first_part, second_part = halves(batch)
     first, second = direct_factors(model, seen, first_part), direct_factors(model, seen, second_part)
     n1, n2 = batch // 2, batch - batch // 2
-    return {key: float((first[key] - second[key]).square().sum()) * n1 * n2 / batch ** 2 for key in first}
+    return {key: float((first[key] - second[key]).square().sum()) * n1 * n2 / batch**2 for key in first}
 
 
 def diff(current: torch.Tensor, previous: torch.Tensor) -> float:
@@ -124,7 +137,11 @@ def diff(current: torch.Tensor, previous: torch.Tensor) -> float:
     return float(torch.linalg.norm((current - previous).flatten()) / torch.linalg.norm(previous.flatten()))
 
 
-def noise_aware_diff(current: torch.Tensor, previous: torch.Tensor, noise: float, previous_noise: float) -> float:
+def noise_aware_diff(
+    current: torch.Tensor, previous: torch.Tensor, noise: float, previous_noise: float
+) -> float:
     """docs/NOISE.md: sqrt(max(0, ‖X − X_pre‖² − V − V_pre)) / ‖X_pre‖."""
     change_sq = float((current - previous).square().sum())
-    return math.sqrt(max(0.0, change_sq - noise - previous_noise)) / float(torch.linalg.norm(previous.flatten()))
+    return math.sqrt(max(0.0, change_sq - noise - previous_noise)) / float(
+        torch.linalg.norm(previous.flatten())
+    )

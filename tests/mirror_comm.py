@@ -1,4 +1,5 @@
 """A two-rank communicator for single-process tests, exact for one case: both ranks saw the same batch."""
+
 from kfac_hvd.comm import LocalCommunicator
 
 
@@ -8,4 +9,4 @@ class MirrorCommunicator(LocalCommunicator):
     owns it) rank 1 adds nothing to the inverse allgather, so rank 0's part is all of it. Factors,
     inverses and intervals therefore travel (packed as triangles or whole) as on two real ranks."""
 
-    size = 2   # otherwise LocalCommunicator: every collective returns its input
+    size = 2  # otherwise LocalCommunicator: every collective returns its input

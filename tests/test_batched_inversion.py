@@ -1,4 +1,5 @@
 """Inversions batched by size give the per-layer results; a failure stays with its own layer."""
+
 import pytest
 import torch
 import torchvision
@@ -26,7 +27,7 @@ def jobs_with_failures(dtype, a_size, g_size):
     jobs, shifts = {}, {}
     for index in range(5):
         jobs[f"k{index}"] = {"A": spd(a_size, dtype, generator), "G": spd(g_size, dtype, generator)}
-        shifts[f"k{index}"] = {"A": 0.05 * (index + 1), "G": 0.01 / (index + 1)}   # π differs per layer
+        shifts[f"k{index}"] = {"A": 0.05 * (index + 1), "G": 0.01 / (index + 1)}  # π differs per layer
     jobs["k2"]["A"] = -torch.eye(a_size, dtype=dtype)
     jobs["k3"]["G"][1, 1] = float("nan")
     for index in range(3):
@@ -36,12 +37,15 @@ def jobs_with_failures(dtype, a_size, g_size):
     return jobs, shifts
 
 
-@pytest.mark.parametrize("method,dtype,sizes,exact", [
-    ("cholesky", torch.float64, (6, 4), True),
-    ("cholesky", torch.float32, (7, 5), False),
-    ("eigen", torch.float64, (6, 4), True),
-    ("eigen", torch.float32, (7, 5), False),
-])
+@pytest.mark.parametrize(
+    "method,dtype,sizes,exact",
+    [
+        ("cholesky", torch.float64, (6, 4), True),
+        ("cholesky", torch.float32, (7, 5), False),
+        ("eigen", torch.float64, (6, 4), True),
+        ("eigen", torch.float32, (7, 5), False),
+    ],
+)
 def test_batched_equals_per_layer_and_only_the_failed_layers_fall_back(method, dtype, sizes, exact):
     """A batch runs LAPACK's kernel on each member, bit-equal to one call where the member's storage
     is aligned as a single matrix's is (32 bytes: here n even in float64); odd sizes can differ in the
@@ -62,7 +66,7 @@ def test_batched_equals_per_layer_and_only_the_failed_layers_fall_back(method, d
                 torch.testing.assert_close(batched[name][kind], inverse, rtol=rtol, atol=0)
             # Each inverse owns its storage: refreshing one layer later frees its memory.
             assert batched[name][kind].untyped_storage().nbytes() == inverse.numel() * inverse.element_size()
-    for name in failed:   # the per-layer ladder, for the failed layers only
+    for name in failed:  # the per-layer ladder, for the failed layers only
         result, event = robust_damped_inverses(jobs[name], 1e-3, pi=1.0, method=method)
         if name == "k3":
             assert (result, event) == (None, "inversion failed")
@@ -74,9 +78,11 @@ def test_batches_respect_the_byte_cap(monkeypatch):
     jobs, shifts = jobs_with_failures(torch.float64, 6, 4)
     calls = []
     original = torch.linalg.cholesky_ex
-    monkeypatch.setattr(torch.linalg, "cholesky_ex", lambda m, **k: calls.append(tuple(m.shape)) or original(m, **k))
-    capped, failed = invert_all(jobs, shifts, "cholesky", batch_bytes=2 * 6 * 6 * 8)   # two A's per call
-    assert sorted(calls) == sorted([(2, 6, 6), (2, 6, 6), (1, 6, 6), (4, 4, 4), (1, 4, 4)])   # G: 128 bytes
+    monkeypatch.setattr(
+        torch.linalg, "cholesky_ex", lambda m, **k: calls.append(tuple(m.shape)) or original(m, **k)
+    )
+    capped, failed = invert_all(jobs, shifts, "cholesky", batch_bytes=2 * 6 * 6 * 8)  # two A's per call
+    assert sorted(calls) == sorted([(2, 6, 6), (2, 6, 6), (1, 6, 6), (4, 4, 4), (1, 4, 4)])  # G: 128 bytes
     whole, _ = invert_all(jobs, shifts, "cholesky")
     assert failed == ["k2", "k3", "bn1"]
     for name, kinds in whole.items():
@@ -91,12 +97,17 @@ def test_batchnorm_closed_form_against_linalg_inv():
     generator = torch.Generator().manual_seed(1)
     damping = 1e-3
     regular = bn_blocks(6, torch.float64, generator)
-    regular[1] = torch.tensor([[2.0, 2.0], [2.0, 2.0]], dtype=torch.float64)     # det 0: rank one
+    regular[1] = torch.tensor([[2.0, 2.0], [2.0, 2.0]], dtype=torch.float64)  # det 0: rank one
     regular[4] = 0.0
-    jobs = {"bn0": {"F": regular}, "bn1": {"F": bn_blocks(3, torch.float64, generator)},
-            "bn2": {"F": bn_blocks(2, torch.float64, generator)}, "bn3": {"F": bn_blocks(2, torch.float64, generator)},
-            "bn4": {"F": bn_blocks(3, torch.float64, generator)}, "bn5": {"F": bn_blocks(2, torch.float64, generator)}}
-    jobs["bn2"]["F"][1] = torch.tensor([[-damping, 0.0], [0.0, 1.0]], dtype=torch.float64)   # a + γ = 0
+    jobs = {
+        "bn0": {"F": regular},
+        "bn1": {"F": bn_blocks(3, torch.float64, generator)},
+        "bn2": {"F": bn_blocks(2, torch.float64, generator)},
+        "bn3": {"F": bn_blocks(2, torch.float64, generator)},
+        "bn4": {"F": bn_blocks(3, torch.float64, generator)},
+        "bn5": {"F": bn_blocks(2, torch.float64, generator)},
+    }
+    jobs["bn2"]["F"][1] = torch.tensor([[-damping, 0.0], [0.0, 1.0]], dtype=torch.float64)  # a + γ = 0
     jobs["bn3"]["F"][0, 0, 0] = float("nan")
     jobs["bn4"]["F"][2] = -torch.eye(2, dtype=torch.float64)
     shifts = {name: {"F": damping} for name in jobs}
@@ -113,8 +124,15 @@ def test_a_failed_batchnorm_block_takes_the_ladder_in_kfac():
     """Through KFAC: one BatchNorm layer's F with an indefinite block is retried per layer (damping ×10,
     then eigen) while the other BatchNorm layer keeps its closed-form inverse."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Conv2d(3, 3, 3), nn.BatchNorm2d(3),
-                          nn.Flatten(), nn.Linear(3 * 2 * 2, 2)).double()
+    model = nn.Sequential(
+        nn.Conv2d(1, 3, 3),
+        nn.BatchNorm2d(3),
+        nn.ReLU(),
+        nn.Conv2d(3, 3, 3),
+        nn.BatchNorm2d(3),
+        nn.Flatten(),
+        nn.Linear(3 * 2 * 2, 2),
+    ).double()
     kfac = kfac_hvd.KFAC(model)
     layer = kfac.layers["4"]
     original = layer.f_contribution
@@ -142,7 +160,9 @@ def test_resnet50_update_step_calls_cholesky_once_per_distinct_size(monkeypatch)
 
     def counting_cholesky(matrix, **kwargs):
         calls.append(tuple(matrix.shape))
-        return torch.eye(matrix.shape[-1]).expand_as(matrix).clone(), torch.zeros(matrix.shape[:-2], dtype=torch.int32)
+        return torch.eye(matrix.shape[-1]).expand_as(matrix).clone(), torch.zeros(
+            matrix.shape[:-2], dtype=torch.int32
+        )
 
     monkeypatch.setattr(torch.linalg, "cholesky_ex", counting_cholesky)
     monkeypatch.setattr(torch, "cholesky_inverse", lambda lower: lower.clone())
@@ -154,7 +174,9 @@ def test_resnet50_update_step_calls_cholesky_once_per_distinct_size(monkeypatch)
     nn.functional.cross_entropy(model(torch.randn(2, 3, 32, 32)), torch.randint(0, 10, (2,))).backward()
     record = kfac.step()
     assert record["numerics"] == {} and all(entry["due"] for entry in record["layers"].values())
-    kronecker = [factor.shape[-1] for kinds in kfac.factors.values() for factor in kinds.values() if factor.dim() == 2]
+    kronecker = [
+        factor.shape[-1] for kinds in kfac.factors.values() for factor in kinds.values() if factor.dim() == 2
+    ]
     assert len(kronecker) == 108 and len(kfac.layers) == 107
     sizes = [shape[-1] for shape in calls]
     assert sorted(sizes) == sorted(set(kronecker)) and len(sizes) == 13
@@ -166,8 +188,16 @@ def test_kfac_steps_agree_batched_and_per_layer():
     weights = {}
     for batched in (True, False):
         torch.manual_seed(0)
-        model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1),
-                              nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 4)).double()
+        model = nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1),
+            nn.BatchNorm2d(4),
+            nn.ReLU(),
+            nn.Conv2d(4, 4, 3, padding=1),
+            nn.BatchNorm2d(4),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(4 * 6 * 6, 4),
+        ).double()
         kfac = kfac_hvd.KFAC(model, batched_inversion=batched)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         for step in range(3):

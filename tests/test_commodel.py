@@ -3,6 +3,7 @@ step-time model (hand-computed α-β and FLOP values, overlap, the limit of an i
 
 Expected values are computed here from torchvision's modules and from the formulas, not through
 kfac_hvd's layer objects."""
+
 import json
 import math
 import subprocess
@@ -29,14 +30,19 @@ def resnet50_shapes():
     """(dim A, dim G) of ResNet-50's 54 Kronecker layers and its 53 BatchNorm channel counts, read from
     torchvision's modules (im2col width + 1 for a bias; output channels)."""
     from torchvision.models import resnet50
+
     with torch.device("meta"):
         model = resnet50()
     kron, bn = [], []
     for module in model.modules():
         if isinstance(module, nn.Conv2d):
             kh, kw = module.kernel_size
-            kron.append((module.in_channels // module.groups * kh * kw + (module.bias is not None),
-                         module.out_channels))
+            kron.append(
+                (
+                    module.in_channels // module.groups * kh * kw + (module.bias is not None),
+                    module.out_channels,
+                )
+            )
         elif isinstance(module, nn.Linear):
             kron.append((module.in_features + (module.bias is not None), module.out_features))
         elif isinstance(module, nn.BatchNorm2d):
@@ -68,8 +74,9 @@ def test_resnet50_every_step_traffic_exact_at_paper_scale():
     assert result["inverse_payload_bytes_per_step"] == inverses
     assert result["payload_bytes_per_rank"] == STEPS * (factors + inverses)
     assert abs(result["wire_bytes_per_rank"] - wire) < 1  # to the byte, over the whole run
-    assert abs(result["factor_allreduce_wire_bytes_per_rank"]
-               - STEPS * Fraction(2 * (P - 1), P) * factors) < 1
+    assert (
+        abs(result["factor_allreduce_wire_bytes_per_rank"] - STEPS * Fraction(2 * (P - 1), P) * factors) < 1
+    )
     assert result["factor_allreduce_tensors_per_step"] == 2 * 54 + 53
     assert result["inverse_allgathers_per_step"] == 1
     dense = STEPS * Fraction(2 * (P - 1), P) * 153_957_802 * 4
@@ -79,7 +86,7 @@ def test_resnet50_every_step_traffic_exact_at_paper_scale():
     assert abs(STEPS * library["every_step_wire_bytes"] - wire) < 1
 
 
-@pytest.mark.parametrize("max_dim, local", [(0, 53), (10 ** 6, 107)])
+@pytest.mark.parametrize("max_dim, local", [(0, 53), (10**6, 107)])
 def test_local_inverse_max_dim_moves_layers_out_of_the_allgather(max_dim, local):
     model, kron, bn = resnet50_shapes()
     factors, inverses, wire = expected_traffic(kron, bn, P, STEPS, max_dim)
@@ -97,22 +104,37 @@ def test_scheme_comparison_resnet50():
     local_bytes = 4 * (sum(tri(a) + tri(g) for a, g in kron if max(a, g) <= 256) + sum(3 * c for c in bn))
     assert s["broadcast_scheme"]["broadcasts"] == 161 and s["broadcast_scheme"]["roots"] == 107
     assert s["broadcast_scheme"]["schedule_broadcasts"] == 1
-    assert s["broadcast_scheme"]["wire_bytes"] == all_inverses          # a broadcast: n per rank
-    assert s["allgather_scheme"] == {"allgathers": 1, "layers": 45, "matrices": 90,
-                                     "payload_bytes": all_inverses - local_bytes,
-                                     "wire_bytes": pytest.approx(127 / 128 * (all_inverses - local_bytes), rel=1e-15),
-                                     "control_payload_bytes": 4 * 107}
+    assert s["broadcast_scheme"]["wire_bytes"] == all_inverses  # a broadcast: n per rank
+    assert s["allgather_scheme"] == {
+        "allgathers": 1,
+        "layers": 45,
+        "matrices": 90,
+        "payload_bytes": all_inverses - local_bytes,
+        "wire_bytes": pytest.approx(127 / 128 * (all_inverses - local_bytes), rel=1e-15),
+        "control_payload_bytes": 4 * 107,
+    }
     removed = s["local_inversion_removes"]
-    assert (removed["layers"], removed["batchnorm_layers"], removed["kronecker_layers"], removed["matrices"]) == \
-        (62, 53, 9, 71)
+    assert (
+        removed["layers"],
+        removed["batchnorm_layers"],
+        removed["kronecker_layers"],
+        removed["matrices"],
+    ) == (62, 53, 9, 71)
     assert removed["payload_bytes"] == local_bytes
 
 
 # Replay ------------------------------------------------------------------------------------------
 def trace_records(layers, steps, diff):
     """A synthetic metrics.jsonl: ``layers`` kronecker layers whose diff is always ``diff``."""
-    return [{"step": t, "layers": {name: {"due": True, "diff_A": None if t == 1 else diff, "diff_G": None}
-                                   for name in layers}} for t in range(1, steps + 1)]
+    return [
+        {
+            "step": t,
+            "layers": {
+                name: {"due": True, "diff_A": None if t == 1 else diff, "diff_G": None} for name in layers
+            },
+        }
+        for t in range(1, steps + 1)
+    ]
 
 
 def linear_layers(*widths):
@@ -123,16 +145,20 @@ def linear_layers(*widths):
 # Due steps counted by hand (METHOD.md): factors that never change are due at 1, 2, 4, 6, ..., 40
 # under "modulo" (interval k+1 after the update at 2k), at 1, 2, 4, 7, 11, 16, 22, 29, 37 under
 # "since_last"; factors that always change are due on every step.
-@pytest.mark.parametrize("policy, diff, due", [
-    ("modulo", 0.0, [1] + list(range(2, 41, 2))),
-    ("since_last", 0.0, [1, 2, 4, 7, 11, 16, 22, 29, 37]),
-    ("modulo", 0.9, list(range(1, 41))),
-])
+@pytest.mark.parametrize(
+    "policy, diff, due",
+    [
+        ("modulo", 0.0, [1] + list(range(2, 41, 2))),
+        ("since_last", 0.0, [1, 2, 4, 7, 11, 16, 22, 29, 37]),
+        ("modulo", 0.9, list(range(1, 41))),
+    ],
+)
 def test_replay_due_steps_counted_by_hand(policy, diff, due):
     layers = linear_layers(4, 4, 300)  # two small layers (inverted everywhere) and one whose inverses travel
     records = trace_records([layer.name for layer in layers], 50, diff)
-    replay = commodel.replay_trace(records, layers, 40, 4, update_threshold=0.25, interval_policy=policy,
-                                   keep_schedule=True)
+    replay = commodel.replay_trace(
+        records, layers, 40, 4, update_threshold=0.25, interval_policy=policy, keep_schedule=True
+    )
     assert [t for t, names in enumerate(replay["schedule"], 1) if names] == due
     assert all(len(names) == 3 for names in replay["schedule"] if names)
     assert replay["layer_updates"] == 3 * len(due)
@@ -155,8 +181,10 @@ def test_replay_maps_other_names_by_depth():
 
 
 def test_map_layers_by_type_and_depth():
-    mapping = commodel.map_layers({"x1": "kronecker", "x2": "batchnorm", "x3": "kronecker"},
-                                  {"a": "kronecker", "b": "batchnorm", "c": "kronecker", "d": "kronecker"})
+    mapping = commodel.map_layers(
+        {"x1": "kronecker", "x2": "batchnorm", "x3": "kronecker"},
+        {"a": "kronecker", "b": "batchnorm", "c": "kronecker", "d": "kronecker"},
+    )
     assert mapping == {"x1": "a", "x3": "d", "x2": "b"}
 
 
@@ -181,14 +209,15 @@ def test_alpha_beta_by_hand():
     hier = tm.Network(topology="hierarchical")
     assert hier.allreduce(n, 128) == pytest.approx(50e-6 + 12e-6 + 3e-3 + 310e-6 + 7.75e-3, rel=1e-12)
     # fusion: 100 MiB in 64 MiB buffers = 2 messages of 50 MiB
-    mib = 2 ** 20
+    mib = 2**20
     assert net.fused_allreduce(100 * mib, 128) == pytest.approx(2 * net.allreduce(50 * mib, 128), rel=1e-12)
     assert net.allreduce(n, 1) == 0.0
 
 
 def tiny_model():
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.Flatten(),
-                         nn.Linear(8 * 8 * 8, 10))
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.Flatten(), nn.Linear(8 * 8 * 8, 10)
+    )
 
 
 def test_flop_counts_by_hand():
@@ -197,25 +226,29 @@ def test_flop_counts_by_hand():
     assert profile.forward_macs_per_sample == 64 * 8 * 27 + 512 * 10
     assert profile.parameters == 3 * 8 * 9 + 2 * 8 + 512 * 10 + 10
     one = tm.Gpu(peak_flops=1.0, efficiency=1.0, inverse_efficiency=1.0)  # seconds = FLOP
-    free = tm.Network(alpha_message=0, alpha_intra=0, alpha_inter=0, nvlink_bandwidth=math.inf, node_bandwidth=math.inf)
+    free = tm.Network(
+        alpha_message=0, alpha_intra=0, alpha_inter=0, nvlink_bandwidth=math.inf, node_bandwidth=math.inf
+    )
     model = tm.StepModel(profile, free, one, tm.Setup(world_size=2, batch_per_gpu=2))
     times = model.phases(dict.fromkeys(profile.layer_names, 1.0))
     forward = 2 * 2 * (64 * 8 * 27 + 512 * 10)
     assert times["forward"] == forward and times["backward"] == 2 * forward
-    factor_a = 2 * (2 * 64) * 27 ** 2 + 2 * 2 * 513 ** 2
-    factor_backward = 2 * (2 * 64) * 8 ** 2 + 8 * (2 * 64) * 8 + 2 * 2 * 10 ** 2
+    factor_a = 2 * (2 * 64) * 27**2 + 2 * 2 * 513**2
+    factor_backward = 2 * (2 * 64) * 8**2 + 8 * (2 * 64) * 8 + 2 * 2 * 10**2
     assert times["factor"] == factor_a + factor_backward and times["factor_backward"] == factor_backward
     # linear (513 wide) travels, owned by one rank; conv (27, 8) and BN are inverted everywhere
-    assert times["inversion"] == 513 ** 3 + 10 ** 3 + 27 ** 3 + 8 ** 3 + 8 * 8
-    assert times["precondition"] == 2 * (8 ** 2 * 27 + 8 * 27 ** 2) + 8 * 8 + 2 * (10 ** 2 * 513 + 10 * 513 ** 2)
+    assert times["inversion"] == 513**3 + 10**3 + 27**3 + 8**3 + 8 * 8
+    assert times["precondition"] == 2 * (8**2 * 27 + 8 * 27**2) + 8 * 8 + 2 * (10**2 * 513 + 10 * 513**2)
 
 
 def resnet_model(network=None, gpu=None, ranks=128):
     from torchvision.models import resnet50
+
     with torch.device("meta"):
         model = resnet50()
-    return tm.StepModel(tm.profile_model(model), network or tm.Network(), gpu or tm.Gpu(),
-                        tm.Setup(world_size=ranks))
+    return tm.StepModel(
+        tm.profile_model(model), network or tm.Network(), gpu or tm.Gpu(), tm.Setup(world_size=ranks)
+    )
 
 
 def test_resnet50_profile():
@@ -226,14 +259,15 @@ def test_resnet50_profile():
     # Every-step inversion at 128 ranks: the most loaded rank owns one of layer4's 3x3 convs (A 4608, G 512),
     # and every rank inverts the 62 local layers (9 Kronecker, 53 BatchNorm at 8 FLOP per channel).
     _, kron, bn = resnet50_shapes()
-    local = sum(a ** 3 + g ** 3 for a, g in kron if max(a, g) <= 256) + 8 * sum(bn)
+    local = sum(a**3 + g**3 for a, g in kron if max(a, g) <= 256) + 8 * sum(bn)
     times = model.phases(dict.fromkeys(model.profile.layer_names, 1.0))
-    assert times["inversion"] == pytest.approx((4608 ** 3 + 512 ** 3 + local) / (15.7e12 * 0.25), rel=1e-12)
+    assert times["inversion"] == pytest.approx((4608**3 + 512**3 + local) / (15.7e12 * 0.25), rel=1e-12)
 
 
 def test_infinitely_fast_network_leaves_compute_only():
-    free = tm.Network(alpha_message=0, alpha_intra=0, alpha_inter=0, nvlink_bandwidth=math.inf,
-                      node_bandwidth=math.inf)
+    free = tm.Network(
+        alpha_message=0, alpha_intra=0, alpha_inter=0, nvlink_bandwidth=math.inf, node_bandwidth=math.inf
+    )
     rows = {row["method"]: row for row in tm.time_rows(resnet_model(free))}
     sgd, kfac = rows["SGD"], rows["K-FAC, every step"]
     compute = kfac["phases"]["factor"] + kfac["phases"]["inversion"] + kfac["phases"]["precondition"]
@@ -250,7 +284,9 @@ def test_overlap_never_slower_and_slower_network_never_faster(node_gbs, ranks):
     slower = tm.Network(node_bandwidth=node_gbs * 1e9 / 2)
     schedule = [["conv1", "fc"], [], ["layer4.2.conv2"]]
     rows = tm.time_rows(resnet_model(net, ranks=ranks), fractions=[("f", 0.3)], schedules=[("s", schedule)])
-    slow_rows = tm.time_rows(resnet_model(slower, ranks=ranks), fractions=[("f", 0.3)], schedules=[("s", schedule)])
+    slow_rows = tm.time_rows(
+        resnet_model(slower, ranks=ranks), fractions=[("f", 0.3)], schedules=[("s", schedule)]
+    )
     for row, slow in zip(rows, slow_rows):
         assert row["overlap"] <= row["no_overlap"]
         assert row["overlap"] >= row["no_overlap"] - row["allreduce"] - 1e-15  # hides at most the allreduces
@@ -259,8 +295,17 @@ def test_overlap_never_slower_and_slower_network_never_faster(node_gbs, ranks):
 
 def test_overlap_hides_allreduces_only_up_to_the_backward_window():
     times = dict.fromkeys(tm.PHASES + ("factor_backward",), 0.0)
-    times.update(forward=1.0, backward=2.0, factor=0.5, factor_backward=0.25, gradient_allreduce=1.5,
-                 factor_allreduce=1.25, inversion=0.1, inverse_allgather=0.2, precondition=0.3)
+    times.update(
+        forward=1.0,
+        backward=2.0,
+        factor=0.5,
+        factor_backward=0.25,
+        gradient_allreduce=1.5,
+        factor_allreduce=1.25,
+        inversion=0.1,
+        inverse_allgather=0.2,
+        precondition=0.3,
+    )
     steps = tm.step_seconds(times)
     assert steps["no_overlap"] == pytest.approx(1 + 2 + 0.5 + 2.75 + 0.6)
     assert steps["exposed_allreduce"] == pytest.approx(2.75 - 2.25)
@@ -286,8 +331,9 @@ def test_due_fraction_and_schedule_rows():
 
 # CLI ---------------------------------------------------------------------------------------------
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "kfac_hvd.commodel", *args], capture_output=True, text=True,
-                          check=True).stdout
+    return subprocess.run(
+        [sys.executable, "-m", "kfac_hvd.commodel", *args], capture_output=True, text=True, check=True
+    ).stdout
 
 
 def test_cli_traffic_time_and_trace(tmp_path):
@@ -296,7 +342,9 @@ def test_cli_traffic_time_and_trace(tmp_path):
     with torch.device("meta"):
         layers = commodel.model_layers(__import__("torchvision").models.resnet50())
     with trace.open("w") as handle:
-        for record in trace_records([layer.name for layer in layers if "F" not in layer.factor_shapes()], 30, 0.0):
+        for record in trace_records(
+            [layer.name for layer in layers if "F" not in layer.factor_shapes()], 30, 0.0
+        ):
             handle.write(json.dumps({"kfac": record}) + "\n")
     markdown = tmp_path / "time.md"
     result = json.loads(run_cli("--trace", str(trace), "--time", "--json", "--markdown", str(markdown)))
@@ -304,7 +352,9 @@ def test_cli_traffic_time_and_trace(tmp_path):
     assert abs(result["wire_bytes_per_rank"] - expected_traffic(kron, bn, P, 2815)[2]) < 1
     assert 0 < result["replay"]["ratio"] < 0.6
     methods = [row["method"] for row in result["time"]["rows"]]
-    assert methods[:2] == ["SGD", "K-FAC, every step"] and len(methods) == 4 and "replayed trace" in methods[3]
+    assert (
+        methods[:2] == ["SGD", "K-FAC, every step"] and len(methods) == 4 and "replayed trace" in methods[3]
+    )
     assert result["time"]["assumptions"]["network"]["node_bandwidth"] == 25e9
     text = markdown.read_text()
     assert "A model, not a measurement" in text and "--time" in text and "| SGD |" in text
@@ -315,6 +365,7 @@ def test_cli_traffic_time_and_trace(tmp_path):
 # Device rates and the precision of the factor products ---------------------------------------------
 def test_device_kinds_from_torch_names():
     from kfac_hvd.devices import device_kind
+
     assert device_kind("NVIDIA H200") == "H200" and device_kind("NVIDIA H100 80GB HBM3") == "H100"
     assert device_kind("NVIDIA A100-SXM4-80GB") == "A100" and device_kind("Tesla V100-SXM2-16GB") == "V100"
     assert device_kind("cpu") is None
@@ -325,18 +376,22 @@ def test_factor_products_at_the_rate_of_their_precision_by_hand():
     BatchNorm's sums at the fp32 15.7, the 3x3 conv's im2col columns (2 x 64 rows x 27, 2 bytes each)
     written and read at 900 GB/s x 0.7."""
     profile = tm.profile_model(tiny_model(), image_size=8)
-    free = tm.Network(alpha_message=0, alpha_intra=0, alpha_inter=0, nvlink_bandwidth=math.inf, node_bandwidth=math.inf)
+    free = tm.Network(
+        alpha_message=0, alpha_intra=0, alpha_inter=0, nvlink_bandwidth=math.inf, node_bandwidth=math.inf
+    )
     gpu = tm.Gpu.of("V100", factor_precision="fp16")
     assert (gpu.peak_flops, gpu.factor_peak_flops, gpu.factor_input_bytes) == (15.7e12, 125e12, 2)
     times = tm.StepModel(profile, free, gpu, tm.Setup(world_size=2, batch_per_gpu=2)).phases(
-        dict.fromkeys(profile.layer_names, 1.0))
-    kronecker = 2 * 128 * 27 ** 2 + 2 * 2 * 513 ** 2 + 2 * 128 * 8 ** 2 + 2 * 2 * 10 ** 2
+        dict.fromkeys(profile.layer_names, 1.0)
+    )
+    kronecker = 2 * 128 * 27**2 + 2 * 2 * 513**2 + 2 * 128 * 8**2 + 2 * 2 * 10**2
     batchnorm = 8 * 128 * 8
     im2col = 2 * (2 * 64 * 27) * 2
     expected = kronecker / (125e12 * 0.6) + batchnorm / (15.7e12 * 0.6) + im2col / (900e9 * 0.7)
     assert times["factor"] == pytest.approx(expected, rel=1e-12)
-    assert times["precondition"] == pytest.approx((2 * (8 ** 2 * 27 + 8 * 27 ** 2) + 8 * 8
-                                                   + 2 * (10 ** 2 * 513 + 10 * 513 ** 2)) / (15.7e12 * 0.6), rel=1e-12)
+    assert times["precondition"] == pytest.approx(
+        (2 * (8**2 * 27 + 8 * 27**2) + 8 * 8 + 2 * (10**2 * 513 + 10 * 513**2)) / (15.7e12 * 0.6), rel=1e-12
+    )
     with pytest.raises(ValueError, match="V100 has no bf16"):
         tm.Gpu.of("V100", factor_precision="bf16")
 
@@ -348,9 +403,9 @@ def test_phase_costs_of_a_3x3_conv_by_hand():
     costs = conv.phase_costs(2)
     rows = 2 * 64
     assert costs["im2col"] == (0.0, (2 * 3 * 64 + rows * 27) * 4)
-    assert costs["factor products"] == (2 * rows * (27 ** 2 + 8 ** 2), (rows * (27 + 8) + 27 ** 2 + 8 ** 2) * 4)
-    assert costs["inversion"] == (27 ** 3 + 8 ** 3, 2 * (27 ** 2 + 8 ** 2) * 4)
-    assert costs["precondition"][1] == (27 ** 2 + 8 ** 2 + 4 * 27 * 8) * 4
+    assert costs["factor products"] == (2 * rows * (27**2 + 8**2), (rows * (27 + 8) + 27**2 + 8**2) * 4)
+    assert costs["inversion"] == (27**3 + 8**3, 2 * (27**2 + 8**2) * 4)
+    assert costs["precondition"][1] == (27**2 + 8**2 + 4 * 27 * 8) * 4
 
 
 def test_resnet50_factor_cost_at_224_px_and_128_images():
@@ -358,9 +413,11 @@ def test_resnet50_factor_cost_at_224_px_and_128_images():
     conv1 (7x7, 147 wide) at 112x112, the 3x3 convs of the four stages (64, 128, 256, 512 channels:
     576, 1152, 2304, 4608 wide) at 56, 28, 14, 7 (each stage's first 3x3 conv has stride 2 but for the first)."""
     profile = resnet_model().profile
-    columns = 112 ** 2 * 147 + 3 * 56 ** 2 * 576 + 4 * 28 ** 2 * 1152 + 6 * 14 ** 2 * 2304 + 3 * 7 ** 2 * 4608
-    assert sum(layer.im2col_values(128) for layer in profile.layers) == 128 * columns   # 1.83 G values
-    products = sum(layer.phase_costs(128)["factor products"][0] for layer in profile.layers if layer.kind == "kronecker")
+    columns = 112**2 * 147 + 3 * 56**2 * 576 + 4 * 28**2 * 1152 + 6 * 14**2 * 2304 + 3 * 7**2 * 4608
+    assert sum(layer.im2col_values(128) for layer in profile.layers) == 128 * columns  # 1.83 G values
+    products = sum(
+        layer.phase_costs(128)["factor products"][0] for layer in profile.layers if layer.kind == "kronecker"
+    )
     assert products == pytest.approx(6.42e12, rel=2e-3)
 
 
@@ -376,7 +433,10 @@ def test_cli_models_each_factor_precision(capsys):
     result = json.loads(capsys.readouterr().out)
     rows = {row["method"]: row for row in result["time"]["rows"]}
     assert len(rows) == 5 and list(rows)[0] == "SGD"
-    fp32, fp16 = rows["K-FAC, every step [fp32 factor products]"], rows["K-FAC, every step [fp16 factor products]"]
+    fp32, fp16 = (
+        rows["K-FAC, every step [fp32 factor products]"],
+        rows["K-FAC, every step [fp16 factor products]"],
+    )
     assert fp16["phases"]["factor"] < fp32["phases"]["factor"] / 5
     assert fp16["phases"]["inversion"] == fp32["phases"]["inversion"]
     accuracy = result["time"]["time_to_accuracy"]

@@ -4,6 +4,7 @@ Run with ``pytest -m cuda tests`` (scripts/gpu_check.sh does). Exactness against
 autocast in bf16 and fp16, channels_last, the state round trip through the CPU, and the host
 synchronisations CUDA itself reports.
 """
+
 import copy
 import warnings
 
@@ -27,14 +28,25 @@ def exact_matmuls():
 
 
 def network():
-    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-                         nn.Conv2d(16, 32, 3, stride=2), nn.BatchNorm2d(32), nn.ReLU(),
-                         nn.Conv2d(32, 32, 1), nn.ReLU(), nn.Flatten(), nn.Linear(32 * 7 * 7, 10))
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, stride=2),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.Conv2d(32, 32, 1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(32 * 7 * 7, 10),
+    )
 
 
 def batch(seed=0, size=64):
     generator = torch.Generator().manual_seed(seed)
-    return torch.randn(size, 3, 16, 16, generator=generator), torch.randint(0, 10, (size,), generator=generator)
+    return torch.randn(size, 3, 16, 16, generator=generator), torch.randint(
+        0, 10, (size,), generator=generator
+    )
 
 
 def preconditioned(model, kfac, x, y, autocast_dtype=None, **step_options):
@@ -56,12 +68,15 @@ def reference_and_cuda(**options):
     reference = network().double()
     model = network()
     model.load_state_dict(reference.state_dict())
-    return (reference, kfac_hvd.KFAC(reference, **options)), (model.to(CUDA), kfac_hvd.KFAC(model.to(CUDA), **options))
+    return (reference, kfac_hvd.KFAC(reference, **options)), (
+        model.to(CUDA),
+        kfac_hvd.KFAC(model.to(CUDA), **options),
+    )
 
 
 def test_cuda_matches_a_cpu_float64_reference():
     (reference, reference_kfac), (model, kfac) = reference_and_cuda(damping=1e-2)
-    for seed in range(3):      # three batches at the same weights (fp32 and fp64 weights would drift apart)
+    for seed in range(3):  # three batches at the same weights (fp32 and fp64 weights would drift apart)
         x, y = batch(seed)
         expected, _ = preconditioned(reference, reference_kfac, x.double(), y)
         got, record = preconditioned(model, kfac, x.to(CUDA), y.to(CUDA))
@@ -70,8 +85,9 @@ def test_cuda_matches_a_cpu_float64_reference():
         for name in kfac.layers:
             for kind, factor in kfac.factors[name].items():
                 assert factor.device.type == "cuda" and factor.dtype == torch.float32
-                torch.testing.assert_close(factor.double().cpu(), reference_kfac.factors[name][kind],
-                                           rtol=1e-4, atol=1e-6)
+                torch.testing.assert_close(
+                    factor.double().cpu(), reference_kfac.factors[name][kind], rtol=1e-4, atol=1e-6
+                )
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -97,7 +113,7 @@ def test_channels_last_equals_contiguous():
     x, y = (t.to(CUDA) for t in batch(2))
     expected, _ = preconditioned(model, kfac, x, y)
     got, _ = preconditioned(last_model, last_kfac, x.to(memory_format=torch.channels_last), y)
-    assert gap(got, expected) < 1e-4           # cuDNN picks other algorithms for NHWC
+    assert gap(got, expected) < 1e-4  # cuDNN picks other algorithms for NHWC
 
 
 def test_state_round_trip_cuda_cpu_cuda_continues_exactly(monkeypatch):
@@ -122,7 +138,9 @@ def test_state_round_trip_cuda_cpu_cuda_continues_exactly(monkeypatch):
         x, y = (t.to(CUDA) for t in batch(seed))
         expected, record = preconditioned(model, kfac, x, y)
         got, resumed_record = preconditioned(resumed_model, resumed, x, y)
-        assert [e["due"] for e in record["layers"].values()] == [e["due"] for e in resumed_record["layers"].values()]
+        assert [e["due"] for e in record["layers"].values()] == [
+            e["due"] for e in resumed_record["layers"].values()
+        ]
         for a, b in zip(got, expected):
             assert torch.equal(a, b)
 
@@ -132,7 +150,7 @@ def test_cuda_reports_at_most_three_synchronisations_per_update_step():
     ones no Python-level read shows, such as an error check inside a kernel launch)."""
     _, (model, kfac) = reference_and_cuda(damping=1e-2, update_threshold=1e9, kl_clip=1e-3)
     counts = []
-    for seed in range(4):                           # due at steps 1, 2, 4; nothing due at step 3
+    for seed in range(4):  # due at steps 1, 2, 4; nothing due at step 3
         x, y = (t.to(CUDA) for t in batch(seed))
         model.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
@@ -165,8 +183,11 @@ def test_a_step_needs_at_most_one_more_copy_of_the_inverses():
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - start
     held = kfac.memory_bytes()
-    largest = max(4 * torch.Size(shape).numel() for layer in kfac.layers.values()
-                  for shape in layer.factor_shapes().values())
+    largest = max(
+        4 * torch.Size(shape).numel()
+        for layer in kfac.layers.values()
+        for shape in layer.factor_shapes().values()
+    )
     assert held["capture_buffers"] == held["communication_buffers"] == 0
     assert held["factors"] == held["inverses"] > 0
     assert peak <= held["inverses"] + 2 * largest, (peak, held, largest)

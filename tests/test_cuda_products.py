@@ -9,6 +9,7 @@ output, whose relative error grows like 2e-8·√K for K terms (sequential fp32 
 on the CPU: 6.0e-7 at K = 1,568, 2.4e-6 at K = 12,544). The shapes below keep K ≤ 800, so the 1e-6
 leaves room for both sums; the narrow factors are also held to 1e-6 against the exact (float64) Gram.
 """
+
 import pytest
 import torch
 from torch import nn
@@ -23,11 +24,11 @@ NARROW = [torch.bfloat16, torch.float16]
 
 # name: (module, input shape); K = samples × positions summed into one product (A | G)
 MODULES = {
-    "linear": (lambda: nn.Linear(256, 128), (512, 256)),                               # K = 512
-    "conv 3x3": (lambda: nn.Conv2d(32, 64, 3, padding=1), (4, 32, 14, 14)),            # 784 | 196 per sample
-    "conv 1x1": (lambda: nn.Conv2d(64, 128, 1), (4, 64, 14, 14)),                      # 196 per sample
-    "conv 3x3 strided": (lambda: nn.Conv2d(32, 64, 3, stride=2, padding=1), (16, 32, 14, 14)),   # 784 | 49
-    "conv 1x1 strided": (lambda: nn.Conv2d(64, 128, 1, stride=2), (16, 64, 14, 14)),   # 784 | 49
+    "linear": (lambda: nn.Linear(256, 128), (512, 256)),  # K = 512
+    "conv 3x3": (lambda: nn.Conv2d(32, 64, 3, padding=1), (4, 32, 14, 14)),  # 784 | 196 per sample
+    "conv 1x1": (lambda: nn.Conv2d(64, 128, 1), (4, 64, 14, 14)),  # 196 per sample
+    "conv 3x3 strided": (lambda: nn.Conv2d(32, 64, 3, stride=2, padding=1), (16, 32, 14, 14)),  # 784 | 49
+    "conv 1x1 strided": (lambda: nn.Conv2d(64, 128, 1, stride=2), (16, 64, 14, 14)),  # 784 | 49
 }
 
 
@@ -61,6 +62,7 @@ def narrow_product_calls(monkeypatch):
         def product(a, b, *, out_dtype=None, _original=original):
             calls.append((a.dtype, out_dtype))
             return _original(a, b) if out_dtype is None else _original(a, b, out_dtype=out_dtype)
+
         monkeypatch.setattr(torch, name, product)
     return calls
 
@@ -87,7 +89,7 @@ def test_tensor_core_factors_equal_the_cast_then_fp32_factors(name, dtype, chann
     calls = narrow_product_calls(monkeypatch)
     narrow_a, _ = layer.a_contribution(x)
     narrow_g, _ = layer.g_contribution(g)
-    assert calls and set(calls) == {(dtype, torch.float32)}           # the tensor-core products were used
+    assert calls and set(calls) == {(dtype, torch.float32)}  # the tensor-core products were used
     with fp32_matmul_precision(CUDA, "highest"):
         upcast_a, _ = layer.a_contribution(x, narrow_products=False)
         upcast_g, _ = layer.g_contribution(g, narrow_products=False)
@@ -99,10 +101,20 @@ def test_tensor_core_factors_equal_the_cast_then_fp32_factors(name, dtype, chann
 
 
 def network():
-    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-                         nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-                         nn.Conv2d(32, 32, 1), nn.ReLU(), nn.Conv2d(32, 32, 1, stride=2), nn.ReLU(),
-                         nn.Flatten(), nn.Linear(32 * 4 * 4, 10))
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, stride=2, padding=1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.Conv2d(32, 32, 1),
+        nn.ReLU(),
+        nn.Conv2d(32, 32, 1, stride=2),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(32 * 4 * 4, 10),
+    )
 
 
 @pytest.mark.parametrize("dtype", NARROW)
@@ -137,7 +149,7 @@ def tf32_bound(terms: int) -> float:
     """c in ‖A_high − A‖_F ≤ c · tr A (README): inputs cut to TF32's 10 fraction bits (truncation, the
     worse of the two roundings: 2·2⁻¹⁰ + 2⁻²⁰ per product), ``terms`` products summed in fp32 in any
     order (γ_K ≤ 1.01·K·2⁻²⁴), and two scalings of the sums (2·2⁻²⁴)."""
-    return 2 * 2.0 ** -10 + 2.0 ** -20 + 1.01 * terms * 2.0 ** -24 + 2 * 2.0 ** -24
+    return 2 * 2.0**-10 + 2.0**-20 + 1.01 * terms * 2.0**-24 + 2 * 2.0**-24
 
 
 @pytest.mark.parametrize("precision", ["high", "highest"])
@@ -148,27 +160,35 @@ def test_fp32_factors_are_within_the_documented_bound_of_float64(precision, monk
     kfac = kfac_hvd.KFAC(model, factor_matmul_precision=precision)
     seen = {}
     for name, module in (("conv", conv), ("linear", linear)):
+
         def keep(module, inputs, output, name=name):
             seen[name] = inputs[0].detach()
             output.register_hook(lambda grad: seen.__setitem__(name + " grad", grad.detach()))
+
         module.register_forward_hook(keep)
     states = []
     gram = kfac_hvd.layers.accumulate_gram
-    monkeypatch.setattr(kfac_hvd.layers, "accumulate_gram",
-                        lambda total, columns: states.append(torch.backends.cuda.matmul.fp32_precision)
-                        or gram(total, columns))
+    monkeypatch.setattr(
+        kfac_hvd.layers,
+        "accumulate_gram",
+        lambda total, columns: (
+            states.append(torch.backends.cuda.matmul.fp32_precision) or gram(total, columns)
+        ),
+    )
     x = torch.randn(8, 16, 8, 8, device=CUDA)
     nn.functional.cross_entropy(model(x), torch.randint(0, 10, (8,), device=CUDA)).backward()
     kfac.step()
     assert set(states) == {"tf32" if precision == "high" else "ieee"}
     samples = x.shape[0]
-    expected = {("0", "A"): (exact_a(conv, seen["conv"]) / samples, samples * 64),
-                ("0", "G"): (exact_g(seen["conv grad"]) * samples, samples * 64),
-                ("3", "A"): (exact_a(linear, seen["linear"]) / samples, samples),
-                ("3", "G"): (exact_g(seen["linear grad"]) * samples, samples)}
+    expected = {
+        ("0", "A"): (exact_a(conv, seen["conv"]) / samples, samples * 64),
+        ("0", "G"): (exact_g(seen["conv grad"]) * samples, samples * 64),
+        ("3", "A"): (exact_a(linear, seen["linear"]) / samples, samples),
+        ("3", "G"): (exact_g(seen["linear grad"]) * samples, samples),
+    }
     for (name, kind), (exact, terms) in expected.items():
         got = kfac.factors[name][kind]
         assert got.dtype == torch.float32
         error = float((got.double() - exact).norm())
-        bound = tf32_bound(terms) if precision == "high" else tf32_bound(terms) - 2 * 2.0 ** -10 - 2.0 ** -20
+        bound = tf32_bound(terms) if precision == "high" else tf32_bound(terms) - 2 * 2.0**-10 - 2.0**-20
         assert error <= bound * float(exact.trace()), (name, kind, error / float(exact.trace()))

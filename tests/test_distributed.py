@@ -1,10 +1,11 @@
 """Real multi-rank runs under horovodrun --gloo and mpirun: equivalence, overlap, agreement, accounting."""
+
 import json
 
 import pytest
+from multiproc import run
 
 from kfac_hvd.timeline import read_collectives
-from multiproc import run
 
 WORKER = "tests/workers/kfac_worker.py"
 
@@ -13,11 +14,25 @@ def read_ranks(out, np=2):
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(np)]
 
 
-@pytest.mark.parametrize("launcher,local_max_dim", [("horovodrun-gloo", 0), ("mpirun", 0), ("horovodrun-gloo", 256)])
+@pytest.mark.parametrize(
+    "launcher,local_max_dim", [("horovodrun-gloo", 0), ("mpirun", 0), ("horovodrun-gloo", 256)]
+)
 def test_two_half_batches_equal_one_whole_batch(launcher, local_max_dim, tmp_path):
     """local_max_dim 0: every layer is owned by one rank and its inverses travel in the allgather;
     256: every layer of this model is inverted on every rank and only factors travel."""
-    run(launcher, [WORKER, "equivalence", "--out", str(tmp_path), "--steps", "4", "--local-max-dim", str(local_max_dim)])
+    run(
+        launcher,
+        [
+            WORKER,
+            "equivalence",
+            "--out",
+            str(tmp_path),
+            "--steps",
+            "4",
+            "--local-max-dim",
+            str(local_max_dim),
+        ],
+    )
     for result in read_ranks(tmp_path):
         assert result["size"] == 2
         assert result["max_relative_grad_gap"] < 1e-9, result["max_relative_grad_gap"]
@@ -55,17 +70,40 @@ def test_factor_allreduces_start_in_the_hooks_and_change_nothing(tmp_path):
     assert read_ranks(hooks)[0]["parameters"] == read_ranks(from_step)[0]["parameters"]
 
 
-@pytest.mark.parametrize("launcher,policy,noise_aware", [("horovodrun-gloo", "modulo", False),
-                                                         ("mpirun", "since_last", False),
-                                                         ("horovodrun-gloo", "modulo", True),
-                                                         ("mpirun", "modulo", True)])
+@pytest.mark.parametrize(
+    "launcher,policy,noise_aware",
+    [
+        ("horovodrun-gloo", "modulo", False),
+        ("mpirun", "since_last", False),
+        ("horovodrun-gloo", "modulo", True),
+        ("mpirun", "modulo", True),
+    ],
+)
 def test_ranks_take_identical_schedule_decisions(launcher, policy, noise_aware, tmp_path):
-    run(launcher, [WORKER, "schedule", "--out", str(tmp_path), "--steps", "30", "--threshold", "0.25",
-                   "--policy", policy] + (["--noise-aware"] if noise_aware else []))
+    run(
+        launcher,
+        [
+            WORKER,
+            "schedule",
+            "--out",
+            str(tmp_path),
+            "--steps",
+            "30",
+            "--threshold",
+            "0.25",
+            "--policy",
+            policy,
+        ]
+        + (["--noise-aware"] if noise_aware else []),
+    )
     rank0, rank1 = read_ranks(tmp_path)
+
     def decisions(result):
-        return [{name: (entry["due"], entry["interval"]) for name, entry in record["layers"].items()}
-                for record in result["records"]]
+        return [
+            {name: (entry["due"], entry["interval"]) for name, entry in record["layers"].items()}
+            for record in result["records"]
+        ]
+
     assert decisions(rank0) == decisions(rank1)
     intervals = [entry["interval"] for entry in rank0["records"][-1]["layers"].values()]
     assert max(intervals) > 1, "λ = 0.25 should have grown some interval in 30 steps"
@@ -85,8 +123,12 @@ def test_counters_and_one_inverse_collective_per_step_agree_with_horovod_timelin
     exactly one inverse collective (allgather.kfac.inverses) and no broadcast. The counters' wire bytes
     follow the ring model: 2(P−1)/P of each allreduce payload, (P−1)/P of each allgather share."""
     timeline = tmp_path / "timeline.json"
-    run("horovodrun-gloo", [WORKER, "schedule", "--out", str(tmp_path), "--steps", "12"], np=np,
-        env={"HOROVOD_TIMELINE": str(timeline)})
+    run(
+        "horovodrun-gloo",
+        [WORKER, "schedule", "--out", str(tmp_path), "--steps", "12"],
+        np=np,
+        env={"HOROVOD_TIMELINE": str(timeline)},
+    )
     rank0 = read_ranks(tmp_path, np)[0]
     stats, owners, records = rank0["stats"], rank0["owners"], rank0["records"]
     seen = read_collectives(str(timeline))
@@ -107,8 +149,13 @@ def test_counters_and_one_inverse_collective_per_step_agree_with_horovod_timelin
     assert not any(op == "broadcast" for op, _ in seen)
     # Three layers whose inverses travel: with 4 ranks one rank owns none and sends an empty part.
     assert set(owners.values()) == set(range(min(np, 3)))
-    ring = sum(entry["payload_bytes"] * (2 if not kind.endswith("_inv") else 1) * (np - 1) / np
-               for kinds in stats["per_layer"].values() for kind, entry in kinds.items())
+    ring = sum(
+        entry["payload_bytes"] * (2 if not kind.endswith("_inv") else 1) * (np - 1) / np
+        for kinds in stats["per_layer"].values()
+        for kind, entry in kinds.items()
+    )
     assert stats["wire_bytes"] == pytest.approx(ring, rel=1e-12)
-    assert sum(entry["payload_bytes"] for kinds in stats["per_layer"].values() for entry in kinds.values()) \
+    assert (
+        sum(entry["payload_bytes"] for kinds in stats["per_layer"].values() for entry in kinds.values())
         == stats["payload_bytes"]
+    )

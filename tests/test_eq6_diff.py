@@ -3,16 +3,24 @@ docs/NOISE.md: the values a step record reports, against factors computed in the
 inputs and output gradients (tests/direct_factors.py), for a Linear layer, a 3×3 Conv2d with bias and
 BatchNorm's F; on one rank, on two in-process ranks that saw the same batch (so factors travel, as
 triangles or whole), and on two real ranks under horovodrun (Gloo) with different batches."""
+
 import json
 
 import pytest
 import torch
-
-import kfac_hvd
-from direct_factors import (direct_factors, diff, forward_backward, make_model, noise_aware_diff,
-                            split_half_noise, step_inputs)
+from direct_factors import (
+    diff,
+    direct_factors,
+    forward_backward,
+    make_model,
+    noise_aware_diff,
+    split_half_noise,
+    step_inputs,
+)
 from mirror_comm import MirrorCommunicator
 from multiproc import run
+
+import kfac_hvd
 
 KEYS = (("conv", "A"), ("conv", "G"), ("bn", "F"), ("fc", "A"), ("fc", "G"))
 WORKER = "tests/workers/diff_worker.py"
@@ -39,33 +47,38 @@ def reported(record: dict, key, prefix: str = "diff_"):
     return record["layers"][name][f"{prefix}{kind}"]
 
 
-@pytest.mark.parametrize("comm,symmetric", [(None, True), (MirrorCommunicator(), True),
-                                            (MirrorCommunicator(), False)],
-                         ids=["one-rank", "two-ranks-triangles", "two-ranks-full"])
+@pytest.mark.parametrize(
+    "comm,symmetric",
+    [(None, True), (MirrorCommunicator(), True), (MirrorCommunicator(), False)],
+    ids=["one-rank", "two-ranks-triangles", "two-ranks-full"],
+)
 def test_step_record_diff_is_eq6_of_directly_computed_factors(comm, symmetric):
     records, (first, second), _ = two_steps(dict(symmetric_comm=symmetric), batch=8, comm=comm)
     for key in KEYS:
-        assert reported(records[0], key) is None            # no X_pre on the first update
+        assert reported(records[0], key) is None  # no X_pre on the first update
         expected = diff(second[key], first[key])
-        assert expected > 0.05                               # the inputs really changed
+        assert expected > 0.05  # the inputs really changed
         assert reported(records[1], key) == pytest.approx(expected, **TOLERANCE), key
 
 
-@pytest.mark.parametrize("comm,symmetric", [(None, True), (MirrorCommunicator(), True),
-                                            (MirrorCommunicator(), False)],
-                         ids=["one-rank", "two-ranks-triangles", "two-ranks-full"])
+@pytest.mark.parametrize(
+    "comm,symmetric",
+    [(None, True), (MirrorCommunicator(), True), (MirrorCommunicator(), False)],
+    ids=["one-rank", "two-ranks-triangles", "two-ranks-full"],
+)
 def test_noise_aware_diff_is_the_formula_of_docs_noise(comm, symmetric):
     """An odd batch (halves of 4 and 5 samples) checks the n₁n₂/n² weight. V is this step's estimate,
     V_pre the first step's; over P ranks the reported noise is (1/P²)·Σ_r v_r — here both ranks hold
     the same v, so V = v/2."""
     ranks = 1 if comm is None else comm.size
     records, (first, second), (noise_first, noise_second) = two_steps(
-        dict(symmetric_comm=symmetric, noise_aware_diff=True), batch=9, comm=comm)
+        dict(symmetric_comm=symmetric, noise_aware_diff=True), batch=9, comm=comm
+    )
     for key in KEYS:
         previous_noise, noise = noise_first[key] / ranks, noise_second[key] / ranks
         raw = diff(second[key], first[key])
         expected = noise_aware_diff(second[key], first[key], noise, previous_noise)
-        assert 0 < expected < raw - 1e-3, key                # the noise terms matter, and are not clamped
+        assert 0 < expected < raw - 1e-3, key  # the noise terms matter, and are not clamped
         assert reported(records[1], key, "raw_diff_") == pytest.approx(raw, **TOLERANCE), key
         assert reported(records[1], key) == pytest.approx(expected, **TOLERANCE), key
 
@@ -78,8 +91,13 @@ def test_two_real_ranks_diff_is_eq6_of_the_averaged_factors(tmp_path):
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
 
     def averaged(step: int, what: str):
-        return {key: sum(torch.tensor(rank[what][step][f"{key[0]}.{key[1]}"], dtype=torch.float64)
-                         for rank in ranks) / len(ranks) for key in KEYS}
+        return {
+            key: sum(
+                torch.tensor(rank[what][step][f"{key[0]}.{key[1]}"], dtype=torch.float64) for rank in ranks
+            )
+            / len(ranks)
+            for key in KEYS
+        }
 
     first, second = averaged(0, "factors"), averaged(1, "factors")
     noise_first, noise_second = averaged(0, "noise"), averaged(1, "noise")

@@ -6,6 +6,7 @@ The dispatch: on the CPU narrow inputs are cast to fp32 first, exactly as before
 sizes; the TF32 setting surrounds K-FAC's factor products only. Tensor cores themselves:
 tests/test_cuda_products.py.
 """
+
 import re
 
 import pytest
@@ -42,10 +43,11 @@ def upcast_a(module, x):
     if isinstance(module, nn.Linear):
         columns = x.reshape(x.shape[0], -1, x.shape[-1]).transpose(1, 2)
     elif module.kernel_size == (1, 1) and module.padding == (0, 0):
-        columns = x[:, :, ::module.stride[0], ::module.stride[1]].reshape(x.shape[0], x.shape[1], -1)
+        columns = x[:, :, :: module.stride[0], :: module.stride[1]].reshape(x.shape[0], x.shape[1], -1)
     else:
-        columns = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=module.padding,
-                           stride=module.stride)
+        columns = F.unfold(
+            x, module.kernel_size, dilation=module.dilation, padding=module.padding, stride=module.stride
+        )
     width, positions = columns.shape[1], columns.shape[2]
     total = torch.zeros(width + 1, width + 1)
     total[:width, :width] = upcast_gram(columns)
@@ -66,10 +68,12 @@ def upcast_batchnorm(bn, x, g):
     return torch.zeros(x.shape[1], 2, 2) + torch.einsum("nci,ncj->cij", grads, grads)
 
 
-CASES = [(nn.Linear(12, 6), (10, 12)),                              # rows are a view: addmm
-         (nn.Conv2d(3, 5, 3, padding=1), (6, 3, 8, 8)),              # positions > width: batched
-         (nn.Conv2d(16, 4, 3, stride=2), (6, 16, 5, 5)),             # width > positions: addmm of a copy
-         (nn.Conv2d(8, 4, 1, stride=2), (6, 8, 6, 6))]               # pointwise, strided
+CASES = [
+    (nn.Linear(12, 6), (10, 12)),  # rows are a view: addmm
+    (nn.Conv2d(3, 5, 3, padding=1), (6, 3, 8, 8)),  # positions > width: batched
+    (nn.Conv2d(16, 4, 3, stride=2), (6, 16, 5, 5)),  # width > positions: addmm of a copy
+    (nn.Conv2d(8, 4, 1, stride=2), (6, 8, 6, 6)),
+]  # pointwise, strided
 
 
 @pytest.mark.parametrize("narrow_products", [True, False])
@@ -101,9 +105,17 @@ def test_batchnorm_narrow_inputs_on_the_cpu_give_the_upcast_factor_bit_for_bit(d
 
 
 def network():
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                         nn.Conv2d(8, 8, 3, stride=2), nn.ReLU(), nn.Conv2d(8, 8, 1), nn.ReLU(),
-                         nn.Flatten(), nn.Linear(8 * 7 * 7, 10))
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, stride=2),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 7 * 7, 10),
+    )
 
 
 @pytest.mark.parametrize("dtype", NARROW)
@@ -140,6 +152,7 @@ def narrow_products_on_the_cpu(monkeypatch):
                 return original(a, b)
             calls.append((a.dtype, a.shape[0] if a.dim() == 3 else None))
             return original(a.to(out_dtype), b.to(out_dtype))
+
         return product
 
     monkeypatch.setattr(torch, "mm", emulate(torch.mm))
@@ -168,7 +181,7 @@ def test_unfold_chunk_bytes_counts_narrow_elements_at_their_size(narrow_products
     assert [t.shape[0] for t in unfolded] == [3, 3, 1]
     assert {t.dtype for t in unfolded} == {torch.bfloat16}
     assert all(t.numel() * t.element_size() <= 43_200 for t in unfolded)
-    assert [batch for _, batch in narrow_products_on_the_cpu] == [3, 3, 1]      # batched: positions > width
+    assert [batch for _, batch in narrow_products_on_the_cpu] == [3, 3, 1]  # batched: positions > width
     assert {dtype for dtype, _ in narrow_products_on_the_cpu} == {torch.bfloat16}
     unfolded.clear()
     upcast, _ = layer.a_contribution(x, chunk_bytes=43_200, narrow_products=False)
@@ -177,14 +190,19 @@ def test_unfold_chunk_bytes_counts_narrow_elements_at_their_size(narrow_products
     torch.testing.assert_close(narrow, upcast, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("module,shape,cap,chunks", [
-    # 8 channels at 100 positions, NCHW: 800 bf16 values and an 8×8 fp32 product per sample = 1,856 bytes
-    # (cast first: two fp32 copies, 6,656 bytes); batched products, since the rows are not a view.
-    (nn.Conv2d(4, 8, 3, padding=1), (7, 8, 10, 10), 3 * 1856, [3, 3, 1]),
-    # Linear(5 → 6): 6 bf16 values and a 6×6 fp32 product per sample = 156 bytes: one product per chunk.
-    (nn.Linear(5, 6), (7, 6), 2 * 156, [None] * 4),
-])
-def test_gradient_chunks_count_narrow_elements_at_their_size(narrow_products_on_the_cpu, module, shape, cap, chunks):
+@pytest.mark.parametrize(
+    "module,shape,cap,chunks",
+    [
+        # 8 channels at 100 positions, NCHW: 800 bf16 values and an 8×8 fp32 product per sample = 1,856 bytes
+        # (cast first: two fp32 copies, 6,656 bytes); batched products, since the rows are not a view.
+        (nn.Conv2d(4, 8, 3, padding=1), (7, 8, 10, 10), 3 * 1856, [3, 3, 1]),
+        # Linear(5 → 6): 6 bf16 values and a 6×6 fp32 product per sample = 156 bytes: one product per chunk.
+        (nn.Linear(5, 6), (7, 6), 2 * 156, [None] * 4),
+    ],
+)
+def test_gradient_chunks_count_narrow_elements_at_their_size(
+    narrow_products_on_the_cpu, module, shape, cap, chunks
+):
     torch.manual_seed(4)
     layer = (LinearLayer if isinstance(module, nn.Linear) else Conv2dLayer)("m", module, torch.float32)
     g = torch.randn(*shape).to(torch.float16)
@@ -216,20 +234,24 @@ def precision_state():
 
 @pytest.fixture
 def restore_matmul_precision():
-    assert precision_state() == ("highest", "none", "none")          # PyTorch's defaults
+    assert precision_state() == ("highest", "none", "none")  # PyTorch's defaults
     yield
     torch.set_float32_matmul_precision("highest")
     MATMUL.fp32_precision = torch.backends.mkldnn.matmul.fp32_precision = "none"
 
 
-SETUPS = {"default": lambda: None,
-          "legacy allow_tf32": lambda: setattr(MATMUL, "allow_tf32", True),
-          "new API only": lambda: setattr(MATMUL, "fp32_precision", "tf32"),
-          "global medium": lambda: torch.set_float32_matmul_precision("medium")}
+SETUPS = {
+    "default": lambda: None,
+    "legacy allow_tf32": lambda: setattr(MATMUL, "allow_tf32", True),
+    "new API only": lambda: setattr(MATMUL, "fp32_precision", "tf32"),
+    "global medium": lambda: torch.set_float32_matmul_precision("medium"),
+}
 
 
 @pytest.mark.parametrize("setup", SETUPS)
-def test_matmul_precision_is_set_inside_and_restored_after_even_on_an_exception(restore_matmul_precision, setup):
+def test_matmul_precision_is_set_inside_and_restored_after_even_on_an_exception(
+    restore_matmul_precision, setup
+):
     SETUPS[setup]()
     before = precision_state()
     for precision, inside in (("high", "tf32"), ("highest", "ieee")):
@@ -242,12 +264,13 @@ def test_matmul_precision_is_set_inside_and_restored_after_even_on_an_exception(
                 1 / 0
         assert precision_state() == before
     with fp32_matmul_precision(torch.device("cpu"), "high"):
-        assert precision_state() == before           # CPU products have no TF32: nothing is touched
+        assert precision_state() == before  # CPU products have no TF32: nothing is touched
 
 
 class PrecisionSeen(TorchFunctionMode):
     """The cuBLAS fp32 precision in force at each call of the model's layers and of ``@`` (autograd's
     backward pass runs without Python modes: the factor products are watched by ``watch`` instead)."""
+
     NAMES = {"linear", "conv2d", "matmul", "__matmul__"}
 
     def __init__(self):
@@ -264,15 +287,22 @@ class PrecisionSeen(TorchFunctionMode):
 
     def watch(self, monkeypatch):
         gram, einsum = kfac_hvd.layers.accumulate_gram, torch.einsum
-        monkeypatch.setattr(kfac_hvd.layers, "accumulate_gram",
-                            lambda total, columns: self.note("gram") or gram(total, columns))
-        monkeypatch.setattr(torch, "einsum", lambda equation, *operands: self.note(equation) or einsum(equation, *operands))
+        monkeypatch.setattr(
+            kfac_hvd.layers,
+            "accumulate_gram",
+            lambda total, columns: self.note("gram") or gram(total, columns),
+        )
+        monkeypatch.setattr(
+            torch, "einsum", lambda equation, *operands: self.note(equation) or einsum(equation, *operands)
+        )
 
 
-@pytest.mark.parametrize("model_precision,factor_precision,inside", [("tf32", "highest", "ieee"),
-                                                                     ("ieee", "high", "tf32")])
-def test_factor_matmul_precision_applies_to_the_factor_products_only(monkeypatch, restore_matmul_precision,
-                                                                     model_precision, factor_precision, inside):
+@pytest.mark.parametrize(
+    "model_precision,factor_precision,inside", [("tf32", "highest", "ieee"), ("ieee", "high", "tf32")]
+)
+def test_factor_matmul_precision_applies_to_the_factor_products_only(
+    monkeypatch, restore_matmul_precision, model_precision, factor_precision, inside
+):
     """With the setting applied to CPU products (as on CUDA): the factor products (the Gram products of
     A and G, BatchNorm's einsum for F) run at ``factor_matmul_precision``, the model's layers at the
     caller's setting, the preconditioning products (@, BatchNorm's einsum) in full fp32."""
@@ -288,16 +318,24 @@ def test_factor_matmul_precision_applies_to_the_factor_products_only(monkeypatch
         kfac.step()
     seen = {name: set(states) for name, states in mode.seen.items()}
     assert seen["linear"] == seen["conv2d"] == {model_precision}
-    assert len(mode.seen["gram"]) == 8                       # A and G of three convolutions and the linear layer
+    assert len(mode.seen["gram"]) == 8  # A and G of three convolutions and the linear layer
     assert seen["gram"] == seen["nci,ncj->cij"] == {inside}
     assert seen["matmul"] == seen["cij,cj->ci"] == {"ieee"}
     assert MATMUL.fp32_precision == model_precision
 
 
-@pytest.mark.parametrize("bad", [{"narrow_factor_products": 1}, {"narrow_factor_products": "yes"},
-                                 {"factor_matmul_precision": "medium"}, {"factor_matmul_precision": "HIGH"},
-                                 {"factor_matmul_precision": None}, {"factor_matmul_precision": ["high"]}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"narrow_factor_products": 1},
+        {"narrow_factor_products": "yes"},
+        {"factor_matmul_precision": "medium"},
+        {"factor_matmul_precision": "HIGH"},
+        {"factor_matmul_precision": None},
+        {"factor_matmul_precision": ["high"]},
+    ],
+)
 def test_precision_options_are_validated(bad):
-    (option, value), = bad.items()
+    ((option, value),) = bad.items()
     with pytest.raises(ValueError, match=f"{option} must be .*got {re.escape(repr(value))}"):
         kfac_hvd.KFAC(network(), **bad)

@@ -1,4 +1,5 @@
 """What one step costs: host synchronisations, memory, chunked factor maths, gradient accumulation."""
+
 import copy
 
 import pytest
@@ -20,7 +21,7 @@ def stack(layers: int) -> nn.Sequential:
 
 def syncs_per_step(model: nn.Module, steps: int, **options):
     torch.manual_seed(0)
-    kfac = kfac_hvd.KFAC(model, update_threshold=1e9, **options)   # every diff below λ: intervals grow
+    kfac = kfac_hvd.KFAC(model, update_threshold=1e9, **options)  # every diff below λ: intervals grow
     counts, due = [], []
     for _ in range(steps):
         model.zero_grad()
@@ -49,16 +50,16 @@ def test_memory_bytes_matches_a_hand_count():
     # conv: A 19×19 (2·3·3 + bias), G 3×3; BN: 3 blocks of 2×2; linear: A 49×49, G 5×5; fp32.
     factor_bytes = 4 * (19 * 19 + 3 * 3 + 3 * 4 + 49 * 49 + 5 * 5)
     x, y = torch.randn(4, 2, 6, 6), torch.randint(0, 5, (4,))
-    for decay, held in ((None, factor_bytes), (0.5, 2 * factor_bytes)):   # decay: running + fresh factors
+    for decay, held in ((None, factor_bytes), (0.5, 2 * factor_bytes)):  # decay: running + fresh factors
         kfac = kfac_hvd.KFAC(copy.deepcopy(model), factor_decay=decay, accumulation_steps=2)
         net = kfac.layers["0"].module
         for _ in range(2):
             kfac_model = nn.Sequential(net, kfac.layers["1"].module, nn.Flatten(), kfac.layers["3"].module)
             kfac_model.zero_grad()
             nn.functional.cross_entropy(kfac_model(x), y).backward()
-            assert kfac.memory_bytes()["capture_buffers"] == factor_bytes   # one of two passes captured
+            assert kfac.memory_bytes()["capture_buffers"] == factor_bytes  # one of two passes captured
             kfac_model(x).sum().backward()
-            assert kfac.memory_bytes()["capture_buffers"] == 0               # handed over on the second
+            assert kfac.memory_bytes()["capture_buffers"] == 0  # handed over on the second
             kfac.step()
         memory = kfac.memory_bytes()
         assert memory["factors"] == held
@@ -67,12 +68,15 @@ def test_memory_bytes_matches_a_hand_count():
         assert memory["total"] == held + factor_bytes + memory["caches"]
 
 
-@pytest.mark.parametrize("module,shape", [
-    (nn.Conv2d(3, 4, 3, stride=2, padding=1), (6, 3, 9, 9)),
-    (nn.Conv2d(3, 4, 1, stride=2), (6, 3, 9, 9)),          # pointwise: no unfold
-    (nn.Conv2d(3, 4, 1, bias=False), (6, 3, 5, 5)),
-    (nn.Linear(7, 4), (6, 7)),
-])
+@pytest.mark.parametrize(
+    "module,shape",
+    [
+        (nn.Conv2d(3, 4, 3, stride=2, padding=1), (6, 3, 9, 9)),
+        (nn.Conv2d(3, 4, 1, stride=2), (6, 3, 9, 9)),  # pointwise: no unfold
+        (nn.Conv2d(3, 4, 1, bias=False), (6, 3, 5, 5)),
+        (nn.Linear(7, 4), (6, 7)),
+    ],
+)
 def test_chunked_factors_equal_one_pass_and_respect_the_cap(module, shape, monkeypatch):
     torch.manual_seed(1)
     module = module.double()
@@ -83,9 +87,12 @@ def test_chunked_factors_equal_one_pass_and_respect_the_cap(module, shape, monke
     whole_g, _ = layer.g_contribution(grad, chunk_bytes=1 << 30)
     unfolded = []
     original_unfold = torch.nn.functional.unfold
-    monkeypatch.setattr(torch.nn.functional, "unfold",
-                        lambda *a, **k: unfolded.append(original_unfold(*a, **k)) or unfolded[-1])
-    chunk_a, samples = layer.a_contribution(x, chunk_bytes=1)     # one sample at a time
+    monkeypatch.setattr(
+        torch.nn.functional,
+        "unfold",
+        lambda *a, **k: unfolded.append(original_unfold(*a, **k)) or unfolded[-1],
+    )
+    chunk_a, samples = layer.a_contribution(x, chunk_bytes=1)  # one sample at a time
     chunk_g, _ = layer.g_contribution(grad, chunk_bytes=1)
     assert samples == shape[0]
     torch.testing.assert_close(chunk_a, whole_a)

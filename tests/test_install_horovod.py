@@ -1,13 +1,13 @@
 """scripts/install_horovod.sh: its decision (skip, install-cached, build) and the build environment it forms,
 seen through its dry run against fake interpreters; the Makefile's use of it; the strict session checks."""
+
 import os
 import shutil
 import subprocess
 import sys
 
-import pytest
-
 import conftest as session_checks
+import pytest
 from launch_helpers import common
 from launch_helpers.fake_env import Fake, failed_step, make_n, parse, write
 
@@ -19,6 +19,7 @@ NCCL_INSTALLED = dict(nccl=23007, mpi=1, gloo=1)
 
 
 # --- the decision -------------------------------------------------------------------------------------
+
 
 def test_right_flavour_installed_means_nothing_to_do(tmp_path):
     out = Fake(tmp_path, horovod=CPU_INSTALLED).dry_run()
@@ -59,14 +60,17 @@ def test_cached_wheel_of_another_python_is_not_used(tmp_path):
     assert fake.dry_run("NCCL")["decision"] == "build"
 
 
-@pytest.mark.parametrize("horovod, words", [
-    (None, "not installed"),
-    (dict(version="0.27.0"), "0.27.0"),
-    (dict(broken="torch"), "undefined symbol"),
-    (dict(broken="package"), "OSError: libhorovod_common.so"),
-    (dict(nccl=0, mpi=1, gloo=0), "lacks Gloo"),
-    (dict(nccl=0, mpi=0, gloo=1), "lacks MPI"),
-])
+@pytest.mark.parametrize(
+    "horovod, words",
+    [
+        (None, "not installed"),
+        (dict(version="0.27.0"), "0.27.0"),
+        (dict(broken="torch"), "undefined symbol"),
+        (dict(broken="package"), "OSError: libhorovod_common.so"),
+        (dict(nccl=0, mpi=1, gloo=0), "lacks Gloo"),
+        (dict(nccl=0, mpi=0, gloo=1), "lacks MPI"),
+    ],
+)
 def test_absent_other_version_broken_or_incomplete_horovod_is_replaced(tmp_path, horovod, words):
     out = Fake(tmp_path, horovod=horovod).dry_run()
     assert out["decision"] == "build"
@@ -99,6 +103,7 @@ def test_dry_run_by_environment_variable(tmp_path):
 
 # --- the build environment ---------------------------------------------------------------------------
 
+
 def test_nccl_environment_points_at_the_wheels_nccl_through_a_libnccl_so_link(tmp_path):
     fake = Fake(tmp_path)
     out = fake.dry_run("NCCL")
@@ -112,8 +117,13 @@ def test_nccl_environment_points_at_the_wheels_nccl_through_a_libnccl_so_link(tm
     assert env["CMAKE_POLICY_VERSION_MINIMUM"] == "3.5"
     assert env["HOROVOD_BUILD_CUDA_CC_LIST"] == "90"
     assert env["CUDA_HOME"] == env["HOROVOD_CUDA_HOME"] == fake.cuda
-    for name in ("HOROVOD_WITH_PYTORCH", "HOROVOD_WITH_GLOO", "HOROVOD_WITH_MPI", "HOROVOD_WITHOUT_TENSORFLOW",
-                 "HOROVOD_WITHOUT_MXNET"):
+    for name in (
+        "HOROVOD_WITH_PYTORCH",
+        "HOROVOD_WITH_GLOO",
+        "HOROVOD_WITH_MPI",
+        "HOROVOD_WITHOUT_TENSORFLOW",
+        "HOROVOD_WITHOUT_MXNET",
+    ):
         assert env[name] == "1", name
     assert "HOROVOD_WITHOUT_MPI" not in env
 
@@ -141,8 +151,9 @@ def test_no_nccl_fails_naming_the_step(tmp_path):
 
 
 def test_callers_nccl_and_architectures_are_kept(tmp_path):
-    env = Fake(tmp_path, nccl=None).dry_run("NCCL", HOROVOD_NCCL_HOME="/opt/nccl",
-                                            HOROVOD_BUILD_CUDA_CC_LIST="80,90")["env"]
+    env = Fake(tmp_path, nccl=None).dry_run(
+        "NCCL", HOROVOD_NCCL_HOME="/opt/nccl", HOROVOD_BUILD_CUDA_CC_LIST="80,90"
+    )["env"]
     assert env["HOROVOD_NCCL_HOME"] == "/opt/nccl" and "HOROVOD_NCCL_LIB" not in env
     assert env["HOROVOD_BUILD_CUDA_CC_LIST"] == "80,90"
 
@@ -208,8 +219,9 @@ def test_without_sdist_the_dry_run_says_it_would_download(tmp_path):
     fake = Fake(tmp_path)
     out = fake.dry_run()
     carried = os.path.join(REPO, ".gpu_carry", "horovod-0.28.1.tar.gz")
-    assert out["sdist"] == (carried if os.path.exists(carried) else
-                            f"download into {os.path.join(fake.cache, 'sdist')}")
+    assert out["sdist"] == (
+        carried if os.path.exists(carried) else f"download into {os.path.join(fake.cache, 'sdist')}"
+    )
 
 
 def test_target_folder_is_put_on_pythonpath(tmp_path):
@@ -219,6 +231,7 @@ def test_target_folder_is_put_on_pythonpath(tmp_path):
 
 
 # --- the Makefile ------------------------------------------------------------------------------------
+
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="make not installed")
 def test_make_setup_asks_the_script_even_when_the_venv_is_ready(tmp_path):
@@ -235,10 +248,13 @@ def test_make_test_is_strict_and_prints_skip_reasons(tmp_path):
 
 # --- strict session checks and the cuda marker -------------------------------------------------------
 
+
 def test_strict_checks_name_every_missing_prerequisite(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.setattr(session_checks, "FASHION", str(tmp_path / "fashion"))
-    monkeypatch.setattr(session_checks, "horovod_problem", lambda: "horovod.torch does not load (ImportError: x)")
+    monkeypatch.setattr(
+        session_checks, "horovod_problem", lambda: "horovod.torch does not load (ImportError: x)"
+    )
     problems = " | ".join(session_checks.strict_problems())
     assert "mpirun" in problems
     assert "Fashion-MNIST" in problems and "t10k-labels-idx1-ubyte" in problems
@@ -257,14 +273,23 @@ def test_strict_horovod_ready_raises_instead_of_skipping(monkeypatch):
 def pytest_subprocess(args, cwd, **extra):
     env = {k: v for k, v in os.environ.items() if k != "KFAC_HVD_STRICT"}
     env.update(OMP_NUM_THREADS="1", **extra)
-    return subprocess.run([REAL_PYTHON, "-m", "pytest", "-p", "no:cacheprovider", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [REAL_PYTHON, "-m", "pytest", "-p", "no:cacheprovider", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_strict_session_fails_with_one_line_reason_and_lax_one_runs(tmp_path):
     # A half-built Horovod (its extension does not load) and no mpirun on PATH.
     write(str(tmp_path / "site" / "horovod" / "__init__.py"), "")
-    write(str(tmp_path / "site" / "horovod" / "torch" / "__init__.py"), "raise ImportError('undefined symbol')\n")
+    write(
+        str(tmp_path / "site" / "horovod" / "torch" / "__init__.py"),
+        "raise ImportError('undefined symbol')\n",
+    )
     this = os.path.relpath(__file__, REPO) + "::test_unknown_flavour_fails"
     extra = dict(PATH=str(tmp_path), PYTHONPATH=str(tmp_path / "site"))
     lax = pytest_subprocess(["-q", "--collect-only", this], REPO, **extra)
@@ -280,11 +305,27 @@ def test_strict_session_fails_with_one_line_reason_and_lax_one_runs(tmp_path):
 def test_cuda_marked_tests_skip_with_reason_without_a_gpu(tmp_path, gpu):
     write(str(tmp_path / "site" / "torch" / "__init__.py"), "from . import cuda\n")
     write(str(tmp_path / "site" / "torch" / "cuda.py"), f"def is_available():\n    return {gpu}\n")
-    write(str(tmp_path / "t" / "test_gpu.py"), "import pytest\n\n@pytest.mark.cuda\ndef test_needs_gpu():\n    pass\n\n"
-          "def test_plain():\n    pass\n")
+    write(
+        str(tmp_path / "t" / "test_gpu.py"),
+        "import pytest\n\n@pytest.mark.cuda\ndef test_needs_gpu():\n    pass\n\n"
+        "def test_plain():\n    pass\n",
+    )
     path = os.pathsep.join([str(tmp_path / "site"), os.path.join(REPO, "tests")])
-    proc = pytest_subprocess(["-q", "-rs", "-c", os.path.join(REPO, "pytest.ini"), "--rootdir", str(tmp_path / "t"),
-                              "-p", "conftest", "test_gpu.py"], str(tmp_path / "t"), PYTHONPATH=path)
+    proc = pytest_subprocess(
+        [
+            "-q",
+            "-rs",
+            "-c",
+            os.path.join(REPO, "pytest.ini"),
+            "--rootdir",
+            str(tmp_path / "t"),
+            "-p",
+            "conftest",
+            "test_gpu.py",
+        ],
+        str(tmp_path / "t"),
+        PYTHONPATH=path,
+    )
     assert proc.returncode == 0, common.describe(proc)
     if gpu:
         assert "2 passed" in proc.stdout and "skipped" not in proc.stdout

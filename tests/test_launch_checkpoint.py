@@ -1,14 +1,15 @@
 """Checkpoints: atomic writes, and an interrupted 2-rank run resumed to the same result."""
+
 import json
 import os
 
 import numpy as np
 import pytest
 import torch
-
-from launch.checkpoint import atomic_save, resolve_resume
 from launch_helpers.common import describe, horovod_ready, read_jsonl
 from launch_helpers.jobs import job, tiny, train_cmd
+
+from launch.checkpoint import atomic_save, resolve_resume
 
 needs_horovod = pytest.mark.skipif(not horovod_ready(), reason="horovod not installed")
 
@@ -96,7 +97,7 @@ def test_interrupted_run_resumes_exactly_under_2_ranks(tmp_path):
     assert set(ca) == set(cb)
     for key in sorted(set(ca) - {"config", "extra"}):
         assert_same(ca[key], cb[key], key)
-    assert any(not torch.equal(ca["model"][k], stopped["model"][k]) for k in ca["model"])   # B2 did train
+    assert any(not torch.equal(ca["model"][k], stopped["model"][k]) for k in ca["model"])  # B2 did train
 
     # metrics.jsonl of the resumed run: steps 1..8 once each, equal to run A's but for the timings.
     ma = [r for r in read_jsonl(os.path.join(full, "metrics.jsonl")) if "kfac" in r]
@@ -104,13 +105,17 @@ def test_interrupted_run_resumes_exactly_under_2_ranks(tmp_path):
     assert [r["step"] for r in mb] == [r["step"] for r in ma] == list(range(1, 9))
     for x, y in zip(ma, mb):
         assert x["loss"] == y["loss"] and x["lr"] == y["lr"], x["step"]
-        assert_same({k: v for k, v in x.items() if k not in TIMINGS}, {k: v for k, v in y.items() if k not in TIMINGS},
-                    f"metrics step {x['step']}")
+        assert_same(
+            {k: v for k, v in x.items() if k not in TIMINGS},
+            {k: v for k, v in y.items() if k not in TIMINGS},
+            f"metrics step {x['step']}",
+        )
     # The evaluation history survives the restart (the stopped run evaluated at 3/4 of epoch 1); the
     # evaluations at the ends of epochs 1 and 2, and the training averages of epoch 2, are A's.
     ha = json.load(open(os.path.join(full, "summary.json")))["history"]
     hb = json.load(open(os.path.join(part, "summary.json")))["history"]
     assert [h["epoch"] for h in hb] == [0.75, 1, 2] and [h["epoch"] for h in ha] == [1, 2]
-    assert [(h["step"], h["val_loss"], h["val_top1"]) for h in hb[1:]] == [(h["step"], h["val_loss"], h["val_top1"])
-                                                                            for h in ha]
+    assert [(h["step"], h["val_loss"], h["val_top1"]) for h in hb[1:]] == [
+        (h["step"], h["val_loss"], h["val_top1"]) for h in ha
+    ]
     assert (hb[2]["train_loss"], hb[2]["train_acc"]) == (ha[1]["train_loss"], ha[1]["train_acc"])

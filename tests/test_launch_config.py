@@ -1,13 +1,14 @@
 """Config loading, base: inheritance, dotted overrides and validation (one line, exit code 2)."""
+
 import glob
 import os
 import textwrap
 
 import pytest
 import yaml
+from launch_helpers.common import CONFIGS, launch_cmd, run
 
 from launch.config import ConfigError, load_config, resolve_paths
-from launch_helpers.common import CONFIGS, launch_cmd, run
 
 
 def write(path, text):
@@ -19,38 +20,52 @@ def write(path, text):
 
 @pytest.fixture
 def chain(tmp_path):
-    write(tmp_path / "common" / "base.yaml", """
+    write(
+        tmp_path / "common" / "base.yaml",
+        """
         model: {name: small_resnet, num_classes: 10}
         data: {dataset: synthetic, batch_size: 8}
         optim: {lr: 0.5, milestones: [3, 6]}
         kfac: {damping: 0.01, update_threshold: 0.3}
-        """)
-    child = write(tmp_path / "exp" / "child.yaml", """
+        """,
+    )
+    child = write(
+        tmp_path / "exp" / "child.yaml",
+        """
         base: ../common/base.yaml
         kfac:
           update_threshold: 0.25
         train:
           epochs: 2
-        """)
+        """,
+    )
     return tmp_path, child
 
 
 def test_base_is_relative_to_the_file_and_child_wins(chain):
     tmp, child = chain
     cfg = load_config(child)
-    assert cfg.kfac.update_threshold == 0.25           # child
-    assert cfg.kfac.damping == 0.01                    # base
+    assert cfg.kfac.update_threshold == 0.25  # child
+    assert cfg.kfac.damping == 0.01  # base
     assert cfg.optim.lr == 0.5 and cfg.optim.milestones == [3.0, 6.0]
     assert cfg.train.epochs == 2
-    assert cfg.optim.momentum == 0.9                   # schema default
+    assert cfg.optim.momentum == 0.9  # schema default
     assert cfg.source("kfac.damping").endswith(os.path.join("common", "base.yaml"))
     assert cfg.source("kfac.update_threshold") == child
 
 
 def test_overrides_are_parsed_as_yaml_and_applied_last(chain):
     _, child = chain
-    cfg = load_config(child, ["kfac.update_threshold=null", "optim.milestones=[10, 20]",
-                              "kfac.damping=2.5e-4", "log.tensorboard=false", "kfac.skip_layers=fc"])
+    cfg = load_config(
+        child,
+        [
+            "kfac.update_threshold=null",
+            "optim.milestones=[10, 20]",
+            "kfac.damping=2.5e-4",
+            "log.tensorboard=false",
+            "kfac.skip_layers=fc",
+        ],
+    )
     assert cfg.kfac.update_threshold is None
     assert cfg.optim.milestones == [10.0, 20.0]
     assert cfg.kfac.damping == pytest.approx(2.5e-4)
@@ -70,28 +85,39 @@ def test_resolved_config_round_trips(chain, tmp_path):
     assert cfg.checkpoint.dir == os.path.join("runs", "child", "checkpoints")
 
 
-@pytest.mark.parametrize("text, key, words", [
-    ("kfac: {damping: -1.0}", "kfac.damping", "> 0"),
-    ("kfac: {damping: 0}", "kfac.damping", "> 0"),
-    ("kfac: {update_threshold: 0.0}", "kfac.update_threshold", "> 0"),
-    ("kfac: {update_threshold: -0.25}", "kfac.update_threshold", "> 0"),
-    ("kfac: {dampnig: 0.1}", "kfac.dampnig", "did you mean 'kfac.damping'"),
-    ("train: {epochs: 1.5}", "train.epochs", "integer"),
-    ("train: {epochs: '3'}", "train.epochs", "integer"),
-    ("data: {dataset: synthetic, batch_size: 0}", "data.batch_size", ">= 1"),
-    ("optim: {method: adam}", "optim.method", "one of kfac, sgd"),
-    ("optim: {momentum: 1.0}", "optim.momentum", "[0, 1)"),
-    ("kfac: {interval_policy: sometimes}", "kfac.interval_policy", "modulo, since_last"),
-    ("log: {tensorboard: 'yes'}", "log.tensorboard", "true or false"),
-    ("optim: {schedule: poly, poly_start_epoch: 5, poly_end_epoch: 2}", "optim.poly_end_epoch", "> optim"),
-    ("wrong_section: {a: 1}", "wrong_section", "unknown section"),
-    ("kfac: {skip_layers: ['layer4.(']}", "kfac.skip_layers", "regular expression"),
-    ("train: {epochs: 2}\ntrain: {seed: 1}", "line 4", "duplicate key 'train'"),
-    ("kfac: {damping: 0.1, damping: 0.2}", "line 3", "duplicate key 'damping'"),
-    ("kfac: {update_interval: 0}", "kfac.update_interval", ">= 1"),
-    ("kfac: {interval_warmup_epochs: -1}", "kfac.interval_warmup_epochs", ">= 0"),
-    ("kfac: {update_threshold: 0.25, interval_warmup_epochs: 1}", "kfac.interval_warmup_epochs", "fixed interval only"),
-])
+@pytest.mark.parametrize(
+    "text, key, words",
+    [
+        ("kfac: {damping: -1.0}", "kfac.damping", "> 0"),
+        ("kfac: {damping: 0}", "kfac.damping", "> 0"),
+        ("kfac: {update_threshold: 0.0}", "kfac.update_threshold", "> 0"),
+        ("kfac: {update_threshold: -0.25}", "kfac.update_threshold", "> 0"),
+        ("kfac: {dampnig: 0.1}", "kfac.dampnig", "did you mean 'kfac.damping'"),
+        ("train: {epochs: 1.5}", "train.epochs", "integer"),
+        ("train: {epochs: '3'}", "train.epochs", "integer"),
+        ("data: {dataset: synthetic, batch_size: 0}", "data.batch_size", ">= 1"),
+        ("optim: {method: adam}", "optim.method", "one of kfac, sgd"),
+        ("optim: {momentum: 1.0}", "optim.momentum", "[0, 1)"),
+        ("kfac: {interval_policy: sometimes}", "kfac.interval_policy", "modulo, since_last"),
+        ("log: {tensorboard: 'yes'}", "log.tensorboard", "true or false"),
+        (
+            "optim: {schedule: poly, poly_start_epoch: 5, poly_end_epoch: 2}",
+            "optim.poly_end_epoch",
+            "> optim",
+        ),
+        ("wrong_section: {a: 1}", "wrong_section", "unknown section"),
+        ("kfac: {skip_layers: ['layer4.(']}", "kfac.skip_layers", "regular expression"),
+        ("train: {epochs: 2}\ntrain: {seed: 1}", "line 4", "duplicate key 'train'"),
+        ("kfac: {damping: 0.1, damping: 0.2}", "line 3", "duplicate key 'damping'"),
+        ("kfac: {update_interval: 0}", "kfac.update_interval", ">= 1"),
+        ("kfac: {interval_warmup_epochs: -1}", "kfac.interval_warmup_epochs", ">= 0"),
+        (
+            "kfac: {update_threshold: 0.25, interval_warmup_epochs: 1}",
+            "kfac.interval_warmup_epochs",
+            "fixed interval only",
+        ),
+    ],
+)
 def test_bad_values_name_file_and_key(tmp_path, text, key, words):
     body = text + "\n"
     if not text.startswith("data:"):
@@ -105,16 +131,19 @@ def test_bad_values_name_file_and_key(tmp_path, text, key, words):
 
 
 def test_val_resize_must_cover_the_crop(tmp_path):
-    path = write(tmp_path / "v.yaml", "model: {name: small_resnet}\n"
-                                      "data: {dataset: synthetic, image_size: 64, val_resize: 32}\n")
+    path = write(
+        tmp_path / "v.yaml",
+        "model: {name: small_resnet}\ndata: {dataset: synthetic, image_size: 64, val_resize: 32}\n",
+    )
     with pytest.raises(ConfigError, match="data.val_resize: must be >= data.image_size"):
         load_config(path)
 
 
 def test_error_in_base_file_names_the_base(tmp_path):
     base = write(tmp_path / "base.yaml", "kfac: {damping: -3}\n")
-    child = write(tmp_path / "child.yaml", "base: base.yaml\ndata: {dataset: synthetic}\n"
-                                           "model: {name: small_resnet}\n")
+    child = write(
+        tmp_path / "child.yaml", "base: base.yaml\ndata: {dataset: synthetic}\nmodel: {name: small_resnet}\n"
+    )
     with pytest.raises(ConfigError) as info:
         load_config(child)
     assert base in str(info.value) and "kfac.damping" in str(info.value)
@@ -148,7 +177,9 @@ def test_paper_configs_share_everything_but_the_threshold():
     assert base["data"]["batch_size"] * base["train"]["world_size"] == 16384
     assert base["train"]["epochs"] == 36 and base["kfac"]["damping"] == pytest.approx(2.5e-4)
     for lam in (0.2, 0.25, 0.3):
-        cfg = load_config(os.path.join(CONFIGS, "imagenet", f"resnet50_kfac_bs16k_lambda{lam}.yaml")).to_dict()
+        cfg = load_config(
+            os.path.join(CONFIGS, "imagenet", f"resnet50_kfac_bs16k_lambda{lam}.yaml")
+        ).to_dict()
         assert cfg["kfac"]["update_threshold"] == lam
         cfg["kfac"]["update_threshold"] = None
         assert cfg == base
@@ -161,13 +192,23 @@ def cli(tmp_path, body, *overrides):
     return path, proc
 
 
-@pytest.mark.parametrize("body, overrides, key", [
-    ("kfac: {update_threshold: -1}\ndata: {dataset: synthetic}\nmodel: {name: small_resnet}\n", [],
-     "kfac.update_threshold"),
-    ("data: {dataset: synthetic}\nmodel: {name: small_resnet}\n", ["kfac.damping=0"], "kfac.damping"),
-    ("data: {dataset: synthetic}\nmodel: {name: small_resnet}\n", ["kfac.no_such_key=1"], "kfac.no_such_key"),
-    ("data: {dataset: synthetic, batch_size: [1]}\nmodel: {name: small_resnet}\n", [], "data.batch_size"),
-])
+@pytest.mark.parametrize(
+    "body, overrides, key",
+    [
+        (
+            "kfac: {update_threshold: -1}\ndata: {dataset: synthetic}\nmodel: {name: small_resnet}\n",
+            [],
+            "kfac.update_threshold",
+        ),
+        ("data: {dataset: synthetic}\nmodel: {name: small_resnet}\n", ["kfac.damping=0"], "kfac.damping"),
+        (
+            "data: {dataset: synthetic}\nmodel: {name: small_resnet}\n",
+            ["kfac.no_such_key=1"],
+            "kfac.no_such_key",
+        ),
+        ("data: {dataset: synthetic, batch_size: [1]}\nmodel: {name: small_resnet}\n", [], "data.batch_size"),
+    ],
+)
 def test_cli_config_errors_exit_2_with_one_line(tmp_path, body, overrides, key):
     path, proc = cli(tmp_path, body, *overrides)
     assert proc.returncode == 2, proc.stderr
@@ -178,8 +219,10 @@ def test_cli_config_errors_exit_2_with_one_line(tmp_path, body, overrides, key):
 
 
 def test_cli_missing_data_dir_is_an_error_in_a_run_and_a_warning_in_a_dry_run(tmp_path):
-    body = ("data: {dataset: imagenet, train_dir: %s, val_dir: %s}\nmodel: {name: small_resnet}\n"
-            "train: {world_size: 4}\n" % (tmp_path / "nope" / "train", tmp_path / "empty"))
+    body = (
+        "data: {dataset: imagenet, train_dir: %s, val_dir: %s}\nmodel: {name: small_resnet}\n"
+        "train: {world_size: 4}\n" % (tmp_path / "nope" / "train", tmp_path / "empty")
+    )
     os.makedirs(tmp_path / "empty")
     path, proc = cli(tmp_path, body)
     assert proc.returncode == 2
@@ -207,8 +250,12 @@ def test_cli_invalid_yaml_and_missing_file(tmp_path):
 
 
 def test_cli_print_config_applies_overrides(tmp_path):
-    path, proc = cli(tmp_path, "data: {dataset: synthetic}\nmodel: {name: small_resnet}\n",
-                     "kfac.update_threshold=0.3", "--print-config")
+    path, proc = cli(
+        tmp_path,
+        "data: {dataset: synthetic}\nmodel: {name: small_resnet}\n",
+        "kfac.update_threshold=0.3",
+        "--print-config",
+    )
     assert proc.returncode == 0, proc.stderr
     resolved = yaml.safe_load(proc.stdout)
     assert resolved["kfac"]["update_threshold"] == 0.3
@@ -218,6 +265,7 @@ def test_cli_print_config_applies_overrides(tmp_path):
 def test_docs_list_every_key():
     """docs/LAUNCHER.md's key reference is generated from the schema; it must not fall behind."""
     from launch.config import SCHEMA, keys_markdown
+
     doc = open(os.path.join(os.path.dirname(CONFIGS), "docs", "LAUNCHER.md")).read()
     for section, specs in SCHEMA.items():
         for key in specs:

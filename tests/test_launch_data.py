@@ -1,14 +1,22 @@
 """Data: the ImageFolder path on a generated image tree, Fashion-MNIST IDX files, samplers."""
+
 import os
 
 import pytest
 import torch
+from launch_helpers.common import FASHION, describe, horovod_ready, launch_cmd, read_jsonl, run
+from launch_helpers.images import make_image_tree
 
 from launch.config import data_problems, load_config, resolve_paths
-from launch.data import (ResumableDistributedSampler, ShardSampler, build_datasets, build_loaders,
-                         read_idx, start_epoch, steps_per_epoch)
-from launch_helpers.common import FASHION, describe, horovod_ready, read_jsonl, run, launch_cmd
-from launch_helpers.images import make_image_tree
+from launch.data import (
+    ResumableDistributedSampler,
+    ShardSampler,
+    build_datasets,
+    build_loaders,
+    read_idx,
+    start_epoch,
+    steps_per_epoch,
+)
 
 
 @pytest.fixture
@@ -24,7 +32,8 @@ def imagenet_cfg(tmp_path, root, *overrides):
         "val_resize: 36, batch_size: 4, workers: 0}\n"
         "optim: {method: kfac, lr: 0.01, schedule: constant}\n"
         "train: {epochs: 1, device: cpu, threads: 1}\n"
-        f"log: {{dir: {tmp_path}/run, progress: false, tensorboard: false}}\n")
+        f"log: {{dir: {tmp_path}/run, progress: false, tensorboard: false}}\n"
+    )
     cfg = load_config(str(path), list(overrides))
     resolve_paths(cfg)
     return cfg, str(path)
@@ -83,7 +92,7 @@ def test_distributed_loaders_partition_the_data(tmp_path, tree):
         seen_val += list(vl.sampler)
         assert len(tl) == steps_per_epoch(18, 2, 4, False) == 3
     assert sorted(seen_train) == list(range(18))
-    assert sorted(seen_val) == list(range(6))          # evaluation: every image exactly once
+    assert sorted(seen_val) == list(range(6))  # evaluation: every image exactly once
 
 
 def test_resumable_sampler_skips_the_done_part_of_the_epoch():
@@ -103,14 +112,15 @@ def test_fashion_mnist_idx_files(tmp_path):
     labels = read_idx(os.path.join(FASHION, "t10k-labels-idx1-ubyte.gz"))
     assert labels.shape == (10000,) and set(labels.tolist()) == set(range(10))
     path = tmp_path / "f.yaml"
-    path.write_text("model: {name: small_resnet, num_classes: 10}\ndata: {dataset: fashion_mnist, "
-                    "train_subset: 100}\n")
+    path.write_text(
+        "model: {name: small_resnet, num_classes: 10}\ndata: {dataset: fashion_mnist, train_subset: 100}\n"
+    )
     cfg = load_config(str(path))
     train, val = build_datasets(cfg)
     assert len(train) == 100 and len(val) == 10000
     x, y = val[0]
     assert x.shape == (1, 28, 28) and 0 <= int(y) < 10
-    assert abs(float(val.images[:2000].mean())) < 0.2        # normalised
+    assert abs(float(val.images[:2000].mean())) < 0.2  # normalised
 
 
 @pytest.mark.skipif(not horovod_ready(), reason="horovod not installed")
@@ -120,7 +130,7 @@ def test_training_run_on_the_image_tree(tmp_path, tree):
     proc = run(launch_cmd(["--config", cfg_path, "data.workers=1", "checkpoint.every_epochs=0"]), timeout=240)
     assert proc.returncode == 0, describe(proc)
     records = [r for r in read_jsonl(os.path.join(tmp_path, "run", "metrics.jsonl")) if "kfac" in r]
-    assert [r["step"] for r in records] == [1, 2, 3, 4]      # 18 images, batch 4, drop_last
+    assert [r["step"] for r in records] == [1, 2, 3, 4]  # 18 images, batch 4, drop_last
     summary = __import__("json").load(open(os.path.join(tmp_path, "run", "summary.json")))
     assert summary["history"][-1]["val_top1"] is not None
     assert summary["world_size"] == 1 and summary["kfac"]["layers"] == 19

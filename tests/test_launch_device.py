@@ -1,11 +1,13 @@
 """The pieces of the GPU path that can be judged on any machine: device and precision checks, the
 NCCL-less Horovod decision, fp16 loss-scale agreement, the step verdicts, timers and progress output."""
+
 import io
 import json
 import os
 
 import pytest
 import torch
+from launch_helpers.jobs import DEMO
 
 from launch.config import ConfigError, kfac_kwargs, load_config
 from launch.device import check_device, describe_device
@@ -13,10 +15,18 @@ from launch.precision import MixedPrecision
 from launch.progress import Progress, wants_bar
 from launch.step import DIVERGED, OK, OVERFLOW, judge, nonfinite_flag
 from launch.timing import StepTimer
-from launch_helpers.jobs import DEMO
 
-LAUNCHER_ENV = ("HOROVOD_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE",
-                "MPI_LOCALNRANKS", "SLURM_PROCID", "HOROVOD_GLOO_RENDEZVOUS_ADDR", "HOROVOD_CONTROLLER")
+LAUNCHER_ENV = (
+    "HOROVOD_RANK",
+    "OMPI_COMM_WORLD_SIZE",
+    "PMI_SIZE",
+    "PMIX_RANK",
+    "MV2_COMM_WORLD_SIZE",
+    "MPI_LOCALNRANKS",
+    "SLURM_PROCID",
+    "HOROVOD_GLOO_RENDEZVOUS_ADDR",
+    "HOROVOD_CONTROLLER",
+)
 
 
 def cfg(*overrides):
@@ -38,14 +48,14 @@ def fake_gpu(monkeypatch):
 
 
 def test_horovod_without_nccl_stops_unless_meant(fake_gpu, monkeypatch):
-    check_device(cfg("train.device=cuda"))                        # NCCL build: fine
+    check_device(cfg("train.device=cuda"))  # NCCL build: fine
     monkeypatch.setattr(fake_gpu, "nccl_built", lambda: 0)
     with pytest.raises(ConfigError) as info:
         check_device(cfg("train.device=cuda"))
     msg = str(info.value)
     assert "\n" not in msg and "train.device: cuda, but this Horovod was built without NCCL" in msg
     assert "HOROVOD_GPU_OPERATIONS=NCCL make setup" in msg and "horovod.allow_host_collectives=true" in msg
-    check_device(cfg("train.device=cuda", "horovod.allow_host_collectives=true"))   # the user means it
+    check_device(cfg("train.device=cuda", "horovod.allow_host_collectives=true"))  # the user means it
     with pytest.raises(ConfigError, match="auto chose cuda, but this Horovod was built without NCCL"):
         check_device(cfg("train.device=auto"))
     # A Horovod without CUDA support cannot take CUDA tensors at all: no opting out.
@@ -57,7 +67,7 @@ def test_horovod_without_nccl_stops_unless_meant(fake_gpu, monkeypatch):
 def test_torch_without_kernels_for_the_gpu_stops_with_the_fix(fake_gpu, monkeypatch):
     """torch 2.14's CUDA 13 wheels are built for sm_75 and newer: a V100 (7.0) has no kernels there."""
     monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100"])
-    check_device(cfg("train.device=cuda"))                         # the H200 (9.0) is covered
+    check_device(cfg("train.device=cuda"))  # the H200 (9.0) is covered
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (7, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "Tesla V100-SXM2-16GB")
     with pytest.raises(ConfigError) as info:
@@ -91,11 +101,12 @@ def test_cpu_runs_allow_autocast_and_say_why_auto_chose_the_cpu():
 def test_new_kfac_keys_reach_the_library():
     import kfac_hvd.assignment
     import kfac_hvd.layers
+
     kwargs = kfac_kwargs(cfg())
     assert kwargs["local_inverse_max_dim"] == kfac_hvd.assignment.DEFAULT_LOCAL_INVERSE_MAX_DIM
     assert kwargs["unfold_chunk_bytes"] == kfac_hvd.layers.DEFAULT_UNFOLD_CHUNK_BYTES
     kwargs = kfac_kwargs(cfg("kfac.unfold_chunk_mb=1.5", "kfac.local_inverse_max_dim=0"))
-    assert kwargs["unfold_chunk_bytes"] == 3 * 2 ** 19 and kwargs["local_inverse_max_dim"] == 0
+    assert kwargs["unfold_chunk_bytes"] == 3 * 2**19 and kwargs["local_inverse_max_dim"] == 0
     with pytest.raises(ConfigError, match="kfac.local_inverse_max_dim: must be >= 0"):
         cfg("kfac.local_inverse_max_dim=-1")
 
@@ -113,16 +124,16 @@ def test_fp16_loss_scale_follows_the_verdict_of_all_ranks():
         assert all(torch.isfinite(p.grad).all() for p in model.parameters())
         precision.end_step(optimizer, any_rank_nonfinite=any_rank_nonfinite)
         scales.append(precision.scaler.get_scale())
-    assert scales == [32768.0, 32768.0]                 # halved once, then kept (growth needs 2000 steps)
+    assert scales == [32768.0, 32768.0]  # halved once, then kept (growth needs 2000 steps)
     assert isinstance(precision.loss_scale(), torch.Tensor) and precision.loss_scale().dim() == 0
     assert MixedPrecision("bf16", False, torch.device("cpu")).loss_scale() is None
 
 
 def test_step_verdicts_and_the_device_side_finiteness_flag():
     assert judge(0, 0, loss_scaling=True) == OK
-    assert judge(0, 2, loss_scaling=True) == OVERFLOW             # fp16: finite losses, overflowed gradients
+    assert judge(0, 2, loss_scaling=True) == OVERFLOW  # fp16: finite losses, overflowed gradients
     assert judge(0, 2, loss_scaling=False) == DIVERGED
-    assert judge(1, 2, loss_scaling=True) == DIVERGED             # a non-finite loss is never an overflow
+    assert judge(1, 2, loss_scaling=True) == DIVERGED  # a non-finite loss is never an overflow
     like = torch.zeros(())
     assert nonfinite_flag([torch.ones(3), None, torch.full((2, 2), 3e38)], like).item() == 0.0
     for bad in (float("nan"), float("inf"), -float("inf")):
@@ -183,11 +194,24 @@ def test_one_cuda_rank_bf16_channels_last(tmp_path):
     if not hvd.cuda_built():
         pytest.skip("this Horovod was built without CUDA: it cannot take CUDA tensors")
     from launch_helpers.jobs import job, tiny, train_cmd
+
     precision = "bf16" if torch.cuda.get_device_capability(0)[0] >= 8 else "fp16"
     run_dir = str(tmp_path / "run")
-    proc, _ = job("none", train_cmd(tiny(run_dir, "train.device=cuda", f"train.precision={precision}",
-                                         "train.channels_last=true", "train.cudnn_benchmark=true",
-                                         "horovod.allow_host_collectives=true", "train.world_size=1")), timeout=300)
+    proc, _ = job(
+        "none",
+        train_cmd(
+            tiny(
+                run_dir,
+                "train.device=cuda",
+                f"train.precision={precision}",
+                "train.channels_last=true",
+                "train.cudnn_benchmark=true",
+                "horovod.allow_host_collectives=true",
+                "train.world_size=1",
+            )
+        ),
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert any(line.startswith("device: cuda (train.device; ") for line in proc.stdout.splitlines())
     summary = json.load(open(os.path.join(run_dir, "summary.json")))

@@ -1,14 +1,15 @@
 """--dry-run of every paper config: 107 K-FAC layers, 128 ranks, mini-batch 16,384, no data needed."""
+
 import json
 import os
 from fractions import Fraction
 
 import pytest
 import torch
+from launch_helpers.common import CONFIGS, PAPER_CONFIGS, describe, launch_cmd, run
 from torch import nn
 
 from launch.train import main
-from launch_helpers.common import CONFIGS, PAPER_CONFIGS, describe, launch_cmd, run
 
 
 def resnet50_every_step_wire(ranks: int, steps: int, max_dim: int = 256) -> Fraction:
@@ -16,6 +17,7 @@ def resnet50_every_step_wire(ranks: int, steps: int, max_dim: int = 256) -> Frac
     allreduced as upper triangles (n(n+1)/2 values, 3 per BatchNorm channel, 4 bytes each; ring
     2(P-1)/P), the inverses of Kronecker layers wider than ``max_dim`` allgathered (ring (P-1)/P)."""
     from torchvision.models import resnet50
+
     with torch.device("meta"):
         model = resnet50()
     tri = lambda n: n * (n + 1) // 2  # noqa: E731
@@ -59,7 +61,7 @@ def test_paper_config_dry_run(name, tmp_path, capsys):
     load = k["inversion_load_per_rank"]
     assert len(load) == 128 and sum(k["layers_per_rank"]) == 45 and max(k["layers_per_rank"]) == 1
     assert k["ranks_without_layers"] == 128 - 45
-    assert max(load) == 4608 ** 3 + 512 ** 3  # layer4's 3x3 convs: A 512*9 wide, G 512
+    assert max(load) == 4608**3 + 512**3  # layer4's 3x3 convs: A 512*9 wide, G 512
     assert k["imbalance"] == pytest.approx(max(load) / (sum(load) / 128))
     # Every-step traffic per rank over the run (2,808 steps): exact, to the byte.
     wire = k["every_step_traffic"]["wire_bytes_per_rank"]
@@ -70,12 +72,29 @@ def test_paper_config_dry_run(name, tmp_path, capsys):
 def test_dry_run_world_size_override_and_cli_process(tmp_path):
     """As a separate process: world size from the config, no launcher, no Horovod initialisation."""
     plan_path = tmp_path / "plan.json"
-    proc = run(launch_cmd(["--config", os.path.join(CONFIGS, PAPER_CONFIGS[2]), "train.world_size=256",
-                           "data.batch_size=64", "--dry-run", "--plan-json", str(plan_path)]), timeout=180)
+    proc = run(
+        launch_cmd(
+            [
+                "--config",
+                os.path.join(CONFIGS, PAPER_CONFIGS[2]),
+                "train.world_size=256",
+                "data.batch_size=64",
+                "--dry-run",
+                "--plan-json",
+                str(plan_path),
+            ]
+        ),
+        timeout=180,
+    )
     assert proc.returncode == 0, describe(proc)
     plan = json.loads(plan_path.read_text())
     assert plan["world_size"] == 256 and plan["global_batch"] == 16384
     assert plan["kfac"]["ranks_without_layers"] == 256 - 45
-    assert abs(plan["kfac"]["every_step_traffic"]["wire_bytes_per_rank"]
-               - resnet50_every_step_wire(256, plan["steps"])) < 1
+    assert (
+        abs(
+            plan["kfac"]["every_step_traffic"]["wire_bytes_per_rank"]
+            - resnet50_every_step_wire(256, plan["steps"])
+        )
+        < 1
+    )
     assert "adaptive, lambda = 0.25" in proc.stdout

@@ -1,4 +1,5 @@
 """2-rank end-to-end runs under both launchers: horovodrun --gloo and mpirun (mpi4py)."""
+
 import glob
 import json
 import os
@@ -6,9 +7,17 @@ import shutil
 
 import pytest
 import yaml
-
-from launch_helpers.common import (CONFIGS, describe, horovod_ready, horovodrun, launch_cmd, mpirun,
-                                   read_jsonl, run, tiny_fashion_args)
+from launch_helpers.common import (
+    CONFIGS,
+    describe,
+    horovod_ready,
+    horovodrun,
+    launch_cmd,
+    mpirun,
+    read_jsonl,
+    run,
+    tiny_fashion_args,
+)
 
 pytestmark = pytest.mark.skipif(not horovod_ready(), reason="horovod not installed")
 
@@ -29,7 +38,7 @@ def check_outputs(run_dir, world_size=2, kfac=True):
     assert summary["steps"] == steps_per_epoch
     if kfac:
         layers = records[0]["kfac"]["layers"]
-        assert len(layers) == 19 and all(e["due"] for e in layers.values())      # t = 1: all due
+        assert len(layers) == 19 and all(e["due"] for e in layers.values())  # t = 1: all due
         # The bytes of the per-step records add up to the run's Fisher payload.
         step_bytes = sum(e["payload_bytes"] for r in records for e in r["kfac"]["layers"].values())
         fisher = summary["fisher"]
@@ -43,7 +52,7 @@ def test_horovodrun_gloo_two_ranks_adaptive(tmp_path):
     proc = horovodrun(2, tiny_fashion_args(run_dir, "log.tensorboard=true", "kfac.update_threshold=10"))
     assert proc.returncode == 0, describe(proc)
     assert "world: 2 rank(s) on 1 host(s); init via horovod, controller Gloo" in proc.stdout
-    assert proc.stdout.count("world: ") == 1             # printed once, by rank 0
+    assert proc.stdout.count("world: ") == 1  # printed once, by rank 0
     summary, records = check_outputs(run_dir)
     # lambda = 10: every diff is below it, so intervals grow and most layers skip most steps.
     assert summary["fisher"]["ratio"] < 0.75
@@ -69,11 +78,27 @@ def test_mpirun_two_ranks_every_step(tmp_path):
 def test_single_process_sgd_baseline_on_synthetic_data(tmp_path):
     """No launcher at all (a world of one), the SGD baseline, synthetic images."""
     run_dir = str(tmp_path / "sgd")
-    proc = run(launch_cmd(["--config", os.path.join(CONFIGS, "fashion_mnist", "small_resnet_sgd.yaml"),
-                           f"log.dir={run_dir}", "data.dataset=synthetic", "data.synthetic_size=64",
-                           "data.synthetic_val_size=32", "data.image_size=28", "data.val_resize=28",
-                           "data.batch_size=16", "model.width=4", "train.epochs=2", "train.world_size=null",
-                           "log.progress=false", "log.tensorboard=false", "checkpoint.every_epochs=0"]))
+    proc = run(
+        launch_cmd(
+            [
+                "--config",
+                os.path.join(CONFIGS, "fashion_mnist", "small_resnet_sgd.yaml"),
+                f"log.dir={run_dir}",
+                "data.dataset=synthetic",
+                "data.synthetic_size=64",
+                "data.synthetic_val_size=32",
+                "data.image_size=28",
+                "data.val_resize=28",
+                "data.batch_size=16",
+                "model.width=4",
+                "train.epochs=2",
+                "train.world_size=null",
+                "log.progress=false",
+                "log.tensorboard=false",
+                "checkpoint.every_epochs=0",
+            ]
+        )
+    )
     assert proc.returncode == 0, describe(proc)
     assert "world: 1 rank(s)" in proc.stdout
     summary = json.load(open(os.path.join(run_dir, "summary.json")))

@@ -1,4 +1,5 @@
 """K-FAC maths against direct computations: Linear, Conv2d (KFC), BatchNorm2d (unit-wise)."""
+
 import math
 
 import pytest
@@ -32,7 +33,7 @@ def test_linear_matches_exact_natural_gradient():
         h = torch.tanh(lin1(x))
         y = lin2(h)
         delta2 = 2 * (y - t) / d_out
-        delta1 = (delta2 @ lin2.weight) * (1 - h ** 2)
+        delta1 = (delta2 @ lin2.weight) * (1 - h**2)
     ones = torch.ones(n, 1, dtype=torch.float64)
     for layer, a, delta in ((lin1, torch.cat([x, ones], 1), delta1), (lin2, torch.cat([h, ones], 1), delta2)):
         A = a.t() @ a / n
@@ -43,8 +44,15 @@ def test_linear_matches_exact_natural_gradient():
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-8)
 
 
-@pytest.mark.parametrize("options", [{}, {"pi_damping": False}, {"inverse_method": "eigen"},
-                                     {"inverse_method": "eigen", "pi_damping": False}])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"pi_damping": False},
+        {"inverse_method": "eigen"},
+        {"inverse_method": "eigen", "pi_damping": False},
+    ],
+)
 def test_linear_damped_update_matches_direct_inverses(options):
     """At γ = 1e-2 the damping matters: ΔW = (G + √γ/π I)⁻¹ ∇W (A + π√γ I)⁻¹ with
     π = sqrt((tr A/dim A)/(tr G/dim G)), or π = 1 without pi_damping; A, G and ∇W computed here."""
@@ -57,15 +65,18 @@ def test_linear_damped_update_matches_direct_inverses(options):
         y = model(x)
     one_step(model, kfac, x, t)
     a = torch.cat([x, torch.ones(n, 1, dtype=torch.float64)], 1)
-    delta = 2 * (y - t) / 3                           # per-sample gradient of mean_d (y - t)²
+    delta = 2 * (y - t) / 3  # per-sample gradient of mean_d (y - t)²
     A, G = a.t() @ a / n, delta.t() @ delta / n
     grad_matrix = delta.t() @ a / n
     pi = math.sqrt((A.trace() / 5) / (G.trace() / 3))
-    assert pi != pytest.approx(1.0, abs=0.1)          # with and without π really differ here
+    assert pi != pytest.approx(1.0, abs=0.1)  # with and without π really differ here
     pi = pi if options.get("pi_damping", True) else 1.0
     root = math.sqrt(damping)
-    expected = torch.linalg.inv(G + root / pi * torch.eye(3, dtype=torch.float64)) @ grad_matrix \
+    expected = (
+        torch.linalg.inv(G + root / pi * torch.eye(3, dtype=torch.float64))
+        @ grad_matrix
         @ torch.linalg.inv(A + pi * root * torch.eye(5, dtype=torch.float64))
+    )
     got = torch.cat([model.weight.grad, model.bias.grad[:, None]], 1)
     torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
 
@@ -73,6 +84,7 @@ def test_linear_damped_update_matches_direct_inverses(options):
 def test_eigen_inverse_clamps_negative_eigenvalues_at_zero():
     """Eigenvalues −1 and 3 of M: (M + s I)⁻¹ by eigen uses max(λ, 0) + s, i.e. 1/s and 1/(3 + s)."""
     from kfac_hvd.factors import inverse_attempt
+
     rotation = torch.tensor([[0.6, -0.8], [0.8, 0.6]], dtype=torch.float64)
     matrix = rotation @ torch.diag(torch.tensor([-1.0, 3.0], dtype=torch.float64)) @ rotation.t()
     inverse, ok = inverse_attempt(matrix, 0.5, "eigen")
@@ -80,7 +92,7 @@ def test_eigen_inverse_clamps_negative_eigenvalues_at_zero():
     expected = rotation @ torch.diag(torch.tensor([1 / 0.5, 1 / 3.5], dtype=torch.float64)) @ rotation.t()
     torch.testing.assert_close(inverse, expected)
     _, cholesky_ok = inverse_attempt(matrix, 0.5, "cholesky")
-    assert not bool(cholesky_ok)                       # indefinite even after the shift
+    assert not bool(cholesky_ok)  # indefinite even after the shift
 
 
 def test_conv_1x1_on_1x1_inputs_equals_linear():
@@ -122,7 +134,7 @@ def test_conv_factors_match_explicit_patches():
     for sample in range(n):
         for i in range(oh):
             for j in range(ow):
-                patch = padded[sample, :, 2 * i:2 * i + 3, 2 * j:2 * j + 3].reshape(-1)  # channel-major
+                patch = padded[sample, :, 2 * i : 2 * i + 3, 2 * j : 2 * j + 3].reshape(-1)  # channel-major
                 a = torch.cat([patch, torch.ones(1, dtype=torch.float64)])
                 A += torch.outer(a, a)
                 delta = grad_out[sample, :, i, j] * n
@@ -149,8 +161,9 @@ def test_batchnorm_unitwise_fisher_matches_per_sample_gradients():
     params = {k: v.detach() for k, v in bn.named_parameters()}
 
     def sample_loss(p, xs, ts):
-        out = torch.nn.functional.batch_norm(xs[None], bn.running_mean, bn.running_var, p["weight"], p["bias"],
-                                             training=False, eps=bn.eps)
+        out = torch.nn.functional.batch_norm(
+            xs[None], bn.running_mean, bn.running_var, p["weight"], p["bias"], training=False, eps=bn.eps
+        )
         return ((out - ts[None]) ** 2).mean()
 
     per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0))(params, x, target)
@@ -165,8 +178,9 @@ def test_batchnorm_unitwise_fisher_matches_per_sample_gradients():
 
     mean_grad = g.mean(0)
     bn.weight.grad, bn.bias.grad = mean_grad[:, 0].clone(), mean_grad[:, 1].clone()
-    update = layer.precondition(damped_inverses({"F": F}, damping, pi_damping=True, method="cholesky"),
-                                layer.grad_matrix())
+    update = layer.precondition(
+        damped_inverses({"F": F}, damping, pi_damping=True, method="cholesky"), layer.grad_matrix()
+    )
     eye = torch.eye(2, dtype=torch.float64)
     expected = torch.linalg.solve(F + damping * eye, mean_grad.unsqueeze(-1))[..., 0]
     torch.testing.assert_close(update, expected)
@@ -182,7 +196,9 @@ def test_batchnorm_train_mode_per_sample_gradients_sum_to_gradient():
     out.retain_grad()
     nn.MSELoss()(out, target).backward()
     # Per-sample (γ, β) gradients from the batch statistics, computed here independently.
-    x_hat = (x - x.mean((0, 2, 3), keepdim=True)) / torch.sqrt(x.var((0, 2, 3), unbiased=False, keepdim=True) + bn.eps)
+    x_hat = (x - x.mean((0, 2, 3), keepdim=True)) / torch.sqrt(
+        x.var((0, 2, 3), unbiased=False, keepdim=True) + bn.eps
+    )
     delta = out.grad * x.shape[0]
     g = torch.stack([(delta * x_hat).sum((2, 3)), delta.sum((2, 3))], 2)
     torch.testing.assert_close(g.mean(0)[:, 0], bn.weight.grad)
@@ -203,6 +219,7 @@ def test_triangle_packing_round_trips_exactly(shape):
 
 def test_pi_damping_matches_formula():
     from kfac_hvd.factors import pi_correction
+
     A = torch.diag(torch.tensor([4.0, 2.0, 6.0]))
     G = torch.diag(torch.tensor([1.0, 0.5]))
     pi = pi_correction(A, G)

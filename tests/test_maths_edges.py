@@ -2,27 +2,36 @@
 the split-half noise, triangle indices and their cache, transport with persistent storage, the KL
 clip below an inner product of 1, a convolution's output positions, scheduler state with unknown keys.
 Each one was found by mutation testing (docs/TESTING.md)."""
+
 import math
 
 import pytest
 import torch
+from direct_factors import forward_backward, make_model, step_inputs
+from mirror_comm import MirrorCommunicator
 from torch import nn
 
 import kfac_hvd
-from direct_factors import forward_backward, make_model, step_inputs
-from kfac_hvd.factors import (TriangleIndices, diff_from_squares, kl_clip_scale, pack, packed_numel,
-                              pi_from_diagonal_means, split_half_noise, unpack)
+from kfac_hvd.factors import (
+    TriangleIndices,
+    diff_from_squares,
+    kl_clip_scale,
+    pack,
+    packed_numel,
+    pi_from_diagonal_means,
+    split_half_noise,
+    unpack,
+)
 from kfac_hvd.layers import Conv2dLayer
 from kfac_hvd.scheduler import IntervalScheduler
-from mirror_comm import MirrorCommunicator
 
 
 def test_diff_from_squares_is_the_root_of_the_ratio_and_zero_over_zero_is_zero():
     assert diff_from_squares(4.0, 1.0) == 2.0
     assert diff_from_squares(1.0, 4.0) == 0.5
-    assert diff_from_squares(-1e-30, 4.0) == 0.0          # rounding below 0 is no change
-    assert diff_from_squares(0.0, 0.0) == 0.0             # a factor that stays zero has not changed
-    assert diff_from_squares(1.0, 0.0) == math.inf        # one that leaves zero changed without bound
+    assert diff_from_squares(-1e-30, 4.0) == 0.0  # rounding below 0 is no change
+    assert diff_from_squares(0.0, 0.0) == 0.0  # a factor that stays zero has not changed
+    assert diff_from_squares(1.0, 0.0) == math.inf  # one that leaves zero changed without bound
 
 
 def test_split_half_noise_of_an_empty_half_is_a_zero_scalar_of_the_factor_dtype():
@@ -58,11 +67,11 @@ def test_triangle_indices_keep_the_least_recently_used_sizes_within_the_budget()
     cache = TriangleIndices(budget_bytes=84)
     first = cache.get(3, cpu)
     cache.get(4, cpu)
-    assert cache.get(3, cpu) is first and cache.nbytes() == 64     # kept, and now the most recent
-    cache.get(5, cpu)                                              # 124 > 84: size 4 goes, 3 and 5 stay
+    assert cache.get(3, cpu) is first and cache.nbytes() == 64  # kept, and now the most recent
+    cache.get(5, cpu)  # 124 > 84: size 4 goes, 3 and 5 stay
     assert cache.nbytes() == 84
     assert cache.get(3, cpu) is first
-    tiny = TriangleIndices(budget_bytes=1)                         # over budget, the newest is still kept
+    tiny = TriangleIndices(budget_bytes=1)  # over budget, the newest is still kept
     tiny.get(3, cpu)
     tiny.get(4, cpu)
     assert tiny.nbytes() == 40
@@ -74,7 +83,7 @@ def test_triangle_indices_keep_the_least_recently_used_sizes_within_the_budget()
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_pack_and_unpack_round_trip_into_given_storage(shape, symmetric):
     entries = torch.randn(shape, dtype=torch.float64)
-    matrix = entries + entries.mT                   # exactly symmetric
+    matrix = entries + entries.mT  # exactly symmetric
     flat = pack(matrix, symmetric)
     assert flat.shape == (packed_numel(shape, symmetric),)
     out = torch.full_like(flat, float("nan"))
@@ -91,15 +100,22 @@ def test_transported_factors_are_unpacked_into_the_storage_they_already_have(sym
     model = make_model()
     kfac = kfac_hvd.KFAC(model, comm=MirrorCommunicator(), symmetric_comm=symmetric)
     shapes = {name: layer.factor_shapes() for name, layer in kfac.layers.items()}
-    in_flight = 8 * sum(packed_numel(shape, symmetric) for kinds in shapes.values() for shape in kinds.values())
+    in_flight = 8 * sum(
+        packed_numel(shape, symmetric) for kinds in shapes.values() for shape in kinds.values()
+    )
     storage = []
     for step in (1, 2, 3):
         forward_backward(model, *step_inputs(step, 6, seed=4))
         assert kfac.memory_bytes()["communication_buffers"] == in_flight
         kfac.step()
         assert kfac.memory_bytes()["communication_buffers"] == 0
-        storage.append({(name, kind): factor.data_ptr() for name, kinds in kfac.previous.items()
-                        for kind, factor in kinds.items()})
+        storage.append(
+            {
+                (name, kind): factor.data_ptr()
+                for name, kinds in kfac.previous.items()
+                for kind, factor in kinds.items()
+            }
+        )
     assert storage[1] == storage[2]
 
 
@@ -107,7 +123,7 @@ def test_pi_is_one_unless_both_traces_are_positive_and_their_ratio_finite():
     assert pi_from_diagonal_means(0.5, 2.0) == 0.5
     assert pi_from_diagonal_means(0.0, 1.0) == 1.0
     assert pi_from_diagonal_means(1.0, 0.0) == 1.0
-    assert pi_from_diagonal_means(1e300, 1e-300) == 1.0      # the ratio overflows
+    assert pi_from_diagonal_means(1e300, 1e-300) == 1.0  # the ratio overflows
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
@@ -134,23 +150,29 @@ def test_inverses_and_intervals_travel_in_the_allgather_and_change_nothing(symme
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=0)
     updates = 4 if threshold else 6
     assert due == ([True, True, False, True, False, True] if threshold else [True] * 6)
-    assert kfac.scheduler.interval == reference.scheduler.interval == {name: 4 if threshold else 1
-                                                                       for name in ("conv", "bn", "fc")}
+    assert (
+        kfac.scheduler.interval
+        == reference.scheduler.interval
+        == {name: 4 if threshold else 1 for name in ("conv", "bn", "fc")}
+    )
     stats = kfac.comm_stats()
-    assert stats["control_payload_bytes"] == (updates * 3 * 8 if threshold else 0)   # 3 intervals per update
+    assert stats["control_payload_bytes"] == (updates * 3 * 8 if threshold else 0)  # 3 intervals per update
     shapes = {name: layer.factor_shapes() for name, layer in kfac.layers.items()}
     for name, kinds in shapes.items():
         for kind, shape in kinds.items():
             sent = stats["per_layer"][name][kind]
-            assert sent["count"] == updates and sent["payload_bytes"] == updates * 8 * packed_numel(shape, symmetric)
+            assert sent["count"] == updates and sent["payload_bytes"] == updates * 8 * packed_numel(
+                shape, symmetric
+            )
             inverse = stats["per_layer"][name].get(f"{kind}_inv")
             if name == "fc":
                 assert inverse["count"] == updates
                 assert inverse["payload_bytes"] == updates * 8 * packed_numel(shape, symmetric)
             else:
                 assert inverse is None
-    dense = sum(math.prod(shape) for kinds in shapes.values() for shape in kinds.values()) \
-        + sum(math.prod(shape) for shape in shapes["fc"].values())
+    dense = sum(math.prod(shape) for kinds in shapes.values() for shape in kinds.values()) + sum(
+        math.prod(shape) for shape in shapes["fc"].values()
+    )
     assert stats["dense_payload_bytes"] == updates * 8 * dense
 
 
@@ -166,6 +188,7 @@ def test_ranks_that_disagree_on_the_allgather_layout_get_a_clear_error():
 def test_a_factor_started_twice_in_one_step_is_refused():
     from kfac_hvd.comm import LocalCommunicator, TrafficCounter
     from kfac_hvd.exchange import FactorExchange
+
     exchange = FactorExchange(LocalCommunicator(), TrafficCounter(1), symmetric=True)
     exchange.start("fc", "A", torch.eye(2))
     with pytest.raises(RuntimeError, match="factor A of layer 'fc' was started twice"):
@@ -180,10 +203,15 @@ def test_kl_clip_scale_below_an_inner_product_of_one():
     assert float(kl_clip_scale({"layer": torch.tensor([[-1.0, 3.0]])}, gradients, 0.01, 0.5)) == 1.0
 
 
-@pytest.mark.parametrize("options", [dict(kernel_size=3, stride=2, padding=1),
-                                     dict(kernel_size=(3, 5), stride=(2, 1), padding=(0, 2), dilation=(2, 1)),
-                                     dict(kernel_size=(1, 3), stride=(1, 3), padding=(1, 0)),
-                                     dict(kernel_size=1, stride=(2, 1))])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(kernel_size=3, stride=2, padding=1),
+        dict(kernel_size=(3, 5), stride=(2, 1), padding=(0, 2), dilation=(2, 1)),
+        dict(kernel_size=(1, 3), stride=(1, 3), padding=(1, 0)),
+        dict(kernel_size=1, stride=(2, 1)),
+    ],
+)
 def test_conv_positions_are_the_output_pixels(options):
     """One unfolded patch per output pixel (strided, dilated, and 1×1 without unfold), and the chunk
     budget counts as many."""
@@ -198,16 +226,18 @@ def test_conv_positions_are_the_output_pixels(options):
 def test_inversion_costs_are_the_cubes_of_the_factor_sizes():
     """What the owner assignment balances: dim(A)³ + dim(G)³, and 8 per BatchNorm channel."""
     from kfac_hvd.layers import BatchNormLayer, LinearLayer
-    assert LinearLayer("fc", nn.Linear(4, 3), torch.float32).inversion_cost() == 5 ** 3 + 3 ** 3
+
+    assert LinearLayer("fc", nn.Linear(4, 3), torch.float32).inversion_cost() == 5**3 + 3**3
     assert BatchNormLayer("bn", nn.BatchNorm2d(3), torch.float32).inversion_cost() == 24
 
 
 def test_batchnorm_fisher_in_chunks_equals_one_pass():
     from kfac_hvd.layers import BatchNormLayer
+
     layer = BatchNormLayer("bn", nn.BatchNorm2d(3), torch.float64)
     x, grad = torch.randn(5, 3, 4, 4, dtype=torch.float64), torch.randn(5, 3, 4, 4, dtype=torch.float64)
     whole, samples = layer.f_contribution(x, grad, chunk_bytes=1 << 30)
-    chunked, _ = layer.f_contribution(x, grad, chunk_bytes=1)        # one sample at a time
+    chunked, _ = layer.f_contribution(x, grad, chunk_bytes=1)  # one sample at a time
     assert samples == 5
     torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=0)
 
@@ -220,11 +250,16 @@ def test_scheduler_state_naming_unknown_keys_is_refused_with_three_of_them():
     assert scheduler.interval == {"a": 1}
 
 
-@pytest.mark.parametrize("options,culprit", [(dict(interval_policy="every"), "interval_policy"),
-                                             (dict(update_threshold=0.0), "update_threshold"),
-                                             (dict(max_interval=0), "max_interval"),
-                                             (dict(shrink_multiple=1.0), "shrink_multiple"),
-                                             (dict(initial_interval=0), "initial/fixed interval")])
+@pytest.mark.parametrize(
+    "options,culprit",
+    [
+        (dict(interval_policy="every"), "interval_policy"),
+        (dict(update_threshold=0.0), "update_threshold"),
+        (dict(max_interval=0), "max_interval"),
+        (dict(shrink_multiple=1.0), "shrink_multiple"),
+        (dict(initial_interval=0), "initial/fixed interval"),
+    ],
+)
 def test_bad_scheduler_option_is_named_in_the_error(options, culprit):
     with pytest.raises(ValueError, match=culprit):
         IntervalScheduler(["a"], **options)
@@ -247,6 +282,7 @@ def test_batchnorm_blocks_are_inverted_block_by_block(method):
     """BatchNorm's (C, 2, 2) blocks through a whole step: ĝ_c = (F_c + γI)⁻¹ g_c with F from the
     direct computation."""
     from direct_factors import direct_factors
+
     damping = 1e-2
     model = make_model()
     kfac = kfac_hvd.KFAC(model, damping=damping, inverse_method=method)
@@ -255,8 +291,9 @@ def test_batchnorm_blocks_are_inverted_block_by_block(method):
     kfac.step()
     blocks = direct_factors(model, seen)[("bn", "F")] + damping * torch.eye(2, dtype=torch.float64)
     expected = torch.linalg.solve(blocks, gradient.unsqueeze(-1)).squeeze(-1)
-    torch.testing.assert_close(torch.stack([model.bn.weight.grad, model.bn.bias.grad], dim=1), expected,
-                               rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(
+        torch.stack([model.bn.weight.grad, model.bn.bias.grad], dim=1), expected, rtol=1e-9, atol=1e-12
+    )
 
 
 def test_an_eval_mode_pass_captures_nothing():

@@ -1,5 +1,6 @@
 """K-FAC under autocast on the CPU: factors stay fp32, a GradScaler's scale is taken out of G, a step the
 scaler skips is a K-FAC step skipped, and the preconditioned gradients stay close to an fp32 run's."""
+
 import pytest
 import torch
 from torch import nn
@@ -10,23 +11,32 @@ STEPS = 5
 
 
 def network():
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                         nn.Conv2d(8, 8, 3, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 7 * 7, 10))
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, stride=2),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 7 * 7, 10),
+    )
 
 
 def model_and_data():
     torch.manual_seed(0)
     model = network()
     generator = torch.Generator().manual_seed(1)
-    data = [(torch.randn(32, 3, 16, 16, generator=generator), torch.randint(0, 10, (32,), generator=generator))
-            for _ in range(STEPS)]
+    data = [
+        (torch.randn(32, 3, 16, 16, generator=generator), torch.randint(0, 10, (32,), generator=generator))
+        for _ in range(STEPS)
+    ]
     return model, data
 
 
 def fp32_reference(model, x, y):
     """The preconditioned gradients of an fp32 K-FAC step at ``model``'s current weights (every-step
     K-FAC without a running average depends only on the current batch and weights)."""
-    reference = network()              # not a deepcopy: that would copy the K-FAC hooks of ``model``
+    reference = network()  # not a deepcopy: that would copy the K-FAC hooks of ``model``
     reference.load_state_dict(model.state_dict())
     kfac = kfac_hvd.KFAC(reference, damping=1e-2)
     nn.functional.cross_entropy(reference(x), y).backward()
@@ -62,7 +72,7 @@ def test_bf16_autocast_keeps_fp32_factors_and_matches_fp32():
         assert all(t.dtype == torch.float32 for kinds in kfac.inverses.values() for t in kinds.values())
         worst = max(worst, relative_gap(model, reference))
         optimizer.step()
-    assert worst < 0.1, worst      # measured here: 0.055 at most over the 5 steps
+    assert worst < 0.1, worst  # measured here: 0.055 at most over the 5 steps
 
 
 def test_fp16_autocast_with_grad_scaler_matches_fp32_and_skips_overflow_steps():
@@ -70,7 +80,7 @@ def test_fp16_autocast_with_grad_scaler_matches_fp32_and_skips_overflow_steps():
     kfac = kfac_hvd.KFAC(model, damping=1e-2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     # The first scale overflows fp16; one back-off brings it to 2¹⁶.
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 40, backoff_factor=2.0 ** -24)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40, backoff_factor=2.0**-24)
     skipped, worst = [], 0.0
     for x, y in data:
         reference = fp32_reference(model, x, y)
@@ -84,7 +94,7 @@ def test_fp16_autocast_with_grad_scaler_matches_fp32_and_skips_overflow_steps():
             computed = kfac.comm_stats()["computed_elements"]
             record = kfac.skip_step()
             assert record["skipped"]
-            assert kfac.comm_stats()["computed_elements"] == computed     # nothing recorded as computed
+            assert kfac.comm_stats()["computed_elements"] == computed  # nothing recorded as computed
             skipped.append(record["step"])
         else:
             record = kfac.step(lr=0.1, loss_scale=scaler._scale)
@@ -92,10 +102,10 @@ def test_fp16_autocast_with_grad_scaler_matches_fp32_and_skips_overflow_steps():
             worst = max(worst, relative_gap(model, reference))
             optimizer.step()
         scaler.update()
-    assert skipped == [1]                    # K-FAC's step 1 was skipped, then taken again
+    assert skipped == [1]  # K-FAC's step 1 was skipped, then taken again
     assert kfac.steps == STEPS - 1
     assert all(t.dtype == torch.float32 for kinds in kfac.factors.values() for t in kinds.values())
-    assert worst < 0.05, worst     # measured here: 0.023 at most
+    assert worst < 0.05, worst  # measured here: 0.023 at most
 
 
 def test_without_the_loss_scale_g_is_off_by_its_square():
@@ -109,12 +119,14 @@ def test_without_the_loss_scale_g_is_off_by_its_square():
         kfacs[name] = kfac_hvd.KFAC(copy_, damping=1e-2, noise_aware_diff=True)
         (nn.functional.cross_entropy(copy_(x), y) * 1024.0).backward()
         for p in copy_.parameters():
-            p.grad /= 1024.0                  # what unscale_ does
+            p.grad /= 1024.0  # what unscale_ does
         kfacs[name].step(loss_scale=scale)
     told, not_told = kfacs["told"].factors["6"]["G"], kfacs["not told"].factors["6"]["G"]
-    torch.testing.assert_close(not_told, told * 1024.0 ** 2)
+    torch.testing.assert_close(not_told, told * 1024.0**2)
     # The split-half noise estimate of G is a squared norm of G-sized differences: scale⁴.
-    assert kfacs["not told"].noise["6"]["G"] == pytest.approx(kfacs["told"].noise["6"]["G"] * 1024.0 ** 4, rel=1e-4)
+    assert kfacs["not told"].noise["6"]["G"] == pytest.approx(
+        kfacs["told"].noise["6"]["G"] * 1024.0**4, rel=1e-4
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

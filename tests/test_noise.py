@@ -1,4 +1,5 @@
 """The noise-aware Diff: an unbiased split-half noise estimate, and Diffs near 0 when nothing drifts."""
+
 import copy
 import functools
 import os
@@ -6,11 +7,11 @@ import statistics
 
 import pytest
 import torch
+from launch_helpers.common import FASHION
 from torch import nn
 
 import kfac_hvd
 from kfac_hvd.factors import split_half_noise
-from launch_helpers.common import FASHION
 
 TRIALS = 3000
 
@@ -30,10 +31,11 @@ def test_split_half_estimate_is_unbiased_on_gaussian_data():
     for first, second in ((8, 8), (5, 11)):
         n = first + second
         a = torch.randn(TRIALS, n, 4, generator=generator, dtype=torch.float64) @ root.t() / 2
-        a = a + torch.randn(TRIALS, n, 4, generator=generator, dtype=torch.float64)      # a ~ N(0, Σ)
-        terms = a[..., :, None] * a[..., None, :]                                       # (trials, n, 4, 4)
-        estimates = torch.stack([split_half_noise(t[:first].mean(0), first, t[first:].mean(0), second)
-                                 for t in terms])
+        a = a + torch.randn(TRIALS, n, 4, generator=generator, dtype=torch.float64)  # a ~ N(0, Σ)
+        terms = a[..., :, None] * a[..., None, :]  # (trials, n, 4, 4)
+        estimates = torch.stack(
+            [split_half_noise(t[:first].mean(0), first, t[first:].mean(0), second) for t in terms]
+        )
         means = terms.mean(1)
         empirical = (means - covariance).square().sum((1, 2)).mean()
         # Monte-Carlo error of a mean over 3000 trials: a few per cent.
@@ -47,7 +49,7 @@ def test_kfac_reports_the_noise_of_the_averaged_factor():
     torch.manual_seed(1)
     covariance = torch.diag(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
     model = nn.Linear(3, 2, bias=False).double()
-    kfac = kfac_hvd.KFAC(model, update_threshold=1e-9, noise_aware_diff=True)   # due every step
+    kfac = kfac_hvd.KFAC(model, update_threshold=1e-9, noise_aware_diff=True)  # due every step
     batch, kept = 32, []
     for _ in range(400):
         x = torch.randn(batch, 3, dtype=torch.float64) * covariance.diagonal().sqrt()
@@ -61,6 +63,7 @@ def test_kfac_reports_the_noise_of_the_averaged_factor():
 @functools.lru_cache(maxsize=1)
 def fashion_training_set():
     from launch.data import FashionMNIST
+
     return FashionMNIST(FASHION, train=True, augment=False)
 
 
@@ -68,7 +71,7 @@ def fashion_batches(size: int, pairs: int):
     data = fashion_training_set()
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(size))
     for index in range(2 * pairs):
-        picked = order[index * size:(index + 1) * size]
+        picked = order[index * size : (index + 1) * size]
         yield data.images[picked], data.targets[picked]
 
 
@@ -76,18 +79,23 @@ def fixed_weight_diffs(batch: int, pairs: int = 2):
     """Median over layers of max(Diff_A, Diff_G) (BatchNorm: Diff_F) between factors of disjoint batches
     at fixed weights, raw and noise-aware, averaged over ``pairs`` pairs of batches."""
     from launch.models import SmallResNet
+
     torch.manual_seed(0)
     model = SmallResNet(1, 10, width=4, blocks=(1, 1, 1))
-    kfac = kfac_hvd.KFAC(model, update_threshold=1e-9, noise_aware_diff=True)   # due every step
+    kfac = kfac_hvd.KFAC(model, update_threshold=1e-9, noise_aware_diff=True)  # due every step
     raw, aware = [], []
     for step, (x, y) in enumerate(fashion_batches(batch, pairs)):
         model.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
-        record = kfac.step()                    # no optimiser step: the weights stay where they are
+        record = kfac.step()  # no optimiser step: the weights stay where they are
         if step % 2 == 1:
             entries = record["layers"].values()
-            raw.append(statistics.median(max(v for k, v in e.items() if k.startswith("raw_diff_")) for e in entries))
-            aware.append(statistics.median(max(v for k, v in e.items() if k.startswith("diff_")) for e in entries))
+            raw.append(
+                statistics.median(max(v for k, v in e.items() if k.startswith("raw_diff_")) for e in entries)
+            )
+            aware.append(
+                statistics.median(max(v for k, v in e.items() if k.startswith("diff_")) for e in entries)
+            )
     return statistics.mean(raw), statistics.mean(aware)
 
 
@@ -106,6 +114,7 @@ def test_at_fixed_weights_the_noise_aware_diff_is_near_zero():
 
 def test_noise_aware_state_round_trip_continues_exactly():
     from test_preconditioner import batches, small_cnn
+
     torch.manual_seed(2)
     options = dict(update_threshold=0.3, noise_aware_diff=True)
     data = batches(10, seed=4)
@@ -116,15 +125,17 @@ def test_noise_aware_state_round_trip_continues_exactly():
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.05) for m in (reference_model, model)]
     records = {"reference": [], "resumed": []}
     for index, (x, y) in enumerate(data):
-        if index == 5:   # save, and continue with fresh objects built from the saved state
+        if index == 5:  # save, and continue with fresh objects built from the saved state
             saved = copy.deepcopy({"model": model.state_dict(), "kfac": kfac.state_dict()})
             model = small_cnn()
             model.load_state_dict(saved["model"])
             kfac = kfac_hvd.KFAC(model, **options)
             kfac.load_state_dict(saved["kfac"])
             optimizers[1] = torch.optim.SGD(model.parameters(), lr=0.05)
-        for name, (m, k, optimizer) in {"reference": (reference_model, reference, optimizers[0]),
-                                        "resumed": (model, kfac, optimizers[1])}.items():
+        for name, (m, k, optimizer) in {
+            "reference": (reference_model, reference, optimizers[0]),
+            "resumed": (model, kfac, optimizers[1]),
+        }.items():
             optimizer.zero_grad()
             nn.functional.cross_entropy(m(x), y).backward()
             records[name].append(k.step())

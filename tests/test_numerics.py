@@ -1,12 +1,13 @@
 """Numerical faults never reach the weights: non-finite factors, failed inversions."""
+
 import math
 
 import pytest
 import torch
+from test_preconditioner import batches, small_cnn
 from torch import nn
 
 import kfac_hvd
-from test_preconditioner import batches, small_cnn
 
 
 def step_once(model, kfac, data):
@@ -45,12 +46,12 @@ def test_non_finite_factor_is_dropped_and_the_grown_interval_reset():
     record = step_once(model, kfac, data[5])
     assert record["layers"]["6"]["due"] and "non-finite" in record["numerics"]["6"]
     assert record["layers"]["6"]["interval"] == 1
-    assert record["layers"]["3"]["interval"] == 4            # the other layers grew as usual
+    assert record["layers"]["3"]["interval"] == 4  # the other layers grew as usual
     for kind in ("A", "G"):
         assert torch.equal(kfac.inverses["6"][kind], held[kind])
         assert torch.equal(kfac.previous["6"][kind], previous[kind])
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
-    record = step_once(model, kfac, data[6])                 # step 7: refreshed, and fine again
+    record = step_once(model, kfac, data[6])  # step 7: refreshed, and fine again
     assert record["layers"]["6"]["due"] and not record["layers"]["3"]["due"]
     assert "6" not in record["numerics"]
 
@@ -67,8 +68,8 @@ def test_failed_cholesky_retries_with_more_damping_then_falls_back_to_eigendecom
     original = torch.linalg.cholesky_ex
 
     def spy(matrix, *args, **kwargs):
-        for block in matrix.reshape(-1, *matrix.shape[-2:]):    # one factor, or a batch of them
-            if block.shape == (37, 37) and block[0, 0] < 0:     # layer 6's A (4·3·3 + bias)
+        for block in matrix.reshape(-1, *matrix.shape[-2:]):  # one factor, or a batch of them
+            if block.shape == (37, 37) and block[0, 0] < 0:  # layer 6's A (4·3·3 + bias)
                 shifts.append(float(block[0, 0] + 10.0))
         return original(matrix, *args, **kwargs)
 
@@ -77,7 +78,7 @@ def test_failed_cholesky_retries_with_more_damping_then_falls_back_to_eigendecom
     inject(kfac.layers["6"], "A", lambda total: -10 * 16 * torch.eye(total.shape[0], dtype=total.dtype))
     record = step_once(model, kfac, batches(1)[0])
     root = math.sqrt(damping)
-    assert shifts == pytest.approx([root, 10 ** 0.5 * root, 10 * root, 10 ** 1.5 * root], rel=1e-4)  # π = 1
+    assert shifts == pytest.approx([root, 10**0.5 * root, 10 * root, 10**1.5 * root], rel=1e-4)  # π = 1
     assert record["numerics"]["6"] == "inverted with eigen, damping 0.001"
     torch.testing.assert_close(kfac.inverses["6"]["A"], torch.eye(37) / root)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())

@@ -1,4 +1,5 @@
 """KFAC in one process: registration, options, the not-due path, state, accounting."""
+
 import copy
 import math
 
@@ -11,14 +12,23 @@ from kfac_hvd.assignment import assign_layers
 
 
 def small_cnn():
-    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(inplace=True),
-                         nn.Conv2d(4, 4, 3, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 3 * 3, 5))
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(4, 4, 3, stride=2),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 3 * 3, 5),
+    )
 
 
 def batches(count, seed=0):
     generator = torch.Generator().manual_seed(seed)
-    return [(torch.randn(16, 1, 8, 8, generator=generator), torch.randint(0, 5, (16,), generator=generator))
-            for _ in range(count)]
+    return [
+        (torch.randn(16, 1, 8, 8, generator=generator), torch.randint(0, 5, (16,), generator=generator))
+        for _ in range(count)
+    ]
 
 
 def train(model, kfac, data, lr=0.05):
@@ -34,6 +44,7 @@ def train(model, kfac, data, lr=0.05):
 
 def test_resnet50_registers_107_layers_and_options_leave_layers_to_sgd():
     from torchvision.models import resnet50
+
     model = resnet50()
     names = kfac_hvd.KFAC(model).layer_names
     assert len(names) == 107
@@ -47,8 +58,14 @@ def test_resnet50_registers_107_layers_and_options_leave_layers_to_sgd():
 def test_unknown_keyword_and_bad_values_raise():
     with pytest.raises(TypeError):
         kfac_hvd.KFAC(small_cnn(), update_treshold=0.25)
-    for bad in ({"damping": 0}, {"update_threshold": -0.1}, {"interval_policy": "sometimes"},
-                {"inverse_method": "lu"}, {"factor_decay": 1.0}, {"kl_clip": 0}):
+    for bad in (
+        {"damping": 0},
+        {"update_threshold": -0.1},
+        {"interval_policy": "sometimes"},
+        {"inverse_method": "lu"},
+        {"factor_decay": 1.0},
+        {"kl_clip": 0},
+    ):
         with pytest.raises(ValueError):
             kfac_hvd.KFAC(small_cnn(), **bad)
 
@@ -71,8 +88,14 @@ def test_layers_not_due_do_no_factor_work_and_keep_their_inverse():
     for layer in kfac.layers.values():
         if hasattr(layer, "a_contribution"):
             original_a, original_g = layer.a_contribution, layer.g_contribution
-            layer.a_contribution = lambda x, f=original_a, **kw: (calls.__setitem__("A", calls["A"] + 1), f(x, **kw))[1]
-            layer.g_contribution = lambda g, f=original_g, **kw: (calls.__setitem__("G", calls["G"] + 1), f(g, **kw))[1]
+            layer.a_contribution = lambda x, f=original_a, **kw: (
+                calls.__setitem__("A", calls["A"] + 1),
+                f(x, **kw),
+            )[1]
+            layer.g_contribution = lambda g, f=original_g, **kw: (
+                calls.__setitem__("G", calls["G"] + 1),
+                f(g, **kw),
+            )[1]
     data = batches(6)
     records, _ = train(model, kfac, data[:2])
     assert [r["step"] for r in records] == [1, 2]
@@ -116,7 +139,9 @@ def test_state_dict_resume_continues_exactly():
         nn.functional.cross_entropy(model(x), y).backward()
         head.append(kfac.step(lr=0.05))
         optimizer.step()
-    saved = copy.deepcopy({"model": model.state_dict(), "opt": optimizer.state_dict(), "kfac": kfac.state_dict()})
+    saved = copy.deepcopy(
+        {"model": model.state_dict(), "opt": optimizer.state_dict(), "kfac": kfac.state_dict()}
+    )
 
     resumed_model = small_cnn()
     resumed_model.load_state_dict(saved["model"])
@@ -162,9 +187,13 @@ def test_separate_intervals_track_a_and_g_on_their_own():
         records.append(kfac.step())
         optimizer.step()
     assert kfac.scheduler.keys == [":A", ":G"]
-    assert [r["layers"][""]["diff_G"] is None or r["layers"][""]["diff_G"] > 0.05 for r in records] == [True] * 12
+    assert [r["layers"][""]["diff_G"] is None or r["layers"][""]["diff_G"] > 0.05 for r in records] == [
+        True
+    ] * 12
     # modulo with every diff of A below λ: A due at 1, 2, 4, 6, 8, 10, 12 and its interval 1, 2, 3, …, 7
-    assert [r["layers"][""]["diff_A"] is not None for r in records] == [s in (2, 4, 6, 8, 10, 12) for s in range(1, 13)]
+    assert [r["layers"][""]["diff_A"] is not None for r in records] == [
+        s in (2, 4, 6, 8, 10, 12) for s in range(1, 13)
+    ]
     assert records[-1]["layers"][""]["intervals"] == {"A": 7, "G": 1}
 
 
@@ -182,14 +211,14 @@ def test_kl_clip_scales_the_update_and_needs_lr():
     plain.step(lr=lr)
     inner = sum(float((p.grad * g).sum()) for p, g in zip(plain_model.parameters(), raw))
     assert inner > 0
-    for target, kl_clip in ((0.5, 0.25 * lr ** 2 * inner), (1.0, 4 * lr ** 2 * inner)):
+    for target, kl_clip in ((0.5, 0.25 * lr**2 * inner), (1.0, 4 * lr**2 * inner)):
         clipped_model = copy.deepcopy(original)
         clipped = kfac_hvd.KFAC(clipped_model, kl_clip=kl_clip)
         nn.functional.cross_entropy(clipped_model(x), y).backward()
         with pytest.raises(ValueError, match="lr"):
-            clipped.step()                       # refused before anything is consumed
+            clipped.step()  # refused before anything is consumed
         record = clipped.step(lr=lr)
-        expected = min(1.0, math.sqrt(kl_clip / (lr ** 2 * inner)))
+        expected = min(1.0, math.sqrt(kl_clip / (lr**2 * inner)))
         assert expected == pytest.approx(target)
         assert float(record["kl_scale"]) == pytest.approx(expected, rel=1e-5)
         for p, q in zip(clipped_model.parameters(), plain_model.parameters()):
@@ -221,6 +250,7 @@ def test_assignment_is_greedy_by_cost():
 
 def test_resnet50_assignment_over_128_ranks_uses_107_ranks_at_most():
     from torchvision.models import resnet50
+
     kfac = kfac_hvd.KFAC(resnet50())
     assignment = assign_layers(kfac.inversion_costs(), 128)
     assert sum(load > 0 for load in assignment.load) == 107
@@ -229,15 +259,20 @@ def test_resnet50_assignment_over_128_ranks_uses_107_ranks_at_most():
 
 def test_grouped_and_string_padding_convolutions_stay_on_the_plain_gradient():
     torch.manual_seed(5)
-    model = nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.Conv2d(4, 4, 3, padding="same"), nn.Conv2d(4, 2, 1),
-                          nn.Flatten(), nn.Linear(2 * 6 * 6, 3))
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, groups=2),
+        nn.Conv2d(4, 4, 3, padding="same"),
+        nn.Conv2d(4, 2, 1),
+        nn.Flatten(),
+        nn.Linear(2 * 6 * 6, 3),
+    )
     kfac = kfac_hvd.KFAC(model)
     assert kfac.layer_names == ["2", "4"]
     nn.functional.cross_entropy(model(torch.randn(8, 2, 8, 8)), torch.randint(0, 3, (8,))).backward()
     plain = [p.grad.clone() for p in model.parameters()]
     kfac.step()
     for index, (p, g) in enumerate(zip(model.parameters(), plain)):
-        left_alone = index < 4                          # weights and biases of the first two convolutions
+        left_alone = index < 4  # weights and biases of the first two convolutions
         assert torch.equal(p.grad, g) == left_alone, index
 
 
@@ -268,4 +303,4 @@ def test_factor_decay_is_a_running_average_of_the_fresh_factors():
         expected = 0.25 * (0.25 * fresh[0][kind] + 0.75 * fresh[1][kind]) + 0.75 * fresh[2][kind]
         torch.testing.assert_close(kfac.factors["3"][kind], expected)
     means = {kind: float(torch.diagonal(kfac.factors["3"][kind]).mean()) for kind in ("A", "G")}
-    assert kfac.diagonal_means["3"] == pytest.approx(means)    # π follows the running factors
+    assert kfac.diagonal_means["3"] == pytest.approx(means)  # π follows the running factors

@@ -1,14 +1,15 @@
 """Ranks must agree: at start-up every rank compares the resolved configuration and the code (sources of
 kfac_hvd and launch, library versions); a mismatch stops every rank with exit code 2, never a hang."""
+
 import os
 import shutil
 
 import pytest
+from launch_helpers.common import REPO, horovod_ready
+from launch_helpers.jobs import DEMO, job, per_rank_shell, shell_train, tiny
 
 from launch.config import load_config, resolve_paths
 from launch.reliability import RunStop, check_agreement, code_fingerprint, config_fingerprint
-from launch_helpers.common import REPO, horovod_ready
-from launch_helpers.jobs import DEMO, job, per_rank_shell, shell_train, tiny
 
 
 class Gather:
@@ -22,7 +23,10 @@ class Gather:
 
 
 def layout_of(cfgs, codes):
-    return [{"rank": r, "config": config_fingerprint(c), "code": code} for r, (c, code) in enumerate(zip(cfgs, codes))]
+    return [
+        {"rank": r, "config": config_fingerprint(c), "code": code}
+        for r, (c, code) in enumerate(zip(cfgs, codes))
+    ]
 
 
 def test_fingerprints_and_the_mismatch_message(tmp_path):
@@ -35,7 +39,7 @@ def test_fingerprints_and_the_mismatch_message(tmp_path):
     digest, detail = code_fingerprint()
     assert "launch/loop.py" in detail["files"] and "kfac_hvd/preconditioner.py" in detail["files"]
     assert detail["versions"]["torch"]
-    assert code_fingerprint()[0] == digest                   # deterministic
+    assert code_fingerprint()[0] == digest  # deterministic
 
     # Everything equal: nothing happens (and no second collective).
     check_agreement(None, a, layout_of([a, a], [digest, digest]), detail)
@@ -49,8 +53,10 @@ def test_fingerprints_and_the_mismatch_message(tmp_path):
     msg = info.value.message
     assert info.value.code == 2 and "\n" not in msg
     # Named by the file that set the key on this rank (the Fashion-MNIST base config).
-    assert msg.startswith(f"config error: {a.source('kfac.damping')}: kfac.damping: ranks disagree on the "
-                          f"resolved configuration (ranks differing from rank 0: 1)")
+    assert msg.startswith(
+        f"config error: {a.source('kfac.damping')}: kfac.damping: ranks disagree on the "
+        f"resolved configuration (ranks differing from rank 0: 1)"
+    )
     assert "kfac.damping: 0.002 on rank 1, 0.003 on rank 0" in msg
     assert "ranks run different code (ranks differing from rank 0: 1): files launch/loop.py" in msg
 
@@ -68,8 +74,11 @@ def test_ranks_with_different_config_and_code_stop_together(tmp_path):
     out = tmp_path / "ranks"
     out.mkdir()
     args = tiny(str(tmp_path / "run"), "kfac.damping=$damping")
-    template = (f"if [ {{rank}} = 1 ]; then export PYTHONPATH={copy}; damping=0.002; else damping=0.003; fi; "
-                + shell_train(args).replace("exec ", "") + f" 2> {out}/err.{{rank}}; echo $? > {out}/rc.{{rank}}")
+    template = (
+        f"if [ {{rank}} = 1 ]; then export PYTHONPATH={copy}; damping=0.002; else damping=0.003; fi; "
+        + shell_train(args).replace("exec ", "")
+        + f" 2> {out}/err.{{rank}}; echo $? > {out}/rc.{{rank}}"
+    )
     # cwd outside the repository: `python -m launch.train` must find each rank's own copy.
     proc, seconds = job("horovodrun", per_rank_shell(template), timeout=180, cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -1,12 +1,12 @@
 """Unreadable images in an ImageFolder tree: a clean stop on every rank naming the file (default), or a
 warning naming it and the image skipped (data.skip_unreadable) -- never a crashed loader worker that
 leaves the other ranks waiting."""
+
 import json
 import os
 import shutil
 
 import pytest
-
 from launch_helpers.common import describe, horovod_ready
 from launch_helpers.images import make_image_tree
 from launch_helpers.jobs import first_failure, job, rank_exit_codes, rank_stderr, recorded_train, train_cmd
@@ -19,8 +19,9 @@ needs_mpirun = pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun
 def tree(tmp_path):
     """2 classes x 8 training images (every image is used: 2 ranks x 2 batches of 4), 2 x 2 to
     evaluate; one training and one evaluation image are not images at all."""
-    root = make_image_tree(str(tmp_path / "imagenet"), classes=("n01", "n02"), train_per_class=8,
-                           val_per_class=2)
+    root = make_image_tree(
+        str(tmp_path / "imagenet"), classes=("n01", "n02"), train_per_class=8, val_per_class=2
+    )
     bad_train = os.path.join(root, "train", "n02", "img_3.png")
     bad_val = os.path.join(root, "val", "n01", "img_1.png")
     for path in (bad_train, bad_val):
@@ -34,7 +35,8 @@ def tree(tmp_path):
         "optim: {method: kfac, lr: 0.01, schedule: constant}\n"
         "train: {epochs: 1, device: cpu, threads: 1}\n"
         "checkpoint: {every_epochs: 0}\n"
-        f"log: {{dir: {tmp_path}/run, progress: false, tensorboard: false}}\n")
+        f"log: {{dir: {tmp_path}/run, progress: false, tensorboard: false}}\n"
+    )
     return str(cfg), bad_train, bad_val
 
 
@@ -59,7 +61,7 @@ def test_unreadable_image_stops_every_rank_cleanly(tmp_path, tree, launcher):
     detail = f"{errs}\n{describe(proc)}"
     assert rank_exit_codes(out) == {0: 2, 1: 2}, detail
     line = errs[0][-1] if errs[0] else ""
-    assert errs == {0: [line], 1: [line]}, detail                  # one line, the same on every rank
+    assert errs == {0: [line], 1: [line]}, detail  # one line, the same on every rank
     assert line.startswith(f"data error: data.train_dir: unreadable image {bad_train} ("), line
     assert line.endswith("); set data.skip_unreadable=true to skip unreadable images"), line
     if launcher == "horovodrun":
@@ -76,4 +78,4 @@ def test_skip_unreadable_reports_and_goes_on(tmp_path, tree):
     assert f"unreadable image skipped (data.skip_unreadable): {bad_train}" in proc.stderr
     summary = json.load(open(os.path.join(tmp_path, "run", "summary.json")))
     assert summary["steps"] == 4
-    assert summary["history"][-1]["val_skipped_images"] == 1          # left out of the evaluation
+    assert summary["history"][-1]["val_skipped_images"] == 1  # left out of the evaluation

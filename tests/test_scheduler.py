@@ -1,4 +1,5 @@
 """Algorithm 1, checked against sequences computed by hand."""
+
 import pytest
 
 from kfac_hvd.scheduler import IntervalScheduler, due_steps
@@ -47,16 +48,21 @@ def test_fixed_interval_without_threshold():
 
 
 def test_max_interval_caps_growth():
-    steps, scheduler = steps_for([None] + [0.0] * 6, update_threshold=0.25, interval_policy="since_last",
-                                 max_interval=3)
+    steps, scheduler = steps_for(
+        [None] + [0.0] * 6, update_threshold=0.25, interval_policy="since_last", max_interval=3
+    )
     assert steps == [1, 2, 4, 7, 10, 13, 16]
     assert scheduler.interval["layer"] == 3
 
 
 def test_shrink_multiple_halves_interval_on_a_jump():
     # since_last: t=1; t=2 (.0 -> 2); t=4 (.0 -> 3); t=7 (.0 -> 4); t=11 diff 1.0 >= 2·λ -> 2; t=13
-    steps, scheduler = steps_for([None, 0.0, 0.0, 0.0, 1.0, 0.0], update_threshold=0.25,
-                                 interval_policy="since_last", shrink_multiple=2.0)
+    steps, scheduler = steps_for(
+        [None, 0.0, 0.0, 0.0, 1.0, 0.0],
+        update_threshold=0.25,
+        interval_policy="since_last",
+        shrink_multiple=2.0,
+    )
     assert steps == [1, 2, 4, 7, 11, 13]
     assert scheduler.interval["layer"] == 3
 
@@ -67,14 +73,25 @@ def test_state_round_trip_continues_the_schedule():
     head = due_steps(first, "layer", [None] + [0.0] * 4)
     second = IntervalScheduler(["layer"], update_threshold=0.25, interval_policy="since_last")
     second.load_state_dict(first.state_dict())
-    tail = [s for s in range(head[-1] + 1, full[-1] + 1) if second.is_due("layer", s)
-            and second.record("layer", s, 0.0) is not None]
+    tail = [
+        s
+        for s in range(head[-1] + 1, full[-1] + 1)
+        if second.is_due("layer", s) and second.record("layer", s, 0.0) is not None
+    ]
     assert head + tail == full
 
 
-@pytest.mark.parametrize("options", [{"update_threshold": 0}, {"update_threshold": -1.0},
-                                     {"interval_policy": "every"}, {"max_interval": 0}, {"initial_interval": 0},
-                                     {"update_threshold": 0.2, "shrink_multiple": 1.0}])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"update_threshold": 0},
+        {"update_threshold": -1.0},
+        {"interval_policy": "every"},
+        {"max_interval": 0},
+        {"initial_interval": 0},
+        {"update_threshold": 0.2, "shrink_multiple": 1.0},
+    ],
+)
 def test_bad_options_raise(options):
     with pytest.raises(ValueError):
         IntervalScheduler(["layer"], **options)
@@ -85,8 +102,15 @@ def test_scheduler_module_is_pure():
     import inspect
 
     import kfac_hvd.scheduler as module
+
     tree = ast.parse(inspect.getsource(module))
-    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
-                for alias in node.names}
-    imported |= {(node.module or "").split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported = {
+        alias.name.split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import)
+        for alias in node.names
+    }
+    imported |= {
+        (node.module or "").split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+    }
     assert not imported & {"torch", "horovod", "mpi4py"}

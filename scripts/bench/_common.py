@@ -1,4 +1,5 @@
 """Small helpers shared by the benchmark scripts: the machine's description and a few statistics."""
+
 from __future__ import annotations
 
 import math
@@ -9,7 +10,8 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -25,30 +27,36 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def load_average() -> Optional[List[float]]:
+def load_average() -> list[float] | None:
     try:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
         return None
 
 
-def machine_info() -> Dict[str, Any]:
+def machine_info() -> dict[str, Any]:
     """What a reader needs to judge the numbers: cores, CPU, memory, versions, the load right now."""
     import torch
-    info: Dict[str, Any] = {
-        "host": platform.node(), "nproc": os.cpu_count(), "cpu": cpu_model(),
-        "python": platform.python_version(), "torch": torch.__version__,
-        "torch_threads_default": torch.get_num_threads(), "load_average": load_average(),
+
+    info: dict[str, Any] = {
+        "host": platform.node(),
+        "nproc": os.cpu_count(),
+        "cpu": cpu_model(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads_default": torch.get_num_threads(),
+        "load_average": load_average(),
     }
     try:
         import horovod
+
         info["horovod"] = horovod.__version__
     except ImportError:
         info["horovod"] = None
     try:
         with open("/proc/meminfo") as f:
             total_kb = int(f.readline().split()[1])
-        info["memory_gib"] = round(total_kb / 2 ** 20, 1)
+        info["memory_gib"] = round(total_kb / 2**20, 1)
     except (OSError, ValueError, IndexError):
         pass
     if torch.cuda.is_available():
@@ -56,18 +64,24 @@ def machine_info() -> Dict[str, Any]:
     return info
 
 
-def git_revision() -> Optional[str]:
+def git_revision() -> str | None:
     try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         return (rev + ("+changes" if dirty else "")) if rev else None
     except (OSError, subprocess.SubprocessError):
         return None
 
 
-def command_line(argv: Optional[Sequence[str]] = None) -> str:
+def command_line(argv: Sequence[str] | None = None) -> str:
     """The command as a user would type it from the repository root."""
     argv = list(sys.argv if argv is None else argv)
     script = os.path.relpath(os.path.abspath(argv[0]), REPO)
@@ -75,29 +89,33 @@ def command_line(argv: Optional[Sequence[str]] = None) -> str:
     return " ".join(shlex.quote(part) for part in [python, script, *argv[1:]])
 
 
-def median(values: Sequence[float]) -> Optional[float]:
+def median(values: Sequence[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
-def mean(values: Sequence[float]) -> Optional[float]:
+def mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def spread(values: Sequence[float]) -> Optional[List[float]]:
+def spread(values: Sequence[float]) -> list[float] | None:
     return [min(values), max(values)] if values else None
 
 
 # Host reads ----------------------------------------------------------------------------------------
 
 
-def train(tool: str, label: str, run_dir: str, arguments: Sequence[str], ranks: int = 2,
-          nice: Optional[int] = None) -> int:
+def train(
+    tool: str, label: str, run_dir: str, arguments: Sequence[str], ranks: int = 2, nice: int | None = None
+) -> int:
     """``python -m launch.train ARGUMENTS``, under ``horovodrun -np RANKS --gloo`` when RANKS > 1 and
     under ``nice -n NICE`` when given; its output goes to RUN_DIR/stdout.txt. Returns the exit code."""
-    os.makedirs(run_dir, exist_ok=True)   # Horovod opens a timeline before the launcher makes folders
+    os.makedirs(run_dir, exist_ok=True)  # Horovod opens a timeline before the launcher makes folders
     python = [os.path.join(REPO, ".venv/bin/python"), "-m", "launch.train", *arguments]
-    launcher = ([os.path.join(REPO, ".venv/bin/horovodrun"), "-np", str(ranks), "--gloo", "-H", f"localhost:{ranks}"]
-                if ranks > 1 else [])
+    launcher = (
+        [os.path.join(REPO, ".venv/bin/horovodrun"), "-np", str(ranks), "--gloo", "-H", f"localhost:{ranks}"]
+        if ranks > 1
+        else []
+    )
     niceness = ["nice", "-n", str(nice)] if nice is not None else []
     print(f"[{tool}] {label}: {shlex.join(python[1:])}", flush=True)
     start = time.time()
@@ -119,11 +137,11 @@ def train_on_two_ranks(tool: str, label: str, run_dir: str, arguments: Sequence[
 # Reports -------------------------------------------------------------------------------------------
 
 
-def pct(value: Optional[float], digits: int = 1) -> str:
+def pct(value: float | None, digits: int = 1) -> str:
     return "–" if value is None else f"{100 * value:.{digits}f}%"
 
 
-def interpolate_log_x(points: Sequence[Tuple[float, float]], x: float) -> Optional[float]:
+def interpolate_log_x(points: Sequence[tuple[float, float]], x: float) -> float | None:
     """y at ``x`` on the polyline through ``points`` (sorted by x), linear in log(x); None outside it."""
     for (x0, y0), (x1, y1) in zip(points, points[1:]):
         if x0 <= x <= x1:

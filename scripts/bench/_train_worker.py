@@ -5,6 +5,7 @@ Python, torch and Horovod start once instead of once a run: on a loaded machine 
 as a short run itself. Each run's output goes to RUN_DIR/stdout.txt; every run seeds its own weights, data
 order and augmentation (``train.seed``), so a run does not depend on the runs before it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -16,15 +17,19 @@ import traceback
 
 def main() -> int:
     from launch.train import main as train
+
     replies = sys.stdout
     for line in sys.stdin:
         job = json.loads(line)
         os.makedirs(job["run_dir"], exist_ok=True)
-        with open(os.path.join(job["run_dir"], "stdout.txt"), "w") as log, \
-                contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        with (
+            open(os.path.join(job["run_dir"], "stdout.txt"), "w") as log,
+            contextlib.redirect_stdout(log),
+            contextlib.redirect_stderr(log),
+        ):
             try:
                 code = train(job["argv"])
-            except BaseException:  # noqa: BLE001 - a crashed run is reported; the next one still runs
+            except BaseException:
                 traceback.print_exc()
                 code = 1
         replies.write(json.dumps({"exit": code}) + "\n")

@@ -24,6 +24,7 @@ run has one thread per rank at nice 10; the single-rank runs of a sweep thread s
 (_train_worker.py), the 2-rank runs start under horovodrun. Finished runs (summary.json, or outcome.json
 for a run that stopped) are kept in runs/freshness/<regime>__<schedule>_s<seed>/ and not run again.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,25 +36,40 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import train  # noqa: E402
 
 CONFIG = "configs/fashion_mnist/small_resnet_kfac_every_step.yaml"
-BASE = ["train.world_size=1", "data.batch_size=128", "data.train_subset=10000", "data.val_subset=null",
-        "data.fashion_mnist_pool=2",
-        "optim.lr=0.05", "optim.warmup_init_lr=0.005", "optim.warmup_epochs=0.2", "optim.poly_power=1.0",
-        "optim.poly_start_epoch=0.0", "optim.poly_end_epoch=3.0", "optim.momentum=0.9", "kfac.kl_clip=null",
-        "train.epochs=3", "train.eval_every=0", "checkpoint.every_epochs=0", "log.tensorboard=false",
-        "log.progress=false", "train.threads=1"]
-DIVERGED_EXIT = 4           # launch.train's exit code for a run that stopped on non-finite losses
-COLLAPSED_TOP1 = 0.20       # a finished run below this top-1 has collapsed
-DECISION_SPREAD = 0.02      # seed-0 top-1 range (over the K-FAC schedules) that calls for more seeds
+BASE = [
+    "train.world_size=1",
+    "data.batch_size=128",
+    "data.train_subset=10000",
+    "data.val_subset=null",
+    "data.fashion_mnist_pool=2",
+    "optim.lr=0.05",
+    "optim.warmup_init_lr=0.005",
+    "optim.warmup_epochs=0.2",
+    "optim.poly_power=1.0",
+    "optim.poly_start_epoch=0.0",
+    "optim.poly_end_epoch=3.0",
+    "optim.momentum=0.9",
+    "kfac.kl_clip=null",
+    "train.epochs=3",
+    "train.eval_every=0",
+    "checkpoint.every_epochs=0",
+    "log.tensorboard=false",
+    "log.progress=false",
+    "train.threads=1",
+]
+DIVERGED_EXIT = 4  # launch.train's exit code for a run that stopped on non-finite losses
+COLLAPSED_TOP1 = 0.20  # a finished run below this top-1 has collapsed
+DECISION_SPREAD = 0.02  # seed-0 top-1 range (over the K-FAC schedules) that calls for more seeds
 NICE = 10
 
 
@@ -61,7 +77,7 @@ NICE = 10
 class Regime:
     name: str
     label: str
-    overrides: Tuple[str, ...] = ()
+    overrides: tuple[str, ...] = ()
     ranks: int = 1
 
 
@@ -75,17 +91,24 @@ REGIMES = (
 )
 
 
-def _fixed(k: int, warmup: float = 0.0) -> Tuple[str, ...]:
-    return ("kfac.update_threshold=null", f"kfac.update_interval={k}", f"kfac.interval_warmup_epochs={warmup:g}")
+def _fixed(k: int, warmup: float = 0.0) -> tuple[str, ...]:
+    return (
+        "kfac.update_threshold=null",
+        f"kfac.update_interval={k}",
+        f"kfac.interval_warmup_epochs={warmup:g}",
+    )
 
 
-def _adaptive(lam: float, noise: bool, policy: str = "modulo") -> Tuple[str, ...]:
-    return (f"kfac.update_threshold={lam}", f"kfac.noise_aware_diff={str(noise).lower()}",
-            f"kfac.interval_policy={policy}")
+def _adaptive(lam: float, noise: bool, policy: str = "modulo") -> tuple[str, ...]:
+    return (
+        f"kfac.update_threshold={lam}",
+        f"kfac.noise_aware_diff={str(noise).lower()}",
+        f"kfac.interval_policy={policy}",
+    )
 
 
 # name -> (label, overrides); the name's prefix is the family the report groups by.
-SCHEDULES: Dict[str, Tuple[str, Tuple[str, ...]]] = {
+SCHEDULES: dict[str, tuple[str, tuple[str, ...]]] = {
     "sgd": ("SGD", ("optim.method=sgd",)),
     "fixed1": ("every step (k = 1)", _fixed(1)),
     "fixed2": ("fixed k = 2", _fixed(2)),
@@ -102,19 +125,71 @@ SCHEDULES: Dict[str, Tuple[str, Tuple[str, ...]]] = {
     "since0.5": ("λ = 0.5, raw Diff, since_last", _adaptive(0.5, False, "since_last")),
 }
 # The base regime's runs, most telling first (an interrupted sweep keeps these).
-BASE_ORDER = ("fixed1", "fixed5", "fixed20", "raw0.5", "noise0.5", "warm1_k20", "warm0.2_k20", "fixed2", "raw0.25",
-              "noise0.25", "since0.5", "warm1_k5", "sgd", "fixed10")
+BASE_ORDER = (
+    "fixed1",
+    "fixed5",
+    "fixed20",
+    "raw0.5",
+    "noise0.5",
+    "warm1_k20",
+    "warm0.2_k20",
+    "fixed2",
+    "raw0.25",
+    "noise0.25",
+    "since0.5",
+    "warm1_k5",
+    "sgd",
+    "fixed10",
+)
 # Seeds 1 and 2 of the base regime: the fixed front and the schedules near the adaptive runs' work.
-BASE_SEEDED = ("fixed1", "fixed2", "fixed5", "fixed10", "fixed20", "warm1_k20", "warm0.2_k20", "raw0.5", "noise0.25", "noise0.5")
+BASE_SEEDED = (
+    "fixed1",
+    "fixed2",
+    "fixed5",
+    "fixed10",
+    "fixed20",
+    "warm1_k20",
+    "warm0.2_k20",
+    "raw0.5",
+    "noise0.25",
+    "noise0.5",
+)
 BASE_SEEDED_LAST = ("since0.5", "raw0.25", "warm1_k5")
 # A variation runs the fixed front, the short warm-up and λ = 0.5; 2 ranks (two processes and a horovodrun
 # start each) the fewest of them that still decide.
-VARIATION_SCHEDULES = ("fixed1", "fixed2", "fixed5", "fixed10", "fixed20", "warm0.2_k20", "raw0.5", "noise0.5",
-                       "warm1_k20")
+VARIATION_SCHEDULES = (
+    "fixed1",
+    "fixed2",
+    "fixed5",
+    "fixed10",
+    "fixed20",
+    "warm0.2_k20",
+    "raw0.5",
+    "noise0.5",
+    "warm1_k20",
+)
 TWO_RANK_SCHEDULES = ("fixed5", "fixed10", "fixed20", "raw0.5", "noise0.5")
-DECIDING = ("fixed5", "fixed10", "fixed20", "warm0.2_k20", "warm1_k20", "raw0.5", "noise0.5")   # seeds 1-2 of a variation
-FULL_SIZE_SCHEDULES = ("sgd", "fixed2", "fixed5", "fixed10", "fixed20", "warm0.2_k20", "raw0.5", "noise0.5",
-                       "warm1_k20")
+DECIDING = (
+    "fixed5",
+    "fixed10",
+    "fixed20",
+    "warm0.2_k20",
+    "warm1_k20",
+    "raw0.5",
+    "noise0.5",
+)  # seeds 1-2 of a variation
+FULL_SIZE_SCHEDULES = (
+    "sgd",
+    "fixed2",
+    "fixed5",
+    "fixed10",
+    "fixed20",
+    "warm0.2_k20",
+    "raw0.5",
+    "noise0.5",
+    "warm1_k20",
+)
+
 
 def run_dir(runs_dir: Path, regime: str, schedule: str, seed: int) -> Path:
     return runs_dir / f"{regime}__{schedule}_s{seed}"
@@ -124,7 +199,7 @@ def finished(path: Path) -> bool:
     return (path / "summary.json").exists() or (path / "outcome.json").exists()
 
 
-def outcome(path: Path) -> Optional[Dict]:
+def outcome(path: Path) -> dict | None:
     """What a finished run gives the report: top-1, factor work, and whether it diverged or collapsed."""
     if (path / "summary.json").exists():
         summary = json.loads((path / "summary.json").read_text())
@@ -132,9 +207,16 @@ def outcome(path: Path) -> Optional[Dict]:
         fisher = summary.get("fisher") or {}
         finite = all(summary.get("rank_state_finite") or [True])
         status = "diverged" if not finite or top1 is None else "collapsed" if top1 < COLLAPSED_TOP1 else "ok"
-        return {"status": status, "top1": top1, "work": fisher.get("compute_ratio"), "traffic": fisher.get("ratio"),
-                "skipped_steps": summary.get("skipped_step_count", 0), "wall_s": summary.get("wall_time_s"),
-                "mean_interval": (summary.get("kfac") or {}).get("mean_interval"), "steps": summary.get("steps")}
+        return {
+            "status": status,
+            "top1": top1,
+            "work": fisher.get("compute_ratio"),
+            "traffic": fisher.get("ratio"),
+            "skipped_steps": summary.get("skipped_step_count", 0),
+            "wall_s": summary.get("wall_time_s"),
+            "mean_interval": (summary.get("kfac") or {}).get("mean_interval"),
+            "steps": summary.get("steps"),
+        }
     if (path / "outcome.json").exists():
         return json.loads((path / "outcome.json").read_text())
     return None
@@ -144,15 +226,21 @@ class Worker:
     """A process of scripts/bench/_train_worker.py (one per sweep thread) for the single-rank runs."""
 
     def __init__(self) -> None:
-        self.process: Optional[subprocess.Popen] = None
+        self.process: subprocess.Popen | None = None
 
-    def train(self, label: str, run_dir: Path, argv: List[str]) -> int:
+    def train(self, label: str, run_dir: Path, argv: list[str]) -> int:
         if self.process is None or self.process.poll() is not None:
             env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-            command = ["nice", "-n", str(NICE), str(ROOT / ".venv/bin/python"),
-                       str(Path(__file__).parent / "_train_worker.py")]
-            self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdin=subprocess.PIPE,
-                                            stdout=subprocess.PIPE, text=True)
+            command = [
+                "nice",
+                "-n",
+                str(NICE),
+                str(ROOT / ".venv/bin/python"),
+                str(Path(__file__).parent / "_train_worker.py"),
+            ]
+            self.process = subprocess.Popen(
+                command, cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+            )
         print(f"[freshness] {label}: in a worker", flush=True)
         start = time.time()
         self.process.stdin.write(json.dumps({"run_dir": str(run_dir), "argv": argv}) + "\n")
@@ -170,7 +258,7 @@ def run_one(runs_dir: Path, regime: Regime, schedule: str, seed: int) -> None:
     path = run_dir(runs_dir, regime.name, schedule, seed)
     if finished(path):
         return
-    shutil.rmtree(path, ignore_errors=True)          # an interrupted run starts again from step 0
+    shutil.rmtree(path, ignore_errors=True)  # an interrupted run starts again from step 0
     label, overrides = SCHEDULES[schedule]
     start = time.time()
     argv = ["--config", CONFIG, *BASE, *regime.overrides, *overrides, f"train.seed={seed}", f"log.dir={path}"]
@@ -184,11 +272,14 @@ def run_one(runs_dir: Path, regime: Regime, schedule: str, seed: int) -> None:
     if code == 0 and (path / "summary.json").exists():
         return
     status = "diverged" if code == DIVERGED_EXIT else "failed"
-    (path / "outcome.json").write_text(json.dumps({"status": status, "exit": code, "top1": None, "work": None,
-                                                   "wall_s": time.time() - start}))
+    (path / "outcome.json").write_text(
+        json.dumps(
+            {"status": status, "exit": code, "top1": None, "work": None, "wall_s": time.time() - start}
+        )
+    )
 
 
-def decision_spread(runs_dir: Path, regime: str) -> Optional[float]:
+def decision_spread(runs_dir: Path, regime: str) -> float | None:
     """How far a regime's seed-0 K-FAC runs are from a tie: their top-1 range, 1 when a run collapsed or
     diverged; None below DECISION_SPREAD."""
     results = [outcome(run_dir(runs_dir, regime, s, 0)) for s in SCHEDULES if s != "sgd"]
@@ -200,20 +291,24 @@ def decision_spread(runs_dir: Path, regime: str) -> Optional[float]:
     return spread if spread > DECISION_SPREAD else None
 
 
-def plan_phases(runs_dir: Path) -> List[Tuple[str, Callable[[], List[Tuple[Regime, str, int]]]]]:
+def plan_phases(runs_dir: Path) -> list[tuple[str, Callable[[], list[tuple[Regime, str, int]]]]]:
     regimes = {r.name: r for r in REGIMES}
     base, variations = regimes["base"], REGIMES[1:]
 
-    def schedules_of(regime: Regime) -> Tuple[str, ...]:
+    def schedules_of(regime: Regime) -> tuple[str, ...]:
         if regime.name == "full28":
             return FULL_SIZE_SCHEDULES
         return TWO_RANK_SCHEDULES if regime.ranks > 1 else VARIATION_SCHEDULES
 
-    def by_decision() -> List[Tuple[Regime, str, int]]:
+    def by_decision() -> list[tuple[Regime, str, int]]:
         spreads = {r.name: decision_spread(runs_dir, r.name) for r in variations}
-        chosen = sorted((r for r in variations if spreads[r.name] is not None), key=lambda r: -spreads[r.name])
+        chosen = sorted(
+            (r for r in variations if spreads[r.name] is not None), key=lambda r: -spreads[r.name]
+        )
         tied = [r for r in variations if spreads[r.name] is None]
-        return [(r, s, seed) for r in chosen + tied for seed in (1, 2) for s in DECIDING if s in schedules_of(r)]
+        return [
+            (r, s, seed) for r in chosen + tied for seed in (1, 2) for s in DECIDING if s in schedules_of(r)
+        ]
 
     others = [r for r in variations if r.name not in ("clip", "full28")]
     return [
@@ -223,12 +318,25 @@ def plan_phases(runs_dir: Path) -> List[Tuple[str, Callable[[], List[Tuple[Regim
         ("the other variations, seed 0", lambda: [(r, s, 0) for r in others for s in schedules_of(r)]),
         ("28x28 images, seed 0", lambda: [(regimes["full28"], s, 0) for s in FULL_SIZE_SCHEDULES]),
         ("variations, seeds 1-2, those near a decision first (widest first)", by_decision),
-        ("the rest: every step on 28x28 images, seed 0; the other base schedules, seeds 1-2",
-         lambda: [(regimes["full28"], "fixed1", 0)]
-         + [(base, s, seed) for seed in (1, 2) for s in BASE_SEEDED_LAST]),
-        ("the fixed front's upper end, seeds 1-2; SGD at batch 512 and lr 0.1",
-         lambda: [(regimes[r], s, seed) for r in ("clip", "b512", "lr2") for seed in (1, 2) for s in ("fixed1", "fixed2")]
-         + [(regimes[r], "sgd", 0) for r in ("b512", "lr2")]),
+        (
+            "the rest: every step on 28x28 images, seed 0; the other base schedules, seeds 1-2",
+            lambda: (
+                [(regimes["full28"], "fixed1", 0)]
+                + [(base, s, seed) for seed in (1, 2) for s in BASE_SEEDED_LAST]
+            ),
+        ),
+        (
+            "the fixed front's upper end, seeds 1-2; SGD at batch 512 and lr 0.1",
+            lambda: (
+                [
+                    (regimes[r], s, seed)
+                    for r in ("clip", "b512", "lr2")
+                    for seed in (1, 2)
+                    for s in ("fixed1", "fixed2")
+                ]
+                + [(regimes[r], "sgd", 0) for r in ("b512", "lr2")]
+            ),
+        ),
     ]
 
 
@@ -242,7 +350,7 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def deadline_of(text: Optional[str]) -> Optional[datetime.datetime]:
+def deadline_of(text: str | None) -> datetime.datetime | None:
     if not text:
         return None
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -257,12 +365,13 @@ def main() -> int:
     deadline = deadline_of(args.deadline)
     sweep_start = time.time()
     if not args.report_only:
-        def job(item: Tuple[Regime, str, int]) -> None:
+
+        def job(item: tuple[Regime, str, int]) -> None:
             if deadline is not None and datetime.datetime.now(datetime.timezone.utc) >= deadline:
                 return
             run_one(runs_dir, *item)
 
-        with ThreadPoolExecutor(max_workers=args.workers) as pool:      # its threads keep their workers
+        with ThreadPoolExecutor(max_workers=args.workers) as pool:  # its threads keep their workers
             for title, jobs in plan_phases(runs_dir):
                 jobs = jobs()
                 todo = [job for job in jobs if not finished(run_dir(runs_dir, job[0].name, job[1], job[2]))]
@@ -270,6 +379,7 @@ def main() -> int:
                 list(pool.map(job, todo))
         print(f"[freshness] sweep: {(time.time() - sweep_start) / 60:.1f} min", flush=True)
     from report_freshness import write_report
+
     write_report(runs_dir, ROOT / args.out)
     return 0
 

@@ -18,6 +18,7 @@ unpacking of the inverse allgather for every layer that is not inverted everywhe
     OMP_NUM_THREADS=1 .venv/bin/python scripts/bench/inversion.py            # this CPU: 5-15 min
     python3 scripts/bench/inversion.py --device cuda --threads 0              # a GPU
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,26 +28,28 @@ import os
 import statistics
 import sys
 import time
-from typing import Callable, Dict, Iterator, List
+from collections.abc import Callable, Iterator
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-import torch  # noqa: E402
-import torchvision  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+import torchvision
+from torch import nn
 
-import kfac_hvd  # noqa: E402
-from kfac_hvd.factors import pack, packed_numel, unpack  # noqa: E402
+import kfac_hvd
+from kfac_hvd.factors import pack, packed_numel, unpack
 
 
 @contextlib.contextmanager
-def counted_linalg(counts: Dict[str, int]) -> Iterator[None]:
+def counted_linalg(counts: dict[str, int]) -> Iterator[None]:
     """Counts the Cholesky calls and records the largest stacked input of one."""
     cholesky, inverse = torch.linalg.cholesky_ex, torch.cholesky_inverse
 
     def counting_cholesky(matrix, *args, **kwargs):
         counts["cholesky_ex"] += 1
-        counts["largest_input_bytes"] = max(counts["largest_input_bytes"], matrix.numel() * matrix.element_size())
+        counts["largest_input_bytes"] = max(
+            counts["largest_input_bytes"], matrix.numel() * matrix.element_size()
+        )
         return cholesky(matrix, *args, **kwargs)
 
     def counting_inverse(matrix, *args, **kwargs):
@@ -70,26 +73,27 @@ def seconds(run: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def alternate(runs: Dict[str, Callable[[], object]], repeats: int, device: torch.device, *,
-              warm: bool = False) -> Dict[str, List[float]]:
+def alternate(
+    runs: dict[str, Callable[[], object]], repeats: int, device: torch.device, *, warm: bool = False
+) -> dict[str, list[float]]:
     """Each run once per round, in turn (the order reversed every other round), so that all see the
     same machine load; after one untimed round unless ``warm``."""
-    times: Dict[str, List[float]] = {name: [] for name in runs}
-    for run in ([] if warm else runs.values()):
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for run in [] if warm else runs.values():
         run()
     for round_index in range(repeats):
         order = list(runs.items())
-        for name, run in (order if round_index % 2 == 0 else order[::-1]):
+        for name, run in order if round_index % 2 == 0 else order[::-1]:
             times[name].append(seconds(run, device))
     return times
 
 
-def transport_runs(inverses: List[torch.Tensor]) -> Dict[str, Callable[[], object]]:
+def transport_runs(inverses: list[torch.Tensor]) -> dict[str, Callable[[], object]]:
     """Packing the sent and unpacking the received triangles of ``inverses``."""
     flats = [pack(inverse, True) for inverse in inverses]
     send = torch.empty(sum(flat.numel() for flat in flats), dtype=flats[0].dtype, device=flats[0].device)
     held = [torch.empty(inverse.shape, dtype=inverse.dtype, device=inverse.device) for inverse in inverses]
-    by_size: Dict[int, List[int]] = {}
+    by_size: dict[int, list[int]] = {}
     for index, inverse in enumerate(inverses):
         by_size.setdefault(inverse.shape[-1], []).append(index)
 
@@ -100,7 +104,7 @@ def transport_runs(inverses: List[torch.Tensor]) -> Dict[str, Callable[[], objec
         offset = 0
         for size, members in by_size.items():
             count = len(members) * packed_numel((size, size), True)
-            pack(torch.stack([inverses[i] for i in members]), True, out=send[offset:offset + count])
+            pack(torch.stack([inverses[i] for i in members]), True, out=send[offset : offset + count])
             offset += count
 
     def unpack_each():
@@ -113,8 +117,12 @@ def transport_runs(inverses: List[torch.Tensor]) -> Dict[str, Callable[[], objec
             for row, i in zip(square, members):
                 held[i].copy_(row)
 
-    return {"pack_each": pack_each, "pack_by_size": pack_by_size,
-            "unpack_each": unpack_each, "unpack_by_size": unpack_by_size}
+    return {
+        "pack_each": pack_each,
+        "pack_by_size": pack_by_size,
+        "unpack_each": unpack_each,
+        "unpack_by_size": unpack_by_size,
+    }
 
 
 def main() -> None:
@@ -144,30 +152,46 @@ def main() -> None:
     def inversion(batched: bool) -> Callable[[], object]:
         def run():
             kfac.batched_inversion = batched
-            numerics: Dict[str, str] = {}
+            numerics: dict[str, str] = {}
             kfac._invert(due, numerics)
             if numerics:
                 raise RuntimeError(f"an inversion failed: {numerics}")
+
         return run
 
     counts = {}
-    for mode, batched in (("batched", True), ("per_layer", False)):   # also the untimed round
+    for mode, batched in (("batched", True), ("per_layer", False)):  # also the untimed round
         counts[mode] = {"cholesky_ex": 0, "cholesky_inverse": 0, "largest_input_bytes": 0}
         with counted_linalg(counts[mode]):
             inversion(batched)()
-    times = alternate({"batched": inversion(True), "per_layer": inversion(False)}, args.repeats, device, warm=True)
+    times = alternate(
+        {"batched": inversion(True), "per_layer": inversion(False)}, args.repeats, device, warm=True
+    )
     print(json.dumps({"calls": counts, "inversion_s": times}), flush=True)
-    travelling = [inverse for name in kfac.layers if name not in kfac.local_layers
-                  for inverse in kfac.inverses[name].values()]
+    travelling = [
+        inverse
+        for name in kfac.layers
+        if name not in kfac.local_layers
+        for inverse in kfac.inverses[name].values()
+    ]
     times.update(alternate(transport_runs(travelling), args.repeats, device))
     median = {name: statistics.median(values) for name, values in times.items()}
     result = {
-        "setting": {**vars(args), "torch_threads": torch.get_num_threads(), "layers": len(kfac.layers),
-                    "factors": sum(len(kinds) for kinds in kfac.factors.values()), "distinct_sizes": len(sizes)},
-        "calls": counts, "median_s": median, "seconds": times,
-        "ratios": {"inversion_per_layer_over_batched": median["per_layer"] / median["batched"],
-                   "pack_each_over_by_size": median["pack_each"] / median["pack_by_size"],
-                   "unpack_each_over_by_size": median["unpack_each"] / median["unpack_by_size"]},
+        "setting": {
+            **vars(args),
+            "torch_threads": torch.get_num_threads(),
+            "layers": len(kfac.layers),
+            "factors": sum(len(kinds) for kinds in kfac.factors.values()),
+            "distinct_sizes": len(sizes),
+        },
+        "calls": counts,
+        "median_s": median,
+        "seconds": times,
+        "ratios": {
+            "inversion_per_layer_over_batched": median["per_layer"] / median["batched"],
+            "pack_each_over_by_size": median["pack_each"] / median["pack_by_size"],
+            "unpack_each_over_by_size": median["unpack_each"] / median["unpack_by_size"],
+        },
     }
     print(json.dumps({key: result[key] for key in ("setting", "calls", "median_s", "ratios")}, indent=1))
     if args.json:

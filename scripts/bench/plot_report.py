@@ -8,6 +8,7 @@ read, drawn and saved a few times.
 
 Prints the seconds (wall and CPU) of each phase, median of the repeats, then the whole command's; the
 figure is OUT/run/report.png."""
+
 from __future__ import annotations
 
 import argparse
@@ -36,6 +37,7 @@ def resnet50_layers():
     """(name, is_batchnorm, payload bytes of one update) of the K-FAC layers of ResNet-50, in model order."""
     import torchvision
     from torch import nn
+
     layers = []
     for name, module in torchvision.models.resnet50(weights=None).named_modules():
         if isinstance(module, nn.BatchNorm2d):
@@ -77,29 +79,69 @@ def write_run(folder: str, steps: int, threshold: float = 0.25, seed: int = 0) -
                 if due:
                     scheduler.record(name, step, diff)
                     step_sent += payload
-                entry = {"due": due, "interval": scheduler.interval[name], "payload_bytes": payload if due else 0}
+                entry = {
+                    "due": due,
+                    "interval": scheduler.interval[name],
+                    "payload_bytes": payload if due else 0,
+                }
                 entry.update({"diff_F": diff} if bn else {"diff_A": diff and diff * 0.7, "diff_G": diff})
                 records[name] = entry
             sent += step_sent
             loss = 6.9 * math.exp(-step / 900) + 1.2 + rng.gauss(0, 0.05)
-            fh.write(json.dumps({
-                "step": step, "epoch": step / STEPS_PER_EPOCH, "lr": lr_at(step, steps), "loss": loss,
-                "acc": min(1.0, max(0.0, 0.78 * (1 - math.exp(-step / 700)) + rng.gauss(0, 0.02))),
-                "step_time": 0.9 + rng.uniform(0, 0.1),
-                "fisher": {"payload_bytes": sent, "wire_bytes": sent * wire, "every_step_payload_bytes":
-                           every_step * step, "every_step_wire_bytes": every_step * step * wire,
-                           "ratio": sent / (every_step * step)},
-                "mean_interval": sum(scheduler.interval.values()) / len(names),
-                "kfac": {"step": step, "layers": records}}) + "\n")
+            fh.write(
+                json.dumps(
+                    {
+                        "step": step,
+                        "epoch": step / STEPS_PER_EPOCH,
+                        "lr": lr_at(step, steps),
+                        "loss": loss,
+                        "acc": min(1.0, max(0.0, 0.78 * (1 - math.exp(-step / 700)) + rng.gauss(0, 0.02))),
+                        "step_time": 0.9 + rng.uniform(0, 0.1),
+                        "fisher": {
+                            "payload_bytes": sent,
+                            "wire_bytes": sent * wire,
+                            "every_step_payload_bytes": every_step * step,
+                            "every_step_wire_bytes": every_step * step * wire,
+                            "ratio": sent / (every_step * step),
+                        },
+                        "mean_interval": sum(scheduler.interval.values()) / len(names),
+                        "kfac": {"step": step, "layers": records},
+                    }
+                )
+                + "\n"
+            )
             if step % STEPS_PER_EPOCH == 0 or step == steps:
                 top1 = 0.759 * (1 - math.exp(-step / 800))
-                fh.write(json.dumps({"eval": {"epoch": step / STEPS_PER_EPOCH, "step": step, "val_top1": top1,
-                                              "val_loss": 1.0 + 5.9 * math.exp(-step / 800)}, "step": step}) + "\n")
-    summary = {"method": "kfac", "steps": steps, "final_top1": top1, "wall_time_s": steps * 0.95,
-               "kfac": {"update_threshold": threshold, "update_interval": 1,
-                        "mean_interval": sum(scheduler.interval.values()) / len(names)},
-               "fisher": {"wire_bytes": sent * wire, "every_step_wire_bytes": every_step * steps * wire,
-                          "ratio": sent / (every_step * steps)}}
+                fh.write(
+                    json.dumps(
+                        {
+                            "eval": {
+                                "epoch": step / STEPS_PER_EPOCH,
+                                "step": step,
+                                "val_top1": top1,
+                                "val_loss": 1.0 + 5.9 * math.exp(-step / 800),
+                            },
+                            "step": step,
+                        }
+                    )
+                    + "\n"
+                )
+    summary = {
+        "method": "kfac",
+        "steps": steps,
+        "final_top1": top1,
+        "wall_time_s": steps * 0.95,
+        "kfac": {
+            "update_threshold": threshold,
+            "update_interval": 1,
+            "mean_interval": sum(scheduler.interval.values()) / len(names),
+        },
+        "fisher": {
+            "wire_bytes": sent * wire,
+            "every_step_wire_bytes": every_step * steps * wire,
+            "ratio": sent / (every_step * steps),
+        },
+    }
     with open(os.path.join(folder, "summary.json"), "w", encoding="utf-8") as fh:
         json.dump(summary, fh)
 
@@ -113,9 +155,11 @@ def main() -> int:
     folder = os.path.join(args.out, "run")
     start = time.perf_counter()
     write_run(folder, args.steps)
-    print(f"synthetic run: {args.steps} steps x {len(resnet50_layers())} layers, "
-          f"metrics.jsonl {os.path.getsize(os.path.join(folder, 'metrics.jsonl')) / 1e6:.1f} MB, "
-          f"written in {time.perf_counter() - start:.1f} s")
+    print(
+        f"synthetic run: {args.steps} steps x {len(resnet50_layers())} layers, "
+        f"metrics.jsonl {os.path.getsize(os.path.join(folder, 'metrics.jsonl')) / 1e6:.1f} MB, "
+        f"written in {time.perf_counter() - start:.1f} s"
+    )
     # Wall seconds and this process's CPU seconds: on a shared machine the CPU time is the steadier figure.
     phases = {phase: {"wall": [], "cpu": []} for phase in ("read", "build", "save")}
     out = os.path.join(folder, "report.png")
@@ -132,18 +176,26 @@ def main() -> int:
             phases[phase]["cpu"].append(after[1] - before[1])
     for clock in ("wall", "cpu"):
         medians = {phase: statistics.median(values[clock]) for phase, values in phases.items()}
-        print(f"{clock} seconds (median of {args.repeats}): "
-              + ", ".join(f"{phase} {value:.2f}" for phase, value in medians.items())
-              + f", total {sum(medians.values()):.2f}")
+        print(
+            f"{clock} seconds (median of {args.repeats}): "
+            + ", ".join(f"{phase} {value:.2f}" for phase, value in medians.items())
+            + f", total {sum(medians.values()):.2f}"
+        )
     # The command itself, imports included (torch comes with the table's byte formatter).
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "launch.report", folder, "--plot"], check=True, stdout=subprocess.DEVNULL,
-                   env=dict(os.environ, PYTHONPATH=REPO))
+    subprocess.run(
+        [sys.executable, "-m", "launch.report", folder, "--plot"],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        env=dict(os.environ, PYTHONPATH=REPO),
+    )
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    print(f"python -m launch.report {folder} --plot: {time.perf_counter() - start:.2f} s wall, "
-          f"{after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime:.2f} s CPU; "
-          f"figure {out} ({os.path.getsize(out) / 1e3:.0f} kB)")
+    print(
+        f"python -m launch.report {folder} --plot: {time.perf_counter() - start:.2f} s wall, "
+        f"{after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime:.2f} s CPU; "
+        f"figure {out} ({os.path.getsize(out) / 1e3:.0f} kB)"
+    )
     return 0
 
 

@@ -1,5 +1,6 @@
 """Report of scripts/bench/pareto.py: the accuracy/traffic front, adaptive against fixed at equal traffic,
 the batch transfer of λ, and the replay of the long runs' traces at the paper's scale."""
+
 from __future__ import annotations
 
 import json
@@ -8,14 +9,14 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 from _common import interpolate_log_x, pct
 
-PAPER = {0.2: 0.169, 0.25: 0.119, 0.3: 0.109}     # Table 1: Fisher traffic as a fraction of every step
+PAPER = {0.2: 0.169, 0.25: 0.119, 0.3: 0.109}  # Table 1: Fisher traffic as a fraction of every step
 
 
-def load(path: Path) -> Dict[str, Any]:
+def load(path: Path) -> dict[str, Any]:
     summary = json.loads((path / "summary.json").read_text())
     steps, intervals, traffic = [], [], []
     with (path / "metrics.jsonl").open() as handle:
@@ -28,15 +29,26 @@ def load(path: Path) -> Dict[str, Any]:
     return {"summary": summary, "steps": steps, "mean_interval": intervals, "traffic": traffic}
 
 
-def aggregate(runs: Dict[Tuple[str, int], Tuple[str, Path]]) -> Dict[str, Dict[str, Any]]:
+def aggregate(runs: dict[tuple[str, int], tuple[str, Path]]) -> dict[str, dict[str, Any]]:
     """Per run name: label, seeds, mean and half-range of top-1, mean traffic and compute ratios."""
-    grouped: Dict[str, Dict[str, Any]] = {}
+    grouped: dict[str, dict[str, Any]] = {}
     for (name, seed), (label, path) in sorted(runs.items()):
         data = load(path)
         summary = data["summary"]
-        entry = grouped.setdefault(name, {"label": label, "seeds": [], "top1": [], "traffic": [], "compute": [],
-                                          "wall_s": [], "mean_interval": [], "steps": summary["steps"],
-                                          "paths": []})
+        entry = grouped.setdefault(
+            name,
+            {
+                "label": label,
+                "seeds": [],
+                "top1": [],
+                "traffic": [],
+                "compute": [],
+                "wall_s": [],
+                "mean_interval": [],
+                "steps": summary["steps"],
+                "paths": [],
+            },
+        )
         entry["seeds"].append(seed)
         entry["top1"].append(summary["final_top1"])
         fisher = summary.get("fisher") or {}
@@ -54,14 +66,17 @@ def aggregate(runs: Dict[Tuple[str, int], Tuple[str, Path]]) -> Dict[str, Dict[s
     return grouped
 
 
-def fixed_front(groups: Dict[str, Dict[str, Any]]) -> List[Tuple[float, float]]:
+def fixed_front(groups: dict[str, dict[str, Any]]) -> list[tuple[float, float]]:
     """(traffic, top-1) of the fixed-interval runs, by traffic."""
-    points = [(g["traffic_mean"], g["top1_mean"]) for name, g in groups.items()
-              if name.startswith("fixed") and g["traffic_mean"]]
+    points = [
+        (g["traffic_mean"], g["top1_mean"])
+        for name, g in groups.items()
+        if name.startswith("fixed") and g["traffic_mean"]
+    ]
     return sorted(points)
 
 
-def fixed_traffic_for(front: List[Tuple[float, float]], accuracy: float) -> Optional[float]:
+def fixed_traffic_for(front: list[tuple[float, float]], accuracy: float) -> float | None:
     """The least traffic at which the fixed front (interpolated) reaches ``accuracy``."""
     if front and front[0][1] >= accuracy:
         return front[0][0]
@@ -72,41 +87,76 @@ def fixed_traffic_for(front: List[Tuple[float, float]], accuracy: float) -> Opti
     return None
 
 
-def comparisons(groups: Dict[str, Dict[str, Any]]) -> List[Dict[str, Any]]:
+def comparisons(groups: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     front = fixed_front(groups)
     rows = []
     for name, g in groups.items():
         if name.startswith(("raw", "noise")) and g["traffic_mean"]:
             equal_traffic = interpolate_log_x(front, g["traffic_mean"])
             equal_accuracy = fixed_traffic_for(front, g["top1_mean"])
-            rows.append({"name": name, "label": g["label"], "traffic": g["traffic_mean"], "top1": g["top1_mean"],
-                         "gain_pt_at_equal_traffic": None if equal_traffic is None else
-                         100 * (g["top1_mean"] - equal_traffic),
-                         "traffic_vs_fixed_at_equal_accuracy": None if equal_accuracy is None else
-                         g["traffic_mean"] / equal_accuracy})
+            rows.append(
+                {
+                    "name": name,
+                    "label": g["label"],
+                    "traffic": g["traffic_mean"],
+                    "top1": g["top1_mean"],
+                    "gain_pt_at_equal_traffic": None
+                    if equal_traffic is None
+                    else 100 * (g["top1_mean"] - equal_traffic),
+                    "traffic_vs_fixed_at_equal_accuracy": None
+                    if equal_accuracy is None
+                    else g["traffic_mean"] / equal_accuracy,
+                }
+            )
     return rows
 
 
-def replay(root: Path, trace: str, lam: float) -> Optional[float]:
+def replay(root: Path, trace: str, lam: float) -> float | None:
     """The trace replayed through Algorithm 1 for ResNet-50, 128 ranks, 2,814 steps: traffic ratio."""
-    command = [sys.executable, "-m", "kfac_hvd.commodel", "--model", "resnet50", "--ranks", "128", "--batch",
-               "16384", "--steps", "2814", "--trace", trace, "--update-threshold", str(lam), "--json"]
+    command = [
+        sys.executable,
+        "-m",
+        "kfac_hvd.commodel",
+        "--model",
+        "resnet50",
+        "--ranks",
+        "128",
+        "--batch",
+        "16384",
+        "--steps",
+        "2814",
+        "--trace",
+        trace,
+        "--update-threshold",
+        str(lam),
+        "--json",
+    ]
     result = subprocess.run(command, cwd=root, capture_output=True, text=True)
     if result.returncode != 0:
         return None
     return json.loads(result.stdout)["replay"]["ratio"]
 
 
-def plot_front(groups: Dict[str, Dict[str, Any]], out: Path) -> None:
+def plot_front(groups: dict[str, dict[str, Any]], out: Path) -> None:
     import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    styles = {"fixed": ("k", "s", "fixed interval k"), "raw": ("tab:blue", "o", "λ, raw Diff"),
-              "noise": ("tab:red", "^", "λ, noise-aware Diff")}
+    styles = {
+        "fixed": ("k", "s", "fixed interval k"),
+        "raw": ("tab:blue", "o", "λ, raw Diff"),
+        "noise": ("tab:red", "^", "λ, noise-aware Diff"),
+    }
     for family, (color, marker, label) in styles.items():
-        points = sorted((g["traffic_mean"], 100 * t, name) for name, g in groups.items()
-                        if name.startswith(family) and g["traffic_mean"] for t in g["top1"])
+        points = sorted(
+            (g["traffic_mean"], 100 * t, name)
+            for name, g in groups.items()
+            if name.startswith(family) and g["traffic_mean"]
+            for t in g["top1"]
+        )
         if points:
-            ax.scatter([p[0] * 100 for p in points], [p[1] for p in points], c=color, marker=marker, label=label)
+            ax.scatter(
+                [p[0] * 100 for p in points], [p[1] for p in points], c=color, marker=marker, label=label
+            )
     front = fixed_front(groups)
     ax.plot([t * 100 for t, _ in front], [a * 100 for _, a in front], "k--", lw=1)
     ax.set_xscale("log")
@@ -120,9 +170,10 @@ def plot_front(groups: Dict[str, Dict[str, Any]], out: Path) -> None:
     plt.close(fig)
 
 
-def plot_transfer(groups: Dict[str, Dict[str, Any]], out: Path) -> None:
+def plot_transfer(groups: dict[str, dict[str, Any]], out: Path) -> None:
     """Mean interval over the layers, and the cumulative Fisher traffic, against epochs."""
     import matplotlib.pyplot as plt
+
     fig, (intervals, traffic) = plt.subplots(1, 2, figsize=(11, 4.5))
     for name, g in sorted(groups.items()):
         if not name.startswith("transfer_"):
@@ -146,42 +197,58 @@ def plot_transfer(groups: Dict[str, Dict[str, Any]], out: Path) -> None:
     plt.close(fig)
 
 
-def row_order(name: str, group: Dict[str, Any]) -> Tuple[int, float]:
+def row_order(name: str, group: dict[str, Any]) -> tuple[int, float]:
     """SGD, fixed intervals, raw-Diff λ, noise-aware λ, the runs without kl_clip; by traffic within."""
     families = ("sgd", "fixed", "raw", "noise", "noclip")
     family = next((i for i, prefix in enumerate(families) if name.startswith(prefix)), len(families))
     return family, -(group.get("traffic_mean") or 0.0)
 
 
-def write_report(runs: Dict[Tuple[str, int], Tuple[str, Path]], out: Path, root: Path) -> None:
+def write_report(runs: dict[tuple[str, int], tuple[str, Path]], out: Path, root: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     groups = aggregate(runs)
     rows = comparisons(groups)
-    lines = ["| run | seeds | top-1 (mean ± half-range) | traffic, % of every step | factor work | final mean "
-             "interval | wall s |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| run | seeds | top-1 (mean ± half-range) | traffic, % of every step | factor work | final mean "
+        "interval | wall s |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, g in sorted(groups.items(), key=lambda item: row_order(*item)):
         if name.startswith("transfer_"):
             continue
         compute = [c for c in g["compute"] if c is not None]
         intervals = [i for i in g["mean_interval"] if i is not None]
-        lines.append(f"| {g['label']} | {len(g['seeds'])} | {100 * g['top1_mean']:.2f}% ± {100 * g['top1_half_range']:.2f}"
-                     f" | {pct(g['traffic_mean'])} | {pct(statistics.mean(compute)) if compute else '–'} | "
-                     f"{statistics.mean(intervals):.2f} | {statistics.mean(g['wall_s']):.0f} |"
-                     if intervals else
-                     f"| {g['label']} | {len(g['seeds'])} | {100 * g['top1_mean']:.2f}% ± {100 * g['top1_half_range']:.2f}"
-                     f" | – | – | – | {statistics.mean(g['wall_s']):.0f} |")
-    lines += ["", "| adaptive run | traffic | top-1 | vs fixed at equal traffic | traffic vs fixed at equal top-1 |",
-              "|---|---|---|---|---|"]
+        lines.append(
+            f"| {g['label']} | {len(g['seeds'])} | {100 * g['top1_mean']:.2f}% ± {100 * g['top1_half_range']:.2f}"
+            f" | {pct(g['traffic_mean'])} | {pct(statistics.mean(compute)) if compute else '–'} | "
+            f"{statistics.mean(intervals):.2f} | {statistics.mean(g['wall_s']):.0f} |"
+            if intervals
+            else f"| {g['label']} | {len(g['seeds'])} | {100 * g['top1_mean']:.2f}% ± {100 * g['top1_half_range']:.2f}"
+            f" | – | – | – | {statistics.mean(g['wall_s']):.0f} |"
+        )
+    lines += [
+        "",
+        "| adaptive run | traffic | top-1 | vs fixed at equal traffic | traffic vs fixed at equal top-1 |",
+        "|---|---|---|---|---|",
+    ]
     for row in sorted(rows, key=lambda row: row_order(row["name"], groups[row["name"]])):
         gain = row["gain_pt_at_equal_traffic"]
         ratio = row["traffic_vs_fixed_at_equal_accuracy"]
-        lines.append(f"| {row['label']} | {pct(row['traffic'])} | {100 * row['top1']:.2f}% | "
-                     f"{'–' if gain is None else f'{gain:+.2f} pt'} | {'–' if ratio is None else f'{ratio:.2f}×'} |")
-    lines += ["", "| batch transfer run | steps | traffic, % of every step | final mean interval |", "|---|---|---|---|"]
+        lines.append(
+            f"| {row['label']} | {pct(row['traffic'])} | {100 * row['top1']:.2f}% | "
+            f"{'–' if gain is None else f'{gain:+.2f} pt'} | {'–' if ratio is None else f'{ratio:.2f}×'} |"
+        )
+    lines += [
+        "",
+        "| batch transfer run | steps | traffic, % of every step | final mean interval |",
+        "|---|---|---|---|",
+    ]
     for name, g in sorted(groups.items()):
         if name.startswith("transfer_"):
-            lines.append(f"| {g['label']} | {g['steps']} | {pct(g['traffic_mean'])} | "
-                         f"{statistics.mean(i for i in g['mean_interval'] if i is not None):.2f} |")
+            lines.append(
+                f"| {g['label']} | {g['steps']} | {pct(g['traffic_mean'])} | "
+                f"{statistics.mean(i for i in g['mean_interval'] if i is not None):.2f} |"
+            )
     replays = {}
     for tag in ("raw", "noise"):
         traces = groups.get(f"{tag}0.25", {}).get("paths", [])
@@ -189,17 +256,33 @@ def write_report(runs: Dict[Tuple[str, int], Tuple[str, Path]], out: Path, root:
             ratios = [replay(root, str(Path(p) / "metrics.jsonl"), lam) for p in traces]
             ratios = [r for r in ratios if r is not None]
             replays[(tag, lam)] = statistics.mean(ratios) if ratios else None
-    lines += ["", "| replayed trace (λ = 0.25 runs, both seeds) | λ = 0.2 | λ = 0.25 | λ = 0.3 |", "|---|---|---|---|"]
+    lines += [
+        "",
+        "| replayed trace (λ = 0.25 runs, both seeds) | λ = 0.2 | λ = 0.25 | λ = 0.3 |",
+        "|---|---|---|---|",
+    ]
     for tag, label in (("raw", "raw Diff"), ("noise", "noise-aware Diff")):
         lines.append(f"| {label} | " + " | ".join(pct(replays[(tag, lam)]) for lam in sorted(PAPER)) + " |")
     lines.append("| the paper (Table 1) | " + " | ".join(pct(PAPER[lam]) for lam in sorted(PAPER)) + " |")
     (out / "pareto.md").write_text("\n".join(lines) + "\n")
-    (out / "runs.json").write_text(json.dumps(
-        {"groups": {name: {k: v for k, v in g.items() if k != "curves"} for name, g in groups.items()},
-         "comparisons": rows, "replays": {f"{tag}@{lam}": r for (tag, lam), r in replays.items()},
-         "transfer_curves": {name: {key: next(iter(g["curves"].values()))[key]
-                                    for key in ("steps", "mean_interval", "traffic")}
-                             for name, g in groups.items() if name.startswith("transfer_")}}, indent=1))
+    (out / "runs.json").write_text(
+        json.dumps(
+            {
+                "groups": {name: {k: v for k, v in g.items() if k != "curves"} for name, g in groups.items()},
+                "comparisons": rows,
+                "replays": {f"{tag}@{lam}": r for (tag, lam), r in replays.items()},
+                "transfer_curves": {
+                    name: {
+                        key: next(iter(g["curves"].values()))[key]
+                        for key in ("steps", "mean_interval", "traffic")
+                    }
+                    for name, g in groups.items()
+                    if name.startswith("transfer_")
+                },
+            },
+            indent=1,
+        )
+    )
     plot_front(groups, out)
     plot_transfer(groups, out)
     print("\n".join(lines))

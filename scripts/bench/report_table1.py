@@ -1,16 +1,16 @@
 """Tables and plots for scripts/bench/table1.py (kept apart so the runner stays short)."""
+
 from __future__ import annotations
 
 import json
 import statistics
 from collections import OrderedDict
 from pathlib import Path
-from typing import Dict, Optional, Tuple
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 
 def save_figure(figure, path: Path) -> Path:
@@ -31,8 +31,8 @@ def spread(values) -> str:
     return f"{100 * mean:.2f}% ± {100 * (max(values) - min(values)) / 2:.2f}"
 
 
-def group(loaded: dict) -> "OrderedDict[str, dict]":
-    configs: "OrderedDict[str, dict]" = OrderedDict()
+def group(loaded: dict) -> OrderedDict[str, dict]:
+    configs: OrderedDict[str, dict] = OrderedDict()
     for (name, seed), (label, run) in loaded.items():
         configs.setdefault(name, {"label": label, "seeds": {}})["seeds"][seed] = run
     return configs
@@ -46,15 +46,22 @@ def table_rows(configs) -> list:
         summaries = [run["summary"] for run in runs]
         accuracy = [s["final_top1"] for s in summaries]
         fisher = [s.get("fisher") for s in summaries]
-        row = {"name": name, "label": config["label"], "seeds": len(runs), "top1": spread(accuracy),
-               "top1_values": accuracy, "wall_s": statistics.mean(s["wall_time_s"] for s in summaries)}
+        row = {
+            "name": name,
+            "label": config["label"],
+            "seeds": len(runs),
+            "top1": spread(accuracy),
+            "top1_values": accuracy,
+            "wall_s": statistics.mean(s["wall_time_s"] for s in summaries),
+        }
         if fisher[0]:
             row["payload"] = statistics.mean(f["payload_bytes"] for f in fisher)
             row["dense"] = statistics.mean(f["dense_payload_bytes"] for f in fisher)
             row["ratio"] = statistics.mean(f["ratio"] for f in fisher)
             seconds = [s["kfac"]["seconds"] for s in summaries]
-            row["factor_pct"] = statistics.mean(100 * sec["factor"] / s["train_time_s"]
-                                                for sec, s in zip(seconds, summaries))
+            row["factor_pct"] = statistics.mean(
+                100 * sec["factor"] / s["train_time_s"] for sec, s in zip(seconds, summaries)
+            )
             row["mean_interval"] = statistics.mean(s["kfac"]["mean_interval"] for s in summaries)
         rows.append(row)
     if every_step:
@@ -67,17 +74,23 @@ def table_rows(configs) -> list:
 
 
 def markdown_table(rows) -> str:
-    lines = ["| run | seeds | test top-1 (mean ± half-range) | Fisher payload / rank (triangles) | "
-             "(full matrices) | % of every step | factor time % of training | final mean interval | wall s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| run | seeds | test top-1 (mean ± half-range) | Fisher payload / rank (triangles) | "
+        "(full matrices) | % of every step | factor time % of training | final mean interval | wall s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for row in rows:
         if "payload" in row:
-            lines.append(f"| {row['label']} | {row['seeds']} | {row['top1']} | {megabytes(row['payload'])} | "
-                         f"{megabytes(row['dense'])} | {100 * row['ratio']:.1f}% | {row['factor_pct']:.1f}% | "
-                         f"{row['mean_interval']:.2f} | {row['wall_s']:.0f} |")
+            lines.append(
+                f"| {row['label']} | {row['seeds']} | {row['top1']} | {megabytes(row['payload'])} | "
+                f"{megabytes(row['dense'])} | {100 * row['ratio']:.1f}% | {row['factor_pct']:.1f}% | "
+                f"{row['mean_interval']:.2f} | {row['wall_s']:.0f} |"
+            )
         else:
-            lines.append(f"| {row['label']} | {row['seeds']} | {row['top1']} | – | – | – | – | – | "
-                         f"{row['wall_s']:.0f} |")
+            lines.append(
+                f"| {row['label']} | {row['seeds']} | {row['top1']} | – | – | – | – | – | "
+                f"{row['wall_s']:.0f} |"
+            )
     return "\n".join(lines)
 
 
@@ -93,8 +106,13 @@ def plot_intervals(configs, out: Path) -> list:
     for axis, name in zip(axes[0], names):
         run = first_seed(configs[name])
         matrix = list(map(list, zip(*run["intervals"])))  # layers × steps
-        image = axis.imshow(matrix, aspect="auto", interpolation="nearest", cmap="viridis",
-                            extent=(run["steps"][0] - 0.5, run["steps"][-1] + 0.5, len(matrix) - 0.5, -0.5))
+        image = axis.imshow(
+            matrix,
+            aspect="auto",
+            interpolation="nearest",
+            cmap="viridis",
+            extent=(run["steps"][0] - 0.5, run["steps"][-1] + 0.5, len(matrix) - 0.5, -0.5),
+        )
         axis.set_yticks(range(len(run["layer_names"])))
         axis.set_yticklabels(run["layer_names"], fontsize=6)
         axis.set_xlabel("step")
@@ -118,17 +136,19 @@ def plot_traffic(configs, out: Path) -> list:
     return [path]
 
 
-def accuracy_curves(config) -> Tuple[list, list]:
-    curves = [[(h["epoch"], h["val_top1"]) for h in run["summary"]["history"]] for run in config["seeds"].values()]
+def accuracy_curves(config) -> tuple[list, list]:
+    curves = [
+        [(h["epoch"], h["val_top1"]) for h in run["summary"]["history"]] for run in config["seeds"].values()
+    ]
     length = min(len(c) for c in curves)
     epochs = [curves[0][i][0] for i in range(length)]
     means = [statistics.mean(c[i][1] for c in curves) for i in range(length)]
     return epochs, means
 
 
-def plot_accuracy(configs, out: Path, target: float) -> Tuple[list, Dict[str, Optional[float]]]:
+def plot_accuracy(configs, out: Path, target: float) -> tuple[list, dict[str, float | None]]:
     figure, axis = plt.subplots(figsize=(7, 4.5))
-    reached: Dict[str, Optional[float]] = {}
+    reached: dict[str, float | None] = {}
     for name, config in configs.items():
         epochs, means = accuracy_curves(config)
         axis.plot(epochs, [100 * m for m in means], marker="o", label=config["label"])
@@ -158,16 +178,20 @@ def timeline_section(configs, timeline) -> str:
     allreduce = [(n, e) for (op, n), e in timeline.items() if op == "allreduce"]
     broadcast = [(n, e) for (op, n), e in timeline.items() if op == "broadcast" and n != "kfac.schedule"]
     allreduce_bytes = sum(e[1] for _, e in allreduce)
-    counted_allreduce = fisher["payload_bytes"] / 2  # a due factor's allreduce and its inverse broadcast have one size
+    counted_allreduce = (
+        fisher["payload_bytes"] / 2
+    )  # a due factor's allreduce and its inverse broadcast have one size
     sized_broadcasts = sum(e[1] for _, e in broadcast)
-    return "\n".join([
-        "| | library counters (rank 0) | Horovod timeline |",
-        "|---|---|---|",
-        f"| factor allreduces | payload {megabytes(counted_allreduce)} | "
-        f"{sum(e[0] for _, e in allreduce)} ops, {megabytes(allreduce_bytes)} |",
-        f"| inverse broadcasts | payload {megabytes(fisher['payload_bytes'] / 2)} | "
-        f"{sum(e[0] for _, e in broadcast)} ops; sized (rooted at rank 1): {megabytes(sized_broadcasts)} |",
-    ])
+    return "\n".join(
+        [
+            "| | library counters (rank 0) | Horovod timeline |",
+            "|---|---|---|",
+            f"| factor allreduces | payload {megabytes(counted_allreduce)} | "
+            f"{sum(e[0] for _, e in allreduce)} ops, {megabytes(allreduce_bytes)} |",
+            f"| inverse broadcasts | payload {megabytes(fisher['payload_bytes'] / 2)} | "
+            f"{sum(e[0] for _, e in broadcast)} ops; sized (rooted at rank 1): {megabytes(sized_broadcasts)} |",
+        ]
+    )
 
 
 def write_report(args, loaded: dict, timeline, out: Path) -> None:
@@ -176,17 +200,35 @@ def write_report(args, loaded: dict, timeline, out: Path) -> None:
     images = plot_intervals(configs, out) + plot_traffic(configs, out)
     accuracy_images, reached = plot_accuracy(configs, out, args.target)
     images += accuracy_images
-    (out / "runs.json").write_text(json.dumps(
-        {f"{name}_s{seed}": {"label": label, "summary": run["summary"], "steps": run["steps"],
-                             "cumulative_payload_bytes": run["cumulative_payload_bytes"],
-                             "due_layers": run["due_layers"], "layer_names": run["layer_names"],
-                             "intervals": run["intervals"]}
-         for (name, seed), (label, run) in loaded.items()}, separators=(",", ":")))
-    parts = [f"Generated by `.venv/bin/python scripts/bench/table1.py --seeds {' '.join(map(str, args.seeds))} "
-             f"--epochs {args.epochs} --train-subset {args.train_subset} --val-subset {args.val_subset}`.", "",
-             markdown_table(rows), "",
-             f"Epochs to {100 * args.target:.0f}% test top-1 (mean over seeds): " + ", ".join(
-                 f"{configs[n]['label']}: {reached[n] if reached[n] is not None else 'not reached'}" for n in reached)]
+    (out / "runs.json").write_text(
+        json.dumps(
+            {
+                f"{name}_s{seed}": {
+                    "label": label,
+                    "summary": run["summary"],
+                    "steps": run["steps"],
+                    "cumulative_payload_bytes": run["cumulative_payload_bytes"],
+                    "due_layers": run["due_layers"],
+                    "layer_names": run["layer_names"],
+                    "intervals": run["intervals"],
+                }
+                for (name, seed), (label, run) in loaded.items()
+            },
+            separators=(",", ":"),
+        )
+    )
+    parts = [
+        f"Generated by `.venv/bin/python scripts/bench/table1.py --seeds {' '.join(map(str, args.seeds))} "
+        f"--epochs {args.epochs} --train-subset {args.train_subset} --val-subset {args.val_subset}`.",
+        "",
+        markdown_table(rows),
+        "",
+        f"Epochs to {100 * args.target:.0f}% test top-1 (mean over seeds): "
+        + ", ".join(
+            f"{configs[n]['label']}: {reached[n] if reached[n] is not None else 'not reached'}"
+            for n in reached
+        ),
+    ]
     if timeline and "lambda0.25" in configs:
         parts += ["", "Timeline cross-check (λ = 0.25, seed 0):", "", timeline_section(configs, timeline)]
     parts += ["", *[f"![{p.stem}]({p.name})" for p in images]]

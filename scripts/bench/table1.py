@@ -8,6 +8,7 @@ SGD; K-FAC every step; K-FAC λ = 0.2, 0.25, 0.3 (modulo, the paper's rule); λ 
 K-FAC with a fixed interval k chosen to match the traffic of the λ = 0.2 and λ = 0.3 runs. Finished runs
 (summary.json present) are not run again. Writes docs/results/table1/{table1.md,runs.json,*.png}.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,9 +24,12 @@ sys.path.insert(0, str(ROOT))
 from kfac_hvd.timeline import read_collectives  # noqa: E402
 
 BASE_CONFIG = "configs/fashion_mnist/base.yaml"
-ADAPTIVE = [("lambda0.2", "λ = 0.2", 0.2, "modulo"), ("lambda0.25", "λ = 0.25", 0.25, "modulo"),
-            ("lambda0.3", "λ = 0.3", 0.3, "modulo"), ("lambda0.25_since_last", "λ = 0.25, since_last", 0.25,
-                                                      "since_last")]
+ADAPTIVE = [
+    ("lambda0.2", "λ = 0.2", 0.2, "modulo"),
+    ("lambda0.25", "λ = 0.25", 0.25, "modulo"),
+    ("lambda0.3", "λ = 0.3", 0.3, "modulo"),
+    ("lambda0.25_since_last", "λ = 0.25, since_last", 0.25, "since_last"),
+]
 TIMELINE_RUN = ("lambda0.25", 0)
 
 
@@ -43,9 +47,17 @@ def parse_args() -> argparse.Namespace:
 
 
 def common_overrides(args: argparse.Namespace, seed: int, run_dir: Path) -> list:
-    return [f"train.seed={seed}", f"train.epochs={args.epochs}", f"data.train_subset={args.train_subset}",
-            f"data.val_subset={args.val_subset}", f"optim.poly_end_epoch={args.epochs}",
-            f"log.dir={run_dir}", "log.progress=false", "log.tensorboard=false", "checkpoint.every_epochs=0"]
+    return [
+        f"train.seed={seed}",
+        f"train.epochs={args.epochs}",
+        f"data.train_subset={args.train_subset}",
+        f"data.val_subset={args.val_subset}",
+        f"optim.poly_end_epoch={args.epochs}",
+        f"log.dir={run_dir}",
+        "log.progress=false",
+        "log.tensorboard=false",
+        "checkpoint.every_epochs=0",
+    ]
 
 
 def run_one(args, name: str, overrides: list, seed: int) -> Path:
@@ -57,8 +69,12 @@ def run_one(args, name: str, overrides: list, seed: int) -> Path:
     extra = []
     if (name, seed) == TIMELINE_RUN:
         extra = [f"horovod.timeline={run_dir / 'timeline.json'}"]
-    train_on_two_ranks("table1", f"{name} seed {seed}", str(run_dir),
-                       ["--config", BASE_CONFIG, *overrides, *common_overrides(args, seed, run_dir), *extra])
+    train_on_two_ranks(
+        "table1",
+        f"{name} seed {seed}",
+        str(run_dir),
+        ["--config", BASE_CONFIG, *overrides, *common_overrides(args, seed, run_dir), *extra],
+    )
     return run_dir
 
 
@@ -78,8 +94,14 @@ def load_run(run_dir: Path) -> dict:
     if intervals and intervals[0]:
         first = json.loads((run_dir / "metrics.jsonl").open().readline())
         layer_names = list(first.get("kfac", {}).get("layers", {}))
-    return {"summary": summary, "steps": steps, "cumulative_payload_bytes": cumulative,
-            "intervals": intervals, "due_layers": due_counts, "layer_names": layer_names}
+    return {
+        "summary": summary,
+        "steps": steps,
+        "cumulative_payload_bytes": cumulative,
+        "intervals": intervals,
+        "due_layers": due_counts,
+        "layer_names": layer_names,
+    }
 
 
 def fixed_interval_for(ratio: float) -> int:
@@ -90,10 +112,14 @@ def main() -> int:
     args = parse_args()
     out = ROOT / args.out
     out.mkdir(parents=True, exist_ok=True)
-    plan = [("sgd", "SGD", ["optim.method=sgd"]),
-            ("kfac_every_step", "K-FAC every step (λ = –)", ["optim.method=kfac", "kfac.update_threshold=null"])]
-    plan += [(name, label, ["optim.method=kfac", f"kfac.update_threshold={lam}", f"kfac.interval_policy={policy}"])
-             for name, label, lam, policy in ADAPTIVE]
+    plan = [
+        ("sgd", "SGD", ["optim.method=sgd"]),
+        ("kfac_every_step", "K-FAC every step (λ = –)", ["optim.method=kfac", "kfac.update_threshold=null"]),
+    ]
+    plan += [
+        (name, label, ["optim.method=kfac", f"kfac.update_threshold={lam}", f"kfac.interval_policy={policy}"])
+        for name, label, lam, policy in ADAPTIVE
+    ]
     runs = {}
     for name, label, overrides in plan:
         for seed in args.seeds:
@@ -103,8 +129,11 @@ def main() -> int:
     # Fixed intervals matched to the traffic of the λ = 0.2 and λ = 0.3 runs (mean ratio over seeds).
     fixed = []
     for reference in ("lambda0.2", "lambda0.3"):
-        ratios = [load_run(path)["summary"]["fisher"]["ratio"] for (name, _), (_, path) in runs.items()
-                  if name == reference]
+        ratios = [
+            load_run(path)["summary"]["fisher"]["ratio"]
+            for (name, _), (_, path) in runs.items()
+            if name == reference
+        ]
         if ratios:
             k = fixed_interval_for(statistics.mean(ratios))
             if k not in fixed:
@@ -114,8 +143,15 @@ def main() -> int:
         for seed in args.seeds:
             if args.report_only and not (ROOT / args.runs_dir / f"{name}_s{seed}" / "summary.json").exists():
                 continue
-            runs[(name, seed)] = (f"K-FAC fixed interval {k}", run_one(
-                args, name, ["optim.method=kfac", "kfac.update_threshold=null", f"kfac.update_interval={k}"], seed))
+            runs[(name, seed)] = (
+                f"K-FAC fixed interval {k}",
+                run_one(
+                    args,
+                    name,
+                    ["optim.method=kfac", "kfac.update_threshold=null", f"kfac.update_interval={k}"],
+                    seed,
+                ),
+            )
     report(args, runs, out)
     return 0
 

@@ -1,4 +1,5 @@
 """Shared helpers of the launcher tests: paths, subprocess runners, tiny config files."""
+
 from __future__ import annotations
 
 import json
@@ -6,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-from typing import Dict, List, Optional
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PYTHON = sys.executable
@@ -22,41 +22,63 @@ PAPER_CONFIGS = [
 ]
 
 
-def env() -> Dict[str, str]:
+def env() -> dict[str, str]:
     e = dict(os.environ)
     e["PYTHONPATH"] = REPO + os.pathsep + e.get("PYTHONPATH", "")
     e.setdefault("OMP_NUM_THREADS", "1")
     # A test run must not inherit a launcher's identity from the test environment.
-    for key in ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "PMI_SIZE", "PMI_RANK", "PMIX_RANK",
-                "HOROVOD_RANK", "HOROVOD_GLOO_RENDEZVOUS_ADDR", "HOROVOD_CONTROLLER"):
+    for key in (
+        "OMPI_COMM_WORLD_SIZE",
+        "OMPI_COMM_WORLD_RANK",
+        "PMI_SIZE",
+        "PMI_RANK",
+        "PMIX_RANK",
+        "HOROVOD_RANK",
+        "HOROVOD_GLOO_RENDEZVOUS_ADDR",
+        "HOROVOD_CONTROLLER",
+    ):
         e.pop(key, None)
     return e
 
 
-def launch_cmd(args: List[str]) -> List[str]:
+def launch_cmd(args: list[str]) -> list[str]:
     return [PYTHON, "-m", "launch.train"] + args
 
 
-def run(cmd: List[str], timeout: float = 300, cwd: Optional[str] = None) -> subprocess.CompletedProcess:
+def run(cmd: list[str], timeout: float = 300, cwd: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=cwd or REPO, env=env(), capture_output=True, text=True, timeout=timeout)
 
 
-def horovodrun(np_: int, args: List[str], timeout: float = 300) -> subprocess.CompletedProcess:
+def horovodrun(np_: int, args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
     cmd = [os.path.join(BIN, "horovodrun"), "-np", str(np_), "--gloo", "-H", f"localhost:{np_}"]
     return run(cmd + launch_cmd(args), timeout=timeout)
 
 
-def mpirun(np_: int, args: List[str], timeout: float = 300) -> subprocess.CompletedProcess:
+def mpirun(np_: int, args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
     mpi = shutil.which("mpirun")
-    cmd = [mpi, "--allow-run-as-root", "--oversubscribe", "-np", str(np_), "-bind-to", "none",
-           "-map-by", "slot", "-x", "PYTHONPATH", "-x", "OMP_NUM_THREADS"]
+    cmd = [
+        mpi,
+        "--allow-run-as-root",
+        "--oversubscribe",
+        "-np",
+        str(np_),
+        "-bind-to",
+        "none",
+        "-map-by",
+        "slot",
+        "-x",
+        "PYTHONPATH",
+        "-x",
+        "OMP_NUM_THREADS",
+    ]
     return run(cmd + launch_cmd(args), timeout=timeout)
 
 
-def horovod_problem() -> Optional[str]:
+def horovod_problem() -> str | None:
     """Why Horovod cannot run the launcher tests here, or None when it can."""
     try:
         import horovod.torch as hvd
+
         hvd.gloo_built()  # loads the native library: a half-built install fails here, not in a test
     except Exception as exc:  # a broken build raises OSError or AttributeError as well as ImportError
         first = str(exc).splitlines()[0] if str(exc) else ""
@@ -74,19 +96,31 @@ def horovod_ready() -> bool:
     return problem is None
 
 
-def read_jsonl(path: str) -> List[dict]:
-    with open(path, "r", encoding="utf-8") as fh:
+def read_jsonl(path: str) -> list[dict]:
+    with open(path, encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]
 
 
-def tiny_fashion_args(run_dir: str, *extra: str) -> List[str]:
+def tiny_fashion_args(run_dir: str, *extra: str) -> list[str]:
     """A few steps of the demo config on a small Fashion-MNIST subset (seconds on 2 ranks); ``extra`` may
     set again any key set here (an override given twice is an error)."""
-    base = {"log.dir": run_dir, "data.train_subset": "256", "data.val_subset": "200", "data.batch_size": "16",
-            "model.width": "8", "train.epochs": "1", "log.progress": "false", "log.tensorboard": "false"}
+    base = {
+        "log.dir": run_dir,
+        "data.train_subset": "256",
+        "data.val_subset": "200",
+        "data.batch_size": "16",
+        "model.width": "8",
+        "train.epochs": "1",
+        "log.progress": "false",
+        "log.tensorboard": "false",
+    }
     given = {a.split("=", 1)[0] for a in extra}
-    return ["--config", os.path.join(CONFIGS, "fashion_mnist", "small_resnet_kfac_lambda0.25.yaml"),
-            *(f"{k}={v}" for k, v in base.items() if k not in given), *extra]
+    return [
+        "--config",
+        os.path.join(CONFIGS, "fashion_mnist", "small_resnet_kfac_lambda0.25.yaml"),
+        *(f"{k}={v}" for k, v in base.items() if k not in given),
+        *extra,
+    ]
 
 
 def describe(proc: subprocess.CompletedProcess) -> str:

@@ -1,4 +1,5 @@
 """A small ImageNet-style tree (train/ and val/, one folder per class) of random JPEG/PNG images."""
+
 from __future__ import annotations
 
 import os
@@ -7,8 +8,14 @@ import numpy as np
 from PIL import Image
 
 
-def make_image_tree(root: str, classes=("n01", "n02", "n03"), train_per_class: int = 6,
-                    val_per_class: int = 2, size=(40, 48), seed: int = 0) -> str:
+def make_image_tree(
+    root: str,
+    classes=("n01", "n02", "n03"),
+    train_per_class: int = 6,
+    val_per_class: int = 2,
+    size=(40, 48),
+    seed: int = 0,
+) -> str:
     rng = np.random.default_rng(seed)
     for split, count in (("train", train_per_class), ("val", val_per_class)):
         for ci, cls in enumerate(classes):

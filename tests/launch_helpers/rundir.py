@@ -1,19 +1,21 @@
 """Helpers of the run-folder tests: a seconds-long synthetic run, a byte-exact picture of a folder, planted pickles."""
+
 from __future__ import annotations
 
 import hashlib
 import os
-from typing import Dict, List
 
 import torch
 
-SYNTHETIC = ("model: {name: small_resnet, num_classes: 10, width: 4}\n"
-             "data: {dataset: synthetic, synthetic_size: 32, synthetic_val_size: 16, image_size: 28, val_resize: 28,"
-             " workers: 0, batch_size: 8}\n"
-             "optim: {method: kfac, lr: 0.01, schedule: constant}\n"
-             "train: {epochs: 1, device: cpu, threads: 1}\n"
-             "checkpoint: {every_epochs: 1}\n"
-             "log: {progress: false, tensorboard: false}\n")
+SYNTHETIC = (
+    "model: {name: small_resnet, num_classes: 10, width: 4}\n"
+    "data: {dataset: synthetic, synthetic_size: 32, synthetic_val_size: 16, image_size: 28, val_resize: 28,"
+    " workers: 0, batch_size: 8}\n"
+    "optim: {method: kfac, lr: 0.01, schedule: constant}\n"
+    "train: {epochs: 1, device: cpu, threads: 1}\n"
+    "checkpoint: {every_epochs: 1}\n"
+    "log: {progress: false, tensorboard: false}\n"
+)
 
 
 def synthetic_config(folder: str) -> str:
@@ -24,7 +26,7 @@ def synthetic_config(folder: str) -> str:
     return path
 
 
-def snapshot(folder: str) -> Dict[str, str]:
+def snapshot(folder: str) -> dict[str, str]:
     """sha256 of every file under ``folder`` (hidden ones too), by relative path."""
     out = {}
     for dirpath, _, files in os.walk(folder):
@@ -47,8 +49,20 @@ class Planted:
 
 def plant_pickle(path: str, marker: str) -> None:
     """A file that looks like a checkpoint of this launcher and runs code when it is unpickled."""
-    torch.save({"format": 2, "epoch": 9, "step": 99, "batch_in_epoch": 0, "model": {}, "optimizer": {},
-                "kfac": None, "rng": [], "payload": Planted(marker)}, path)
+    torch.save(
+        {
+            "format": 2,
+            "epoch": 9,
+            "step": 99,
+            "batch_in_epoch": 0,
+            "model": {},
+            "optimizer": {},
+            "kfac": None,
+            "rng": [],
+            "payload": Planted(marker),
+        },
+        path,
+    )
 
 
 class OneRank:
@@ -64,5 +78,5 @@ class OneRank:
         return obj
 
 
-def lines(text: str) -> List[str]:
+def lines(text: str) -> list[str]:
     return [line for line in text.strip().splitlines() if line.strip()]

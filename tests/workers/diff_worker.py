@@ -2,6 +2,7 @@
 with triangles and whole matrices, raw and noise-aware Diff. Each rank writes rank<r>.json into --out:
 the step records, and its own factors and split-half noise computed directly (tests/direct_factors.py),
 from which the test forms the averages."""
+
 import argparse
 import json
 import os
@@ -11,14 +12,18 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import horovod.torch as hvd  # noqa: E402
-import kfac_hvd  # noqa: E402
-from direct_factors import direct_factors, forward_backward, make_model, split_half_noise, step_inputs  # noqa: E402
+import horovod.torch as hvd
+from direct_factors import direct_factors, forward_backward, make_model, split_half_noise, step_inputs
 
-BATCH = 9   # odd: halves of 4 and 5 samples
-RUNS = {"symmetric": dict(symmetric_comm=True), "full": dict(symmetric_comm=False),
-        "symmetric-noise": dict(symmetric_comm=True, noise_aware_diff=True),
-        "full-noise": dict(symmetric_comm=False, noise_aware_diff=True)}
+import kfac_hvd
+
+BATCH = 9  # odd: halves of 4 and 5 samples
+RUNS = {
+    "symmetric": dict(symmetric_comm=True),
+    "full": dict(symmetric_comm=False),
+    "symmetric-noise": dict(symmetric_comm=True, noise_aware_diff=True),
+    "full-noise": dict(symmetric_comm=False, noise_aware_diff=True),
+}
 
 
 def main() -> int:
@@ -27,16 +32,20 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(1)
     hvd.init()
-    model = make_model()          # the same weights on both ranks
+    model = make_model()  # the same weights on both ranks
     data = [step_inputs(step, BATCH, seed=1 + hvd.rank()) for step in (1, 2)]
     factors, noise = [], []
     for x, y in data:
         seen = forward_backward(model, x, y)
-        factors.append({f"{name}.{kind}": value.tolist() for (name, kind), value in direct_factors(model, seen).items()})
-        noise.append({f"{name}.{kind}": value for (name, kind), value in split_half_noise(model, seen).items()})
+        factors.append(
+            {f"{name}.{kind}": value.tolist() for (name, kind), value in direct_factors(model, seen).items()}
+        )
+        noise.append(
+            {f"{name}.{kind}": value for (name, kind), value in split_half_noise(model, seen).items()}
+        )
     runs = {}
     for run_name, options in RUNS.items():
-        run_model = make_model()   # the same weights again
+        run_model = make_model()  # the same weights again
         # Every layer owned by one rank: the inverse allgather carries them, as for large layers.
         kfac = kfac_hvd.KFAC(run_model, local_inverse_max_dim=0, **options)
         records = []

@@ -4,36 +4,45 @@ Modes:
   equivalence  two ranks on halves of a fixed batch vs. one process on the whole batch, several steps
   schedule     adaptive interval (λ, policy) on real ranks: per-step records of every rank
 """
+
 import argparse
 import copy
 import json
 import os
 import sys
 
+import horovod.torch as hvd
 import torch
 from torch import nn
 
-import horovod.torch as hvd
 import kfac_hvd
 from kfac_hvd.comm import LocalCommunicator
-
 from kfac_hvd.diagnostics import HostSyncCounter
 
 
 def small_cnn():
-    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 6, 3, stride=2), nn.ReLU(),
-                         nn.Flatten(), nn.Linear(6 * 3 * 3, 5))
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(4, 6, 3, stride=2),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(6 * 3 * 3, 5),
+    )
 
 
 def batches(count, size):
     generator = torch.Generator().manual_seed(1234)
-    return [(torch.randn(size, 1, 8, 8, generator=generator), torch.randint(0, 5, (size,), generator=generator))
-            for _ in range(count)]
+    return [
+        (torch.randn(size, 1, 8, 8, generator=generator), torch.randint(0, 5, (size,), generator=generator))
+        for _ in range(count)
+    ]
 
 
 def init():
     if os.environ.get("KFAC_TEST_MPI4PY"):
         from mpi4py import MPI
+
         hvd.init(comm=MPI.COMM_WORLD)
     else:
         hvd.init()
@@ -47,8 +56,9 @@ def equivalence(args):
     # --from-step: factors of one pass with accumulation_steps=2 are started by kfac.step(), not the hooks.
     kfac = kfac_hvd.KFAC(model, accumulation_steps=2 if args.from_step else 1, **options)
     reference = kfac_hvd.KFAC(reference_model, comm=LocalCommunicator(), **options)
-    optimizer = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
-                                         named_parameters=model.named_parameters())
+    optimizer = hvd.DistributedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), named_parameters=model.named_parameters()
+    )
     reference_optimizer = torch.optim.SGD(reference_model.parameters(), lr=0.1, momentum=0.9)
     half = args.batch // hvd.size()
     worst = 0.0
@@ -68,24 +78,42 @@ def equivalence(args):
         with optimizer.skip_synchronize():
             optimizer.step()
         reference_optimizer.step()
-    parameter_gap = max((p - q).abs().max().item() for p, q in zip(model.parameters(), reference_model.parameters()))
-    return {"max_relative_grad_gap": worst, "parameter_gap": parameter_gap, "owners": kfac.assignment.owner,
-            "load": kfac.assignment.load, "stats": kfac.comm_stats(), "started": started,
-            "parameters": [p.tolist() for p in model.parameters()]}
+    parameter_gap = max(
+        (p - q).abs().max().item() for p, q in zip(model.parameters(), reference_model.parameters())
+    )
+    return {
+        "max_relative_grad_gap": worst,
+        "parameter_gap": parameter_gap,
+        "owners": kfac.assignment.owner,
+        "load": kfac.assignment.load,
+        "stats": kfac.comm_stats(),
+        "started": started,
+        "parameters": [p.tolist() for p in model.parameters()],
+    }
 
 
 def schedule(args):
     torch.manual_seed(0)
     model = nn.Sequential(small_cnn()[:4], nn.BatchNorm2d(6), nn.Flatten(), nn.Linear(6 * 3 * 3, 5))
-    kfac = kfac_hvd.KFAC(model, damping=1e-2, update_threshold=args.threshold, interval_policy=args.policy,
-                         local_inverse_max_dim=args.local_max_dim, noise_aware_diff=args.noise_aware)
-    optimizer = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
-                                         named_parameters=model.named_parameters())
+    kfac = kfac_hvd.KFAC(
+        model,
+        damping=1e-2,
+        update_threshold=args.threshold,
+        interval_policy=args.policy,
+        local_inverse_max_dim=args.local_max_dim,
+        noise_aware_diff=args.noise_aware,
+    )
+    optimizer = hvd.DistributedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), named_parameters=model.named_parameters()
+    )
     records = []
     # Ranks see different data, so their local factors differ; the averaged ones drive the schedule.
     generator = torch.Generator().manual_seed(100 + hvd.rank())
     for _ in range(args.steps):
-        x, y = torch.randn(args.batch, 1, 8, 8, generator=generator), torch.randint(0, 5, (args.batch,), generator=generator)
+        x, y = (
+            torch.randn(args.batch, 1, 8, 8, generator=generator),
+            torch.randint(0, 5, (args.batch,), generator=generator),
+        )
         optimizer.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
         optimizer.synchronize()
@@ -94,8 +122,12 @@ def schedule(args):
         records[-1]["host_syncs"] = syncs.count
         with optimizer.skip_synchronize():
             optimizer.step()
-    return {"records": records, "stats": kfac.comm_stats(), "layers": kfac.layer_names,
-            "owners": kfac.assignment.owner}
+    return {
+        "records": records,
+        "stats": kfac.comm_stats(),
+        "layers": kfac.layer_names,
+        "owners": kfac.assignment.owner,
+    }
 
 
 def main():
