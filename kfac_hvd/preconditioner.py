@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -33,13 +33,13 @@ from .comm import TrafficCounter, default_communicator, every_step_cost
 from .exchange import Arrived, FactorExchange, allgather_inverses
 from .factors import (
     TRIANGLES,
+    FactorStatistics,
     damping_shifts,
     diff_from_squares,
     factor_statistics,
     invert_all,
     kl_clip_scale,
     packed_numel,
-    pi_from_diagonal_means,
     robust_damped_inverses,
     unpack,
 )
@@ -47,7 +47,7 @@ from .layers import Layer, make_layer
 from .options import KFACOptions
 from .precision import fp32_matmul_precision
 from .scheduler import IntervalScheduler
-from .state import load_kfac_state, save_kfac_state
+from .state import LayerState, load_kfac_state, save_kfac_state
 from .timing import PhaseTimer
 
 logger = logging.getLogger(__name__)
@@ -67,22 +67,8 @@ class KFAC:
     ) -> None:
         if options is not None and option_values:
             raise TypeError("KFAC takes options=KFACOptions(...) or the options as keywords, not both")
-        self.options = options if options is not None else KFACOptions(**option_values)
-        opts = self.options
-
-        skip_patterns = [re.compile(pattern) for pattern in opts.skip_layers]
-        self.layers: dict[str, Layer] = {}
-        for name, module in model.named_modules():
-            if any(pattern.search(name) for pattern in skip_patterns):
-                continue
-            layer = make_layer(
-                name, module, include_batchnorm=opts.include_batchnorm, factor_dtype=opts.factor_dtype
-            )
-            if layer is not None:
-                self.layers[name] = layer
-        if not self.layers:
-            raise ValueError("KFAC found no Linear, Conv2d or BatchNorm2d layer to precondition in the model")
-
+        self.options = opts = options if options is not None else KFACOptions(**option_values)
+        self.layers: dict[str, Layer] = _register_layers(model, opts)
         self.comm = comm if comm is not None else default_communicator()
         self.local_layers = [
             name
@@ -103,13 +89,8 @@ class KFAC:
         )
         self._transport_dtype = _promote(layer.factor_dtype for layer in self.layers.values())
         self.steps = 0
-        self.factors: dict[str, dict[str, torch.Tensor]] = {name: {} for name in self.layers}
-        self.previous: dict[str, dict[str, torch.Tensor]] = {name: {} for name in self.layers}
-        self.inverses: dict[str, dict[str, torch.Tensor]] = {name: {} for name in self.layers}
-        self.diagonal_means: dict[str, dict[str, float]] = {name: {} for name in self.layers}  # for π
-        # Estimated sampling noise E‖X − E X‖² of each X_pre (noise_aware_diff)
-        self.noise: dict[str, dict[str, float]] = {name: {} for name in self.layers}
-        self._rejected: set = set()  # layers whose averaged factors were non-finite on this step
+        self.layer_state: dict[str, LayerState] = {name: LayerState() for name in self.layers}
+        self._rejected: set[str] = set()  # layers whose averaged factors were non-finite on this step
         self.timer = PhaseTimer()
         self.exchange = FactorExchange(self.comm, self.traffic, symmetric=opts.symmetric_comm)
         self.capture = FactorCapture(
@@ -128,6 +109,19 @@ class KFAC:
     @property
     def layer_names(self) -> list[str]:
         return list(self.layers)
+
+    @property
+    def factors(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The factors by layer and kind (like ``previous`` and ``inverses``, a view of ``layer_state``)."""
+        return {name: state.factors for name, state in self.layer_state.items()}
+
+    @property
+    def previous(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {name: state.previous for name, state in self.layer_state.items()}
+
+    @property
+    def inverses(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {name: state.inverses for name, state in self.layer_state.items()}
 
     def inversion_costs(self) -> dict[str, float]:
         return {name: layer.inversion_cost() for name, layer in self.layers.items()}
@@ -210,9 +204,9 @@ class KFAC:
         numerics = {}
         if check_factors:
             entries = [(factor, None) for kinds in arrived.values() for factor in kinds.values()]
-            sums = iter(row[0] for row in self._statistics(entries))
+            totals = iter(statistics.total for statistics in self._statistics(entries))
             for name, kinds in arrived.items():
-                if not all([math.isfinite(next(sums)) for _ in kinds]):
+                if not all([math.isfinite(next(totals)) for _ in kinds]):
                     numerics[name] = NON_FINITE
         return self._finish(step, due, {}, numerics, None, skipped=True)
 
@@ -269,76 +263,66 @@ class KFAC:
         Returns the diffs and the keys whose intervals rank 0 decided (every rank adopts rank 0's).
         """
         if loss_scale is not None:
-            for kinds in arrived.values():
-                for kind, factor in kinds.items():
-                    if kind != "A":
-                        factor.values.div_(loss_scale**2)
-                        if factor.noise is not None:  # a squared norm of G-sized differences
-                            factor.noise = factor.noise / loss_scale**4
+            _unscale(arrived, loss_scale)
         order = [(name, kind) for name, kinds in arrived.items() for kind in kinds]
         statistics = self._statistics(
-            [(arrived[name][kind], self.previous[name].get(kind)) for name, kind in order]
+            [(arrived[name][kind], self.layer_state[name].previous.get(kind)) for name, kind in order]
         )
-        rows: dict[str, dict[str, list[float]]] = {}
-        for (name, kind), row in zip(order, statistics):
-            rows.setdefault(name, {})[kind] = row
+        by_layer: dict[str, dict[str, FactorStatistics]] = {}
+        for (name, kind), numbers in zip(order, statistics):
+            by_layer.setdefault(name, {})[kind] = numbers
         diffs: dict[str, dict[str, float]] = {}
         due_keys: list[str] = []
-        for name in (name for name in self.layers if name in rows):
-            kinds = rows[name]
+        for name in (name for name in self.layers if name in by_layer):
+            kinds = by_layer[name]
             keys = [key for key in self._keys_of(name) if set(self._kinds_of_key(name, key)) <= set(kinds)]
             due_keys += keys
-            if not all(math.isfinite(row[0]) for row in kinds.values()):
+            if not all(math.isfinite(factor.total) for factor in kinds.values()):
                 numerics[name] = NON_FINITE
                 self._rejected.add(name)
                 if self.scheduler.adaptive:
                     for key in keys:
                         self.scheduler.set_interval(key, 1)
                 continue
-            for kind, (_, change_sq, previous_sq, diagonal_mean, noise) in kinds.items():
+            layer_diffs = self._diffs(name, kinds)
+            if layer_diffs:
+                diffs[name] = layer_diffs
+            state = self.layer_state[name]
+            for kind, factor in kinds.items():
+                fresh = self._unpack_into_previous(state, kind, arrived[name][kind])
                 # The ranks' mean of their local noise estimates, scaled to the mean of P local factors.
-                noise /= self.comm.size
-                if kind in self.previous[name]:
-                    layer_diffs = diffs.setdefault(name, {})
-                    layer_diffs[kind] = diff_from_squares(change_sq, previous_sq)
-                    if self.options.noise_aware_diff:
-                        # E‖X − X_pre‖² = drift² + Var(X) + Var(X_pre): what is left is the drift.
-                        layer_diffs[f"raw_{kind}"] = layer_diffs[kind]
-                        drift_sq = change_sq - noise - self.noise[name].get(kind, 0.0)
-                        layer_diffs[kind] = diff_from_squares(max(drift_sq, 0.0), previous_sq)
-                self._store_factor(name, kind, arrived[name][kind], diagonal_mean)
-                self.noise[name][kind] = noise
+                noise = factor.noise / self.comm.size
+                state.adopt(kind, fresh, factor.diagonal_mean, noise, self.options.factor_decay)
             for key in keys:
-                layer_diffs = [
-                    diffs[name][kind] for kind in self._kinds_of_key(name, key) if kind in diffs.get(name, {})
-                ]
-                self.scheduler.record(key, step, max(layer_diffs) if layer_diffs else None)
+                found = [layer_diffs[kind] for kind in self._kinds_of_key(name, key) if kind in layer_diffs]
+                self.scheduler.record(key, step, max(found) if found else None)
         return diffs, due_keys
 
-    def _store_factor(self, name: str, kind: str, arrived: Arrived, diagonal_mean: float) -> None:
-        """The fresh factor becomes X_pre (unpacked in place when the storage exists); with
-        factor_decay the running average follows it."""
-        previous = self.previous[name].get(kind)
-        if arrived.transported:
-            fresh = unpack(arrived.values, arrived.shape, self.options.symmetric_comm, out=previous)
-        else:
-            fresh = arrived.values
-        self.previous[name][kind] = fresh
-        running = self.factors[name].get(kind)
-        if self.options.factor_decay is None:
-            self.factors[name][kind] = fresh
-            self.diagonal_means[name][kind] = diagonal_mean
-        elif running is None:
-            self.factors[name][kind] = fresh.clone()  # X_pre is overwritten in place on the next update
-            self.diagonal_means[name][kind] = diagonal_mean
-        else:
-            running.mul_(self.options.factor_decay).add_(fresh, alpha=1 - self.options.factor_decay)
-            old = self.diagonal_means[name][kind]
-            self.diagonal_means[name][kind] = (
-                self.options.factor_decay * old + (1 - self.options.factor_decay) * diagonal_mean
-            )
+    def _diffs(self, name: str, kinds: dict[str, FactorStatistics]) -> dict[str, float]:
+        """Diff(X, X_pre) of each factor that has an X_pre; with noise_aware_diff, of the drift alone
+        (and the raw Diff as ``raw_<kind>``)."""
+        state = self.layer_state[name]
+        diffs: dict[str, float] = {}
+        for kind, factor in kinds.items():
+            if kind not in state.previous:
+                continue
+            diffs[kind] = diff_from_squares(factor.change_sq, factor.previous_sq)
+            if self.options.noise_aware_diff:
+                # E‖X − X_pre‖² = drift² + Var(X) + Var(X_pre): what is left is the drift.
+                diffs[f"raw_{kind}"] = diffs[kind]
+                drift_sq = factor.change_sq - factor.noise / self.comm.size - state.noise.get(kind, 0.0)
+                diffs[kind] = diff_from_squares(max(drift_sq, 0.0), factor.previous_sq)
+        return diffs
 
-    def _statistics(self, entries: Sequence[tuple[Arrived, torch.Tensor | None]]) -> list[list[float]]:
+    def _unpack_into_previous(self, state: LayerState, kind: str, arrived: Arrived) -> torch.Tensor:
+        """The fresh factor as a full matrix: unpacked in place into X_pre's storage when it exists."""
+        if not arrived.transported:
+            return arrived.values
+        return unpack(
+            arrived.values, arrived.shape, self.options.symmetric_comm, out=state.previous.get(kind)
+        )
+
+    def _statistics(self, entries: Sequence[tuple[Arrived, torch.Tensor | None]]) -> list[FactorStatistics]:
         """:func:`factor_statistics` of arrived factors (packed triangles, flat or full), one host read."""
         views = []
         for arrived, previous in entries:
@@ -360,7 +344,7 @@ class KFAC:
                 continue
             if name in self._rejected:
                 continue
-            jobs[name] = {kind: self.factors[name][kind] for kind in kinds}
+            jobs[name] = {kind: self.layer_state[name].factors[kind] for kind in kinds}
             shifts[name] = damping_shifts(kinds, self.options.damping, self._pi(name))
         inverses, failed = invert_all(
             jobs, shifts, self.options.inverse_method, batched=self.options.batched_inversion
@@ -375,7 +359,7 @@ class KFAC:
         mine: dict[tuple[str, str], torch.Tensor] = {}
         for name, kinds in due.items():
             if name in self._local:
-                self.inverses[name].update(inverses.get(name, {}))
+                self.layer_state[name].inverses.update(inverses.get(name, {}))
             elif self.assignment.owner[name] == rank:
                 for kind in kinds:
                     mine[(name, kind)] = (
@@ -388,7 +372,7 @@ class KFAC:
     ) -> None:
         """One allgather: every owner's inverses, and rank 0's intervals for the due keys."""
         for (name, kind), inverse in mine.items():
-            self.inverses[name][kind] = inverse
+            self.layer_state[name].inverses[kind] = inverse
         if self.comm.size == 1:
             return
         layout: list[list[tuple[str, str, tuple[int, ...]]]] = [[] for _ in range(self.comm.size)]
@@ -415,9 +399,10 @@ class KFAC:
             if (name, kind) in mine:
                 continue
             shape, dtype = self.layers[name].factor_shapes()[kind], self.layers[name].factor_dtype
-            held = self.inverses[name].get(kind)
+            held = self.layer_state[name].inverses.get(kind)
             if held is None or held.dtype != dtype or not held.is_contiguous():
-                held = self.inverses[name][kind] = torch.empty(shape, dtype=dtype, device=values.device)
+                held = torch.empty(shape, dtype=dtype, device=values.device)
+                self.layer_state[name].inverses[kind] = held
             unpack(values.to(dtype), shape, self.options.symmetric_comm, out=held)  # in place: no second copy
         # Ranks may round the averaged factors differently (MPI allreduce does not promise bitwise
         # equality), so rank 0's intervals are the ones every rank keeps.
@@ -425,17 +410,14 @@ class KFAC:
             self.scheduler.set_interval(key, int(interval))
 
     def _held_inverse(self, name: str, kind: str) -> torch.Tensor:
-        if kind in self.inverses[name]:
-            return self.inverses[name][kind]
+        if kind in self.layer_state[name].inverses:
+            return self.layer_state[name].inverses[kind]
         shape = self.layers[name].factor_shapes()[kind]
         eye = torch.eye(shape[-1], dtype=self.layers[name].factor_dtype, device=self._device())
         return eye.expand(shape).clone()  # no inverse yet: this layer's gradient passes unchanged
 
     def _pi(self, name: str) -> float:
-        means = self.diagonal_means[name]
-        if not self.options.pi_damping or "A" not in means or "G" not in means:
-            return 1.0
-        return pi_from_diagonal_means(means["A"], means["G"])
+        return self.layer_state[name].pi() if self.options.pi_damping else 1.0
 
     def _precondition(self, lr: float | None) -> torch.Tensor | None:
         gradients: dict[str, torch.Tensor] = {}
@@ -445,11 +427,12 @@ class KFAC:
         # would change the update far more than the factors (README, "factor_matmul_precision").
         with fp32_matmul_precision(self._device(), "highest"):
             for name, layer in self.layers.items():
-                if layer.module.weight.grad is None or len(self.inverses[name]) < len(layer.factor_kinds):
+                inverses = self.layer_state[name].inverses
+                if layer.module.weight.grad is None or len(inverses) < len(layer.factor_kinds):
                     continue  # no part in this step's loss, or never inverted: the plain gradient stays
                 gradients[name] = layer.grad_matrix()
-                updates[name] = layer.precondition(self.inverses[name], gradients[name])
-            if self.options.kl_clip is not None and updates:
+                updates[name] = layer.precondition(inverses, gradients[name])
+            if self.options.kl_clip is not None and lr is not None and updates:  # step() checked lr
                 scale = kl_clip_scale(updates, gradients, self.options.kl_clip, lr)
         for name, update in updates.items():
             self.layers[name].set_grad_matrix(update * scale if scale is not None else update)
@@ -530,14 +513,40 @@ class KFAC:
         self._arm(self.steps + 1)
 
 
-def _promote(dtypes) -> torch.dtype:
+def _register_layers(model: nn.Module, options: KFACOptions) -> dict[str, Layer]:
+    skip_patterns = [re.compile(pattern) for pattern in options.skip_layers]
+    layers: dict[str, Layer] = {}
+    for name, module in model.named_modules():
+        if any(pattern.search(name) for pattern in skip_patterns):
+            continue
+        layer = make_layer(
+            name, module, include_batchnorm=options.include_batchnorm, factor_dtype=options.factor_dtype
+        )
+        if layer is not None:
+            layers[name] = layer
+    if not layers:
+        raise ValueError("KFAC found no Linear, Conv2d or BatchNorm2d layer to precondition in the model")
+    return layers
+
+
+def _unscale(arrived: dict[str, dict[str, Arrived]], loss_scale: Any) -> None:
+    """Divide the loss scale out of the gradient-side factors (they carry its square)."""
+    for kinds in arrived.values():
+        for kind, factor in kinds.items():
+            if kind != "A":
+                factor.values.div_(loss_scale**2)
+                if factor.noise is not None:  # a squared norm of G-sized differences
+                    factor.noise = factor.noise / loss_scale**4
+
+
+def _promote(dtypes: Iterable[torch.dtype]) -> torch.dtype:
     result = torch.float32
     for dtype in dtypes:
         result = torch.promote_types(result, dtype)
     return result
 
 
-def _bytes(seen: set, *groups: dict[str, dict[str, torch.Tensor]]) -> int:
+def _bytes(seen: set[int], *groups: dict[str, dict[str, torch.Tensor]]) -> int:
     total = 0
     for group in groups:
         for kinds in group.values():
