@@ -22,7 +22,7 @@ import logging
 import math
 import re
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -39,15 +39,15 @@ from .factors import (
     factor_statistics,
     invert_all,
     kl_clip_scale,
-    packed_numel,
     robust_damped_inverses,
     unpack,
 )
 from .layers import Layer, make_layer
 from .options import KFACOptions
 from .precision import fp32_matmul_precision
-from .scheduler import IntervalScheduler
-from .state import LayerState, load_kfac_state, save_kfac_state
+from .record import step_record
+from .scheduler import IntervalKeys, IntervalScheduler
+from .state import LayerState, held_bytes, load_kfac_state, save_kfac_state
 from .timing import PhaseTimer
 
 logger = logging.getLogger(__name__)
@@ -77,9 +77,9 @@ class KFAC:
         ]
         self._local = set(self.local_layers)
         self.assignment: Assignment = self.assign(self.comm.size)
-        self.scheduler = IntervalScheduler(
-            [key for name in self.layers for key in self._keys_of(name)], opts.schedule
-        )
+        kinds = {name: layer.factor_kinds for name, layer in self.layers.items()}
+        self.keys = IntervalKeys(kinds, separate=opts.separate_intervals)
+        self.scheduler = IntervalScheduler(self.keys.every(), opts.schedule)
         self.traffic = TrafficCounter(self.comm.size)
         self._every_step_cost = every_step_cost(
             self.layers.values(),
@@ -152,8 +152,8 @@ class KFAC:
         """Bytes this rank holds for K-FAC, by category (tensors shared between categories counted once)."""
         seen: set = set()
         sizes = {
-            "factors": _bytes(seen, self.factors, self.previous),
-            "inverses": _bytes(seen, self.inverses),
+            "factors": held_bytes(self.layer_state.values(), ("factors", "previous"), seen),
+            "inverses": held_bytes(self.layer_state.values(), ("inverses",), seen),
             "capture_buffers": self.capture.buffer_bytes(),
             "communication_buffers": self.exchange.buffer_bytes(),
             "caches": TRIANGLES.nbytes(),
@@ -226,7 +226,7 @@ class KFAC:
         self.timer.fold_finished()
         for name, event in numerics.items():
             logger.warning("K-FAC step %d, layer '%s': %s", step, name, event)
-        record = self._record(step, due, diffs, kl_scale)
+        record = step_record(self, step, due, diffs, kl_scale)
         record.update(numerics=numerics, skipped=skipped, factor_allreduces_started=started)
         return record
 
@@ -275,7 +275,7 @@ class KFAC:
         due_keys: list[str] = []
         for name in (name for name in self.layers if name in by_layer):
             kinds = by_layer[name]
-            keys = [key for key in self._keys_of(name) if set(self._kinds_of_key(name, key)) <= set(kinds)]
+            keys = [key for key in self.keys.of(name) if set(self.keys.kinds_of(name, key)) <= set(kinds)]
             due_keys += keys
             if not all(math.isfinite(factor.total) for factor in kinds.values()):
                 numerics[name] = NON_FINITE
@@ -294,7 +294,7 @@ class KFAC:
                 noise = factor.noise / self.comm.size
                 state.adopt(kind, fresh, factor.diagonal_mean, noise, self.options.factor_decay)
             for key in keys:
-                found = [layer_diffs[kind] for kind in self._kinds_of_key(name, key) if kind in layer_diffs]
+                found = [layer_diffs[kind] for kind in self.keys.kinds_of(name, key) if kind in layer_diffs]
                 self.scheduler.record(key, step, max(found) if found else None)
         return diffs, due_keys
 
@@ -438,70 +438,12 @@ class KFAC:
             self.layers[name].set_grad_matrix(update * scale if scale is not None else update)
         return scale
 
-    # Schedule helpers ---------------------------------------------------------------------------
-    def _keys_of(self, name: str) -> list[str]:
-        if self.options.separate_intervals:
-            return [f"{name}:{kind}" for kind in self.layers[name].factor_kinds]
-        return [name]
-
-    def _kinds_of_key(self, name: str, key: str) -> list[str]:
-        return (
-            [key.rsplit(":", 1)[1]]
-            if self.options.separate_intervals
-            else list(self.layers[name].factor_kinds)
-        )
-
-    def _due_kinds(self, step: int) -> dict[str, list[str]]:
-        due: dict[str, list[str]] = {}
-        for name in self.layers:
-            kinds = [
-                kind
-                for key in self._keys_of(name)
-                if self.scheduler.is_due(key, step)
-                for kind in self._kinds_of_key(name, key)
-            ]
-            if kinds:
-                due[name] = kinds
-        return due
-
     def _arm(self, step: int) -> None:
-        self._due = self._due_kinds(step)
-        self.capture.arm(self._due)
+        self._due = self.keys.due(self.scheduler, step)
+        self.capture.arm({name: kinds for name, kinds in self._due.items()})
 
     def _device(self) -> torch.device:
-        return next(iter(self.layers.values())).module.weight.device
-
-    # Accounting ---------------------------------------------------------------------------------
-    def _record(
-        self,
-        step: int,
-        due: dict[str, list[str]],
-        diffs: dict[str, dict[str, float]],
-        kl_scale: torch.Tensor | None,
-    ) -> dict[str, Any]:
-        layers = {}
-        for name in self.layers:
-            intervals = [self.scheduler.interval[key] for key in self._keys_of(name)]
-            entry: dict[str, Any] = {"due": name in due, "interval": min(intervals)}
-            if self.options.separate_intervals:
-                entry["intervals"] = dict(zip(self.layers[name].factor_kinds, intervals))
-            for kind in self.layers[name].factor_kinds:
-                entry[f"diff_{kind}"] = diffs.get(name, {}).get(kind)
-                if self.options.noise_aware_diff:
-                    entry[f"raw_diff_{kind}"] = diffs.get(name, {}).get(f"raw_{kind}")
-            entry["payload_bytes"] = self._step_payload(name, due.get(name, []))
-            layers[name] = entry
-        return {"step": step, "layers": layers, "kl_scale": kl_scale, "mean_interval": self.mean_interval()}
-
-    def _step_payload(self, name: str, kinds: list[str]) -> int:
-        if self.comm.size == 1:
-            return 0
-        shapes = self.layers[name].factor_shapes()
-        element = torch.finfo(self.layers[name].factor_dtype).bits // 8
-        messages = 1 if name in self._local else 2  # factor allreduce (+ inverse allgather)
-        return sum(
-            messages * packed_numel(shapes[kind], self.options.symmetric_comm) * element for kind in kinds
-        )
+        return cast(torch.Tensor, next(iter(self.layers.values())).module.weight).device
 
     # State --------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -544,15 +486,3 @@ def _promote(dtypes: Iterable[torch.dtype]) -> torch.dtype:
     for dtype in dtypes:
         result = torch.promote_types(result, dtype)
     return result
-
-
-def _bytes(seen: set[int], *groups: dict[str, dict[str, torch.Tensor]]) -> int:
-    total = 0
-    for group in groups:
-        for kinds in group.values():
-            for tensor in kinds.values():
-                storage = tensor.untyped_storage()
-                if storage.data_ptr() not in seen:
-                    seen.add(storage.data_ptr())
-                    total += storage.nbytes()
-    return total

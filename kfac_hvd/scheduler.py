@@ -19,7 +19,7 @@ turns diffs into intervals.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,6 +114,38 @@ class IntervalScheduler:
             raise ValueError(f"scheduler state names keys this model does not have: {sorted(unknown)[:3]}")
         self.interval.update({k: int(v) for k, v in state["interval"].items()})
         self.last_update.update({k: int(v) for k, v in state["last_update"].items()})
+
+
+class IntervalKeys:
+    """The keys of each layer's factors: the layer's name, or "layer:kind" for each kind when the
+    factors keep separate intervals."""
+
+    def __init__(self, kinds: Mapping[str, Sequence[str]], *, separate: bool) -> None:
+        self.kinds = {name: list(layer_kinds) for name, layer_kinds in kinds.items()}
+        self.separate = separate
+
+    def of(self, name: str) -> list[str]:
+        return [f"{name}:{kind}" for kind in self.kinds[name]] if self.separate else [name]
+
+    def kinds_of(self, name: str, key: str) -> list[str]:
+        return [key.rsplit(":", 1)[1]] if self.separate else list(self.kinds[name])
+
+    def every(self) -> list[str]:
+        return [key for name in self.kinds for key in self.of(name)]
+
+    def due(self, scheduler: IntervalScheduler, step: int) -> dict[str, list[str]]:
+        """The due kinds of each layer on ``step`` (layers with none left out)."""
+        due: dict[str, list[str]] = {}
+        for name in self.kinds:
+            kinds = [
+                kind
+                for key in self.of(name)
+                if scheduler.is_due(key, step)
+                for kind in self.kinds_of(name, key)
+            ]
+            if kinds:
+                due[name] = kinds
+        return due
 
 
 def due_steps(scheduler: IntervalScheduler, key: str, diffs: Iterable[float | None]) -> list[int]:

@@ -8,6 +8,7 @@ takes them from its factors.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -59,6 +60,20 @@ class LayerState:
         if "A" not in self.diagonal_means or "G" not in self.diagonal_means:
             return 1.0
         return pi_from_diagonal_means(self.diagonal_means["A"], self.diagonal_means["G"])
+
+
+def held_bytes(states: Iterable[LayerState], parts: Sequence[str], seen: set[int]) -> int:
+    """Bytes of the storages behind ``parts`` ("factors", "previous", "inverses") of the layers' states,
+    each storage counted once across calls that share ``seen``."""
+    total = 0
+    for state in states:
+        for part in parts:
+            for tensor in getattr(state, part).values():
+                storage = tensor.untyped_storage()
+                if storage.data_ptr() not in seen:
+                    seen.add(storage.data_ptr())
+                    total += storage.nbytes()
+    return total
 
 
 def _cpu(tensors: TensorGroups) -> TensorGroups:

@@ -277,7 +277,7 @@ class Run:
             return
         due = self.pattern[t - 1] if t - 1 < len(self.pattern) else set()
         for name in self.ours.layers:
-            for key in self.ours._keys_of(name):
+            for key in self.ours.keys.of(name):
                 self.ours.scheduler.set_interval(key, 1 if name in due else FROZEN_INTERVAL)
 
     def precondition(self) -> dict[str, Any]:
