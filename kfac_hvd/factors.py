@@ -46,7 +46,7 @@ class FactorStatistics(NamedTuple):
     change_sq: float  # ‖X − X_pre‖² (0 without X_pre)
     previous_sq: float  # ‖X_pre‖² (0 without X_pre)
     diagonal_mean: float  # mean of X's diagonal, for π
-    noise: float  # the ranks' summed estimates of X's sampling noise E‖X − E X‖² (0 without)
+    noise: float  # the estimate of X's sampling noise E‖X − E X‖² that came with X (0 without)
 
 
 def factor_statistics(

@@ -58,8 +58,8 @@ class KFAC:
     """Replaces each registered layer's ``.grad`` by its K-FAC preconditioned gradient on ``step()``.
 
     Call ``step`` after the gradients are averaged over ranks (``optimizer.synchronize()``) and before
-    the optimiser's own step; call ``skip_step`` instead when the optimiser skips the step. All options
-    are keyword-only; see the README for each one.
+    the optimiser's own step; call ``skip_step`` instead when the optimiser skips the step. The options
+    are a :class:`kfac_hvd.KFACOptions` (``options=``) or its fields as keywords.
     """
 
     def __init__(
@@ -290,9 +290,7 @@ class KFAC:
             state = self.layer_state[name]
             for kind, factor in kinds.items():
                 fresh = self._unpack_into_previous(state, kind, arrived[name][kind])
-                # The ranks' mean of their local noise estimates, scaled to the mean of P local factors.
-                noise = factor.noise / self.comm.size
-                state.adopt(kind, fresh, factor.diagonal_mean, noise, self.options.factor_decay)
+                state.adopt(kind, fresh, factor.diagonal_mean, factor.noise, self.options.factor_decay)
             for key in keys:
                 found = [layer_diffs[kind] for kind in self.keys.kinds_of(name, key) if kind in layer_diffs]
                 self.scheduler.record(key, step, max(found) if found else None)
@@ -310,7 +308,7 @@ class KFAC:
             if self.options.noise_aware_diff:
                 # E‖X − X_pre‖² = drift² + Var(X) + Var(X_pre): what is left is the drift.
                 diffs[f"raw_{kind}"] = diffs[kind]
-                drift_sq = factor.change_sq - factor.noise / self.comm.size - state.noise.get(kind, 0.0)
+                drift_sq = factor.change_sq - factor.noise - state.noise.get(kind, 0.0)
                 diffs[kind] = diff_from_squares(max(drift_sq, 0.0), factor.previous_sq)
         return diffs
 
@@ -329,7 +327,10 @@ class KFAC:
             triangles = arrived.transported and self.options.symmetric_comm
             values = arrived.values if triangles else arrived.values.view(arrived.shape)
             views.append((values, arrived.shape, triangles, previous, arrived.noise))
-        return factor_statistics(views)
+        # The ranks' mean of their local noise estimates, scaled to the mean of P local factors.
+        return [
+            numbers._replace(noise=numbers.noise / self.comm.size) for numbers in factor_statistics(views)
+        ]
 
     def _invert(
         self, due: dict[str, list[str]], numerics: dict[str, str]
