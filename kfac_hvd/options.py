@@ -8,6 +8,7 @@ repeating the options.
 from __future__ import annotations
 
 import functools
+import operator
 import re
 import types
 import typing
@@ -23,6 +24,13 @@ from .precision import FACTOR_MATMUL_PRECISIONS
 from .scheduler import POLICIES, ScheduleOptions
 
 FACTOR_DTYPES = (torch.float32, torch.float64)
+# The bounds an option's metadata may give: key, test, and how an error message writes it
+BOUNDS = (
+    ("ge", operator.ge, ">="),
+    ("gt", operator.gt, ">"),
+    ("le", operator.le, "<="),
+    ("lt", operator.lt, "<"),
+)
 
 
 def _option(default: Any, doc: str, **bounds: Any) -> Any:
@@ -151,7 +159,7 @@ def _check(option: OptionField, value: Any) -> None:
         return
     or_none = " or None" if option.nullable else ""
     if option.choices is not None:
-        if not any(value == choice and type(value) is type(choice) for choice in option.choices):
+        if value not in option.choices:
             raise ValueError(f"{option.name} must be one of {option.choices}{or_none}, got {value!r}")
         return
     kind = option.annotation
@@ -169,16 +177,9 @@ def _check(option: OptionField, value: Any) -> None:
                 raise ValueError(f"{option.name}: {pattern!r} is not a regular expression ({err})") from None
         return
     numeric = (int,) if kind is int else (int, float)
+    limits = [(holds, getattr(option, key)) for key, holds, _ in BOUNDS if getattr(option, key) is not None]
     within = isinstance(value, numeric) and not isinstance(value, bool)
-    if within:
-        for bound, holds in (
-            (option.ge, lambda b: value >= b),
-            (option.gt, lambda b: value > b),
-            (option.le, lambda b: value <= b),
-            (option.lt, lambda b: value < b),
-        ):
-            within = within and (bound is None or holds(bound))
-    if not within:
+    if not (within and all(holds(value, bound) for holds, bound in limits)):  # NaN fails every bound
         what = "an int " if kind is int else ""
         raise ValueError(f"{option.name} must be {what}{_bounds_text(option)}{or_none}, got {value!r}")
 
@@ -186,9 +187,5 @@ def _check(option: OptionField, value: Any) -> None:
 def _bounds_text(option: OptionField) -> str:
     if option.ge is not None and option.lt is not None:
         return f"in [{option.ge:g}, {option.lt:g})"
-    parts = [
-        f"{sign} {bound:g}"
-        for sign, bound in ((">=", option.ge), (">", option.gt), ("<=", option.le), ("<", option.lt))
-        if bound is not None
-    ]
-    return " and ".join(parts)
+    bounds = [(sign, getattr(option, key)) for key, _, sign in BOUNDS]
+    return " and ".join(f"{sign} {bound:g}" for sign, bound in bounds if bound is not None)
