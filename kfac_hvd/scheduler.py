@@ -83,20 +83,16 @@ class IntervalScheduler:
         Returns the key's interval for the steps that follow.
         """
         self.last_update[key] = step
-        threshold, shrink, cap = (
-            self.options.update_threshold,
-            self.options.shrink_multiple,
-            self.options.max_interval,
-        )
+        options, threshold = self.options, self.options.update_threshold
         if diff is None or threshold is None:
             return self.interval[key]
         interval = self.interval[key]
         if diff < threshold:  # Algorithm 1: the factors barely moved, so wait one step longer
             interval += 1
-        elif shrink is not None and diff >= shrink * threshold:
+        elif options.shrink_multiple is not None and diff >= options.shrink_multiple * threshold:
             interval = max(1, interval // 2)
-        if cap is not None:
-            interval = min(interval, cap)
+        if options.max_interval is not None:
+            interval = min(interval, options.max_interval)
         self.interval[key] = interval
         return interval
 
