@@ -30,6 +30,7 @@ from torch import nn
 from .assignment import DEFAULT_LOCAL_INVERSE_MAX_DIM, Assignment, assign_layers, inverted_everywhere
 from .capture import FactorCapture
 from .comm import TrafficCounter, default_communicator, every_step_cost
+from .cost import layer_costs
 from .exchange import Arrived, FactorExchange, allgather_inverses
 from .factors import (
     INVERSE_METHODS,
@@ -39,7 +40,6 @@ from .factors import (
     factor_statistics,
     invert_all,
     kl_clip_scale,
-    packed_numel,
     pi_from_diagonal_means,
     robust_damped_inverses,
     unpack,
@@ -144,12 +144,10 @@ class KFAC:
             initial_interval=update_interval,
         )
         self.traffic = TrafficCounter(self.comm.size)
-        self._every_step_cost = every_step_cost(
-            self.layers.values(),
-            self.comm.size,
-            symmetric=symmetric_comm,
-            local_inverse_max_dim=local_inverse_max_dim,
+        self.layer_costs = layer_costs(
+            self.layers.values(), symmetric=symmetric_comm, local_inverse_max_dim=local_inverse_max_dim
         )
+        self._every_step_cost = every_step_cost(self.layer_costs.values(), self.comm.size)
         self._transport_dtype = _promote(layer.factor_dtype for layer in self.layers.values())
         self.steps = 0
         self.factors: dict[str, dict[str, torch.Tensor]] = {name: {} for name in self.layers}
@@ -556,10 +554,7 @@ class KFAC:
     def _step_payload(self, name: str, kinds: list[str]) -> int:
         if self.comm.size == 1:
             return 0
-        shapes = self.layers[name].factor_shapes()
-        element = torch.finfo(self.layers[name].factor_dtype).bits // 8
-        messages = 1 if name in self._local else 2  # factor allreduce (+ inverse allgather)
-        return sum(messages * packed_numel(shapes[kind], self.symmetric_comm) * element for kind in kinds)
+        return self.layer_costs[name].update_payload_bytes(kinds)
 
     # State --------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -58,16 +58,21 @@ def test_replay_imposes_the_recorded_due_pattern(tmp_path):
 
 
 def test_compact_trace_replays_like_the_full_one(tmp_path):
-    from kfac_hvd import commodel
+    from kfac_hvd.analysis import replay, traffic
+    from kfac_hvd.cost import layer_costs
 
     full, compact = tmp_path / "metrics.jsonl", tmp_path / "trace.jsonl"
     write_trace(full, [set(range(5))] + [{t % 5, (t * 3) % 5} for t in range(1, 40)])
     step_cost.main(["--keep-trace", str(full), "--schedule-trace", str(compact)])
     assert compact.stat().st_size < full.stat().st_size
-    layers = commodel.model_layers(torch.nn.Sequential(torch.nn.Linear(300, 4), torch.nn.Linear(4, 4)))
+    layers = list(
+        layer_costs(
+            traffic.model_layers(torch.nn.Sequential(torch.nn.Linear(300, 4), torch.nn.Linear(4, 4)))
+        ).values()
+    )
     replays = [
-        commodel.replay_trace(
-            commodel.load_trace(str(path)), layers, 200, 8, update_threshold=0.25, keep_schedule=True
+        replay.replay_trace(
+            replay.load_trace(str(path)), layers, 200, 8, update_threshold=0.25, keep_schedule=True
         )
         for path in (full, compact)
     ]

@@ -201,14 +201,19 @@ def variant_options(name: str) -> dict[str, Any]:
 def replay_pattern(kfac, path: str, steps: int) -> list[set]:
     """The due layers of each of the last ``steps`` steps of a recorded run (a metrics.jsonl), each of this
     model's layers taking the due flags of the recorded layer of its type at the same relative depth."""
-    from kfac_hvd.commodel import layer_type, load_trace, map_layers
+    try:
+        from kfac_hvd.analysis.replay import load_trace, map_layers, trace_kinds
+    except ImportError:  # a --library-rev from before kfac_hvd.analysis: the replay from its commodel
+        from kfac_hvd.commodel import load_trace, map_layers
+
+        def trace_kinds(record):
+            return {n: "batchnorm" if "diff_F" in e else "kronecker" for n, e in record["layers"].items()}
 
     records = load_trace(path)[-steps:]
-    recorded = {
-        name: "batchnorm" if "diff_F" in entry else "kronecker"
-        for name, entry in records[0]["layers"].items()
+    kinds = {
+        name: "batchnorm" if "F" in layer.factor_kinds else "kronecker" for name, layer in kfac.layers.items()
     }
-    mapping = map_layers({name: layer_type(layer) for name, layer in kfac.layers.items()}, recorded)
+    mapping = map_layers(kinds, trace_kinds(records[0]))
     return [
         {name for name, source in mapping.items() if record["layers"][source]["due"]} for record in records
     ]

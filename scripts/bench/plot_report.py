@@ -25,6 +25,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
 
+from kfac_hvd.analysis.units import format_bytes  # noqa: E402
 from kfac_hvd.scheduler import IntervalScheduler  # noqa: E402
 from launch import plots  # noqa: E402
 from launch.runlog import read_run  # noqa: E402
@@ -36,18 +37,12 @@ RANKS = 128
 def resnet50_layers():
     """(name, is_batchnorm, payload bytes of one update) of the K-FAC layers of ResNet-50, in model order."""
     import torchvision
-    from torch import nn
 
-    layers = []
-    for name, module in torchvision.models.resnet50(weights=None).named_modules():
-        if isinstance(module, nn.BatchNorm2d):
-            layers.append((name, True, 3 * module.num_features * 4))
-        elif isinstance(module, (nn.Conv2d, nn.Linear)):
-            a = module.weight[0].numel() + (module.bias is not None)
-            g = module.weight.shape[0]
-            travels = max(a, g) > 256
-            layers.append((name, False, (a * (a + 1) // 2 + g * (g + 1) // 2) * 4 * (2 if travels else 1)))
-    return layers
+    from kfac_hvd.analysis.traffic import model_layers
+    from kfac_hvd.cost import layer_costs
+
+    costs = layer_costs(model_layers(torchvision.models.resnet50(weights=None))).values()
+    return [(cost.name, cost.kind == "batchnorm", cost.update_payload_bytes()) for cost in costs]
 
 
 def lr_at(step: int, steps: int) -> float:
@@ -157,7 +152,7 @@ def main() -> int:
     write_run(folder, args.steps)
     print(
         f"synthetic run: {args.steps} steps x {len(resnet50_layers())} layers, "
-        f"metrics.jsonl {os.path.getsize(os.path.join(folder, 'metrics.jsonl')) / 1e6:.1f} MB, "
+        f"metrics.jsonl {format_bytes(os.path.getsize(os.path.join(folder, 'metrics.jsonl')), digits=1)}, "
         f"written in {time.perf_counter() - start:.1f} s"
     )
     # Wall seconds and this process's CPU seconds: on a shared machine the CPU time is the steadier figure.
@@ -194,7 +189,7 @@ def main() -> int:
     print(
         f"python -m launch.report {folder} --plot: {time.perf_counter() - start:.2f} s wall, "
         f"{after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime:.2f} s CPU; "
-        f"figure {out} ({os.path.getsize(out) / 1e3:.0f} kB)"
+        f"figure {out} ({format_bytes(os.path.getsize(out), digits=0, unit='kB')})"
     )
     return 0
 

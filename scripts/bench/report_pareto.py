@@ -116,7 +116,7 @@ def replay(root: Path, trace: str, lam: float) -> float | None:
     command = [
         sys.executable,
         "-m",
-        "kfac_hvd.commodel",
+        "kfac_hvd.analysis.commodel",
         "--model",
         "resnet50",
         "--ranks",

@@ -31,14 +31,14 @@ there; it uses torch.distributed for several ranks, so it is compared in a world
 
 A variant whose option the measured library lacks (an older --library-rev) is left out and named in the
 report. The every-step configurations also get a table of each phase against the device's limits: FLOPs and
-bytes from the layer shapes, peak rates from kfac_hvd.devices (datasheets) or, on the CPU, measured at the
-start of the run (a 2048³ fp32 product and a 256 MiB copy, with --threads threads).
+bytes from the layer shapes, peak rates from kfac_hvd.analysis.devices (datasheets) or, on the CPU, measured
+at the start of the run (a 2048³ fp32 product and a 256 MiB copy, with --threads threads).
 
 Per step: wall seconds (on CUDA between ``torch.cuda.synchronize`` calls around the whole step), CPU seconds
-of the training thread, host reads in the whole step and in ``kfac.step()`` (the counter of
-tests/host_syncs.py), Horovod collectives (``HOROVOD_TIMELINE``, split at a one-value allreduce issued before
-each step and read with ``kfac_hvd.timeline.read_collectives``), ``kfac.memory_bytes()``, and on CUDA
-``torch.cuda.max_memory_allocated`` per configuration. Writes OUT/step_cost.json and OUT/step_cost.md.
+of the training thread, host reads in the whole step and in ``kfac.step()`` (the counter
+``kfac_hvd.diagnostics.HostSyncCounter``), Horovod collectives (``HOROVOD_TIMELINE``, split at a one-value
+allreduce issued before each step and read with ``kfac_hvd.timeline.read_collectives``),
+``kfac.memory_bytes()``, and on CUDA ``torch.cuda.max_memory_allocated`` per configuration. Writes OUT/step_cost.json and OUT/step_cost.md.
 
     .venv/bin/python scripts/bench/step_cost.py --kfac-pytorch /work/kfac-pytorch   # the CPU run (20 min here)
     .venv/bin/python scripts/bench/step_cost.py --smoke                              # tiny model, under 1 min
@@ -454,7 +454,7 @@ def keep_trace(metrics: str, target: str) -> None:
     """The K-FAC part of a metrics.jsonl that the replays need (each layer's due flag and Diffs, to 4 digits),
     one step a line; the Diffs of layers that were not due are left out after step 1 (whose keys say each
     layer's type)."""
-    from kfac_hvd.commodel import load_trace
+    from kfac_hvd.analysis.replay import load_trace
 
     try:
         records = load_trace(metrics)
