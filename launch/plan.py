@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from torch import nn
@@ -165,26 +166,31 @@ def format_plan(plan: dict[str, Any]) -> str:
         cells = [f"{r}: {n}, {x:.3g}" for r, (n, x) in ranks]
         for i in range(0, len(cells), 4):
             lines.append("    " + " | ".join(cells[i : i + 4]))
-        t = k["every_step_traffic"]
-        wire = t.get("wire_bytes_per_rank")
-        if wire is not None:
-            row(
-                "every-step Fisher",
-                f"{format_bytes(wire, digits=1)} per rank over {plan['steps']} steps "
-                f"({format_bytes(wire / max(plan['steps'], 1), digits=1)} per step; factor "
-                f"allreduce + one inverse allgather, wire model)",
-            )
-            row(
-                "",
-                f"factor allreduce {format_bytes(t['factor_allreduce_wire_bytes_per_rank'], digits=1)}, inverse allgather "
-                f"{format_bytes(t['inverse_allgather_wire_bytes_per_rank'], digits=1)} ({t['travelling_layers']} layers' inverses)",
-            )
-            dense = t.get("allreduce_only_dense_wire_bytes_per_rank")
-            if dense is not None:
-                row("", f"{format_bytes(dense, digits=1)} as a dense fp32 factor allreduce alone")
+        _traffic_rows(row, k["every_step_traffic"], plan["steps"])
     for w in plan["warnings"]:
         lines.append(w)
     return "\n".join(lines)
+
+
+def _traffic_rows(row: Callable[[str, Any], None], t: dict[str, Any], steps: int) -> None:
+    """The every-step Fisher traffic of the plan (wire model), one decimal."""
+    wire = t.get("wire_bytes_per_rank")
+    if wire is not None:
+        row(
+            "every-step Fisher",
+            f"{format_bytes(wire, digits=1)} per rank over {steps} steps "
+            f"({format_bytes(wire / max(steps, 1), digits=1)} per step; factor "
+            f"allreduce + one inverse allgather, wire model)",
+        )
+        row(
+            "",
+            f"factor allreduce {format_bytes(t['factor_allreduce_wire_bytes_per_rank'], digits=1)}, "
+            f"inverse allgather {format_bytes(t['inverse_allgather_wire_bytes_per_rank'], digits=1)} "
+            f"({t['travelling_layers']} layers' inverses)",
+        )
+        dense = t.get("allreduce_only_dense_wire_bytes_per_rank")
+        if dense is not None:
+            row("", f"{format_bytes(dense, digits=1)} as a dense fp32 factor allreduce alone")
 
 
 def dry_run(cfg, plan_json: str | None = None) -> int:

@@ -91,9 +91,9 @@ def _plot(paths: list[str], out: str | None) -> int:
         except (NotARun, OSError) as exc:
             print(f"report: {exc}", file=sys.stderr)
             return 2
-    finished = [r for r in runs if r.summary is not None]
+    finished = [(r.summary, r.name) for r in runs if r.summary is not None]
     if finished:
-        print(table([r.summary for r in finished], [r.name for r in finished]))
+        print(table([summary for summary, _ in finished], [name for _, name in finished]))
         print(LEGEND, flush=True)
     for run in runs:
         for problem in run.problems:

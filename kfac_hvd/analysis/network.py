@@ -120,7 +120,7 @@ class Gpu:
         """The datasheet rates of a device kind of :data:`kfac_hvd.analysis.devices.DEVICES`, factor products
         at ``factor_precision``'s peak (fp32: plain fp32; tf32/bf16/fp16: tensor cores)."""
         rates = DEVICES[kind]
-        values = dict(
+        values: dict[str, Any] = dict(
             peak_flops=rates.fp32,
             factor_peak_flops=rates.flops(factor_precision),
             factor_precision=factor_precision,

@@ -307,7 +307,7 @@ def step_seconds(times: Mapping[str, float]) -> dict[str, Any]:
         "exposed_allreduce": exposed,
         "allreduce_hidden": exposed == 0.0,
         "critical_path": {k: v for k, v in path.items() if v > 0},
-        "bottleneck": max(path, key=path.get),
+        "bottleneck": max(path, key=lambda phase: path[phase]),
     }
 
 
