@@ -17,6 +17,7 @@ sys.path.insert(0, BENCH)
 import _step_cost_limits as limits  # noqa: E402
 import _step_cost_worker as worker  # noqa: E402
 import step_cost  # noqa: E402
+from _step_cost_backends import LocalBackend  # noqa: E402
 from _step_cost_report import summarise  # noqa: E402
 
 # The tiny model's K-FAC layers, in order: conv (kronecker), bn, conv, bn, fc.
@@ -50,7 +51,7 @@ def test_replay_imposes_the_recorded_due_pattern(tmp_path):
     write_trace(trace, [{0}] * 7 + pattern)  # the replay takes the last 5 steps
     args = worker_args(tmp_path, "--configs", "replay", "--schedule-trace", str(trace), "--replay-steps", "5")
     torch.set_num_threads(1)
-    result = worker.run_config("replay", "fp32", args, worker.LocalBackend(), torch.device("cpu"))
+    result = worker.run_config("replay", "fp32", args, LocalBackend(), torch.device("cpu"))
     assert result["discard"] == 1 and result["timed"] == 5
     due = [step["due"] for step in result["steps"]]
     assert due == [5] + [len(p) for p in pattern]  # step 1: everything; then the pattern, step by step
@@ -88,9 +89,7 @@ def test_phase_limit_is_the_roofline_of_the_layer_costs(tmp_path):
         "rank": 0,
         "rank_batch": args.rank_batch,
         "device": "cpu",
-        "runs": {
-            "fp32/every": worker.run_config("every", "fp32", args, worker.LocalBackend(), torch.device("cpu"))
-        },
+        "runs": {"fp32/every": worker.run_config("every", "fp32", args, LocalBackend(), torch.device("cpu"))},
     }
     data = {
         "settings": vars(args),

@@ -26,6 +26,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, REPO)
 
 from kfac_hvd.analysis.units import format_bytes  # noqa: E402
+from kfac_hvd.cost import allreduce_wire_bytes  # noqa: E402
 from kfac_hvd.scheduler import IntervalScheduler  # noqa: E402
 from launch import plots  # noqa: E402
 from launch.runlog import read_run  # noqa: E402
@@ -50,6 +51,38 @@ def lr_at(step: int, steps: int) -> float:
     return 0.025 if epoch < 1 else 0.025 * max(0.0, 1 - (epoch - 1) / (end - 1)) ** 8
 
 
+def eval_record(step: int, top1: float) -> dict:
+    return {
+        "eval": {
+            "epoch": step / STEPS_PER_EPOCH,
+            "step": step,
+            "val_top1": top1,
+            "val_loss": 1.0 + 5.9 * math.exp(-step / 800),
+        },
+        "step": step,
+    }
+
+
+def write_summary(
+    folder: str, steps: int, threshold: float, top1: float, mean_interval: float, sent: int, every_step: int
+) -> None:
+    """summary.json of the synthetic run; its traffic modelled as allreduces of the payload at RANKS ranks."""
+    summary = {
+        "method": "kfac",
+        "steps": steps,
+        "final_top1": top1,
+        "wall_time_s": steps * 0.95,
+        "kfac": {"update_threshold": threshold, "update_interval": 1, "mean_interval": mean_interval},
+        "fisher": {
+            "wire_bytes": allreduce_wire_bytes(sent, RANKS),
+            "every_step_wire_bytes": allreduce_wire_bytes(every_step * steps, RANKS),
+            "ratio": sent / (every_step * steps),
+        },
+    }
+    with open(os.path.join(folder, "summary.json"), "w", encoding="utf-8") as fh:
+        json.dump(summary, fh)
+
+
 def write_run(folder: str, steps: int, threshold: float = 0.25, seed: int = 0) -> None:
     rng = random.Random(seed)
     layers = resnet50_layers()
@@ -59,7 +92,6 @@ def write_run(folder: str, steps: int, threshold: float = 0.25, seed: int = 0) -
     scale = {name: rng.uniform(0.3, 2.0) * (0.5 if bn else 1.0) for name, bn, _ in layers}
     rate = {name: rng.uniform(100, 1500) for name in names}
     every_step = sum(p for _, _, p in layers)
-    wire = 2 * (RANKS - 1) / RANKS
     sent = 0
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "metrics.jsonl"), "w", encoding="utf-8") as fh:
@@ -94,9 +126,9 @@ def write_run(folder: str, steps: int, threshold: float = 0.25, seed: int = 0) -
                         "step_time": 0.9 + rng.uniform(0, 0.1),
                         "fisher": {
                             "payload_bytes": sent,
-                            "wire_bytes": sent * wire,
+                            "wire_bytes": allreduce_wire_bytes(sent, RANKS),
                             "every_step_payload_bytes": every_step * step,
-                            "every_step_wire_bytes": every_step * step * wire,
+                            "every_step_wire_bytes": allreduce_wire_bytes(every_step * step, RANKS),
                             "ratio": sent / (every_step * step),
                         },
                         "mean_interval": sum(scheduler.interval.values()) / len(names),
@@ -107,38 +139,10 @@ def write_run(folder: str, steps: int, threshold: float = 0.25, seed: int = 0) -
             )
             if step % STEPS_PER_EPOCH == 0 or step == steps:
                 top1 = 0.759 * (1 - math.exp(-step / 800))
-                fh.write(
-                    json.dumps(
-                        {
-                            "eval": {
-                                "epoch": step / STEPS_PER_EPOCH,
-                                "step": step,
-                                "val_top1": top1,
-                                "val_loss": 1.0 + 5.9 * math.exp(-step / 800),
-                            },
-                            "step": step,
-                        }
-                    )
-                    + "\n"
-                )
-    summary = {
-        "method": "kfac",
-        "steps": steps,
-        "final_top1": top1,
-        "wall_time_s": steps * 0.95,
-        "kfac": {
-            "update_threshold": threshold,
-            "update_interval": 1,
-            "mean_interval": sum(scheduler.interval.values()) / len(names),
-        },
-        "fisher": {
-            "wire_bytes": sent * wire,
-            "every_step_wire_bytes": every_step * steps * wire,
-            "ratio": sent / (every_step * steps),
-        },
-    }
-    with open(os.path.join(folder, "summary.json"), "w", encoding="utf-8") as fh:
-        json.dump(summary, fh)
+                fh.write(json.dumps(eval_record(step, top1)) + "\n")
+    write_summary(
+        folder, steps, threshold, top1, sum(scheduler.interval.values()) / len(names), sent, every_step
+    )
 
 
 def main() -> int:

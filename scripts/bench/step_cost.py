@@ -108,34 +108,8 @@ SMOKE = dict(
 )
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--model", default="resnet50", help="torchvision model name, or 'tiny' (default resnet50)")
-    p.add_argument("--num-classes", type=int, default=1000)
-    p.add_argument("--image-size", type=int, default=64, help="square input side (default 64)")
-    p.add_argument("--batch", type=int, default=32, help="global batch, split over the ranks (default 32)")
-    p.add_argument("--per-rank-batch", action="store_true", help="--batch is per rank instead")
-    p.add_argument("--ranks", default="1,2,4", help="rank counts, each its own horovodrun (default 1,2,4)")
-    p.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"subset of {','.join(CONFIGS)}")
-    p.add_argument(
-        "--kfac-pytorch", metavar="PATH", help="a checkout of gpauloski/kfac-pytorch to compare with"
-    )
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument(
-        "--precisions", default="fp32", help="comma list of fp32, bf16 (autocast; factors stay fp32)"
-    )
-    p.add_argument("--channels-last", action="store_true", help="model and inputs in channels-last layout")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per rank (default 1)")
-    p.add_argument(
-        "--launcher",
-        choices=("auto", "horovodrun", "direct"),
-        default="auto",
-        help="auto: horovodrun when Horovod imports, else (1 rank only) the worker directly",
-    )
+def add_schedule_arguments(p: argparse.ArgumentParser) -> None:
+    """How long each configuration runs, and the schedules of the λ and replay runs."""
     p.add_argument(
         "--warmup",
         type=int,
@@ -166,6 +140,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="modulo",
         help="interval policy of the λ run (default modulo, the paper's and the library's)",
     )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", default="resnet50", help="torchvision model name, or 'tiny' (default resnet50)")
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--image-size", type=int, default=64, help="square input side (default 64)")
+    p.add_argument("--batch", type=int, default=32, help="global batch, split over the ranks (default 32)")
+    p.add_argument("--per-rank-batch", action="store_true", help="--batch is per rank instead")
+    p.add_argument("--ranks", default="1,2,4", help="rank counts, each its own horovodrun (default 1,2,4)")
+    p.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"subset of {','.join(CONFIGS)}")
+    p.add_argument(
+        "--kfac-pytorch", metavar="PATH", help="a checkout of gpauloski/kfac-pytorch to compare with"
+    )
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument(
+        "--precisions", default="fp32", help="comma list of fp32, bf16 (autocast; factors stay fp32)"
+    )
+    p.add_argument("--channels-last", action="store_true", help="model and inputs in channels-last layout")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per rank (default 1)")
+    p.add_argument(
+        "--launcher",
+        choices=("auto", "horovodrun", "direct"),
+        default="auto",
+        help="auto: horovodrun when Horovod imports, else (1 rank only) the worker directly",
+    )
+    add_schedule_arguments(p)
     p.add_argument("--damping", type=float, default=3e-3, help="K-FAC damping, ours and kfac-pytorch (3e-3)")
     p.add_argument("--kl-clip", type=float, default=1e-3, help="both libraries; 0 turns it off (1e-3)")
     p.add_argument("--factor-decay", type=float, default=0.95, help="of ours_nobn and kfac-pytorch (0.95)")
