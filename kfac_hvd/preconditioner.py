@@ -30,6 +30,7 @@ from torch import nn
 from .assignment import Assignment, assign_layers, inverted_everywhere
 from .capture import FactorCapture
 from .comm import TrafficCounter, default_communicator, every_step_cost
+from .cost import layer_costs
 from .exchange import Arrived, FactorExchange, allgather_inverses
 from .factors import (
     TRIANGLES,
@@ -81,12 +82,12 @@ class KFAC:
         self.keys = IntervalKeys(kinds, separate=opts.separate_intervals)
         self.scheduler = IntervalScheduler(self.keys.every(), opts.schedule)
         self.traffic = TrafficCounter(self.comm.size)
-        self._every_step_cost = every_step_cost(
+        self.layer_costs = layer_costs(
             self.layers.values(),
-            self.comm.size,
             symmetric=opts.symmetric_comm,
             local_inverse_max_dim=opts.local_inverse_max_dim,
         )
+        self._every_step_cost = every_step_cost(self.layer_costs.values(), self.comm.size)
         self._transport_dtype = _promote(layer.factor_dtype for layer in self.layers.values())
         self.steps = 0
         self.layer_state: dict[str, LayerState] = {name: LayerState() for name in self.layers}

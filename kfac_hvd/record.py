@@ -6,8 +6,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .factors import packed_numel
-
 if TYPE_CHECKING:  # pragma: no cover
     from .preconditioner import KFAC
 
@@ -21,7 +19,7 @@ def step_record(
 ) -> dict[str, Any]:
     """Per layer: due or not, its interval (the least of A's and G's, and both with separate
     intervals), each factor's Diff (and raw Diff with noise_aware_diff), the step's payload bytes."""
-    options, local = kfac.options, set(kfac.local_layers)
+    options = kfac.options
     layers = {}
     for name, layer in kfac.layers.items():
         intervals = [kfac.scheduler.interval[key] for key in kfac.keys.of(name)]
@@ -32,16 +30,12 @@ def step_record(
             entry[f"diff_{kind}"] = diffs.get(name, {}).get(kind)
             if options.noise_aware_diff:
                 entry[f"raw_diff_{kind}"] = diffs.get(name, {}).get(f"raw_{kind}")
-        entry["payload_bytes"] = _step_payload(kfac, name, due.get(name, []), local)
+        entry["payload_bytes"] = _step_payload(kfac, name, due.get(name, []))
         layers[name] = entry
     return {"step": step, "layers": layers, "kl_scale": kl_scale, "mean_interval": kfac.mean_interval()}
 
 
-def _step_payload(kfac: KFAC, name: str, kinds: list[str], local: set[str]) -> int:
+def _step_payload(kfac: KFAC, name: str, kinds: list[str]) -> int:
     if kfac.comm.size == 1:
         return 0
-    shapes = kfac.layers[name].factor_shapes()
-    element = torch.finfo(kfac.layers[name].factor_dtype).bits // 8
-    messages = 1 if name in local else 2  # factor allreduce (+ inverse allgather)
-    symmetric = kfac.options.symmetric_comm
-    return sum(messages * packed_numel(shapes[kind], symmetric) * element for kind in kinds)
+    return kfac.layer_costs[name].update_payload_bytes(kinds)

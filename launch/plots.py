@@ -17,13 +17,14 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, PercentFormatter
 
-from .report import _bytes
+from kfac_hvd.analysis.units import format_bytes
+
 from .runlog import RunLog, layer_groups
 
 MAX_COLUMNS = 600  # heatmap step columns (about one per pixel of the panel)
 MAX_LABELS = 28  # layer labels on the heatmap's axis
 DPI = 100
-BYTES = FuncFormatter(lambda value, _: _bytes(value) if value > 0 else "0")
+BYTES = FuncFormatter(lambda value, _: format_bytes(value) if value > 0 else "0")
 BN_COLOUR, KRON_COLOUR = "#d95f02", "#1b9e77"
 
 # Axes titles, one format per panel (the tests find the panels by them).

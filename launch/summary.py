@@ -7,8 +7,9 @@ from typing import Any
 
 import torch
 
+from kfac_hvd.analysis.units import format_bytes
+
 from .reliability import all_finite
-from .report import _bytes
 from .step import OVERFLOW, StepOutcome
 
 
@@ -157,8 +158,8 @@ def format_summary(s: dict[str, Any]) -> str:
     if f:
         ratio = f.get("ratio")
         lines.append(
-            f"  Fisher traffic     {_bytes(f.get('wire_bytes'))} per rank (wire model), "
-            f"{_bytes(f.get('payload_bytes'))} payload"
+            f"  Fisher traffic     {format_bytes(f.get('wire_bytes'))} per rank (wire model), "
+            f"{format_bytes(f.get('payload_bytes'))} payload"
             + (f" = {ratio * 100:.1f}% of every step" if ratio is not None else "")
         )
         lines.append(f"  mean interval      {s['kfac']['mean_interval']:.2f}")
