@@ -159,7 +159,8 @@ class SshdServer:
 
     def start(self, timeout: float = 20.0) -> TwoHosts:
         problem = sshd_problem()
-        if problem:
+        sshd = sshd_path()
+        if problem or sshd is None:
             raise RuntimeError(problem)
         f = self.folder
         os.makedirs(f, exist_ok=True)
@@ -214,7 +215,7 @@ class SshdServer:
             # sshd started as root needs its privilege-separation folder (made by the Debian service unit).
             os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
         self.proc = subprocess.Popen(
-            [sshd_path(), "-D", "-e", "-f", os.path.join(f, "sshd_config")],
+            [sshd, "-D", "-e", "-f", os.path.join(f, "sshd_config")],
             stdout=subprocess.DEVNULL,
             stderr=open(os.path.join(f, "sshd.log"), "w"),
             start_new_session=True,
