@@ -4,6 +4,7 @@ against the same run as 4 ranks on one host under the same controller."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -24,7 +25,7 @@ from launch_helpers.common import env as base_env
 
 from launch.config import ConfigError, load_config
 from launch.device import pick_device
-from launch.dist import check_controller
+from launch.dist import check_controller, describe_layout
 
 pytestmark = [
     pytest.mark.skipif(not horovod_ready(), reason="horovod not installed"),
@@ -232,3 +233,69 @@ def test_job_script_two_hosts_equal_one_host(kind, two_hosts, mpi_reference, tmp
     assert f"horovod settings on every rank: {knobs}" in proc.stdout
     assert not [p for p in os.listdir(tmp_path) if p.startswith("hosts.")]  # the hostfile is removed
     print(f"{kind} 2x2 vs 1x4: max |dw| = {assert_like_reference(run_dir, mpi_reference):.3g}")
+
+
+def _hostfile_module():
+    spec = importlib.util.spec_from_file_location("slurm_hostfile", os.path.join(REPO, SLURM_HOSTFILE))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+SLURM_HOSTFILE = "scripts/slurm/hostfile.py"
+
+
+def test_slurm_nodelist_expanded_without_scontrol():
+    hf = _hostfile_module()
+    assert hf.expand_nodelist("gpu[08-10,12],login2") == ["gpu08", "gpu09", "gpu10", "gpu12", "login2"]
+    assert hf.expand_nodelist("r[1-2]-n[0-1]") == ["r1-n0", "r1-n1", "r2-n0", "r2-n1"]
+    assert hf.expand_nodelist("127.0.0.[2-3]") == ["127.0.0.2", "127.0.0.3"]
+    assert hf.expand_tasks_per_node("8(x3),4") == [8, 8, 8, 4]
+    for bad in ("gpu[1-", "gpu[3-1]", "gpu[a-b]"):
+        with pytest.raises(ValueError):
+            hf.expand_nodelist(bad)
+
+
+def test_slurm_hostfile_one_line_per_node_and_one_line_errors(tmp_path):
+    env = {
+        **base_env(),
+        "PATH": "/usr/bin:/bin",
+        "SLURM_JOB_NODELIST": "n[1-2]",
+        "SLURM_TASKS_PER_NODE": "2,1",
+    }
+    out = run([shutil.which("python3") or "python3", SLURM_HOSTFILE], env)
+    assert out.returncode == 0 and out.stdout.splitlines() == ["n1 slots=2", "n2 slots=1"]
+    env["SLURM_TASKS_PER_NODE"] = "2(x3)"
+    out = run([shutil.which("python3") or "python3", SLURM_HOSTFILE], env)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.strip().splitlines() == [
+        "hostfile.py: SLURM_TASKS_PER_NODE='2(x3)' gives 3 node(s), SLURM_JOB_NODELIST='n[1-2]' 2"
+    ]
+
+
+def test_layout_groups_nodes_that_share_a_host_name_and_flags_unforwarded_settings():
+    """Two nodes named alike (as under mpirun on the loopback hosts) are told apart by cross rank; a
+    setting only the first node's ranks were started with is named with the ranks that lack it."""
+    layout = [
+        {"rank": r, "host": "vm", "local_rank": r % 2, "local_size": 2, "cross_rank": r // 2, "cross_size": 2}
+        | {
+            "device": "cpu",
+            "announced_local_rank": r % 2,
+            "knobs": {"HOROVOD_CYCLE_TIME": "2"} if r < 2 else {},
+        }
+        for r in range(WORLD)
+    ]
+    text = describe_layout(layout, "mpi4py", "MPI").splitlines()
+    assert text[:3] == [
+        "world: 4 rank(s) on 2 host(s); init via mpi4py, controller MPI",
+        "  vm: 2 rank(s) [0-1]; local ranks [0-1] of 2; cross rank 0 of 2; devices cpu",
+        "  vm: 2 rank(s) [2-3]; local ranks [0-1] of 2; cross rank 1 of 2; devices cpu",
+    ]
+    assert text[3] == (
+        "warning: ranks started with different Horovod settings: HOROVOD_CYCLE_TIME is '2' on ranks [0-1], "
+        "unset on ranks [2-3] (a job script that sets one must forward it to every node, e.g. mpirun -x NAME)"
+    )
+    layout[3]["announced_local_rank"] = 3  # the launcher's local rank and Horovod's disagree
+    assert "warning: rank 3 was started as local rank 3 but Horovod made it local rank 1" in describe_layout(
+        layout, "mpi4py", "MPI"
+    )
