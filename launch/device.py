@@ -13,17 +13,10 @@ import warnings
 
 import torch
 
+from .dist import env_local_rank
 from .precision import AUTOCAST_DTYPES
 
 NCCL_BUILD = "HOROVOD_GPU_OPERATIONS=NCCL make setup"
-# The local rank as launchers announce it before Horovod starts (to check the GPU this rank will use).
-LOCAL_RANK_ENV = (
-    "HOROVOD_LOCAL_RANK",
-    "OMPI_COMM_WORLD_LOCAL_RANK",
-    "MPI_LOCALRANKID",
-    "SLURM_LOCALID",
-    "PMI_LOCAL_RANK",
-)
 
 
 def cuda_unavailable_reason() -> tuple[str, str]:
@@ -60,13 +53,15 @@ def wants_cuda(device_key: str) -> bool:
     return device_key == "cuda" or (device_key == "auto" and torch.cuda.is_available())
 
 
+def local_gpu_index(local_rank: int, device_count: int) -> int:
+    """The GPU of a rank: its LOCAL rank (its place on its node) round robin over the node's visible GPUs.
+    The global rank would be wrong on every node but the first."""
+    return local_rank % max(device_count, 1)
+
+
 def _planned_local_gpu() -> int:
-    for key in LOCAL_RANK_ENV:
-        try:
-            return int(os.environ[key]) % max(torch.cuda.device_count(), 1)
-        except (KeyError, ValueError):
-            continue
-    return 0
+    """The GPU this rank will use, from the local rank its launcher announced (before Horovod starts)."""
+    return local_gpu_index(env_local_rank() or 0, torch.cuda.device_count())
 
 
 def check_device(cfg) -> None:
@@ -204,7 +199,7 @@ def pick_device(device_key: str, local_rank: int) -> torch.device:
     """This rank's device: the GPU of its local rank (round robin over the visible GPUs), or the CPU."""
     if not wants_cuda(device_key):
         return torch.device("cpu")
-    torch.cuda.set_device(local_rank % torch.cuda.device_count())
+    torch.cuda.set_device(local_gpu_index(local_rank, torch.cuda.device_count()))
     return torch.device("cuda", torch.cuda.current_device())
 
 

@@ -56,7 +56,7 @@ def precheck(cfg) -> None:
     Files only rank 0 touches (the checkpoint to resume from, the run folder) are checked by the
     process the launcher announced as rank 0; the launcher ends the others when it exits.
     """
-    from .dist import env_rank
+    from .dist import check_controller, env_rank
 
     problems = data_problems(cfg)
     if problems:
@@ -74,6 +74,7 @@ def precheck(cfg) -> None:
             if problem:
                 raise cfg.error(key, problem)
     check_horovod(cfg)
+    check_controller(cfg)
     if cfg.optim.method == "kfac":
         check_kfac_options(cfg)
     from .device import check_device
