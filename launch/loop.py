@@ -25,6 +25,7 @@ from .data import start_epoch as start_epoch_data
 from .device import apply_backend_flags, describe_device, host_collectives_warning, pick_device
 from .dist import controller_name, describe_layout, init_horovod, world_layout
 from .evaluation import evaluate
+from .lr_schedule import end_interval_warmup, interval_switch_step, learning_rate, rescalable_weights
 from .models import build_model
 from .outputs import RunOutputs, metrics_records
 from .precision import MixedPrecision
@@ -43,7 +44,6 @@ from .reliability import (
     setup_logging,
 )
 from .rundir import resume_changes
-from .schedule import end_interval_warmup, interval_switch_step, learning_rate, rescalable_weights
 from .step import DIVERGED, OVERFLOW, StepOutcome, Trainer, train_step
 from .summary import log_record, summarize
 from .timing import StepTimer

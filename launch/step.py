@@ -26,9 +26,9 @@ import torch
 from torch import nn
 
 from .data import unreadable_paths
+from .lr_schedule import rescale_weights, set_lr
 from .precision import MixedPrecision
 from .reliability import EXIT_INPUT, BufferGuard, Faults, RunStop
-from .schedule import rescale_weights, set_lr
 
 OK, OVERFLOW, DIVERGED = "ok", "overflow", "diverged"
 
