@@ -289,16 +289,6 @@ def save_checkpoint(
 # --------------------------------------------------------------------------------------------------
 # Reading
 # --------------------------------------------------------------------------------------------------
-def resolve_resume(resume: str | None, ckpt_dir: str) -> str | None:
-    """'auto' -> <dir>/last.pt when it exists (else None); a path -> itself."""
-    if not resume:
-        return None
-    if resume == "auto":
-        path = os.path.join(ckpt_dir, LAST)
-        return path if os.path.isfile(path) else None
-    return resume
-
-
 def resume_candidates(resume: str | None, ckpt_dir: str) -> list[str]:
     """Files to try in order: an explicit file alone; for 'auto', every checkpoint in ``ckpt_dir``
     newest first (``last.pt`` last, when it is not one of them: a folder of an older layout)."""

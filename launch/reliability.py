@@ -31,7 +31,8 @@ from typing import Any
 
 import torch
 
-EXIT_OK, EXIT_ERROR, EXIT_INPUT, EXIT_ABORTED, EXIT_DIVERGED, EXIT_STORAGE = 0, 1, 2, 3, 4, 5
+# 0 and 1 are Python's own: a normal end, an uncaught exception.
+EXIT_INPUT, EXIT_ABORTED, EXIT_DIVERGED, EXIT_STORAGE = 2, 3, 4, 5
 
 logger = logging.getLogger("launch")
 
