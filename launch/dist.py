@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from typing import Any
 
 # Environment variables set by MPI launchers (Open MPI, MPICH / Intel MPI / PMI, PMIx, MVAPICH, Slurm).
 MPI_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE", "MPI_LOCALNRANKS")
@@ -11,7 +12,7 @@ MPI_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE
 GLOO_ENV = ("HOROVOD_GLOO_RENDEZVOUS_ADDR", "HOROVOD_CONTROLLER")
 
 
-def horovod_env(hcfg) -> dict[str, str]:
+def horovod_env(hcfg: Any) -> dict[str, str]:
     """Environment variables that carry the ``horovod`` section to Horovod's core (read at init).
 
     Values already in the environment win, so a job script can still override a config.
@@ -74,7 +75,7 @@ def env_rank() -> int:
     return 0
 
 
-def init_horovod(hcfg):
+def init_horovod(hcfg: Any) -> tuple[Any, str]:
     """Set the knobs, initialise Horovod; returns (hvd, how) with how = 'mpi4py' or 'horovod'."""
     for key, value in horovod_env(hcfg).items():
         os.environ.setdefault(key, value)
@@ -92,7 +93,7 @@ def init_horovod(hcfg):
     return hvd, how
 
 
-def world_layout(hvd, device: str, extra: dict | None = None) -> list[dict]:
+def world_layout(hvd: Any, device: str, extra: dict | None = None) -> list[dict]:
     """Collective: (rank, host, local rank, device, pid, ``extra``) of every rank, in rank order."""
     me = {
         "rank": hvd.rank(),
@@ -133,7 +134,7 @@ def _ranges(ids: list[int]) -> str:
     return "[" + ",".join(out) + "]"
 
 
-def controller_name(hvd) -> str | None:
+def controller_name(hvd: Any) -> str | None:
     try:
         if hvd.mpi_enabled():
             return "MPI"

@@ -12,15 +12,16 @@ import os
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 from . import checkpoint as ckpt_mod
 from .config import kfac_kwargs
-from .data import build_datasets, build_loaders, dataset_identity
+from .data import build_datasets, build_loaders, dataset_identity, dataset_size
 from .data import start_epoch as start_epoch_data
 from .device import apply_backend_flags, describe_device, host_collectives_warning, pick_device
 from .dist import controller_name, describe_layout, init_horovod, world_layout
@@ -48,8 +49,13 @@ from .step import DIVERGED, OVERFLOW, StepOutcome, Trainer, train_step
 from .summary import log_record, summarize
 from .timing import StepTimer
 
+if TYPE_CHECKING:
+    from kfac_hvd import KFAC
 
-def log0(hvd, *args) -> None:
+    from .config import Config
+
+
+def log0(hvd: Any, *args: object) -> None:
     if hvd.rank() == 0:
         print(*args, flush=True)
 
@@ -75,12 +81,13 @@ class Run:
     total_steps: int
     timer: StepTimer
     out: RunOutputs | None = None  # rank 0's outputs, once the run has resumed or started
-    watchdog: Watchdog | None = None  # started after set-up, before a resume's checkpoint is read
+    # A silent one until run() starts the real one, after set-up and before a resume's checkpoint is read.
+    watchdog: Watchdog = field(default_factory=lambda: Watchdog(None, 0))
     progress: Progress | None = None
     interval_switch_step: int | None = None  # a fixed interval's warm-up ends on this step
 
     @property
-    def kfac(self):
+    def kfac(self) -> KFAC | None:
         return self.trainer.kfac
 
 
@@ -109,7 +116,7 @@ class RunState:
 # --------------------------------------------------------------------------------------------------
 # Set-up
 # --------------------------------------------------------------------------------------------------
-def build_optimizer(cfg, model: nn.Module, hvd):
+def build_optimizer(cfg: Config, model: nn.Module, hvd: Any) -> torch.optim.Optimizer:
     o = cfg.optim
     base = torch.optim.SGD(
         model.parameters(), lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay
@@ -118,7 +125,7 @@ def build_optimizer(cfg, model: nn.Module, hvd):
     return hvd.DistributedOptimizer(base, named_parameters=model.named_parameters(), compression=compression)
 
 
-def set_up(cfg) -> Run:
+def set_up(cfg: Config) -> Run:
     # The data first: a folder or file that cannot be read ends every rank alike before Horovod starts.
     train_ds, val_ds = build_datasets(cfg)
     hvd, how = init_horovod(cfg.horovod)
@@ -163,7 +170,7 @@ def set_up(cfg) -> Run:
         raise cfg.error(
             "data.batch_size",
             f"no full batch of {cfg.data.batch_size} per rank: "
-            f"{len(train_ds)} training images over {size} rank(s)",
+            f"{dataset_size(train_ds)} training images over {size} rank(s)",
         )
     trainer = build_trainer(cfg, hvd, model, precision, train_loader.dataset, Faults(cfg.debug, rank, size))
     total_steps = len(train_loader) * cfg.train.epochs
@@ -185,7 +192,9 @@ def set_up(cfg) -> Run:
     )
 
 
-def build_trainer(cfg, hvd, model: nn.Module, precision: MixedPrecision, dataset, faults: Faults) -> Trainer:
+def build_trainer(
+    cfg: Config, hvd: Any, model: nn.Module, precision: MixedPrecision, dataset: Dataset, faults: Faults
+) -> Trainer:
     optimizer = build_optimizer(cfg, model, hvd)
     kfac = None
     if cfg.optim.method == "kfac":
@@ -278,7 +287,8 @@ def evaluations_after_checkpoint(
 ) -> list[dict[str, Any]]:
     """The evaluation of the checkpoint's own step, which ran after the checkpoint was written (so that
     a failing evaluation cannot lose the epoch) and is in metrics.jsonl only."""
-    path, found = os.path.join(log_dir, "metrics.jsonl"), []
+    path = os.path.join(log_dir, "metrics.jsonl")
+    found: list[dict[str, Any]] = []
     if not os.path.exists(path):
         return []
     for record in metrics_records(path):
@@ -369,9 +379,8 @@ def run_step(run: Run, state: RunState, tally: EpochTally, x: torch.Tensor, y: t
     run.watchdog.beat(f"step {state.step + 1}")
     run.trainer.faults.hang(state.step + 1)
     lr = learning_rate(run.cfg.optim, state.step / run.steps_per_epoch)
-    if (
-        state.step + 1 == run.interval_switch_step
-    ):  # a resumed run past it has the intervals from its checkpoint
+    # A resumed run past the switch has the intervals from its checkpoint.
+    if state.step + 1 == run.interval_switch_step and run.kfac is not None:
         end_interval_warmup(run.kfac, run.cfg.kfac.update_interval)
     outcome = train_step(run.trainer, x, y, state.step + 1, lr)
     run.timer.stop()
@@ -526,7 +535,7 @@ def evaluate_epoch(run: Run, state: RunState, entry: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------------------------------
-def run(cfg, resume_candidates: list[str]) -> int:
+def run(cfg: Config, resume_candidates: list[str]) -> int:
     t_start = time.time()
     r = set_up(cfg)
     rank = r.hvd.rank()

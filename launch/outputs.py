@@ -6,7 +6,10 @@ import json
 import math
 import os
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .config import Config
 
 
 def metrics_records(path: str, bad_lines: list[int] | None = None) -> Iterator[dict[str, Any]]:
@@ -45,7 +48,7 @@ def _clean(value):
 class RunOutputs:
     """Everything rank 0 writes into the run folder (``log.dir``). Other ranks get ``None``."""
 
-    def __init__(self, cfg, resume_step: int | None):
+    def __init__(self, cfg: Config, resume_step: int | None) -> None:
         self.dir = cfg.log.dir
         os.makedirs(self.dir, exist_ok=True)
         with open(os.path.join(self.dir, "config.yaml"), "w", encoding="utf-8") as fh:
