@@ -8,19 +8,20 @@ scale). Everything else stays on the device, the epoch's loss and accuracy sums 
 from __future__ import annotations
 
 import math
-import os
 import random
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from kfac_hvd import KFAC
+
 from . import checkpoint as ckpt_mod
-from .config import kfac_kwargs
+from .config import Config, kfac_kwargs
 from .data import build_datasets, build_loaders, dataset_identity, dataset_size
 from .data import start_epoch as start_epoch_data
 from .device import apply_backend_flags, describe_device, host_collectives_warning, pick_device
@@ -28,7 +29,7 @@ from .dist import controller_name, describe_layout, init_horovod, world_layout
 from .evaluation import evaluate
 from .lr_schedule import end_interval_warmup, interval_switch_step, learning_rate, rescalable_weights
 from .models import build_model
-from .outputs import RunOutputs, metrics_records
+from .outputs import RunOutputs, evaluations_after_checkpoint
 from .precision import MixedPrecision
 from .progress import Progress, wants_bar
 from .reliability import (
@@ -48,11 +49,6 @@ from .rundir import resume_changes
 from .step import DIVERGED, OVERFLOW, StepOutcome, Trainer, train_step
 from .summary import log_record, summarize
 from .timing import StepTimer
-
-if TYPE_CHECKING:
-    from kfac_hvd import KFAC
-
-    from .config import Config
 
 
 def log0(hvd: Any, *args: object) -> None:
@@ -81,8 +77,7 @@ class Run:
     total_steps: int
     timer: StepTimer
     out: RunOutputs | None = None  # rank 0's outputs, once the run has resumed or started
-    # A silent one until run() starts the real one, after set-up and before a resume's checkpoint is read.
-    watchdog: Watchdog = field(default_factory=lambda: Watchdog(None, 0))
+    watchdog: Watchdog = field(default_factory=lambda: Watchdog(None, 0))  # silent until run() starts one
     progress: Progress | None = None
     interval_switch_step: int | None = None  # a fixed interval's warm-up ends on this step
 
@@ -280,22 +275,6 @@ def check_resume_config(run: Run, path: str, saved: dict[str, Any]) -> None:
         )
     if accepted:
         log0(hvd, f"resume: changed since the checkpoint: {'; '.join(accepted)}")
-
-
-def evaluations_after_checkpoint(
-    log_dir: str, step: int, history: list[dict[str, Any]]
-) -> list[dict[str, Any]]:
-    """The evaluation of the checkpoint's own step, which ran after the checkpoint was written (so that
-    a failing evaluation cannot lose the epoch) and is in metrics.jsonl only."""
-    path = os.path.join(log_dir, "metrics.jsonl")
-    found: list[dict[str, Any]] = []
-    if not os.path.exists(path):
-        return []
-    for record in metrics_records(path):
-        entry = record.get("eval")
-        if isinstance(entry, dict) and record.get("step") == step and entry not in history + found:
-            found.append(entry)
-    return found
 
 
 def save(run: Run, state: RunState, batch_in_epoch: int, pending_eval: dict[str, Any] | None = None) -> None:

@@ -29,6 +29,22 @@ def metrics_records(path: str, bad_lines: list[int] | None = None) -> Iterator[d
                 yield record
 
 
+def evaluations_after_checkpoint(
+    log_dir: str, step: int, history: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """The evaluation of the checkpoint's own step, which ran after the checkpoint was written (so that
+    a failing evaluation cannot lose the epoch) and is in metrics.jsonl only."""
+    path = os.path.join(log_dir, "metrics.jsonl")
+    found: list[dict[str, Any]] = []
+    if not os.path.exists(path):
+        return []
+    for record in metrics_records(path):
+        entry = record.get("eval")
+        if isinstance(entry, dict) and record.get("step") == step and entry not in history + found:
+            found.append(entry)
+    return found
+
+
 def _clean(value):
     """JSON-safe copy: non-finite floats become null, tensors become numbers."""
     if isinstance(value, dict):

@@ -167,6 +167,14 @@ def _run_column(fig: Figure, spec: SubplotSpec, run: RunLog) -> None:
     colourbar.ax.tick_params(labelsize=7)
 
     groups = layer_groups(run.layers)
+    _layer_kinds(kinds, heat, strip, run, groups)
+    _diff(fig.add_subplot(cells[2, :]), run, jumps)
+    _groups(fig.add_subplot(cells[3, :]), run, groups)
+
+
+def _layer_kinds(kinds: Axes, heat: Axes, strip: Axes, run: RunLog, groups: list[str]) -> None:
+    """The strip of layer kinds left of the heatmap, the stage boundaries across both, their legend."""
+    n_layers = len(run.layers)
     kinds.imshow(
         _recorded(run.batchnorm)[:, None].astype(float),
         aspect="auto",
@@ -191,9 +199,6 @@ def _run_column(fig: Figure, spec: SubplotSpec, run: RunLog) -> None:
         fontsize=7,
         framealpha=0.8,
     )
-
-    _diff(fig.add_subplot(cells[2, :]), run, jumps)
-    _groups(fig.add_subplot(cells[3, :]), run, groups)
 
 
 def _layer_labels(ax: Axes, names: list[str], groups: list[str]) -> None:

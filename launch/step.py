@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from kfac_hvd import KFAC
+
 from .data import unreadable_paths
 from .lr_schedule import rescale_weights, set_lr
 from .precision import MixedPrecision
@@ -40,7 +42,7 @@ class Trainer:
     hvd: Any
     model: nn.Module
     optimizer: Any  # hvd.DistributedOptimizer
-    kfac: Any  # kfac_hvd.KFAC or None (SGD)
+    kfac: KFAC | None  # None: SGD
     criterion: nn.Module
     precision: MixedPrecision
     buffers: BufferGuard
