@@ -149,6 +149,16 @@ def test_the_linters_of_make_lint_are_in_the_test_extra():
     assert tools and tools <= EXTRAS["test"], tools
 
 
+def test_the_venv_step_installs_setup_pys_lists_and_nothing_else():
+    with open(os.path.join(REPO, "Makefile")) as f:
+        recipe = f.read().split("\n$(STAMP):", 1)[1].split("\n\n", 1)[0]
+    installs = [
+        line.split("pip install", 1)[1].split() for line in recipe.splitlines() if "pip install" in line
+    ]
+    packages = [word for words in installs for word in words if not word.startswith("-")]
+    assert packages == ["pip", "'.[launch,test]'"], recipe
+
+
 def test_horovod_is_built_not_required():
     declared = LIBRARY.union(*EXTRAS.values())
     assert "horovod" not in declared
