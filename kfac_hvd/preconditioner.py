@@ -22,7 +22,7 @@ import logging
 import math
 import re
 from collections.abc import Iterable, Sequence
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import nn
@@ -445,7 +445,7 @@ class KFAC:
         self.capture.arm({name: kinds for name, kinds in self._due.items()})
 
     def _device(self) -> torch.device:
-        return cast(torch.Tensor, next(iter(self.layers.values())).module.weight).device
+        return next(iter(self.layers.values())).module.weight.device
 
     # State --------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -405,7 +405,7 @@ def kfac_kwargs(cfg: Config) -> dict[str, Any]:
         "update_threshold": k.update_threshold,
         "update_interval": 1
         if k.interval_warmup_epochs > 0
-        else k.update_interval,  # schedule.interval_switch_step
+        else k.update_interval,  # lr_schedule.interval_switch_step
         "interval_policy": k.interval_policy,
         "max_interval": k.max_interval,
         "shrink_multiple": k.shrink_multiple,

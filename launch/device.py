@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import os
 import warnings
+from typing import TYPE_CHECKING
 
 import torch
 
 from .dist import env_local_rank
 from .precision import AUTOCAST_DTYPES
+
+if TYPE_CHECKING:
+    from .config import Config
 
 NCCL_BUILD = "HOROVOD_GPU_OPERATIONS=NCCL make setup"
 
@@ -64,7 +68,7 @@ def _planned_local_gpu() -> int:
     return local_gpu_index(env_local_rank() or 0, torch.cuda.device_count())
 
 
-def check_device(cfg) -> None:
+def check_device(cfg: Config) -> None:
     """The device, the precision and Horovod's GPU support fit together (raises ConfigError)."""
     t = cfg.train
     if t.device == "cuda" and not torch.cuda.is_available():
@@ -96,7 +100,7 @@ def runs_on(capability: tuple[int, int], arch_list: list[str]) -> bool:
     return False
 
 
-def _check_gpu(cfg) -> None:
+def _check_gpu(cfg: Config) -> None:
     """This torch has kernels for the rank's GPU, and the GPU can do the precision asked for."""
     index = _planned_local_gpu()
     major, minor = torch.cuda.get_device_capability(index)
@@ -118,7 +122,7 @@ def _check_gpu(cfg) -> None:
         )
 
 
-def _check_cpu_precision(cfg) -> None:
+def _check_cpu_precision(cfg: Config) -> None:
     """bf16 and fp16 autocast on CPU are allowed (tests, debugging) when this torch supports them."""
     dtype = AUTOCAST_DTYPES.get(cfg.train.precision)
     if dtype is None:
@@ -156,7 +160,7 @@ def _autocast_takes_device() -> bool:
         return False
 
 
-def _check_horovod_gpu_support(cfg) -> None:
+def _check_horovod_gpu_support(cfg: Config) -> None:
     """CUDA tensors need a Horovod built with CUDA; without NCCL it stages every collective through host
     memory, which is correct but slow: an error unless ``horovod.allow_host_collectives`` says it is meant."""
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from typing import Any
 
 # Environment variables set by MPI launchers (Open MPI, MPICH / Intel MPI / PMI, PMIx, MVAPICH, Slurm).
 MPI_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE", "MPI_LOCALNRANKS")
@@ -11,7 +12,7 @@ MPI_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE
 GLOO_ENV = ("HOROVOD_GLOO_RENDEZVOUS_ADDR", "HOROVOD_CONTROLLER")
 
 
-def horovod_env(hcfg) -> dict[str, str]:
+def horovod_env(hcfg: Any) -> dict[str, str]:
     """Environment variables that carry the ``horovod`` section to Horovod's core (read at init).
 
     Values already in the environment win, so a job script can still override a config.
@@ -94,7 +95,7 @@ def env_local_rank() -> int | None:
     return None
 
 
-def init_horovod(hcfg):
+def init_horovod(hcfg: Any) -> tuple[Any, str]:
     """Set the knobs, initialise Horovod; returns (hvd, how) with how = 'mpi4py' or 'horovod'."""
     for key, value in horovod_env(hcfg).items():
         os.environ.setdefault(key, value)
@@ -136,7 +137,7 @@ def host_name() -> str:
     return os.environ.get("HOROVOD_HOSTNAME") or socket.gethostname()
 
 
-def world_layout(hvd, device: str, extra: dict | None = None) -> list[dict]:
+def world_layout(hvd: Any, device: str, extra: dict | None = None) -> list[dict]:
     """Collective: every rank's place in the job (rank, host, local and cross rank and size), device,
     pid, Horovod settings and ``extra``, in rank order."""
     me = {
@@ -259,7 +260,7 @@ def expected_controller() -> str | None:
     return None
 
 
-def check_controller(cfg) -> None:
+def check_controller(cfg: Any) -> None:
     """The ``horovod`` section asks only for what the controller can do (raises ConfigError).
 
     Horovod's hierarchical allreduce is NCCL within a node and MPI across nodes: it exists only under
@@ -274,7 +275,7 @@ def check_controller(cfg) -> None:
         )
 
 
-def controller_name(hvd) -> str | None:
+def controller_name(hvd: Any) -> str | None:
     try:
         if hvd.mpi_enabled():
             return "MPI"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -11,6 +11,9 @@ from kfac_hvd.analysis.units import format_bytes
 
 from .reliability import all_finite
 from .step import OVERFLOW, StepOutcome
+
+if TYPE_CHECKING:
+    from .loop import Run, RunState
 
 
 def read_logged_values(record: dict[str, Any] | None, loss_scale: Any) -> dict[str, float | None]:
@@ -29,7 +32,7 @@ def read_logged_values(record: dict[str, Any] | None, loss_scale: Any) -> dict[s
 
 
 def log_record(
-    run,
+    run: Run,
     step: int,
     epoch_position: float,
     outcome: StepOutcome,
@@ -76,6 +79,7 @@ def log_record(
         }
         entry["mean_interval"] = kfac.mean_interval()
         entry["kfac_seconds"] = kfac_seconds
+        assert outcome.record is not None  # K-FAC's step and skip_step both return one
         record = dict(outcome.record, kl_scale=logged["kl_scale"])
         if not run.cfg.log.layer_records:
             layers = record.pop("layers")
@@ -89,11 +93,12 @@ def log_record(
                 "kfac/mean_interval": entry["mean_interval"],
             }
         )
+    assert run.out is not None  # rank 0's
     run.out.record(entry)
     run.out.scalars(step, scalars)
 
 
-def summarize(run, state, wall_time: float) -> dict[str, Any] | None:
+def summarize(run: Run, state: RunState, wall_time: float) -> dict[str, Any] | None:
     """Collective: every rank's weight checksum and finiteness; rank 0 writes summary.json and prints it."""
     cfg, hvd, kfac, model = run.cfg, run.hvd, run.kfac, run.trainer.model
     if kfac is not None:
