@@ -367,6 +367,21 @@ def test_cli_traffic_time_and_trace(tmp_path):
     assert "A model, not a measurement" in text and "--time" in text and "| SGD |" in text
     plain = run_cli("--local-inverse-max-dim", "0", module="kfac_hvd.commodel")  # the old name
     assert "3.0 TB" in plain and "the other 54 layers" in plain and "(53 layers)" in plain
+    # λ is checked as a training run checks it: one line naming the option, exit 2
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kfac_hvd.analysis.commodel",
+            "--trace",
+            str(trace),
+            "--update-threshold",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "update_threshold" in bad.stderr and "Traceback" not in bad.stderr
 
 
 # Device rates and the precision of the factor products ---------------------------------------------

@@ -145,18 +145,17 @@ def traffic_result(
     }
     if args.trace:
         try:
-            records = load_trace(args.trace)
-        except (OSError, ValueError) as error:
+            replay = replay_trace(
+                load_trace(args.trace),
+                costs,
+                steps,
+                args.ranks,
+                update_threshold=args.update_threshold,
+                interval_policy=args.interval_policy,
+                keep_schedule=args.time,
+            )
+        except (OSError, ValueError) as error:  # an unreadable trace, or λ / the policy out of range
             parser.exit(2, f"commodel: {error}\n")
-        replay = replay_trace(
-            records,
-            costs,
-            steps,
-            args.ranks,
-            update_threshold=args.update_threshold,
-            interval_policy=args.interval_policy,
-            keep_schedule=args.time,
-        )
         result["replay"] = {
             **replay,
             "trace": args.trace,

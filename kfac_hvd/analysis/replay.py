@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..cost import LayerCost, allgather_wire_bytes
+from ..options import KFACOptions
 from ..scheduler import IntervalScheduler
 from .traffic import CONTROL_BYTES_PER_LAYER
 
@@ -95,9 +96,9 @@ def replay_trace(
     """
     mapping = map_layers({cost.name: cost.kind for cost in costs}, trace_kinds(records[0]))
     timeline = diff_timelines(records)
-    scheduler = IntervalScheduler(
-        [cost.name for cost in costs], update_threshold=update_threshold, interval_policy=interval_policy
-    )
+    # KFACOptions checks λ and the policy as a training run would (a ValueError naming the option).
+    schedule = KFACOptions(update_threshold=update_threshold, interval_policy=interval_policy).schedule
+    scheduler = IntervalScheduler([cost.name for cost in costs], schedule)
     by_name = {cost.name: cost for cost in costs}
     wire = factor_part = control = 0.0
     allgathers = 0
