@@ -97,8 +97,8 @@ def replay_trace(
     mapping = map_layers({cost.name: cost.kind for cost in costs}, trace_kinds(records[0]))
     timeline = diff_timelines(records)
     # KFACOptions checks λ and the policy as a training run would (a ValueError naming the option).
-    schedule = KFACOptions(update_threshold=update_threshold, interval_policy=interval_policy).schedule
-    scheduler = IntervalScheduler([cost.name for cost in costs], schedule)
+    options = KFACOptions(update_threshold=update_threshold, interval_policy=interval_policy)
+    scheduler = IntervalScheduler([cost.name for cost in costs], options.schedule)
     by_name = {cost.name: cost for cost in costs}
     wire = factor_part = control = 0.0
     allgathers = 0
