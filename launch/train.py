@@ -68,9 +68,8 @@ def precheck(cfg) -> None:
                 raise cfg.error("checkpoint.resume", f"is a directory, not a checkpoint file: {resume}")
             if not os.path.isfile(resume):
                 raise cfg.error("checkpoint.resume", f"file not found: {resume}")
-        for key in ("log.dir", "checkpoint.dir"):
-            section, name = key.split(".")
-            problem = _unwritable(cfg.values[section][name])
+        for key, folder in (("log.dir", cfg.log.dir), ("checkpoint.dir", cfg.checkpoint.dir)):
+            problem = _unwritable(folder)
             if problem:
                 raise cfg.error(key, problem)
     check_horovod(cfg)
