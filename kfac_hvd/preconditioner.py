@@ -27,12 +27,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .assignment import DEFAULT_LOCAL_INVERSE_MAX_DIM, Assignment, assign_layers, inverted_everywhere
+from .assignment import Assignment, assign_layers, inverted_everywhere
 from .capture import FactorCapture
 from .comm import TrafficCounter, default_communicator, every_step_cost
 from .exchange import Arrived, FactorExchange, allgather_inverses
 from .factors import (
-    INVERSE_METHODS,
     TRIANGLES,
     damping_shifts,
     diff_from_squares,
@@ -44,8 +43,9 @@ from .factors import (
     robust_damped_inverses,
     unpack,
 )
-from .layers import DEFAULT_UNFOLD_CHUNK_BYTES, Layer, make_layer
-from .precision import FACTOR_MATMUL_PRECISIONS, fp32_matmul_precision
+from .layers import Layer, make_layer
+from .options import KFACOptions
+from .precision import fp32_matmul_precision
 from .scheduler import IntervalScheduler
 from .state import load_kfac_state, save_kfac_state
 from .timing import PhaseTimer
@@ -63,65 +63,21 @@ class KFAC:
     """
 
     def __init__(
-        self,
-        model: nn.Module,
-        *,
-        damping: float = 1e-3,
-        update_threshold: float | None = None,
-        update_interval: int = 1,
-        interval_policy: str = "modulo",
-        max_interval: int | None = None,
-        shrink_multiple: float | None = None,
-        separate_intervals: bool = False,
-        factor_decay: float | None = None,
-        kl_clip: float | None = None,
-        pi_damping: bool = True,
-        inverse_method: str = "cholesky",
-        batched_inversion: bool = True,
-        symmetric_comm: bool = True,
-        skip_layers: Sequence[str] = (),
-        include_batchnorm: bool = True,
-        factor_dtype: torch.dtype | None = None,
-        accumulation_steps: int = 1,
-        noise_aware_diff: bool = False,
-        local_inverse_max_dim: int = DEFAULT_LOCAL_INVERSE_MAX_DIM,
-        unfold_chunk_bytes: int = DEFAULT_UNFOLD_CHUNK_BYTES,
-        narrow_factor_products: bool = True,
-        factor_matmul_precision: str = "highest",
-        comm: Any = None,
+        self, model: nn.Module, *, comm: Any = None, options: KFACOptions | None = None, **option_values: Any
     ) -> None:
-        _check_options(
-            damping=damping,
-            factor_decay=factor_decay,
-            kl_clip=kl_clip,
-            inverse_method=inverse_method,
-            batched_inversion=batched_inversion,
-            accumulation_steps=accumulation_steps,
-            local_inverse_max_dim=local_inverse_max_dim,
-            unfold_chunk_bytes=unfold_chunk_bytes,
-            narrow_factor_products=narrow_factor_products,
-            factor_matmul_precision=factor_matmul_precision,
-        )
-        if isinstance(skip_layers, str):
-            skip_layers = (skip_layers,)
-        self.damping = damping
-        self.factor_decay = factor_decay
-        self.kl_clip = kl_clip
-        self.pi_damping = pi_damping
-        self.inverse_method = inverse_method
-        self.batched_inversion = batched_inversion
-        self.symmetric_comm = symmetric_comm
-        self.separate_intervals = separate_intervals
-        self.accumulation_steps = accumulation_steps
-        self.local_inverse_max_dim = local_inverse_max_dim
-        self.noise_aware_diff = noise_aware_diff
+        if options is not None and option_values:
+            raise TypeError("KFAC takes options=KFACOptions(...) or the options as keywords, not both")
+        self.options = options if options is not None else KFACOptions(**option_values)
+        opts = self.options
 
-        skip_patterns = [re.compile(pattern) for pattern in skip_layers]
+        skip_patterns = [re.compile(pattern) for pattern in opts.skip_layers]
         self.layers: dict[str, Layer] = {}
         for name, module in model.named_modules():
             if any(pattern.search(name) for pattern in skip_patterns):
                 continue
-            layer = make_layer(name, module, include_batchnorm=include_batchnorm, factor_dtype=factor_dtype)
+            layer = make_layer(
+                name, module, include_batchnorm=opts.include_batchnorm, factor_dtype=opts.factor_dtype
+            )
             if layer is not None:
                 self.layers[name] = layer
         if not self.layers:
@@ -131,24 +87,19 @@ class KFAC:
         self.local_layers = [
             name
             for name, layer in self.layers.items()
-            if inverted_everywhere(layer.factor_shapes(), local_inverse_max_dim)
+            if inverted_everywhere(layer.factor_shapes(), opts.local_inverse_max_dim)
         ]
         self._local = set(self.local_layers)
         self.assignment: Assignment = self.assign(self.comm.size)
         self.scheduler = IntervalScheduler(
-            [key for name in self.layers for key in self._keys_of(name)],
-            update_threshold=update_threshold,
-            interval_policy=interval_policy,
-            max_interval=max_interval,
-            shrink_multiple=shrink_multiple,
-            initial_interval=update_interval,
+            [key for name in self.layers for key in self._keys_of(name)], opts.schedule
         )
         self.traffic = TrafficCounter(self.comm.size)
         self._every_step_cost = every_step_cost(
             self.layers.values(),
             self.comm.size,
-            symmetric=symmetric_comm,
-            local_inverse_max_dim=local_inverse_max_dim,
+            symmetric=opts.symmetric_comm,
+            local_inverse_max_dim=opts.local_inverse_max_dim,
         )
         self._transport_dtype = _promote(layer.factor_dtype for layer in self.layers.values())
         self.steps = 0
@@ -160,16 +111,16 @@ class KFAC:
         self.noise: dict[str, dict[str, float]] = {name: {} for name in self.layers}
         self._rejected: set = set()  # layers whose averaged factors were non-finite on this step
         self.timer = PhaseTimer()
-        self.exchange = FactorExchange(self.comm, self.traffic, symmetric=symmetric_comm)
+        self.exchange = FactorExchange(self.comm, self.traffic, symmetric=opts.symmetric_comm)
         self.capture = FactorCapture(
             self.layers,
             on_final=self._factor_final,
             timer=self.timer,
-            accumulation_steps=accumulation_steps,
-            chunk_bytes=unfold_chunk_bytes,
-            split_halves=noise_aware_diff,
-            narrow_products=narrow_factor_products,
-            matmul_precision=factor_matmul_precision,
+            accumulation_steps=opts.accumulation_steps,
+            chunk_bytes=opts.unfold_chunk_bytes,
+            split_halves=opts.noise_aware_diff,
+            narrow_products=opts.narrow_factor_products,
+            matmul_precision=opts.factor_matmul_precision,
         )
         self._arm(1)
 
@@ -227,7 +178,7 @@ class KFAC:
         scale, a float or a 0-d tensor); the gradient-side factors are divided by its square. The
         gradients themselves must already be unscaled (``scaler.unscale_(optimizer)``).
         """
-        if self.kl_clip is not None and lr is None:
+        if self.options.kl_clip is not None and lr is None:
             raise ValueError("kfac.step(lr=...) is required when kl_clip is set")
         step = self.steps + 1
         due = self._due
@@ -350,7 +301,7 @@ class KFAC:
                 if kind in self.previous[name]:
                     layer_diffs = diffs.setdefault(name, {})
                     layer_diffs[kind] = diff_from_squares(change_sq, previous_sq)
-                    if self.noise_aware_diff:
+                    if self.options.noise_aware_diff:
                         # E‖X − X_pre‖² = drift² + Var(X) + Var(X_pre): what is left is the drift.
                         layer_diffs[f"raw_{kind}"] = layer_diffs[kind]
                         drift_sq = change_sq - noise - self.noise[name].get(kind, 0.0)
@@ -369,29 +320,29 @@ class KFAC:
         factor_decay the running average follows it."""
         previous = self.previous[name].get(kind)
         if arrived.transported:
-            fresh = unpack(arrived.values, arrived.shape, self.symmetric_comm, out=previous)
+            fresh = unpack(arrived.values, arrived.shape, self.options.symmetric_comm, out=previous)
         else:
             fresh = arrived.values
         self.previous[name][kind] = fresh
         running = self.factors[name].get(kind)
-        if self.factor_decay is None:
+        if self.options.factor_decay is None:
             self.factors[name][kind] = fresh
             self.diagonal_means[name][kind] = diagonal_mean
         elif running is None:
             self.factors[name][kind] = fresh.clone()  # X_pre is overwritten in place on the next update
             self.diagonal_means[name][kind] = diagonal_mean
         else:
-            running.mul_(self.factor_decay).add_(fresh, alpha=1 - self.factor_decay)
+            running.mul_(self.options.factor_decay).add_(fresh, alpha=1 - self.options.factor_decay)
             old = self.diagonal_means[name][kind]
             self.diagonal_means[name][kind] = (
-                self.factor_decay * old + (1 - self.factor_decay) * diagonal_mean
+                self.options.factor_decay * old + (1 - self.options.factor_decay) * diagonal_mean
             )
 
     def _statistics(self, entries: Sequence[tuple[Arrived, torch.Tensor | None]]) -> list[list[float]]:
         """:func:`factor_statistics` of arrived factors (packed triangles, flat or full), one host read."""
         views = []
         for arrived, previous in entries:
-            triangles = arrived.transported and self.symmetric_comm
+            triangles = arrived.transported and self.options.symmetric_comm
             values = arrived.values if triangles else arrived.values.view(arrived.shape)
             views.append((values, arrived.shape, triangles, previous, arrived.noise))
         return factor_statistics(views)
@@ -410,11 +361,13 @@ class KFAC:
             if name in self._rejected:
                 continue
             jobs[name] = {kind: self.factors[name][kind] for kind in kinds}
-            shifts[name] = damping_shifts(kinds, self.damping, self._pi(name))
-        inverses, failed = invert_all(jobs, shifts, self.inverse_method, batched=self.batched_inversion)
+            shifts[name] = damping_shifts(kinds, self.options.damping, self._pi(name))
+        inverses, failed = invert_all(
+            jobs, shifts, self.options.inverse_method, batched=self.options.batched_inversion
+        )
         for name in failed:
             result, event = robust_damped_inverses(
-                jobs[name], self.damping, pi=self._pi(name), method=self.inverse_method
+                jobs[name], self.options.damping, pi=self._pi(name), method=self.options.inverse_method
             )
             numerics[name] = event if result is not None else event + ", previous inverse kept"
             if result is not None:
@@ -454,7 +407,7 @@ class KFAC:
             mine=mine,
             control=control,
             control_count=control_count,
-            symmetric=self.symmetric_comm,
+            symmetric=self.options.symmetric_comm,
             dtype=self._transport_dtype,
             device=self._device(),
         )
@@ -465,7 +418,7 @@ class KFAC:
             held = self.inverses[name].get(kind)
             if held is None or held.dtype != dtype or not held.is_contiguous():
                 held = self.inverses[name][kind] = torch.empty(shape, dtype=dtype, device=values.device)
-            unpack(values.to(dtype), shape, self.symmetric_comm, out=held)  # in place: no second copy
+            unpack(values.to(dtype), shape, self.options.symmetric_comm, out=held)  # in place: no second copy
         # Ranks may round the averaged factors differently (MPI allreduce does not promise bitwise
         # equality), so rank 0's intervals are the ones every rank keeps.
         for key, interval in zip(due_keys, intervals):
@@ -480,7 +433,7 @@ class KFAC:
 
     def _pi(self, name: str) -> float:
         means = self.diagonal_means[name]
-        if not self.pi_damping or "A" not in means or "G" not in means:
+        if not self.options.pi_damping or "A" not in means or "G" not in means:
             return 1.0
         return pi_from_diagonal_means(means["A"], means["G"])
 
@@ -496,20 +449,24 @@ class KFAC:
                     continue  # no part in this step's loss, or never inverted: the plain gradient stays
                 gradients[name] = layer.grad_matrix()
                 updates[name] = layer.precondition(self.inverses[name], gradients[name])
-            if self.kl_clip is not None and updates:
-                scale = kl_clip_scale(updates, gradients, self.kl_clip, lr)
+            if self.options.kl_clip is not None and updates:
+                scale = kl_clip_scale(updates, gradients, self.options.kl_clip, lr)
         for name, update in updates.items():
             self.layers[name].set_grad_matrix(update * scale if scale is not None else update)
         return scale
 
     # Schedule helpers ---------------------------------------------------------------------------
     def _keys_of(self, name: str) -> list[str]:
-        if self.separate_intervals:
+        if self.options.separate_intervals:
             return [f"{name}:{kind}" for kind in self.layers[name].factor_kinds]
         return [name]
 
     def _kinds_of_key(self, name: str, key: str) -> list[str]:
-        return [key.rsplit(":", 1)[1]] if self.separate_intervals else list(self.layers[name].factor_kinds)
+        return (
+            [key.rsplit(":", 1)[1]]
+            if self.options.separate_intervals
+            else list(self.layers[name].factor_kinds)
+        )
 
     def _due_kinds(self, step: int) -> dict[str, list[str]]:
         due: dict[str, list[str]] = {}
@@ -543,11 +500,11 @@ class KFAC:
         for name in self.layers:
             intervals = [self.scheduler.interval[key] for key in self._keys_of(name)]
             entry: dict[str, Any] = {"due": name in due, "interval": min(intervals)}
-            if self.separate_intervals:
+            if self.options.separate_intervals:
                 entry["intervals"] = dict(zip(self.layers[name].factor_kinds, intervals))
             for kind in self.layers[name].factor_kinds:
                 entry[f"diff_{kind}"] = diffs.get(name, {}).get(kind)
-                if self.noise_aware_diff:
+                if self.options.noise_aware_diff:
                     entry[f"raw_diff_{kind}"] = diffs.get(name, {}).get(f"raw_{kind}")
             entry["payload_bytes"] = self._step_payload(name, due.get(name, []))
             layers[name] = entry
@@ -559,7 +516,9 @@ class KFAC:
         shapes = self.layers[name].factor_shapes()
         element = torch.finfo(self.layers[name].factor_dtype).bits // 8
         messages = 1 if name in self._local else 2  # factor allreduce (+ inverse allgather)
-        return sum(messages * packed_numel(shapes[kind], self.symmetric_comm) * element for kind in kinds)
+        return sum(
+            messages * packed_numel(shapes[kind], self.options.symmetric_comm) * element for kind in kinds
+        )
 
     # State --------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -569,45 +528,6 @@ class KFAC:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         load_kfac_state(self, state)
         self._arm(self.steps + 1)
-
-
-def _check_options(
-    *,
-    damping: float,
-    factor_decay: float | None,
-    kl_clip: float | None,
-    inverse_method: str,
-    batched_inversion: bool,
-    accumulation_steps: int,
-    local_inverse_max_dim: int,
-    unfold_chunk_bytes: int,
-    narrow_factor_products: bool,
-    factor_matmul_precision: str,
-) -> None:
-    if not damping > 0:
-        raise ValueError(f"damping must be > 0, got {damping!r}")
-    if factor_decay is not None and not 0 <= factor_decay < 1:
-        raise ValueError(f"factor_decay must be in [0, 1) or None, got {factor_decay!r}")
-    if kl_clip is not None and not kl_clip > 0:
-        raise ValueError(f"kl_clip must be > 0 or None, got {kl_clip!r}")
-    if inverse_method not in INVERSE_METHODS:
-        raise ValueError(f"inverse_method must be one of {INVERSE_METHODS}, got {inverse_method!r}")
-    if factor_matmul_precision not in tuple(FACTOR_MATMUL_PRECISIONS):  # a list is refused, not unhashable
-        raise ValueError(
-            f"factor_matmul_precision must be one of {tuple(FACTOR_MATMUL_PRECISIONS)}, "
-            f"got {factor_matmul_precision!r}"
-        )
-    if not isinstance(narrow_factor_products, bool):
-        raise ValueError(f"narrow_factor_products must be True or False, got {narrow_factor_products!r}")
-    if not isinstance(batched_inversion, bool):
-        raise ValueError(f"batched_inversion must be True or False, got {batched_inversion!r}")
-    for option, value, least in (
-        ("accumulation_steps", accumulation_steps, 1),
-        ("local_inverse_max_dim", local_inverse_max_dim, 0),
-        ("unfold_chunk_bytes", unfold_chunk_bytes, 1),
-    ):
-        if not (isinstance(value, int) and not isinstance(value, bool) and value >= least):
-            raise ValueError(f"{option} must be an int >= {least}, got {value!r}")
 
 
 def _promote(dtypes) -> torch.dtype:

@@ -23,7 +23,7 @@ def save_kfac_state(kfac: KFAC) -> dict[str, Any]:
     """Step, intervals and t_last, factors, previous factors, inverses, the diagonal means behind π,
     the traffic counters; on the CPU."""
     # Without a running average the factors are the previous factors: saved once.
-    factors = _cpu(kfac.factors) if kfac.factor_decay is not None else None
+    factors = _cpu(kfac.factors) if kfac.options.factor_decay is not None else None
     return {
         "steps": kfac.steps,
         "scheduler": kfac.scheduler.state_dict(),
@@ -70,7 +70,7 @@ def load_kfac_state(kfac: KFAC, state: dict[str, Any]) -> None:
                 kind: t.to(device=device, dtype=dtype).clone()
                 for kind, t in state[group].get(name, {}).items()
             }
-    if kfac.factor_decay is None:
+    if kfac.options.factor_decay is None:
         kfac.factors = {name: dict(kinds) for name, kinds in kfac.previous.items()}
     means = state.get("diagonal_means")
     if means is None:  # a state saved before the means were kept: take them from the factors

@@ -85,7 +85,7 @@ def make_plan(cfg) -> dict[str, Any]:
             world,
             total,
             symmetric=cfg.kfac.symmetric_comm,
-            local_inverse_max_dim=kfac.local_inverse_max_dim,
+            local_inverse_max_dim=kfac.options.local_inverse_max_dim,
         )
         plan["kfac"] = {
             "layers": len(names),
@@ -95,7 +95,7 @@ def make_plan(cfg) -> dict[str, Any]:
             "interval_warmup_epochs": cfg.kfac.interval_warmup_epochs,
             "interval_policy": cfg.kfac.interval_policy,
             "damping": cfg.kfac.damping,
-            "local_inverse_max_dim": kfac.local_inverse_max_dim,
+            "local_inverse_max_dim": kfac.options.local_inverse_max_dim,
             "locally_inverted_layers": len(local),
             "local_inversion_load": float(sum(costs[name] for name in local)),
             "assigned_layers": len(assignment.owner),

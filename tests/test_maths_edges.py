@@ -250,21 +250,6 @@ def test_scheduler_state_naming_unknown_keys_is_refused_with_three_of_them():
     assert scheduler.interval == {"a": 1}
 
 
-@pytest.mark.parametrize(
-    "options,culprit",
-    [
-        (dict(interval_policy="every"), "interval_policy"),
-        (dict(update_threshold=0.0), "update_threshold"),
-        (dict(max_interval=0), "max_interval"),
-        (dict(shrink_multiple=1.0), "shrink_multiple"),
-        (dict(initial_interval=0), "initial/fixed interval"),
-    ],
-)
-def test_bad_scheduler_option_is_named_in_the_error(options, culprit):
-    with pytest.raises(ValueError, match=culprit):
-        IntervalScheduler(["a"], **options)
-
-
 def test_scheduler_bounds_are_inclusive():
     """max_interval=1 is allowed (it pins every interval at 1); a Diff exactly m·λ halves the interval,
     which never falls below 1 and stays an int."""

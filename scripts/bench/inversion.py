@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import statistics
@@ -151,7 +152,7 @@ def main() -> None:
 
     def inversion(batched: bool) -> Callable[[], object]:
         def run():
-            kfac.batched_inversion = batched
+            kfac.options = dataclasses.replace(kfac.options, batched_inversion=batched)
             numerics: dict[str, str] = {}
             kfac._invert(due, numerics)
             if numerics:
