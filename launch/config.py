@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import difflib
 import os
-import re
 from typing import Any
 
 import yaml
 from pydantic import Field, ValidationError
 from pydantic_core import ErrorDetails
+
+from .kfac_section import config_key
 
 # The schema lives in its own module; its names are re-exported here for callers of launch.config.
 from .schema import FASHION_FILES, KNOWN_TRAIN_SIZES, SCHEMA, SECTIONS, Sections, accepts, keys_markdown  # noqa: F401
@@ -211,6 +212,11 @@ def _problem(dotted: str, error: ErrorDetails, given: Any) -> str:
 def check_consistency(cfg: Config) -> None:
     """Checks spanning several keys (each error still names one key)."""
     m, d, o = cfg.model, cfg.data, cfg.optim
+    try:
+        cfg.kfac.options()  # the library judges its options once more (combinations included)
+    except (TypeError, ValueError) as exc:
+        option, _, problem = str(exc).partition(" ")
+        raise cfg.error(config_key(option.rstrip(":")), problem) from None
     if o.schedule == "poly" and o.poly_end_epoch <= o.poly_start_epoch:
         raise cfg.error(
             "optim.poly_end_epoch",
@@ -237,11 +243,6 @@ def check_consistency(cfg: Config) -> None:
         for key in ("train_dir", "val_dir"):
             if not getattr(d, key):
                 raise cfg.error(f"data.{key}", "required for dataset imagenet (an ImageFolder root)")
-    for pattern in cfg.kfac.skip_layers:
-        try:
-            re.compile(pattern)
-        except re.error as exc:
-            raise cfg.error("kfac.skip_layers", f"not a regular expression: {pattern!r} ({exc})") from None
     if cfg.log.overwrite and cfg.checkpoint.resume:
         raise cfg.error(
             "log.overwrite",
@@ -318,35 +319,6 @@ def update_key_reference(path: str) -> None:
         raise SystemExit(f"{path}: the key reference's markers are missing")
     with open(path, "w", encoding="utf-8") as fh:
         fh.write(f"{head}{start}\n\n{keys_markdown()}\n{end}{tail}")
-
-
-def kfac_kwargs(cfg: Config) -> dict[str, Any]:
-    """Keyword arguments for ``kfac_hvd.KFAC`` from the ``kfac`` section."""
-    k = cfg.kfac
-    return {
-        "damping": k.damping,
-        "update_threshold": k.update_threshold,
-        "update_interval": 1
-        if k.interval_warmup_epochs > 0
-        else k.update_interval,  # schedule.interval_switch_step
-        "interval_policy": k.interval_policy,
-        "max_interval": k.max_interval,
-        "shrink_multiple": k.shrink_multiple,
-        "separate_intervals": k.separate_intervals,
-        "factor_decay": k.factor_decay,
-        "kl_clip": k.kl_clip,
-        "pi_damping": k.pi_damping,
-        "inverse_method": k.inverse_method,
-        "symmetric_comm": k.symmetric_comm,
-        "skip_layers": tuple(k.skip_layers),
-        "include_batchnorm": k.include_batchnorm,
-        "local_inverse_max_dim": k.local_inverse_max_dim,
-        "noise_aware_diff": k.noise_aware_diff,
-        "unfold_chunk_bytes": max(1, int(k.unfold_chunk_mb * 2**20)),
-        "narrow_factor_products": k.narrow_factor_products,
-        "factor_matmul_precision": k.factor_matmul_precision,
-        "batched_inversion": k.batched_inversion,
-    }
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt_mod
-from .config import kfac_kwargs
 from .data import build_datasets, build_loaders, dataset_identity
 from .data import start_epoch as start_epoch_data
 from .device import apply_backend_flags, describe_device, host_collectives_warning, pick_device
@@ -191,7 +190,7 @@ def build_trainer(cfg, hvd, model: nn.Module, precision: MixedPrecision, dataset
     if cfg.optim.method == "kfac":
         import kfac_hvd
 
-        kfac = kfac_hvd.KFAC(model, **kfac_kwargs(cfg))
+        kfac = kfac_hvd.KFAC(model, options=cfg.kfac.options())
     return Trainer(
         hvd=hvd,
         model=model,

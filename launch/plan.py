@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from .config import data_problems, kfac_kwargs
+from .config import data_problems
 from .data import steps_per_epoch, train_size
 from .models import build_model
 
@@ -65,7 +65,7 @@ def make_plan(cfg) -> dict[str, Any]:
         import kfac_hvd
         from kfac_hvd import commodel
 
-        kfac = kfac_hvd.KFAC(model, **kfac_kwargs(cfg))
+        kfac = kfac_hvd.KFAC(model, options=cfg.kfac.options())
         names = list(kfac.layer_names)
         modules = dict(model.named_modules())
         kinds: dict[str, int] = {}

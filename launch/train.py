@@ -18,7 +18,7 @@ import io
 import os
 import sys
 
-from .config import ConfigError, data_problems, kfac_kwargs, load_config, resolve_paths
+from .config import ConfigError, data_problems, load_config, resolve_paths
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -73,8 +73,6 @@ def precheck(cfg) -> None:
             if problem:
                 raise cfg.error(key, problem)
     check_horovod(cfg)
-    if cfg.optim.method == "kfac":
-        check_kfac_options(cfg)
     from .device import check_device
 
     check_device(cfg)  # CUDA present when asked for, precision supported, Horovod able to take CUDA tensors
@@ -115,29 +113,6 @@ def _unwritable(path: str) -> str | None:
     return None
 
 
-# KFAC keywords whose config key is spelled differently (the config takes MiB, the library bytes).
-CONFIG_KEY_OF_KWARG = {"unfold_chunk_bytes": "unfold_chunk_mb"}
-
-
-def check_kfac_options(cfg) -> None:
-    """Let the library judge the ``kfac`` section on a one-layer model (no Horovod needed)."""
-    import torch
-
-    import kfac_hvd
-
-    probe = torch.nn.Sequential(torch.nn.Linear(2, 2))
-    try:
-        kfac = kfac_hvd.KFAC(probe, **kfac_kwargs(cfg))
-    except (TypeError, ValueError) as exc:
-        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        key = next((f"kfac.{CONFIG_KEY_OF_KWARG.get(k, k)}" for k in kfac_kwargs(cfg) if k in text), "kfac")
-        if "no Linear, Conv2d or BatchNorm2d layer" in text:
-            return  # the probe's only layer was skipped by kfac.skip_layers; judged on the real model
-        raise cfg.error(key, text) from None
-    if hasattr(kfac, "remove_hooks"):
-        kfac.remove_hooks()
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -149,12 +124,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             from .plan import dry_run
 
-            if cfg.optim.method == "kfac":
-                check_kfac_options(cfg)
             return dry_run(cfg, args.plan_json)
         precheck(cfg)
         from .checkpoint import resume_candidates
 
+        assert cfg.checkpoint.dir is not None  # resolve_paths filled it in
         candidates = resume_candidates(cfg.checkpoint.resume, cfg.checkpoint.dir)
     except ConfigError as err:
         return config_error(err)
