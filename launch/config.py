@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import difflib
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import yaml
 from pydantic import Field, ValidationError
-from pydantic_core import ErrorDetails
 
 from .kfac_section import config_key
 
@@ -193,7 +193,7 @@ def load_config(path: str, overrides: list[str] | None = None) -> Config:
 # --------------------------------------------------------------------------------------------------
 # Validation
 # --------------------------------------------------------------------------------------------------
-def _problem(dotted: str, error: ErrorDetails, given: Any) -> str:
+def _problem(dotted: str, error: Mapping[str, Any], given: Any) -> str:
     """pydantic's verdict on one value, in the words of this launcher: what the key accepts."""
     section, key = dotted.split(".")
     allowed = accepts(SCHEMA[section][key])

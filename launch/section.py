@@ -8,7 +8,6 @@ import typing
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-import annotated_types
 from pydantic import AllowInfNan, BaseModel, BeforeValidator, ConfigDict
 from pydantic.fields import FieldInfo
 
@@ -76,12 +75,6 @@ _KIND_WORDS = {
     "bool": ("true or false", "booleans"),
     "str": ("a string", "strings"),
 }
-_BOUND_SIGNS = {
-    annotated_types.Gt: ">",
-    annotated_types.Ge: ">=",
-    annotated_types.Lt: "<",
-    annotated_types.Le: "<=",
-}
 
 
 def accepts(field: FieldInfo) -> Accepts:
@@ -111,16 +104,20 @@ def _strip(annotation: Any, metadata: list[Any]) -> tuple[Any, list[Any]]:
 
 
 def _bounds(metadata: list[Any]) -> str:
-    signs = {}
-    for item in metadata:
-        for kind, sign in _BOUND_SIGNS.items():
-            if isinstance(item, kind):
-                signs[sign] = getattr(item, kind.__name__.lower())
-    lower = next(((s, v) for s, v in signs.items() if s in (">", ">=")), None)
-    upper = next(((s, v) for s, v in signs.items() if s in ("<", "<=")), None)
+    """The range that pydantic's constraints (``Gt(gt=0)``, ``Ge(ge=1)``, ...) in ``metadata`` allow."""
+    found = {
+        sign: getattr(item, sign)
+        for item in metadata
+        for sign in _SIGNS
+        if getattr(item, sign, None) is not None
+    }
+    lower = next(((sign, found[sign]) for sign in ("gt", "ge") if sign in found), None)
+    upper = next(((sign, found[sign]) for sign in ("lt", "le") if sign in found), None)
     if lower and upper:
-        return (
-            f"in {'(' if lower[0] == '>' else '['}{lower[1]:g}, {upper[1]:g}{')' if upper[0] == '<' else ']'}"
-        )
+        opening, closing = "(" if lower[0] == "gt" else "[", ")" if upper[0] == "lt" else "]"
+        return f"in {opening}{lower[1]:g}, {upper[1]:g}{closing}"
     bound = lower or upper
-    return f"{bound[0]} {bound[1]:g}" if bound else ""
+    return f"{_SIGNS[bound[0]]} {bound[1]:g}" if bound else ""
+
+
+_SIGNS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
