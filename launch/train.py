@@ -18,7 +18,7 @@ import io
 import os
 import sys
 
-from .config import ConfigError, data_problems, load_config, resolve_paths
+from .config import Config, ConfigError, data_problems, load_config, resolve_paths
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -50,7 +50,7 @@ def config_error(err: ConfigError) -> int:
     return 2
 
 
-def precheck(cfg) -> None:
+def precheck(cfg: Config) -> None:
     """Everything that can be checked by each process alone, before Horovod starts (raises ConfigError).
 
     Files only rank 0 touches (the checkpoint to resume from, the run folder) are checked by the
@@ -69,6 +69,7 @@ def precheck(cfg) -> None:
             if not os.path.isfile(resume):
                 raise cfg.error("checkpoint.resume", f"file not found: {resume}")
         for key, folder in (("log.dir", cfg.log.dir), ("checkpoint.dir", cfg.checkpoint.dir)):
+            assert folder is not None  # resolve_paths filled it in
             problem = _unwritable(folder)
             if problem:
                 raise cfg.error(key, problem)
@@ -78,7 +79,7 @@ def precheck(cfg) -> None:
     check_device(cfg)  # CUDA present when asked for, precision supported, Horovod able to take CUDA tensors
 
 
-def check_horovod(cfg) -> None:
+def check_horovod(cfg: Config) -> None:
     """horovod.torch imports with its compiled extension, or ConfigError with one line.
 
     A Horovod built without PyTorch support does not raise on import: horovod.torch prints the problem
