@@ -355,3 +355,13 @@ def test_a_resolved_config_stays_valid_when_changed(tmp_path):
     with pytest.raises(ValidationError):
         cfg.train.epochs = "3"
     assert cfg.to_dict()["train"]["epochs"] == 3 and cfg.debug["fault_rank"] == 0
+
+
+def test_the_keys_that_may_change_on_resume_exist():
+    from launch.schema import RESUME_MAY_CHANGE, SCHEMA, may_change_on_resume
+
+    for entry in RESUME_MAY_CHANGE:
+        section, _, key = entry.partition(".")
+        assert section in SCHEMA and (key == "*" or key in SCHEMA[section]), entry
+    assert may_change_on_resume("log.dir") and may_change_on_resume("train.epochs")
+    assert not may_change_on_resume("optim.lr") and not may_change_on_resume("kfac.damping")
