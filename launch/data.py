@@ -212,6 +212,8 @@ def build_datasets(cfg: Config) -> tuple[Dataset, Dataset]:
             ("data.train_dir", d.train_dir, True),
             ("data.val_dir", d.val_dir, False),
         ):
+            if root is None:  # check_consistency refuses this before any collective; a direct call may not
+                raise cfg.error(key, "must be set for dataset imagenet")
             try:
                 folders.append(
                     CheckedImageFolder(
@@ -331,7 +333,7 @@ def build_loaders(
     sampler = ResumableDistributedSampler(
         train_ds, num_replicas=size, rank=rank, shuffle=True, seed=cfg.train.seed, drop_last=False
     )
-    common = dict(
+    common: dict[str, Any] = dict(
         num_workers=d.workers, pin_memory=d.pin_memory and use_cuda, persistent_workers=d.workers > 0
     )
     if d.workers > 0:

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 from kfac_hvd import KFAC
 
 from . import checkpoint as ckpt_mod
-from .config import Config, kfac_kwargs
+from .config import Config
 from .data import build_datasets, build_loaders, dataset_identity, dataset_size
 from .data import start_epoch as start_epoch_data
 from .device import apply_backend_flags, describe_device, host_collectives_warning, pick_device
@@ -195,7 +195,7 @@ def build_trainer(
     if cfg.optim.method == "kfac":
         import kfac_hvd
 
-        kfac = kfac_hvd.KFAC(model, **kfac_kwargs(cfg))
+        kfac = kfac_hvd.KFAC(model, options=cfg.kfac.options())
     return Trainer(
         hvd=hvd,
         model=model,

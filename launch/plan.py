@@ -11,7 +11,7 @@ from torch import nn
 
 from kfac_hvd.analysis.units import format_bytes
 
-from .config import data_problems, kfac_kwargs
+from .config import data_problems
 from .data import steps_per_epoch, train_size
 from .models import build_model
 
@@ -60,7 +60,7 @@ def make_plan(cfg) -> dict[str, Any]:
         import kfac_hvd
         from kfac_hvd.analysis.traffic import every_step_traffic
 
-        kfac = kfac_hvd.KFAC(model, **kfac_kwargs(cfg))
+        kfac = kfac_hvd.KFAC(model, options=cfg.kfac.options())
         names = list(kfac.layer_names)
         modules = dict(model.named_modules())
         kinds: dict[str, int] = {}

@@ -154,6 +154,7 @@ def claim(cfg: Config, fresh: bool, command: str = "") -> tuple[list[FolderLock]
     outputs when this run starts fresh. Returns the locks (held until :func:`release`) and the lines
     to print. Raises ConfigError (exit code 2) with one line."""
     log_dir, ck_dir = cfg.log.dir, cfg.checkpoint.dir
+    assert log_dir is not None and ck_dir is not None, "resolve_paths fills in both folders"
     folders = [log_dir] + ([] if _inside(ck_dir, log_dir) else [ck_dir])
     locks: list[FolderLock] = []
     try:
