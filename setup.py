@@ -30,8 +30,8 @@ setup(
             "matplotlib",
             "mpi4py",
         ],
-        # make test and make lint; the linters are pinned so that a check passes or fails alike everywhere.
-        "test": ["pytest", "packaging", "ruff==0.17.6", "mypy==2.4.1"],
+        # make test and make lint (psutil: the two-host tests look at what listens); the linters are pinned so that a check passes or fails alike everywhere.
+        "test": ["pytest", "packaging", "psutil", "ruff==0.17.6", "mypy==2.4.1"],
     },
     entry_points={"console_scripts": ["kfac-hvd-train=launch.train:main"]},
 )

@@ -109,26 +109,31 @@ def build_theirs(name: str, model, args):
     )
 
 
-def unsupported_options(name: str) -> list[str]:
-    """Options of a configuration that the measured library does not have (an older revision)."""
+def _library_defaults() -> dict[str, Any]:
+    """Every option of the measured library with its default: KFACOptions' fields, or for a revision from
+    before it, KFAC's keyword arguments."""
+    import dataclasses
     import inspect
 
     import kfac_hvd
 
-    accepted = inspect.signature(kfac_hvd.KFAC).parameters
+    if hasattr(kfac_hvd, "KFACOptions"):
+        return {f.name: f.default for f in dataclasses.fields(kfac_hvd.KFACOptions)}
+    return {k: p.default for k, p in inspect.signature(kfac_hvd.KFAC).parameters.items()}
+
+
+def unsupported_options(name: str) -> list[str]:
+    """Options of a configuration that the measured library does not have (an older revision)."""
+    accepted = _library_defaults()
     return [option for option in VARIANT_OPTIONS.get(name, {}) if option not in accepted]
 
 
 def variant_options(name: str) -> dict[str, Any]:
     """The values of the options the variants switch in configuration ``name``: its own, else the measured
     library's defaults (an option absent from this revision is left out)."""
-    import inspect
-
-    import kfac_hvd
-
-    accepted = inspect.signature(kfac_hvd.KFAC).parameters
+    accepted = _library_defaults()
     defaults = {
-        option: accepted[option].default
+        option: accepted[option]
         for options in VARIANT_OPTIONS.values()
         for option in options
         if option in accepted
