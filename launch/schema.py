@@ -279,6 +279,19 @@ SCHEMA: dict[str, dict[str, Spec]] = {
             doc="ranks the experiment is planned for (dry run); a launch with another number of "
             "ranks stops (exit code 2); null: any number",
         ),
+        "elastic": Spec(
+            "bool",
+            False,
+            doc="Horovod elastic training under horovodrun --gloo --min-np/--max-np "
+            "--host-discovery-script: hosts may leave and join (docs/LAUNCHER.md, Elastic training)",
+        ),
+        "elastic_commit_steps": Spec(
+            "int",
+            10,
+            check=ge(1),
+            doc="train.elastic: commit the state in host memory every N steps (and at each epoch's "
+            "end); a lost peer rolls every rank back to the last commit",
+        ),
         "seed": Spec("int", 0, check=ge(0), doc="seed of weights, shuffling and augmentation"),
         "device": Spec(
             "str",
@@ -472,6 +485,7 @@ RESUME_MAY_CHANGE = (
     "train.eval_every",
     "train.max_bad_steps",
     "train.watchdog_s",
+    "train.elastic_commit_steps",
     "train.threads",
     "data.workers",
     "data.pin_memory",

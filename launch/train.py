@@ -74,6 +74,9 @@ def precheck(cfg) -> None:
             if problem:
                 raise cfg.error(key, problem)
     check_horovod(cfg)
+    from .elastic import check_elastic
+
+    check_elastic(cfg)
     if cfg.optim.method == "kfac":
         check_kfac_options(cfg)
     from .device import check_device
