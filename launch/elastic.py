@@ -115,6 +115,16 @@ def rewind_metrics(out, step: int) -> None:
     out.metrics = open(out.metrics_path, "a", encoding="utf-8")
 
 
+def snapshot(model: torch.nn.Module, optimizer: torch.optim.Optimizer, kfac: Any) -> dict[str, Any]:
+    """The bulk of a commit: copies of the model's and the optimiser's state (on their device, as
+    Horovod's TorchState keeps them) and K-FAC's state (in host memory: factors, inverses, schedule)."""
+    return {
+        "model": copy.deepcopy(model.state_dict()),
+        "optimizer": copy.deepcopy(optimizer.state_dict()),
+        "kfac": kfac.state_dict() if kfac is not None else None,
+    }
+
+
 class ElasticState:
     """Horovod's elastic state of a launcher run: what is committed, restored and synchronised."""
 
@@ -154,12 +164,7 @@ class ElasticState:
 
     def save(self) -> None:
         t = self.run.trainer
-        self._saved = {
-            "model": copy.deepcopy(t.model.state_dict()),
-            "optimizer": copy.deepcopy(t.optimizer.state_dict()),
-            "kfac": t.kfac.state_dict() if t.kfac is not None else None,
-            **self._shared(),
-        }
+        self._saved = {**snapshot(t.model, t.optimizer, t.kfac), **self._shared()}
 
     def _shared(self) -> dict[str, Any]:
         """What rank 0 hands a new rank besides the model and the optimiser (plain data)."""

@@ -27,6 +27,7 @@ HOST_A, HOST_B, HOST_C = "localhost", "127.0.0.1", socket.gethostname()
 # training differs (other global batches, other augmentation draws), so only the outcome is compared.
 TOP1_TOLERANCE = 0.05
 TIMEOUT = 240
+WEIGHT_RTOL = 1e-7
 
 
 def elastic_args(run_dir: str, *extra: str) -> list[str]:
@@ -45,6 +46,7 @@ def elastic_args(run_dir: str, *extra: str) -> list[str]:
         "train.world_size=null",
         "train.elastic=true",
         f"train.elastic_commit_steps={COMMIT}",
+        "kfac.local_inverse_max_dim=0",  # every conv and FC layer has an owner: the assignment matters
         *extra,
     ]
 
@@ -107,12 +109,23 @@ def uninterrupted(tmp_path_factory):
     return elastic_job(tmp_path_factory.mktemp("uninterrupted"), [HOST_A, HOST_B], {})
 
 
+def assert_weights_agree(summary: dict) -> None:
+    """Every rank's weight checksum (sum of w + w², fp64) equal to fp32 round-off: with owners, the ranks
+    that receive an inverse in the allgather and its owner differ in the last bits (so also without
+    train.elastic)."""
+    checksums = summary["rank_weight_checksums"]
+    assert len(checksums) == summary["world_size"], checksums
+    assert max(checksums) - min(checksums) <= WEIGHT_RTOL * abs(checksums[0]), checksums
+
+
 def check_common(records: list[dict], summary: dict, uninterrupted) -> None:
     steps = [r["step"] for r in step_records(records)]
     assert steps == list(range(1, summary["steps"] + 1)), "a step counted twice or missing"
-    checksums = summary["rank_weight_checksums"]
-    assert len(checksums) == summary["world_size"] and len(set(checksums)) == 1, checksums
+    assert_weights_agree(summary)
     reference = uninterrupted[2]["final_top1"]
+    print(
+        f"top-1 {summary['final_top1']:.4f}, uninterrupted {reference:.4f}, events {elastic_events(records)}"
+    )
     assert abs(summary["final_top1"] - reference) <= TOP1_TOLERANCE, (summary["final_top1"], reference)
 
 
@@ -120,7 +133,8 @@ def test_uninterrupted_elastic_run(uninterrupted):
     _, records, summary = uninterrupted
     assert elastic_events(records) == []
     assert summary["steps"] == EPOCHS * steps_for(TRAIN, 2)
-    assert len(set(summary["rank_weight_checksums"])) == 1 and summary["world_size"] == 2
+    assert summary["world_size"] == 2
+    assert_weights_agree(summary)
 
 
 def test_host_leaves_and_joins_mid_epoch(tmp_path, uninterrupted):
@@ -143,8 +157,14 @@ def test_host_leaves_and_joins_mid_epoch(tmp_path, uninterrupted):
 
 def test_killed_worker_rolls_back_to_the_last_commit(tmp_path, uninterrupted):
     kill = 9  # after this step's update; the last commit was at step 8
+    # A rank not connected to the killed one learns of it when Gloo's timeout ends its wait.
     proc, records, summary = elastic_job(
-        tmp_path, [HOST_A, HOST_B, HOST_C], {}, f"debug.kill_step={kill}", "debug.fault_rank=2"
+        tmp_path,
+        [HOST_A, HOST_B, HOST_C],
+        {},
+        f"debug.kill_step={kill}",
+        "debug.fault_rank=2",
+        "horovod.gloo_timeout_s=10",
     )
     events = elastic_events(records)
     assert events == [(kill // COMMIT * COMMIT, "peer_lost", 3, 2)], events
