@@ -299,6 +299,9 @@ def elastic_epoch(run: Run, elastic: ElasticState) -> None:
     exhausted = True
     run.timer.start()
     for x, y in run.train_loader:
+        # The records' epoch position from the samples taken (the steps per epoch vary with the world).
+        taken = (sampler.processed_num + cfg.data.batch_size * hvd.size()) / len(sampler.dataset)
+        elastic.tally.batch_in_epoch = round(taken * run.steps_per_epoch) - 1  # run_step counts the step
         run_step(run, state, elastic.tally, x, y)
         sampler.record_batch(0, cfg.data.batch_size)
         if cfg.train.max_steps is not None and state.step >= cfg.train.max_steps:
