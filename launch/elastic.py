@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from .checkpoint import rng_state, set_rng_state
 from .config import kfac_kwargs
 from .data import steps_per_epoch
 from .dist import started_by_mpi
@@ -164,7 +165,8 @@ class ElasticState:
 
     def save(self) -> None:
         t = self.run.trainer
-        self._saved = {**snapshot(t.model, t.optimizer, t.kfac), **self._shared()}
+        # This rank's RNG streams too (augmentation, mixup): the steps taken again draw what they drew.
+        self._saved = {**snapshot(t.model, t.optimizer, t.kfac), **self._shared(), "rng": rng_state()}
 
     def _shared(self) -> dict[str, Any]:
         """What rank 0 hands a new rank besides the model and the optimiser (plain data)."""
@@ -194,6 +196,7 @@ class ElasticState:
         t.model.load_state_dict(self._saved["model"])
         t.optimizer.load_state_dict(self._saved["optimizer"])  # also forgets the step's pending allreduces
         self._adopt(self._saved)
+        set_rng_state(self._saved["rng"])
         self.run.timer.take()
         if self.run.out is not None:
             rewind_metrics(self.run.out, self.progress.step)
