@@ -37,7 +37,7 @@ import torch
 
 from .checkpoint import rng_state, set_rng_state
 from .config import kfac_kwargs
-from .data import steps_per_epoch
+from .data import ShardSampler, steps_per_epoch
 from .dist import started_by_mpi
 from .loop import EpochTally, Run, RunState, end_epoch, log0, run_step, start
 from .reliability import EXIT_ABORTED, EXIT_INPUT, RunStop
@@ -83,6 +83,21 @@ def build_elastic_loader(run: Run, hvd) -> None:
         batch_size=old.batch_size,
         sampler=run.sampler,
         drop_last=old.drop_last,
+        num_workers=old.num_workers,
+        pin_memory=old.pin_memory,
+        persistent_workers=old.persistent_workers,
+        worker_init_fn=old.worker_init_fn,
+        generator=old.generator,
+    )
+
+
+def reshard_val_loader(run: Run, rank: int, size: int) -> None:
+    """The evaluation loader over this rank's share of the validation set in the current world."""
+    old = run.val_loader
+    run.val_loader = torch.utils.data.DataLoader(
+        old.dataset,
+        batch_size=old.batch_size,
+        sampler=ShardSampler(len(old.dataset), rank, size),
         num_workers=old.num_workers,
         pin_memory=old.pin_memory,
         persistent_workers=old.persistent_workers,
@@ -205,6 +220,7 @@ class ElasticState:
     def reset(self) -> None:
         """After Horovod's re-initialisation, before sync: K-FAC and the sampler for the new world."""
         rebuild_kfac(self.run, self._saved.get("kfac"))
+        reshard_val_loader(self.run, self.hvd.rank(), self.hvd.size())
         self.run.sampler.load_state_dict(self._saved["sampler"])
         if not self.events or "world_size" in self.events[-1]:
             self.events.append({"event": "hosts_updated"})
