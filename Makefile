@@ -15,19 +15,22 @@ SDIST_DIR := .gpu_carry
 
 setup: horovod
 
-# The venv and its packages; torch and Horovod are handled by the `torch` and `horovod` targets.
+INSTALL_TORCH = PYTHON=$(PY) TORCH_SPEC="$(TORCH_SPEC)" TORCH_INDEX_URL="$(TORCH_INDEX_URL)" bash scripts/install_torch.sh
+
+# The venv and the project with its dependencies (setup.py's lists: the library's, [launch], [test]).
+# torch goes in first, so that pip finds its (unpinned) requirement met and fetches no other build.
 $(STAMP): setup.py scripts/install_system.sh
 	bash scripts/install_system.sh
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q pyyaml mpi4py tqdm tensorboard matplotlib pytest pydantic ruff mypy
-	$(PY) -m pip install -q --no-deps -e .
+	$(INSTALL_TORCH)
+	$(PY) -m pip install -q -e '.[launch,test]'
 	touch $@
 
 # Always run: the script returns in a fraction of a second when the installed torch satisfies TORCH_SPEC,
 # so a venv set up with another build (a V100's CUDA 12.6 torch) keeps it.
 torch: $(STAMP)
-	PYTHON=$(PY) TORCH_SPEC="$(TORCH_SPEC)" TORCH_INDEX_URL="$(TORCH_INDEX_URL)" bash scripts/install_torch.sh
+	$(INSTALL_TORCH)
 
 # Always run: the script returns in seconds when the asked-for flavour (HOROVOD_GPU_OPERATIONS) is
 # installed, and reinstalls (cached wheel) or rebuilds when another one is. MPI is part of this

@@ -1,8 +1,17 @@
 """kfac_hvd: distributed K-FAC on Horovod with a per-layer adaptive factor-update interval."""
 
 from .assignment import Assignment, assign_layers
+from .options import KFACOptions, option_fields
 from .preconditioner import KFAC
-from .scheduler import IntervalScheduler
+from .scheduler import IntervalScheduler, ScheduleOptions
 
-__all__ = ["KFAC", "Assignment", "assign_layers", "IntervalScheduler"]
+__all__ = [
+    "KFAC",
+    "KFACOptions",
+    "option_fields",
+    "Assignment",
+    "assign_layers",
+    "IntervalScheduler",
+    "ScheduleOptions",
+]
 __version__ = "0.1.0"

@@ -10,12 +10,8 @@ DEFAULT_LOCAL_INVERSE_MAX_DIM = 256
 
 @dataclass(frozen=True)
 class Assignment:
-    owner: dict[str, int]  # layer name -> rank that inverts it and broadcasts the inverses
+    owner: dict[str, int]  # layer name -> rank that inverts it and sends the inverses in the allgather
     load: list[float]  # total inversion cost per rank
-
-    @property
-    def world_size(self) -> int:
-        return len(self.load)
 
     @property
     def imbalance(self) -> float:

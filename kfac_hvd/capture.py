@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .factors import split_half_noise
-from .layers import BatchNormLayer, Layer
+from .layers import BatchNormLayer, KroneckerLayer, Layer
 from .precision import fp32_matmul_precision
 from .timing import PhaseTimer
 
@@ -145,6 +145,7 @@ class FactorCapture:
         return [slice(0, half), slice(half, batch)]
 
     def _a_parts(self, layer: Layer, x: torch.Tensor) -> list[Part]:
+        assert isinstance(layer, KroneckerLayer)  # only Kronecker layers have an A factor
         return [
             layer.a_contribution(x[part], chunk_bytes=self.chunk_bytes, narrow_products=self.narrow_products)
             if _size(x, part)
@@ -155,6 +156,7 @@ class FactorCapture:
     def _g_parts(self, layer: Layer, grad_output: torch.Tensor, inputs: torch.Tensor | None) -> list[Part]:
         parts = self._parts(grad_output.shape[0])
         if isinstance(layer, BatchNormLayer):
+            assert inputs is not None  # the forward hook hands BatchNorm's input to this one
             # x̂ uses the statistics of the whole batch, as BatchNorm itself did.
             statistics = (
                 layer.statistics(inputs, self.chunk_bytes, narrow_products=self.narrow_products)
@@ -182,7 +184,7 @@ class FactorCapture:
             for part in parts
         ]
 
-    def _forward_hook(self, name: str):
+    def _forward_hook(self, name: str) -> Callable[[nn.Module, tuple, torch.Tensor], None]:
         layer = self.layers[name]
 
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
@@ -203,7 +205,7 @@ class FactorCapture:
 
         return hook
 
-    def _output_grad_hook(self, name: str, inputs: torch.Tensor | None):
+    def _output_grad_hook(self, name: str, inputs: torch.Tensor | None) -> Callable[[torch.Tensor], None]:
         layer = self.layers[name]
 
         def hook(grad_output: torch.Tensor) -> None:

@@ -6,15 +6,13 @@ to Horovod goes through :class:`TrafficCounter`, which keeps per layer and kind
 
 * payload bytes: ``numel × element_size`` of what this rank hands to Horovod (factor allreduce), or of a
   layer's share of the one gathered buffer (inverse allgather: what every rank ends up holding);
-* modelled wire bytes per rank, with P ranks and an n-byte payload:
-    - allreduce (ring: reduce-scatter then allgather): 2(P−1)/P · n sent (and received) per rank;
-    - allgather (ring), n-byte share of the gathered buffer: (P−1)/P · n per rank;
-    - broadcast (from one root): n per rank; P = 1 sends nothing.
+* modelled wire bytes per rank (the ring model of :mod:`kfac_hvd.cost`).
+
+What updating every layer on every step would cost, the counters' reference, is :func:`every_step_cost`.
 """
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -22,65 +20,23 @@ from typing import Any
 
 import torch
 
-from .assignment import DEFAULT_LOCAL_INVERSE_MAX_DIM, inverted_everywhere
-from .factors import packed_numel
+from .cost import WIRE_BYTES, LayerCost
 
 
-def allreduce_wire_bytes(payload: int, world_size: int) -> float:
-    return 2.0 * (world_size - 1) / world_size * payload
-
-
-def allgather_wire_bytes(payload: int, world_size: int) -> float:
-    return (world_size - 1) / world_size * payload
-
-
-def broadcast_wire_bytes(payload: int, world_size: int) -> float:
-    return float(payload) if world_size > 1 else 0.0
-
-
-WIRE_BYTES = {
-    "allreduce": allreduce_wire_bytes,
-    "allgather": allgather_wire_bytes,
-    "broadcast": broadcast_wire_bytes,
-}
-
-
-def every_step_cost(
-    layers: Iterable[Any],
-    world_size: int,
-    *,
-    symmetric: bool = True,
-    element_bytes: int | None = None,
-    local_inverse_max_dim: int = DEFAULT_LOCAL_INVERSE_MAX_DIM,
-) -> dict[str, float]:
+def every_step_cost(costs: Iterable[LayerCost], world_size: int) -> dict[str, float]:
     """One step with every factor of every layer updated: payload, wire and dense bytes, elements.
 
-    Every factor is allreduced; the inverses of the layers that are not inverted on every rank travel
-    in the step's inverse allgather.
+    Every factor is allreduced; the inverses of the layers that travel are in the step's inverse
+    allgather. One rank sends nothing but computes every factor.
     """
-    cost = {
-        "every_step_payload_bytes": 0,
-        "every_step_wire_bytes": 0.0,
-        "every_step_dense_payload_bytes": 0,
-        "every_step_elements": 0,
+    costs = list(costs)
+    sends = world_size > 1
+    return {
+        "every_step_payload_bytes": sum(c.update_payload_bytes() for c in costs) if sends else 0,
+        "every_step_wire_bytes": sum(c.wire_bytes(world_size) for c in costs),
+        "every_step_dense_payload_bytes": sum(c.update_dense_bytes() for c in costs) if sends else 0,
+        "every_step_elements": sum(c.values for c in costs),
     }
-    for layer in layers:
-        element = element_bytes or torch.finfo(layer.factor_dtype).bits // 8
-        shapes = layer.factor_shapes()
-        local = inverted_everywhere(shapes, local_inverse_max_dim)
-        for shape in shapes.values():
-            cost["every_step_elements"] += math.prod(shape)
-            if world_size == 1:
-                continue
-            payload = packed_numel(shape, symmetric) * element
-            dense = math.prod(shape) * element
-            messages = 1 if local else 2  # factor allreduce (+ inverse allgather)
-            cost["every_step_payload_bytes"] += messages * payload
-            cost["every_step_dense_payload_bytes"] += messages * dense
-            cost["every_step_wire_bytes"] += allreduce_wire_bytes(payload, world_size)
-            if not local:
-                cost["every_step_wire_bytes"] += allgather_wire_bytes(payload, world_size)
-    return cost
 
 
 @dataclass

@@ -34,7 +34,7 @@ class HostSyncCounter:
         self._patched: list[tuple[Any, str, Callable]] = []
 
     def __enter__(self) -> HostSyncCounter:
-        targets = [(torch.Tensor, name) for name in TENSOR_READS]
+        targets: list[tuple[Any, str]] = [(torch.Tensor, name) for name in TENSOR_READS]
         targets += [(torch.cuda, "synchronize"), (torch.cuda.Event, "synchronize")]
         for owner, name in targets:
             original = getattr(owner, name)

@@ -123,6 +123,7 @@ def allgather_inverses(
     rank = comm.rank
     pieces = [pack(mine[(name, kind)], symmetric).to(dtype) for name, kind, _ in layout[rank]]
     if rank == 0 and control_count:
+        assert control is not None  # rank 0 sends what the others are told to expect
         pieces.append(torch.tensor(list(control), dtype=dtype, device=device))
     send = torch.cat(pieces) if pieces else torch.zeros(0, dtype=dtype, device=device)
     gathered = comm.wait(comm.allgather_async(send, name="kfac.inverses"))

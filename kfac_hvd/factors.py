@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -38,13 +39,22 @@ def split_half_noise(
     return (first - second).square().sum() * (first_samples * second_samples / total**2)
 
 
+class FactorStatistics(NamedTuple):
+    """What Algorithm 1 and π need of one averaged factor X, read to the host with every other's."""
+
+    total: float  # Σ X: non-finite iff X holds a NaN or an Inf
+    change_sq: float  # ‖X − X_pre‖² (0 without X_pre)
+    previous_sq: float  # ‖X_pre‖² (0 without X_pre)
+    diagonal_mean: float  # mean of X's diagonal, for π
+    noise: float  # the estimate of X's sampling noise E‖X − E X‖² that came with X (0 without)
+
+
 def factor_statistics(
     factors: Sequence[tuple[torch.Tensor, tuple[int, ...], bool, torch.Tensor | None, torch.Tensor | None]],
-) -> list[list[float]]:
+) -> list[FactorStatistics]:
     """For each (X, shape, packed, X_pre or None, noise or None), with X the full (batched) matrix or,
-    when ``packed``, its upper triangles as :func:`pack` gives them (X_pre is always full): [Σ X
-    (non-finite iff X holds a NaN or Inf), ‖X − X_pre‖², ‖X_pre‖², mean of X's diagonal (for π), the
-    noise (0 without)], fetched in one host read.
+    when ``packed``, its upper triangles as :func:`pack` gives them (X_pre is always full), its
+    :class:`FactorStatistics`, fetched in one host read.
 
     On triangles, ‖D‖² = 2 Σ_{i≤j} d_ij² − Σ_i d_ii²: the full matrix is never rebuilt.
     """
@@ -71,7 +81,7 @@ def factor_statistics(
         rows.append(
             torch.stack([current.sum(), change_sq, previous_sq, diagonal_mean, noise]).to(torch.float64)
         )
-    return torch.stack(rows).tolist()
+    return [FactorStatistics(*row) for row in torch.stack(rows).tolist()]
 
 
 def _triangle_diagonal(size: int, device: torch.device) -> torch.Tensor:
@@ -85,12 +95,6 @@ def pi_from_diagonal_means(a_mean: float, g_mean: float) -> float:
     if not (a_mean > 0 and g_mean > 0) or not math.isfinite(a_mean / g_mean):
         return 1.0
     return math.sqrt(a_mean / g_mean)
-
-
-def pi_correction(a_factor: torch.Tensor, g_factor: torch.Tensor) -> float:
-    """π = sqrt((tr A / dim A) / (tr G / dim G)), splitting Tikhonov damping over the two factors."""
-    means = torch.stack([torch.diagonal(a_factor).mean(), torch.diagonal(g_factor).mean()]).tolist()
-    return pi_from_diagonal_means(*means)
 
 
 def damping_shifts(kinds: Sequence[str], damping: float, pi: float) -> dict[str, float]:
@@ -117,23 +121,6 @@ def inverse_attempt(
         inverse, ok = _eigen_inverse(matrix, float(diagonal_shift))
         return inverse, ok.all()
     raise ValueError(f"inverse_method must be one of {INVERSE_METHODS}, got {method!r}")
-
-
-def symmetric_inverse(matrix: torch.Tensor, diagonal_shift: float, method: str) -> torch.Tensor:
-    """(M + shift·I)⁻¹; raises torch.linalg.LinAlgError when the attempt fails."""
-    inverse, ok = inverse_attempt(matrix, diagonal_shift, method)
-    if not bool(ok):
-        raise torch.linalg.LinAlgError(f"{method} inversion failed")
-    return inverse
-
-
-def damped_inverses(
-    factors: dict[str, torch.Tensor], damping: float, *, pi_damping: bool, method: str
-) -> dict[str, torch.Tensor]:
-    """Inverses of one layer's damped factors (see :func:`damping_shifts`)."""
-    pi = pi_correction(factors["A"], factors["G"]) if pi_damping and "A" in factors else 1.0
-    shifts = damping_shifts(list(factors), damping, pi)
-    return {kind: symmetric_inverse(factor, shifts[kind], method) for kind, factor in factors.items()}
 
 
 def robust_damped_inverses(
@@ -390,9 +377,6 @@ class TriangleIndices:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._kept.values())
-
-    def clear(self) -> None:
-        self._kept.clear()
 
 
 TRIANGLES = TriangleIndices()

@@ -54,7 +54,7 @@ class KroneckerLayer(ABC):
 
     factor_kinds: FactorKinds = ("A", "G")
 
-    def __init__(self, name: str, module: nn.Module, factor_dtype: torch.dtype) -> None:
+    def __init__(self, name: str, module: nn.Linear | nn.Conv2d, factor_dtype: torch.dtype) -> None:
         self.name = name
         self.module = module
         self.factor_dtype = factor_dtype
@@ -151,17 +151,17 @@ class KroneckerLayer(ABC):
     # Gradients ----------------------------------------------------------------------------------
     def grad_matrix(self) -> torch.Tensor:
         weight = self.module.weight
-        grad = weight.grad.reshape(weight.shape[0], -1).to(self.factor_dtype)
+        grad = _grad(weight).reshape(weight.shape[0], -1).to(self.factor_dtype)
         if self.has_bias:
-            grad = torch.cat([grad, self.module.bias.grad.to(self.factor_dtype).unsqueeze(1)], dim=1)
+            grad = torch.cat([grad, _grad(self.module.bias).to(self.factor_dtype).unsqueeze(1)], dim=1)
         return grad
 
     def set_grad_matrix(self, matrix: torch.Tensor) -> None:
         weight = self.module.weight
         if self.has_bias:
-            self.module.bias.grad.copy_(matrix[:, -1])
+            _grad(self.module.bias).copy_(matrix[:, -1])
             matrix = matrix[:, :-1]
-        weight.grad.copy_(matrix.reshape(weight.shape))
+        _grad(weight).copy_(matrix.reshape(weight.shape))
 
     def precondition(self, inverses: dict, gradient: torch.Tensor) -> torch.Tensor:
         """G⁻¹ · gradient · A⁻¹ for the gradient matrix of :meth:`grad_matrix` (``KFAC`` runs it in full fp32)."""
@@ -177,21 +177,25 @@ class LinearLayer(KroneckerLayer):
 
 
 class Conv2dLayer(KroneckerLayer):
+    module: nn.Conv2d
+
+    @property
+    def _padding(self) -> tuple[int, ...]:
+        padding = self.module.padding
+        assert not isinstance(padding, str)  # make_layer leaves "same"/"valid" to the plain optimiser
+        return padding
+
     @property
     def _pointwise(self) -> bool:
         """A 1×1 convolution without padding reads one pixel per output position: no unfold needed."""
-        conv = self.module
-        return tuple(conv.kernel_size) == (1, 1) and tuple(conv.padding) == (0, 0)
+        return tuple(self.module.kernel_size) == (1, 1) and tuple(self._padding) == (0, 0)
 
     def _positions(self, inputs: torch.Tensor) -> int:
-        conv = self.module
+        conv, padding = self.module, self._padding
+        kernel, dilation, stride = conv.kernel_size, conv.dilation, conv.stride
         height, width = inputs.shape[-2:]
-        out_h = (
-            height + 2 * conv.padding[0] - conv.dilation[0] * (conv.kernel_size[0] - 1) - 1
-        ) // conv.stride[0] + 1
-        out_w = (
-            width + 2 * conv.padding[1] - conv.dilation[1] * (conv.kernel_size[1] - 1) - 1
-        ) // conv.stride[1] + 1
+        out_h = (height + 2 * padding[0] - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
+        out_w = (width + 2 * padding[1] - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
         return out_h * out_w
 
     def _input_columns(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -201,7 +205,7 @@ class Conv2dLayer(KroneckerLayer):
             return picked.reshape(inputs.shape[0], inputs.shape[1], -1)
         # (N, C·kh·kw, S), channel-major like weight.view(out, -1)
         return F.unfold(
-            inputs, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride
+            inputs, conv.kernel_size, dilation=conv.dilation, padding=self._padding, stride=conv.stride
         )
 
     def _output_columns(self, grad_output: torch.Tensor) -> torch.Tensor:
@@ -259,7 +263,7 @@ class BatchNormLayer:
         """Mean and biased variance per channel: the batch's in training mode (two passes, chunked,
         summed in ``factor_dtype``), else the running statistics."""
         bn = self.module
-        if not (bn.training or bn.running_mean is None):
+        if not bn.training and bn.running_mean is not None and bn.running_var is not None:
             return bn.running_mean.to(self.factor_dtype), bn.running_var.to(self.factor_dtype)
         cast = self._caster(inputs, narrow_products)
         per_sample = inputs[0].numel() * _element_bytes(self.factor_dtype)
@@ -315,11 +319,11 @@ class BatchNormLayer:
 
     def grad_matrix(self) -> torch.Tensor:
         bn = self.module
-        return torch.stack([bn.weight.grad, bn.bias.grad], dim=1).to(self.factor_dtype)  # (C, 2)
+        return torch.stack([_grad(bn.weight), _grad(bn.bias)], dim=1).to(self.factor_dtype)  # (C, 2)
 
     def set_grad_matrix(self, matrix: torch.Tensor) -> None:
-        self.module.weight.grad.copy_(matrix[:, 0])
-        self.module.bias.grad.copy_(matrix[:, 1])
+        _grad(self.module.weight).copy_(matrix[:, 0])
+        _grad(self.module.bias).copy_(matrix[:, 1])
 
     def precondition(self, inverses: dict, gradient: torch.Tensor) -> torch.Tensor:
         """(F_c + γI)⁻¹ g_c per channel, for the (C, 2) gradient of :meth:`grad_matrix` (full fp32 in ``KFAC``)."""
@@ -331,6 +335,12 @@ class BatchNormLayer:
         if takes_narrow_inputs(tensor, self.factor_dtype, narrow_products):
             return lambda chunk: chunk
         return lambda chunk: chunk.to(self.factor_dtype)
+
+
+def _grad(param: torch.Tensor | None) -> torch.Tensor:
+    """The gradient backward left on a registered layer's parameter (K-FAC runs after backward)."""
+    assert param is not None and param.grad is not None
+    return param.grad
 
 
 def _element_bytes(dtype: torch.dtype) -> int:

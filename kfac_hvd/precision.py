@@ -73,7 +73,7 @@ class _CuBLASPrecision:
         )
         torch._C._set_cublas_allow_tf32(self._tf32)  # both faces at once, nothing else
 
-    def __exit__(self, *exception) -> None:
+    def __exit__(self, *exception: object) -> None:
         legacy, cuda, mkldnn = self._saved
         torch._C._set_float32_matmul_precision(legacy)  # also sets the two per-backend values:
         torch._C._set_fp32_precision_setter("cuda", "matmul", cuda)

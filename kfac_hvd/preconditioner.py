@@ -21,33 +21,34 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from .assignment import DEFAULT_LOCAL_INVERSE_MAX_DIM, Assignment, assign_layers, inverted_everywhere
+from .assignment import Assignment, assign_layers, inverted_everywhere
 from .capture import FactorCapture
 from .comm import TrafficCounter, default_communicator, every_step_cost
+from .cost import layer_costs
 from .exchange import Arrived, FactorExchange, allgather_inverses
 from .factors import (
-    INVERSE_METHODS,
     TRIANGLES,
+    FactorStatistics,
     damping_shifts,
     diff_from_squares,
     factor_statistics,
     invert_all,
     kl_clip_scale,
-    packed_numel,
-    pi_from_diagonal_means,
     robust_damped_inverses,
     unpack,
 )
-from .layers import DEFAULT_UNFOLD_CHUNK_BYTES, Layer, make_layer
-from .precision import FACTOR_MATMUL_PRECISIONS, fp32_matmul_precision
-from .scheduler import IntervalScheduler
-from .state import load_kfac_state, save_kfac_state
+from .layers import Layer, make_layer
+from .options import KFACOptions
+from .precision import fp32_matmul_precision
+from .record import step_record
+from .scheduler import IntervalKeys, IntervalScheduler
+from .state import LayerState, held_bytes, load_kfac_state, save_kfac_state
 from .timing import PhaseTimer
 
 logger = logging.getLogger(__name__)
@@ -58,118 +59,50 @@ class KFAC:
     """Replaces each registered layer's ``.grad`` by its K-FAC preconditioned gradient on ``step()``.
 
     Call ``step`` after the gradients are averaged over ranks (``optimizer.synchronize()``) and before
-    the optimiser's own step; call ``skip_step`` instead when the optimiser skips the step. All options
-    are keyword-only; see the README for each one.
+    the optimiser's own step; call ``skip_step`` instead when the optimiser skips the step. The options
+    are a :class:`kfac_hvd.KFACOptions` (``options=``) or its fields as keywords.
     """
 
     def __init__(
-        self,
-        model: nn.Module,
-        *,
-        damping: float = 1e-3,
-        update_threshold: float | None = None,
-        update_interval: int = 1,
-        interval_policy: str = "modulo",
-        max_interval: int | None = None,
-        shrink_multiple: float | None = None,
-        separate_intervals: bool = False,
-        factor_decay: float | None = None,
-        kl_clip: float | None = None,
-        pi_damping: bool = True,
-        inverse_method: str = "cholesky",
-        batched_inversion: bool = True,
-        symmetric_comm: bool = True,
-        skip_layers: Sequence[str] = (),
-        include_batchnorm: bool = True,
-        factor_dtype: torch.dtype | None = None,
-        accumulation_steps: int = 1,
-        noise_aware_diff: bool = False,
-        local_inverse_max_dim: int = DEFAULT_LOCAL_INVERSE_MAX_DIM,
-        unfold_chunk_bytes: int = DEFAULT_UNFOLD_CHUNK_BYTES,
-        narrow_factor_products: bool = True,
-        factor_matmul_precision: str = "highest",
-        comm: Any = None,
+        self, model: nn.Module, *, comm: Any = None, options: KFACOptions | None = None, **option_values: Any
     ) -> None:
-        _check_options(
-            damping=damping,
-            factor_decay=factor_decay,
-            kl_clip=kl_clip,
-            inverse_method=inverse_method,
-            batched_inversion=batched_inversion,
-            accumulation_steps=accumulation_steps,
-            local_inverse_max_dim=local_inverse_max_dim,
-            unfold_chunk_bytes=unfold_chunk_bytes,
-            narrow_factor_products=narrow_factor_products,
-            factor_matmul_precision=factor_matmul_precision,
-        )
-        if isinstance(skip_layers, str):
-            skip_layers = (skip_layers,)
-        self.damping = damping
-        self.factor_decay = factor_decay
-        self.kl_clip = kl_clip
-        self.pi_damping = pi_damping
-        self.inverse_method = inverse_method
-        self.batched_inversion = batched_inversion
-        self.symmetric_comm = symmetric_comm
-        self.separate_intervals = separate_intervals
-        self.accumulation_steps = accumulation_steps
-        self.local_inverse_max_dim = local_inverse_max_dim
-        self.noise_aware_diff = noise_aware_diff
-
-        skip_patterns = [re.compile(pattern) for pattern in skip_layers]
-        self.layers: dict[str, Layer] = {}
-        for name, module in model.named_modules():
-            if any(pattern.search(name) for pattern in skip_patterns):
-                continue
-            layer = make_layer(name, module, include_batchnorm=include_batchnorm, factor_dtype=factor_dtype)
-            if layer is not None:
-                self.layers[name] = layer
-        if not self.layers:
-            raise ValueError("KFAC found no Linear, Conv2d or BatchNorm2d layer to precondition in the model")
-
+        if options is not None and option_values:
+            raise TypeError("KFAC takes options=KFACOptions(...) or the options as keywords, not both")
+        self.options = opts = options if options is not None else KFACOptions(**option_values)
+        self.layers: dict[str, Layer] = _register_layers(model, opts)
         self.comm = comm if comm is not None else default_communicator()
         self.local_layers = [
             name
             for name, layer in self.layers.items()
-            if inverted_everywhere(layer.factor_shapes(), local_inverse_max_dim)
+            if inverted_everywhere(layer.factor_shapes(), opts.local_inverse_max_dim)
         ]
         self._local = set(self.local_layers)
         self.assignment: Assignment = self.assign(self.comm.size)
-        self.scheduler = IntervalScheduler(
-            [key for name in self.layers for key in self._keys_of(name)],
-            update_threshold=update_threshold,
-            interval_policy=interval_policy,
-            max_interval=max_interval,
-            shrink_multiple=shrink_multiple,
-            initial_interval=update_interval,
-        )
+        kinds = {name: layer.factor_kinds for name, layer in self.layers.items()}
+        self.keys = IntervalKeys(kinds, separate=opts.separate_intervals)
+        self.scheduler = IntervalScheduler(self.keys.every(), opts.schedule)
         self.traffic = TrafficCounter(self.comm.size)
-        self._every_step_cost = every_step_cost(
+        self.layer_costs = layer_costs(
             self.layers.values(),
-            self.comm.size,
-            symmetric=symmetric_comm,
-            local_inverse_max_dim=local_inverse_max_dim,
+            symmetric=opts.symmetric_comm,
+            local_inverse_max_dim=opts.local_inverse_max_dim,
         )
+        self._every_step_cost = every_step_cost(self.layer_costs.values(), self.comm.size)
         self._transport_dtype = _promote(layer.factor_dtype for layer in self.layers.values())
         self.steps = 0
-        self.factors: dict[str, dict[str, torch.Tensor]] = {name: {} for name in self.layers}
-        self.previous: dict[str, dict[str, torch.Tensor]] = {name: {} for name in self.layers}
-        self.inverses: dict[str, dict[str, torch.Tensor]] = {name: {} for name in self.layers}
-        self.diagonal_means: dict[str, dict[str, float]] = {name: {} for name in self.layers}  # for π
-        # Estimated sampling noise E‖X − E X‖² of each X_pre (noise_aware_diff)
-        self.noise: dict[str, dict[str, float]] = {name: {} for name in self.layers}
-        self._rejected: set = set()  # layers whose averaged factors were non-finite on this step
+        self.layer_state: dict[str, LayerState] = {name: LayerState() for name in self.layers}
+        self._rejected: set[str] = set()  # layers whose averaged factors were non-finite on this step
         self.timer = PhaseTimer()
-        self.exchange = FactorExchange(self.comm, self.traffic, symmetric=symmetric_comm)
+        self.exchange = FactorExchange(self.comm, self.traffic, symmetric=opts.symmetric_comm)
         self.capture = FactorCapture(
             self.layers,
             on_final=self._factor_final,
             timer=self.timer,
-            accumulation_steps=accumulation_steps,
-            chunk_bytes=unfold_chunk_bytes,
-            split_halves=noise_aware_diff,
-            narrow_products=narrow_factor_products,
-            matmul_precision=factor_matmul_precision,
+            accumulation_steps=opts.accumulation_steps,
+            chunk_bytes=opts.unfold_chunk_bytes,
+            split_halves=opts.noise_aware_diff,
+            narrow_products=opts.narrow_factor_products,
+            matmul_precision=opts.factor_matmul_precision,
         )
         self._arm(1)
 
@@ -177,6 +110,19 @@ class KFAC:
     @property
     def layer_names(self) -> list[str]:
         return list(self.layers)
+
+    @property
+    def factors(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The factors by layer and kind (like ``previous`` and ``inverses``, a view of ``layer_state``)."""
+        return {name: state.factors for name, state in self.layer_state.items()}
+
+    @property
+    def previous(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {name: state.previous for name, state in self.layer_state.items()}
+
+    @property
+    def inverses(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {name: state.inverses for name, state in self.layer_state.items()}
 
     def inversion_costs(self) -> dict[str, float]:
         return {name: layer.inversion_cost() for name, layer in self.layers.items()}
@@ -207,8 +153,8 @@ class KFAC:
         """Bytes this rank holds for K-FAC, by category (tensors shared between categories counted once)."""
         seen: set = set()
         sizes = {
-            "factors": _bytes(seen, self.factors, self.previous),
-            "inverses": _bytes(seen, self.inverses),
+            "factors": held_bytes(self.layer_state.values(), ("factors", "previous"), seen),
+            "inverses": held_bytes(self.layer_state.values(), ("inverses",), seen),
             "capture_buffers": self.capture.buffer_bytes(),
             "communication_buffers": self.exchange.buffer_bytes(),
             "caches": TRIANGLES.nbytes(),
@@ -227,7 +173,7 @@ class KFAC:
         scale, a float or a 0-d tensor); the gradient-side factors are divided by its square. The
         gradients themselves must already be unscaled (``scaler.unscale_(optimizer)``).
         """
-        if self.kl_clip is not None and lr is None:
+        if self.options.kl_clip is not None and lr is None:
             raise ValueError("kfac.step(lr=...) is required when kl_clip is set")
         step = self.steps + 1
         due = self._due
@@ -259,9 +205,9 @@ class KFAC:
         numerics = {}
         if check_factors:
             entries = [(factor, None) for kinds in arrived.values() for factor in kinds.values()]
-            sums = iter(row[0] for row in self._statistics(entries))
+            totals = iter(statistics.total for statistics in self._statistics(entries))
             for name, kinds in arrived.items():
-                if not all([math.isfinite(next(sums)) for _ in kinds]):
+                if not all([math.isfinite(next(totals)) for _ in kinds]):
                     numerics[name] = NON_FINITE
         return self._finish(step, due, {}, numerics, None, skipped=True)
 
@@ -281,7 +227,7 @@ class KFAC:
         self.timer.fold_finished()
         for name, event in numerics.items():
             logger.warning("K-FAC step %d, layer '%s': %s", step, name, event)
-        record = self._record(step, due, diffs, kl_scale)
+        record = step_record(self, step, due, diffs, kl_scale)
         record.update(numerics=numerics, skipped=skipped, factor_allreduces_started=started)
         return record
 
@@ -318,83 +264,74 @@ class KFAC:
         Returns the diffs and the keys whose intervals rank 0 decided (every rank adopts rank 0's).
         """
         if loss_scale is not None:
-            for kinds in arrived.values():
-                for kind, factor in kinds.items():
-                    if kind != "A":
-                        factor.values.div_(loss_scale**2)
-                        if factor.noise is not None:  # a squared norm of G-sized differences
-                            factor.noise = factor.noise / loss_scale**4
+            _unscale(arrived, loss_scale)
         order = [(name, kind) for name, kinds in arrived.items() for kind in kinds]
         statistics = self._statistics(
-            [(arrived[name][kind], self.previous[name].get(kind)) for name, kind in order]
+            [(arrived[name][kind], self.layer_state[name].previous.get(kind)) for name, kind in order]
         )
-        rows: dict[str, dict[str, list[float]]] = {}
-        for (name, kind), row in zip(order, statistics):
-            rows.setdefault(name, {})[kind] = row
+        by_layer: dict[str, dict[str, FactorStatistics]] = {}
+        for (name, kind), numbers in zip(order, statistics):
+            by_layer.setdefault(name, {})[kind] = numbers
         diffs: dict[str, dict[str, float]] = {}
         due_keys: list[str] = []
-        for name in (name for name in self.layers if name in rows):
-            kinds = rows[name]
-            keys = [key for key in self._keys_of(name) if set(self._kinds_of_key(name, key)) <= set(kinds)]
+        for name in (name for name in self.layers if name in by_layer):
+            kinds = by_layer[name]
+            keys = [key for key in self.keys.of(name) if set(self.keys.kinds_of(name, key)) <= set(kinds)]
             due_keys += keys
-            if not all(math.isfinite(row[0]) for row in kinds.values()):
+            if not all(math.isfinite(factor.total) for factor in kinds.values()):
                 numerics[name] = NON_FINITE
                 self._rejected.add(name)
                 if self.scheduler.adaptive:
                     for key in keys:
                         self.scheduler.set_interval(key, 1)
                 continue
-            for kind, (_, change_sq, previous_sq, diagonal_mean, noise) in kinds.items():
-                # The ranks' mean of their local noise estimates, scaled to the mean of P local factors.
-                noise /= self.comm.size
-                if kind in self.previous[name]:
-                    layer_diffs = diffs.setdefault(name, {})
-                    layer_diffs[kind] = diff_from_squares(change_sq, previous_sq)
-                    if self.noise_aware_diff:
-                        # E‖X − X_pre‖² = drift² + Var(X) + Var(X_pre): what is left is the drift.
-                        layer_diffs[f"raw_{kind}"] = layer_diffs[kind]
-                        drift_sq = change_sq - noise - self.noise[name].get(kind, 0.0)
-                        layer_diffs[kind] = diff_from_squares(max(drift_sq, 0.0), previous_sq)
-                self._store_factor(name, kind, arrived[name][kind], diagonal_mean)
-                self.noise[name][kind] = noise
+            layer_diffs = self._diffs(name, kinds)
+            if layer_diffs:
+                diffs[name] = layer_diffs
+            state = self.layer_state[name]
+            for kind, factor in kinds.items():
+                fresh = self._unpack_into_previous(state, kind, arrived[name][kind])
+                state.adopt(kind, fresh, factor.diagonal_mean, factor.noise, self.options.factor_decay)
             for key in keys:
-                layer_diffs = [
-                    diffs[name][kind] for kind in self._kinds_of_key(name, key) if kind in diffs.get(name, {})
-                ]
-                self.scheduler.record(key, step, max(layer_diffs) if layer_diffs else None)
+                found = [layer_diffs[kind] for kind in self.keys.kinds_of(name, key) if kind in layer_diffs]
+                self.scheduler.record(key, step, max(found) if found else None)
         return diffs, due_keys
 
-    def _store_factor(self, name: str, kind: str, arrived: Arrived, diagonal_mean: float) -> None:
-        """The fresh factor becomes X_pre (unpacked in place when the storage exists); with
-        factor_decay the running average follows it."""
-        previous = self.previous[name].get(kind)
-        if arrived.transported:
-            fresh = unpack(arrived.values, arrived.shape, self.symmetric_comm, out=previous)
-        else:
-            fresh = arrived.values
-        self.previous[name][kind] = fresh
-        running = self.factors[name].get(kind)
-        if self.factor_decay is None:
-            self.factors[name][kind] = fresh
-            self.diagonal_means[name][kind] = diagonal_mean
-        elif running is None:
-            self.factors[name][kind] = fresh.clone()  # X_pre is overwritten in place on the next update
-            self.diagonal_means[name][kind] = diagonal_mean
-        else:
-            running.mul_(self.factor_decay).add_(fresh, alpha=1 - self.factor_decay)
-            old = self.diagonal_means[name][kind]
-            self.diagonal_means[name][kind] = (
-                self.factor_decay * old + (1 - self.factor_decay) * diagonal_mean
-            )
+    def _diffs(self, name: str, kinds: dict[str, FactorStatistics]) -> dict[str, float]:
+        """Diff(X, X_pre) of each factor that has an X_pre; with noise_aware_diff, of the drift alone
+        (and the raw Diff as ``raw_<kind>``)."""
+        state = self.layer_state[name]
+        diffs: dict[str, float] = {}
+        for kind, factor in kinds.items():
+            if kind not in state.previous:
+                continue
+            diffs[kind] = diff_from_squares(factor.change_sq, factor.previous_sq)
+            if self.options.noise_aware_diff:
+                # E‖X − X_pre‖² = drift² + Var(X) + Var(X_pre): what is left is the drift.
+                diffs[f"raw_{kind}"] = diffs[kind]
+                drift_sq = factor.change_sq - factor.noise - state.noise.get(kind, 0.0)
+                diffs[kind] = diff_from_squares(max(drift_sq, 0.0), factor.previous_sq)
+        return diffs
 
-    def _statistics(self, entries: Sequence[tuple[Arrived, torch.Tensor | None]]) -> list[list[float]]:
+    def _unpack_into_previous(self, state: LayerState, kind: str, arrived: Arrived) -> torch.Tensor:
+        """The fresh factor as a full matrix: unpacked in place into X_pre's storage when it exists."""
+        if not arrived.transported:
+            return arrived.values
+        return unpack(
+            arrived.values, arrived.shape, self.options.symmetric_comm, out=state.previous.get(kind)
+        )
+
+    def _statistics(self, entries: Sequence[tuple[Arrived, torch.Tensor | None]]) -> list[FactorStatistics]:
         """:func:`factor_statistics` of arrived factors (packed triangles, flat or full), one host read."""
         views = []
         for arrived, previous in entries:
-            triangles = arrived.transported and self.symmetric_comm
+            triangles = arrived.transported and self.options.symmetric_comm
             values = arrived.values if triangles else arrived.values.view(arrived.shape)
             views.append((values, arrived.shape, triangles, previous, arrived.noise))
-        return factor_statistics(views)
+        # The ranks' mean of their local noise estimates, scaled to the mean of P local factors.
+        return [
+            numbers._replace(noise=numbers.noise / self.comm.size) for numbers in factor_statistics(views)
+        ]
 
     def _invert(
         self, due: dict[str, list[str]], numerics: dict[str, str]
@@ -409,12 +346,14 @@ class KFAC:
                 continue
             if name in self._rejected:
                 continue
-            jobs[name] = {kind: self.factors[name][kind] for kind in kinds}
-            shifts[name] = damping_shifts(kinds, self.damping, self._pi(name))
-        inverses, failed = invert_all(jobs, shifts, self.inverse_method, batched=self.batched_inversion)
+            jobs[name] = {kind: self.layer_state[name].factors[kind] for kind in kinds}
+            shifts[name] = damping_shifts(kinds, self.options.damping, self._pi(name))
+        inverses, failed = invert_all(
+            jobs, shifts, self.options.inverse_method, batched=self.options.batched_inversion
+        )
         for name in failed:
             result, event = robust_damped_inverses(
-                jobs[name], self.damping, pi=self._pi(name), method=self.inverse_method
+                jobs[name], self.options.damping, pi=self._pi(name), method=self.options.inverse_method
             )
             numerics[name] = event if result is not None else event + ", previous inverse kept"
             if result is not None:
@@ -422,7 +361,7 @@ class KFAC:
         mine: dict[tuple[str, str], torch.Tensor] = {}
         for name, kinds in due.items():
             if name in self._local:
-                self.inverses[name].update(inverses.get(name, {}))
+                self.layer_state[name].inverses.update(inverses.get(name, {}))
             elif self.assignment.owner[name] == rank:
                 for kind in kinds:
                     mine[(name, kind)] = (
@@ -435,7 +374,7 @@ class KFAC:
     ) -> None:
         """One allgather: every owner's inverses, and rank 0's intervals for the due keys."""
         for (name, kind), inverse in mine.items():
-            self.inverses[name][kind] = inverse
+            self.layer_state[name].inverses[kind] = inverse
         if self.comm.size == 1:
             return
         layout: list[list[tuple[str, str, tuple[int, ...]]]] = [[] for _ in range(self.comm.size)]
@@ -454,7 +393,7 @@ class KFAC:
             mine=mine,
             control=control,
             control_count=control_count,
-            symmetric=self.symmetric_comm,
+            symmetric=self.options.symmetric_comm,
             dtype=self._transport_dtype,
             device=self._device(),
         )
@@ -462,27 +401,25 @@ class KFAC:
             if (name, kind) in mine:
                 continue
             shape, dtype = self.layers[name].factor_shapes()[kind], self.layers[name].factor_dtype
-            held = self.inverses[name].get(kind)
+            held = self.layer_state[name].inverses.get(kind)
             if held is None or held.dtype != dtype or not held.is_contiguous():
-                held = self.inverses[name][kind] = torch.empty(shape, dtype=dtype, device=values.device)
-            unpack(values.to(dtype), shape, self.symmetric_comm, out=held)  # in place: no second copy
+                held = torch.empty(shape, dtype=dtype, device=values.device)
+                self.layer_state[name].inverses[kind] = held
+            unpack(values.to(dtype), shape, self.options.symmetric_comm, out=held)  # in place: no second copy
         # Ranks may round the averaged factors differently (MPI allreduce does not promise bitwise
         # equality), so rank 0's intervals are the ones every rank keeps.
         for key, interval in zip(due_keys, intervals):
             self.scheduler.set_interval(key, int(interval))
 
     def _held_inverse(self, name: str, kind: str) -> torch.Tensor:
-        if kind in self.inverses[name]:
-            return self.inverses[name][kind]
+        if kind in self.layer_state[name].inverses:
+            return self.layer_state[name].inverses[kind]
         shape = self.layers[name].factor_shapes()[kind]
         eye = torch.eye(shape[-1], dtype=self.layers[name].factor_dtype, device=self._device())
         return eye.expand(shape).clone()  # no inverse yet: this layer's gradient passes unchanged
 
     def _pi(self, name: str) -> float:
-        means = self.diagonal_means[name]
-        if not self.pi_damping or "A" not in means or "G" not in means:
-            return 1.0
-        return pi_from_diagonal_means(means["A"], means["G"])
+        return self.layer_state[name].pi() if self.options.pi_damping else 1.0
 
     def _precondition(self, lr: float | None) -> torch.Tensor | None:
         gradients: dict[str, torch.Tensor] = {}
@@ -492,74 +429,23 @@ class KFAC:
         # would change the update far more than the factors (README, "factor_matmul_precision").
         with fp32_matmul_precision(self._device(), "highest"):
             for name, layer in self.layers.items():
-                if layer.module.weight.grad is None or len(self.inverses[name]) < len(layer.factor_kinds):
+                inverses = self.layer_state[name].inverses
+                if layer.module.weight.grad is None or len(inverses) < len(layer.factor_kinds):
                     continue  # no part in this step's loss, or never inverted: the plain gradient stays
                 gradients[name] = layer.grad_matrix()
-                updates[name] = layer.precondition(self.inverses[name], gradients[name])
-            if self.kl_clip is not None and updates:
-                scale = kl_clip_scale(updates, gradients, self.kl_clip, lr)
+                updates[name] = layer.precondition(inverses, gradients[name])
+            if self.options.kl_clip is not None and lr is not None and updates:  # step() checked lr
+                scale = kl_clip_scale(updates, gradients, self.options.kl_clip, lr)
         for name, update in updates.items():
             self.layers[name].set_grad_matrix(update * scale if scale is not None else update)
         return scale
 
-    # Schedule helpers ---------------------------------------------------------------------------
-    def _keys_of(self, name: str) -> list[str]:
-        if self.separate_intervals:
-            return [f"{name}:{kind}" for kind in self.layers[name].factor_kinds]
-        return [name]
-
-    def _kinds_of_key(self, name: str, key: str) -> list[str]:
-        return [key.rsplit(":", 1)[1]] if self.separate_intervals else list(self.layers[name].factor_kinds)
-
-    def _due_kinds(self, step: int) -> dict[str, list[str]]:
-        due: dict[str, list[str]] = {}
-        for name in self.layers:
-            kinds = [
-                kind
-                for key in self._keys_of(name)
-                if self.scheduler.is_due(key, step)
-                for kind in self._kinds_of_key(name, key)
-            ]
-            if kinds:
-                due[name] = kinds
-        return due
-
     def _arm(self, step: int) -> None:
-        self._due = self._due_kinds(step)
-        self.capture.arm(self._due)
+        self._due = self.keys.due(self.scheduler, step)
+        self.capture.arm({name: kinds for name, kinds in self._due.items()})
 
     def _device(self) -> torch.device:
         return next(iter(self.layers.values())).module.weight.device
-
-    # Accounting ---------------------------------------------------------------------------------
-    def _record(
-        self,
-        step: int,
-        due: dict[str, list[str]],
-        diffs: dict[str, dict[str, float]],
-        kl_scale: torch.Tensor | None,
-    ) -> dict[str, Any]:
-        layers = {}
-        for name in self.layers:
-            intervals = [self.scheduler.interval[key] for key in self._keys_of(name)]
-            entry: dict[str, Any] = {"due": name in due, "interval": min(intervals)}
-            if self.separate_intervals:
-                entry["intervals"] = dict(zip(self.layers[name].factor_kinds, intervals))
-            for kind in self.layers[name].factor_kinds:
-                entry[f"diff_{kind}"] = diffs.get(name, {}).get(kind)
-                if self.noise_aware_diff:
-                    entry[f"raw_diff_{kind}"] = diffs.get(name, {}).get(f"raw_{kind}")
-            entry["payload_bytes"] = self._step_payload(name, due.get(name, []))
-            layers[name] = entry
-        return {"step": step, "layers": layers, "kl_scale": kl_scale, "mean_interval": self.mean_interval()}
-
-    def _step_payload(self, name: str, kinds: list[str]) -> int:
-        if self.comm.size == 1:
-            return 0
-        shapes = self.layers[name].factor_shapes()
-        element = torch.finfo(self.layers[name].factor_dtype).bits // 8
-        messages = 1 if name in self._local else 2  # factor allreduce (+ inverse allgather)
-        return sum(messages * packed_numel(shapes[kind], self.symmetric_comm) * element for kind in kinds)
 
     # State --------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -571,59 +457,34 @@ class KFAC:
         self._arm(self.steps + 1)
 
 
-def _check_options(
-    *,
-    damping: float,
-    factor_decay: float | None,
-    kl_clip: float | None,
-    inverse_method: str,
-    batched_inversion: bool,
-    accumulation_steps: int,
-    local_inverse_max_dim: int,
-    unfold_chunk_bytes: int,
-    narrow_factor_products: bool,
-    factor_matmul_precision: str,
-) -> None:
-    if not damping > 0:
-        raise ValueError(f"damping must be > 0, got {damping!r}")
-    if factor_decay is not None and not 0 <= factor_decay < 1:
-        raise ValueError(f"factor_decay must be in [0, 1) or None, got {factor_decay!r}")
-    if kl_clip is not None and not kl_clip > 0:
-        raise ValueError(f"kl_clip must be > 0 or None, got {kl_clip!r}")
-    if inverse_method not in INVERSE_METHODS:
-        raise ValueError(f"inverse_method must be one of {INVERSE_METHODS}, got {inverse_method!r}")
-    if factor_matmul_precision not in tuple(FACTOR_MATMUL_PRECISIONS):  # a list is refused, not unhashable
-        raise ValueError(
-            f"factor_matmul_precision must be one of {tuple(FACTOR_MATMUL_PRECISIONS)}, "
-            f"got {factor_matmul_precision!r}"
+def _register_layers(model: nn.Module, options: KFACOptions) -> dict[str, Layer]:
+    skip_patterns = [re.compile(pattern) for pattern in options.skip_layers]
+    layers: dict[str, Layer] = {}
+    for name, module in model.named_modules():
+        if any(pattern.search(name) for pattern in skip_patterns):
+            continue
+        layer = make_layer(
+            name, module, include_batchnorm=options.include_batchnorm, factor_dtype=options.factor_dtype
         )
-    if not isinstance(narrow_factor_products, bool):
-        raise ValueError(f"narrow_factor_products must be True or False, got {narrow_factor_products!r}")
-    if not isinstance(batched_inversion, bool):
-        raise ValueError(f"batched_inversion must be True or False, got {batched_inversion!r}")
-    for option, value, least in (
-        ("accumulation_steps", accumulation_steps, 1),
-        ("local_inverse_max_dim", local_inverse_max_dim, 0),
-        ("unfold_chunk_bytes", unfold_chunk_bytes, 1),
-    ):
-        if not (isinstance(value, int) and not isinstance(value, bool) and value >= least):
-            raise ValueError(f"{option} must be an int >= {least}, got {value!r}")
+        if layer is not None:
+            layers[name] = layer
+    if not layers:
+        raise ValueError("KFAC found no Linear, Conv2d or BatchNorm2d layer to precondition in the model")
+    return layers
 
 
-def _promote(dtypes) -> torch.dtype:
+def _unscale(arrived: dict[str, dict[str, Arrived]], loss_scale: Any) -> None:
+    """Divide the loss scale out of the gradient-side factors (they carry its square)."""
+    for kinds in arrived.values():
+        for kind, factor in kinds.items():
+            if kind != "A":
+                factor.values.div_(loss_scale**2)
+                if factor.noise is not None:  # a squared norm of G-sized differences
+                    factor.noise = factor.noise / loss_scale**4
+
+
+def _promote(dtypes: Iterable[torch.dtype]) -> torch.dtype:
     result = torch.float32
     for dtype in dtypes:
         result = torch.promote_types(result, dtype)
     return result
-
-
-def _bytes(seen: set, *groups: dict[str, dict[str, torch.Tensor]]) -> int:
-    total = 0
-    for group in groups:
-        for kinds in group.values():
-            for tensor in kinds.values():
-                storage = tensor.untyped_storage()
-                if storage.data_ptr() not in seen:
-                    seen.add(storage.data_ptr())
-                    total += storage.nbytes()
-    return total

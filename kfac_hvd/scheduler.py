@@ -19,15 +19,17 @@ turns diffs into intervals.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 POLICIES = ("modulo", "since_last")
 
 
-@dataclass
-class IntervalScheduler:
-    """Decides on which optimiser steps each key's factors are recomputed.
+@dataclass(frozen=True, kw_only=True)
+class ScheduleOptions:
+    """Algorithm 1's knobs. Their bounds and docs live in :class:`kfac_hvd.KFACOptions`, which checks
+    them; its ``schedule`` property gives this part of them.
 
     update_threshold: λ. ``None`` means every key is due on every step (plain K-FAC).
     interval_policy: ``"modulo"`` (the paper: due when t mod interval == 0) or ``"since_last"``
@@ -40,41 +42,38 @@ class IntervalScheduler:
         ``initial_interval`` steps after the last update (``since_last``).
     """
 
-    keys: list[str]
     update_threshold: float | None = None
     interval_policy: str = "modulo"
     max_interval: int | None = None
     shrink_multiple: float | None = None
     initial_interval: int = 1
-    interval: dict[str, int] = field(default_factory=dict)
-    last_update: dict[str, int] = field(default_factory=dict)
 
-    def __post_init__(self) -> None:
-        if self.interval_policy not in POLICIES:
-            raise ValueError(f"interval_policy must be one of {POLICIES}, got {self.interval_policy!r}")
-        if self.update_threshold is not None and not self.update_threshold > 0:
-            raise ValueError(f"update_threshold must be > 0 or None, got {self.update_threshold!r}")
-        if self.max_interval is not None and self.max_interval < 1:
-            raise ValueError(f"max_interval must be >= 1 or None, got {self.max_interval!r}")
-        if self.shrink_multiple is not None and not self.shrink_multiple > 1:
-            raise ValueError(f"shrink_multiple must be > 1 or None, got {self.shrink_multiple!r}")
-        if self.initial_interval < 1:
-            raise ValueError(f"the initial/fixed interval must be >= 1, got {self.initial_interval!r}")
-        self.keys = list(self.keys)
-        for key in self.keys:
-            self.interval.setdefault(key, self.initial_interval)
-            self.last_update.setdefault(key, 0)
+
+class IntervalScheduler:
+    """Decides on which optimiser steps each key's factors are recomputed.
+
+    ``IntervalScheduler(keys, options)`` or ``IntervalScheduler(keys, update_threshold=...)``: the
+    options as a :class:`ScheduleOptions` or as its fields.
+    """
+
+    def __init__(self, keys: Iterable[str], options: ScheduleOptions | None = None, **values: Any) -> None:
+        if options is not None and values:
+            raise TypeError("IntervalScheduler takes a ScheduleOptions or its fields, not both")
+        self.options = options if options is not None else ScheduleOptions(**values)
+        self.keys = list(keys)
+        self.interval: dict[str, int] = dict.fromkeys(self.keys, self.options.initial_interval)
+        self.last_update: dict[str, int] = dict.fromkeys(self.keys, 0)
 
     @property
     def adaptive(self) -> bool:
-        return self.update_threshold is not None
+        return self.options.update_threshold is not None
 
     def is_due(self, key: str, step: int) -> bool:
         """Whether ``key``'s factors are computed and communicated on optimiser step ``step`` (from 1)."""
         if step == 1:
             return True
         interval = self.interval[key]
-        if self.interval_policy == "modulo":
+        if self.options.interval_policy == "modulo":
             return step % interval == 0
         return step - self.last_update[key] >= interval
 
@@ -84,20 +83,22 @@ class IntervalScheduler:
         Returns the key's interval for the steps that follow.
         """
         self.last_update[key] = step
-        if diff is None or not self.adaptive:
+        options, threshold = self.options, self.options.update_threshold
+        if diff is None or threshold is None:
             return self.interval[key]
         interval = self.interval[key]
-        if diff < self.update_threshold:
+        if diff < threshold:  # Algorithm 1: the factors barely moved, so wait one step longer
             interval += 1
-        elif self.shrink_multiple is not None and diff >= self.shrink_multiple * self.update_threshold:
+        elif options.shrink_multiple is not None and diff >= options.shrink_multiple * threshold:
             interval = max(1, interval // 2)
-        if self.max_interval is not None:
-            interval = min(interval, self.max_interval)
+        if options.max_interval is not None:
+            interval = min(interval, options.max_interval)
         self.interval[key] = interval
         return interval
 
     def set_interval(self, key: str, interval: int) -> None:
-        """Adopt a decision taken elsewhere (rank 0's, broadcast so that all ranks agree)."""
+        """Adopt a decision taken elsewhere (rank 0's, allgathered with the inverses so that all ranks
+        agree)."""
         self.interval[key] = int(interval)
 
     def state_dict(self) -> dict:
@@ -109,6 +110,38 @@ class IntervalScheduler:
             raise ValueError(f"scheduler state names keys this model does not have: {sorted(unknown)[:3]}")
         self.interval.update({k: int(v) for k, v in state["interval"].items()})
         self.last_update.update({k: int(v) for k, v in state["last_update"].items()})
+
+
+class IntervalKeys:
+    """The keys of each layer's factors: the layer's name, or "layer:kind" for each kind when the
+    factors keep separate intervals."""
+
+    def __init__(self, kinds: Mapping[str, Sequence[str]], *, separate: bool) -> None:
+        self.kinds = {name: list(layer_kinds) for name, layer_kinds in kinds.items()}
+        self.separate = separate
+
+    def of(self, name: str) -> list[str]:
+        return [f"{name}:{kind}" for kind in self.kinds[name]] if self.separate else [name]
+
+    def kinds_of(self, name: str, key: str) -> list[str]:
+        return [key.rsplit(":", 1)[1]] if self.separate else list(self.kinds[name])
+
+    def every(self) -> list[str]:
+        return [key for name in self.kinds for key in self.of(name)]
+
+    def due(self, scheduler: IntervalScheduler, step: int) -> dict[str, list[str]]:
+        """The due kinds of each layer on ``step`` (layers with none left out)."""
+        due: dict[str, list[str]] = {}
+        for name in self.kinds:
+            kinds = [
+                kind
+                for key in self.of(name)
+                if scheduler.is_due(key, step)
+                for kind in self.kinds_of(name, key)
+            ]
+            if kinds:
+                due[name] = kinds
+        return due
 
 
 def due_steps(scheduler: IntervalScheduler, key: str, diffs: Iterable[float | None]) -> list[int]:

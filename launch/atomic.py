@@ -7,7 +7,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
-from typing import Any
+from typing import IO, Any, cast
 
 import torch
 
@@ -19,7 +19,7 @@ class _HashingWriter:
         self.fh, self.sha, self.size = fh, hashlib.sha256(), 0
         self.error: OSError | None = None  # torch.save reports a failed write as a RuntimeError
 
-    def write(self, data) -> int:
+    def write(self, data: bytes) -> int:
         self.sha.update(data)
         self.size += len(data)
         try:
@@ -78,7 +78,7 @@ def atomic_save(obj: Any, path: str) -> dict[str, Any]:
     def write(fh):
         hashing = _HashingWriter(fh)
         try:
-            torch.save(obj, hashing)
+            torch.save(obj, cast(IO[bytes], hashing))  # torch.save needs only write() and flush()
         except RuntimeError:
             if hashing.error is not None:
                 raise hashing.error from None  # disk full, quota: the system's reason, not torch's

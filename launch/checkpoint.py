@@ -41,13 +41,16 @@ import random
 import re
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from .atomic import atomic_save, atomic_write, link_last
 from .reliability import storage_problem
+
+if TYPE_CHECKING:
+    from kfac_hvd import KFAC
 
 FORMAT = 2  # 2: RNG states as tensors and numbers (loadable with weights_only=True)
 MANIFEST = "checkpoints.json"
@@ -85,7 +88,9 @@ def plain_rng_states(numpy_state: tuple, python_state: tuple) -> dict[str, Any]:
 
 def rng_state() -> dict[str, Any]:
     """This process's RNG states as tensors and plain numbers (what ``weights_only`` loading accepts)."""
-    state = {"torch": torch.get_rng_state(), **plain_rng_states(np.random.get_state(), random.getstate())}
+    numpy_state = np.random.get_state(legacy=True)
+    assert isinstance(numpy_state, tuple)  # the global generator is MT19937, whose legacy state is a tuple
+    state = {"torch": torch.get_rng_state(), **plain_rng_states(numpy_state, random.getstate())}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -151,7 +156,7 @@ def _set_aside(folder: str, files: dict[str, int], known: list[dict[str, Any]], 
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
     target = os.path.join(folder, SUPERSEDED, stamp)
     moved, deleted = [], []
-    for name in sorted(files, key=files.get):
+    for name in sorted(files, key=lambda name: files[name]):
         path, entry = os.path.join(folder, name), entries.get(name)
         if entry is not None and "bytes" in entry and os.path.getsize(path) != entry["bytes"]:
             os.unlink(path)
@@ -234,12 +239,12 @@ class StorageError(Exception):
 
 
 def save_checkpoint(
-    hvd,
+    hvd: Any,
     folder: str,
     *,
-    model,
-    optimizer,
-    kfac,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    kfac: KFAC | None,
     epoch: int,
     step: int,
     batch_in_epoch: int,
@@ -289,16 +294,6 @@ def save_checkpoint(
 # --------------------------------------------------------------------------------------------------
 # Reading
 # --------------------------------------------------------------------------------------------------
-def resolve_resume(resume: str | None, ckpt_dir: str) -> str | None:
-    """'auto' -> <dir>/last.pt when it exists (else None); a path -> itself."""
-    if not resume:
-        return None
-    if resume == "auto":
-        path = os.path.join(ckpt_dir, LAST)
-        return path if os.path.isfile(path) else None
-    return resume
-
-
 def resume_candidates(resume: str | None, ckpt_dir: str) -> list[str]:
     """Files to try in order: an explicit file alone; for 'auto', every checkpoint in ``ckpt_dir``
     newest first (``last.pt`` last, when it is not one of them: a folder of an older layout)."""
@@ -418,7 +413,7 @@ def _read_verified(
 
 
 def load_checkpoint(
-    hvd, candidates: list[str], trust_unlisted: bool = False, beat: Callable[[str], None] | None = None
+    hvd: Any, candidates: list[str], trust_unlisted: bool = False, beat: Callable[[str], None] | None = None
 ) -> tuple[str, dict[str, Any]]:
     """Collective: rank 0 picks the first usable file of ``candidates`` and broadcasts its content.
 
@@ -448,11 +443,12 @@ def load_checkpoint(
         payload = broadcast_bytes(hvd, payload, beat=beat)
         if hvd.rank() != 0:
             state = _load_bytes(payload)
+    assert state is not None  # read on rank 0, received by the others; else CheckpointError above
     return chosen, state
 
 
 def broadcast_bytes(
-    hvd, payload: bytes | None, chunk: int = 1 << 27, beat: Callable[[str], None] | None = None
+    hvd: Any, payload: bytes | None, chunk: int = 1 << 27, beat: Callable[[str], None] | None = None
 ) -> bytes:
     """Rank 0's ``payload`` on every rank, sent in chunks of ``chunk`` bytes.
 
@@ -460,10 +456,9 @@ def broadcast_bytes(
     layers); single messages that large overflow MPI's int32 counts, so it travels in pieces.
     """
     root = hvd.rank() == 0
-    n = hvd.broadcast_object(len(payload) if root else None, root_rank=0, name="ckpt.size")
-    buf = (
-        torch.frombuffer(bytearray(payload), dtype=torch.uint8) if root else torch.empty(n, dtype=torch.uint8)
-    )
+    mine = payload if payload is not None else b""  # only rank 0's is read
+    n = hvd.broadcast_object(len(mine) if root else None, root_rank=0, name="ckpt.size")
+    buf = torch.frombuffer(bytearray(mine), dtype=torch.uint8) if root else torch.empty(n, dtype=torch.uint8)
     for i, start in enumerate(range(0, n, chunk)):
         if beat is not None:
             beat(f"receiving the checkpoint (byte {start} of {n})")
@@ -471,10 +466,18 @@ def broadcast_bytes(
         received = hvd.broadcast(part, root_rank=0, name=f"ckpt.chunk.{i}")
         if not root:
             part.copy_(received)
-    return payload if root else buf.numpy().tobytes()
+    return mine if root else buf.numpy().tobytes()
 
 
-def restore(ckpt: dict[str, Any], hvd, *, model, optimizer, kfac, seed: int) -> None:
+def restore(
+    ckpt: dict[str, Any],
+    hvd: Any,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    kfac: KFAC | None,
+    seed: int,
+) -> None:
     """Load model/optimiser/K-FAC state and this rank's RNG state and buffers from a checkpoint.
 
     Raises ValueError (the same on every rank) when the checkpoint does not fit this run.

@@ -7,27 +7,28 @@ value is parsed as YAML (``null``, ``0.25``, ``[30, 60]``, ``true``); a key give
 error. Files and overrides are read with the YAML 1.2 core schema (:mod:`launch.yaml12`: ``010`` is 10,
 ``1:30`` and ``yes`` are strings).
 
-Every leaf key is declared in :data:`launch.schema.SCHEMA` with its type, default and allowed range.  Any problem
-(unknown key, wrong type, value out of range, inconsistent combination) raises :class:`ConfigError`,
-whose message is one line naming the file (or ``command line``) that set the offending key.
+Every key is a field of one section's pydantic model in :mod:`launch.schema`, with its type, default and
+allowed range. Any problem (unknown key, wrong type, value out of range, inconsistent combination)
+raises :class:`ConfigError`, whose message is one line naming the file (or ``command line``) that set
+the offending key and what the key accepts.
 """
 
 from __future__ import annotations
 
-import copy
-import math
+import difflib
 import os
-import re
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any
 
 import yaml
+from pydantic import Field, ValidationError
+
+from .kfac_section import config_key
 
 # The schema lives in its own module; its names are re-exported here for callers of launch.config.
-from .schema import FASHION_FILES, KNOWN_TRAIN_SIZES, SCHEMA, SECTIONS, Spec, keys_markdown  # noqa: F401
-from .yaml12 import Yaml12Loader, load_scalar_or_flow
+from .schema import FASHION_FILES, KNOWN_TRAIN_SIZES, SCHEMA, SECTIONS, Sections, accepts, keys_markdown  # noqa: F401
+from .yaml12 import UniqueKeyLoader, load_scalar_or_flow
 
-DEFAULTS_SOURCE = "defaults"
 CLI_SOURCE = "command line"
 
 
@@ -40,31 +41,12 @@ class ConfigError(Exception):
         super().__init__(f"config error: {where}: {message}")
 
 
-# --------------------------------------------------------------------------------------------------
-# Config object
-# --------------------------------------------------------------------------------------------------
-class Section(dict):
-    """A dict whose keys also read as attributes (``cfg.kfac.damping``)."""
+class Config(Sections):
+    """A resolved config: the typed sections (``cfg.optim.lr``) and where each value came from."""
 
-    def __getattr__(self, name):
-        try:
-            return self[name]
-        except KeyError as exc:
-            raise AttributeError(name) from exc
-
-
-@dataclass
-class Config:
-    path: str
-    values: dict[str, Section]
-    sources: dict[str, str] = field(default_factory=dict)  # dotted key -> file / command line
-    overrides: list[str] = field(default_factory=list)
-
-    def __getattr__(self, name):
-        values = self.__dict__.get("values", {})
-        if name in values:
-            return values[name]
-        raise AttributeError(name)
+    path: str = Field(exclude=True)
+    sources: dict[str, str] = Field(default_factory=dict, exclude=True)  # dotted key -> file / command line
+    overrides: list[str] = Field(default_factory=list, exclude=True)
 
     def source(self, key: str) -> str:
         return self.sources.get(key, self.path)
@@ -73,7 +55,7 @@ class Config:
         return ConfigError(self.source(key), key, message)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        return {s: dict(v) for s, v in self.values.items()}
+        return self.model_dump()
 
     def dump(self) -> str:
         header = f"# resolved from {self.path}"
@@ -89,21 +71,6 @@ class Config:
 # --------------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------------
-class _UniqueKeyLoader(Yaml12Loader):
-    """The YAML 1.2 loader, refusing a key given twice in one mapping (YAML would keep the last silently)."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key '{key}'", key_node.start_mark
-                )
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
 def _read_yaml(path: str, origin: str, key: str | None = None) -> dict[str, Any]:
     if os.path.isdir(path):
         raise ConfigError(origin, key, f"config file is a directory: {path}")
@@ -111,7 +78,7 @@ def _read_yaml(path: str, origin: str, key: str | None = None) -> dict[str, Any]
         raise ConfigError(origin, key, f"config file not found: {path}")
     try:
         with open(path, encoding="utf-8") as fh:
-            data = yaml.load(fh, Loader=_UniqueKeyLoader)
+            data = yaml.load(fh, Loader=UniqueKeyLoader)
     except OSError as exc:
         raise ConfigError(path, None, f"cannot read the file ({exc.strerror or exc})") from None
     except UnicodeDecodeError as exc:
@@ -151,8 +118,6 @@ def _flatten(path: str, data: dict[str, Any]) -> dict[str, Any]:
 
 
 def _unknown_key_text(section: str, key: str) -> str:
-    import difflib
-
     close = difflib.get_close_matches(key, list(SCHEMA[section]), n=1)
     hint = f"; did you mean '{section}.{close[0]}'?" if close else ""
     return f"unknown key{hint}"
@@ -211,17 +176,16 @@ def load_config(path: str, overrides: list[str] | None = None) -> Config:
         given[key] = text
         flat[key] = value
         sources[key] = cli
-    values: dict[str, Section] = {}
-    for section, specs in SCHEMA.items():
-        sec = Section()
-        for key, spec in specs.items():
-            dotted = f"{section}.{key}"
-            if dotted in flat:
-                sec[key] = _coerce(flat[dotted], spec, sources[dotted], dotted)
-            else:
-                sec[key] = copy.deepcopy(spec.default)
-        values[section] = sec
-    cfg = Config(path=path, values=values, sources=sources, overrides=overrides)
+    sections: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    for dotted, value in flat.items():
+        section, key = dotted.split(".")
+        sections[section][key] = value
+    try:
+        cfg = Config.model_validate({"path": path, "sources": sources, "overrides": overrides, **sections})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        dotted = ".".join(str(part) for part in first["loc"][:2])
+        raise ConfigError(sources[dotted], dotted, _problem(dotted, first, flat[dotted])) from None
     check_consistency(cfg)
     return cfg
 
@@ -229,81 +193,30 @@ def load_config(path: str, overrides: list[str] | None = None) -> Config:
 # --------------------------------------------------------------------------------------------------
 # Validation
 # --------------------------------------------------------------------------------------------------
-def _type_name(spec: Spec) -> str:
-    names = {
-        "int": "an integer",
-        "float": "a number",
-        "bool": "true or false",
-        "str": "a string",
-        "list_int": "a list of integers",
-        "list_float": "a list of numbers",
-        "list_str": "a list of strings",
-    }
-    text = names[spec.kind]
-    return text + " or null" if spec.nullable else text
-
-
-def _coerce(value: Any, spec: Spec, source: str, key: str) -> Any:
-    def bad(msg=None):
-        return ConfigError(source, key, msg or f"must be {_type_name(spec)}, got {value!r}")
-
-    if value is None:
-        if spec.nullable:
-            return None
-        raise bad()
-    kind = spec.kind
-    if kind == "bool":
-        if not isinstance(value, bool):
-            raise bad()
-    elif kind == "int":
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad()
-    elif kind == "float":
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            # A number written as a quoted string ("1e-3") is still a number.
-            if isinstance(value, str):
-                try:
-                    value = float(value)
-                except ValueError:
-                    raise bad() from None
-            else:
-                raise bad()
-        value = float(value)
-        if not math.isfinite(value):
-            raise bad(f"must be a finite number, got {value!r}")
-    elif kind == "str":
-        if not isinstance(value, str):
-            raise bad()
-    elif kind.startswith("list_"):
-        item = kind[5:]
-        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
-            value = [value]  # a single value stands for a one-element list
-        if not isinstance(value, list):
-            raise bad()
-        out = []
-        for v in value:
-            if item == "int" and (isinstance(v, bool) or not isinstance(v, int)):
-                raise bad()
-            if item == "float":
-                if isinstance(v, bool) or not isinstance(v, (int, float)):
-                    raise bad()
-                v = float(v)
-            if item == "str" and not isinstance(v, str):
-                raise bad()
-            out.append(v)
-        value = out
-    if spec.choices is not None and value not in spec.choices:
-        raise bad(f"must be one of {', '.join(spec.choices)}; got {value!r}")
-    if spec.check is not None:
-        err = spec.check(value)
-        if err:
-            raise bad(err)
-    return value
+def _problem(dotted: str, error: Mapping[str, Any], given: Any) -> str:
+    """pydantic's verdict on one value, in the words of this launcher: what the key accepts."""
+    section, key = dotted.split(".")
+    allowed = accepts(SCHEMA[section][key])
+    kind, value = error["type"], error["input"]
+    if kind == "literal_error":
+        return f"must be one of {', '.join(str(c) for c in allowed.choices or ())}; got {value!r}"
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        return f"must be {allowed.bounds}, got {value!r}"
+    if kind == "finite_number":
+        return f"must be a finite number, got {value!r}"
+    if kind == "value_error":
+        return str(error.get("ctx", {}).get("error", error["msg"]))
+    return f"must be {allowed.type_text()}, got {given!r}"
 
 
 def check_consistency(cfg: Config) -> None:
     """Checks spanning several keys (each error still names one key)."""
     m, d, o = cfg.model, cfg.data, cfg.optim
+    try:
+        cfg.kfac.options()  # the library judges its options once more (combinations included)
+    except (TypeError, ValueError) as exc:
+        option, _, problem = str(exc).partition(" ")
+        raise cfg.error(config_key(option.rstrip(":")), problem) from None
     if o.schedule == "poly" and o.poly_end_epoch <= o.poly_start_epoch:
         raise cfg.error(
             "optim.poly_end_epoch",
@@ -328,13 +241,8 @@ def check_consistency(cfg: Config) -> None:
             raise cfg.error("model.num_classes", f"fashion_mnist has 10 classes, got {m.num_classes}")
     if d.dataset == "imagenet":
         for key in ("train_dir", "val_dir"):
-            if not d[key]:
+            if not getattr(d, key):
                 raise cfg.error(f"data.{key}", "required for dataset imagenet (an ImageFolder root)")
-    for pattern in cfg.kfac.skip_layers:
-        try:
-            re.compile(pattern)
-        except re.error as exc:
-            raise cfg.error("kfac.skip_layers", f"not a regular expression: {pattern!r} ({exc})") from None
     if cfg.log.overwrite and cfg.checkpoint.resume:
         raise cfg.error(
             "log.overwrite",
@@ -357,7 +265,7 @@ def data_problems(cfg: Config) -> list[ConfigError]:
     problems = []
     if d.dataset == "imagenet":
         for key in ("train_dir", "val_dir"):
-            err = _imagefolder_problem(d[key])
+            err = _imagefolder_problem(getattr(d, key))
             if err:
                 problems.append(cfg.error(f"data.{key}", err))
     elif d.dataset == "fashion_mnist":
@@ -390,41 +298,33 @@ def _imagefolder_problem(root: str) -> str | None:
 def resolve_paths(cfg: Config) -> None:
     """Fill in derived defaults: log.dir, checkpoint.dir, val_batch_size."""
     if not cfg.log.dir:
-        cfg.log["dir"] = os.path.join("runs", cfg.name)
+        cfg.log.dir = os.path.join("runs", cfg.name)
     if not cfg.checkpoint.dir:
-        cfg.checkpoint["dir"] = os.path.join(cfg.log.dir, "checkpoints")
+        cfg.checkpoint.dir = os.path.join(cfg.log.dir, "checkpoints")
     if cfg.data.val_batch_size is None:
-        cfg.data["val_batch_size"] = cfg.data.batch_size
+        cfg.data.val_batch_size = cfg.data.batch_size
 
 
-def kfac_kwargs(cfg: Config) -> dict[str, Any]:
-    """Keyword arguments for ``kfac_hvd.KFAC`` from the ``kfac`` section."""
-    k = cfg.kfac
-    return {
-        "damping": k.damping,
-        "update_threshold": k.update_threshold,
-        "update_interval": 1
-        if k.interval_warmup_epochs > 0
-        else k.update_interval,  # schedule.interval_switch_step
-        "interval_policy": k.interval_policy,
-        "max_interval": k.max_interval,
-        "shrink_multiple": k.shrink_multiple,
-        "separate_intervals": k.separate_intervals,
-        "factor_decay": k.factor_decay,
-        "kl_clip": k.kl_clip,
-        "pi_damping": k.pi_damping,
-        "inverse_method": k.inverse_method,
-        "symmetric_comm": k.symmetric_comm,
-        "skip_layers": tuple(k.skip_layers),
-        "include_batchnorm": k.include_batchnorm,
-        "local_inverse_max_dim": k.local_inverse_max_dim,
-        "noise_aware_diff": k.noise_aware_diff,
-        "unfold_chunk_bytes": max(1, int(k.unfold_chunk_mb * 2**20)),
-        "narrow_factor_products": k.narrow_factor_products,
-        "factor_matmul_precision": k.factor_matmul_precision,
-        "batched_inversion": k.batched_inversion,
-    }
+KEY_REFERENCE_START = "<!-- key reference: generated by python -m launch.config --update docs/LAUNCHER.md -->"
+KEY_REFERENCE_END = "<!-- end of the generated key reference -->"
+
+
+def update_key_reference(path: str) -> None:
+    """Rewrite the generated part of ``path`` (between the two markers) from the schema."""
+    with open(path, encoding="utf-8") as fh:
+        text = fh.read()
+    head, start, rest = text.partition(KEY_REFERENCE_START)
+    _, end, tail = rest.partition(KEY_REFERENCE_END)
+    if not (start and end):
+        raise SystemExit(f"{path}: the key reference's markers are missing")
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(f"{head}{start}\n\n{keys_markdown()}\n{end}{tail}")
 
 
 if __name__ == "__main__":
-    print(keys_markdown())
+    import sys
+
+    if sys.argv[1:2] == ["--update"] and len(sys.argv) == 3:
+        update_key_reference(sys.argv[2])
+    else:
+        print(keys_markdown(), end="")

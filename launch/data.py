@@ -10,7 +10,8 @@ import os
 import re
 import struct
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sized
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -20,6 +21,9 @@ from torchvision.datasets import ImageFolder
 
 from .config import KNOWN_TRAIN_SIZES
 from .models import input_shape
+
+if TYPE_CHECKING:
+    from .config import Config
 
 logger = logging.getLogger("launch.data")
 
@@ -100,7 +104,7 @@ class Synthetic(Dataset):
 # --------------------------------------------------------------------------------------------------
 # ImageNet
 # --------------------------------------------------------------------------------------------------
-def imagenet_transforms(cfg, train: bool):
+def imagenet_transforms(cfg: Config, train: bool) -> Callable[[Any], torch.Tensor]:
     from torchvision import transforms as T
 
     d = cfg.data
@@ -123,7 +127,13 @@ class CheckedImageFolder(ImageFolder):
     ``data.skip_unreadable``, leaves those images out).
     """
 
-    def __init__(self, root: str, transform, shape: tuple[int, int, int], substitute: bool):
+    def __init__(
+        self,
+        root: str,
+        transform: Callable[[Any], torch.Tensor],
+        shape: tuple[int, int, int],
+        substitute: bool,
+    ) -> None:
         super().__init__(root, transform=transform)
         self.shape, self.substitute = tuple(shape), substitute
 
@@ -175,40 +185,59 @@ def describe_unreadable(path: str) -> str:
     return "failed in the loader"
 
 
+def dataset_size(ds: Dataset) -> int:
+    """len() of a map-style dataset: every dataset here has one, but torch's Dataset type declares none."""
+    if not isinstance(ds, Sized):
+        raise TypeError(f"{type(ds).__name__} has no length")
+    return len(ds)
+
+
 def _subset(ds: Dataset, n: int | None) -> Dataset:
     """The first ``n`` of evenly spaced indices (so an ImageFolder subset spans its classes)."""
-    if n is None or n >= len(ds):
+    if n is None or n >= dataset_size(ds):
         return ds
-    idx = np.unique(np.linspace(0, len(ds) - 1, n).round().astype(np.int64))
+    idx = np.unique(np.linspace(0, dataset_size(ds) - 1, n).round().astype(np.int64))
     return Subset(ds, idx.tolist())
 
 
-def build_datasets(cfg) -> tuple[Dataset, Dataset]:
+def build_datasets(cfg: Config) -> tuple[Dataset, Dataset]:
     """Both datasets; a folder or file that cannot be read raises ConfigError naming its key."""
     d = cfg.data
+    train: Dataset
+    val: Dataset
     if d.dataset == "imagenet":
         shape = (3, d.image_size, d.image_size)
-        sets = []
-        for key, root, train in (("data.train_dir", d.train_dir, True), ("data.val_dir", d.val_dir, False)):
+        folders = []
+        for key, root, training in (
+            ("data.train_dir", d.train_dir, True),
+            ("data.val_dir", d.val_dir, False),
+        ):
+            if root is None:  # check_consistency refuses this before any collective; a direct call may not
+                raise cfg.error(key, "must be set for dataset imagenet")
             try:
-                sets.append(
+                folders.append(
                     CheckedImageFolder(
-                        root, imagenet_transforms(cfg, train), shape, substitute=train and d.skip_unreadable
+                        root,
+                        imagenet_transforms(cfg, training),
+                        shape,
+                        substitute=training and d.skip_unreadable,
                     )
                 )
             except (OSError, RuntimeError) as exc:  # e.g. a class folder without image files
                 raise cfg.error(key, f"{root}: {str(exc).splitlines()[0]}") from None
-        train, val = sets
-        for key, ds in (("data.train_dir", train), ("data.val_dir", val)):
+        train_folder, val_folder = folders
+        for key, ds in (("data.train_dir", train_folder), ("data.val_dir", val_folder)):
             if len(ds.classes) > cfg.model.num_classes:
                 raise cfg.error(
                     key, f"{len(ds.classes)} class folders but model.num_classes is {cfg.model.num_classes}"
                 )
-        if val.classes != train.classes:
+        if val_folder.classes != train_folder.classes:
             raise cfg.error(
                 "data.val_dir",
-                f"class folders differ from data.train_dir's ({len(val.classes)} vs {len(train.classes)})",
+                f"class folders differ from data.train_dir's "
+                f"({len(val_folder.classes)} vs {len(train_folder.classes)})",
             )
+        train, val = train_folder, val_folder
     elif d.dataset == "fashion_mnist":
         try:
             train = FashionMNIST(d.fashion_mnist_dir, True, True, d.random_erasing, d.fashion_mnist_pool)
@@ -222,7 +251,7 @@ def build_datasets(cfg) -> tuple[Dataset, Dataset]:
     return _subset(train, d.train_subset), _subset(val, d.val_subset)
 
 
-def dataset_identity(cfg, train: Dataset, val: Dataset) -> dict:
+def dataset_identity(cfg: Config, train: Dataset, val: Dataset) -> dict[str, Any]:
     """What the ranks must agree on about the data they read (paths aside): the kind, the sizes, a hash of
     the class names (ImageFolder) and the synthetic seed."""
 
@@ -236,8 +265,8 @@ def dataset_identity(cfg, train: Dataset, val: Dataset) -> dict:
 
     identity = {
         "kind": cfg.data.dataset,
-        "train_images": len(train),
-        "val_images": len(val),
+        "train_images": dataset_size(train),
+        "val_images": dataset_size(val),
         "train_classes": classes_hash(train),
         "val_classes": classes_hash(val),
     }
@@ -246,7 +275,7 @@ def dataset_identity(cfg, train: Dataset, val: Dataset) -> dict:
     return identity
 
 
-def train_size(cfg) -> int:
+def train_size(cfg: Config) -> int:
     """Training-set size without reading the data when it is known (dry run)."""
     d = cfg.data
     if d.train_samples is not None:
@@ -297,12 +326,14 @@ def steps_per_epoch(n: int, world_size: int, batch: int, drop_last: bool) -> int
     return per_rank // batch if drop_last else math.ceil(per_rank / batch)
 
 
-def build_loaders(cfg, train_ds, val_ds, rank: int, size: int, use_cuda: bool):
+def build_loaders(
+    cfg: Config, train_ds: Dataset, val_ds: Dataset, rank: int, size: int, use_cuda: bool
+) -> tuple[DataLoader, DataLoader, ResumableDistributedSampler]:
     d = cfg.data
     sampler = ResumableDistributedSampler(
         train_ds, num_replicas=size, rank=rank, shuffle=True, seed=cfg.train.seed, drop_last=False
     )
-    common = dict(
+    common: dict[str, Any] = dict(
         num_workers=d.workers, pin_memory=d.pin_memory and use_cuda, persistent_workers=d.workers > 0
     )
     if d.workers > 0:
@@ -322,7 +353,7 @@ def build_loaders(cfg, train_ds, val_ds, rank: int, size: int, use_cuda: bool):
     val = DataLoader(
         val_ds,
         batch_size=d.val_batch_size,
-        sampler=ShardSampler(len(val_ds), rank, size),
+        sampler=ShardSampler(dataset_size(val_ds), rank, size),
         generator=torch.Generator().manual_seed(cfg.train.seed),
         **common,
     )

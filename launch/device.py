@@ -10,20 +10,17 @@ from __future__ import annotations
 
 import os
 import warnings
+from typing import TYPE_CHECKING
 
 import torch
 
+from .dist import env_local_rank
 from .precision import AUTOCAST_DTYPES
 
+if TYPE_CHECKING:
+    from .config import Config
+
 NCCL_BUILD = "HOROVOD_GPU_OPERATIONS=NCCL make setup"
-# The local rank as launchers announce it before Horovod starts (to check the GPU this rank will use).
-LOCAL_RANK_ENV = (
-    "HOROVOD_LOCAL_RANK",
-    "OMPI_COMM_WORLD_LOCAL_RANK",
-    "MPI_LOCALRANKID",
-    "SLURM_LOCALID",
-    "PMI_LOCAL_RANK",
-)
 
 
 def cuda_unavailable_reason() -> tuple[str, str]:
@@ -60,16 +57,18 @@ def wants_cuda(device_key: str) -> bool:
     return device_key == "cuda" or (device_key == "auto" and torch.cuda.is_available())
 
 
+def local_gpu_index(local_rank: int, device_count: int) -> int:
+    """The GPU of a rank: its LOCAL rank (its place on its node) round robin over the node's visible GPUs.
+    The global rank would be wrong on every node but the first."""
+    return local_rank % max(device_count, 1)
+
+
 def _planned_local_gpu() -> int:
-    for key in LOCAL_RANK_ENV:
-        try:
-            return int(os.environ[key]) % max(torch.cuda.device_count(), 1)
-        except (KeyError, ValueError):
-            continue
-    return 0
+    """The GPU this rank will use, from the local rank its launcher announced (before Horovod starts)."""
+    return local_gpu_index(env_local_rank() or 0, torch.cuda.device_count())
 
 
-def check_device(cfg) -> None:
+def check_device(cfg: Config) -> None:
     """The device, the precision and Horovod's GPU support fit together (raises ConfigError)."""
     t = cfg.train
     if t.device == "cuda" and not torch.cuda.is_available():
@@ -101,7 +100,7 @@ def runs_on(capability: tuple[int, int], arch_list: list[str]) -> bool:
     return False
 
 
-def _check_gpu(cfg) -> None:
+def _check_gpu(cfg: Config) -> None:
     """This torch has kernels for the rank's GPU, and the GPU can do the precision asked for."""
     index = _planned_local_gpu()
     major, minor = torch.cuda.get_device_capability(index)
@@ -123,7 +122,7 @@ def _check_gpu(cfg) -> None:
         )
 
 
-def _check_cpu_precision(cfg) -> None:
+def _check_cpu_precision(cfg: Config) -> None:
     """bf16 and fp16 autocast on CPU are allowed (tests, debugging) when this torch supports them."""
     dtype = AUTOCAST_DTYPES.get(cfg.train.precision)
     if dtype is None:
@@ -161,7 +160,7 @@ def _autocast_takes_device() -> bool:
         return False
 
 
-def _check_horovod_gpu_support(cfg) -> None:
+def _check_horovod_gpu_support(cfg: Config) -> None:
     """CUDA tensors need a Horovod built with CUDA; without NCCL it stages every collective through host
     memory, which is correct but slow: an error unless ``horovod.allow_host_collectives`` says it is meant."""
     try:
@@ -204,7 +203,7 @@ def pick_device(device_key: str, local_rank: int) -> torch.device:
     """This rank's device: the GPU of its local rank (round robin over the visible GPUs), or the CPU."""
     if not wants_cuda(device_key):
         return torch.device("cpu")
-    torch.cuda.set_device(local_rank % torch.cuda.device_count())
+    torch.cuda.set_device(local_gpu_index(local_rank, torch.cuda.device_count()))
     return torch.device("cuda", torch.cuda.current_device())
 
 

@@ -1,9 +1,10 @@
-"""Horovod start-up: tuning knobs, initialisation under horovodrun or mpirun, the world layout."""
+"""Horovod start-up: tuning knobs, the controller, initialisation under horovodrun or mpirun, the world layout."""
 
 from __future__ import annotations
 
 import os
 import socket
+from typing import Any
 
 # Environment variables set by MPI launchers (Open MPI, MPICH / Intel MPI / PMI, PMIx, MVAPICH, Slurm).
 MPI_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE", "MPI_LOCALNRANKS")
@@ -11,7 +12,7 @@ MPI_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE
 GLOO_ENV = ("HOROVOD_GLOO_RENDEZVOUS_ADDR", "HOROVOD_CONTROLLER")
 
 
-def horovod_env(hcfg) -> dict[str, str]:
+def horovod_env(hcfg: Any) -> dict[str, str]:
     """Environment variables that carry the ``horovod`` section to Horovod's core (read at init).
 
     Values already in the environment win, so a job script can still override a config.
@@ -74,7 +75,27 @@ def env_rank() -> int:
     return 0
 
 
-def init_horovod(hcfg):
+# The local rank as launchers announce it before Horovod starts (the GPU checks of the pre-checks use it).
+LOCAL_RANK_ENV = (
+    "HOROVOD_LOCAL_RANK",
+    "OMPI_COMM_WORLD_LOCAL_RANK",
+    "MPI_LOCALRANKID",
+    "SLURM_LOCALID",
+    "PMI_LOCAL_RANK",
+)
+
+
+def env_local_rank() -> int | None:
+    """This process's local rank as the launcher announced it (before initialisation); None if unknown."""
+    for key in LOCAL_RANK_ENV:
+        try:
+            return int(os.environ[key])
+        except (KeyError, ValueError):
+            continue
+    return None
+
+
+def init_horovod(hcfg: Any) -> tuple[Any, str]:
     """Set the knobs, initialise Horovod; returns (hvd, how) with how = 'mpi4py' or 'horovod'."""
     for key, value in horovod_env(hcfg).items():
         os.environ.setdefault(key, value)
@@ -92,32 +113,125 @@ def init_horovod(hcfg):
     return hvd, how
 
 
-def world_layout(hvd, device: str, extra: dict | None = None) -> list[dict]:
-    """Collective: (rank, host, local rank, device, pid, ``extra``) of every rank, in rank order."""
+# The Horovod settings a rank reads from its environment at start-up (the config's ``horovod`` section sets
+# them through :func:`horovod_env`; a job script may set them itself and must then forward them to every
+# node, e.g. ``mpirun -x``). Each rank reports its own, so a setting that reached only some nodes shows.
+HOROVOD_KNOBS = (
+    "HOROVOD_FUSION_THRESHOLD",
+    "HOROVOD_CYCLE_TIME",
+    "HOROVOD_TIMELINE",
+    "HOROVOD_TIMELINE_MARK_CYCLES",
+    "HOROVOD_HIERARCHICAL_ALLREDUCE",
+    "HOROVOD_HIERARCHICAL_ALLGATHER",
+    "HOROVOD_AUTOTUNE",
+    "HOROVOD_STALL_CHECK_DISABLE",
+    "HOROVOD_STALL_CHECK_TIME_SECONDS",
+    "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS",
+    "HOROVOD_GLOO_TIMEOUT_SECONDS",
+)
+
+
+def host_name() -> str:
+    """The name of this rank's host: horovodrun's name for it (its ``-H`` entry) where set, else the
+    machine's host name."""
+    return os.environ.get("HOROVOD_HOSTNAME") or socket.gethostname()
+
+
+def world_layout(hvd: Any, device: str, extra: dict | None = None) -> list[dict]:
+    """Collective: every rank's place in the job (rank, host, local and cross rank and size), device,
+    pid, Horovod settings and ``extra``, in rank order."""
     me = {
         "rank": hvd.rank(),
-        "host": socket.gethostname(),
+        "host": host_name(),
         "local_rank": hvd.local_rank(),
+        "announced_local_rank": env_local_rank(),
+        "local_size": hvd.local_size(),
+        "cross_rank": hvd.cross_rank(),
+        "cross_size": hvd.cross_size(),
         "device": device,
         "pid": os.getpid(),
+        "knobs": {k: os.environ[k] for k in HOROVOD_KNOBS if k in os.environ},
         **(extra or {}),
     }
     return sorted(hvd.allgather_object(me), key=lambda r: r["rank"])
 
 
-def describe_layout(layout: list[dict], how: str, controller: str | None) -> str:
-    hosts: dict[str, list[dict]] = {}
+def nodes(layout: list[dict]) -> list[list[dict]]:
+    """The ranks of each node, in order of their lowest rank.
+
+    Horovod's local communicator defines a node (ranks that share memory under MPI, one ``-H`` entry under
+    Gloo); with equal local sizes everywhere a node's ranks share one cross rank per local rank, and the
+    cross rank of its local rank k is the node's index, so (host, cross rank) names it even where hosts
+    share a name. Otherwise the host name does.
+    """
+    same_size = len({r.get("local_size") for r in layout}) == 1
+    groups: dict[tuple, list[dict]] = {}
     for r in layout:
-        hosts.setdefault(r["host"], []).append(r)
-    head = f"world: {len(layout)} rank(s) on {len(hosts)} host(s); init via {how}" + (
+        key = (r["host"], r.get("cross_rank")) if same_size else (r["host"], None)
+        groups.setdefault(key, []).append(r)
+    return sorted(groups.values(), key=lambda ranks: min(x["rank"] for x in ranks))
+
+
+def describe_layout(layout: list[dict], how: str, controller: str | None) -> str:
+    grouped = nodes(layout)
+    head = f"world: {len(layout)} rank(s) on {len(grouped)} host(s); init via {how}" + (
         f", controller {controller}" if controller else ""
     )
     lines = [head]
-    for host, ranks in hosts.items():
+    for ranks in grouped:
         devs = sorted({r["device"] for r in ranks})
         ids = [r["rank"] for r in ranks]
-        lines.append(f"  {host}: {len(ranks)} rank(s) {_ranges(ids)}; devices {', '.join(devs)}")
+        lines.append(
+            f"  {ranks[0]['host']}: {len(ranks)} rank(s) {_ranges(ids)}; local ranks "
+            f"{_ranges([r['local_rank'] for r in ranks])} of {_values(ranks, 'local_size')}; cross rank "
+            f"{_values(ranks, 'cross_rank')} of {_values(ranks, 'cross_size')}; devices {', '.join(devs)}"
+        )
+    moved = [r for r in layout if r.get("announced_local_rank") not in (None, r["local_rank"])]
+    if moved:
+        r = moved[0]
+        lines.append(
+            f"warning: rank {r['rank']} was started as local rank {r['announced_local_rank']} but Horovod "
+            f"made it local rank {r['local_rank']} ({len(moved)} rank(s) so): the pre-checks looked at "
+            f"another GPU than the one it uses"
+        )
+    knobs = describe_knobs(layout)
+    if knobs:
+        lines.append(knobs)
     return "\n".join(lines)
+
+
+def _values(ranks: list[dict], key: str) -> str:
+    """The value of ``key`` the ranks share, or all their values when they differ."""
+    values = sorted({r[key] for r in ranks})
+    return str(values[0]) if len(values) == 1 else "{" + ",".join(map(str, values)) + "}"
+
+
+def describe_knobs(layout: list[dict]) -> str | None:
+    """The Horovod settings of the environment, when any: one line if every rank has the same, otherwise
+    a warning naming the setting and the ranks that lack it or differ."""
+    seen = [r.get("knobs", {}) for r in layout]
+    names = sorted({k for knobs in seen for k in knobs})
+    if not names:
+        return None
+    differ = [k for k in names if len({knobs.get(k) for knobs in seen}) > 1]
+    if not differ:
+        return "horovod settings on every rank: " + ", ".join(f"{k}={seen[0][k]}" for k in names)
+    parts = []
+    for k in differ:
+        by_value: dict[str | None, list[int]] = {}
+        for r, knobs in zip(layout, seen, strict=True):
+            by_value.setdefault(knobs.get(k), []).append(r["rank"])
+        parts.append(
+            f"{k} is "
+            + ", ".join(
+                f"{'unset' if v is None else repr(v)} on ranks {_ranges(ids)}" for v, ids in by_value.items()
+            )
+        )
+    return (
+        "warning: ranks started with different Horovod settings: "
+        + "; ".join(parts)
+        + " (a job script that sets one must forward it to every node, e.g. mpirun -x NAME)"
+    )
 
 
 def _ranges(ids: list[int]) -> str:
@@ -133,7 +247,35 @@ def _ranges(ids: list[int]) -> str:
     return "[" + ",".join(out) + "]"
 
 
-def controller_name(hvd) -> str | None:
+def expected_controller() -> str | None:
+    """The controller Horovod will take in this process, as the launcher's environment says before
+    initialisation: 'Gloo' under horovodrun --gloo, 'MPI' under mpirun; None when not announced."""
+    chosen = {"gloo": "Gloo", "mpi": "MPI"}.get(os.environ.get("HOROVOD_CONTROLLER", "").lower())
+    if chosen:
+        return chosen
+    if "HOROVOD_GLOO_RENDEZVOUS_ADDR" in os.environ:
+        return "Gloo"
+    if started_by_mpi():
+        return "MPI"
+    return None
+
+
+def check_controller(cfg: Any) -> None:
+    """The ``horovod`` section asks only for what the controller can do (raises ConfigError).
+
+    Horovod's hierarchical allreduce is NCCL within a node and MPI across nodes: it exists only under
+    the MPI controller, and Horovod ignores the setting under Gloo without a word.
+    """
+    controller = expected_controller()
+    if cfg.horovod.hierarchical_allreduce and controller == "Gloo":
+        raise cfg.error(
+            "horovod.hierarchical_allreduce",
+            "true needs Horovod's MPI controller (launch with mpirun, or horovodrun --mpi); under "
+            "Gloo (horovodrun --gloo) Horovod would ignore it: set it to false or null",
+        )
+
+
+def controller_name(hvd: Any) -> str | None:
     try:
         if hvd.mpi_enabled():
             return "MPI"

@@ -36,7 +36,6 @@ from typing import Any
 import torch
 
 from .checkpoint import rng_state, set_rng_state
-from .config import kfac_kwargs
 from .data import ShardSampler, steps_per_epoch
 from .dist import started_by_mpi
 from .loop import EpochTally, Run, RunState, end_epoch, log0, run_step, start
@@ -114,7 +113,7 @@ def rebuild_kfac(run: Run, state: dict[str, Any] | None) -> None:
     import kfac_hvd
 
     trainer.kfac.remove_hooks()
-    trainer.kfac = kfac_hvd.KFAC(trainer.model, **kfac_kwargs(run.cfg))
+    trainer.kfac = kfac_hvd.KFAC(trainer.model, options=run.cfg.kfac.options())
     if state is not None:
         trainer.kfac.load_state_dict(state)
 

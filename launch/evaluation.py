@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
 
 from .data import unreadable_paths
 from .precision import MixedPrecision
 from .step import stop_for_unreadable
 
+if TYPE_CHECKING:
+    from .reliability import Watchdog
+
 
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module,
-    loader,
+    loader: DataLoader,
     precision: MixedPrecision,
-    hvd,
+    hvd: Any,
     skip_unreadable: bool = False,
-    watchdog=None,
+    watchdog: Watchdog | None = None,
 ) -> dict[str, float]:
     """Each rank evaluates its disjoint shard under the run's autocast; the sums are added over ranks.
 

@@ -8,7 +8,6 @@ scale). Everything else stays on the device, the epoch's loss and accuracy sums 
 from __future__ import annotations
 
 import math
-import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -17,16 +16,20 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import Dataset
+
+from kfac_hvd import KFAC
 
 from . import checkpoint as ckpt_mod
-from .config import kfac_kwargs
-from .data import build_datasets, build_loaders
+from .config import Config
+from .data import build_datasets, build_loaders, dataset_size
 from .data import start_epoch as start_epoch_data
 from .device import apply_backend_flags, describe_device, host_collectives_warning, pick_device
 from .dist import init_horovod
 from .evaluation import evaluate
+from .lr_schedule import end_interval_warmup, interval_switch_step, learning_rate, rescalable_weights
 from .models import build_model
-from .outputs import RunOutputs, metrics_records
+from .outputs import RunOutputs, evaluations_after_checkpoint
 from .precision import MixedPrecision
 from .progress import Progress, wants_bar
 from .reliability import (
@@ -39,14 +42,13 @@ from .reliability import (
     setup_logging,
 )
 from .rundir import resume_changes
-from .schedule import end_interval_warmup, interval_switch_step, learning_rate, rescalable_weights
 from .step import DIVERGED, OVERFLOW, StepOutcome, Trainer, train_step
 from .summary import log_record, summarize
 from .timing import StepTimer
 from .world import check_world
 
 
-def log0(hvd, *args) -> None:
+def log0(hvd: Any, *args: object) -> None:
     if hvd.rank() == 0:
         print(*args, flush=True)
 
@@ -72,12 +74,12 @@ class Run:
     total_steps: int
     timer: StepTimer
     out: RunOutputs | None = None  # rank 0's outputs, once the run has resumed or started
-    watchdog: Watchdog | None = None  # started after set-up, before a resume's checkpoint is read
+    watchdog: Watchdog = field(default_factory=lambda: Watchdog(None, 0))  # silent until run() starts one
     progress: Progress | None = None
     interval_switch_step: int | None = None  # a fixed interval's warm-up ends on this step
 
     @property
-    def kfac(self):
+    def kfac(self) -> KFAC | None:
         return self.trainer.kfac
 
 
@@ -106,7 +108,7 @@ class RunState:
 # --------------------------------------------------------------------------------------------------
 # Set-up
 # --------------------------------------------------------------------------------------------------
-def build_optimizer(cfg, model: nn.Module, hvd):
+def build_optimizer(cfg: Config, model: nn.Module, hvd: Any) -> torch.optim.Optimizer:
     o = cfg.optim
     base = torch.optim.SGD(
         model.parameters(), lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay
@@ -115,7 +117,7 @@ def build_optimizer(cfg, model: nn.Module, hvd):
     return hvd.DistributedOptimizer(base, named_parameters=model.named_parameters(), compression=compression)
 
 
-def set_up(cfg) -> Run:
+def set_up(cfg: Config) -> Run:
     # The data first: a folder or file that cannot be read ends every rank alike before Horovod starts.
     train_ds, val_ds = build_datasets(cfg)
     hvd, how = init_horovod(cfg.horovod)
@@ -153,7 +155,7 @@ def set_up(cfg) -> Run:
         raise cfg.error(
             "data.batch_size",
             f"no full batch of {cfg.data.batch_size} per rank: "
-            f"{len(train_ds)} training images over {size} rank(s)",
+            f"{dataset_size(train_ds)} training images over {size} rank(s)",
         )
     trainer = build_trainer(cfg, hvd, model, precision, train_loader.dataset, Faults(cfg.debug, rank, size))
     total_steps = len(train_loader) * cfg.train.epochs
@@ -175,13 +177,15 @@ def set_up(cfg) -> Run:
     )
 
 
-def build_trainer(cfg, hvd, model: nn.Module, precision: MixedPrecision, dataset, faults: Faults) -> Trainer:
+def build_trainer(
+    cfg: Config, hvd: Any, model: nn.Module, precision: MixedPrecision, dataset: Dataset, faults: Faults
+) -> Trainer:
     optimizer = build_optimizer(cfg, model, hvd)
     kfac = None
     if cfg.optim.method == "kfac":
         import kfac_hvd
 
-        kfac = kfac_hvd.KFAC(model, **kfac_kwargs(cfg))
+        kfac = kfac_hvd.KFAC(model, options=cfg.kfac.options())
     return Trainer(
         hvd=hvd,
         model=model,
@@ -261,21 +265,6 @@ def check_resume_config(run: Run, path: str, saved: dict[str, Any]) -> None:
         )
     if accepted:
         log0(hvd, f"resume: changed since the checkpoint: {'; '.join(accepted)}")
-
-
-def evaluations_after_checkpoint(
-    log_dir: str, step: int, history: list[dict[str, Any]]
-) -> list[dict[str, Any]]:
-    """The evaluation of the checkpoint's own step, which ran after the checkpoint was written (so that
-    a failing evaluation cannot lose the epoch) and is in metrics.jsonl only."""
-    path, found = os.path.join(log_dir, "metrics.jsonl"), []
-    if not os.path.exists(path):
-        return []
-    for record in metrics_records(path):
-        entry = record.get("eval")
-        if isinstance(entry, dict) and record.get("step") == step and entry not in history + found:
-            found.append(entry)
-    return found
 
 
 def save(run: Run, state: RunState, batch_in_epoch: int, pending_eval: dict[str, Any] | None = None) -> None:
@@ -359,9 +348,8 @@ def run_step(run: Run, state: RunState, tally: EpochTally, x: torch.Tensor, y: t
     run.watchdog.beat(f"step {state.step + 1}")
     run.trainer.faults.hang(state.step + 1)
     lr = learning_rate(run.cfg.optim, state.step / run.steps_per_epoch)
-    if (
-        state.step + 1 == run.interval_switch_step
-    ):  # a resumed run past it has the intervals from its checkpoint
+    # A resumed run past the switch has the intervals from its checkpoint.
+    if state.step + 1 == run.interval_switch_step and run.kfac is not None:
         end_interval_warmup(run.kfac, run.cfg.kfac.update_interval)
     outcome = train_step(run.trainer, x, y, state.step + 1, lr)
     run.timer.stop()
@@ -537,7 +525,7 @@ def start(r: Run, resume_candidates: list[str]) -> RunState:
     return state
 
 
-def run(cfg, resume_candidates: list[str]) -> int:
+def run(cfg: Config, resume_candidates: list[str]) -> int:
     t_start = time.time()
     r = set_up(cfg)
     # From here to the summary a rank that stops making progress (a peer lost while the checkpoint

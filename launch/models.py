@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from .config import Config
 
 
 class BasicBlock(nn.Module):
@@ -20,7 +24,7 @@ class BasicBlock(nn.Module):
         if stride != 1 or cin != cout:
             self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
@@ -61,13 +65,13 @@ class SmallResNet(nn.Module):
                 if isinstance(mod, BasicBlock):
                     nn.init.zeros_(mod.bn2.weight)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.bn1(self.conv1(x)))
         x = self.stages(x)
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
-def build_model(cfg) -> nn.Module:
+def build_model(cfg: Config) -> nn.Module:
     m = cfg.model
     if m.name == "resnet50":
         import torchvision
@@ -79,7 +83,7 @@ def build_model(cfg) -> nn.Module:
     return SmallResNet(in_channels, m.num_classes, m.width, m.blocks, m.zero_init_residual)
 
 
-def input_shape(cfg):
+def input_shape(cfg: Config) -> tuple[int, int, int]:
     """(channels, height, width) of one training image."""
     d = cfg.data
     if d.dataset == "fashion_mnist":

@@ -6,7 +6,10 @@ import json
 import math
 import os
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .config import Config
 
 
 def metrics_records(path: str, bad_lines: list[int] | None = None) -> Iterator[dict[str, Any]]:
@@ -24,6 +27,22 @@ def metrics_records(path: str, bad_lines: list[int] | None = None) -> Iterator[d
                 continue
             if isinstance(record, dict):
                 yield record
+
+
+def evaluations_after_checkpoint(
+    log_dir: str, step: int, history: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """The evaluation of the checkpoint's own step, which ran after the checkpoint was written (so that
+    a failing evaluation cannot lose the epoch) and is in metrics.jsonl only."""
+    path = os.path.join(log_dir, "metrics.jsonl")
+    found: list[dict[str, Any]] = []
+    if not os.path.exists(path):
+        return []
+    for record in metrics_records(path):
+        entry = record.get("eval")
+        if isinstance(entry, dict) and record.get("step") == step and entry not in history + found:
+            found.append(entry)
+    return found
 
 
 def _clean(value):
@@ -45,8 +64,9 @@ def _clean(value):
 class RunOutputs:
     """Everything rank 0 writes into the run folder (``log.dir``). Other ranks get ``None``."""
 
-    def __init__(self, cfg, resume_step: int | None):
-        self.dir = cfg.log.dir
+    def __init__(self, cfg: Config, resume_step: int | None) -> None:
+        assert cfg.log.dir is not None, "resolve_paths fills in log.dir"
+        self.dir: str = cfg.log.dir
         os.makedirs(self.dir, exist_ok=True)
         with open(os.path.join(self.dir, "config.yaml"), "w", encoding="utf-8") as fh:
             fh.write(cfg.dump())

@@ -4,21 +4,16 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from torch import nn
 
-from .config import data_problems, kfac_kwargs
+from kfac_hvd.analysis.units import format_bytes
+
+from .config import data_problems
 from .data import steps_per_epoch, train_size
 from .models import build_model
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB", "TB", "PB"):
-        if abs(n) < 1000 or unit == "PB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000.0
-    return str(n)
 
 
 def _kind(module: nn.Module) -> str:
@@ -63,9 +58,9 @@ def make_plan(cfg) -> dict[str, Any]:
     }
     if cfg.optim.method == "kfac":
         import kfac_hvd
-        from kfac_hvd import commodel
+        from kfac_hvd.analysis.traffic import every_step_traffic
 
-        kfac = kfac_hvd.KFAC(model, **kfac_kwargs(cfg))
+        kfac = kfac_hvd.KFAC(model, options=cfg.kfac.options())
         names = list(kfac.layer_names)
         modules = dict(model.named_modules())
         kinds: dict[str, int] = {}
@@ -80,13 +75,7 @@ def make_plan(cfg) -> dict[str, Any]:
         per_rank_layers = [0] * world
         for owner in assignment.owner.values():
             per_rank_layers[owner] += 1
-        traffic = commodel.every_step_traffic(
-            kfac.layers.values(),
-            world,
-            total,
-            symmetric=cfg.kfac.symmetric_comm,
-            local_inverse_max_dim=kfac.local_inverse_max_dim,
-        )
+        traffic = every_step_traffic(kfac.layer_costs.values(), world, total)
         plan["kfac"] = {
             "layers": len(names),
             "layer_kinds": kinds,
@@ -95,7 +84,7 @@ def make_plan(cfg) -> dict[str, Any]:
             "interval_warmup_epochs": cfg.kfac.interval_warmup_epochs,
             "interval_policy": cfg.kfac.interval_policy,
             "damping": cfg.kfac.damping,
-            "local_inverse_max_dim": kfac.local_inverse_max_dim,
+            "local_inverse_max_dim": kfac.options.local_inverse_max_dim,
             "locally_inverted_layers": len(local),
             "local_inversion_load": float(sum(costs[name] for name in local)),
             "assigned_layers": len(assignment.owner),
@@ -177,29 +166,34 @@ def format_plan(plan: dict[str, Any]) -> str:
         cells = [f"{r}: {n}, {x:.3g}" for r, (n, x) in ranks]
         for i in range(0, len(cells), 4):
             lines.append("    " + " | ".join(cells[i : i + 4]))
-        t = k["every_step_traffic"]
-        wire = t.get("wire_bytes_per_rank")
-        if wire is not None:
-            row(
-                "every-step Fisher",
-                f"{_human(wire)} per rank over {plan['steps']} steps "
-                f"({_human(wire / max(plan['steps'], 1))} per step; factor "
-                f"allreduce + one inverse allgather, wire model)",
-            )
-            row(
-                "",
-                f"factor allreduce {_human(t['factor_allreduce_wire_bytes_per_rank'])}, inverse allgather "
-                f"{_human(t['inverse_allgather_wire_bytes_per_rank'])} ({t['travelling_layers']} layers' inverses)",
-            )
-            dense = t.get("allreduce_only_dense_wire_bytes_per_rank")
-            if dense is not None:
-                row("", f"{_human(dense)} as a dense fp32 factor allreduce alone")
+        _traffic_rows(row, k["every_step_traffic"], plan["steps"])
     for w in plan["warnings"]:
         lines.append(w)
     return "\n".join(lines)
 
 
-def dry_run(cfg, plan_json: str = None) -> int:
+def _traffic_rows(row: Callable[[str, Any], None], t: dict[str, Any], steps: int) -> None:
+    """The every-step Fisher traffic of the plan (wire model), one decimal."""
+    wire = t.get("wire_bytes_per_rank")
+    if wire is not None:
+        row(
+            "every-step Fisher",
+            f"{format_bytes(wire, digits=1)} per rank over {steps} steps "
+            f"({format_bytes(wire / max(steps, 1), digits=1)} per step; factor "
+            f"allreduce + one inverse allgather, wire model)",
+        )
+        row(
+            "",
+            f"factor allreduce {format_bytes(t['factor_allreduce_wire_bytes_per_rank'], digits=1)}, "
+            f"inverse allgather {format_bytes(t['inverse_allgather_wire_bytes_per_rank'], digits=1)} "
+            f"({t['travelling_layers']} layers' inverses)",
+        )
+        dense = t.get("allreduce_only_dense_wire_bytes_per_rank")
+        if dense is not None:
+            row("", f"{format_bytes(dense, digits=1)} as a dense fp32 factor allreduce alone")
+
+
+def dry_run(cfg, plan_json: str | None = None) -> int:
     plan = make_plan(cfg)
     for w in plan["warnings"]:
         print(w, file=sys.stderr)

@@ -12,18 +12,21 @@ from collections.abc import Sequence
 
 import numpy as np
 from matplotlib import colormaps
+from matplotlib.axes import Axes
 from matplotlib.colors import ListedColormap, LogNorm
 from matplotlib.figure import Figure
+from matplotlib.gridspec import SubplotSpec
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, PercentFormatter
 
-from .report import _bytes
+from kfac_hvd.analysis.units import format_bytes
+
 from .runlog import RunLog, layer_groups
 
 MAX_COLUMNS = 600  # heatmap step columns (about one per pixel of the panel)
 MAX_LABELS = 28  # layer labels on the heatmap's axis
 DPI = 100
-BYTES = FuncFormatter(lambda value, _: _bytes(value) if value > 0 else "0")
+BYTES = FuncFormatter(lambda value, _: format_bytes(value) if value > 0 else "0")
 BN_COLOUR, KRON_COLOUR = "#d95f02", "#1b9e77"
 
 # Axes titles, one format per panel (the tests find the panels by them).
@@ -60,8 +63,8 @@ def build_figure(runs: Sequence[RunLog]) -> Figure:
     rows = iter(fig.add_gridspec(len(heights), 1, height_ratios=heights))
     if layered:
         columns = next(rows).subgridspec(1, len(layered), wspace=0.08)
-        for column, run in zip(columns, layered):
-            _run_column(fig, column, run)
+        for i, run in enumerate(layered):
+            _run_column(fig, columns[0, i], run)
     if traffic:
         _traffic(fig, next(rows), traffic, colours)
     _learning(fig, next(rows), runs, colours)
@@ -74,6 +77,13 @@ def save(runs: Sequence[RunLog], out: str) -> str:
 
 
 # Per-run panels -----------------------------------------------------------------------------------
+def _recorded(values: np.ndarray | None) -> np.ndarray:
+    """A RunLog array a panel draws: the panel is drawn only for runs that recorded it."""
+    if values is None:
+        raise ValueError("this run has no such records")
+    return values
+
+
 def _bins(count: int, limit: int = MAX_COLUMNS) -> np.ndarray:
     """Start indices of at most ``limit`` contiguous bins over ``count`` records."""
     if count <= limit:
@@ -84,8 +94,9 @@ def _bins(count: int, limit: int = MAX_COLUMNS) -> np.ndarray:
 def heatmap_data(run: RunLog) -> tuple[np.ndarray, np.ndarray]:
     """(layers × columns intervals, each column's first record index): a column is the largest interval
     of its records; with at most MAX_COLUMNS records the intervals themselves."""
-    starts = _bins(run.interval.shape[1])
-    filled = np.where(np.isnan(run.interval), -np.inf, run.interval)
+    interval = _recorded(run.interval)
+    starts = _bins(interval.shape[1])
+    filled = np.where(np.isnan(interval), -np.inf, interval)
     data = np.maximum.reduceat(filled, starts, axis=1)
     return np.where(np.isneginf(data), np.nan, data), starts
 
@@ -101,7 +112,7 @@ def lr_jumps(run: RunLog) -> np.ndarray:
     return run.steps[1:][change & flat_before]
 
 
-def _run_column(fig: Figure, spec, run: RunLog) -> None:
+def _run_column(fig: Figure, spec: SubplotSpec, run: RunLog) -> None:
     cells = spec.subgridspec(
         4, 3, height_ratios=[0.8, 3.6, 2.6, 2.4], width_ratios=[0.5, 30, 0.7], wspace=0.02, hspace=0.05
     )
@@ -129,7 +140,7 @@ def _run_column(fig: Figure, spec, run: RunLog) -> None:
         extent=(edges[0], edges[-1], n_layers - 0.5, -0.5),
     )
     # Update steps: a dot per (layer, column) with an update in it.
-    has_update = np.logical_or.reduceat(run.due, starts, axis=1)
+    has_update = np.logical_or.reduceat(_recorded(run.due), starts, axis=1)
     rows, cols = np.nonzero(has_update)
     centres = (edges[:-1] + edges[1:]) / 2
     heat.scatter(
@@ -157,8 +168,16 @@ def _run_column(fig: Figure, spec, run: RunLog) -> None:
     colourbar.ax.tick_params(labelsize=7)
 
     groups = layer_groups(run.layers)
+    _layer_kinds(kinds, heat, strip, run, groups)
+    _diff(fig.add_subplot(cells[2, :]), run, jumps)
+    _groups(fig.add_subplot(cells[3, :]), run, groups)
+
+
+def _layer_kinds(kinds: Axes, heat: Axes, strip: Axes, run: RunLog, groups: list[str]) -> None:
+    """The strip of layer kinds left of the heatmap, the stage boundaries across both, their legend."""
+    n_layers = len(run.layers)
     kinds.imshow(
-        run.batchnorm[:, None].astype(float),
+        _recorded(run.batchnorm)[:, None].astype(float),
         aspect="auto",
         interpolation="nearest",
         cmap=ListedColormap([KRON_COLOUR, BN_COLOUR]),
@@ -182,11 +201,8 @@ def _run_column(fig: Figure, spec, run: RunLog) -> None:
         framealpha=0.8,
     )
 
-    _diff(fig.add_subplot(cells[2, :]), run, jumps)
-    _groups(fig.add_subplot(cells[3, :]), run, groups)
 
-
-def _layer_labels(ax, names: list[str], groups: list[str]) -> None:
+def _layer_labels(ax: Axes, names: list[str], groups: list[str]) -> None:
     """Every layer's name when they fit, else the stage names (at most MAX_LABELS)."""
     if len(names) <= MAX_LABELS:
         ax.set_yticks(range(len(names)), names, fontsize=max(5, min(8, 200 // len(names))))
@@ -201,19 +217,19 @@ def _layer_labels(ax, names: list[str], groups: list[str]) -> None:
     ax.set_yticks([(a + b) / 2 for _, a, b in keep], [f"{g} ({b - a + 1})" for g, a, b in keep], fontsize=8)
 
 
-def _head(ax, title: str, note: str) -> None:
+def _head(ax: Axes, title: str, note: str) -> None:
     """A panel's title, and under it (as the x label) how to read it."""
     ax.set_title(title, fontsize=10, loc="left")
     ax.set_xlabel(note, fontsize=8)
 
 
-def _nothing(ax, message: str) -> None:
+def _nothing(ax: Axes, message: str) -> None:
     ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes)
     ax.set_xticks([])
     ax.set_yticks([])
 
 
-def _diff(ax, run: RunLog, jumps: np.ndarray) -> None:
+def _diff(ax: Axes, run: RunLog, jumps: np.ndarray) -> None:
     """Each layer's Diff where it was computed (its update steps), coloured by depth; λ as a line."""
     _head(
         ax,
@@ -221,11 +237,12 @@ def _diff(ax, run: RunLog, jumps: np.ndarray) -> None:
         "step   (a layer's largest factor Diff; colour: layer depth, input to "
         "output" + ("; below λ the layer's interval grows by one)" if run.threshold is not None else ")"),
     )
-    measured = np.isfinite(run.diff)
+    diff = _recorded(run.diff)
+    measured = np.isfinite(diff)
     if not measured.any():
         _nothing(ax, "no Diff recorded")
         return
-    positive = run.diff[measured & (run.diff > 0)]
+    positive = diff[measured & (diff > 0)]
     floor = (positive.min() if positive.size else 1e-3) / 2
     rows, cols = np.nonzero(measured)
     depth = rows / max(1, len(run.layers) - 1)
@@ -243,7 +260,7 @@ def _diff(ax, run: RunLog, jumps: np.ndarray) -> None:
         )
     ax.scatter(
         run.steps[cols],
-        np.maximum(run.diff[rows, cols], floor),
+        np.maximum(diff[rows, cols], floor),
         s=size,
         c=depth,
         cmap="plasma",
@@ -259,21 +276,19 @@ def _diff(ax, run: RunLog, jumps: np.ndarray) -> None:
         ax.axvline(step, color="red", lw=1, ls="--")
     ax.set_yscale("log")
     ax.set_xlim(run.steps[0] - 0.5, run.steps[-1] + 0.5)
-    ax.set_ylabel(
-        "Diff" + (" (0 drawn at the bottom)" if (run.diff[measured] <= 0).any() else ""), fontsize=8
-    )
+    ax.set_ylabel("Diff" + (" (0 drawn at the bottom)" if (diff[measured] <= 0).any() else ""), fontsize=8)
     ax.legend(loc="upper right", fontsize=7, markerscale=3)
     ax.tick_params(labelsize=8)
 
 
-def _groups(ax, run: RunLog, groups: list[str]) -> None:
+def _groups(ax: Axes, run: RunLog, groups: list[str]) -> None:
     """Per stage the payload sent (stacked: Kronecker, BatchNorm) against every layer on every step."""
     _head(
         ax,
         GROUPS.format(run.label),
         "layer group   (bars: payload sent per rank; dashed: every layer on every step; %: the ratio)",
     )
-    payload = np.nan_to_num(run.payload_bytes)
+    payload, batchnorm = np.nan_to_num(_recorded(run.payload_bytes)), _recorded(run.batchnorm)
     if not payload.any():
         _nothing(ax, "no Fisher payload (one rank?)")
         return
@@ -282,8 +297,8 @@ def _groups(ax, run: RunLog, groups: list[str]) -> None:
     sent = payload.sum(axis=1)
     every = payload.max(axis=1) * payload.shape[1]  # a layer's payload when due, on every record
     x = np.arange(len(names))
-    kron = member @ (sent * ~run.batchnorm)
-    bn = member @ (sent * run.batchnorm)
+    kron = member @ (sent * ~batchnorm)
+    bn = member @ (sent * batchnorm)
     ax.bar(x, member @ every, color="none", edgecolor="0.3", ls="--", lw=1)
     ax.bar(x, kron, color=KRON_COLOUR, label="Kronecker layers")
     ax.bar(x, bn, bottom=kron, color=BN_COLOUR, label="BatchNorm layers")
@@ -296,13 +311,14 @@ def _groups(ax, run: RunLog, groups: list[str]) -> None:
 
 
 # Panels shared by all runs ------------------------------------------------------------------------
-def _traffic(fig: Figure, spec, runs: Sequence[RunLog], colours) -> None:
-    cumulative, ratio = (fig.add_subplot(cell) for cell in spec.subgridspec(1, 2, width_ratios=[3, 2]))
+def _traffic(fig: Figure, spec: SubplotSpec, runs: Sequence[RunLog], colours: dict[int, str]) -> None:
+    grid = spec.subgridspec(1, 2, width_ratios=[3, 2])
+    cumulative, ratio = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[0, 1])
     for run in runs:
         colour = colours[id(run)]
-        cumulative.plot(run.steps, run.wire_bytes, color=colour, lw=1.5, label=run.label)
-        cumulative.plot(run.steps, run.every_step_wire_bytes, color=colour, lw=1, ls="--")
-        ratio.plot(run.steps, run.ratio, color=colour, lw=1.5, label=run.label)
+        cumulative.plot(run.steps, _recorded(run.wire_bytes), color=colour, lw=1.5, label=run.label)
+        cumulative.plot(run.steps, _recorded(run.every_step_wire_bytes), color=colour, lw=1, ls="--")
+        ratio.plot(run.steps, _recorded(run.ratio), color=colour, lw=1.5, label=run.label)
     cumulative.plot([], [], color="0.4", ls="--", lw=1, label="every layer every step")
     cumulative.set_title(TRAFFIC + ", ring wire model", fontsize=10, loc="left")
     cumulative.yaxis.set_major_formatter(BYTES)
@@ -327,8 +343,9 @@ def smooth(values: np.ndarray, window: int | None = None) -> np.ndarray:
     return np.divide(total, count, out=np.full_like(total, np.nan), where=count > 0)
 
 
-def _learning(fig: Figure, spec, runs: Sequence[RunLog], colours) -> None:
-    axes = [fig.add_subplot(cell) for cell in spec.subgridspec(1, 4)]
+def _learning(fig: Figure, spec: SubplotSpec, runs: Sequence[RunLog], colours: dict[int, str]) -> None:
+    grid = spec.subgridspec(1, 4)
+    axes = [fig.add_subplot(grid[0, i]) for i in range(4)]
     titles = (ACCURACY, LOSS, ACCURACY_TIME, LOSS_TIME)
     for run in runs:
         colour = colours[id(run)]

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import TextIO
 
 from .dist import under_launcher
 
 
-def wants_bar(stream=None) -> bool:
+def wants_bar(stream: TextIO | None = None) -> bool:
     """A tqdm bar only for a person watching a terminal: stderr is a tty and no launcher is in between."""
     stream = stream if stream is not None else sys.stderr
     isatty = getattr(stream, "isatty", None)

@@ -27,11 +27,15 @@ import signal
 import sys
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-EXIT_OK, EXIT_ERROR, EXIT_INPUT, EXIT_ABORTED, EXIT_DIVERGED, EXIT_STORAGE = 0, 1, 2, 3, 4, 5
+if TYPE_CHECKING:
+    from .config import Config
+
+# 0 and 1 are Python's own: a normal end, an uncaught exception.
+EXIT_INPUT, EXIT_ABORTED, EXIT_DIVERGED, EXIT_STORAGE = 2, 3, 4, 5
 
 logger = logging.getLogger("launch")
 
@@ -70,7 +74,7 @@ def fingerprint(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def config_fingerprint(cfg) -> str:
+def config_fingerprint(cfg: Config) -> str:
     return fingerprint(cfg.to_dict())
 
 
@@ -91,6 +95,7 @@ def code_files() -> dict[str, str]:
 
     files = {}
     for pkg in (kfac_hvd, launch):
+        assert pkg.__file__ is not None  # regular packages, with an __init__.py
         root = os.path.dirname(os.path.abspath(pkg.__file__))
         for dirpath, dirnames, filenames in os.walk(root):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith((".", "__pycache__")))
@@ -109,12 +114,16 @@ def code_fingerprint() -> tuple[str, dict[str, Any]]:
     return hashlib.sha256(json.dumps(detail, sort_keys=True).encode()).hexdigest(), detail
 
 
-def _flat(cfg) -> dict[str, Any]:
+def _flat(cfg: Config) -> dict[str, Any]:
     return {f"{s}.{k}": v for s, sec in cfg.to_dict().items() for k, v in sec.items()}
 
 
 def check_agreement(
-    hvd, cfg, layout: list[dict], code_detail: dict[str, Any], data_identity: dict[str, Any] | None = None
+    hvd: Any,
+    cfg: Config,
+    layout: list[dict],
+    code_detail: dict[str, Any],
+    data_identity: dict[str, Any] | None = None,
 ) -> None:
     """Raise RunStop(2) on every rank when the ranks' config, code or data fingerprints differ.
 
@@ -198,7 +207,9 @@ class Watchdog:
         self._stop = threading.Event()
         self._thread = None
         if timeout:
-            self._thread = threading.Thread(target=self._watch, name="launch-watchdog", daemon=True)
+            self._thread = threading.Thread(
+                target=self._watch, args=(timeout,), name="launch-watchdog", daemon=True
+            )
             self._thread.start()
 
     def beat(self, what: str) -> None:
@@ -207,14 +218,14 @@ class Watchdog:
     def stop(self) -> None:
         self._stop.set()
 
-    def _watch(self) -> None:
-        poll = min(5.0, max(0.05, self.timeout / 10))
+    def _watch(self, timeout: float) -> None:
+        poll = min(5.0, max(0.05, timeout / 10))
         while not self._stop.wait(poll):
             idle = time.monotonic() - self.last
-            if idle > self.timeout:
+            if idle > timeout:
                 msg = (
                     f"error: rank {self.rank}: no progress for {idle:.0f} s (train.watchdog_s = "
-                    f"{self.timeout:g}) since {self.what}; a rank died, hung or stopped answering. "
+                    f"{timeout:g}) since {self.what}; a rank died, hung or stopped answering. "
                     f"Exiting with code {EXIT_ABORTED} so the job ends instead of hanging.\n"
                 )
                 try:
@@ -271,7 +282,7 @@ def all_finite(tensors: list[torch.Tensor]) -> bool:
 # Fault injection (the ``debug`` section): rehearse what a real fault does to a job
 # --------------------------------------------------------------------------------------------------
 class Faults:
-    def __init__(self, dcfg, rank: int, size: int):
+    def __init__(self, dcfg: Any, rank: int, size: int) -> None:
         self.rank, self.on = rank, dcfg.fault_rank == rank
         self.nan_step, self.kill_step, self.hang_step = dcfg.nan_step, dcfg.kill_step, dcfg.hang_step
         self.overflow_step = dcfg.overflow_step

@@ -8,11 +8,7 @@ import json
 import os
 import sys
 
-from kfac_hvd.commodel import format_bytes
-
-
-def _bytes(n) -> str:
-    return "-" if n is None else format_bytes(n)
+from kfac_hvd.analysis.units import format_bytes
 
 
 def load(path: str) -> dict:
@@ -44,8 +40,8 @@ def row(summary: dict, label: str) -> list[str]:
         label,
         method_label(summary),
         f"{top1 * 100:.2f}%" if top1 is not None else "-",
-        _bytes(fisher.get("wire_bytes")) if fisher else "-",
-        _bytes(fisher.get("every_step_wire_bytes")) if fisher else "-",
+        format_bytes(fisher.get("wire_bytes")) if fisher else "-",
+        format_bytes(fisher.get("every_step_wire_bytes")) if fisher else "-",
         f"{ratio * 100:.1f}%" if ratio is not None else "-",
         f"{kfac['mean_interval']:.2f}" if kfac.get("mean_interval") is not None else "-",
         f"{summary.get('wall_time_s', 0):.0f} s",
@@ -95,9 +91,9 @@ def _plot(paths: list[str], out: str | None) -> int:
         except (NotARun, OSError) as exc:
             print(f"report: {exc}", file=sys.stderr)
             return 2
-    finished = [r for r in runs if r.summary is not None]
+    finished = [(r.summary, r.name) for r in runs if r.summary is not None]
     if finished:
-        print(table([r.summary for r in finished], [r.name for r in finished]))
+        print(table([summary for summary, _ in finished], [name for _, name in finished]))
         print(LEGEND, flush=True)
     for run in runs:
         for problem in run.problems:

@@ -20,10 +20,13 @@ import json
 import os
 import socket
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import SCHEMA, ConfigError
 from .schema import may_change_on_resume
+
+if TYPE_CHECKING:
+    from .config import Config
 
 LOCK = ".lock"
 NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
@@ -146,11 +149,12 @@ def _outputs(folder: str) -> list[str]:
     return out
 
 
-def claim(cfg, fresh: bool, command: str = "") -> tuple[list[FolderLock], list[str]]:
+def claim(cfg: Config, fresh: bool, command: str = "") -> tuple[list[FolderLock], list[str]]:
     """Rank 0, before it writes anything: lock the run folder(s), refuse or move aside another run's
     outputs when this run starts fresh. Returns the locks (held until :func:`release`) and the lines
     to print. Raises ConfigError (exit code 2) with one line."""
     log_dir, ck_dir = cfg.log.dir, cfg.checkpoint.dir
+    assert log_dir is not None and ck_dir is not None, "resolve_paths fills in both folders"
     folders = [log_dir] + ([] if _inside(ck_dir, log_dir) else [ck_dir])
     locks: list[FolderLock] = []
     try:
@@ -180,7 +184,7 @@ def claim(cfg, fresh: bool, command: str = "") -> tuple[list[FolderLock], list[s
         raise
 
 
-def _used_error(cfg, used: dict[str, list[str]]) -> ConfigError:
+def _used_error(cfg: Config, used: dict[str, list[str]]) -> ConfigError:
     folder, names = next(iter(used.items()))
     shown = ", ".join(names[:5]) + (f" (+{len(names) - 5} more)" if len(names) > 5 else "")
     if cfg.checkpoint.resume == "auto":

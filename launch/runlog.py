@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,7 +71,7 @@ def _method_source(summary: dict[str, Any] | None, cfg: dict[str, Any]) -> dict[
     return {"method": method, "kfac": kfac if method == "kfac" else None}
 
 
-def _lines(path: str, problems: list[str]):
+def _lines(path: str, problems: list[str]) -> Iterator[dict[str, Any]]:
     bad: list[int] = []
     yield from metrics_records(path, bad)
     if bad:
@@ -139,7 +140,7 @@ def read_run(path: str) -> RunLog:
         evals=evals,
         problems=problems,
     )
-    fisher = [e.get("fisher") if isinstance(e.get("fisher"), dict) else {} for e in train]
+    fisher: list[dict[str, Any]] = [f if isinstance(f := e.get("fisher"), dict) else {} for e in train]
     if any(fisher):
 
         def fisher_column(key: str) -> np.ndarray:
@@ -150,7 +151,7 @@ def read_run(path: str) -> RunLog:
         log.wire_bytes = fisher_column("wire_bytes")
         log.every_step_wire_bytes = fisher_column("every_step_wire_bytes")
         log.ratio = fisher_column("ratio")
-    _read_layers(log, [e.get("kfac") if isinstance(e.get("kfac"), dict) else {} for e in train])
+    _read_layers(log, [k if isinstance(k := e.get("kfac"), dict) else {} for e in train])
     return log
 
 

@@ -25,10 +25,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from kfac_hvd import KFAC
+
 from .data import unreadable_paths
+from .lr_schedule import rescale_weights, set_lr
 from .precision import MixedPrecision
 from .reliability import EXIT_INPUT, BufferGuard, Faults, RunStop
-from .schedule import rescale_weights, set_lr
 
 OK, OVERFLOW, DIVERGED = "ok", "overflow", "diverged"
 
@@ -40,7 +42,7 @@ class Trainer:
     hvd: Any
     model: nn.Module
     optimizer: Any  # hvd.DistributedOptimizer
-    kfac: Any  # kfac_hvd.KFAC or None (SGD)
+    kfac: KFAC | None  # None: SGD
     criterion: nn.Module
     precision: MixedPrecision
     buffers: BufferGuard
@@ -69,13 +71,13 @@ class StepOutcome:
         return self.verdict != OK
 
 
-def mixup(x: torch.Tensor, y: torch.Tensor, alpha: float):
+def mixup(x: torch.Tensor, y: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor, float]:
     lam = float(np.random.beta(alpha, alpha))
     perm = torch.randperm(x.size(0), device=x.device)
     return lam * x + (1 - lam) * x[perm], y[perm], lam
 
 
-def forward_loss(t: Trainer, x: torch.Tensor, y: torch.Tensor):
+def forward_loss(t: Trainer, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(output, loss) under the run's autocast; mixup mixes the inputs and the two labels' losses."""
     with t.precision.autocast():
         if t.mixup_alpha > 0:
@@ -88,15 +90,16 @@ def forward_loss(t: Trainer, x: torch.Tensor, y: torch.Tensor):
     return output, loss
 
 
-def nonfinite_flag(tensors: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-    """1.0 when any element of any tensor is NaN or Inf, else 0.0: a device tensor, no host read.
+def nonfinite_flag(tensors: list[torch.Tensor | None], like: torch.Tensor) -> torch.Tensor:
+    """1.0 when any element of any tensor (None: none) is NaN or Inf, else 0.0: a device tensor, no host
+    read.
 
     The max-norm of each tensor keeps NaN and Inf and cannot overflow for finite values.
     """
-    tensors = [t for t in tensors if t is not None]
-    if not tensors:
+    present = [t for t in tensors if t is not None]
+    if not present:
         return torch.zeros((), dtype=torch.float32, device=like.device)
-    norms = torch._foreach_norm(tensors, float("inf"))
+    norms = torch._foreach_norm(present, float("inf"))
     return (~torch.isfinite(torch.stack([n.float() for n in norms]))).any().float()
 
 
@@ -163,7 +166,7 @@ def train_step(t: Trainer, x: torch.Tensor, y_host: torch.Tensor, step: int, lr:
     )
 
 
-def stop_for_unreadable(hvd, local: list[str], key: str) -> None:
+def stop_for_unreadable(hvd: Any, local: list[str], key: str) -> None:
     """Collective (every rank knows that some rank found unreadable images): stop with their paths."""
     found = [p for paths in hvd.allgather_object(local) for p in paths]
     first = found[0] if found else "an image"

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from kfac_hvd.analysis.units import format_bytes
+
 from .reliability import all_finite
-from .report import _bytes
 from .step import OVERFLOW, StepOutcome
+
+if TYPE_CHECKING:
+    from .loop import Run, RunState
 
 
 def read_logged_values(record: dict[str, Any] | None, loss_scale: Any) -> dict[str, float | None]:
@@ -28,7 +32,7 @@ def read_logged_values(record: dict[str, Any] | None, loss_scale: Any) -> dict[s
 
 
 def log_record(
-    run,
+    run: Run,
     step: int,
     epoch_position: float,
     outcome: StepOutcome,
@@ -75,6 +79,7 @@ def log_record(
         }
         entry["mean_interval"] = kfac.mean_interval()
         entry["kfac_seconds"] = kfac_seconds
+        assert outcome.record is not None  # K-FAC's step and skip_step both return one
         record = dict(outcome.record, kl_scale=logged["kl_scale"])
         if not run.cfg.log.layer_records:
             layers = record.pop("layers")
@@ -88,11 +93,12 @@ def log_record(
                 "kfac/mean_interval": entry["mean_interval"],
             }
         )
+    assert run.out is not None  # rank 0's
     run.out.record(entry)
     run.out.scalars(step, scalars)
 
 
-def summarize(run, state, wall_time: float) -> dict[str, Any] | None:
+def summarize(run: Run, state: RunState, wall_time: float) -> dict[str, Any] | None:
     """Collective: every rank's weight checksum and finiteness; rank 0 writes summary.json and prints it."""
     cfg, hvd, kfac, model = run.cfg, run.hvd, run.kfac, run.trainer.model
     if kfac is not None:
@@ -157,8 +163,8 @@ def format_summary(s: dict[str, Any]) -> str:
     if f:
         ratio = f.get("ratio")
         lines.append(
-            f"  Fisher traffic     {_bytes(f.get('wire_bytes'))} per rank (wire model), "
-            f"{_bytes(f.get('payload_bytes'))} payload"
+            f"  Fisher traffic     {format_bytes(f.get('wire_bytes'))} per rank (wire model), "
+            f"{format_bytes(f.get('payload_bytes'))} payload"
             + (f" = {ratio * 100:.1f}% of every step" if ratio is not None else "")
         )
         lines.append(f"  mean interval      {s['kfac']['mean_interval']:.2f}")

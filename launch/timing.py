@@ -9,7 +9,7 @@ event is complete. On the CPU it reads the wall clock.
 from __future__ import annotations
 
 import time
-from typing import Union
+from typing import Union, cast
 
 import torch
 
@@ -45,7 +45,9 @@ class StepTimer:
         pending, self._pending = self._pending, []
         if not pending:
             return []
+        # Every mark is of one kind, which self.cuda decides.
         if not self.cuda:
-            return [end - begin for begin, end in pending]
-        pending[-1][1].synchronize()
-        return [begin.elapsed_time(end) / 1000.0 for begin, end in pending]
+            return [end - begin for begin, end in cast(list[tuple[float, float]], pending)]
+        events = cast(list[tuple[torch.cuda.Event, torch.cuda.Event]], pending)
+        events[-1][1].synchronize()
+        return [begin.elapsed_time(end) / 1000.0 for begin, end in events]

@@ -18,7 +18,7 @@ import io
 import os
 import sys
 
-from .config import ConfigError, data_problems, kfac_kwargs, load_config, resolve_paths
+from .config import Config, ConfigError, data_problems, load_config, resolve_paths
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -50,13 +50,13 @@ def config_error(err: ConfigError) -> int:
     return 2
 
 
-def precheck(cfg) -> None:
+def precheck(cfg: Config) -> None:
     """Everything that can be checked by each process alone, before Horovod starts (raises ConfigError).
 
     Files only rank 0 touches (the checkpoint to resume from, the run folder) are checked by the
     process the launcher announced as rank 0; the launcher ends the others when it exits.
     """
-    from .dist import env_rank
+    from .dist import check_controller, env_rank
 
     problems = data_problems(cfg)
     if problems:
@@ -68,23 +68,22 @@ def precheck(cfg) -> None:
                 raise cfg.error("checkpoint.resume", f"is a directory, not a checkpoint file: {resume}")
             if not os.path.isfile(resume):
                 raise cfg.error("checkpoint.resume", f"file not found: {resume}")
-        for key in ("log.dir", "checkpoint.dir"):
-            section, name = key.split(".")
-            problem = _unwritable(cfg.values[section][name])
+        for key, folder in (("log.dir", cfg.log.dir), ("checkpoint.dir", cfg.checkpoint.dir)):
+            assert folder is not None  # resolve_paths filled it in
+            problem = _unwritable(folder)
             if problem:
                 raise cfg.error(key, problem)
     check_horovod(cfg)
+    check_controller(cfg)
     from .elastic import check_elastic
 
     check_elastic(cfg)
-    if cfg.optim.method == "kfac":
-        check_kfac_options(cfg)
     from .device import check_device
 
     check_device(cfg)  # CUDA present when asked for, precision supported, Horovod able to take CUDA tensors
 
 
-def check_horovod(cfg) -> None:
+def check_horovod(cfg: Config) -> None:
     """horovod.torch imports with its compiled extension, or ConfigError with one line.
 
     A Horovod built without PyTorch support does not raise on import: horovod.torch prints the problem
@@ -119,29 +118,6 @@ def _unwritable(path: str) -> str | None:
     return None
 
 
-# KFAC keywords whose config key is spelled differently (the config takes MiB, the library bytes).
-CONFIG_KEY_OF_KWARG = {"unfold_chunk_bytes": "unfold_chunk_mb"}
-
-
-def check_kfac_options(cfg) -> None:
-    """Let the library judge the ``kfac`` section on a one-layer model (no Horovod needed)."""
-    import torch
-
-    import kfac_hvd
-
-    probe = torch.nn.Sequential(torch.nn.Linear(2, 2))
-    try:
-        kfac = kfac_hvd.KFAC(probe, **kfac_kwargs(cfg))
-    except (TypeError, ValueError) as exc:
-        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        key = next((f"kfac.{CONFIG_KEY_OF_KWARG.get(k, k)}" for k in kfac_kwargs(cfg) if k in text), "kfac")
-        if "no Linear, Conv2d or BatchNorm2d layer" in text:
-            return  # the probe's only layer was skipped by kfac.skip_layers; judged on the real model
-        raise cfg.error(key, text) from None
-    if hasattr(kfac, "remove_hooks"):
-        kfac.remove_hooks()
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -153,12 +129,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             from .plan import dry_run
 
-            if cfg.optim.method == "kfac":
-                check_kfac_options(cfg)
             return dry_run(cfg, args.plan_json)
         precheck(cfg)
         from .checkpoint import resume_candidates
 
+        assert cfg.checkpoint.dir is not None  # resolve_paths filled it in
         candidates = resume_candidates(cfg.checkpoint.resume, cfg.checkpoint.dir)
     except ConfigError as err:
         return config_error(err)

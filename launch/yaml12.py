@@ -9,6 +9,7 @@ and ``yes`` are strings, ``1e-3`` is a number, and only ``true``/``false`` (any 
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import yaml
 
@@ -69,6 +70,21 @@ Yaml12Loader.add_constructor("tag:yaml.org,2002:float", _float)
 Yaml12Loader.add_constructor("tag:yaml.org,2002:bool", _bool)
 
 
-def load_scalar_or_flow(text: str):
+def load_scalar_or_flow(text: str) -> Any:
     """One command-line value (``0.25``, ``null``, ``[30, 60]``) under the rules above."""
     return yaml.load(text, Loader=Yaml12Loader)
+
+
+class UniqueKeyLoader(Yaml12Loader):
+    """The YAML 1.2 loader, refusing a key given twice in one mapping (YAML would keep the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key '{key}'", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)

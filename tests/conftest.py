@@ -72,3 +72,20 @@ def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is false)")
     for item in cuda_items:
         item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def two_hosts(tmp_path_factory):
+    """Two loopback hosts reachable over ssh (tests/twohosts.py), for the session; stopped at its end."""
+    from twohosts import SshdServer, sshd_problem
+
+    problem = sshd_problem()
+    if problem is not None:
+        if STRICT:
+            pytest.fail(f"KFAC_HVD_STRICT=1: {problem}")
+        pytest.skip(problem)
+    server = SshdServer(str(tmp_path_factory.mktemp("twohosts")))
+    try:
+        yield server.start()
+    finally:
+        server.stop()

@@ -14,9 +14,10 @@ import pytest
 import torch
 from torch import nn
 
-from kfac_hvd import commodel
-from kfac_hvd import timemodel as tm
+from kfac_hvd.analysis import commodel, replay, traffic
+from kfac_hvd.analysis import timemodel as tm
 from kfac_hvd.comm import every_step_cost
+from kfac_hvd.cost import layer_costs
 
 P = 128
 STEPS = 2814
@@ -50,6 +51,11 @@ def resnet50_shapes():
     return model, kron, bn
 
 
+def costs_of(model, **scheme):
+    """The K-FAC layers' costs, fp32."""
+    return list(layer_costs(traffic.model_layers(model), element_bytes=4, **scheme).values())
+
+
 def expected_traffic(kron, bn, ranks, steps, max_dim=256):
     """Exact per-rank bytes: triangles (n(n+1)/2 per matrix, 3 per BN channel), 4 bytes each; factors
     allreduced (2(P-1)/P), inverses of the layers wider than max_dim allgathered ((P-1)/P)."""
@@ -66,7 +72,7 @@ def test_resnet50_every_step_traffic_exact_at_paper_scale():
     local_kron = [shape for shape in kron if max(shape) <= 256]
     assert len(local_kron) == 9  # conv1, layer1's 1x1 convs and downsample, layer2.0.conv1
     factors, inverses, wire = expected_traffic(kron, bn, P, STEPS)
-    result = commodel.every_step_traffic(model, P, STEPS)
+    result = traffic.every_step_traffic(costs_of(model), P, STEPS)
     assert result["layers"] == 107
     assert result["locally_inverted_layers"] == 62 and result["travelling_layers"] == 45
     assert result["factor_values"] == 153_957_802  # METHOD.md: 153.9 M values, 615 MB in fp32
@@ -82,7 +88,7 @@ def test_resnet50_every_step_traffic_exact_at_paper_scale():
     dense = STEPS * Fraction(2 * (P - 1), P) * 153_957_802 * 4
     assert abs(result["allreduce_only_dense_wire_bytes_per_rank"] - dense) < 1
     # The library's own accounting (KFAC.comm_stats' every-step figures) agrees with the model.
-    library = every_step_cost(commodel.model_layers(model), P, element_bytes=4)
+    library = every_step_cost(costs_of(model), P)
     assert abs(STEPS * library["every_step_wire_bytes"] - wire) < 1
 
 
@@ -90,7 +96,7 @@ def test_resnet50_every_step_traffic_exact_at_paper_scale():
 def test_local_inverse_max_dim_moves_layers_out_of_the_allgather(max_dim, local):
     model, kron, bn = resnet50_shapes()
     factors, inverses, wire = expected_traffic(kron, bn, P, STEPS, max_dim)
-    result = commodel.every_step_traffic(model, P, STEPS, local_inverse_max_dim=max_dim)
+    result = traffic.every_step_traffic(costs_of(model, local_inverse_max_dim=max_dim), P, STEPS)
     assert result["locally_inverted_layers"] == local
     assert result["inverse_payload_bytes_per_step"] == inverses
     assert abs(result["wire_bytes_per_rank"] - wire) < 1
@@ -99,7 +105,7 @@ def test_local_inverse_max_dim_moves_layers_out_of_the_allgather(max_dim, local)
 
 def test_scheme_comparison_resnet50():
     model, kron, bn = resnet50_shapes()
-    s = commodel.scheme_comparison(commodel.model_layers(model), P)
+    s = traffic.scheme_comparison(costs_of(model), P)
     all_inverses = 4 * (sum(tri(a) + tri(g) for a, g in kron) + sum(3 * c for c in bn))
     local_bytes = 4 * (sum(tri(a) + tri(g) for a, g in kron if max(a, g) <= 256) + sum(3 * c for c in bn))
     assert s["broadcast_scheme"]["broadcasts"] == 161 and s["broadcast_scheme"]["roots"] == 107
@@ -138,8 +144,7 @@ def trace_records(layers, steps, diff):
 
 
 def linear_layers(*widths):
-    model = nn.Sequential(*[nn.Linear(width, 4) for width in widths])
-    return commodel.model_layers(model)
+    return costs_of(nn.Sequential(*[nn.Linear(width, 4) for width in widths]))
 
 
 # Due steps counted by hand (METHOD.md): factors that never change are due at 1, 2, 4, 6, ..., 40
@@ -156,32 +161,34 @@ def linear_layers(*widths):
 def test_replay_due_steps_counted_by_hand(policy, diff, due):
     layers = linear_layers(4, 4, 300)  # two small layers (inverted everywhere) and one whose inverses travel
     records = trace_records([layer.name for layer in layers], 50, diff)
-    replay = commodel.replay_trace(
+    replayed = replay.replay_trace(
         records, layers, 40, 4, update_threshold=0.25, interval_policy=policy, keep_schedule=True
     )
-    assert [t for t, names in enumerate(replay["schedule"], 1) if names] == due
-    assert all(len(names) == 3 for names in replay["schedule"] if names)
-    assert replay["layer_updates"] == 3 * len(due)
-    assert replay["ratio"] == pytest.approx(len(due) / 40)
+    assert [t for t, names in enumerate(replayed["schedule"], 1) if names] == due
+    assert all(len(names) == 3 for names in replayed["schedule"] if names)
+    assert replayed["layer_updates"] == 3 * len(due)
+    assert replayed["ratio"] == pytest.approx(len(due) / 40)
     # Per update, at P = 4: Linear(4, 4): A 5x5, G 4x4 -> (15 + 10) * 4 = 100 bytes, allreduce only
     # (2 * 3/4); Linear(300, 4): A 301x301, G 4x4 -> (45451 + 10) * 4 bytes, allreduce + allgather (3/4).
     small, big = 100, (tri(301) + tri(4)) * 4
     per_step = 2 * (1.5 * small) + 1.5 * big + 0.75 * big
-    assert replay["wire_bytes_per_rank"] == pytest.approx(len(due) * per_step, rel=1e-12)
-    assert replay["inverse_allgather_wire_bytes_per_rank"] == pytest.approx(len(due) * 0.75 * big, rel=1e-12)
-    assert replay["inverse_allgathers"] == len(due)
-    assert replay["control_wire_bytes_per_rank"] == pytest.approx(len(due) * 0.75 * 4 * 3)
+    assert replayed["wire_bytes_per_rank"] == pytest.approx(len(due) * per_step, rel=1e-12)
+    assert replayed["inverse_allgather_wire_bytes_per_rank"] == pytest.approx(
+        len(due) * 0.75 * big, rel=1e-12
+    )
+    assert replayed["inverse_allgathers"] == len(due)
+    assert replayed["control_wire_bytes_per_rank"] == pytest.approx(len(due) * 0.75 * 4 * 3)
 
 
 def test_replay_maps_other_names_by_depth():
     layers = linear_layers(4, 4)
     records = trace_records(["a", "b", "c"], 20, 0.9)  # other names: mapped by depth
-    replay = commodel.replay_trace(records, layers, 100, 8, update_threshold=0.25)
-    assert replay["ratio"] == pytest.approx(1.0)
+    replayed = replay.replay_trace(records, layers, 100, 8, update_threshold=0.25)
+    assert replayed["ratio"] == pytest.approx(1.0)
 
 
 def test_map_layers_by_type_and_depth():
-    mapping = commodel.map_layers(
+    mapping = replay.map_layers(
         {"x1": "kronecker", "x2": "batchnorm", "x3": "kronecker"},
         {"a": "kronecker", "b": "batchnorm", "c": "kronecker", "d": "kronecker"},
     )
@@ -192,7 +199,7 @@ def test_bad_trace_is_one_clear_error(tmp_path):
     bad = tmp_path / "metrics.jsonl"
     bad.write_text("{not json\n")
     with pytest.raises(ValueError, match="metrics.jsonl:1"):
-        commodel.load_trace(str(bad))
+        replay.load_trace(str(bad))
 
 
 # Time model --------------------------------------------------------------------------------------
@@ -330,9 +337,9 @@ def test_due_fraction_and_schedule_rows():
 
 
 # CLI ---------------------------------------------------------------------------------------------
-def run_cli(*args):
+def run_cli(*args, module="kfac_hvd.analysis.commodel"):
     return subprocess.run(
-        [sys.executable, "-m", "kfac_hvd.commodel", *args], capture_output=True, text=True, check=True
+        [sys.executable, "-m", module, *args], capture_output=True, text=True, check=True
     ).stdout
 
 
@@ -340,7 +347,7 @@ def test_cli_traffic_time_and_trace(tmp_path):
     trace = tmp_path / "metrics.jsonl"
     _, kron, bn = resnet50_shapes()
     with torch.device("meta"):
-        layers = commodel.model_layers(__import__("torchvision").models.resnet50())
+        layers = traffic.model_layers(__import__("torchvision").models.resnet50())
     with trace.open("w") as handle:
         for record in trace_records(
             [layer.name for layer in layers if "F" not in layer.factor_shapes()], 30, 0.0
@@ -358,13 +365,28 @@ def test_cli_traffic_time_and_trace(tmp_path):
     assert result["time"]["assumptions"]["network"]["node_bandwidth"] == 25e9
     text = markdown.read_text()
     assert "A model, not a measurement" in text and "--time" in text and "| SGD |" in text
-    plain = run_cli("--local-inverse-max-dim", "0")
+    plain = run_cli("--local-inverse-max-dim", "0", module="kfac_hvd.commodel")  # the old name
     assert "3.0 TB" in plain and "the other 54 layers" in plain and "(53 layers)" in plain
+    # λ is checked as a training run checks it: one line naming the option, exit 2
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kfac_hvd.analysis.commodel",
+            "--trace",
+            str(trace),
+            "--update-threshold",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "update_threshold" in bad.stderr and "Traceback" not in bad.stderr
 
 
 # Device rates and the precision of the factor products ---------------------------------------------
 def test_device_kinds_from_torch_names():
-    from kfac_hvd.devices import device_kind
+    from kfac_hvd.analysis.devices import device_kind
 
     assert device_kind("NVIDIA H200") == "H200" and device_kind("NVIDIA H100 80GB HBM3") == "H100"
     assert device_kind("NVIDIA A100-SXM4-80GB") == "A100" and device_kind("Tesla V100-SXM2-16GB") == "V100"

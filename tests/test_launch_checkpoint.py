@@ -9,7 +9,7 @@ import torch
 from launch_helpers.common import describe, horovod_ready, read_jsonl
 from launch_helpers.jobs import job, tiny, train_cmd
 
-from launch.checkpoint import atomic_save, resolve_resume
+from launch.checkpoint import atomic_save, resume_candidates
 
 needs_horovod = pytest.mark.skipif(not horovod_ready(), reason="horovod not installed")
 
@@ -30,12 +30,11 @@ def test_atomic_save_replaces_whole_file_and_leaves_no_temporaries(tmp_path):
     assert os.listdir(tmp_path / "ck") == ["last.pt"]
 
 
-def test_resolve_resume(tmp_path):
-    assert resolve_resume(None, str(tmp_path)) is None
-    assert resolve_resume("auto", str(tmp_path)) is None
+def test_resume_candidates_of_no_resume_and_of_an_explicit_file(tmp_path):
     (tmp_path / "last.pt").write_bytes(b"x")
-    assert resolve_resume("auto", str(tmp_path)) == str(tmp_path / "last.pt")
-    assert resolve_resume("/some/file.pt", str(tmp_path)) == "/some/file.pt"
+    assert resume_candidates(None, str(tmp_path)) == []
+    assert resume_candidates("/some/file.pt", str(tmp_path)) == ["/some/file.pt"]
+    assert resume_candidates("auto", str(tmp_path)) == [str(tmp_path / "last.pt")]  # an older layout
 
 
 def load_ckpt(run_dir):

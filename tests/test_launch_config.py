@@ -5,8 +5,10 @@ import os
 import textwrap
 
 import pytest
+import torch
 import yaml
 from launch_helpers.common import CONFIGS, launch_cmd, run
+from pydantic import ValidationError
 
 from launch.config import ConfigError, load_config, resolve_paths
 
@@ -262,12 +264,104 @@ def test_cli_print_config_applies_overrides(tmp_path):
     assert resolved["log"]["dir"] == os.path.join("runs", "exp")
 
 
-def test_docs_list_every_key():
+def test_docs_list_every_key(tmp_path):
     """docs/LAUNCHER.md's key reference is generated from the schema; it must not fall behind."""
-    from launch.config import SCHEMA, keys_markdown
+    from launch.config import SCHEMA, keys_markdown, update_key_reference
 
-    doc = open(os.path.join(os.path.dirname(CONFIGS), "docs", "LAUNCHER.md")).read()
-    for section, specs in SCHEMA.items():
-        for key in specs:
+    path = os.path.join(os.path.dirname(CONFIGS), "docs", "LAUNCHER.md")
+    doc = open(path).read()
+    for section, fields in SCHEMA.items():
+        for key in fields:
             assert f"`{section}.{key}`" in doc, f"{section}.{key} missing from docs/LAUNCHER.md"
     assert keys_markdown() in doc
+    copy = write(tmp_path / "LAUNCHER.md", doc.replace("| `optim.lr` | float > 0 |", "| `optim.lr` | old |"))
+    update_key_reference(copy)
+    assert open(copy).read() == doc  # the generator rewrites only its part, and to what is there
+
+
+# ---- the kfac section: generated from kfac_hvd.KFACOptions ---------------------------------------
+def test_kfac_section_is_every_library_option_with_its_defaults(tmp_path):
+    import kfac_hvd
+    from launch.kfac_section import KEYS, NOT_OFFERED
+
+    offered = {key.option for key in KEYS.values()}
+    assert offered == {f.name for f in kfac_hvd.option_fields()} - set(NOT_OFFERED)
+    path = write(tmp_path / "d.yaml", "model: {name: small_resnet}\ndata: {dataset: synthetic}\n")
+    assert load_config(path).kfac.options() == kfac_hvd.KFACOptions()  # defaults survive the spellings
+    options = load_config(
+        path, ["kfac.factor_dtype=float64", "kfac.skip_layers=[fc, conv1]", "kfac.unfold_chunk_mb=0.5"]
+    ).kfac.options()
+    assert options.factor_dtype is torch.float64 and options.skip_layers == ("fc", "conv1")
+    assert options.unfold_chunk_bytes == 2**19
+    assert load_config(path, ["kfac.interval_warmup_epochs=1", "kfac.update_interval=5"]).kfac.options() == (
+        kfac_hvd.KFACOptions(update_interval=1)  # every step until the warm-up ends
+    )
+
+
+def test_a_new_library_option_becomes_a_key_without_launcher_code(monkeypatch):
+    import kfac_hvd
+    import launch.kfac_section as section
+    from kfac_hvd.options import OptionField
+
+    new = OptionField(
+        "inverse_dtype",
+        torch.dtype,
+        None,
+        "dtype of the inverses; None: the factors'",
+        True,
+        choices=(torch.float32, torch.float64),
+    )
+    monkeypatch.setattr(section, "option_fields", lambda: (*kfac_hvd.option_fields(), new))
+    model, keys = section._generate()
+    assert keys["inverse_dtype"].to_option("float64") is torch.float64
+    assert model(inverse_dtype="float32").inverse_dtype == "float32"
+    with pytest.raises(ValidationError):
+        model(inverse_dtype="int8")
+    assert model.model_fields["inverse_dtype"].description == "dtype of the inverses; null: the factors'"
+
+
+@pytest.mark.parametrize(
+    "override, key, words",
+    [
+        ("kfac.shrink_multiple=1", "kfac.shrink_multiple", "must be > 1, got 1"),
+        ("kfac.factor_decay=1.0", "kfac.factor_decay", "must be in [0, 1), got 1.0"),
+        ("kfac.factor_dtype=float16", "kfac.factor_dtype", "must be one of float32, float64; got 'float16'"),
+        ("kfac.unfold_chunk_mb=0", "kfac.unfold_chunk_mb", "must be > 0, got 0"),
+        ("kfac.accumulation_steps=2", "kfac.accumulation_steps", "unknown key"),
+        ("kfac.pi_damping=1", "kfac.pi_damping", "must be true or false, got 1"),
+        ("model.blocks=[1, 0]", "model.blocks", "must be >= 1, got 0"),
+        ("model.blocks=[1, x]", "model.blocks", "must be a list of integers, got [1, 'x']"),
+        ("optim.lr=.inf", "optim.lr", "must be a finite number, got inf"),
+        ("train.watchdog_s=[1]", "train.watchdog_s", "must be a number or null, got [1]"),
+        ("data.fashion_mnist_pool=3", "data.fashion_mnist_pool", "must be one of 1, 2, 4; got 3"),
+        (
+            "checkpoint.allow_changes=[optim.lrr]",
+            "checkpoint.allow_changes",
+            "unknown key 'optim.lrr' (expected section.key, e.g. optim.lr)",
+        ),
+    ],
+)
+def test_bad_overrides_say_what_the_key_accepts(tmp_path, override, key, words):
+    path = write(tmp_path / "d.yaml", "model: {name: small_resnet}\ndata: {dataset: synthetic}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, [override])
+    assert str(info.value) == f"config error: {path} (command line): {key}: {words}"
+
+
+def test_a_resolved_config_stays_valid_when_changed(tmp_path):
+    path = write(tmp_path / "d.yaml", "model: {name: small_resnet}\ndata: {dataset: synthetic}\n")
+    cfg = load_config(path)
+    cfg.train.epochs = 3
+    with pytest.raises(ValidationError):
+        cfg.train.epochs = "3"
+    assert cfg.to_dict()["train"]["epochs"] == 3 and cfg.debug["fault_rank"] == 0
+
+
+def test_the_keys_that_may_change_on_resume_exist():
+    from launch.schema import RESUME_MAY_CHANGE, SCHEMA, may_change_on_resume
+
+    for entry in RESUME_MAY_CHANGE:
+        section, _, key = entry.partition(".")
+        assert section in SCHEMA and (key == "*" or key in SCHEMA[section]), entry
+    assert may_change_on_resume("log.dir") and may_change_on_resume("train.epochs")
+    assert not may_change_on_resume("optim.lr") and not may_change_on_resume("kfac.damping")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from launch_helpers.jobs import DEMO
 
-from launch.config import ConfigError, kfac_kwargs, load_config
+from launch.config import ConfigError, load_config
 from launch.device import check_device, describe_device
 from launch.precision import MixedPrecision
 from launch.progress import Progress, wants_bar
@@ -102,11 +102,11 @@ def test_new_kfac_keys_reach_the_library():
     import kfac_hvd.assignment
     import kfac_hvd.layers
 
-    kwargs = kfac_kwargs(cfg())
-    assert kwargs["local_inverse_max_dim"] == kfac_hvd.assignment.DEFAULT_LOCAL_INVERSE_MAX_DIM
-    assert kwargs["unfold_chunk_bytes"] == kfac_hvd.layers.DEFAULT_UNFOLD_CHUNK_BYTES
-    kwargs = kfac_kwargs(cfg("kfac.unfold_chunk_mb=1.5", "kfac.local_inverse_max_dim=0"))
-    assert kwargs["unfold_chunk_bytes"] == 3 * 2**19 and kwargs["local_inverse_max_dim"] == 0
+    options = cfg().kfac.options()
+    assert options.local_inverse_max_dim == kfac_hvd.assignment.DEFAULT_LOCAL_INVERSE_MAX_DIM
+    assert options.unfold_chunk_bytes == kfac_hvd.layers.DEFAULT_UNFOLD_CHUNK_BYTES
+    options = cfg("kfac.unfold_chunk_mb=1.5", "kfac.local_inverse_max_dim=0").kfac.options()
+    assert options.unfold_chunk_bytes == 3 * 2**19 and options.local_inverse_max_dim == 0
     with pytest.raises(ConfigError, match="kfac.local_inverse_max_dim: must be >= 0"):
         cfg("kfac.local_inverse_max_dim=-1")
 

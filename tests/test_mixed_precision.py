@@ -124,8 +124,8 @@ def test_without_the_loss_scale_g_is_off_by_its_square():
     told, not_told = kfacs["told"].factors["6"]["G"], kfacs["not told"].factors["6"]["G"]
     torch.testing.assert_close(not_told, told * 1024.0**2)
     # The split-half noise estimate of G is a squared norm of G-sized differences: scale⁴.
-    assert kfacs["not told"].noise["6"]["G"] == pytest.approx(
-        kfacs["told"].noise["6"]["G"] * 1024.0**4, rel=1e-4
+    assert kfacs["not told"].layer_state["6"].noise["G"] == pytest.approx(
+        kfacs["told"].layer_state["6"].noise["G"] * 1024.0**4, rel=1e-4
     )
 
 

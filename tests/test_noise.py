@@ -56,7 +56,7 @@ def test_kfac_reports_the_noise_of_the_averaged_factor():
         model.zero_grad()
         model(x).square().sum().backward()
         kfac.step()
-        kept.append(kfac.noise[""]["A"])
+        kept.append(kfac.layer_state[""].noise["A"])
     assert statistics.mean(kept) == pytest.approx(wishart_variance(covariance) / batch, rel=0.1)
 
 

@@ -303,4 +303,4 @@ def test_factor_decay_is_a_running_average_of_the_fresh_factors():
         expected = 0.25 * (0.25 * fresh[0][kind] + 0.75 * fresh[1][kind]) + 0.75 * fresh[2][kind]
         torch.testing.assert_close(kfac.factors["3"][kind], expected)
     means = {kind: float(torch.diagonal(kfac.factors["3"][kind]).mean()) for kind in ("A", "G")}
-    assert kfac.diagonal_means["3"] == pytest.approx(means)  # π follows the running factors
+    assert kfac.layer_state["3"].diagonal_means == pytest.approx(means)  # π follows the running factors

@@ -17,6 +17,7 @@ sys.path.insert(0, BENCH)
 import _step_cost_limits as limits  # noqa: E402
 import _step_cost_worker as worker  # noqa: E402
 import step_cost  # noqa: E402
+from _step_cost_backends import LocalBackend  # noqa: E402
 from _step_cost_report import summarise  # noqa: E402
 
 # The tiny model's K-FAC layers, in order: conv (kronecker), bn, conv, bn, fc.
@@ -50,7 +51,7 @@ def test_replay_imposes_the_recorded_due_pattern(tmp_path):
     write_trace(trace, [{0}] * 7 + pattern)  # the replay takes the last 5 steps
     args = worker_args(tmp_path, "--configs", "replay", "--schedule-trace", str(trace), "--replay-steps", "5")
     torch.set_num_threads(1)
-    result = worker.run_config("replay", "fp32", args, worker.LocalBackend(), torch.device("cpu"))
+    result = worker.run_config("replay", "fp32", args, LocalBackend(), torch.device("cpu"))
     assert result["discard"] == 1 and result["timed"] == 5
     due = [step["due"] for step in result["steps"]]
     assert due == [5] + [len(p) for p in pattern]  # step 1: everything; then the pattern, step by step
@@ -58,16 +59,21 @@ def test_replay_imposes_the_recorded_due_pattern(tmp_path):
 
 
 def test_compact_trace_replays_like_the_full_one(tmp_path):
-    from kfac_hvd import commodel
+    from kfac_hvd.analysis import replay, traffic
+    from kfac_hvd.cost import layer_costs
 
     full, compact = tmp_path / "metrics.jsonl", tmp_path / "trace.jsonl"
     write_trace(full, [set(range(5))] + [{t % 5, (t * 3) % 5} for t in range(1, 40)])
     step_cost.main(["--keep-trace", str(full), "--schedule-trace", str(compact)])
     assert compact.stat().st_size < full.stat().st_size
-    layers = commodel.model_layers(torch.nn.Sequential(torch.nn.Linear(300, 4), torch.nn.Linear(4, 4)))
+    layers = list(
+        layer_costs(
+            traffic.model_layers(torch.nn.Sequential(torch.nn.Linear(300, 4), torch.nn.Linear(4, 4)))
+        ).values()
+    )
     replays = [
-        commodel.replay_trace(
-            commodel.load_trace(str(path)), layers, 200, 8, update_threshold=0.25, keep_schedule=True
+        replay.replay_trace(
+            replay.load_trace(str(path)), layers, 200, 8, update_threshold=0.25, keep_schedule=True
         )
         for path in (full, compact)
     ]
@@ -83,9 +89,7 @@ def test_phase_limit_is_the_roofline_of_the_layer_costs(tmp_path):
         "rank": 0,
         "rank_batch": args.rank_batch,
         "device": "cpu",
-        "runs": {
-            "fp32/every": worker.run_config("every", "fp32", args, worker.LocalBackend(), torch.device("cpu"))
-        },
+        "runs": {"fp32/every": worker.run_config("every", "fp32", args, LocalBackend(), torch.device("cpu"))},
     }
     data = {
         "settings": vars(args),

@@ -16,7 +16,9 @@
 #   MODULES        module list; check 'module avail' on your system (names change between ABCI versions)
 #   PRECISION      train.precision passed to the launcher (default fp16: V100 has no bf16, the configs'
 #                  default; fp16 runs with a loss scaler, fp32 is the slow reference)
-#   Horovod tuning (read by Horovod at start-up; mpirun forwards them with -x below):
+#   MAX_STEPS      stop after this many steps (train.max_steps; a short trial of the job)
+#   Horovod tuning (read by Horovod at start-up; every HOROVOD_* and NCCL_* variable set is forwarded to
+#   every rank with mpirun -x, scripts/job_env.sh):
 #     HOROVOD_FUSION_THRESHOLD  bytes fused into one allreduce (config: horovod.fusion_threshold_mb)
 #     HOROVOD_CYCLE_TIME        ms between fusion cycles (config: horovod.cycle_time_ms)
 #     HOROVOD_TIMELINE          Chrome-trace file of every collective (config: horovod.timeline)
@@ -60,19 +62,18 @@ if [ -f /etc/profile.d/modules.sh ]; then
 fi
 source "$VENV/bin/activate"
 
-NHOSTS=${NHOSTS:-1}
+# $SGE_JOB_HOSTLIST names the job's nodes, one line each; the hostfile gives each GPUS_PER_NODE slots.
+HOSTFILE=$(mktemp "${TMPDIR:-/tmp}/hosts.${JOB_ID:-local}.XXXXXX")
+trap 'rm -f "$HOSTFILE"' EXIT
+awk -v slots="$GPUS_PER_NODE" '!seen[$1]++ {print $1 " slots=" slots}' "$SGE_JOB_HOSTLIST" > "$HOSTFILE"
+NHOSTS=$(wc -l < "$HOSTFILE")
 NP=$((NHOSTS * GPUS_PER_NODE))
 echo "job ${JOB_ID:-?}: $NHOSTS nodes x $GPUS_PER_NODE GPUs = $NP ranks; config $CONFIG; precision $PRECISION"
+source scripts/job_env.sh
 
-# One rank per GPU (-map-by ppr:4:node); no CPU binding so DataLoader workers spread over the cores.
-# -x forwards the environment each rank needs.
-mpirun -hostfile "$SGE_JOB_HOSTLIST" -np "$NP" -map-by ppr:"$GPUS_PER_NODE":node -bind-to none \
-  -x PATH -x LD_LIBRARY_PATH -x PYTHONPATH \
-  -x NCCL_DEBUG=${NCCL_DEBUG:-WARN} \
-  ${HOROVOD_FUSION_THRESHOLD:+-x HOROVOD_FUSION_THRESHOLD} \
-  ${HOROVOD_CYCLE_TIME:+-x HOROVOD_CYCLE_TIME} \
-  ${HOROVOD_TIMELINE:+-x HOROVOD_TIMELINE} \
-  ${HOROVOD_HIERARCHICAL_ALLREDUCE:+-x HOROVOD_HIERARCHICAL_ALLREDUCE} \
+# One rank per GPU (-map-by ppr:N:node); no CPU binding so DataLoader workers spread over the cores.
+# shellcheck disable=SC2086
+mpirun -hostfile "$HOSTFILE" -np "$NP" -map-by ppr:"$GPUS_PER_NODE":node -bind-to none "${MPI_FORWARD[@]}" \
   python -m launch.train --config "$CONFIG" \
     data.train_dir="$IMAGENET/train" data.val_dir="$IMAGENET/val" \
-    train.world_size="$NP" train.precision="$PRECISION" $EXTRA
+    train.world_size="$NP" train.precision="$PRECISION" "${TRAIN_LIMITS[@]}" $EXTRA

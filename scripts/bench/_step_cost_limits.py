@@ -1,7 +1,7 @@
 """Each phase of a K-FAC update step against the device's limits, for step_cost.py.
 
-FLOPs and bytes come from the layer shapes (``kfac_hvd.timemodel.LayerProfile.phase_costs``, the same
-cost rules as the step-time model); the peak rates from ``kfac_hvd.devices`` (datasheets) for a GPU,
+FLOPs and bytes come from the layer shapes (``kfac_hvd.analysis.timemodel.LayerProfile.phase_costs``, the same
+cost rules as the step-time model); the peak rates from ``kfac_hvd.analysis.devices`` (datasheets) for a GPU,
 and for the CPU from a large fp32 matrix product and a memory copy measured at the start of the run with
 the ranks' thread count. A phase's limit is its roofline time, max(FLOP / peak FLOP/s, bytes / memory
 bandwidth); the fraction of the limit is that time over the measured one (1 = at the device's limit).
@@ -63,7 +63,7 @@ def measure_cpu(threads: int) -> dict[str, Any]:
 
 
 def gpu_rates(device_name: str) -> dict[str, Any] | None:
-    from kfac_hvd.devices import DEVICES, device_kind
+    from kfac_hvd.analysis.devices import DEVICES, device_kind
 
     kind = device_kind(device_name)
     if kind is None:
@@ -84,7 +84,7 @@ def layer_profile(settings: dict[str, Any]):
     import torch
     from _step_cost_worker import build_model
 
-    from kfac_hvd.timemodel import profile_model
+    from kfac_hvd.analysis.timemodel import profile_model
 
     args = argparse.Namespace(**dict(settings, channels_last=False))
     with torch.device("meta"):
@@ -94,17 +94,14 @@ def layer_profile(settings: dict[str, Any]):
 
 def phase_costs(profile, batch: int, ranks: int, *, input_bytes: int) -> dict[str, list[float]]:
     """[FLOP, bytes] per phase of an update step with every layer due, on one rank of ``ranks``."""
-    from kfac_hvd.assignment import DEFAULT_LOCAL_INVERSE_MAX_DIM, inverted_everywhere
-
     totals = {phase: [0.0, 0.0] for phase, _ in PHASE_ROWS}
     for layer in profile.layers:
         for phase, (flop, nbytes) in layer.phase_costs(batch, input_bytes=input_bytes).items():
             totals[phase][0] += flop
             totals[phase][1] += nbytes
-        wire = (ranks - 1) / ranks
-        totals["factor allreduce"][1] += 2 * wire * layer.triangle_bytes()
-        if not inverted_everywhere(layer.factor_shapes(), DEFAULT_LOCAL_INVERSE_MAX_DIM):
-            totals["inverse allgather"][1] += wire * layer.triangle_bytes()
+        cost = layer.cost()
+        totals["factor allreduce"][1] += cost.allreduce_wire_bytes(ranks)
+        totals["inverse allgather"][1] += cost.allgather_wire_bytes(ranks)
     return totals
 
 

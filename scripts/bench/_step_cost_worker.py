@@ -20,6 +20,8 @@ import time
 import warnings
 from typing import Any
 
+from _step_cost_backends import make_backend
+
 from kfac_hvd.diagnostics import HostSyncCounter
 from kfac_hvd.layers import sample_chunks
 
@@ -32,70 +34,6 @@ VARIANT_OPTIONS = {
     "every_wide": {"narrow_factor_products": False},
     "every_unbatched": {"batched_inversion": False},
 }
-
-
-# Processes --------------------------------------------------------------------------------------
-class LocalBackend:
-    """One process without Horovod: the library's local communicator and a plain optimiser."""
-
-    horovod, rank, size, local_rank = False, 0, 1, 0
-
-    def wrap(self, optimizer, model):
-        return optimizer
-
-    def synchronize(self, optimizer) -> None:
-        pass
-
-    def optimizer_step(self, optimizer) -> None:
-        optimizer.step()
-
-    def barrier(self) -> None:
-        pass
-
-    def broadcast(self, model) -> None:
-        pass
-
-    def mark(self, name: str, device) -> None:
-        pass
-
-
-class HorovodBackend:
-    horovod = True
-
-    def __init__(self) -> None:
-        import horovod.torch as hvd
-
-        hvd.init()
-        self.hvd, self.rank, self.size, self.local_rank = hvd, hvd.rank(), hvd.size(), hvd.local_rank()
-
-    def wrap(self, optimizer, model):
-        return self.hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters())
-
-    def synchronize(self, optimizer) -> None:
-        optimizer.synchronize()
-
-    def optimizer_step(self, optimizer) -> None:
-        with optimizer.skip_synchronize():
-            optimizer.step()
-
-    def barrier(self) -> None:
-        self.hvd.barrier()
-
-    def broadcast(self, model) -> None:
-        self.hvd.broadcast_parameters(model.state_dict(), root_rank=0)
-
-    def mark(self, name: str, device) -> None:
-        """A one-value allreduce before the step, outside its timing: the timeline is split at these."""
-        import torch
-
-        if self.size > 1:
-            self.hvd.allreduce(torch.zeros(1, device=device), name=name)
-
-
-def make_backend(args):
-    if args.launcher == "direct":
-        return LocalBackend()
-    return HorovodBackend()
 
 
 # Model, data, preconditioners -------------------------------------------------------------------
@@ -201,14 +139,19 @@ def variant_options(name: str) -> dict[str, Any]:
 def replay_pattern(kfac, path: str, steps: int) -> list[set]:
     """The due layers of each of the last ``steps`` steps of a recorded run (a metrics.jsonl), each of this
     model's layers taking the due flags of the recorded layer of its type at the same relative depth."""
-    from kfac_hvd.commodel import layer_type, load_trace, map_layers
+    try:
+        from kfac_hvd.analysis.replay import load_trace, map_layers, trace_kinds
+    except ImportError:  # a --library-rev from before kfac_hvd.analysis: the replay from its commodel
+        from kfac_hvd.commodel import load_trace, map_layers
+
+        def trace_kinds(record):
+            return {n: "batchnorm" if "diff_F" in e else "kronecker" for n, e in record["layers"].items()}
 
     records = load_trace(path)[-steps:]
-    recorded = {
-        name: "batchnorm" if "diff_F" in entry else "kronecker"
-        for name, entry in records[0]["layers"].items()
+    kinds = {
+        name: "batchnorm" if "F" in layer.factor_kinds else "kronecker" for name, layer in kfac.layers.items()
     }
-    mapping = map_layers({name: layer_type(layer) for name, layer in kfac.layers.items()}, recorded)
+    mapping = map_layers(kinds, trace_kinds(records[0]))
     return [
         {name for name, source in mapping.items() if record["layers"][source]["due"]} for record in records
     ]
@@ -277,7 +220,7 @@ class Run:
             return
         due = self.pattern[t - 1] if t - 1 < len(self.pattern) else set()
         for name in self.ours.layers:
-            for key in self.ours._keys_of(name):
+            for key in self.ours.keys.of(name):
                 self.ours.scheduler.set_interval(key, 1 if name in due else FROZEN_INTERVAL)
 
     def precondition(self) -> dict[str, Any]:

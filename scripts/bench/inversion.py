@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import statistics
@@ -125,7 +126,7 @@ def transport_runs(inverses: list[torch.Tensor]) -> dict[str, Callable[[], objec
     }
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu")
     p.add_argument("--image-size", type=int, default=32)
@@ -135,7 +136,11 @@ def main() -> None:
     p.add_argument("--inverse-method", choices=("cholesky", "eigen"), default="cholesky")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's choice)")
     p.add_argument("--json", help="also write the figures to this file")
-    args = p.parse_args()
+    return p.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -151,7 +156,7 @@ def main() -> None:
 
     def inversion(batched: bool) -> Callable[[], object]:
         def run():
-            kfac.batched_inversion = batched
+            kfac.options = dataclasses.replace(kfac.options, batched_inversion=batched)
             numerics: dict[str, str] = {}
             kfac._invert(due, numerics)
             if numerics:

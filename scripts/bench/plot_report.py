@@ -25,6 +25,8 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
 
+from kfac_hvd.analysis.units import format_bytes  # noqa: E402
+from kfac_hvd.cost import allreduce_wire_bytes  # noqa: E402
 from kfac_hvd.scheduler import IntervalScheduler  # noqa: E402
 from launch import plots  # noqa: E402
 from launch.runlog import read_run  # noqa: E402
@@ -36,23 +38,49 @@ RANKS = 128
 def resnet50_layers():
     """(name, is_batchnorm, payload bytes of one update) of the K-FAC layers of ResNet-50, in model order."""
     import torchvision
-    from torch import nn
 
-    layers = []
-    for name, module in torchvision.models.resnet50(weights=None).named_modules():
-        if isinstance(module, nn.BatchNorm2d):
-            layers.append((name, True, 3 * module.num_features * 4))
-        elif isinstance(module, (nn.Conv2d, nn.Linear)):
-            a = module.weight[0].numel() + (module.bias is not None)
-            g = module.weight.shape[0]
-            travels = max(a, g) > 256
-            layers.append((name, False, (a * (a + 1) // 2 + g * (g + 1) // 2) * 4 * (2 if travels else 1)))
-    return layers
+    from kfac_hvd.analysis.traffic import model_layers
+    from kfac_hvd.cost import layer_costs
+
+    costs = layer_costs(model_layers(torchvision.models.resnet50(weights=None))).values()
+    return [(cost.name, cost.kind == "batchnorm", cost.update_payload_bytes()) for cost in costs]
 
 
 def lr_at(step: int, steps: int) -> float:
     epoch, end = step / STEPS_PER_EPOCH, steps / STEPS_PER_EPOCH * 53.5 / 36
     return 0.025 if epoch < 1 else 0.025 * max(0.0, 1 - (epoch - 1) / (end - 1)) ** 8
+
+
+def eval_record(step: int, top1: float) -> dict:
+    return {
+        "eval": {
+            "epoch": step / STEPS_PER_EPOCH,
+            "step": step,
+            "val_top1": top1,
+            "val_loss": 1.0 + 5.9 * math.exp(-step / 800),
+        },
+        "step": step,
+    }
+
+
+def write_summary(
+    folder: str, steps: int, threshold: float, top1: float, mean_interval: float, sent: int, every_step: int
+) -> None:
+    """summary.json of the synthetic run; its traffic modelled as allreduces of the payload at RANKS ranks."""
+    summary = {
+        "method": "kfac",
+        "steps": steps,
+        "final_top1": top1,
+        "wall_time_s": steps * 0.95,
+        "kfac": {"update_threshold": threshold, "update_interval": 1, "mean_interval": mean_interval},
+        "fisher": {
+            "wire_bytes": allreduce_wire_bytes(sent, RANKS),
+            "every_step_wire_bytes": allreduce_wire_bytes(every_step * steps, RANKS),
+            "ratio": sent / (every_step * steps),
+        },
+    }
+    with open(os.path.join(folder, "summary.json"), "w", encoding="utf-8") as fh:
+        json.dump(summary, fh)
 
 
 def write_run(folder: str, steps: int, threshold: float = 0.25, seed: int = 0) -> None:
@@ -64,7 +92,6 @@ def write_run(folder: str, steps: int, threshold: float = 0.25, seed: int = 0) -
     scale = {name: rng.uniform(0.3, 2.0) * (0.5 if bn else 1.0) for name, bn, _ in layers}
     rate = {name: rng.uniform(100, 1500) for name in names}
     every_step = sum(p for _, _, p in layers)
-    wire = 2 * (RANKS - 1) / RANKS
     sent = 0
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "metrics.jsonl"), "w", encoding="utf-8") as fh:
@@ -99,9 +126,9 @@ def write_run(folder: str, steps: int, threshold: float = 0.25, seed: int = 0) -
                         "step_time": 0.9 + rng.uniform(0, 0.1),
                         "fisher": {
                             "payload_bytes": sent,
-                            "wire_bytes": sent * wire,
+                            "wire_bytes": allreduce_wire_bytes(sent, RANKS),
                             "every_step_payload_bytes": every_step * step,
-                            "every_step_wire_bytes": every_step * step * wire,
+                            "every_step_wire_bytes": allreduce_wire_bytes(every_step * step, RANKS),
                             "ratio": sent / (every_step * step),
                         },
                         "mean_interval": sum(scheduler.interval.values()) / len(names),
@@ -112,38 +139,10 @@ def write_run(folder: str, steps: int, threshold: float = 0.25, seed: int = 0) -
             )
             if step % STEPS_PER_EPOCH == 0 or step == steps:
                 top1 = 0.759 * (1 - math.exp(-step / 800))
-                fh.write(
-                    json.dumps(
-                        {
-                            "eval": {
-                                "epoch": step / STEPS_PER_EPOCH,
-                                "step": step,
-                                "val_top1": top1,
-                                "val_loss": 1.0 + 5.9 * math.exp(-step / 800),
-                            },
-                            "step": step,
-                        }
-                    )
-                    + "\n"
-                )
-    summary = {
-        "method": "kfac",
-        "steps": steps,
-        "final_top1": top1,
-        "wall_time_s": steps * 0.95,
-        "kfac": {
-            "update_threshold": threshold,
-            "update_interval": 1,
-            "mean_interval": sum(scheduler.interval.values()) / len(names),
-        },
-        "fisher": {
-            "wire_bytes": sent * wire,
-            "every_step_wire_bytes": every_step * steps * wire,
-            "ratio": sent / (every_step * steps),
-        },
-    }
-    with open(os.path.join(folder, "summary.json"), "w", encoding="utf-8") as fh:
-        json.dump(summary, fh)
+                fh.write(json.dumps(eval_record(step, top1)) + "\n")
+    write_summary(
+        folder, steps, threshold, top1, sum(scheduler.interval.values()) / len(names), sent, every_step
+    )
 
 
 def main() -> int:
@@ -157,7 +156,7 @@ def main() -> int:
     write_run(folder, args.steps)
     print(
         f"synthetic run: {args.steps} steps x {len(resnet50_layers())} layers, "
-        f"metrics.jsonl {os.path.getsize(os.path.join(folder, 'metrics.jsonl')) / 1e6:.1f} MB, "
+        f"metrics.jsonl {format_bytes(os.path.getsize(os.path.join(folder, 'metrics.jsonl')), digits=1)}, "
         f"written in {time.perf_counter() - start:.1f} s"
     )
     # Wall seconds and this process's CPU seconds: on a shared machine the CPU time is the steadier figure.
@@ -194,7 +193,7 @@ def main() -> int:
     print(
         f"python -m launch.report {folder} --plot: {time.perf_counter() - start:.2f} s wall, "
         f"{after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime:.2f} s CPU; "
-        f"figure {out} ({os.path.getsize(out) / 1e3:.0f} kB)"
+        f"figure {out} ({format_bytes(os.path.getsize(out), digits=0, unit='kB')})"
     )
     return 0
 

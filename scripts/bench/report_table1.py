@@ -12,16 +12,14 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from kfac_hvd.analysis.units import format_bytes
+
 
 def save_figure(figure, path: Path) -> Path:
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
-
-
-def megabytes(value: float) -> str:
-    return f"{value / 1e6:.1f} MB"
 
 
 def spread(values) -> str:
@@ -82,8 +80,8 @@ def markdown_table(rows) -> str:
     for row in rows:
         if "payload" in row:
             lines.append(
-                f"| {row['label']} | {row['seeds']} | {row['top1']} | {megabytes(row['payload'])} | "
-                f"{megabytes(row['dense'])} | {100 * row['ratio']:.1f}% | {row['factor_pct']:.1f}% | "
+                f"| {row['label']} | {row['seeds']} | {row['top1']} | {format_bytes(row['payload'], digits=1, unit='MB')} | "
+                f"{format_bytes(row['dense'], digits=1, unit='MB')} | {100 * row['ratio']:.1f}% | {row['factor_pct']:.1f}% | "
                 f"{row['mean_interval']:.2f} | {row['wall_s']:.0f} |"
             )
         else:
@@ -186,10 +184,10 @@ def timeline_section(configs, timeline) -> str:
         [
             "| | library counters (rank 0) | Horovod timeline |",
             "|---|---|---|",
-            f"| factor allreduces | payload {megabytes(counted_allreduce)} | "
-            f"{sum(e[0] for _, e in allreduce)} ops, {megabytes(allreduce_bytes)} |",
-            f"| inverse broadcasts | payload {megabytes(fisher['payload_bytes'] / 2)} | "
-            f"{sum(e[0] for _, e in broadcast)} ops; sized (rooted at rank 1): {megabytes(sized_broadcasts)} |",
+            f"| factor allreduces | payload {format_bytes(counted_allreduce, digits=1, unit='MB')} | "
+            f"{sum(e[0] for _, e in allreduce)} ops, {format_bytes(allreduce_bytes, digits=1, unit='MB')} |",
+            f"| inverse broadcasts | payload {format_bytes(fisher['payload_bytes'] / 2, digits=1, unit='MB')} | "
+            f"{sum(e[0] for _, e in broadcast)} ops; sized (rooted at rank 1): {format_bytes(sized_broadcasts, digits=1, unit='MB')} |",
         ]
     )
 

@@ -31,14 +31,14 @@ there; it uses torch.distributed for several ranks, so it is compared in a world
 
 A variant whose option the measured library lacks (an older --library-rev) is left out and named in the
 report. The every-step configurations also get a table of each phase against the device's limits: FLOPs and
-bytes from the layer shapes, peak rates from kfac_hvd.devices (datasheets) or, on the CPU, measured at the
-start of the run (a 2048³ fp32 product and a 256 MiB copy, with --threads threads).
+bytes from the layer shapes, peak rates from kfac_hvd.analysis.devices (datasheets) or, on the CPU, measured
+at the start of the run (a 2048³ fp32 product and a 256 MiB copy, with --threads threads).
 
 Per step: wall seconds (on CUDA between ``torch.cuda.synchronize`` calls around the whole step), CPU seconds
-of the training thread, host reads in the whole step and in ``kfac.step()`` (the counter of
-tests/host_syncs.py), Horovod collectives (``HOROVOD_TIMELINE``, split at a one-value allreduce issued before
-each step and read with ``kfac_hvd.timeline.read_collectives``), ``kfac.memory_bytes()``, and on CUDA
-``torch.cuda.max_memory_allocated`` per configuration. Writes OUT/step_cost.json and OUT/step_cost.md.
+of the training thread, host reads in the whole step and in ``kfac.step()`` (the counter
+``kfac_hvd.diagnostics.HostSyncCounter``), Horovod collectives (``HOROVOD_TIMELINE``, split at a one-value
+allreduce issued before each step and read with ``kfac_hvd.timeline.read_collectives``),
+``kfac.memory_bytes()``, and on CUDA ``torch.cuda.max_memory_allocated`` per configuration. Writes OUT/step_cost.json and OUT/step_cost.md.
 
     .venv/bin/python scripts/bench/step_cost.py --kfac-pytorch /work/kfac-pytorch   # the CPU run (20 min here)
     .venv/bin/python scripts/bench/step_cost.py --smoke                              # tiny model, under 1 min
@@ -108,34 +108,8 @@ SMOKE = dict(
 )
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--model", default="resnet50", help="torchvision model name, or 'tiny' (default resnet50)")
-    p.add_argument("--num-classes", type=int, default=1000)
-    p.add_argument("--image-size", type=int, default=64, help="square input side (default 64)")
-    p.add_argument("--batch", type=int, default=32, help="global batch, split over the ranks (default 32)")
-    p.add_argument("--per-rank-batch", action="store_true", help="--batch is per rank instead")
-    p.add_argument("--ranks", default="1,2,4", help="rank counts, each its own horovodrun (default 1,2,4)")
-    p.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"subset of {','.join(CONFIGS)}")
-    p.add_argument(
-        "--kfac-pytorch", metavar="PATH", help="a checkout of gpauloski/kfac-pytorch to compare with"
-    )
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument(
-        "--precisions", default="fp32", help="comma list of fp32, bf16 (autocast; factors stay fp32)"
-    )
-    p.add_argument("--channels-last", action="store_true", help="model and inputs in channels-last layout")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per rank (default 1)")
-    p.add_argument(
-        "--launcher",
-        choices=("auto", "horovodrun", "direct"),
-        default="auto",
-        help="auto: horovodrun when Horovod imports, else (1 rank only) the worker directly",
-    )
+def add_schedule_arguments(p: argparse.ArgumentParser) -> None:
+    """How long each configuration runs, and the schedules of the λ and replay runs."""
     p.add_argument(
         "--warmup",
         type=int,
@@ -166,6 +140,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="modulo",
         help="interval policy of the λ run (default modulo, the paper's and the library's)",
     )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", default="resnet50", help="torchvision model name, or 'tiny' (default resnet50)")
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--image-size", type=int, default=64, help="square input side (default 64)")
+    p.add_argument("--batch", type=int, default=32, help="global batch, split over the ranks (default 32)")
+    p.add_argument("--per-rank-batch", action="store_true", help="--batch is per rank instead")
+    p.add_argument("--ranks", default="1,2,4", help="rank counts, each its own horovodrun (default 1,2,4)")
+    p.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"subset of {','.join(CONFIGS)}")
+    p.add_argument(
+        "--kfac-pytorch", metavar="PATH", help="a checkout of gpauloski/kfac-pytorch to compare with"
+    )
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument(
+        "--precisions", default="fp32", help="comma list of fp32, bf16 (autocast; factors stay fp32)"
+    )
+    p.add_argument("--channels-last", action="store_true", help="model and inputs in channels-last layout")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per rank (default 1)")
+    p.add_argument(
+        "--launcher",
+        choices=("auto", "horovodrun", "direct"),
+        default="auto",
+        help="auto: horovodrun when Horovod imports, else (1 rank only) the worker directly",
+    )
+    add_schedule_arguments(p)
     p.add_argument("--damping", type=float, default=3e-3, help="K-FAC damping, ours and kfac-pytorch (3e-3)")
     p.add_argument("--kl-clip", type=float, default=1e-3, help="both libraries; 0 turns it off (1e-3)")
     p.add_argument("--factor-decay", type=float, default=0.95, help="of ours_nobn and kfac-pytorch (0.95)")
@@ -454,7 +459,7 @@ def keep_trace(metrics: str, target: str) -> None:
     """The K-FAC part of a metrics.jsonl that the replays need (each layer's due flag and Diffs, to 4 digits),
     one step a line; the Diffs of layers that were not due are left out after step 1 (whose keys say each
     layer's type)."""
-    from kfac_hvd.commodel import load_trace
+    from kfac_hvd.analysis.replay import load_trace
 
     try:
         records = load_trace(metrics)

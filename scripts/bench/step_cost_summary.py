@@ -3,7 +3,7 @@
 path (autocast-dtype against fp32-copy products, batched against per-factor inversions), every step and
 both steady states as multiples of SGD, each phase's fraction of the device's limit, and the targets for
 one H200 (bf16, 224 px, 128 images, 1 rank). Prints Markdown; scripts/gpu_check.sh appends it to its report.
-``--limits KIND`` measures nothing: each phase's limit on a device kind of ``kfac_hvd.devices`` from the
+``--limits KIND`` measures nothing: each phase's limit on a device kind of ``kfac_hvd.analysis.devices`` from the
 layer shapes alone (the least time the datasheet allows, not a prediction of a measurement).
 
     python scripts/bench/step_cost_summary.py DIR/step_cost.json [--precision bf16] [--ranks 1]

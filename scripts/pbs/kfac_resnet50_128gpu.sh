@@ -13,7 +13,9 @@
 #   VENV           virtual environment with torch, horovod (NCCL build) and this project (default .venv)
 #   GPUS_PER_NODE  8 on rt_HF
 #   MODULES        module list; check 'module avail' (ABCI 3.0 provides hpcx for MPI)
-#   Horovod tuning (environment, forwarded with -x; or the config's horovod section):
+#   MAX_STEPS      stop after this many steps (train.max_steps; a short trial of the job)
+#   Horovod tuning (environment: every HOROVOD_* and NCCL_* variable set is forwarded to every rank with
+#   mpirun -x, scripts/job_env.sh; or the config's horovod section):
 #     HOROVOD_FUSION_THRESHOLD, HOROVOD_CYCLE_TIME, HOROVOD_TIMELINE, HOROVOD_HIERARCHICAL_ALLREDUCE;
 #     fp16 gradient compression: EXTRA="horovod.fp16_allreduce=true"
 #
@@ -53,19 +55,18 @@ if [ -f /etc/profile.d/modules.sh ]; then
 fi
 source "$VENV/bin/activate"
 
-NODES=$(sort -u "$PBS_NODEFILE" | wc -l)
+# $PBS_NODEFILE has a line per chunk (per MPI process with mpiprocs=N), in order; the hostfile names each
+# node once, with GPUS_PER_NODE slots.
+HOSTFILE=$(mktemp "${TMPDIR:-/tmp}/hosts.${PBS_JOBID:-local}.XXXXXX")
+trap 'rm -f "$HOSTFILE"' EXIT
+awk -v slots="$GPUS_PER_NODE" '!seen[$1]++ {print $1 " slots=" slots}' "$PBS_NODEFILE" > "$HOSTFILE"
+NODES=$(wc -l < "$HOSTFILE")
 NP=$((NODES * GPUS_PER_NODE))
 echo "job ${PBS_JOBID:-?}: $NODES nodes x $GPUS_PER_NODE GPUs = $NP ranks; config $CONFIG"
+source scripts/job_env.sh
 
-sort -u "$PBS_NODEFILE" > "hosts.${PBS_JOBID:-local}"
-mpirun -hostfile "hosts.${PBS_JOBID:-local}" -np "$NP" -map-by ppr:"$GPUS_PER_NODE":node -bind-to none \
-  -x PATH -x LD_LIBRARY_PATH -x PYTHONPATH \
-  -x NCCL_DEBUG=${NCCL_DEBUG:-WARN} \
-  ${HOROVOD_FUSION_THRESHOLD:+-x HOROVOD_FUSION_THRESHOLD} \
-  ${HOROVOD_CYCLE_TIME:+-x HOROVOD_CYCLE_TIME} \
-  ${HOROVOD_TIMELINE:+-x HOROVOD_TIMELINE} \
-  ${HOROVOD_HIERARCHICAL_ALLREDUCE:+-x HOROVOD_HIERARCHICAL_ALLREDUCE} \
+# shellcheck disable=SC2086
+mpirun -hostfile "$HOSTFILE" -np "$NP" -map-by ppr:"$GPUS_PER_NODE":node -bind-to none "${MPI_FORWARD[@]}" \
   python -m launch.train --config "$CONFIG" \
     data.train_dir="$IMAGENET/train" data.val_dir="$IMAGENET/val" \
-    train.world_size="$NP" $EXTRA
-rm -f "hosts.${PBS_JOBID:-local}"
+    train.world_size="$NP" "${TRAIN_LIMITS[@]}" $EXTRA

@@ -4,12 +4,16 @@ and optimiser helpers."""
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+if TYPE_CHECKING:
+    from kfac_hvd import KFAC
 
-def learning_rate(optim_cfg, epoch: float) -> float:
+
+def learning_rate(optim_cfg: Any, epoch: float) -> float:
     """Learning rate at fractional epoch ``epoch`` (= step / steps_per_epoch, starting at 0).
 
     poly:     alpha_0 * (1 - (e - e_start) / (e_end - e_start)) ** p for e >= e_start, alpha_0
@@ -35,7 +39,7 @@ def learning_rate(optim_cfg, epoch: float) -> float:
     return lr
 
 
-def interval_switch_step(kfac_cfg, steps_per_epoch: int) -> int | None:
+def interval_switch_step(kfac_cfg: Any, steps_per_epoch: int) -> int | None:
     """The last step W (from 1) of a fixed interval's warm-up, or None without one: steps 1..W update every
     factor, later steps every ``update_interval``-th.
 
@@ -48,7 +52,7 @@ def interval_switch_step(kfac_cfg, steps_per_epoch: int) -> int | None:
     return max(1, round(kfac_cfg.interval_warmup_epochs * steps_per_epoch))
 
 
-def end_interval_warmup(kfac, interval: int) -> None:
+def end_interval_warmup(kfac: KFAC, interval: int) -> None:
     """Every factor's interval becomes ``interval`` (the same decision on every rank: no collective)."""
     for key in kfac.scheduler.keys:
         kfac.scheduler.set_interval(key, interval)
@@ -72,13 +76,13 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float, correct_momentum: bool) 
         group["lr"] = lr
 
 
-def rescalable_weights(model: nn.Module):
+def rescalable_weights(model: nn.Module) -> list[torch.Tensor]:
     """Weights of conv and linear layers (the ones weight rescaling applies to)."""
     return [m.weight for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
 
 
 @torch.no_grad()
-def rescale_weights(weights) -> None:
+def rescale_weights(weights: list[torch.Tensor]) -> None:
     """Rescale each weight to norm sqrt(2 * out) when its norm exceeds that (chainerkfac's recipe in
     place of weight decay).
 

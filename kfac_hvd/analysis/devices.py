@@ -4,7 +4,7 @@ Dense rates (the datasheets' tensor-core figures marked "with sparsity" are twic
 the plain fp32 rate, without tensor cores (what a matrix product gets when TF32 is off, PyTorch's
 default for ``torch.matmul``); ``tf32``, ``bf16`` and ``fp16`` are tensor-core rates with fp32
 accumulation. ``link_bandwidth`` is NVLink per direction (the datasheets give both directions
-together). Used by the step-time model (:mod:`kfac_hvd.timemodel`) and by the step-cost benchmark,
+together). Used by the step-time model (:mod:`kfac_hvd.analysis.timemodel`) and by the step-cost benchmark,
 which compares each measured phase with these limits.
 """
 

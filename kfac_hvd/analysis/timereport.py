@@ -1,7 +1,8 @@
-"""The step-time model's tables and text (the ``--time`` part of ``python -m kfac_hvd.commodel``).
+"""The step-time model's flags, tables and text (the ``--time`` part of
+``python -m kfac_hvd.analysis.commodel``).
 
-Builds :class:`kfac_hvd.timemodel.StepModel` from the command line (the device's datasheet rates, the
-precision of the factor products), formats its rows as text and Markdown, and adds the time each run
+Builds :class:`kfac_hvd.analysis.timemodel.StepModel` from the command line (the device's datasheet rates,
+the precision of the factor products), formats its rows as text and Markdown, and adds the time each run
 needs for the compared accuracy.
 """
 
@@ -15,8 +16,75 @@ from typing import Any
 from torch import nn
 
 from . import timemodel as tm
-from .commodel import PAPER_LAMBDA025_RATIO
 from .devices import DEVICES, PRECISIONS
+from .network import TOPOLOGIES
+
+PAPER_LAMBDA025_RATIO = 357 / 3000  # Table 1: 357 GB of 3.0 TB at λ = 0.25
+
+
+def add_time_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``--time``: the hardware, the precision of the factor products, the run compared."""
+    time = parser.add_argument_group("step-time model (--time; a model, see kfac_hvd/analysis/timemodel.py)")
+    time.add_argument(
+        "--time", action="store_true", help="model seconds per step (α-β collectives + FLOP compute)"
+    )
+    time.add_argument(
+        "--markdown", metavar="PATH", help="with --time: also write the table as markdown to PATH"
+    )
+    time.add_argument(
+        "--note", default="", help="a paragraph for the --markdown file (e.g. where the trace is from)"
+    )
+    time.add_argument("--topology", default="flat", choices=TOPOLOGIES)
+    time.add_argument("--gpus-per-node", type=int, default=4)
+    time.add_argument(
+        "--nvlink-gbs", type=float, default=50.0, help="GB/s per direction between GPUs of a node"
+    )
+    time.add_argument("--node-gbs", type=float, default=25.0, help="GB/s per direction per node (2 × IB EDR)")
+    time.add_argument("--alpha-message-us", type=float, default=50.0, help="µs per collective")
+    time.add_argument("--alpha-inter-us", type=float, default=5.0, help="µs per inter-node ring step")
+    time.add_argument("--alpha-intra-us", type=float, default=2.0, help="µs per intra-node ring step")
+    time.add_argument("--fusion-mib", type=float, default=64.0, help="Horovod fusion buffer, MiB")
+    _add_compute_arguments(time)
+
+
+def _add_compute_arguments(time: argparse._ArgumentGroup) -> None:
+    time.add_argument(
+        "--device",
+        default="V100",
+        choices=sorted(DEVICES),
+        help="device kind whose datasheet rates the model takes (default V100, the paper's)",
+    )
+    time.add_argument(
+        "--factor-precision",
+        default="fp32",
+        help="input precision of the factor products (fp32, tf32, bf16, fp16; the device's peak for "
+        "it; a comma list models each, e.g. fp32,fp16: the fp32 copy against tensor cores)",
+    )
+    time.add_argument("--peak-tflops", type=float, help="GPU fp32 peak, TFLOP/s (default: the device's)")
+    time.add_argument(
+        "--memory-gbs",
+        type=float,
+        help="memory bandwidth for the im2col traffic, GB/s (default: the device's; 0: not counted)",
+    )
+    time.add_argument(
+        "--sgd-epochs",
+        type=float,
+        default=90,
+        help="epochs SGD needs for the accuracy compared (default 90: Goyal et al.'s schedule)",
+    )
+    time.add_argument("--efficiency", type=float, default=0.6, help="fraction of peak for GEMM-like work")
+    time.add_argument(
+        "--inverse-efficiency", type=float, default=0.25, help="fraction of peak for inversions"
+    )
+    time.add_argument("--batch-per-gpu", type=int, help="default: batch / ranks")
+    time.add_argument("--image-size", type=int, default=224)
+    time.add_argument(
+        "--due-fraction",
+        type=float,
+        default=PAPER_LAMBDA025_RATIO,
+        help="share of layers due per step without a trace (default 0.119: the paper's λ = 0.25 "
+        "traffic ratio, 357 GB / 3.0 TB)",
+    )
 
 
 def factor_precisions(args: argparse.Namespace) -> list[str]:
@@ -29,10 +97,8 @@ def factor_precisions(args: argparse.Namespace) -> list[str]:
     return precisions
 
 
-def time_model(
-    args: argparse.Namespace, model: nn.Module, schedule: list[list[str]] | None
-) -> dict[str, Any]:
-    network = tm.Network(
+def _network(args: argparse.Namespace) -> tm.Network:
+    return tm.Network(
         gpus_per_node=args.gpus_per_node,
         nvlink_bandwidth=args.nvlink_gbs * 1e9,
         node_bandwidth=args.node_gbs * 1e9,
@@ -42,6 +108,10 @@ def time_model(
         fusion_bytes=int(args.fusion_mib * 2**20),
         topology=args.topology,
     )
+
+
+def step_models(args: argparse.Namespace, model: nn.Module, precisions: list[str]) -> list[tm.StepModel]:
+    """One step model per precision of the factor products, all else alike."""
     overrides: dict[str, Any] = {"efficiency": args.efficiency, "inverse_efficiency": args.inverse_efficiency}
     if args.peak_tflops is not None:
         overrides["peak_flops"] = args.peak_tflops * 1e12
@@ -55,9 +125,9 @@ def time_model(
         local_inverse_max_dim=args.local_inverse_max_dim,
     )
     profile = tm.profile_model(model, image_size=args.image_size, include_batchnorm=not args.no_batchnorm)
-    precisions = factor_precisions(args)
+    network = _network(args)
     try:
-        steps = [
+        return [
             tm.StepModel(
                 profile, network, tm.Gpu.of(args.device, factor_precision=precision, **overrides), setup
             )
@@ -65,6 +135,15 @@ def time_model(
         ]
     except ValueError as error:
         raise SystemExit(f"commodel: {error}") from None
+
+
+def model_rows(
+    args: argparse.Namespace,
+    steps: Sequence[tm.StepModel],
+    precisions: Sequence[str],
+    schedule: list[list[str]] | None,
+) -> list[dict[str, Any]]:
+    """SGD once, then each precision's K-FAC rows (every step, the due fraction, the replayed trace)."""
     fraction_label = (
         f"λ = 0.25, due fraction {args.due_fraction:.3f} (paper's traffic ratio)"
         if args.due_fraction == PAPER_LAMBDA025_RATIO
@@ -83,14 +162,24 @@ def time_model(
             for row in these[1:]:
                 row["method"] += f" [{precision} factor products]"
         rows += these if not rows else these[1:]  # one SGD row: it has no factor products
-    every = profile.layer_names
+    return rows
+
+
+def time_model(
+    args: argparse.Namespace, model: nn.Module, schedule: list[list[str]] | None
+) -> dict[str, Any]:
+    precisions = factor_precisions(args)
+    steps = step_models(args, model, precisions)
+    rows = model_rows(args, steps, precisions, schedule)
     step = steps[0]
+    every = step.profile.layer_names
     kfac_steps = args.steps or int(args.epochs * args.train_images // args.batch)
     sgd_steps = int(args.sgd_epochs * args.train_images // args.batch)
     accuracy = tm.time_to_accuracy(rows, kfac_steps=kfac_steps, sgd_steps=sgd_steps)
     lines = describe_assumptions(step)
     rates = ", ".join(
-        f"{p} {s.gpu.factor_peak_flops / 1e12:g} TFLOP/s ({s.gpu.factor_input_bytes}-byte im2col values)"
+        f"{p} {(s.gpu.factor_peak_flops or s.gpu.peak_flops) / 1e12:g} TFLOP/s "
+        f"({s.gpu.factor_input_bytes}-byte im2col values)"
         for p, s in zip(precisions, steps)
     )
     lines.insert(
