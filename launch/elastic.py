@@ -73,14 +73,12 @@ def check_elastic(cfg) -> None:
         )
 
 
-def build_elastic_loader(run: Run, hvd) -> None:
-    """The training loader over Horovod's ElasticSampler, with the launcher's loader settings."""
-    old = run.train_loader
-    run.sampler = hvd.elastic.ElasticSampler(old.dataset, shuffle=True, seed=run.cfg.train.seed)
-    run.train_loader = torch.utils.data.DataLoader(
+def loader_like(old: torch.utils.data.DataLoader, sampler) -> torch.utils.data.DataLoader:
+    """A loader with ``old``'s settings over another sampler (a DataLoader's sampler cannot be set)."""
+    return torch.utils.data.DataLoader(
         old.dataset,
         batch_size=old.batch_size,
-        sampler=run.sampler,
+        sampler=sampler,
         drop_last=old.drop_last,
         num_workers=old.num_workers,
         pin_memory=old.pin_memory,
@@ -90,19 +88,15 @@ def build_elastic_loader(run: Run, hvd) -> None:
     )
 
 
+def build_elastic_loader(run: Run, hvd) -> None:
+    """The training loader over Horovod's ElasticSampler, with the launcher's loader settings."""
+    run.sampler = hvd.elastic.ElasticSampler(run.train_loader.dataset, shuffle=True, seed=run.cfg.train.seed)
+    run.train_loader = loader_like(run.train_loader, run.sampler)
+
+
 def reshard_val_loader(run: Run, rank: int, size: int) -> None:
     """The evaluation loader over this rank's share of the validation set in the current world."""
-    old = run.val_loader
-    run.val_loader = torch.utils.data.DataLoader(
-        old.dataset,
-        batch_size=old.batch_size,
-        sampler=ShardSampler(len(old.dataset), rank, size),
-        num_workers=old.num_workers,
-        pin_memory=old.pin_memory,
-        persistent_workers=old.persistent_workers,
-        worker_init_fn=old.worker_init_fn,
-        generator=old.generator,
-    )
+    run.val_loader = loader_like(run.val_loader, ShardSampler(len(run.val_loader.dataset), rank, size))
 
 
 def rebuild_kfac(run: Run, state: dict[str, Any] | None) -> None:
