@@ -22,10 +22,10 @@ from kfac_hvd import KFAC
 
 from . import checkpoint as ckpt_mod
 from .config import Config
-from .data import build_datasets, build_loaders, dataset_identity, dataset_size
+from .data import build_datasets, build_loaders, dataset_size
 from .data import start_epoch as start_epoch_data
 from .device import apply_backend_flags, describe_device, host_collectives_warning, pick_device
-from .dist import controller_name, describe_layout, init_horovod, world_layout
+from .dist import init_horovod
 from .evaluation import evaluate
 from .lr_schedule import end_interval_warmup, interval_switch_step, learning_rate, rescalable_weights
 from .models import build_model
@@ -38,10 +38,6 @@ from .reliability import (
     Faults,
     RunStop,
     Watchdog,
-    check_agreement,
-    code_fingerprint,
-    config_fingerprint,
-    fingerprint,
     logger,
     setup_logging,
 )
@@ -49,6 +45,7 @@ from .rundir import resume_changes
 from .step import DIVERGED, OVERFLOW, StepOutcome, Trainer, train_step
 from .summary import log_record, summarize
 from .timing import StepTimer
+from .world import check_world
 
 
 def log0(hvd: Any, *args: object) -> None:
@@ -130,16 +127,9 @@ def set_up(cfg: Config) -> Run:
         torch.set_num_threads(cfg.train.threads)
     device = pick_device(cfg.train.device, hvd.local_rank())
     flags = apply_backend_flags(cfg.train.tf32, cfg.train.cudnn_benchmark)
-    code_digest, code_detail = code_fingerprint()
-    data_id = dataset_identity(cfg, train_ds, val_ds)
-    layout = world_layout(
-        hvd,
-        str(device),
-        {"config": config_fingerprint(cfg), "code": code_digest, "data": fingerprint(data_id)},
-    )
-    check_agreement(hvd, cfg, layout, code_detail, data_id)  # every rank stops alike on a mismatch
+    if not cfg.train.elastic:  # elastic: collectives only inside Horovod's elastic loop (launch.elastic)
+        check_world(cfg, hvd, how, device, train_ds, val_ds)
     precision = MixedPrecision(cfg.train.precision, cfg.train.channels_last, device)
-    log0(hvd, describe_layout(layout, how, controller_name(hvd)))
     log0(hvd, describe_device(cfg.train.device, device))
     log0(hvd, precision.describe() + ("; " + ", ".join(flags) if device.type == "cuda" else ""))
     warning = host_collectives_warning(device)
@@ -514,16 +504,11 @@ def evaluate_epoch(run: Run, state: RunState, entry: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------------------------------
-def run(cfg: Config, resume_candidates: list[str]) -> int:
-    t_start = time.time()
-    r = set_up(cfg)
-    rank = r.hvd.rank()
-    # From here to the summary a rank that stops making progress (a peer lost while the checkpoint
-    # is read or broadcast, or in the closing collectives) exits instead of hanging.
-    r.watchdog = Watchdog(cfg.train.watchdog_s, rank)
+def start(r: Run, resume_candidates: list[str]) -> RunState:
+    """Resume or start, open rank 0's outputs, announce the run, take an evaluation the checkpoint owes."""
+    cfg, rank, size = r.cfg, r.hvd.rank(), r.hvd.size()
     state = resume_or_start(r, resume_candidates)
     r.out = RunOutputs(cfg, state.step if state.resume_path else None) if rank == 0 else None
-    size = r.hvd.size()
     log0(
         r.hvd,
         f"training: {cfg.optim.method}, {size} rank(s) x {cfg.data.batch_size} = "
@@ -537,9 +522,24 @@ def run(cfg: Config, resume_candidates: list[str]) -> int:
     if state.pending_eval is not None:
         evaluate_epoch(r, state, state.pending_eval)
     state.done = state.step >= r.total_steps
-    while not state.done and state.epoch < cfg.train.epochs:
-        train_epoch(r, state)
-        state.epoch += 1
+    return state
+
+
+def run(cfg: Config, resume_candidates: list[str]) -> int:
+    t_start = time.time()
+    r = set_up(cfg)
+    # From here to the summary a rank that stops making progress (a peer lost while the checkpoint
+    # is read or broadcast, or in the closing collectives) exits instead of hanging.
+    r.watchdog = Watchdog(cfg.train.watchdog_s, r.hvd.rank())
+    if cfg.train.elastic:
+        from .elastic import train_elastic
+
+        state = train_elastic(r, resume_candidates)
+    else:
+        state = start(r, resume_candidates)
+        while not state.done and state.epoch < cfg.train.epochs:
+            train_epoch(r, state)
+            state.epoch += 1
     if r.progress is not None:
         r.progress.close()
     if not state.last_eval:  # nothing left to train (a finished run resumed): still report accuracy

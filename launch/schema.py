@@ -110,6 +110,17 @@ class TrainSection(Section):
         description="ranks the experiment is planned for (dry run); a launch with another number of ranks "
         "stops (exit code 2); null: any number",
     )
+    elastic: bool = Field(
+        default=False,
+        description="Horovod elastic training under horovodrun --gloo --min-np/--max-np "
+        "--host-discovery-script: hosts may leave and join (docs/LAUNCHER.md, Elastic training)",
+    )
+    elastic_commit_steps: int = Field(
+        default=10,
+        ge=1,
+        description="train.elastic: commit the state in host memory every N steps (and at each epoch's "
+        "end); a lost peer rolls every rank back to the last commit",
+    )
     seed: int = Field(default=0, ge=0, description="seed of weights, shuffling and augmentation")
     device: Literal["auto", "cpu", "cuda"] = Field(
         default="auto",
@@ -290,6 +301,7 @@ RESUME_MAY_CHANGE = (
     "train.eval_every",
     "train.max_bad_steps",
     "train.watchdog_s",
+    "train.elastic_commit_steps",
     "train.threads",
     "data.workers",
     "data.pin_memory",

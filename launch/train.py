@@ -75,6 +75,9 @@ def precheck(cfg: Config) -> None:
                 raise cfg.error(key, problem)
     check_horovod(cfg)
     check_controller(cfg)
+    from .elastic import check_elastic
+
+    check_elastic(cfg)
     from .device import check_device
 
     check_device(cfg)  # CUDA present when asked for, precision supported, Horovod able to take CUDA tensors
