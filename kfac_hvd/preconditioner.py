@@ -397,9 +397,10 @@ class KFAC:
             dtype=self._transport_dtype,
             device=self._device(),
         )
+        # The owner too keeps what travelled, not what it computed: with symmetric_comm the others hold
+        # the mirrored upper triangle, and an inverse is symmetric only to round-off, so replicas would
+        # otherwise drift apart in the last bits on every update.
         for (name, kind), values in received.items():
-            if (name, kind) in mine:
-                continue
             shape, dtype = self.layers[name].factor_shapes()[kind], self.layers[name].factor_dtype
             held = self.layer_state[name].inverses.get(kind)
             if held is None or held.dtype != dtype or not held.is_contiguous():

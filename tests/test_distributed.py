@@ -33,7 +33,10 @@ def test_two_half_batches_equal_one_whole_batch(launcher, local_max_dim, tmp_pat
             str(local_max_dim),
         ],
     )
-    for result in read_ranks(tmp_path):
+    ranks = read_ranks(tmp_path)
+    # Replicas stay replicas: the owner keeps the inverse that travelled, as every other rank does.
+    assert ranks[0]["parameters"] == ranks[1]["parameters"]
+    for result in ranks:
         assert result["size"] == 2
         assert result["max_relative_grad_gap"] < 1e-9, result["max_relative_grad_gap"]
         assert result["parameter_gap"] < 1e-9
