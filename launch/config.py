@@ -67,6 +67,20 @@ class Config(Sections):
     def name(self) -> str:
         return os.path.splitext(os.path.basename(self.path))[0]
 
+    @property
+    def run_dir(self) -> str:
+        """``log.dir`` once :func:`resolve_paths` has filled it in (the run folder)."""
+        if self.log.dir is None:
+            raise RuntimeError("log.dir is read before resolve_paths filled it in")
+        return self.log.dir
+
+    @property
+    def checkpoint_dir(self) -> str:
+        """``checkpoint.dir`` once :func:`resolve_paths` has filled it in."""
+        if self.checkpoint.dir is None:
+            raise RuntimeError("checkpoint.dir is read before resolve_paths filled it in")
+        return self.checkpoint.dir
+
 
 # --------------------------------------------------------------------------------------------------
 # Loading

@@ -65,8 +65,7 @@ class RunOutputs:
     """Everything rank 0 writes into the run folder (``log.dir``). Other ranks get ``None``."""
 
     def __init__(self, cfg: Config, resume_step: int | None) -> None:
-        assert cfg.log.dir is not None, "resolve_paths fills in log.dir"
-        self.dir: str = cfg.log.dir
+        self.dir = cfg.run_dir
         os.makedirs(self.dir, exist_ok=True)
         with open(os.path.join(self.dir, "config.yaml"), "w", encoding="utf-8") as fh:
             fh.write(cfg.dump())

@@ -153,8 +153,7 @@ def claim(cfg: Config, fresh: bool, command: str = "") -> tuple[list[FolderLock]
     """Rank 0, before it writes anything: lock the run folder(s), refuse or move aside another run's
     outputs when this run starts fresh. Returns the locks (held until :func:`release`) and the lines
     to print. Raises ConfigError (exit code 2) with one line."""
-    log_dir, ck_dir = cfg.log.dir, cfg.checkpoint.dir
-    assert log_dir is not None and ck_dir is not None, "resolve_paths fills in both folders"
+    log_dir, ck_dir = cfg.run_dir, cfg.checkpoint_dir
     folders = [log_dir] + ([] if _inside(ck_dir, log_dir) else [ck_dir])
     locks: list[FolderLock] = []
     try:
