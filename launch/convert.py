@@ -21,11 +21,11 @@ from .checkpoint import (
     REQUIRED,
     CheckpointError,
     atomic_save,
-    plain_rng_states,
     read_manifest,
     read_manifest_file,
     write_manifest,
 )
+from .rng import plain_rng_states
 
 
 def convert(path: str, out: str | None = None) -> str:

@@ -35,11 +35,11 @@ from typing import Any
 
 import torch
 
-from .checkpoint import rng_state, set_rng_state
 from .data import ShardSampler, steps_per_epoch
 from .dist import started_by_mpi
 from .loop import EpochTally, Run, RunState, end_epoch, log0, run_step, start
 from .reliability import EXIT_ABORTED, EXIT_INPUT, RunStop
+from .rng import rng_state, set_rng_state
 from .world import check_world
 
 

@@ -18,6 +18,7 @@ from launch_helpers.jobs import job, train_cmd
 from launch_helpers.rundir import OneRank, lines, plant_pickle, snapshot, synthetic_config
 
 from launch import checkpoint as ck
+from launch.rng import set_rng_state
 
 pytestmark = pytest.mark.skipif(not horovod_ready(), reason="horovod not installed")
 
@@ -129,7 +130,7 @@ def test_first_format_checkpoint_names_the_conversion_which_makes_it_loadable(tm
     assert convert_main(["convert", old]) == 0
     path, loaded = ck.load_checkpoint(OneRank(), [old])
     assert loaded["format"] == ck.FORMAT and loaded["step"] == 3
-    ck.set_rng_state(loaded["rng"][0])  # the converted RNG state restores
+    set_rng_state(loaded["rng"][0])  # the converted RNG state restores
     assert random.getstate() == state["rng"][0]["python"]
 
 
