@@ -9,6 +9,11 @@ import pytest
 from launch_helpers.common import BIN, FASHION, horovod_problem
 
 STRICT = os.environ.get("KFAC_HVD_STRICT") == "1"
+# Open MPI 4.1's mpirun writes the hardware topology into a shared-memory segment at an address it
+# guesses from its own memory map, and now and then crashes there at start-up (a segfault in
+# hwloc_shmem_topology_write, seen once in a test run). Only local processes' start-up time gains from
+# it; every mpirun the tests start (they inherit this environment) goes without.
+os.environ.setdefault("OMPI_MCA_rtc_hwloc_vmhole", "none")
 FASHION_FILES = (
     "train-images-idx3-ubyte",
     "train-labels-idx1-ubyte",
