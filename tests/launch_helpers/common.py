@@ -49,29 +49,35 @@ def run(cmd: list[str], timeout: float = 300, cwd: str | None = None) -> subproc
     return subprocess.run(cmd, cwd=cwd or REPO, env=env(), capture_output=True, text=True, timeout=timeout)
 
 
+def launcher_prefix(launcher: str, np_: int) -> list[str]:
+    """The command that starts ``np_`` ranks on this one host, before the program's own command."""
+    if launcher == "horovodrun":
+        return [os.path.join(BIN, "horovodrun"), "-np", str(np_), "--gloo", "-H", f"localhost:{np_}"]
+    if launcher == "mpirun":
+        return [
+            shutil.which("mpirun") or "mpirun",
+            "--allow-run-as-root",
+            "--oversubscribe",
+            "-np",
+            str(np_),
+            "-bind-to",
+            "none",
+            "-map-by",
+            "slot",
+            "-x",
+            "PYTHONPATH",
+            "-x",
+            "OMP_NUM_THREADS",
+        ]
+    raise ValueError(launcher)
+
+
 def horovodrun(np_: int, args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    cmd = [os.path.join(BIN, "horovodrun"), "-np", str(np_), "--gloo", "-H", f"localhost:{np_}"]
-    return run(cmd + launch_cmd(args), timeout=timeout)
+    return run(launcher_prefix("horovodrun", np_) + launch_cmd(args), timeout=timeout)
 
 
 def mpirun(np_: int, args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    mpi = shutil.which("mpirun")
-    cmd = [
-        mpi,
-        "--allow-run-as-root",
-        "--oversubscribe",
-        "-np",
-        str(np_),
-        "-bind-to",
-        "none",
-        "-map-by",
-        "slot",
-        "-x",
-        "PYTHONPATH",
-        "-x",
-        "OMP_NUM_THREADS",
-    ]
-    return run(cmd + launch_cmd(args), timeout=timeout)
+    return run(launcher_prefix("mpirun", np_) + launch_cmd(args), timeout=timeout)
 
 
 def horovod_problem() -> str | None:

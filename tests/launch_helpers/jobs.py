@@ -5,12 +5,11 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import shutil
 import signal
 import subprocess
 import time
 
-from .common import BIN, CONFIGS, PYTHON, REPO
+from .common import CONFIGS, PYTHON, REPO, launcher_prefix
 from .common import env as base_env
 
 # The rank as each launcher announces it, for `sh -c` commands that differ per rank.
@@ -57,36 +56,9 @@ def shell_train(args: list[str]) -> str:
 
 
 def launcher_cmd(launcher: str, np_: int, command: list[str]) -> list[str]:
-    if launcher == "horovodrun":
-        return [
-            os.path.join(BIN, "horovodrun"),
-            "-np",
-            str(np_),
-            "--gloo",
-            "-H",
-            f"localhost:{np_}",
-            *command,
-        ]
-    if launcher == "mpirun":
-        return [
-            shutil.which("mpirun") or "mpirun",
-            "--allow-run-as-root",
-            "--oversubscribe",
-            "-np",
-            str(np_),
-            "-bind-to",
-            "none",
-            "-map-by",
-            "slot",
-            "-x",
-            "PYTHONPATH",
-            "-x",
-            "OMP_NUM_THREADS",
-            *command,
-        ]
     if launcher == "none":
         return list(command)
-    raise ValueError(launcher)
+    return launcher_prefix(launcher, np_) + list(command)
 
 
 def job(
