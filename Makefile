@@ -1,4 +1,5 @@
 # Everything builds idempotently: Debian packages, the venv, torch, Horovod (cached wheel), the project.
+# The venv holds what requirements/lock.txt says, file hashes and all; `make lock` refreshes that lock.
 # HOROVOD_GPU_OPERATIONS=NCCL make setup   installs the NCCL flavour of Horovod instead of the cpu one.
 # TORCH_SPEC="torch==X torchvision==Y" TORCH_INDEX_URL=URL make setup   installs that torch build (pip
 #   requirements, from that index; default: the pins below, from pip's configured indexes); a torch that
@@ -10,22 +11,32 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kfac-hvd-ready
 NP ?= 2
 SDIST_DIR := .gpu_carry
+LOCK := requirements/lock.txt
 
-.PHONY: setup torch horovod horovod-sdist demo test lint clean-venv
+.PHONY: setup torch horovod horovod-sdist demo test lint lock clean-venv
 
 setup: horovod
 
 INSTALL_TORCH = PYTHON=$(PY) TORCH_SPEC="$(TORCH_SPEC)" TORCH_INDEX_URL="$(TORCH_INDEX_URL)" bash scripts/install_torch.sh
 
-# The venv and the project with its dependencies (setup.py's lists: the library's, [launch], [test]).
-# torch goes in first, so that pip finds its (unpinned) requirement met and fetches no other build.
-$(STAMP): setup.py scripts/install_system.sh
+# The venv: the torch build first (TORCH_SPEC), then every locked package at its locked version and hash
+# (setup.py's lists, the build tools, pip; with another torch build than the locked one, that build's own
+# packages are left as pip chose them), then the project itself, and a check that the venv is the lock.
+$(STAMP): setup.py $(LOCK) scripts/install_system.sh
 	bash scripts/install_system.sh
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(INSTALL_TORCH)
-	$(PY) -m pip install -q -e '.[launch,test]'
+	$(PY) scripts/lock.py install
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PY) scripts/lock.py check
 	touch $@
+
+# Resolves setup.py's lists, requirements/lock.in and TORCH_SPEC again, with today's releases, into
+# requirements/lock.txt (uv pip compile --generate-hashes); the next `make setup` installs it.
+lock:
+	test -x $(PY) || python3 -m venv $(VENV)
+	test -x $(VENV)/bin/uv || $(PY) -m pip install -q uv
+	TORCH_SPEC="$(TORCH_SPEC)" $(PY) scripts/lock.py compile
 
 # Always run: the script returns in a fraction of a second when the installed torch satisfies TORCH_SPEC,
 # so a venv set up with another build (a V100's CUDA 12.6 torch) keeps it.

@@ -9,7 +9,7 @@ import sys
 import conftest as session_checks
 import pytest
 from launch_helpers import common
-from launch_helpers.fake_env import Fake, failed_step, make_n, parse, write
+from launch_helpers.fake_env import EXTENSION, Fake, failed_step, make_n, parse, write
 
 REPO = common.REPO
 REAL_PYTHON = sys.executable
@@ -228,6 +228,155 @@ def test_target_folder_is_put_on_pythonpath(tmp_path):
     target = tmp_path / "target"
     env = Fake(tmp_path / "env").dry_run("NCCL", KFAC_HVD_TARGET=str(target))["env"]
     assert env["PYTHONPATH"].split(os.pathsep)[0] == str(target)
+
+
+# --- the build folder, the wheel check, --rebuild ------------------------------------------------------
+
+# The line of Horovod 0.28.1's cmake/Utilities.cmake that used the source folder's path as a regular
+# expression, and the sed expression the script patches it with (read from the script itself).
+UTILITIES_LINE = (
+    '    string(REGEX REPLACE "${PROJECT_SOURCE_DIR}(/)?" "" SUB_FOLDER "${CMAKE_CURRENT_SOURCE_DIR}")\n'
+)
+LITERAL_LINE = '    file(RELATIVE_PATH SUB_FOLDER "${PROJECT_SOURCE_DIR}" "${CMAKE_CURRENT_SOURCE_DIR}")\n'
+
+
+def utilities_patch() -> str:
+    with open(os.path.join(REPO, "scripts", "install_horovod.sh"), encoding="utf-8") as fh:
+        line = next(l for l in fh if l.lstrip().startswith("sed -i 's|^") and "RELATIVE_PATH" in l)
+    return line.strip().split(" ", 2)[2].rsplit(" \\", 1)[0].strip("'")
+
+
+def test_utilities_cmake_is_patched_to_compare_the_path_literally(tmp_path):
+    cmake = tmp_path / "Utilities.cmake"
+    cmake.write_text("macro(SET_OUTPUT_DIR)\n" + UTILITIES_LINE + "endmacro()\n")
+    subprocess.run(["sed", "-i", utilities_patch(), str(cmake)], check=True)
+    assert cmake.read_text() == "macro(SET_OUTPUT_DIR)\n" + LITERAL_LINE + "endmacro()\n"
+
+
+def test_build_folder_under_a_cache_with_plus_and_dots_is_named_without_plus(tmp_path):
+    fake = Fake(tmp_path)
+    cache = str(tmp_path / "c++.cache" / "kfac-hvd.1")
+    out = fake.dry_run(KFAC_HVD_CACHE=cache)
+    assert out["decision"] == "build"
+    assert out["work"] == os.path.join(cache, "build", "torch-2.14.1_cu130-cpu.dry-run")
+    assert os.path.isdir(out["work"])
+
+
+@pytest.mark.parametrize("name", ["my cache", "cache(1)", "ça"])
+def test_cache_path_the_build_cannot_take_builds_under_tmpdir(tmp_path, name):
+    fake = Fake(tmp_path)
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    out = fake.dry_run(KFAC_HVD_CACHE=str(tmp_path / name), TMPDIR=str(tmpdir))
+    assert out["work"] == os.path.join(tmpdir, "kfac-hvd-build-torch-2.14.1_cu130-cpu.dry-run")
+    # The wheels and logs stay in the cache asked for.
+    assert out["cache"] == os.path.join(tmp_path, name, "wheels", "torch-2.14.1+cu130-cpu")
+
+
+def test_no_plain_folder_to_build_in_is_refused_in_one_line(tmp_path):
+    fake = Fake(tmp_path)
+    spaced = tmp_path / "my tmp"
+    spaced.mkdir()
+    proc = fake.run(KFAC_HVD_CACHE=str(tmp_path / "my cache"), TMPDIR=str(spaced))
+    assert "step 'choose build folder (neither the cache" in failed_step(proc)
+    assert len(proc.stderr.strip().splitlines()) == 1
+    proc = fake.run(KFAC_HVD_BUILD_DIR=str(spaced))
+    assert "step 'choose build folder (KFAC_HVD_BUILD_DIR=" in failed_step(proc)
+
+
+def test_build_folder_of_the_caller_is_used(tmp_path):
+    out = Fake(tmp_path).dry_run(KFAC_HVD_BUILD_DIR=str(tmp_path / "b+1"))
+    assert out["work"] == os.path.join(tmp_path, "b+1", "torch-2.14.1_cu130-cpu.dry-run")
+
+
+# Where the broken wheels had it: under the build folder's absolute path, its leading slash dropped.
+MISPLACED = "root/.cache/kfac-hvd/build/torch-2.14.1+cu130-cpu.Ab12Cd/horovod-0.28.1/" + EXTENSION
+
+
+@pytest.mark.parametrize(
+    "libraries, words",
+    [
+        (
+            {MISPLACED: b"", "horovod/__init__.py": b""},
+            f"no horovod/torch/mpi_lib_v2*.so in it; libraries at {MISPLACED}",
+        ),
+        ({"horovod/__init__.py": b""}, "it holds no library"),
+        ({EXTENSION: b"", "lib/libgloo.so": b""}, "libraries outside horovod/: lib/libgloo.so"),
+        (None, "not a readable wheel"),
+    ],
+)
+def test_cached_wheel_with_a_wrong_layout_is_not_installed(tmp_path, libraries, words):
+    fake = Fake(tmp_path)
+    wheel = fake.cached_wheel("torch-2.14.1+cu130-cpu", libraries=libraries)
+    out = fake.dry_run()
+    assert out["decision"] == "build" and out["wheel"] == "none"
+    assert words in out["wheel_check"] and words in out["reason"]
+    assert os.path.exists(wheel), "a dry run moves nothing"
+
+
+def test_well_laid_out_cached_wheel_passes_the_check(tmp_path):
+    fake = Fake(tmp_path)
+    fake.cached_wheel("torch-2.14.1+cu130-cpu")
+    out = fake.dry_run()
+    assert out["decision"] == "install-cached" and out["wheel_check"] == "ok"
+
+
+def set_aside_files(fake) -> list[str]:
+    root = os.path.join(fake.cache, "wheels", "set-aside")
+    return [os.path.join(d, f) for d, _, files in os.walk(root) for f in files]
+
+
+def test_broken_cached_wheel_is_moved_aside_with_one_line_and_built_again(tmp_path):
+    fake = Fake(tmp_path)
+    wheel = fake.cached_wheel("torch-2.14.1+cu130-cpu", libraries={MISPLACED: b""})
+    bogus = tmp_path / "horovod-0.28.1.tar.gz"
+    bogus.write_bytes(b"stops the build before it compiles")
+    proc = fake.run(args=(), HOROVOD_SDIST=str(bogus))
+    # It went on to build: the (bogus) sdist is what stopped it.
+    assert "step 'verify sdist" in failed_step(proc)
+    assert not os.path.exists(wheel)
+    moved = set_aside_files(fake)
+    assert [os.path.basename(m) for m in moved] == [os.path.basename(wheel)]
+    assert os.path.dirname(moved[0]).startswith(
+        os.path.join(fake.cache, "wheels", "set-aside", "torch-2.14.1+cu130-cpu.")
+    )
+    lines = [l for l in proc.stdout.splitlines() if "fails its check" in l]
+    assert len(lines) == 1 and wheel in lines[0] and "no horovod/torch/mpi_lib_v2*.so" in lines[0]
+
+
+def test_cached_wheel_whose_install_lacks_the_flavour_is_moved_aside_and_built_again(tmp_path):
+    # The fake pip installs nothing: horovod.torch afterwards still reports no Gloo, as the broken wheel did.
+    fake = Fake(tmp_path, horovod=dict(nccl=0, mpi=1, gloo=0))
+    wheel = fake.cached_wheel("torch-2.14.1+cu130-cpu")
+    bogus = tmp_path / "horovod-0.28.1.tar.gz"
+    bogus.write_bytes(b"stops the build before it compiles")
+    proc = fake.run(args=(), HOROVOD_SDIST=str(bogus))
+    assert "step 'verify sdist" in failed_step(proc)
+    assert any(wheel in call for call in fake.pip_calls()), "the cached wheel was installed first"
+    assert [os.path.basename(m) for m in set_aside_files(fake)] == [os.path.basename(wheel)]
+    assert "lacks Gloo" in next(l for l in proc.stdout.splitlines() if "fails its check" in l)
+
+
+def test_rebuild_builds_even_when_installed_and_cached(tmp_path):
+    fake = Fake(tmp_path, horovod=CPU_INSTALLED)
+    wheel = fake.cached_wheel("torch-2.14.1+cu130-cpu")
+    out = fake.dry_run(args=("--dry-run", "--rebuild"))
+    assert out["decision"] == "build" and out["wheel"] == "none"
+    assert out["reason"].startswith("a rebuild from the sdist was asked for")
+    assert fake.dry_run(KFAC_HVD_REBUILD="1")["decision"] == "build"
+    assert os.path.exists(wheel)
+
+
+def test_ci_builds_from_the_sdist_in_an_empty_cache_of_its_own():
+    with open(os.path.join(REPO, ".ci", "run"), encoding="utf-8") as fh:
+        script = fh.read()
+    commands = [line for line in script.splitlines() if line and not line.startswith("#")]
+    assert (
+        any(l.startswith("KFAC_HVD_CACHE=$(mktemp -d") for l in commands)
+        and "export KFAC_HVD_CACHE" in commands
+    )
+    # One build: the rebuild comes first, and `make test` then finds that Horovod installed.
+    assert commands.index("KFAC_HVD_REBUILD=1 make setup") < commands.index("make test")
 
 
 # --- the Makefile ------------------------------------------------------------------------------------

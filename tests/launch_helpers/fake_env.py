@@ -58,6 +58,9 @@ CU126 = dict(
     nvcc_archs=NVCC12_ARCHS,
 )
 
+EXTENSION = "horovod/torch/mpi_lib_v2.cpython-311-x86_64-linux-gnu.so"
+WELL_LAID_OUT = {EXTENSION: b"\0libtorch.so\0", "horovod/__init__.py": b""}
+
 # Records its arguments and "installs" every name==version it is given by rewriting that package's metadata.
 FAKE_PIP = """import glob, json, os, shutil, sys
 with open({log!r}, "a") as fh:
@@ -207,8 +210,9 @@ class Fake:
         )
         write(os.path.join(self.site, "horovod", "torch", "__init__.py"), body)
 
-    def cached_wheel(self, key, pytag=None, libraries=None):
-        """An (empty) cached wheel, or with ``libraries`` (name -> bytes) a real zip holding them."""
+    def cached_wheel(self, key, pytag=None, libraries=WELL_LAID_OUT):
+        """A cached wheel: a zip holding ``libraries`` (name -> bytes; by default the extension where it
+        belongs), or with ``libraries=None`` an empty file."""
         pytag = pytag or "cp%d%d" % sys.version_info[:2]
         path = os.path.join(self.cache, "wheels", key, f"horovod-0.28.1-{pytag}-{pytag}-linux_x86_64.whl")
         write(path, "")
