@@ -260,3 +260,21 @@ def test_torch_engine_needs_no_horovod(tmp_path):
         assert result["communicator"] == "TorchDistributedCommunicator"
         assert result["max_relative_grad_gap"] < 1e-9
         assert sorted(set(result["owners"].values())) == [0, 1]
+
+
+@pytest.mark.parametrize("launcher", ["horovodrun-gloo", "torchrun"])
+def test_communicator_averages_in_place_and_gathers_uneven_parts_in_rank_order(launcher, tmp_path):
+    """The interface KFAC relies on, on each engine with 3 ranks (tests/workers/comm_worker.py): three
+    allreduces in flight at once give the mean in place; allgathers of 0, 1 and 2 rows give the rows in
+    rank order, with the lengths given and without; the torch engine reads nothing back from a device
+    when it is given the lengths."""
+    run(launcher, ["tests/workers/comm_worker.py", "--out", str(tmp_path)], np=3)
+    gathered = [[100.0 * r + c for c in range(3 * i, 3 * i + 3)] for r in range(3) for i in range(r)]
+    for result in read_ranks(tmp_path, 3):
+        assert result["communicator"] == COMMUNICATOR[ENGINES[launcher]]
+        assert result["averaged"] == [[2.0 + k] * 5 for k in range(3)]  # mean of 1+k, 2+k, 3+k
+        assert result["in_place"] == [True] * 3
+        assert result["told"] == result["untold"] == gathered
+        assert result["equal"] == [float(r) for r in range(3) for _ in range(4)]
+        if ENGINES[launcher] == "torch":
+            assert result["host_syncs"] == 0, result["where"]
