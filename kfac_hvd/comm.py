@@ -196,11 +196,13 @@ class _PendingAverage:
 class _PendingGather:
     """An in-flight gather of equal, padded parts; trimmed to each rank's own first dimension on arrival."""
 
-    def __init__(self, work: Any, parts: torch.Tensor, sizes: Sequence[int]) -> None:
+    def __init__(self, work: Any, parts: torch.Tensor, sizes: Sequence[int], send: torch.Tensor) -> None:
         self.work, self.parts, self.sizes = work, parts, list(sizes)
+        self.send = send  # held until the collective is done: an engine may read it asynchronously
 
     def result(self) -> torch.Tensor:
-        self.work.wait()
+        if self.work is not None:
+            self.work.wait()
         longest = self.parts.shape[1]
         if all(size == longest for size in self.sizes):
             return self.parts.flatten(0, 1)  # nothing was padded: a view, no copy
@@ -248,6 +250,8 @@ class TorchDistributedCommunicator:
             )
         longest = max(sizes)
         parts = tensor.new_empty((self.size, longest, *tensor.shape[1:]))
+        if longest == 0:  # every rank knows that every part is empty: no collective at all
+            return _PendingGather(None, parts, sizes, tensor)
         if tensor.shape[0] == longest:
             send = tensor.contiguous()
         else:
@@ -255,7 +259,7 @@ class TorchDistributedCommunicator:
             send[: tensor.shape[0]] = tensor
         # One collective into views of one buffer (Gloo's allgather wants equal parts).
         work = self._dist.all_gather(list(parts.unbind(0)), send, group=self._group, async_op=True)
-        return _PendingGather(work, parts, sizes)
+        return _PendingGather(work, parts, sizes, send)
 
     def wait(self, handle: _PendingAverage | _PendingGather) -> torch.Tensor:
         return handle.result()

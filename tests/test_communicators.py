@@ -56,6 +56,8 @@ def test_torch_communicator_on_one_rank_and_as_the_default():
         rows = torch.ones(2, 3)
         told = comm.wait(comm.allgather_async(rows, "rows", sizes=[2]))
         untold = comm.wait(comm.allgather_async(rows, "rows"))
+        empty = comm.wait(comm.allgather_async(rows[:0], "none", sizes=[0]))
+        print("empty", tuple(empty.shape))
         try:
             comm.allgather_async(rows, "rows", sizes=[3])
         except ValueError:
@@ -67,6 +69,7 @@ def test_torch_communicator_on_one_rank_and_as_the_default():
     )
     assert out.splitlines() == [
         "refused: True",
+        "empty (0, 3)",
         "wrong sizes refused",
         "TorchDistributedCommunicator 0 1 [0.0, 1.0, 2.0, 3.0] True True",
     ]
