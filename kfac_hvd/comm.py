@@ -7,8 +7,9 @@ communicator of its own is made. Every tensor handed to a collective goes throug
 :class:`TrafficCounter` (the calls are in :mod:`kfac_hvd.exchange`, the same for every engine), which
 keeps per layer and kind
 
-* payload bytes: ``numel × element_size`` of what this rank hands to Horovod (factor allreduce), or of a
-  layer's share of the one gathered buffer (inverse allgather: what every rank ends up holding);
+* payload bytes: ``numel × element_size`` of what this rank hands to the engine (factor allreduce), or
+  of a layer's share of the one gathered buffer (inverse allgather: what every rank ends up holding;
+  the torch engine's padding is not counted);
 * modelled wire bytes per rank (the ring model of :mod:`kfac_hvd.cost`).
 
 What updating every layer on every step would cost, the counters' reference, is :func:`every_step_cost`.
@@ -217,7 +218,9 @@ class TorchDistributedCommunicator:
     backward pass goes on. Averages are sums scaled by 1/P on arrival (Gloo has no average). The inverse
     allgather pads every rank's part to the longest and trims on arrival: one collective, with every
     rank's length passed down by the caller (``sizes``), so that none is read back from a device. Tensor
-    names mean nothing to ``torch.distributed`` and are not used.
+    names mean nothing to ``torch.distributed`` and are not used: it matches collectives by the order in
+    which they are issued, which is the same on every rank because every rank runs the same layers, due
+    on the same steps (rank 0's intervals), in the same order (DDP asks the same of the model).
     """
 
     def __init__(self, group: Any = None) -> None:
