@@ -1,11 +1,15 @@
 """Collectives for K-FAC and their accounting.
 
-Two communicators share one interface: :class:`HorovodCommunicator` (any number of ranks) and
-:class:`LocalCommunicator` (one process, no Horovod needed, no collective issued). Every tensor handed
-to Horovod goes through :class:`TrafficCounter`, which keeps per layer and kind
+Three communicators share one interface (:class:`Communicator`): :class:`HorovodCommunicator` and
+:class:`TorchDistributedCommunicator` (any number of ranks, on Horovod or on ``torch.distributed``) and
+:class:`LocalCommunicator` (one process, no collective issued). Neither engine is imported before a
+communicator of its own is made. Every tensor handed to a collective goes through
+:class:`TrafficCounter` (the calls are in :mod:`kfac_hvd.exchange`, the same for every engine), which
+keeps per layer and kind
 
-* payload bytes: ``numel × element_size`` of what this rank hands to Horovod (factor allreduce), or of a
-  layer's share of the one gathered buffer (inverse allgather: what every rank ends up holding);
+* payload bytes: ``numel × element_size`` of what this rank hands to the engine (factor allreduce), or
+  of a layer's share of the one gathered buffer (inverse allgather: what every rank ends up holding;
+  the torch engine's padding is not counted);
 * modelled wire bytes per rank (the ring model of :mod:`kfac_hvd.cost`).
 
 What updating every layer on every step would cost, the counters' reference, is :func:`every_step_cost`.
@@ -13,10 +17,11 @@ What updating every layer on every step would cost, the counters' reference, is 
 
 from __future__ import annotations
 
+import sys
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -114,6 +119,28 @@ class TrafficCounter:
                 self.per_layer[layer][kind].update(entry)
 
 
+class Communicator(Protocol):
+    """What K-FAC asks of an engine: this rank, the number of ranks, two asynchronous collectives.
+
+    ``allreduce_async`` averages ``tensor`` over the ranks in place; ``allgather_async`` concatenates
+    every rank's ``tensor`` along the first dimension, in rank order (first dimensions may differ:
+    ``sizes``, when given, lists every rank's first dimension so that the engine need not exchange
+    them). Both return a handle; ``wait`` returns the result. ``name`` identifies the collective to
+    engines that use names (Horovod fuses and records by name).
+    """
+
+    rank: int
+    size: int
+
+    def allreduce_async(self, tensor: torch.Tensor, name: str) -> Any: ...
+
+    def allgather_async(
+        self, tensor: torch.Tensor, name: str, *, sizes: Sequence[int] | None = None
+    ) -> Any: ...
+
+    def wait(self, handle: Any) -> torch.Tensor: ...
+
+
 class LocalCommunicator:
     """One process: averaging and broadcasting are identities, and nothing is sent."""
 
@@ -123,7 +150,9 @@ class LocalCommunicator:
     def allreduce_async(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
         return tensor
 
-    def allgather_async(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
+    def allgather_async(
+        self, tensor: torch.Tensor, name: str, *, sizes: Sequence[int] | None = None
+    ) -> torch.Tensor:
         return tensor
 
     def wait(self, handle: Any) -> torch.Tensor:
@@ -143,18 +172,116 @@ class HorovodCommunicator:
     def allreduce_async(self, tensor: torch.Tensor, name: str) -> Any:
         return self._hvd.allreduce_async_(tensor, name=name, op=self._hvd.Average)
 
-    def allgather_async(self, tensor: torch.Tensor, name: str) -> Any:
-        """Concatenation of every rank's ``tensor`` (first dimensions may differ), in rank order."""
+    def allgather_async(self, tensor: torch.Tensor, name: str, *, sizes: Sequence[int] | None = None) -> Any:
+        """Concatenation of every rank's ``tensor`` (first dimensions may differ), in rank order.
+        ``sizes`` is not needed: Horovod's controller exchanges the first dimensions itself."""
         return self._hvd.allgather_async(tensor, name=name)
 
     def wait(self, handle: Any) -> torch.Tensor:
         return self._hvd.synchronize(handle)
 
 
-def default_communicator() -> HorovodCommunicator | LocalCommunicator:
-    """Horovod when it is importable and initialised, else a single local process."""
-    try:
-        import horovod.torch as hvd
-    except ImportError:
-        return LocalCommunicator()
-    return HorovodCommunicator() if hvd.is_initialized() else LocalCommunicator()
+class _PendingAverage:
+    """An in-flight sum whose result is divided by the number of ranks once it has arrived."""
+
+    def __init__(self, work: Any, tensor: torch.Tensor, scale: float) -> None:
+        self.work, self.tensor, self.scale = work, tensor, scale
+
+    def result(self) -> torch.Tensor:
+        self.work.wait()
+        # A multiplication by 1/P, as Horovod's Average does (its post-scale factor): the same rounding
+        # as Horovod's, and a device-side operation with a host scalar, so no host synchronisation.
+        return self.tensor.mul_(self.scale)
+
+
+class _PendingGather:
+    """An in-flight gather of equal, padded parts; trimmed to each rank's own first dimension on arrival."""
+
+    def __init__(self, work: Any, parts: torch.Tensor, sizes: Sequence[int], send: torch.Tensor) -> None:
+        self.work, self.parts, self.sizes = work, parts, list(sizes)
+        self.send = send  # held until the collective is done: an engine may read it asynchronously
+
+    def result(self) -> torch.Tensor:
+        if self.work is not None:
+            self.work.wait()
+        longest = self.parts.shape[1]
+        if all(size == longest for size in self.sizes):
+            return self.parts.flatten(0, 1)  # nothing was padded: a view, no copy
+        return torch.cat([part[:size] for part, size in zip(self.parts, self.sizes)])
+
+
+class TorchDistributedCommunicator:
+    """Asynchronous ``torch.distributed`` collectives (Gloo on the CPU, NCCL on GPUs), for jobs started by
+    ``torchrun``: call ``torch.distributed.init_process_group`` first.
+
+    The factor allreduces are issued with ``async_op=True`` from the capture hooks, so they run while the
+    backward pass goes on. Averages are sums scaled by 1/P on arrival (Gloo has no average). The inverse
+    allgather pads every rank's part to the longest and trims on arrival: one collective, with every
+    rank's length passed down by the caller (``sizes``), so that none is read back from a device. Tensor
+    names mean nothing to ``torch.distributed`` and are not used: it matches collectives by the order in
+    which they are issued, which is the same on every rank because every rank runs the same layers, due
+    on the same steps (rank 0's intervals), in the same order (DDP asks the same of the model).
+    """
+
+    def __init__(self, group: Any = None) -> None:
+        import torch.distributed as dist  # here: importing kfac_hvd sets nothing up
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError(
+                "TorchDistributedCommunicator needs torch.distributed.init_process_group() to have run"
+            )
+        self._dist = dist
+        self._group = group
+        self.rank: int = dist.get_rank(group)
+        self.size: int = dist.get_world_size(group)
+
+    def allreduce_async(self, tensor: torch.Tensor, name: str) -> _PendingAverage:
+        work = self._dist.all_reduce(tensor, op=self._dist.ReduceOp.SUM, group=self._group, async_op=True)
+        return _PendingAverage(work, tensor, 1.0 / self.size)
+
+    def allgather_async(
+        self, tensor: torch.Tensor, name: str, *, sizes: Sequence[int] | None = None
+    ) -> _PendingGather:
+        """Every rank's ``tensor`` concatenated along the first dimension, in rank order. Without
+        ``sizes`` the first dimensions are gathered first (one more collective and one host read)."""
+        if sizes is None:
+            sizes = self._gather_sizes(tensor)
+        if len(sizes) != self.size or sizes[self.rank] != tensor.shape[0]:
+            raise ValueError(
+                f"allgather '{name}': sizes {list(sizes)} do not fit {self.size} ranks with a part of "
+                f"{tensor.shape[0]} rows at rank {self.rank}"
+            )
+        longest = max(sizes)
+        parts = tensor.new_empty((self.size, longest, *tensor.shape[1:]))
+        if longest == 0:  # every rank knows that every part is empty: no collective at all
+            return _PendingGather(None, parts, sizes, tensor)
+        if tensor.shape[0] == longest:
+            send = tensor.contiguous()
+        else:
+            send = tensor.new_zeros((longest, *tensor.shape[1:]))  # the padding travels too: no garbage
+            send[: tensor.shape[0]] = tensor
+        # One collective into views of one buffer (Gloo's allgather wants equal parts).
+        work = self._dist.all_gather(list(parts.unbind(0)), send, group=self._group, async_op=True)
+        return _PendingGather(work, parts, sizes, send)
+
+    def wait(self, handle: _PendingAverage | _PendingGather) -> torch.Tensor:
+        return handle.result()
+
+    def _gather_sizes(self, tensor: torch.Tensor) -> list[int]:
+        mine = torch.tensor([tensor.shape[0]], dtype=torch.int64, device=tensor.device)
+        every = [torch.empty_like(mine) for _ in range(self.size)]
+        self._dist.all_gather(every, mine, group=self._group)
+        return torch.cat(every).tolist()
+
+
+def default_communicator() -> TorchDistributedCommunicator | HorovodCommunicator | LocalCommunicator:
+    """Horovod when it is initialised, else ``torch.distributed`` when that is, else a single local
+    process. Neither engine is imported here: Horovod is initialised only if ``horovod.torch`` was
+    imported, and ``torch.distributed`` is part of ``import torch``."""
+    hvd = sys.modules.get("horovod.torch")
+    if hvd is not None and hvd.is_initialized():
+        return HorovodCommunicator()
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return TorchDistributedCommunicator()
+    return LocalCommunicator()

@@ -1,12 +1,13 @@
 """What one step sends: the factor allreduces and the single inverse allgather.
 
 * Factors travel as soon as they are final (:class:`FactorExchange`): the capture hooks hand each one
-  over on the last micro-batch, so Horovod moves A during the forward pass and G during the backward
+  over on the last micro-batch, so the engine moves A during the forward pass and G during the backward
   pass; ``KFAC.step`` only waits. Names: ``kfac.A.<layer>``, ``kfac.G.<layer>``, ``kfac.F.<layer>``.
 * Inverses travel in one allgather per step (:func:`allgather_inverses`, name ``kfac.inverses``):
   each rank packs the inverses of the due layers it owns, rank 0 appends the new intervals of the due
-  keys, and every rank knows the layout from the assignment and the due set. Horovod fuses
-  allgathers but never broadcasts, so this replaces one broadcast per inverse.
+  keys, and every rank knows the layout from the assignment and the due set (and so every part's
+  length, which the engine is given). Horovod fuses allgathers but never broadcasts, so this replaces
+  one broadcast per inverse.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .comm import TrafficCounter
+from .comm import Communicator, TrafficCounter
 from .factors import pack, packed_numel
 
 Key = tuple[str, str]  # (layer, kind)
@@ -36,7 +37,7 @@ class Arrived:
 
 
 class FactorExchange:
-    def __init__(self, comm: Any, traffic: TrafficCounter, *, symmetric: bool) -> None:
+    def __init__(self, comm: Communicator, traffic: TrafficCounter, *, symmetric: bool) -> None:
         self.comm = comm
         self.traffic = traffic
         self.symmetric = symmetric
@@ -103,7 +104,7 @@ class FactorExchange:
 
 
 def allgather_inverses(
-    comm: Any,
+    comm: Communicator,
     traffic: TrafficCounter,
     *,
     layout: Sequence[Sequence[tuple[str, str, tuple[int, ...]]]],
@@ -126,7 +127,11 @@ def allgather_inverses(
         assert control is not None  # rank 0 sends what the others are told to expect
         pieces.append(torch.tensor(list(control), dtype=dtype, device=device))
     send = torch.cat(pieces) if pieces else torch.zeros(0, dtype=dtype, device=device)
-    gathered = comm.wait(comm.allgather_async(send, name="kfac.inverses"))
+    # Every rank's part length follows from the layout, so an engine that must know them (torch.distributed
+    # pads to the longest) is told rather than reading them back from a device.
+    sizes = [sum(packed_numel(shape, symmetric) for _, _, shape in part) for part in layout]
+    sizes[0] += control_count
+    gathered = comm.wait(comm.allgather_async(send, name="kfac.inverses", sizes=sizes))
     element = torch.finfo(dtype).bits // 8
     received: dict[Key, torch.Tensor] = {}
     offset = 0

@@ -2,7 +2,7 @@
 docs/NOISE.md: the values a step record reports, against factors computed in the test from the layers'
 inputs and output gradients (tests/direct_factors.py), for a Linear layer, a 3×3 Conv2d with bias and
 BatchNorm's F; on one rank, on two in-process ranks that saw the same batch (so factors travel, as
-triangles or whole), and on two real ranks under horovodrun (Gloo) with different batches."""
+triangles or whole), and on two real ranks under horovodrun (Gloo) and torchrun with different batches."""
 
 import json
 
@@ -18,7 +18,7 @@ from direct_factors import (
     step_inputs,
 )
 from mirror_comm import MirrorCommunicator
-from multiproc import run
+from multiproc import ENGINES, run
 
 import kfac_hvd
 
@@ -83,11 +83,12 @@ def test_noise_aware_diff_is_the_formula_of_docs_noise(comm, symmetric):
         assert reported(records[1], key) == pytest.approx(expected, **TOLERANCE), key
 
 
-def test_two_real_ranks_diff_is_eq6_of_the_averaged_factors(tmp_path):
-    """Under horovodrun --gloo each rank draws its own batches; the reported Diffs are Eq. (6) of the
-    mean of the two ranks' directly computed factors, and the noise-aware Diff uses
-    V = (v₀ + v₁)/4, on triangles and on whole matrices."""
-    run("horovodrun-gloo", [WORKER, "--out", str(tmp_path)])
+@pytest.mark.parametrize("launcher", ["horovodrun-gloo", "torchrun"])
+def test_two_real_ranks_diff_is_eq6_of_the_averaged_factors(launcher, tmp_path):
+    """Under horovodrun --gloo (Horovod) and torchrun (torch.distributed) each rank draws its own
+    batches; the reported Diffs are Eq. (6) of the mean of the two ranks' directly computed factors, and
+    the noise-aware Diff uses V = (v₀ + v₁)/4, on triangles and on whole matrices."""
+    run(launcher, [WORKER, "--out", str(tmp_path)])
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
 
     def averaged(step: int, what: str):
@@ -103,6 +104,7 @@ def test_two_real_ranks_diff_is_eq6_of_the_averaged_factors(tmp_path):
     noise_first, noise_second = averaged(0, "noise"), averaged(1, "noise")
     for rank in ranks:
         assert rank["size"] == 2
+        assert rank["engine"] == ENGINES[launcher]
         assert set(rank["runs"]) == {"symmetric", "full", "symmetric-noise", "full-noise"}
         for run_name, records in rank["runs"].items():
             for key in KEYS:

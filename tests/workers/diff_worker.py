@@ -1,5 +1,5 @@
-"""Runs under horovodrun (2 ranks): two K-FAC steps at fixed weights, each rank on its own batches,
-with triangles and whole matrices, raw and noise-aware Diff. Each rank writes rank<r>.json into --out:
+"""Runs under horovodrun (Horovod) or torchrun (torch.distributed), 2 ranks: two K-FAC steps at fixed
+weights, each rank on its own batches, with triangles and whole matrices, raw and noise-aware Diff. Each rank writes rank<r>.json into --out:
 the step records, and its own factors and split-half noise computed directly (tests/direct_factors.py),
 from which the test forms the averages."""
 
@@ -9,10 +9,10 @@ import os
 import sys
 
 import torch
+from engines import horovod_importable, horovod_modules, start_engine  # before kfac_hvd: it may block Horovod
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import horovod.torch as hvd
 from direct_factors import direct_factors, forward_backward, make_model, split_half_noise, step_inputs
 
 import kfac_hvd
@@ -31,9 +31,9 @@ def main() -> int:
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    hvd.init()
+    engine = start_engine()
     model = make_model()  # the same weights on both ranks
-    data = [step_inputs(step, BATCH, seed=1 + hvd.rank()) for step in (1, 2)]
+    data = [step_inputs(step, BATCH, seed=1 + engine.rank) for step in (1, 2)]
     factors, noise = [], []
     for x, y in data:
         seen = forward_backward(model, x, y)
@@ -55,10 +55,20 @@ def main() -> int:
             records.append({"layers": record["layers"]})
         kfac.remove_hooks()
         runs[run_name] = records
-    result = {"rank": hvd.rank(), "size": hvd.size(), "runs": runs, "factors": factors, "noise": noise}
-    with open(os.path.join(args.out, f"rank{hvd.rank()}.json"), "w") as handle:
+    result = {
+        "rank": engine.rank,
+        "size": engine.size,
+        "engine": engine.name,
+        "communicator": type(kfac.comm).__name__,
+        "horovod_modules": horovod_modules(),
+        "horovod_importable": horovod_importable(),
+        "runs": runs,
+        "factors": factors,
+        "noise": noise,
+    }
+    with open(os.path.join(args.out, f"rank{engine.rank}.json"), "w") as handle:
         json.dump(result, handle)
-    hvd.shutdown()
+    engine.finish()
     return 0
 
 

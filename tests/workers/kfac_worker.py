@@ -1,4 +1,5 @@
-"""Runs under horovodrun/mpirun (2 ranks); each rank writes rank<r>.json into --out for the test to read.
+"""Runs under horovodrun/mpirun (Horovod) or torchrun (torch.distributed), see tests/workers/engines.py;
+each rank writes rank<r>.json into --out for the test to read.
 
 Modes:
   equivalence  two ranks on halves of a fixed batch vs. one process on the whole batch, several steps
@@ -11,8 +12,13 @@ import json
 import os
 import sys
 
-import horovod.torch as hvd
 import torch
+from engines import (  # before kfac_hvd: it may block Horovod
+    CollectiveLog,
+    horovod_importable,
+    horovod_modules,
+    start_engine,
+)
 from torch import nn
 
 import kfac_hvd
@@ -39,16 +45,7 @@ def batches(count, size):
     ]
 
 
-def init():
-    if os.environ.get("KFAC_TEST_MPI4PY"):
-        from mpi4py import MPI
-
-        hvd.init(comm=MPI.COMM_WORLD)
-    else:
-        hvd.init()
-
-
-def equivalence(args):
+def equivalence(engine, args):
     torch.manual_seed(0)
     model = small_cnn().double()
     reference_model = copy.deepcopy(model)
@@ -56,27 +53,26 @@ def equivalence(args):
     # --from-step: factors of one pass with accumulation_steps=2 are started by kfac.step(), not the hooks.
     kfac = kfac_hvd.KFAC(model, accumulation_steps=2 if args.from_step else 1, **options)
     reference = kfac_hvd.KFAC(reference_model, comm=LocalCommunicator(), **options)
-    optimizer = hvd.DistributedOptimizer(
-        torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), named_parameters=model.named_parameters()
+    train_model, optimizer = engine.data_parallel(
+        model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     )
     reference_optimizer = torch.optim.SGD(reference_model.parameters(), lr=0.1, momentum=0.9)
-    half = args.batch // hvd.size()
+    half = args.batch // engine.size
     worst = 0.0
     started = []
     for x, y in batches(args.steps, args.batch):
         x = x.double()
-        local = slice(hvd.rank() * half, (hvd.rank() + 1) * half)
+        local = slice(engine.rank * half, (engine.rank + 1) * half)
         optimizer.zero_grad()
-        nn.functional.cross_entropy(model(x[local]), y[local]).backward()
-        optimizer.synchronize()
+        nn.functional.cross_entropy(train_model(x[local]), y[local]).backward()
+        engine.synchronize(optimizer)
         started.append(kfac.step()["factor_allreduces_started"])
         reference_optimizer.zero_grad()
         nn.functional.cross_entropy(reference_model(x), y).backward()
         reference.step()
         for p, q in zip(model.parameters(), reference_model.parameters()):
             worst = max(worst, ((p.grad - q.grad).abs().max() / q.grad.abs().max()).item())
-        with optimizer.skip_synchronize():
-            optimizer.step()
+        engine.optimizer_step(optimizer)
         reference_optimizer.step()
     parameter_gap = max(
         (p - q).abs().max().item() for p, q in zip(model.parameters(), reference_model.parameters())
@@ -89,10 +85,16 @@ def equivalence(args):
         "stats": kfac.comm_stats(),
         "started": started,
         "parameters": [p.tolist() for p in model.parameters()],
+        "inverses": {
+            f"{name}.{kind}": inverse.tolist()
+            for name, kinds in kfac.inverses.items()
+            for kind, inverse in kinds.items()
+        },
+        "communicator": type(kfac.comm).__name__,
     }
 
 
-def schedule(args):
+def schedule(engine, args):
     torch.manual_seed(0)
     model = nn.Sequential(small_cnn()[:4], nn.BatchNorm2d(6), nn.Flatten(), nn.Linear(6 * 3 * 3, 5))
     kfac = kfac_hvd.KFAC(
@@ -103,30 +105,38 @@ def schedule(args):
         local_inverse_max_dim=args.local_max_dim,
         noise_aware_diff=args.noise_aware,
     )
-    optimizer = hvd.DistributedOptimizer(
-        torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), named_parameters=model.named_parameters()
+    train_model, optimizer = engine.data_parallel(
+        model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     )
+    # torch.distributed only: the collectives K-FAC issues, step by step (Horovod's timeline does this
+    # for Horovod). Forward, backward and kfac.step() are logged: the hooks start the factor allreduces.
+    collectives = CollectiveLog(engine.dist) if engine.name == "torch" else None
     records = []
     # Ranks see different data, so their local factors differ; the averaged ones drive the schedule.
-    generator = torch.Generator().manual_seed(100 + hvd.rank())
+    generator = torch.Generator().manual_seed(100 + engine.rank)
     for _ in range(args.steps):
         x, y = (
             torch.randn(args.batch, 1, 8, 8, generator=generator),
             torch.randint(0, 5, (args.batch,), generator=generator),
         )
         optimizer.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        optimizer.synchronize()
+        if collectives is not None:
+            collectives.active = True
+        nn.functional.cross_entropy(train_model(x), y).backward()
+        engine.synchronize(optimizer)
         with HostSyncCounter() as syncs:
             records.append(kfac.step())
         records[-1]["host_syncs"] = syncs.count
-        with optimizer.skip_synchronize():
-            optimizer.step()
+        if collectives is not None:
+            collectives.active = False
+            records[-1]["collectives"] = collectives.take()
+        engine.optimizer_step(optimizer)
     return {
         "records": records,
         "stats": kfac.comm_stats(),
         "layers": kfac.layer_names,
         "owners": kfac.assignment.owner,
+        "communicator": type(kfac.comm).__name__,
     }
 
 
@@ -144,15 +154,13 @@ def main():
     parser.add_argument("--noise-aware", action="store_true", help="KFAC noise_aware_diff")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    init()
-    result = {"equivalence": equivalence, "schedule": schedule}[args.mode](args)
-    result.update(rank=hvd.rank(), size=hvd.size())
-    with open(os.path.join(args.out, f"rank{hvd.rank()}.json"), "w") as handle:
+    engine = start_engine()
+    result = {"equivalence": equivalence, "schedule": schedule}[args.mode](engine, args)
+    result.update(rank=engine.rank, size=engine.size, engine=engine.name, horovod_modules=horovod_modules())
+    result.update(horovod_importable=horovod_importable())
+    with open(os.path.join(args.out, f"rank{engine.rank}.json"), "w") as handle:
         json.dump(result, handle)
-    # One more collective: Horovod writes an operation's closing timeline events after handing back its
-    # result, so without it the last step's allgather could miss its size when shutdown closes the file.
-    hvd.allreduce(torch.zeros(1), name="worker.done")
-    hvd.shutdown()  # flushes Horovod's timeline
+    engine.finish()
     return 0
 
 
