@@ -124,7 +124,12 @@ def step_models(args: argparse.Namespace, model: nn.Module, precisions: list[str
         symmetric=not args.no_triangle,
         local_inverse_max_dim=args.local_inverse_max_dim,
     )
-    profile = tm.profile_model(model, image_size=args.image_size, include_batchnorm=not args.no_batchnorm)
+    profile = tm.profile_model(
+        model,
+        image_size=args.image_size,
+        include_batchnorm=not args.no_batchnorm,
+        batchnorm_fisher=args.batchnorm_fisher,
+    )
     network = _network(args)
     try:
         return [
