@@ -12,6 +12,7 @@ import pytest
 import torch
 from direct_factors import direct_factors, forward_backward, make_model, step_inputs
 from mirror_comm import MirrorCommunicator
+from test_hot_path import stack
 from torch import nn
 from torch.func import grad, vmap
 
@@ -20,6 +21,7 @@ import kfac_hvd.factors
 from kfac_hvd.analysis import commodel, traffic
 from kfac_hvd.comm import every_step_cost
 from kfac_hvd.cost import layer_costs
+from kfac_hvd.diagnostics import HostSyncCounter
 from kfac_hvd.layers import FullBatchNormLayer
 
 TIGHT = dict(rtol=1e-10, atol=1e-10)  # float64 throughout
@@ -124,6 +126,33 @@ def test_diff_and_interval_of_the_full_block_follow_algorithm_1():
     assert records[0]["layers"]["bn"]["diff_F"] is None
     assert records[1]["layers"]["bn"]["diff_F"] == pytest.approx(expected, rel=1e-9)
     assert records[1]["layers"]["bn"]["interval"] == 2
+
+
+def syncs_per_pass_and_step(model, steps, **options):
+    """Host reads during each forward/backward pass (the capture hooks) and each ``kfac.step``."""
+    torch.manual_seed(0)
+    kfac = kfac_hvd.KFAC(model, update_threshold=1e9, **options)  # every diff below λ: intervals grow
+    passes, counts = [], []
+    for _ in range(steps):
+        model.zero_grad()
+        with HostSyncCounter() as syncs:
+            nn.functional.cross_entropy(model(torch.randn(8, 1, 6, 6)), torch.randint(0, 3, (8,))).backward()
+        passes.append(syncs.count)
+        with HostSyncCounter() as syncs:
+            kfac.step(lr=0.1)
+        counts.append(syncs.count)
+    return passes, counts
+
+
+@pytest.mark.parametrize("max_dim", [256, 4])
+def test_host_syncs_do_not_grow_with_the_number_of_full_blocks(max_dim):
+    """As tests/test_hot_path.py with unit-wise blocks: with 10 BatchNorm layers, no host read in the
+    hooks, two on an update step and none otherwise (due at steps 1, 2, 4, 6), whether the 8×8 blocks
+    are inverted everywhere or by an owner."""
+    options = dict(batchnorm_fisher="full", local_inverse_max_dim=max_dim)
+    passes, counts = syncs_per_pass_and_step(stack(21), 6, **options)
+    assert passes == [0] * 6
+    assert counts == [2, 2, 0, 2, 0, 2]
 
 
 def lone_bn_net():
