@@ -387,3 +387,25 @@ def test_full_block_memory_is_one_factor_and_one_inverse_per_layer():
     held = 8 * (4 + 25 + 100 + 36 + 9)
     memory = kfac.memory_bytes()
     assert (memory["factors"], memory["inverses"]) == (held, held)
+
+
+def test_flop_of_a_full_block_count_its_outer_products_per_sample():
+    """BatchNorm2d(3) on 4×4 maps, batch 2 (rows = 2 · 16): the per-activation sums as unit-wise (8 per
+    activation) plus 2 · samples · (2C)² for the outer products; preconditioning a 6×6 matrix-vector
+    product; the time model reads the same and moves the 36 inverse values and 2 × 6 gradient values."""
+    from kfac_hvd.analysis import timemodel as tm
+
+    bn = nn.BatchNorm2d(3)
+    full = layer_costs(traffic.model_layers(bn, batchnorm_fisher="full"), element_bytes=4)[""]
+    unit_wise = layer_costs(traffic.model_layers(bn), element_bytes=4)[""]
+    rows, samples = 2 * 16, 2
+    assert unit_wise.factor_flop(rows) == {"forward": 0.0, "backward": 8.0 * rows * 3}
+    assert full.factor_flop(rows, samples) == {
+        "forward": 0.0,
+        "backward": 8.0 * rows * 3 + 2.0 * samples * 36,
+    }
+    assert (full.precondition_flop, unit_wise.precondition_flop) == (2.0 * 36, 8.0 * 3)
+    profile = tm.profile_model(nn.Sequential(bn), image_size=4, batchnorm_fisher="full")
+    costs = profile.layers[0].phase_costs(samples)
+    assert costs["factor products"][0] == 8.0 * rows * 3 + 2.0 * samples * 36
+    assert costs["precondition"] == (2.0 * 36, 4.0 * (36 + 12))
