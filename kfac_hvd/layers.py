@@ -301,8 +301,9 @@ class BatchNormLayer:
         statistics: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, int]:
         """Σ_n g_n g_nᵀ per channel with g_n = (Σ_hw g·x̂, Σ_hw g) from g = grad_output (the capture
-        multiplies by the step's N², as for G), and the number of samples. ``statistics``: the mean and
-        variance x̂ uses, when ``inputs`` is part of the batch that BatchNorm normalised."""
+        multiplies by the step's N², as for G), and the number of samples; of a full block, over all 2C
+        values of g_n at once. ``statistics``: the mean and variance x̂ uses, when ``inputs`` is part of
+        the batch that BatchNorm normalised."""
         total = torch.zeros(self.factor_shapes()["F"], dtype=self.factor_dtype, device=grad_output.device)
         for per_sample_grads in self._per_sample_gradients(
             inputs, grad_output, chunk_bytes, narrow_products, statistics
