@@ -43,9 +43,10 @@ def assign_layers(costs: Mapping[str, float], world_size: int) -> Assignment:
 
 def inverted_everywhere(factor_shapes: Mapping[str, tuple[int, ...]], local_inverse_max_dim: int) -> bool:
     """Whether a layer is cheap enough for every rank to invert it from the averaged factors, so that
-    its inverses never travel: batched 2×2 blocks (BatchNorm) always; Kronecker factors when neither is
-    wider than ``local_inverse_max_dim`` (a 256-wide Cholesky inverse is ~17 MFLOP: microseconds on a
-    GPU, far less than a collective's latency at 128 ranks)."""
+    its inverses never travel: batched 2×2 blocks (unit-wise BatchNorm) always; matrices (Kronecker
+    factors, a full 2C×2C BatchNorm block) when none is wider than ``local_inverse_max_dim`` (a 256-wide
+    Cholesky inverse is ~17 MFLOP: microseconds on a GPU, far less than a collective's latency at 128
+    ranks)."""
     shapes = list(factor_shapes.values())
     if all(len(shape) > 2 for shape in shapes):
         return True

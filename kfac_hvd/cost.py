@@ -7,8 +7,9 @@ records), the launcher's dry run and the models of :mod:`kfac_hvd.analysis` all 
 
 Per update of a layer:
 
-* each factor (A, G; BatchNorm: F, a stack of C 2×2 blocks) is allreduced as one message, its upper
-  triangle(s) (n(n+1)/2 values per matrix) when ``symmetric``;
+* each factor (A, G; BatchNorm: F, a stack of C 2×2 blocks, or one 2C×2C block with
+  ``batchnorm_fisher="full"``) is allreduced as one message, its upper triangle(s) (n(n+1)/2 values
+  per matrix) when ``symmetric``;
 * its inverses *travel* (their share of the step's one inverse allgather, the same payload again) unless
   every rank inverts the layer (:func:`kfac_hvd.assignment.inverted_everywhere`): 2 messages per factor
   when it travels, else 1.
@@ -21,9 +22,11 @@ Wire bytes per rank, with P ranks and an n-byte payload:
 
 FLOPs (FLOP = 2 × multiply-add), for ``rows`` = samples × output positions: a factor product costs
 2 · rows · (values of the factor), i.e. 2·rows·dim² for A (forward hook) and G (backward hook), 8 per
-activation for BatchNorm's F (backward hook); the inversion the layer's ``inversion_cost()`` (≈ n³ per
-n×n factor, 8 per BatchNorm channel); preconditioning G⁻¹·∇W·A⁻¹ 2(dim G²·dim A + dim G·dim A²),
-BatchNorm 8 per channel.
+activation for BatchNorm's F (backward hook); a full 2C×2C BatchNorm block adds the outer products of
+the per-sample gradients, 2 · samples · (2C)²; the inversion the layer's ``inversion_cost()`` (≈ n³ per
+n×n factor, 8 per BatchNorm channel, (2C)³ for a full block); preconditioning G⁻¹·∇W·A⁻¹
+2(dim G²·dim A + dim G·dim A²), BatchNorm 2 per value of its inverse (8 per channel unit-wise, 2(2C)² for
+a full block).
 """
 
 from __future__ import annotations
@@ -117,9 +120,20 @@ class LayerCost:
         """Wire bytes per rank of one update: factor allreduce + its share of the inverse allgather."""
         return self.allreduce_wire_bytes(world_size, kinds) + self.allgather_wire_bytes(world_size, kinds)
 
-    def factor_flop(self, rows: int) -> dict[str, float]:
-        """FLOP of the factor products for ``rows`` rows, by the hook that computes them."""
+    @property
+    def full_batchnorm(self) -> bool:
+        """A BatchNorm layer with one 2C×2C block (``batchnorm_fisher="full"``) rather than C 2×2 blocks."""
+        return self.kind == "batchnorm" and len(self.factor_shapes["F"]) == 2
+
+    def factor_flop(self, rows: int, samples: int | None = None) -> dict[str, float]:
+        """FLOP of the factor products for ``rows`` rows (of ``samples`` samples: a full BatchNorm
+        block's outer products are per sample; default ``rows``), by the hook that computes them."""
         flop = {"forward": 0.0, "backward": 0.0}
+        if self.full_batchnorm:
+            width = self.factor_shapes["F"][0]
+            per_sample = rows if samples is None else samples
+            flop["backward"] = 2.0 * rows * 2 * width + 2.0 * per_sample * width**2
+            return flop
         for kind, shape in self.factor_shapes.items():
             flop["forward" if kind == "A" else "backward"] += 2.0 * rows * math.prod(shape)
         return flop
@@ -127,7 +141,8 @@ class LayerCost:
     @property
     def precondition_flop(self) -> float:
         if self.kind == "batchnorm":
-            return 2.0 * self.values  # (C, 2, 2) blocks times (C, 2) gradients: 8 per channel
+            # (C, 2, 2) blocks times (C, 2) gradients: 8 per channel; a (2C, 2C) block times 2C values
+            return 2.0 * self.values
         a, g = self.factor_shapes["A"][0], self.factor_shapes["G"][0]
         return 2.0 * (g**2 * a + g * a**2)
 

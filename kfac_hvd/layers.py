@@ -14,8 +14,12 @@ is δ = N · grad_output):
   approximation of the Fisher. Other codes (chainerkfac) put the factor S on A instead of G; the
   product is the same and the π-corrected damping (which balances the factors' traces) makes the
   preconditioned gradient identical. A 1×1 conv on 1×1 inputs (S = 1) is exactly the Linear case.
-* BatchNorm2d: unit-wise Fisher, one 2×2 block per channel over (γ, β) built from per-sample gradients
-  g_γ = Σ_hw δ·x̂, g_β = Σ_hw δ: F_c = mean_n g gᵀ.
+* BatchNorm2d: from per-sample gradients g_γ = Σ_hw δ·x̂, g_β = Σ_hw δ (one value per channel each),
+  either unit-wise (``batchnorm_fisher="unit_wise"``), one 2×2 block per channel over (γ_c, β_c):
+  F_c = mean_n g_c g_cᵀ; or ``"full"``, one 2C×2C block over g = [g_γ; g_β] (the C γ's, then the C β's):
+  F = mean_n g gᵀ, the empirical Fisher block of the paper's released code (chainerkfac's
+  ``FisherBlockBatchNormalization``: ``grad.T.dot(grad) / n``). Its diagonal 2×2 sub-blocks are the
+  unit-wise blocks.
 
 A layer returns *sums* over its samples (and the count); N is known only when the step's last
 micro-batch has passed, so the capture turns sums into factors: A = Σ/N, G = F = N²·Σ/N.
@@ -39,6 +43,8 @@ FactorKinds = tuple[str, ...]
 # Cap on the temporaries of one factor contribution (unfolded patches, fp32 copies of bf16 activations,
 # products), counted at their real element sizes: larger batches are processed in chunks of samples.
 DEFAULT_UNFOLD_CHUNK_BYTES = 256 * 2**20
+# BatchNorm's Fisher block: 2×2 per channel, or one 2C×2C block over all of (γ, β) (see the module docstring)
+BATCHNORM_FISHERS = ("unit_wise", "full")
 
 
 def sample_chunks(tensor: torch.Tensor, bytes_per_sample: int, chunk_bytes: int) -> Iterator[torch.Tensor]:
@@ -295,15 +301,31 @@ class BatchNormLayer:
         statistics: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, int]:
         """Σ_n g_n g_nᵀ per channel with g_n = (Σ_hw g·x̂, Σ_hw g) from g = grad_output (the capture
-        multiplies by the step's N², as for G), and the number of samples. ``statistics``: the mean and
-        variance x̂ uses, when ``inputs`` is part of the batch that BatchNorm normalised."""
-        samples = grad_output.shape[0]
+        multiplies by the step's N², as for G), and the number of samples; of a full block, over all 2C
+        values of g_n at once. ``statistics``: the mean and variance x̂ uses, when ``inputs`` is part of
+        the batch that BatchNorm normalised."""
+        total = torch.zeros(self.factor_shapes()["F"], dtype=self.factor_dtype, device=grad_output.device)
+        for per_sample_grads in self._per_sample_gradients(
+            inputs, grad_output, chunk_bytes, narrow_products, statistics
+        ):
+            self._add_products(total, per_sample_grads)
+        return total, grad_output.shape[0]
+
+    def _per_sample_gradients(
+        self,
+        inputs: torch.Tensor,
+        grad_output: torch.Tensor,
+        chunk_bytes: int,
+        narrow_products: bool,
+        statistics: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> Iterator[torch.Tensor]:
+        """(samples, C, 2) per-sample (γ, β) gradients (Σ_hw g·x̂, Σ_hw g) in ``factor_dtype``, a chunk of
+        samples at a time."""
         if statistics is None:
             statistics = self.statistics(inputs, chunk_bytes, narrow_products=narrow_products)
         mean, var = statistics
         mean, rstd = mean[None, :, None, None], torch.rsqrt(var + self.module.eps)[None, :, None, None]
         cast_x, cast_g = self._caster(inputs, narrow_products), self._caster(grad_output, narrow_products)
-        total = torch.zeros(self.channels, 2, 2, dtype=self.factor_dtype, device=grad_output.device)
         per_sample = 3 * inputs[0].numel() * _element_bytes(self.factor_dtype)
         for x, g in zip(
             sample_chunks(inputs, per_sample, chunk_bytes),
@@ -311,11 +333,13 @@ class BatchNormLayer:
         ):
             delta = cast_g(g)
             x_hat = (cast_x(x) - mean) * rstd  # fp32 from bf16/fp16 x without a copy of x
-            per_sample_grads = torch.stack(
+            yield torch.stack(
                 [(delta * x_hat).sum(dim=(2, 3)), delta.sum(dim=(2, 3), dtype=self.factor_dtype)], dim=2
             )
-            total += torch.einsum("nci,ncj->cij", per_sample_grads, per_sample_grads)
-        return total, samples
+
+    def _add_products(self, total: torch.Tensor, per_sample_grads: torch.Tensor) -> None:
+        """total += Σ_n g_n g_nᵀ, one 2×2 product per channel."""
+        total += torch.einsum("nci,ncj->cij", per_sample_grads, per_sample_grads)
 
     def grad_matrix(self) -> torch.Tensor:
         bn = self.module
@@ -337,6 +361,37 @@ class BatchNormLayer:
         return lambda chunk: chunk.to(self.factor_dtype)
 
 
+class FullBatchNormLayer(BatchNormLayer):
+    """BatchNorm2d with one 2C×2C Fisher block over g = [g_γ; g_β] (``batchnorm_fisher="full"``), as the
+    paper's released code builds it: the per-sample (γ, β) gradients of :class:`BatchNormLayer`, their
+    outer products summed over samples. Inverted like a Kronecker factor (by its owner when it is wider
+    than ``local_inverse_max_dim``, batched with the factors of its size) and damped F + γ I."""
+
+    def factor_shapes(self) -> dict:
+        width = 2 * self.channels
+        return {"F": (width, width)}
+
+    def inversion_cost(self) -> float:
+        return float(2 * self.channels) ** 3
+
+    def _add_products(self, total: torch.Tensor, per_sample_grads: torch.Tensor) -> None:
+        """total += Σ_n g_n g_nᵀ with g_n = [the C γ gradients; the C β gradients] of sample n."""
+        rows = per_sample_grads.transpose(1, 2).reshape(per_sample_grads.shape[0], -1)  # (n, 2C)
+        total.addmm_(rows.t(), rows)
+
+    def grad_matrix(self) -> torch.Tensor:
+        bn = self.module
+        return torch.cat([_grad(bn.weight), _grad(bn.bias)]).to(self.factor_dtype)  # (2C,)
+
+    def set_grad_matrix(self, matrix: torch.Tensor) -> None:
+        _grad(self.module.weight).copy_(matrix[: self.channels])
+        _grad(self.module.bias).copy_(matrix[self.channels :])
+
+    def precondition(self, inverses: dict, gradient: torch.Tensor) -> torch.Tensor:
+        """(F + γI)⁻¹ g for the (2C,) gradient of :meth:`grad_matrix` (full fp32 in ``KFAC``)."""
+        return inverses["F"] @ gradient
+
+
 def _grad(param: torch.Tensor | None) -> torch.Tensor:
     """The gradient backward left on a registered layer's parameter (K-FAC runs after backward)."""
     assert param is not None and param.grad is not None
@@ -351,9 +406,17 @@ Layer = KroneckerLayer | BatchNormLayer
 
 
 def make_layer(
-    name: str, module: nn.Module, *, include_batchnorm: bool, factor_dtype: torch.dtype | None = None
+    name: str,
+    module: nn.Module,
+    *,
+    include_batchnorm: bool,
+    factor_dtype: torch.dtype | None = None,
+    batchnorm_fisher: str = "unit_wise",
 ) -> Layer | None:
-    """The K-FAC view of ``module``, or ``None`` when K-FAC leaves it to the plain optimiser."""
+    """The K-FAC view of ``module``, or ``None`` when K-FAC leaves it to the plain optimiser.
+    ``batchnorm_fisher``: one of :data:`BATCHNORM_FISHERS`."""
+    if batchnorm_fisher not in BATCHNORM_FISHERS:
+        raise ValueError(f"batchnorm_fisher must be one of {BATCHNORM_FISHERS}, got {batchnorm_fisher!r}")
 
     def dtype_for(param: torch.Tensor) -> torch.dtype:
         # Factors are at least fp32, even for fp16/bf16 models; a float64 model keeps float64.
@@ -374,5 +437,6 @@ def make_layer(
         and module.affine
         and module.weight.requires_grad
     ):
-        return BatchNormLayer(name, module, dtype_for(module.weight))
+        kind = FullBatchNormLayer if batchnorm_fisher == "full" else BatchNormLayer
+        return kind(name, module, dtype_for(module.weight))
     return None

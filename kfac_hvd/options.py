@@ -19,7 +19,7 @@ import torch
 
 from .assignment import DEFAULT_LOCAL_INVERSE_MAX_DIM
 from .factors import INVERSE_METHODS
-from .layers import DEFAULT_UNFOLD_CHUNK_BYTES
+from .layers import BATCHNORM_FISHERS, DEFAULT_UNFOLD_CHUNK_BYTES
 from .precision import FACTOR_MATMUL_PRECISIONS
 from .scheduler import POLICIES, ScheduleOptions
 
@@ -70,7 +70,7 @@ class KFACOptions:
     symmetric_comm: bool = _option(True, "factors and inverses travel as upper triangles")
     local_inverse_max_dim: int = _option(
         DEFAULT_LOCAL_INVERSE_MAX_DIM,
-        "layers with factors at most this wide, and every BatchNorm, are inverted on every rank",
+        "layers with factors at most this wide, and every unit-wise BatchNorm, are inverted on every rank",
         ge=0,
     )
     accumulation_steps: int = _option(1, "forward/backward passes per optimiser step", ge=1)
@@ -89,6 +89,11 @@ class KFACOptions:
         (), "regular expressions on module names; matching layers stay on the plain optimiser"
     )
     include_batchnorm: bool = _option(True, "False leaves every BatchNorm2d on the plain optimiser")
+    batchnorm_fisher: str = _option(
+        "unit_wise",
+        "BatchNorm's Fisher: a 2x2 block per channel, or one 2Cx2C block over (gamma, beta) (the paper's code)",
+        choices=BATCHNORM_FISHERS,
+    )
     factor_dtype: torch.dtype | None = _option(
         None, "the factors' dtype; None: fp32, or fp64 for a fp64 model", choices=FACTOR_DTYPES
     )

@@ -9,7 +9,8 @@ One training step, as it happens:
       → wait for the factors   (one host read: finiteness, Diff and π of every due factor)
       → schedule update        (Algorithm 1 on the averaged factors; rank 0's decision is kept)
       → owner inverts          (layers partitioned over ranks by inversion cost; small layers and
-                                BatchNorm inverted on every rank; one batched call per factor size;
+                                unit-wise BatchNorm inverted on every rank; a full 2C×2C BatchNorm
+                                block like any factor of its width; one batched call per factor size;
                                 one host read for all inversions)
       → inverse allgather      (one collective, kfac.inverses, carrying rank 0's intervals too)
       → precondition every layer, on the device
@@ -465,7 +466,11 @@ def _register_layers(model: nn.Module, options: KFACOptions) -> dict[str, Layer]
         if any(pattern.search(name) for pattern in skip_patterns):
             continue
         layer = make_layer(
-            name, module, include_batchnorm=options.include_batchnorm, factor_dtype=options.factor_dtype
+            name,
+            module,
+            include_batchnorm=options.include_batchnorm,
+            factor_dtype=options.factor_dtype,
+            batchnorm_fisher=options.batchnorm_fisher,
         )
         if layer is not None:
             layers[name] = layer

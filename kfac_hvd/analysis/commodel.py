@@ -25,6 +25,7 @@ from torch import nn
 
 from ..assignment import DEFAULT_LOCAL_INVERSE_MAX_DIM
 from ..cost import layer_costs
+from ..layers import BATCHNORM_FISHERS
 from .replay import load_trace, replay_trace
 from .timereport import add_time_arguments, markdown, time_lines, time_model, time_summary
 from .traffic import every_step_traffic, model_layers, scheme_comparison
@@ -56,6 +57,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-triangle", action="store_true", help="send full matrices, not upper triangles")
     parser.add_argument("--no-batchnorm", action="store_true", help="leave BatchNorm layers out of K-FAC")
     parser.add_argument(
+        "--batchnorm-fisher",
+        default="unit_wise",
+        choices=BATCHNORM_FISHERS,
+        help="BatchNorm's Fisher: 2x2 blocks per channel (default, the library's) or one 2Cx2C block per "
+        "layer (full, the paper's released code)",
+    )
+    parser.add_argument(
         "--local-inverse-max-dim",
         type=int,
         default=DEFAULT_LOCAL_INVERSE_MAX_DIM,
@@ -75,12 +83,17 @@ def traffic_lines(result: dict[str, Any], args: argparse.Namespace) -> list[str]
     removed, before, after = s["local_inversion_removes"], s["broadcast_scheme"], s["allgather_scheme"]
     lines = [
         f"Fisher traffic per rank (a model): {args.model}, {r['layers']} K-FAC layers, {args.ranks} ranks, "
-        f"batch {args.batch}, {steps} steps",
+        f"batch {args.batch}, {steps} steps, BatchNorm Fisher {args.batchnorm_fisher}",
         f"  factors: {r['factor_values'] / 1e6:.1f} M values = {format_bytes(r['factor_bytes'])} at "
         f"{args.dtype_bytes} bytes each; {format_bytes(r['factor_payload_bytes_per_step'])} as "
         + ("upper triangles" if r["triangle_packing"] else "full matrices"),
         "  assumptions: every layer due every step; each factor allreduced (ring: 2(P-1)/P of a buffer per rank); "
-        f"BatchNorm and Kronecker layers with both factors <= {args.local_inverse_max_dim} wide inverted on every rank "
+        + (
+            "BatchNorm and Kronecker layers with both factors"
+            if args.batchnorm_fisher == "unit_wise"
+            else "Kronecker layers with both factors, and full BatchNorm blocks,"
+        )
+        + f" <= {args.local_inverse_max_dim} wide inverted on every rank "
         f"({r['locally_inverted_layers']} layers); the other {r['travelling_layers']} layers' inverses in one "
         "allgather per step (ring: (P-1)/P of the gathered buffer per rank); interval control bytes not counted",
         f"  every step, factor allreduce:    {format_bytes(r['factor_allreduce_wire_bytes_per_rank'])}",
@@ -89,7 +102,10 @@ def traffic_lines(result: dict[str, Any], args: argparse.Namespace) -> list[str]
         f"({format_bytes(r['wire_bytes_per_step'])} per step)",
         f"  every step, dense factor allreduce only (no inverses, no packing): "
         f"{format_bytes(r['allreduce_only_dense_wire_bytes_per_rank'])}",
-        "  the paper (Table 1, λ = –): 3.0 TB",
+        f"  every step, dense fp32 values of every factor (the paper's Table 1 accounting): "
+        f"{format_bytes(r['factor_bytes'], digits=1, unit='MB')} per step × {steps} steps = "
+        f"{format_bytes(r['dense_factor_bytes_per_rank'])}",
+        "  the paper (Table 1, λ = –): 3.0 TB (= the line above with --batchnorm-fisher full)",
         "  per update step with every layer due:",
         f"    factor allreduce: {s['factor_allreduce']['tensors']} tensors (fused by Horovod), "
         f"{format_bytes(s['factor_allreduce']['wire_bytes'])} on the wire",
@@ -126,7 +142,9 @@ def traffic_result(
     steps = args.steps or int(args.epochs * args.train_images // args.batch)
     costs = list(
         layer_costs(
-            model_layers(model, include_batchnorm=not args.no_batchnorm),
+            model_layers(
+                model, include_batchnorm=not args.no_batchnorm, batchnorm_fisher=args.batchnorm_fisher
+            ),
             symmetric=not args.no_triangle,
             element_bytes=args.dtype_bytes,
             local_inverse_max_dim=args.local_inverse_max_dim,

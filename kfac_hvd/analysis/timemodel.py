@@ -120,11 +120,12 @@ class LayerProfile:
         cost = self.cost(element_bytes=element_bytes)
         rows = batch * self.positions
         values = cost.values
-        flop = cost.factor_flop(rows)
+        flop = cost.factor_flop(rows, batch)
         if isinstance(self.layer, BatchNormLayer):
             channels = self.layer.channels
             operands = 2.0 * rows * channels * input_bytes  # activations and output gradients
-            precondition_bytes = 8.0 * channels * element_bytes  # 4 inverse values, 2 gradient in, 2 out
+            # the inverse (4 values per channel unit-wise, (2C)² full), 2C gradient values in, 2C out
+            precondition_bytes = (values + 4.0 * channels) * element_bytes
         else:
             a_dim, g_dim = self.layer.a_dim, self.layer.g_dim
             operands = rows * (self.a_width + g_dim) * input_bytes
@@ -170,7 +171,12 @@ def _io_shapes(probe: nn.Module, image_size: int, in_channels: int) -> dict[str,
 
 
 def profile_model(
-    model: nn.Module, *, image_size: int = 224, in_channels: int = 3, include_batchnorm: bool = True
+    model: nn.Module,
+    *,
+    image_size: int = 224,
+    in_channels: int = 3,
+    include_batchnorm: bool = True,
+    batchnorm_fisher: str = "unit_wise",
 ) -> ModelProfile:
     """Run one ``image_size`` image through a shape-only copy of ``model`` (meta device) and read every
     layer's input and output size. The caller's model is left untouched."""
@@ -186,7 +192,13 @@ def profile_model(
         positions = math.prod(out[1:-1]) if isinstance(module, nn.Linear) else math.prod(out[2:])
         if isinstance(module, (nn.Conv2d, nn.Linear)):
             macs += positions * module.weight.numel()  # per position: out × (in/groups · kh · kw) MACs
-        layer = make_layer(name, module, include_batchnorm=include_batchnorm, factor_dtype=torch.float32)
+        layer = make_layer(
+            name,
+            module,
+            include_batchnorm=include_batchnorm,
+            factor_dtype=torch.float32,
+            batchnorm_fisher=batchnorm_fisher,
+        )
         if layer is not None:
             layers.append(LayerProfile(layer, positions, math.prod(inputs[1:])))
     parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -251,7 +263,7 @@ class StepModel:
             weight = due.get(layer.name, 0.0)
             if not weight:
                 continue
-            for hook, flop in cost.factor_flop(s.batch_per_gpu * layer.positions).items():
+            for hook, flop in cost.factor_flop(s.batch_per_gpu * layer.positions, s.batch_per_gpu).items():
                 # BatchNorm's sums are no GEMM: the fp32 rate
                 factor[hook] += weight * gpu.seconds(flop, factor=cost.kind == "kronecker")
             im2col = layer.im2col_values(s.batch_per_gpu) * gpu.factor_input_bytes

@@ -124,7 +124,12 @@ def step_models(args: argparse.Namespace, model: nn.Module, precisions: list[str
         symmetric=not args.no_triangle,
         local_inverse_max_dim=args.local_inverse_max_dim,
     )
-    profile = tm.profile_model(model, image_size=args.image_size, include_batchnorm=not args.no_batchnorm)
+    profile = tm.profile_model(
+        model,
+        image_size=args.image_size,
+        include_batchnorm=not args.no_batchnorm,
+        batchnorm_fisher=args.batchnorm_fisher,
+    )
     network = _network(args)
     try:
         return [
@@ -316,7 +321,11 @@ def describe_assumptions(model: tm.StepModel) -> list[str]:
         f"{s.world_size} GPUs = {nodes} nodes × {net.gpus_per_node}; batch {s.batch_per_gpu} per GPU at "
         f"{prof.image_size} px; {len(prof.layers)} K-FAC layers, {len(model.travelling)} of them inverted by one "
         f"owner and allgathered, {len(prof.layers) - len(model.travelling)} inverted on every rank "
-        f"(BatchNorm, and both factors ≤ {s.local_inverse_max_dim} wide)",
+        + (
+            f"(BatchNorm, and both factors ≤ {s.local_inverse_max_dim} wide)"
+            if not any(model.costs[layer.name].full_batchnorm for layer in prof.layers)
+            else f"(every factor, full 2C×2C BatchNorm blocks included, ≤ {s.local_inverse_max_dim} wide)"
+        ),
         f"collectives: {ring}; NVLink {net.nvlink_bandwidth / 1e9:g} GB/s, node NICs {net.node_bandwidth / 1e9:g} GB/s "
         f"(per direction); α {1e6 * net.alpha_message:g} µs per collective + {1e6 * net.alpha_inter:g} µs per "
         f"inter-node ring step ({1e6 * net.alpha_intra:g} µs inside a node); allreduce 2(P−1)/P·n/B, allgather "

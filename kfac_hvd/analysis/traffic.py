@@ -3,9 +3,10 @@ after the allgather scheme: the per-layer costs of :func:`kfac_hvd.cost.layer_co
 
 The communication scheme, per update step and due layer:
 
-* every factor (A, G; BatchNorm: F, a stack of C 2×2 blocks) is allreduced as its upper triangle(s),
-  n(n+1)/2 values per matrix: ring allreduce, 2(P−1)/P · n bytes per rank;
-* layers cheap to invert (every BatchNorm; Kronecker layers whose A and G are both at most
+* every factor (A, G; BatchNorm: F, a stack of C 2×2 blocks, or one 2C×2C block with
+  ``batchnorm_fisher="full"``) is allreduced as its upper triangle(s), n(n+1)/2 values per matrix: ring
+  allreduce, 2(P−1)/P · n bytes per rank;
+* layers cheap to invert (every unit-wise BatchNorm; Kronecker layers and full BatchNorm blocks at most
   ``local_inverse_max_dim`` wide) are inverted on every rank: their inverses never travel;
 * the other layers' inverses (upper triangles) travel in ONE allgather per step, each owner's share
   packed into one buffer: ring allgather, (P−1)/P · n per rank for the n gathered bytes; rank 0 appends
@@ -27,10 +28,18 @@ from ..layers import Layer, make_layer
 CONTROL_BYTES_PER_LAYER = 4  # one int32 interval per due layer, in rank 0's part of the allgather
 
 
-def model_layers(model: nn.Module, *, include_batchnorm: bool = True) -> list[Layer]:
+def model_layers(
+    model: nn.Module, *, include_batchnorm: bool = True, batchnorm_fisher: str = "unit_wise"
+) -> list[Layer]:
     """The K-FAC layers of ``model`` (fp32 factors), in model order."""
     layers = [
-        make_layer(name, module, include_batchnorm=include_batchnorm, factor_dtype=torch.float32)
+        make_layer(
+            name,
+            module,
+            include_batchnorm=include_batchnorm,
+            factor_dtype=torch.float32,
+            batchnorm_fisher=batchnorm_fisher,
+        )
         for name, module in model.named_modules()
     ]
     return [layer for layer in layers if layer is not None]
@@ -56,6 +65,8 @@ def every_step_traffic(costs: Iterable[LayerCost], world_size: int, steps: int) 
         "travelling_layers": len(moving),
         "factor_values": values,
         "factor_bytes": values * element_bytes,
+        # The paper's Table 1 accounting: every factor's dense values, every step (no ranks, no packing)
+        "dense_factor_bytes_per_rank": steps * values * element_bytes,
         "factor_payload_bytes_per_step": factors,
         "inverse_payload_bytes_per_step": inverses,
         "factor_allreduce_tensors_per_step": sum(cost.matrices for cost in costs),
