@@ -10,10 +10,9 @@ from typing import Any
 from torch import nn
 
 from kfac_hvd.analysis.units import format_bytes
-
-from .config import data_problems
-from .data import steps_per_epoch, train_size
-from .models import build_model
+from launch.config.load import data_problems
+from launch.training.data import steps_per_epoch, train_size
+from launch.training.models import build_model
 
 
 def _kind(module: nn.Module) -> str:

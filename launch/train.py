@@ -18,7 +18,7 @@ import io
 import os
 import sys
 
-from .config import Config, ConfigError, data_problems, load_config, resolve_paths
+from launch.config.load import Config, ConfigError, data_problems, load_config, resolve_paths
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -56,7 +56,7 @@ def precheck(cfg: Config) -> None:
     Files only rank 0 touches (the checkpoint to resume from, the run folder) are checked by the
     process the launcher announced as rank 0; the launcher ends the others when it exits.
     """
-    from .dist import check_controller, env_rank
+    from launch.dist.horovod_setup import check_controller, env_rank
 
     problems = data_problems(cfg)
     if problems:
@@ -75,10 +75,10 @@ def precheck(cfg: Config) -> None:
                 raise cfg.error(key, problem)
     check_horovod(cfg)
     check_controller(cfg)
-    from .elastic import check_elastic
+    from launch.training.elastic import check_elastic
 
     check_elastic(cfg)
-    from .device import check_device
+    from launch.dist.device import check_device
 
     check_device(cfg)  # CUDA present when asked for, precision supported, Horovod able to take CUDA tensors
 
@@ -127,29 +127,29 @@ def main(argv: list[str] | None = None) -> int:
             print(cfg.dump(), end="")
             return 0
         if args.dry_run:
-            from .plan import dry_run
+            from launch.plan import dry_run
 
             return dry_run(cfg, args.plan_json)
         precheck(cfg)
-        from .checkpoint import resume_candidates
+        from launch.store.checkpoint import resume_candidates
 
         assert cfg.checkpoint.dir is not None  # resolve_paths filled it in
         candidates = resume_candidates(cfg.checkpoint.resume, cfg.checkpoint.dir)
     except ConfigError as err:
         return config_error(err)
-    from .checkpoint import StorageError
-    from .reliability import EXIT_ABORTED, EXIT_STORAGE, RunStop, storage_problem
-    from .rundir import claim, release
+    from launch.store.checkpoint import StorageError
+    from launch.store.run_folder import claim, release
+    from launch.training.guards import EXIT_ABORTED, EXIT_STORAGE, RunStop, storage_problem
 
     locks = None
     try:
-        from .dist import env_rank
+        from launch.dist.horovod_setup import env_rank
 
         if env_rank() == 0:  # the only rank that writes: it holds the run folder before writing anything
             locks, lines = claim(cfg, fresh=not candidates, command=" ".join(sys.argv))
             for line in lines:
                 print(line, file=sys.stderr if line.startswith("warning") else sys.stdout, flush=True)
-        from .loop import run
+        from launch.training.loop import run
 
         return run(cfg, candidates)
     except ConfigError as err:  # also found while reading the data (e.g. class folders that differ)
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if not _peer_lost(exc):
             raise
-        from .dist import env_rank
+        from launch.dist.horovod_setup import env_rank
 
         text = str(exc).splitlines()[0] if str(exc) else ""
         print(

@@ -57,11 +57,11 @@ def measure(overrides, steps=4):
     import torch
 
     from kfac_hvd.diagnostics import HostSyncCounter
-    from launch.config import load_config, resolve_paths
-    from launch.loop import EpochTally, resume_or_start, run_step, set_up
-    from launch.outputs import RunOutputs
-    from launch.progress import Progress
-    from launch.reliability import Watchdog
+    from launch.config.load import load_config, resolve_paths
+    from launch.record.progress import Progress
+    from launch.record.writer import RunOutputs
+    from launch.training.guards import Watchdog
+    from launch.training.loop import EpochTally, resume_or_start, run_step, set_up
 
     cfg = load_config(
         DEMO,

@@ -8,8 +8,8 @@ import pytest
 from launch_helpers.common import REPO, horovod_ready
 from launch_helpers.jobs import DEMO, job, per_rank_shell, shell_train, tiny
 
-from launch.config import load_config, resolve_paths
-from launch.reliability import RunStop, check_agreement, code_fingerprint, config_fingerprint
+from launch.config.load import load_config, resolve_paths
+from launch.training.guards import RunStop, check_agreement, code_fingerprint, config_fingerprint
 
 
 class Gather:

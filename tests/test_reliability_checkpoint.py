@@ -11,7 +11,7 @@ import torch
 from launch_helpers.common import horovod_ready, read_jsonl
 from launch_helpers.jobs import job, tiny, train_cmd
 
-from launch import checkpoint as ck
+from launch.store import checkpoint as ck
 
 
 class OneRank:

@@ -37,11 +37,11 @@ from _common import command_line, git_revision, machine_info
 from torch import nn
 
 import kfac_hvd
-from launch.elastic import snapshot
+from launch.training.elastic import snapshot
 
 
 def small_resnet() -> nn.Module:
-    from launch.models import SmallResNet
+    from launch.training.models import SmallResNet
 
     return SmallResNet(num_classes=10, width=8, blocks=[1, 1, 1])
 

@@ -35,12 +35,12 @@ from typing import Any
 
 import torch
 
-from .data import ShardSampler, steps_per_epoch
-from .dist import started_by_mpi
-from .loop import EpochTally, Run, RunState, end_epoch, log0, run_step, start
-from .reliability import EXIT_ABORTED, EXIT_INPUT, RunStop
-from .rng import rng_state, set_rng_state
-from .world import check_world
+from launch.dist.horovod_setup import started_by_mpi
+from launch.dist.world import check_world
+from launch.store.rng import rng_state, set_rng_state
+from launch.training.data import ShardSampler, steps_per_epoch
+from launch.training.guards import EXIT_ABORTED, EXIT_INPUT, RunStop
+from launch.training.loop import EpochTally, Run, RunState, end_epoch, log0, run_step, start
 
 
 def check_elastic(cfg) -> None:

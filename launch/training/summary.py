@@ -8,12 +8,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from kfac_hvd.analysis.units import format_bytes
-
-from .reliability import all_finite
-from .step import OVERFLOW, StepOutcome
+from launch.training.guards import all_finite
+from launch.training.step import OVERFLOW, StepOutcome
 
 if TYPE_CHECKING:
-    from .loop import Run, RunState
+    from launch.training.loop import Run, RunState
 
 
 def read_logged_values(record: dict[str, Any] | None, loss_scale: Any) -> dict[str, float | None]:

@@ -14,8 +14,8 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, Field, field_validator
 from pydantic.fields import FieldInfo
 
-from .kfac_section import KfacSection
-from .section import Number, Section, TextList, accepts, one_or_many
+from launch.config.kfac_section import KfacSection
+from launch.config.section import Number, Section, TextList, accepts, one_or_many
 
 
 class ModelSection(Section):

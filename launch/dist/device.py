@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .dist import env_local_rank
-from .precision import AUTOCAST_DTYPES
+from launch.dist.horovod_setup import env_local_rank
+from launch.dist.mixed_precision import AUTOCAST_DTYPES
 
 if TYPE_CHECKING:
-    from .config import Config
+    from launch.config.load import Config
 
 NCCL_BUILD = "HOROVOD_GPU_OPERATIONS=NCCL make setup"
 

@@ -18,18 +18,17 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from .config import Config
-from .data import build_datasets, build_loaders, dataset_size
-from .data import start_epoch as start_epoch_data
-from .device import apply_backend_flags, describe_device, host_collectives_warning, pick_device
-from .dist import init_horovod
-from .evaluation import evaluate
-from .lr_schedule import end_interval_warmup, interval_switch_step, learning_rate, rescalable_weights
-from .models import build_model
-from .outputs import RunOutputs
-from .precision import MixedPrecision
-from .progress import Progress, wants_bar
-from .reliability import (
+from launch.config.load import Config
+from launch.dist.device import apply_backend_flags, describe_device, host_collectives_warning, pick_device
+from launch.dist.horovod_setup import init_horovod
+from launch.dist.mixed_precision import MixedPrecision
+from launch.dist.world import check_world
+from launch.record.progress import Progress, wants_bar
+from launch.record.writer import RunOutputs
+from launch.training.data import build_datasets, build_loaders, dataset_size
+from launch.training.data import start_epoch as start_epoch_data
+from launch.training.evaluation import evaluate
+from launch.training.guards import (
     EXIT_DIVERGED,
     BufferGuard,
     Faults,
@@ -38,12 +37,18 @@ from .reliability import (
     logger,
     setup_logging,
 )
-from .resume import resume_or_start, save
-from .runstate import Run, RunState, log0
-from .step import DIVERGED, OVERFLOW, StepOutcome, Trainer, train_step
-from .summary import log_record, summarize
-from .timing import StepTimer
-from .world import check_world
+from launch.training.models import build_model
+from launch.training.resume import resume_or_start, save
+from launch.training.run_state import Run, RunState, log0
+from launch.training.schedules import (
+    end_interval_warmup,
+    interval_switch_step,
+    learning_rate,
+    rescalable_weights,
+)
+from launch.training.step import DIVERGED, OVERFLOW, StepOutcome, Trainer, train_step
+from launch.training.step_timer import StepTimer
+from launch.training.summary import log_record, summarize
 
 
 def seed_everything(seed: int) -> None:
@@ -388,7 +393,7 @@ def run(cfg: Config, resume_candidates: list[str]) -> int:
     # is read or broadcast, or in the closing collectives) exits instead of hanging.
     r.watchdog = Watchdog(cfg.train.watchdog_s, r.hvd.rank())
     if cfg.train.elastic:
-        from .elastic import train_elastic
+        from launch.training.elastic import train_elastic
 
         state = train_elastic(r, resume_candidates)
     else:

@@ -20,8 +20,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, PercentFormatter
 
 from kfac_hvd.analysis.units import format_bytes
-
-from .runlog import RunLog, layer_groups
+from launch.record.reader import RunLog, layer_groups
 
 MAX_COLUMNS = 600  # heatmap step columns (about one per pixel of the panel)
 MAX_LABELS = 28  # layer labels on the heatmap's axis

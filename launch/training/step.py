@@ -26,11 +26,10 @@ import torch
 from torch import nn
 
 from kfac_hvd import KFAC
-
-from .data import unreadable_paths
-from .lr_schedule import rescale_weights, set_lr
-from .precision import MixedPrecision
-from .reliability import EXIT_INPUT, BufferGuard, Faults, RunStop
+from launch.dist.mixed_precision import MixedPrecision
+from launch.training.data import unreadable_paths
+from launch.training.guards import EXIT_INPUT, BufferGuard, Faults, RunStop
+from launch.training.schedules import rescale_weights, set_lr
 
 OK, OVERFLOW, DIVERGED = "ok", "overflow", "diverged"
 

@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import yaml
 
-from .outputs import metrics_records
-from .report import method_label
+from launch.record.report import method_label
+from launch.record.writer import metrics_records
 
 
 class NotARun(ValueError):

@@ -8,12 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from .data import unreadable_paths
-from .precision import MixedPrecision
-from .step import stop_for_unreadable
+from launch.dist.mixed_precision import MixedPrecision
+from launch.training.data import unreadable_paths
+from launch.training.step import stop_for_unreadable
 
 if TYPE_CHECKING:
-    from .reliability import Watchdog
+    from launch.training.guards import Watchdog
 
 
 @torch.no_grad()

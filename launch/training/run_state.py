@@ -8,13 +8,12 @@ from typing import Any
 import torch
 
 from kfac_hvd import KFAC
-
-from .config import Config
-from .outputs import RunOutputs
-from .progress import Progress
-from .reliability import Watchdog
-from .step import Trainer
-from .timing import StepTimer
+from launch.config.load import Config
+from launch.record.progress import Progress
+from launch.record.writer import RunOutputs
+from launch.training.guards import Watchdog
+from launch.training.step import Trainer
+from launch.training.step_timer import StepTimer
 
 
 def log0(hvd: Any, *args: object) -> None:

@@ -23,11 +23,19 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError
 
-from .kfac_section import config_key
+from launch.config.kfac_section import config_key
 
 # The schema lives in its own module; its names are re-exported here for callers of launch.config.
-from .schema import FASHION_FILES, KNOWN_TRAIN_SIZES, SCHEMA, SECTIONS, Sections, accepts, keys_markdown  # noqa: F401
-from .yaml12 import UniqueKeyLoader, load_scalar_or_flow
+from launch.config.schema import (  # noqa: F401
+    FASHION_FILES,
+    KNOWN_TRAIN_SIZES,
+    SCHEMA,
+    SECTIONS,
+    Sections,
+    accepts,
+    keys_markdown,
+)
+from launch.config.yaml12 import UniqueKeyLoader, load_scalar_or_flow
 
 CLI_SOURCE = "command line"
 
@@ -333,12 +341,3 @@ def update_key_reference(path: str) -> None:
         raise SystemExit(f"{path}: the key reference's markers are missing")
     with open(path, "w", encoding="utf-8") as fh:
         fh.write(f"{head}{start}\n\n{keys_markdown()}\n{end}{tail}")
-
-
-if __name__ == "__main__":
-    import sys
-
-    if sys.argv[1:2] == ["--update"] and len(sys.argv) == 3:
-        update_key_reference(sys.argv[2])
-    else:
-        print(keys_markdown(), end="")

@@ -11,7 +11,7 @@ import sys
 import time
 from typing import TextIO
 
-from .dist import under_launcher
+from launch.dist.horovod_setup import under_launcher
 
 
 def wants_bar(stream: TextIO | None = None) -> bool:

@@ -22,11 +22,11 @@ import socket
 import time
 from typing import TYPE_CHECKING, Any
 
-from .config import SCHEMA, ConfigError
-from .schema import may_change_on_resume
+from launch.config.load import SCHEMA, ConfigError
+from launch.config.schema import may_change_on_resume
 
 if TYPE_CHECKING:
-    from .config import Config
+    from launch.config.load import Config
 
 LOCK = ".lock"
 NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from .config import Config
+    from launch.config.load import Config
 
 # 0 and 1 are Python's own: a normal end, an uncaught exception.
 EXIT_INPUT, EXIT_ABORTED, EXIT_DIVERGED, EXIT_STORAGE = 2, 3, 4, 5

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .config import Config
+    from launch.config.load import Config
 
 
 def metrics_records(path: str, bad_lines: list[int] | None = None) -> Iterator[dict[str, Any]]:

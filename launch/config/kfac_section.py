@@ -19,8 +19,7 @@ from pydantic.fields import FieldInfo
 
 from kfac_hvd import KFACOptions, option_fields
 from kfac_hvd.options import OptionField
-
-from .section import Number, Section, TextList
+from launch.config.section import Number, Section, TextList
 
 MIB = 2**20
 

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from .checkpoint import (
+from launch.store.checkpoint import (
     FORMAT,
     LAST,
     MANIFEST,
@@ -25,7 +25,7 @@ from .checkpoint import (
     read_manifest_file,
     write_manifest,
 )
-from .rng import plain_rng_states
+from launch.store.rng import plain_rng_states
 
 
 def convert(path: str, out: str | None = None) -> str:
@@ -83,7 +83,3 @@ def main(argv: list[str] | None = None) -> int:
         f"converted {args.file} -> {out}; listed in {os.path.join(os.path.dirname(os.path.abspath(out)), MANIFEST)}"
     )
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

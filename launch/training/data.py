@@ -19,11 +19,11 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torch.utils.data.distributed import DistributedSampler
 from torchvision.datasets import ImageFolder
 
-from .config import KNOWN_TRAIN_SIZES
-from .models import input_shape
+from launch.config.load import KNOWN_TRAIN_SIZES
+from launch.training.models import input_shape
 
 if TYPE_CHECKING:
-    from .config import Config
+    from launch.config.load import Config
 
 logger = logging.getLogger("launch.data")
 

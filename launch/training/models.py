@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from .config import Config
+    from launch.config.load import Config
 
 
 class BasicBlock(nn.Module):
