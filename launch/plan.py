@@ -9,6 +9,8 @@ from typing import Any
 
 from torch import nn
 
+import kfac_hvd
+from kfac_hvd.analysis.traffic import every_step_traffic
 from kfac_hvd.analysis.units import format_bytes
 from launch.config.load import data_problems
 from launch.training.data import steps_per_epoch, train_size
@@ -56,9 +58,6 @@ def make_plan(cfg) -> dict[str, Any]:
         "warnings": warnings,
     }
     if cfg.optim.method == "kfac":
-        import kfac_hvd
-        from kfac_hvd.analysis.traffic import every_step_traffic
-
         kfac = kfac_hvd.KFAC(model, options=cfg.kfac.options())
         names = list(kfac.layer_names)
         modules = dict(model.named_modules())

@@ -10,7 +10,8 @@ import yaml
 from launch_helpers.common import CONFIGS, launch_cmd, run
 from pydantic import ValidationError
 
-from launch.config.load import ConfigError, load_config, resolve_paths
+from launch.config.load import load_config, resolve_paths
+from launch.errors import ConfigError
 
 
 def write(path, text):
@@ -266,7 +267,8 @@ def test_cli_print_config_applies_overrides(tmp_path):
 
 def test_docs_list_every_key(tmp_path):
     """docs/LAUNCHER.md's key reference is generated from the schema; it must not fall behind."""
-    from launch.config.load import SCHEMA, keys_markdown, update_key_reference
+    from launch.config.load import update_key_reference
+    from launch.config.schema import SCHEMA, keys_markdown
 
     path = os.path.join(os.path.dirname(CONFIGS), "docs", "LAUNCHER.md")
     doc = open(path).read()

@@ -15,7 +15,7 @@ from launch.store import checkpoint as ck
 
 
 class OneRank:
-    """hvd for a world of one (what the collectives of launch.checkpoint reduce to)."""
+    """hvd for a world of one (what the collectives of launch.store.checkpoint reduce to)."""
 
     def rank(self):
         return 0

@@ -22,7 +22,7 @@ from launch.record.report import main as report_main
 
 
 def report(capsys, *args: str) -> subprocess.CompletedProcess:
-    """launch.report's main in this process (the command line itself is run once, by the first test)."""
+    """launch.record.report's main in this process (the command line itself is run once, by the first test)."""
     code = report_main(list(args))
     out, err = capsys.readouterr()
     return subprocess.CompletedProcess(args, code, out, err)

@@ -4,10 +4,10 @@ A config is a YAML mapping of sections (``model``, ``data``, ``optim``, ``kfac``
 ``checkpoint``, ``log``, ``horovod``).  A file may say ``base: other.yaml`` (relative to the file) and
 then only lists what it changes.  ``key=value`` overrides from the command line are applied last; the
 value is parsed as YAML (``null``, ``0.25``, ``[30, 60]``, ``true``); a key given twice there is an
-error. Files and overrides are read with the YAML 1.2 core schema (:mod:`launch.yaml12`: ``010`` is 10,
+error. Files and overrides are read with the YAML 1.2 core schema (:mod:`launch.config.yaml12`: ``010`` is 10,
 ``1:30`` and ``yes`` are strings).
 
-Every key is a field of one section's pydantic model in :mod:`launch.schema`, with its type, default and
+Every key is a field of one section's pydantic model in :mod:`launch.config.schema`, with its type, default and
 allowed range. Any problem (unknown key, wrong type, value out of range, inconsistent combination)
 raises :class:`ConfigError`, whose message is one line naming the file (or ``command line``) that set
 the offending key and what the key accepts.
@@ -24,11 +24,8 @@ import yaml
 from pydantic import Field, ValidationError
 
 from launch.config.kfac_section import config_key
-
-# The schema lives in its own module; its names are re-exported here for callers of launch.config.
-from launch.config.schema import (  # noqa: F401
+from launch.config.schema import (
     FASHION_FILES,
-    KNOWN_TRAIN_SIZES,
     SCHEMA,
     SECTIONS,
     Sections,
@@ -36,17 +33,9 @@ from launch.config.schema import (  # noqa: F401
     keys_markdown,
 )
 from launch.config.yaml12 import UniqueKeyLoader, load_scalar_or_flow
+from launch.errors import ConfigError
 
 CLI_SOURCE = "command line"
-
-
-class ConfigError(Exception):
-    """A configuration problem; ``str(err)`` is a single line naming the file and the key."""
-
-    def __init__(self, source: str, key: str | None, message: str):
-        self.source, self.key, self.message = source, key, message
-        where = f"{source}: {key}" if key else source
-        super().__init__(f"config error: {where}: {message}")
 
 
 class Config(Sections):

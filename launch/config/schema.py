@@ -1,8 +1,8 @@
 """The configuration schema: one pydantic model per section, each key with its type, default, range and doc.
 
-:mod:`launch.config` loads files against it; docs/LAUNCHER.md's key reference is generated from it
+:mod:`launch.config.load` loads files against it; docs/LAUNCHER.md's key reference is generated from it
 (``python -m launch.config``). The ``kfac`` section is generated from :class:`kfac_hvd.KFACOptions`
-(:mod:`launch.kfac_section`).
+(:mod:`launch.config.kfac_section`).
 """
 
 from __future__ import annotations

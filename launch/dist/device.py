@@ -1,7 +1,7 @@
 """Which device a rank computes on, why, and whether the rest of the set-up fits it.
 
 :func:`check_device` runs before Horovod starts (from ``launch.train``'s pre-checks): every problem is
-a :class:`~launch.config.ConfigError` (one line, exit code 2) that names the fix. :func:`pick_device`
+a :class:`~launch.errors.ConfigError` (one line, exit code 2) that names the fix. :func:`pick_device`
 binds the rank to its GPU once Horovod runs, and :func:`describe_device` is what rank 0 prints about
 the choice.
 """

@@ -6,7 +6,7 @@ import torch
 
 from launch.training.data import dataset_identity
 from launch.dist.horovod_setup import controller_name, describe_layout, world_layout
-from launch.training.guards import check_agreement, code_fingerprint, config_fingerprint, fingerprint
+from launch.dist.agreement import check_agreement, code_fingerprint, config_fingerprint, fingerprint
 
 
 def check_world(cfg, hvd, how: str, device: torch.device, train_ds, val_ds) -> None:

@@ -11,6 +11,8 @@ import sys
 import time
 from typing import TextIO
 
+from tqdm import tqdm
+
 from launch.dist.horovod_setup import under_launcher
 
 
@@ -28,8 +30,6 @@ class Progress:
         self.total, self.epochs, self.every_s = total_steps, epochs, every_s
         self.bar = None
         if bar:
-            from tqdm import tqdm
-
             self.bar = tqdm(
                 total=total_steps,
                 initial=done_steps,

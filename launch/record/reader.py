@@ -13,7 +13,6 @@ from typing import Any
 import numpy as np
 import yaml
 
-from launch.record.report import method_label
 from launch.record.writer import metrics_records
 
 
@@ -84,6 +83,19 @@ def _lines(path: str, problems: list[str]) -> Iterator[dict[str, Any]]:
 def _max_of(entry: dict[str, Any], prefix: str) -> float:
     values = [v for k, v in entry.items() if k.startswith(prefix) and isinstance(v, (int, float))]
     return max(values) if values else np.nan
+
+
+def method_label(summary: dict) -> str:
+    """The run's method as the table names it: ``sgd``, ``kfac, lambda=0.25``, ``kfac, every step``."""
+    kfac = summary.get("kfac") or {}
+    method = summary.get("method", "?")
+    if method != "kfac":
+        return method
+    lam = kfac.get("update_threshold")
+    if lam is not None:
+        return f"kfac, lambda={lam}"
+    every = kfac.get("update_interval") or 1
+    return "kfac, every step" if every == 1 else f"kfac, every {every} steps"
 
 
 def read_run(path: str) -> RunLog:

@@ -9,6 +9,7 @@ import os
 import sys
 
 from kfac_hvd.analysis.units import format_bytes
+from launch.record.reader import NotARun, method_label, read_run
 
 
 def load(path: str) -> dict:
@@ -16,19 +17,6 @@ def load(path: str) -> dict:
         path = os.path.join(path, "summary.json")
     with open(path, encoding="utf-8") as fh:
         return json.load(fh)
-
-
-def method_label(summary: dict) -> str:
-    """The run's method as the table names it: ``sgd``, ``kfac, lambda=0.25``, ``kfac, every step``."""
-    kfac = summary.get("kfac") or {}
-    method = summary.get("method", "?")
-    if method != "kfac":
-        return method
-    lam = kfac.get("update_threshold")
-    if lam is not None:
-        return f"kfac, lambda={lam}"
-    every = kfac.get("update_interval") or 1
-    return "kfac, every step" if every == 1 else f"kfac, every {every} steps"
 
 
 def row(summary: dict, label: str) -> list[str]:
@@ -68,7 +56,6 @@ def table(summaries: list[dict], labels: list[str]) -> str:
 
 def _plot(paths: list[str], out: str | None) -> int:
     from launch.record import plots
-    from launch.record.reader import NotARun, read_run
 
     folders = [
         path if os.path.isdir(path) or not path.endswith(".json") else os.path.dirname(path) or "."

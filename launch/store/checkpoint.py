@@ -46,9 +46,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from launch.errors import CheckpointError, StorageError, storage_problem
 from launch.store.atomic import atomic_save, atomic_write, link_last
 from launch.store.rng import rng_state, set_rng_state
-from launch.training.guards import storage_problem
 
 if TYPE_CHECKING:
     from kfac_hvd import KFAC
@@ -61,10 +61,6 @@ STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
 REQUIRED = ("format", "epoch", "step", "batch_in_epoch", "model", "optimizer", "kfac", "rng")
 
 logger = logging.getLogger("launch.checkpoint")
-
-
-class CheckpointError(Exception):
-    """No usable checkpoint; the message names the file(s) and why."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -188,10 +184,6 @@ def write_checkpoint(folder: str, ckpt: dict[str, Any], *, keep_last: int, keep_
             except OSError:
                 pass
     return path
-
-
-class StorageError(Exception):
-    """A checkpoint could not be written (disk full, quota, read-only folder); the previous one is intact."""
 
 
 def save_checkpoint(

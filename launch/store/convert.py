@@ -7,6 +7,7 @@ current format (RNG states as tensors and numbers) and listed, with size and sha
 
 from __future__ import annotations
 
+import argparse
 import os
 import pickle
 import sys
@@ -14,12 +15,12 @@ import time
 
 import torch
 
+from launch.errors import CheckpointError
 from launch.store.checkpoint import (
     FORMAT,
     LAST,
     MANIFEST,
     REQUIRED,
-    CheckpointError,
     atomic_save,
     read_manifest,
     read_manifest_file,
@@ -61,8 +62,6 @@ def convert(path: str, out: str | None = None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
     parser = argparse.ArgumentParser(prog="python -m launch.checkpoint")
     sub = parser.add_subparsers(dest="command", required=True)
     conv = sub.add_parser(

@@ -22,8 +22,8 @@ import socket
 import time
 from typing import TYPE_CHECKING, Any
 
-from launch.config.load import SCHEMA, ConfigError
-from launch.config.schema import may_change_on_resume
+from launch.config.schema import SCHEMA, may_change_on_resume
+from launch.errors import ConfigError
 
 if TYPE_CHECKING:
     from launch.config.load import Config

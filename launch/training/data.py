@@ -7,6 +7,7 @@ import hashlib
 import logging
 import math
 import os
+import random
 import re
 import struct
 import zlib
@@ -19,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torch.utils.data.distributed import DistributedSampler
 from torchvision.datasets import ImageFolder
 
-from launch.config.load import KNOWN_TRAIN_SIZES
+from launch.config.schema import KNOWN_TRAIN_SIZES
 from launch.training.models import input_shape
 
 if TYPE_CHECKING:
@@ -378,6 +379,4 @@ def start_epoch(
 def _worker_init(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
-    import random
-
     random.seed(seed)

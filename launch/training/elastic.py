@@ -4,7 +4,7 @@ elastic driver (``horovodrun --gloo --min-np N --max-np M --host-discovery-scrip
 The state is committed in host memory on every rank every ``train.elastic_commit_steps`` steps and at each
 epoch's end (before and after its evaluation and checkpoint): the model's and the optimiser's state
 dicts, K-FAC's ``state_dict`` (step, intervals and t_last, factors, inverses, traffic), the loop's
-progress (:class:`launch.loop.RunState`), the sampler's position in the epoch, the epoch's train sums
+progress (:class:`launch.training.run_state.RunState`), the sampler's position in the epoch, the epoch's train sums
 over all ranks and the loss scaler's state. A commit also asks rank 0 (one small broadcast) whether the
 driver announced a change of hosts.
 
@@ -35,12 +35,15 @@ from typing import Any
 
 import torch
 
+import kfac_hvd
 from launch.dist.horovod_setup import started_by_mpi
 from launch.dist.world import check_world
+from launch.errors import EXIT_ABORTED, EXIT_INPUT, RunStop
+from launch.record.console import log0
 from launch.store.rng import rng_state, set_rng_state
 from launch.training.data import ShardSampler, steps_per_epoch
-from launch.training.guards import EXIT_ABORTED, EXIT_INPUT, RunStop
-from launch.training.loop import EpochTally, Run, RunState, end_epoch, log0, run_step, start
+from launch.training.loop import EpochTally, end_epoch, run_step, start
+from launch.training.run_state import Run, RunState
 
 
 def check_elastic(cfg) -> None:
@@ -104,8 +107,6 @@ def rebuild_kfac(run: Run, state: dict[str, Any] | None) -> None:
     trainer = run.trainer
     if trainer.kfac is None:
         return
-    import kfac_hvd
-
     trainer.kfac.remove_hooks()
     trainer.kfac = kfac_hvd.KFAC(trainer.model, options=run.cfg.kfac.options())
     if state is not None:

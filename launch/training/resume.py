@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from launch.record.console import log0
 from launch.record.writer import evaluations_after_checkpoint
 from launch.store import checkpoint as ckpt_mod
 from launch.store.run_folder import resume_changes
-from launch.training.run_state import Run, RunState, log0
+from launch.training.run_state import Run, RunState
 
 
 def resume_or_start(run: Run, candidates: list[str]) -> RunState:

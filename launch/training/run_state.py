@@ -16,11 +16,6 @@ from launch.training.step import Trainer
 from launch.training.step_timer import StepTimer
 
 
-def log0(hvd: Any, *args: object) -> None:
-    if hvd.rank() == 0:
-        print(*args, flush=True)
-
-
 @dataclass
 class Run:
     """What stays fixed during a run (built by :func:`set_up`)."""

@@ -27,8 +27,10 @@ from torch import nn
 
 from kfac_hvd import KFAC
 from launch.dist.mixed_precision import MixedPrecision
+from launch.errors import EXIT_INPUT, RunStop
 from launch.training.data import unreadable_paths
-from launch.training.guards import EXIT_INPUT, BufferGuard, Faults, RunStop
+from launch.training.faults import Faults
+from launch.training.guards import BufferGuard
 from launch.training.schedules import rescale_weights, set_lr
 
 OK, OVERFLOW, DIVERGED = "ok", "overflow", "diverged"

@@ -12,7 +12,7 @@ from launch.training.guards import all_finite
 from launch.training.step import OVERFLOW, StepOutcome
 
 if TYPE_CHECKING:
-    from launch.training.loop import Run, RunState
+    from launch.training.run_state import Run, RunState
 
 
 def read_logged_values(record: dict[str, Any] | None, loss_scale: Any) -> dict[str, float | None]:

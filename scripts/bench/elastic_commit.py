@@ -2,7 +2,7 @@
 """The cost of one elastic commit (``train.elastic``) as a ratio to a training step, in one process.
 
 A commit copies the model's and the optimiser's state and K-FAC's state (factors, inverses, schedule:
-``launch.elastic.snapshot``), then runs two tiny collectives (an allreduce of three numbers and the
+``launch.training.elastic.snapshot``), then runs two tiny collectives (an allreduce of three numbers and the
 host-change broadcast), which one process cannot measure and which are not included. Measured in turns,
 so that the machine's load hits both alike: a K-FAC training step (forward, backward, ``kfac.step``,
 SGD with momentum) and a snapshot. Two kinds of step:
