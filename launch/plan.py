@@ -58,7 +58,7 @@ def make_plan(cfg) -> dict[str, Any]:
         "warnings": warnings,
     }
     if cfg.optim.method == "kfac":
-        kfac = kfac_hvd.KFAC(model, options=cfg.kfac.options())
+        kfac = kfac_hvd.KFAC(model, options=cfg.kfac.options(spe))
         names = list(kfac.layer_names)
         modules = dict(model.named_modules())
         kinds: dict[str, int] = {}

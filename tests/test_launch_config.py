@@ -295,8 +295,13 @@ def test_kfac_section_is_every_library_option_with_its_defaults(tmp_path):
     ).kfac.options()
     assert options.factor_dtype is torch.float64 and options.skip_layers == ("fc", "conv1")
     assert options.unfold_chunk_bytes == 2**19
-    assert load_config(path, ["kfac.interval_warmup_epochs=1", "kfac.update_interval=5"]).kfac.options() == (
-        kfac_hvd.KFACOptions(update_interval=1)  # every step until the warm-up ends
+    warmup = load_config(path, ["kfac.interval_warmup_epochs=1.5", "kfac.update_interval=5"]).kfac
+    # The epochs in steps of the run (at least one): the library's own warm-up, then its fixed interval.
+    assert warmup.options(steps_per_epoch=8) == kfac_hvd.KFACOptions(
+        update_interval=5, interval_warmup_steps=12
+    )
+    assert warmup.options(steps_per_epoch=1) == kfac_hvd.KFACOptions(
+        update_interval=5, interval_warmup_steps=2
     )
 
 

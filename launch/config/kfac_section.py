@@ -2,8 +2,8 @@
 
 Every option of the library is a key with the library's type, default, range, choices and doc; a
 launcher-only spelling is declared once here, by the kind of option it applies to (sizes in bytes are
-given in MiB, dtypes by name), and the keys the launcher adds (``interval_warmup_epochs``) are listed
-beside the option they qualify. :meth:`KfacSection.options` is the way back to the library.
+given in MiB, counts of steps in epochs, dtypes by name). :meth:`KfacSection.options` is the way back
+to the library.
 """
 
 from __future__ import annotations
@@ -26,21 +26,6 @@ MIB = 2**20
 # Options the launcher does not offer: its training step is one forward/backward pass.
 NOT_OFFERED = ("accumulation_steps",)
 
-# The launcher's own keys, each right after the option it qualifies.
-LAUNCHER_KEYS: dict[str, dict[str, Any]] = {
-    "update_interval": {
-        "interval_warmup_epochs": (
-            Number,
-            Field(
-                default=0.0,
-                ge=0,
-                description="null lambda: update every factor on every step for this many epochs, then every "
-                "update_interval steps",
-            ),
-        )
-    }
-}
-
 
 @dataclass(frozen=True)
 class Key:
@@ -48,6 +33,7 @@ class Key:
 
     option: str
     to_option: Callable[[Any], Any]
+    in_epochs: bool = False  # the option counts steps: to_option's value is multiplied by the steps per epoch
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -68,6 +54,11 @@ def _key_of(option: OptionField) -> tuple[str, Any, FieldInfo, Key]:
         annotation: Any = Number
         default, bounds, doc = default / MIB, {"gt": 0}, f"{doc} (MiB)"
         key = Key(option.name, lambda mib: max(1, int(mib * MIB)))
+    elif option.unit == "steps":  # the epochs spelling: a positive fraction of an epoch is at least one step
+        name = option.name.removesuffix("_steps") + "_epochs"
+        annotation, default = Number, float(default)
+        bounds, doc = {"ge": 0}, doc.replace("this many steps", "this many epochs")
+        key = Key(option.name, float, in_epochs=True)
     elif option.annotation is torch.dtype:  # a dtype by its name
         name, names = option.name, tuple(_dtype_name(d) for d in option.choices or ())
         annotation = Literal[names]  # built from the library's choices
@@ -95,11 +86,15 @@ class KfacSectionBase(Section):
 
         def __getattr__(self, name: str) -> Any: ...
 
-    def options(self) -> KFACOptions:
-        """The library's options for this section (checked by the library once more)."""
+    def options(self, steps_per_epoch: int = 1) -> KFACOptions:
+        """The library's options for this section (checked by the library once more), the keys in
+        epochs counted in steps of ``steps_per_epoch`` (left at 1 to check a config before its data is
+        read)."""
         values = {key.option: key.to_option(getattr(self, name)) for name, key in KEYS.items()}
-        if self.interval_warmup_epochs > 0:  # every step until the warm-up ends (end_interval_warmup)
-            values["update_interval"] = 1
+        for key in KEYS.values():
+            if key.in_epochs:
+                epochs = values[key.option]
+                values[key.option] = max(1, round(epochs * steps_per_epoch)) if epochs > 0 else 0
         return KFACOptions(**values)
 
 
@@ -111,7 +106,6 @@ def _generate() -> tuple[type[KfacSectionBase], dict[str, Key]]:
             continue
         name, annotation, field, key = _key_of(option)
         fields[name], keys[name] = (annotation, field), key
-        fields.update(LAUNCHER_KEYS.get(option.name, {}))
     return create_model("KfacSection", __base__=KfacSectionBase, **fields), keys
 
 

@@ -223,6 +223,13 @@ def _problem(dotted: str, error: Mapping[str, Any], given: Any) -> str:
 def check_consistency(cfg: Config) -> None:
     """Checks spanning several keys (each error still names one key)."""
     m, d, o = cfg.model, cfg.data, cfg.optim
+    # Before the library's check of the same combination: the launcher's words for it.
+    if cfg.kfac.interval_warmup_epochs > 0 and cfg.kfac.update_threshold is not None:
+        raise cfg.error(
+            "kfac.interval_warmup_epochs",
+            "applies to a fixed interval only (kfac.update_threshold: "
+            "null); the adaptive interval starts at 1 by itself",
+        )
     try:
         cfg.kfac.options()  # the library judges its options once more (combinations included)
     except (TypeError, ValueError) as exc:
@@ -259,12 +266,6 @@ def check_consistency(cfg: Config) -> None:
             "log.overwrite",
             f"starts the run anew, so it cannot go with checkpoint.resume="
             f"{cfg.checkpoint.resume}; set checkpoint.resume=null",
-        )
-    if cfg.kfac.interval_warmup_epochs > 0 and cfg.kfac.update_threshold is not None:
-        raise cfg.error(
-            "kfac.interval_warmup_epochs",
-            "applies to a fixed interval only (kfac.update_threshold: "
-            "null); the adaptive interval starts at 1 by itself",
         )
     if d.val_resize < d.image_size:
         raise cfg.error("data.val_resize", f"must be >= data.image_size ({d.image_size})")

@@ -108,7 +108,8 @@ def rebuild_kfac(run: Run, state: dict[str, Any] | None) -> None:
     if trainer.kfac is None:
         return
     trainer.kfac.remove_hooks()
-    trainer.kfac = kfac_hvd.KFAC(trainer.model, options=run.cfg.kfac.options())
+    # The warm-up's length comes with the state (rank 0's): counted in the launch's steps per epoch.
+    trainer.kfac = kfac_hvd.KFAC(trainer.model, options=run.cfg.kfac.options(run.steps_per_epoch))
     if state is not None:
         trainer.kfac.load_state_dict(state)
 
@@ -186,7 +187,6 @@ class ElasticState:
             "scaler": self.run.trainer.precision.state_dict(),
             "started": self.started,
             "steps_per_epoch": self.run.steps_per_epoch,
-            "interval_switch_step": self.run.interval_switch_step,
         }
 
     def _adopt(self, shared: dict[str, Any]) -> None:
@@ -195,7 +195,6 @@ class ElasticState:
         self.run.trainer.precision.load_state_dict(shared["scaler"])
         self.started = shared["started"]
         self.run.steps_per_epoch = shared["steps_per_epoch"]  # the learning rate's clock: the launch's
-        self.run.interval_switch_step = shared["interval_switch_step"]
         self.tally = self.fresh_tally()
 
     def restore(self) -> None:

@@ -23,7 +23,6 @@ from launch.training.evaluation import evaluate
 from launch.training.resume import resume_or_start, save
 from launch.training.run_state import Run, RunState
 from launch.training.schedules import (
-    end_interval_warmup,
     learning_rate,
 )
 from launch.training.step import DIVERGED, OVERFLOW, StepOutcome, train_step
@@ -84,9 +83,6 @@ def run_step(run: Run, state: RunState, tally: EpochTally, x: torch.Tensor, y: t
     run.watchdog.beat(f"step {state.step + 1}")
     run.trainer.faults.hang(state.step + 1)
     lr = learning_rate(run.cfg.optim, state.step / run.steps_per_epoch)
-    # A resumed run past the switch has the intervals from its checkpoint.
-    if state.step + 1 == run.interval_switch_step and run.kfac is not None:
-        end_interval_warmup(run.kfac, run.cfg.kfac.update_interval)
     outcome = train_step(run.trainer, x, y, state.step + 1, lr)
     run.timer.stop()
     count_step(run, state, outcome)

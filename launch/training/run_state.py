@@ -33,7 +33,6 @@ class Run:
     out: RunOutputs | None = None  # rank 0's outputs, once the run has resumed or started
     watchdog: Watchdog = field(default_factory=lambda: Watchdog(None, 0))  # silent until run() starts one
     progress: Progress | None = None
-    interval_switch_step: int | None = None  # a fixed interval's warm-up ends on this step
 
     @property
     def kfac(self) -> KFAC | None:

@@ -1,5 +1,5 @@
-"""Learning-rate schedules as pure functions of the (fractional) epoch, the fixed factor interval's warm-up,
-and optimiser helpers."""
+"""Learning-rate schedules as pure functions of the (fractional) epoch, and optimiser helpers. (The fixed
+factor interval's warm-up is K-FAC's own: ``KFACOptions.interval_warmup_steps``.)"""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from kfac_hvd import KFAC
+    pass
 
 
 def learning_rate(optim_cfg: Any, epoch: float) -> float:
@@ -37,25 +37,6 @@ def learning_rate(optim_cfg: Any, epoch: float) -> float:
     if o.warmup_epochs > 0 and epoch < o.warmup_epochs:
         lr = o.warmup_init_lr + (lr - o.warmup_init_lr) * (epoch / o.warmup_epochs)
     return lr
-
-
-def interval_switch_step(kfac_cfg: Any, steps_per_epoch: int) -> int | None:
-    """The last step W (from 1) of a fixed interval's warm-up, or None without one: steps 1..W update every
-    factor, later steps every ``update_interval``-th.
-
-    The library's fixed interval has no warm-up of its own: the launcher starts K-FAC at interval 1 and
-    sets every interval to ``update_interval`` just before step W runs, since the end of step W decides
-    which factors step W + 1 captures.
-    """
-    if kfac_cfg.interval_warmup_epochs <= 0:
-        return None
-    return max(1, round(kfac_cfg.interval_warmup_epochs * steps_per_epoch))
-
-
-def end_interval_warmup(kfac: KFAC, interval: int) -> None:
-    """Every factor's interval becomes ``interval`` (the same decision on every rank: no collective)."""
-    for key in kfac.scheduler.keys:
-        kfac.scheduler.set_interval(key, interval)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float, correct_momentum: bool) -> None:

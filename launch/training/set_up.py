@@ -24,7 +24,6 @@ from launch.training.guards import BufferGuard
 from launch.training.models import build_model
 from launch.training.run_state import Run
 from launch.training.schedules import (
-    interval_switch_step,
     rescalable_weights,
 )
 from launch.training.step import Trainer
@@ -91,11 +90,11 @@ def set_up(cfg: Config) -> Run:
             f"no full batch of {cfg.data.batch_size} per rank: "
             f"{dataset_size(train_ds)} training images over {size} rank(s)",
         )
-    trainer = build_trainer(cfg, hvd, model, precision, train_loader.dataset, Faults(cfg.debug, rank, size))
+    faults = Faults(cfg.debug, rank, size)
+    trainer = build_trainer(cfg, hvd, model, precision, train_loader.dataset, faults, len(train_loader))
     total_steps = len(train_loader) * cfg.train.epochs
     if cfg.train.max_steps is not None:
         total_steps = min(total_steps, cfg.train.max_steps)
-    switch = interval_switch_step(cfg.kfac, len(train_loader)) if trainer.kfac is not None else None
     return Run(
         cfg=cfg,
         hvd=hvd,
@@ -107,17 +106,22 @@ def set_up(cfg: Config) -> Run:
         steps_per_epoch=len(train_loader),
         total_steps=total_steps,
         timer=StepTimer(device),
-        interval_switch_step=switch,
     )
 
 
 def build_trainer(
-    cfg: Config, hvd: Any, model: nn.Module, precision: MixedPrecision, dataset: Dataset, faults: Faults
+    cfg: Config,
+    hvd: Any,
+    model: nn.Module,
+    precision: MixedPrecision,
+    dataset: Dataset,
+    faults: Faults,
+    steps_per_epoch: int,
 ) -> Trainer:
     optimizer = build_optimizer(cfg, model, hvd)
     kfac = None
     if cfg.optim.method == "kfac":
-        kfac = kfac_hvd.KFAC(model, options=cfg.kfac.options())
+        kfac = kfac_hvd.KFAC(model, options=cfg.kfac.options(steps_per_epoch))
     return Trainer(
         hvd=hvd,
         model=model,
