@@ -37,18 +37,16 @@ import json
 import logging
 import os
 import pickle
-import random
 import re
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 
 from launch.errors import CheckpointError, StorageError, storage_problem
 from launch.store.atomic import atomic_save, atomic_write, link_last
-from launch.store.rng import rng_state, set_rng_state
+from launch.store.rng import rng_state, seed_every_rng, set_rng_state
 
 if TYPE_CHECKING:
     from kfac_hvd import KFAC
@@ -456,7 +454,4 @@ def restore(
                         buf.copy_(buffers[hvd.rank()][name])
     else:
         # Another world size: fresh, distinct streams per rank, derived from the step.
-        s = seed + 7919 * hvd.rank() + 104729 * int(ckpt.get("step", 0))
-        torch.manual_seed(s)
-        np.random.seed(s % 2**32)
-        random.seed(s)
+        seed_every_rng(seed + 7919 * hvd.rank() + 104729 * int(ckpt.get("step", 0)))

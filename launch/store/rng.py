@@ -1,6 +1,6 @@
 """Every process's RNG states (torch, CUDA, numpy, Python) as tensors and plain numbers, which
 ``torch.load(weights_only=True)`` accepts: what a checkpoint and an elastic commit keep so that a run
-continues drawing what it would have drawn."""
+continues drawing what it would have drawn; and the one function that seeds them all."""
 
 from __future__ import annotations
 
@@ -39,6 +39,15 @@ def rng_state() -> dict[str, Any]:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def seed_every_rng(seed: int) -> None:
+    """Seed torch's generators (CPU and every CUDA device), numpy's global one and Python's from ``seed``.
+
+    (A data loader's workers seed numpy and Python from the seed torch gave them: training.data.)"""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
 
 
 def set_rng_state(state: dict[str, Any]) -> None:

@@ -3,10 +3,8 @@ loaders; what stays fixed for the whole run (:class:`~launch.training.run_state.
 
 from __future__ import annotations
 
-import random
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset
@@ -18,6 +16,7 @@ from launch.dist.horovod_setup import init_horovod
 from launch.dist.mixed_precision import MixedPrecision
 from launch.dist.world import check_world
 from launch.record.console import log0, setup_logging
+from launch.store.rng import seed_every_rng
 from launch.training.data import build_datasets, build_loaders, dataset_size
 from launch.training.faults import Faults
 from launch.training.guards import BufferGuard
@@ -28,12 +27,6 @@ from launch.training.schedules import (
 )
 from launch.training.step import Trainer
 from launch.training.step_timer import StepTimer
-
-
-def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -78,9 +71,9 @@ def set_up(cfg: Config) -> Run:
         )
 
     # Same initial weights everywhere (also broadcast later); distinct data randomness per rank.
-    seed_everything(cfg.train.seed)
+    seed_every_rng(cfg.train.seed)
     model = precision.prepare_model(build_model(cfg))
-    seed_everything(cfg.train.seed + 1000 * rank + 1)
+    seed_every_rng(cfg.train.seed + 1000 * rank + 1)
     train_loader, val_loader, sampler = build_loaders(
         cfg, train_ds, val_ds, rank, size, device.type == "cuda"
     )
