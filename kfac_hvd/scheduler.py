@@ -113,11 +113,10 @@ class IntervalScheduler:
         self.interval[key] = int(interval)
 
     def state_dict(self) -> dict:
-        return {
-            "interval": dict(self.interval),
-            "last_update": dict(self.last_update),
-            "warmup_steps": self.warmup_steps,
-        }
+        state: dict[str, Any] = {"interval": dict(self.interval), "last_update": dict(self.last_update)}
+        if self.warmup_steps:  # only then: a schedule without a warm-up keeps the state it always had
+            state["warmup_steps"] = self.warmup_steps
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from ``state``. A fixed interval stays the options' own: only the adaptive interval

@@ -74,3 +74,4 @@ def test_kfac_updates_every_factor_in_the_warmup_and_reports_interval_one():
     # The interval that decides the next step: 1 up to the record of step 3, then 3.
     assert intervals == [1.0] * 3 + [3.0] * 12
     assert kfac.state_dict()["scheduler"]["warmup_steps"] == 4
+    assert "warmup_steps" not in kfac_hvd.KFAC(nn.Linear(2, 2), update_interval=3).state_dict()["scheduler"]
