@@ -50,6 +50,12 @@ class KFACOptions:
     update_interval: int = _option(
         1, "without lambda: a fixed interval k (every k-th step); with lambda: the starting interval", ge=1
     )
+    interval_warmup_steps: int = _option(
+        0,
+        "without lambda: every factor on every step for this many steps, then every update_interval-th",
+        ge=0,
+        unit="steps",
+    )
     interval_policy: str = _option(
         "modulo", "due when t % interval == 0 (the paper) or t - t_last >= interval", choices=POLICIES
     )
@@ -105,6 +111,11 @@ class KFACOptions:
             object.__setattr__(self, "skip_layers", tuple(self.skip_layers))
         for option in option_fields():
             _check(option, getattr(self, option.name))
+        if self.interval_warmup_steps and self.update_threshold is not None:
+            raise ValueError(
+                "interval_warmup_steps applies to a fixed interval only (update_threshold None); "
+                "the adaptive interval starts at 1 by itself"
+            )
 
     @property
     def schedule(self) -> ScheduleOptions:
@@ -115,6 +126,7 @@ class KFACOptions:
             max_interval=self.max_interval,
             shrink_multiple=self.shrink_multiple,
             initial_interval=self.update_interval,
+            warmup_steps=self.interval_warmup_steps,
         )
 
 

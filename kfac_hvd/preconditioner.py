@@ -137,7 +137,7 @@ class KFAC:
         )
 
     def mean_interval(self) -> float:
-        intervals = self.scheduler.interval.values()
+        intervals = [self.scheduler.interval_for(key, self.steps + 1) for key in self.scheduler.keys]
         return sum(intervals) / len(intervals)
 
     def comm_stats(self) -> dict[str, Any]:

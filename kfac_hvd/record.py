@@ -22,7 +22,8 @@ def step_record(
     options = kfac.options
     layers = {}
     for name, layer in kfac.layers.items():
-        intervals = [kfac.scheduler.interval[key] for key in kfac.keys.of(name)]
+        # The intervals that decide the next step (1 within a fixed interval's warm-up).
+        intervals = [kfac.scheduler.interval_for(key, kfac.steps + 1) for key in kfac.keys.of(name)]
         entry: dict[str, Any] = {"due": name in due, "interval": min(intervals)}
         if options.separate_intervals:
             entry["intervals"] = dict(zip(layer.factor_kinds, intervals))

@@ -40,6 +40,9 @@ class ScheduleOptions:
     initial_interval: every key's interval before any diff is seen (Algorithm 1: 1). Without λ it
         is a fixed interval: due at step 1 and then on every multiple (``modulo``) or every
         ``initial_interval`` steps after the last update (``since_last``).
+    warmup_steps: with a fixed interval only: every key is due on steps 1 .. warmup_steps, and the
+        fixed interval applies after them (fresh factors while the early weights move fast). Not in
+        the paper.
     """
 
     update_threshold: float | None = None
@@ -47,6 +50,7 @@ class ScheduleOptions:
     max_interval: int | None = None
     shrink_multiple: float | None = None
     initial_interval: int = 1
+    warmup_steps: int = 0
 
 
 class IntervalScheduler:
@@ -63,6 +67,9 @@ class IntervalScheduler:
         self.keys = list(keys)
         self.interval: dict[str, int] = dict.fromkeys(self.keys, self.options.initial_interval)
         self.last_update: dict[str, int] = dict.fromkeys(self.keys, 0)
+        # Part of the state: a resumed run, or a rank that joins an elastic job, keeps the warm-up its
+        # schedule started with (the options' may have been computed for another number of steps).
+        self.warmup_steps = self.options.warmup_steps
 
     @property
     def adaptive(self) -> bool:
@@ -72,10 +79,14 @@ class IntervalScheduler:
         """Whether ``key``'s factors are computed and communicated on optimiser step ``step`` (from 1)."""
         if step == 1:
             return True
-        interval = self.interval[key]
+        interval = self.interval_for(key, step)
         if self.options.interval_policy == "modulo":
             return step % interval == 0
         return step - self.last_update[key] >= interval
+
+    def interval_for(self, key: str, step: int) -> int:
+        """The interval that decides whether ``key`` is due on ``step``: 1 within the warm-up."""
+        return 1 if step <= self.warmup_steps else self.interval[key]
 
     def record(self, key: str, step: int, diff: float | None) -> int:
         """Take a due step's diff (``None`` on the first update, which has no previous factors).
@@ -102,14 +113,22 @@ class IntervalScheduler:
         self.interval[key] = int(interval)
 
     def state_dict(self) -> dict:
-        return {"interval": dict(self.interval), "last_update": dict(self.last_update)}
+        state: dict[str, Any] = {"interval": dict(self.interval), "last_update": dict(self.last_update)}
+        if self.warmup_steps:  # only then: a schedule without a warm-up keeps the state it always had
+            state["warmup_steps"] = self.warmup_steps
+        return state
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue from ``state``. A fixed interval stays the options' own: only the adaptive interval
+        is state (a state written before ``warmup_steps`` existed may hold the 1 that a launcher set
+        for its own warm-up); a state without ``warmup_steps`` keeps the options'."""
         unknown = set(state["interval"]) - set(self.keys)
         if unknown:
             raise ValueError(f"scheduler state names keys this model does not have: {sorted(unknown)[:3]}")
-        self.interval.update({k: int(v) for k, v in state["interval"].items()})
+        if self.adaptive:
+            self.interval.update({k: int(v) for k, v in state["interval"].items()})
         self.last_update.update({k: int(v) for k, v in state["last_update"].items()})
+        self.warmup_steps = int(state.get("warmup_steps", self.warmup_steps))
 
 
 class IntervalKeys:

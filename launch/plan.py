@@ -9,11 +9,12 @@ from typing import Any
 
 from torch import nn
 
+import kfac_hvd
+from kfac_hvd.analysis.traffic import every_step_traffic
 from kfac_hvd.analysis.units import format_bytes
-
-from .config import data_problems
-from .data import steps_per_epoch, train_size
-from .models import build_model
+from launch.config.load import data_problems
+from launch.training.data import steps_per_epoch, train_size
+from launch.training.models import build_model
 
 
 def _kind(module: nn.Module) -> str:
@@ -57,10 +58,7 @@ def make_plan(cfg) -> dict[str, Any]:
         "warnings": warnings,
     }
     if cfg.optim.method == "kfac":
-        import kfac_hvd
-        from kfac_hvd.analysis.traffic import every_step_traffic
-
-        kfac = kfac_hvd.KFAC(model, options=cfg.kfac.options())
+        kfac = kfac_hvd.KFAC(model, options=cfg.kfac.options(spe))
         names = list(kfac.layer_names)
         modules = dict(model.named_modules())
         kinds: dict[str, int] = {}

@@ -18,7 +18,15 @@ import io
 import os
 import sys
 
-from .config import Config, ConfigError, data_problems, load_config, resolve_paths
+from launch.config.load import Config, data_problems, load_config, resolve_paths
+from launch.dist.device import check_device
+from launch.dist.horovod_setup import check_controller, env_rank
+from launch.errors import EXIT_ABORTED, EXIT_STORAGE, ConfigError, RunStop, StorageError, storage_problem
+from launch.plan import dry_run
+from launch.store.checkpoint import resume_candidates
+from launch.store.run_folder import claim, release
+from launch.training.elastic import check_elastic
+from launch.training.run import run
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -56,8 +64,6 @@ def precheck(cfg: Config) -> None:
     Files only rank 0 touches (the checkpoint to resume from, the run folder) are checked by the
     process the launcher announced as rank 0; the launcher ends the others when it exits.
     """
-    from .dist import check_controller, env_rank
-
     problems = data_problems(cfg)
     if problems:
         raise problems[0]
@@ -75,11 +81,7 @@ def precheck(cfg: Config) -> None:
                 raise cfg.error(key, problem)
     check_horovod(cfg)
     check_controller(cfg)
-    from .elastic import check_elastic
-
     check_elastic(cfg)
-    from .device import check_device
-
     check_device(cfg)  # CUDA present when asked for, precision supported, Horovod able to take CUDA tensors
 
 
@@ -127,30 +129,18 @@ def main(argv: list[str] | None = None) -> int:
             print(cfg.dump(), end="")
             return 0
         if args.dry_run:
-            from .plan import dry_run
-
             return dry_run(cfg, args.plan_json)
         precheck(cfg)
-        from .checkpoint import resume_candidates
-
         assert cfg.checkpoint.dir is not None  # resolve_paths filled it in
         candidates = resume_candidates(cfg.checkpoint.resume, cfg.checkpoint.dir)
     except ConfigError as err:
         return config_error(err)
-    from .checkpoint import StorageError
-    from .reliability import EXIT_ABORTED, EXIT_STORAGE, RunStop, storage_problem
-    from .rundir import claim, release
-
     locks = None
     try:
-        from .dist import env_rank
-
         if env_rank() == 0:  # the only rank that writes: it holds the run folder before writing anything
             locks, lines = claim(cfg, fresh=not candidates, command=" ".join(sys.argv))
             for line in lines:
                 print(line, file=sys.stderr if line.startswith("warning") else sys.stdout, flush=True)
-        from .loop import run
-
         return run(cfg, candidates)
     except ConfigError as err:  # also found while reading the data (e.g. class folders that differ)
         return config_error(err)
@@ -172,8 +162,6 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if not _peer_lost(exc):
             raise
-        from .dist import env_rank
-
         text = str(exc).splitlines()[0] if str(exc) else ""
         print(
             f"error: rank {env_rank()}: Horovod shut down: another rank failed, exited or stopped "

@@ -45,7 +45,7 @@ def arch_mismatch(cc_list: str, nvcc: str) -> str:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import torch
 
-    from launch.device import runs_on  # the rule the launcher applies to the GPU at start-up
+    from launch.dist.device import runs_on  # the rule the launcher applies to the GPU at start-up
 
     name = "torch " + torch.__version__
     torch_cuda = getattr(torch.version, "cuda", None)

@@ -16,8 +16,8 @@ import subprocess
 import pytest
 from launch_helpers.common import BIN, CONFIGS, PYTHON, REPO, describe, env, launch_cmd, run
 
-from launch.config import load_config
-from launch.elastic import check_elastic
+from launch.config.load import load_config
+from launch.training.elastic import check_elastic
 
 WORKERS = os.path.join(REPO, "tests", "workers")
 DEMO = os.path.join(CONFIGS, "fashion_mnist", "small_resnet_kfac_lambda0.25.yaml")

@@ -9,7 +9,7 @@ import torch
 from launch_helpers.common import describe, horovod_ready, read_jsonl
 from launch_helpers.jobs import job, tiny, train_cmd
 
-from launch.checkpoint import atomic_save, resume_candidates
+from launch.store.checkpoint import atomic_save, resume_candidates
 
 needs_horovod = pytest.mark.skipif(not horovod_ready(), reason="horovod not installed")
 

@@ -10,7 +10,8 @@ import yaml
 from launch_helpers.common import CONFIGS, launch_cmd, run
 from pydantic import ValidationError
 
-from launch.config import ConfigError, load_config, resolve_paths
+from launch.config.load import load_config, resolve_paths
+from launch.errors import ConfigError
 
 
 def write(path, text):
@@ -266,7 +267,8 @@ def test_cli_print_config_applies_overrides(tmp_path):
 
 def test_docs_list_every_key(tmp_path):
     """docs/LAUNCHER.md's key reference is generated from the schema; it must not fall behind."""
-    from launch.config import SCHEMA, keys_markdown, update_key_reference
+    from launch.config.load import update_key_reference
+    from launch.config.schema import SCHEMA, keys_markdown
 
     path = os.path.join(os.path.dirname(CONFIGS), "docs", "LAUNCHER.md")
     doc = open(path).read()
@@ -282,7 +284,7 @@ def test_docs_list_every_key(tmp_path):
 # ---- the kfac section: generated from kfac_hvd.KFACOptions ---------------------------------------
 def test_kfac_section_is_every_library_option_with_its_defaults(tmp_path):
     import kfac_hvd
-    from launch.kfac_section import KEYS, NOT_OFFERED
+    from launch.config.kfac_section import KEYS, NOT_OFFERED
 
     offered = {key.option for key in KEYS.values()}
     assert offered == {f.name for f in kfac_hvd.option_fields()} - set(NOT_OFFERED)
@@ -293,14 +295,19 @@ def test_kfac_section_is_every_library_option_with_its_defaults(tmp_path):
     ).kfac.options()
     assert options.factor_dtype is torch.float64 and options.skip_layers == ("fc", "conv1")
     assert options.unfold_chunk_bytes == 2**19
-    assert load_config(path, ["kfac.interval_warmup_epochs=1", "kfac.update_interval=5"]).kfac.options() == (
-        kfac_hvd.KFACOptions(update_interval=1)  # every step until the warm-up ends
+    warmup = load_config(path, ["kfac.interval_warmup_epochs=1.5", "kfac.update_interval=5"]).kfac
+    # The epochs in steps of the run (at least one): the library's own warm-up, then its fixed interval.
+    assert warmup.options(steps_per_epoch=8) == kfac_hvd.KFACOptions(
+        update_interval=5, interval_warmup_steps=12
+    )
+    assert warmup.options(steps_per_epoch=1) == kfac_hvd.KFACOptions(
+        update_interval=5, interval_warmup_steps=2
     )
 
 
 def test_a_new_library_option_becomes_a_key_without_launcher_code(monkeypatch):
     import kfac_hvd
-    import launch.kfac_section as section
+    import launch.config.kfac_section as section
     from kfac_hvd.options import OptionField
 
     new = OptionField(
@@ -358,7 +365,7 @@ def test_a_resolved_config_stays_valid_when_changed(tmp_path):
 
 
 def test_the_keys_that_may_change_on_resume_exist():
-    from launch.schema import RESUME_MAY_CHANGE, SCHEMA, may_change_on_resume
+    from launch.config.schema import RESUME_MAY_CHANGE, SCHEMA, may_change_on_resume
 
     for entry in RESUME_MAY_CHANGE:
         section, _, key = entry.partition(".")

@@ -7,8 +7,8 @@ import torch
 from launch_helpers.common import FASHION, describe, horovod_ready, launch_cmd, read_jsonl, run
 from launch_helpers.images import make_image_tree
 
-from launch.config import data_problems, load_config, resolve_paths
-from launch.data import (
+from launch.config.load import data_problems, load_config, resolve_paths
+from launch.training.data import (
     ResumableDistributedSampler,
     ShardSampler,
     build_datasets,

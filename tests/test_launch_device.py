@@ -9,12 +9,13 @@ import pytest
 import torch
 from launch_helpers.jobs import DEMO
 
-from launch.config import ConfigError, load_config
-from launch.device import check_device, describe_device
-from launch.precision import MixedPrecision
-from launch.progress import Progress, wants_bar
-from launch.step import DIVERGED, OK, OVERFLOW, judge, nonfinite_flag
-from launch.timing import StepTimer
+from launch.config.load import load_config
+from launch.dist.device import check_device, describe_device
+from launch.dist.mixed_precision import MixedPrecision
+from launch.errors import ConfigError
+from launch.record.progress import Progress, wants_bar
+from launch.training.step import DIVERGED, OK, OVERFLOW, judge, nonfinite_flag
+from launch.training.step_timer import StepTimer
 
 LAUNCHER_ENV = (
     "HOROVOD_RANK",

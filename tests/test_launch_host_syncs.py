@@ -2,7 +2,7 @@
 status read), at most two on a logged step (plus the read of what the record needs).
 
 Counted: every way a tensor's value reaches the host (``item``, ``tolist``, ``numpy``, ``bool()``,
-``float()``, ``int()``, ``index``) and explicit CUDA synchronisations, around ``launch.loop.run_step``
+``float()``, ``int()``, ``index``) and explicit CUDA synchronisations, around ``launch.training.loop.run_step``
 (the whole step with its bookkeeping, logging and progress line). K-FAC's own reads inside
 ``kfac.step``/``skip_step``/``collect_times`` are the library's and are not counted here.
 
@@ -57,11 +57,13 @@ def measure(overrides, steps=4):
     import torch
 
     from kfac_hvd.diagnostics import HostSyncCounter
-    from launch.config import load_config, resolve_paths
-    from launch.loop import EpochTally, resume_or_start, run_step, set_up
-    from launch.outputs import RunOutputs
-    from launch.progress import Progress
-    from launch.reliability import Watchdog
+    from launch.config.load import load_config, resolve_paths
+    from launch.record.progress import Progress
+    from launch.record.writer import RunOutputs
+    from launch.training.guards import Watchdog
+    from launch.training.loop import EpochTally, run_step
+    from launch.training.resume import resume_or_start
+    from launch.training.set_up import set_up
 
     cfg = load_config(
         DEMO,

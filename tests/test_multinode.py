@@ -23,9 +23,10 @@ from launch_helpers.common import (
 )
 from launch_helpers.common import env as base_env
 
-from launch.config import ConfigError, load_config
-from launch.device import pick_device
-from launch.dist import check_controller, describe_layout
+from launch.config.load import load_config
+from launch.dist.device import pick_device
+from launch.dist.horovod_setup import check_controller, describe_layout
+from launch.errors import ConfigError
 
 pytestmark = [
     pytest.mark.skipif(not horovod_ready(), reason="horovod not installed"),

@@ -62,7 +62,7 @@ def test_kfac_reports_the_noise_of_the_averaged_factor():
 
 @functools.lru_cache(maxsize=1)
 def fashion_training_set():
-    from launch.data import FashionMNIST
+    from launch.training.data import FashionMNIST
 
     return FashionMNIST(FASHION, train=True, augment=False)
 
@@ -78,7 +78,7 @@ def fashion_batches(size: int, pairs: int):
 def fixed_weight_diffs(batch: int, pairs: int = 2):
     """Median over layers of max(Diff_A, Diff_G) (BatchNorm: Diff_F) between factors of disjoint batches
     at fixed weights, raw and noise-aware, averaged over ``pairs`` pairs of batches."""
-    from launch.models import SmallResNet
+    from launch.training.models import SmallResNet
 
     torch.manual_seed(0)
     model = SmallResNet(1, 10, width=4, blocks=(1, 1, 1))

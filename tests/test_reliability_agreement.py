@@ -8,8 +8,9 @@ import pytest
 from launch_helpers.common import REPO, horovod_ready
 from launch_helpers.jobs import DEMO, job, per_rank_shell, shell_train, tiny
 
-from launch.config import load_config, resolve_paths
-from launch.reliability import RunStop, check_agreement, code_fingerprint, config_fingerprint
+from launch.config.load import load_config, resolve_paths
+from launch.dist.agreement import check_agreement, code_fingerprint, config_fingerprint
+from launch.errors import RunStop
 
 
 class Gather:
@@ -37,7 +38,7 @@ def test_fingerprints_and_the_mismatch_message(tmp_path):
     resolve_paths(again)
     assert config_fingerprint(a) == config_fingerprint(again) != config_fingerprint(b)
     digest, detail = code_fingerprint()
-    assert "launch/loop.py" in detail["files"] and "kfac_hvd/preconditioner.py" in detail["files"]
+    assert "launch/training/loop.py" in detail["files"] and "kfac_hvd/preconditioner.py" in detail["files"]
     assert detail["versions"]["torch"]
     assert code_fingerprint()[0] == digest  # deterministic
 
@@ -46,7 +47,7 @@ def test_fingerprints_and_the_mismatch_message(tmp_path):
 
     flat = lambda c: {f"{s}.{k}": v for s, sec in c.to_dict().items() for k, v in sec.items()}  # noqa: E731
     other = {"files": dict(detail["files"]), "versions": dict(detail["versions"])}
-    other["files"]["launch/loop.py"] = "0" * 16
+    other["files"]["launch/training/loop.py"] = "0" * 16
     gather = Gather([{"config": flat(a), **detail}, {"config": flat(b), **other}])
     with pytest.raises(RunStop) as info:
         check_agreement(gather, a, layout_of([a, b], [digest, "x"]), detail)
@@ -58,7 +59,7 @@ def test_fingerprints_and_the_mismatch_message(tmp_path):
         f"resolved configuration (ranks differing from rank 0: 1)"
     )
     assert "kfac.damping: 0.002 on rank 1, 0.003 on rank 0" in msg
-    assert "ranks run different code (ranks differing from rank 0: 1): files launch/loop.py" in msg
+    assert "ranks run different code (ranks differing from rank 0: 1): files launch/training/loop.py" in msg
 
 
 @pytest.mark.skipif(not horovod_ready(), reason="horovod not installed")
@@ -69,7 +70,7 @@ def test_ranks_with_different_config_and_code_stop_together(tmp_path):
     copy = tmp_path / "code"
     for pkg in ("launch", "kfac_hvd"):
         shutil.copytree(os.path.join(REPO, pkg), copy / pkg, ignore=shutil.ignore_patterns("__pycache__"))
-    with open(copy / "launch" / "models.py", "a") as fh:
+    with open(copy / "launch" / "training" / "models.py", "a") as fh:
         fh.write("# edited on one node only\n")
     out = tmp_path / "ranks"
     out.mkdir()
@@ -89,6 +90,6 @@ def test_ranks_with_different_config_and_code_stop_together(tmp_path):
     assert last[0] == last[1], last
     assert "kfac.damping: ranks disagree on the resolved configuration" in last[0]
     assert "kfac.damping: 0.002 on rank 1, 0.003 on rank 0" in last[0]
-    assert "ranks run different code" in last[0] and "launch/models.py" in last[0]
+    assert "ranks run different code" in last[0] and "launch/training/models.py" in last[0]
     assert not any("Traceback" in line for e in errs for line in e)
     assert seconds < 150

@@ -11,11 +11,11 @@ import torch
 from launch_helpers.common import horovod_ready, read_jsonl
 from launch_helpers.jobs import job, tiny, train_cmd
 
-from launch import checkpoint as ck
+from launch.store import checkpoint as ck
 
 
 class OneRank:
-    """hvd for a world of one (what the collectives of launch.checkpoint reduce to)."""
+    """hvd for a world of one (what the collectives of launch.store.checkpoint reduce to)."""
 
     def rank(self):
         return 0

@@ -13,9 +13,10 @@ from launch_helpers.images import make_image_tree
 from launch_helpers.jobs import DEMO, job, per_rank_shell, shell_train, train_cmd
 from launch_helpers.rundir import OneRank, lines, synthetic_config
 
-from launch import checkpoint as ck
-from launch.config import ConfigError, load_config, resolve_paths
-from launch.reliability import RunStop, check_agreement, code_fingerprint, config_fingerprint, fingerprint
+from launch.config.load import load_config, resolve_paths
+from launch.dist.agreement import check_agreement, code_fingerprint, config_fingerprint, fingerprint
+from launch.errors import ConfigError, RunStop
+from launch.store import checkpoint as ck
 
 needs_horovod = pytest.mark.skipif(not horovod_ready(), reason="horovod not installed")
 needs_mpirun = pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun not installed")

@@ -12,7 +12,7 @@ from launch_helpers.common import horovod_ready, read_jsonl
 from launch_helpers.jobs import job, tiny, train_cmd
 from torch import nn
 
-from launch.reliability import BufferGuard, all_finite
+from launch.training.guards import BufferGuard, all_finite
 
 needs_horovod = pytest.mark.skipif(not horovod_ready(), reason="horovod not installed")
 

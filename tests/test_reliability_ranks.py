@@ -18,8 +18,8 @@ from launch_helpers.jobs import (
     train_cmd,
 )
 
-from launch.config import load_config
-from launch.dist import horovod_env
+from launch.config.load import load_config
+from launch.dist.horovod_setup import horovod_env
 
 needs_horovod = pytest.mark.skipif(not horovod_ready(), reason="horovod not installed")
 BOUND = 120  # seconds from launch to the end of the job, start-up included

@@ -17,8 +17,8 @@ from launch_helpers.common import describe, env, horovod_ready
 from launch_helpers.jobs import job, train_cmd
 from launch_helpers.rundir import OneRank, lines, plant_pickle, snapshot, synthetic_config
 
-from launch import checkpoint as ck
-from launch.rng import set_rng_state
+from launch.store import checkpoint as ck
+from launch.store.rng import set_rng_state
 
 pytestmark = pytest.mark.skipif(not horovod_ready(), reason="horovod not installed")
 
@@ -125,7 +125,7 @@ def test_first_format_checkpoint_names_the_conversion_which_makes_it_loadable(tm
         ck.CheckpointError, match="first checkpoint format .* python -m launch.checkpoint convert"
     ):
         ck.load_checkpoint(OneRank(), [old], trust_unlisted=True)
-    from launch.convert import main as convert_main  # python -m launch.checkpoint convert FILE
+    from launch.store.convert import main as convert_main  # python -m launch.checkpoint convert FILE
 
     assert convert_main(["convert", old]) == 0
     path, loaded = ck.load_checkpoint(OneRank(), [old])

@@ -16,13 +16,13 @@ from launch_helpers.common import run as run_cmd
 from launch_helpers.jobs import job, tiny, train_cmd
 from PIL import Image
 
-from launch import plots
-from launch.report import main as report_main
-from launch.runlog import RunLog, layer_groups, read_run
+from launch.record import plots
+from launch.record.reader import RunLog, layer_groups, read_run
+from launch.record.report import main as report_main
 
 
 def report(capsys, *args: str) -> subprocess.CompletedProcess:
-    """launch.report's main in this process (the command line itself is run once, by the first test)."""
+    """launch.record.report's main in this process (the command line itself is run once, by the first test)."""
     code = report_main(list(args))
     out, err = capsys.readouterr()
     return subprocess.CompletedProcess(args, code, out, err)

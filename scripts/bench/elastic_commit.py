@@ -2,7 +2,7 @@
 """The cost of one elastic commit (``train.elastic``) as a ratio to a training step, in one process.
 
 A commit copies the model's and the optimiser's state and K-FAC's state (factors, inverses, schedule:
-``launch.elastic.snapshot``), then runs two tiny collectives (an allreduce of three numbers and the
+``launch.training.elastic.snapshot``), then runs two tiny collectives (an allreduce of three numbers and the
 host-change broadcast), which one process cannot measure and which are not included. Measured in turns,
 so that the machine's load hits both alike: a K-FAC training step (forward, backward, ``kfac.step``,
 SGD with momentum) and a snapshot. Two kinds of step:
@@ -37,11 +37,11 @@ from _common import command_line, git_revision, machine_info
 from torch import nn
 
 import kfac_hvd
-from launch.elastic import snapshot
+from launch.training.elastic import snapshot
 
 
 def small_resnet() -> nn.Module:
-    from launch.models import SmallResNet
+    from launch.training.models import SmallResNet
 
     return SmallResNet(num_classes=10, width=8, blocks=[1, 1, 1])
 

@@ -28,8 +28,8 @@ sys.path.insert(0, REPO)
 from kfac_hvd.analysis.units import format_bytes  # noqa: E402
 from kfac_hvd.cost import allreduce_wire_bytes  # noqa: E402
 from kfac_hvd.scheduler import IntervalScheduler  # noqa: E402
-from launch import plots  # noqa: E402
-from launch.runlog import read_run  # noqa: E402
+from launch.record import plots  # noqa: E402
+from launch.record.reader import read_run  # noqa: E402
 
 STEPS_PER_EPOCH = 78
 RANKS = 128

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from _common import interpolate_log_x, pct
-from freshness import REGIMES, SCHEDULES, outcome, run_dir
+from _freshness_plan import REGIMES, SCHEDULES, outcome, run_dir
 
 FAMILIES = {  # prefix -> plot style and legend
     "fixed": ("k", "s", "fixed k (1, 2, 5, 10, 20)"),

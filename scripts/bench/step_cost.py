@@ -415,11 +415,11 @@ def external_revision(path: str | None) -> str | None:
 
 
 def parent(args: argparse.Namespace, argv: list[str]) -> None:
-    import _step_cost_report as report
+    import _step_cost_document as document
 
     os.makedirs(args.out, exist_ok=True)
     if args.rerender:
-        report.rerender(args.out)
+        document.rerender(args.out)
         return
     if args.keep_trace:
         keep_trace(args.keep_trace, args.schedule_trace)
@@ -447,7 +447,7 @@ def parent(args: argparse.Namespace, argv: list[str]) -> None:
     data["raw"] = {str(run["ranks"]): run["per_rank"] for run in launches}
     data["load_average_end"] = load_average()
     data["total_wall_s"] = time.time() - started
-    paths = report.write(data, args.out)
+    paths = document.write(data, args.out)
     print(f"[step_cost] wrote {' and '.join(paths)} in {data['total_wall_s'] / 60:.1f} min", flush=True)
     with open(paths[1]) as handle:
         print(handle.read())

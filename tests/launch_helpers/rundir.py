@@ -66,7 +66,7 @@ def plant_pickle(path: str, marker: str) -> None:
 
 
 class OneRank:
-    """hvd for a world of one (what the collectives of launch.checkpoint reduce to)."""
+    """hvd for a world of one (what the collectives of launch.store.checkpoint reduce to)."""
 
     def rank(self):
         return 0

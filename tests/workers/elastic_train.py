@@ -11,8 +11,8 @@ import os
 import sys
 import time
 
-from launch import elastic
 from launch.train import main
+from launch.training import elastic
 
 PLAN = {int(step): hosts for step, hosts in json.loads(os.environ.get("KFAC_ELASTIC_PLAN", "{}")).items()}
 NOTICE_TIMEOUT_S = 120.0

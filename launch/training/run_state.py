@@ -1,0 +1,61 @@
+"""What a training run holds: :class:`Run` (fixed once set up) and :class:`RunState` (what it has done)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from kfac_hvd import KFAC
+from launch.config.load import Config
+from launch.record.progress import Progress
+from launch.record.writer import RunOutputs
+from launch.training.guards import Watchdog
+from launch.training.step import Trainer
+from launch.training.step_timer import StepTimer
+
+
+@dataclass
+class Run:
+    """What stays fixed during a run (built by :func:`set_up`)."""
+
+    cfg: Config
+    hvd: Any
+    device: torch.device
+    trainer: Trainer
+    train_loader: Any
+    val_loader: Any
+    sampler: Any
+    steps_per_epoch: int
+    total_steps: int
+    timer: StepTimer
+    out: RunOutputs | None = None  # rank 0's outputs, once the run has resumed or started
+    watchdog: Watchdog = field(default_factory=lambda: Watchdog(None, 0))  # silent until run() starts one
+    progress: Progress | None = None
+
+    @property
+    def kfac(self) -> KFAC | None:
+        return self.trainer.kfac
+
+
+@dataclass
+class RunState:
+    """What a run has done so far (what a checkpoint restores, plus this process's tallies)."""
+
+    step: int = 0
+    epoch: int = 0
+    skip_batches: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    resume_path: str | None = None
+    pending_eval: dict[str, Any] | None = None  # an epoch's evaluation the resumed checkpoint still owes
+    last_eval: dict[str, Any] = field(default_factory=dict)
+    last_saved_step: int = -1
+    train_time: float = 0.0
+    images_done: int = 0
+    kfac_seconds: dict[str, float] = field(default_factory=dict)
+    kfac_events: int = 0
+    skipped_steps: list[int] = field(default_factory=list)
+    overflow_steps: list[int] = field(default_factory=list)
+    bad_in_a_row: int = 0
+    done: bool = False
