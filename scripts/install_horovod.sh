@@ -599,7 +599,11 @@ if [ -n "$install_problem" ] && [ "$decision" = install-cached ]; then
   build_wheel
   install_wheel
 fi
-[ -z "$install_problem" ] || fail "check installed horovod ($install_problem)" "$install_log"
+if [ -n "$install_problem" ]; then
+  # A fresh build that installs without its flavour must not be taken from the cache next time either.
+  set_aside "$wheel" "$install_problem" >>"$install_log"
+  fail "check installed horovod ($install_problem; the wheel is kept in $CACHE/wheels/set-aside/)" "$install_log"
+fi
 
 # horovodrun is how the launcher starts: it must run, and its report goes to the log and the terminal.
 {
