@@ -7,9 +7,13 @@ second job finds the lock taken and stops naming the holder. A record left by a 
 without clearing it (killed, crashed) is reported and taken over: the kernel releases a dead
 process's flock, so a lock that can be taken is free.
 
-A fresh run (``checkpoint.resume`` null, or ``auto`` finding no checkpoint) into a folder that holds
-another run's outputs stops, unless ``log.overwrite`` moves the old run aside to
-``<log.dir>.old-<time>`` first. Nothing is deleted.
+A fresh run (``checkpoint.resume`` null) into a folder that holds another run's outputs stops, unless
+``log.overwrite`` moves the old run aside to ``<log.dir>.old-<time>`` first. ``checkpoint.resume: auto``
+finding no checkpoint there (an attempt of the same job that died before its first checkpoint:
+preemption, a node lost) moves that attempt aside the same way and starts anew, so that resubmitting a
+job always goes on; an attempt whose ``config.yaml`` differs from this run's as a resume's checkpoint
+would (:func:`resume_changes`), or that has no readable ``config.yaml``, is another run: it stops.
+Nothing is deleted.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import os
 import socket
 import time
 from typing import TYPE_CHECKING, Any
+
+import yaml
 
 from launch.config.schema import SCHEMA, may_change_on_resume
 from launch.errors import ConfigError
@@ -163,15 +169,17 @@ def claim(cfg: Config, fresh: bool, command: str = "") -> tuple[list[FolderLock]
         used = {f: names for f, names in used.items() if names}
         lines = [w for w in (lock.take_over_warning() for lock in locks) if w]
         if fresh and used:
-            if not cfg.log.overwrite:
+            if cfg.log.overwrite:
+                why = "log.overwrite: the previous run in {folder} was moved to {aside}"
+            elif cfg.checkpoint.resume == "auto":
+                _check_same_job(cfg, used)
+                why = (
+                    "checkpoint.resume=auto: the previous attempt in {folder} wrote no checkpoint; "
+                    "it was moved to {aside} and this run starts anew"
+                )
+            else:
                 raise _used_error(cfg, used)
-            stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-            for folder, names in used.items():
-                aside = f"{os.path.abspath(folder).rstrip(os.sep)}.old-{stamp}"
-                os.makedirs(aside)
-                for name in names:
-                    os.replace(os.path.join(folder, name), os.path.join(aside, name))
-                lines.append(f"log.overwrite: the previous run in {folder} was moved to {aside}")
+            lines += _move_aside(used, why)
         for lock in locks:
             lock.write(command)
         return locks, lines
@@ -183,12 +191,62 @@ def claim(cfg: Config, fresh: bool, command: str = "") -> tuple[list[FolderLock]
         raise
 
 
+def _move_aside(used: dict[str, list[str]], why: str) -> list[str]:
+    """Move every output of each used folder to ``<folder>.old-<UTC time>``; ``why`` (with ``{folder}``
+    and ``{aside}``) is the line printed for each."""
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    lines = []
+    for folder, names in used.items():
+        aside = f"{os.path.abspath(folder).rstrip(os.sep)}.old-{stamp}"
+        os.makedirs(aside)
+        for name in names:
+            os.replace(os.path.join(folder, name), os.path.join(aside, name))
+        lines.append(why.format(folder=folder, aside=aside))
+    return lines
+
+
+def _saved_config(log_dir: str) -> dict[str, Any] | None:
+    """The resolved config an earlier attempt wrote to ``<log_dir>/config.yaml``, or None (none, unreadable)."""
+    try:
+        with open(os.path.join(log_dir, "config.yaml"), encoding="utf-8") as fh:
+            saved = yaml.safe_load(fh)
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return None
+    return saved if isinstance(saved, dict) else None
+
+
+def _check_same_job(cfg: Config, used: dict[str, list[str]]) -> None:
+    """Raise ConfigError (one line) unless the outputs without a checkpoint are an earlier attempt of this
+    very job: its config.yaml differs from this run's by no key that a resume would refuse."""
+    log_dir = cfg.run_dir
+    saved = _saved_config(log_dir)
+    if saved is None:
+        raise _used_error(cfg, used)
+    current = cfg.to_dict()
+    refused, _ = resume_changes(
+        saved,
+        current,
+        (saved.get("train") or {}).get("world_size"),
+        current["train"]["world_size"],
+        list(cfg.checkpoint.allow_changes),
+    )
+    if refused:
+        raise cfg.error(
+            "log.dir",
+            f"{log_dir} holds an attempt that wrote no checkpoint, run with other settings: "
+            f"{'; '.join(refused)}; resubmit with its settings to move it aside and start anew, choose "
+            f"another log.dir, or set checkpoint.resume=null log.overwrite=true to move it aside "
+            f"(to {os.path.abspath(log_dir)}.old-<time>; nothing is deleted)",
+        )
+
+
 def _used_error(cfg: Config, used: dict[str, list[str]]) -> ConfigError:
     folder, names = next(iter(used.items()))
     shown = ", ".join(names[:5]) + (f" (+{len(names) - 5} more)" if len(names) > 5 else "")
     if cfg.checkpoint.resume == "auto":
         ways = (
-            "it has no checkpoint to resume from; choose another log.dir, or set checkpoint.resume=null "
+            "it has no checkpoint to resume from and no readable config.yaml to show it is an earlier "
+            "attempt of this run; choose another log.dir, or set checkpoint.resume=null "
             "log.overwrite=true to move the old run aside"
         )
     else:
