@@ -95,3 +95,26 @@ def test_auto_resubmitted_after_an_early_death_moves_the_attempt_aside_and_start
     assert resumed.returncode == 0, describe(resumed)
     assert "resumed from" in resumed.stdout and "step 160" in resumed.stdout, describe(resumed)
     assert [d for d in os.listdir(tmp_path) if d.startswith("run.old-")] == [aside]
+
+
+def test_outputs_without_a_readable_config_yaml_are_refused_and_kept(tmp_path):
+    """Without a config.yaml nothing shows that the outputs are an earlier attempt of this job: rank 0's
+    claim refuses with one line and moves nothing."""
+    from launch.config.load import load_config, resolve_paths
+    from launch.errors import ConfigError
+    from launch.store.run_folder import claim
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.3}\n')
+    (run / "config.yaml").write_bytes(b"\xff\xfe: [")  # cut short: neither UTF-8 nor YAML
+    before = snapshot(str(run))
+    cfg = load_config(tiny(str(run))[1], tiny(str(run), "checkpoint.resume=auto")[2:])
+    resolve_paths(cfg)
+    with pytest.raises(ConfigError) as refused:
+        claim(cfg, fresh=True)
+    text = str(refused.value)
+    assert "\n" not in text and f"log.dir: {run} holds another run's outputs" in text, text
+    assert "no readable config.yaml" in text, text
+    left = {k: v for k, v in snapshot(str(run)).items() if k != ".lock"}  # the lock it took, empty
+    assert left == before and not list(tmp_path.glob("run.old-*"))
