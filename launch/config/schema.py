@@ -174,8 +174,10 @@ class CheckpointSection(Section):
     )
     resume: str | None = Field(
         default=None,
-        description="checkpoint file to resume from, or 'auto' (the newest verified one in dir, if any); "
-        "its saved config must match this run's but for the keys that may change on resume",
+        description="checkpoint file to resume from, or 'auto' (the newest verified one in dir, if any; "
+        "none: an earlier attempt's outputs with the same config are moved to <log.dir>.old-<time> "
+        "and the run starts anew); its saved config must match this run's but for the keys that may "
+        "change on resume",
     )
     trust_unlisted: bool = Field(
         default=False,
