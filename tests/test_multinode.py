@@ -173,16 +173,21 @@ def test_hierarchical_allreduce_refused_under_gloo(monkeypatch):
 # --------------------------------------------------------------------------------------------------
 # The job scripts, with their scheduler's variables naming the two loopback hosts
 # --------------------------------------------------------------------------------------------------
+PBS_KINDS = ("abci", "pbs")  # ABCI 3.0 is PBS Professional; its scripts run the PBS script's body
+
+
+def pbs_nodefile(folder, hosts, per_node: int) -> str:
+    """$PBS_NODEFILE as PBS Professional writes it: each node once per MPI process (mpiprocs)."""
+    path = folder / "pbs_nodefile"
+    path.write_text("".join(f"{h}\n" * per_node for h in hosts))
+    return str(path)
+
+
 def scheduler_env(kind: str, two_hosts, folder) -> dict[str, str]:
     hosts = two_hosts.hosts
-    if kind == "abci":  # Grid Engine: one line per node
-        path = folder / "sge_hostlist"
-        path.write_text("".join(f"{h}\n" for h in hosts))
-        return {"SGE_JOB_HOSTLIST": str(path), "JOB_ID": "1", "PRECISION": "fp32"}
-    if kind == "pbs":  # one line per MPI process of each chunk (mpiprocs=2)
-        path = folder / "pbs_nodefile"
-        path.write_text("".join(f"{h}\n" * RANKS_PER_HOST for h in hosts))
-        return {"PBS_NODEFILE": str(path), "PBS_JOBID": "1.pbs", "PBS_O_WORKDIR": REPO}
+    if kind in PBS_KINDS:  # select=2:mpiprocs=2
+        path = pbs_nodefile(folder, hosts, RANKS_PER_HOST)
+        return {"PBS_NODEFILE": path, "PBS_JOBID": "1.pbs", "PBS_O_WORKDIR": REPO}
     assert kind == "slurm"  # the compressed node list; no scontrol here, hostfile.py expands it
     prefix = os.path.commonprefix(list(hosts))
     nodelist = f"{prefix}[{hosts[0][len(prefix) :]}-{hosts[1][len(prefix) :]}]"
@@ -198,21 +203,17 @@ def scheduler_env(kind: str, two_hosts, folder) -> dict[str, str]:
 
 
 SCRIPTS = {
-    "abci": "scripts/abci/kfac_resnet50_128gpu.sh",
+    "abci": "scripts/abci/kfac_resnet50_128gpu.sh",  # ABCI 3.0; the Grid Engine scripts went with ABCI 2.0
     "pbs": "scripts/pbs/kfac_resnet50_128gpu.sh",
     "slurm": "scripts/slurm/kfac_resnet50.sbatch",
 }
 
 
-@pytest.mark.parametrize("kind", sorted(SCRIPTS))
-def test_job_script_two_hosts_equal_one_host(kind, two_hosts, mpi_reference, tmp_path):
-    run_dir = str(tmp_path / "run")
-    extra = [f"log.dir={run_dir}", *(f"{k}={v}" for k, v in TINY.items())]
-    if kind == "pbs":
-        extra.append("horovod.hierarchical_allreduce=true")
-    env = {
+def job_env(scheduler: dict[str, str], tmp_path, extra: list[str]) -> dict[str, str]:
+    """What a job script reads, sized down: 2 ranks a node, 3 steps of the demo config."""
+    return {
         **base_env(),
-        **scheduler_env(kind, two_hosts, tmp_path),
+        **scheduler,
         "CONFIG": DEMO,
         "EXTRA": " ".join(extra),
         "VENV": os.path.join(REPO, ".venv"),
@@ -224,9 +225,26 @@ def test_job_script_two_hosts_equal_one_host(kind, two_hosts, mpi_reference, tmp
         "OMPI_ALLOW_RUN_AS_ROOT": "1",
         "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
     }
+
+
+# The PBS scripts' one line where the module command is absent (as here): the module step is skipped.
+NO_MODULES = "no /etc/profile.d/modules.sh: MODULES not loaded"
+
+
+@pytest.mark.parametrize("kind", sorted(SCRIPTS))
+def test_job_script_two_hosts_equal_one_host(kind, two_hosts, mpi_reference, tmp_path):
+    run_dir = str(tmp_path / "run")
+    extra = [f"log.dir={run_dir}", *(f"{k}={v}" for k, v in TINY.items())]
+    if kind == "pbs":
+        extra.append("horovod.hierarchical_allreduce=true")
+    env = job_env(scheduler_env(kind, two_hosts, tmp_path), tmp_path, extra)
     proc = run(["bash", SCRIPTS[kind]], two_hosts.launch_env(env))
     assert proc.returncode == 0, describe(proc)
     assert f"{WORLD} ranks" in proc.stdout.splitlines()[0]
+    if kind in PBS_KINDS and not os.path.exists("/etc/profile.d/modules.sh"):
+        assert [line for line in proc.stderr.splitlines() if "MODULES" in line] == [
+            f"{NO_MODULES} (python/3.12/3.12.9 cuda/12.6/12.6.1 cudnn/9.5/9.5.1 nccl/2.23/2.23.4-1 hpcx/2.20)"
+        ]
     assert_two_nodes(proc.stdout, "mpi4py", "MPI")
     knobs = "HOROVOD_CYCLE_TIME=2, HOROVOD_FUSION_THRESHOLD=0"
     if kind == "pbs":
@@ -234,6 +252,47 @@ def test_job_script_two_hosts_equal_one_host(kind, two_hosts, mpi_reference, tmp
     assert f"horovod settings on every rank: {knobs}" in proc.stdout
     assert not [p for p in os.listdir(tmp_path) if p.startswith("hosts.")]  # the hostfile is removed
     print(f"{kind} 2x2 vs 1x4: max |dw| = {assert_like_reference(run_dir, mpi_reference):.3g}")
+
+
+PBS_SCRIPTS = (
+    "scripts/abci/kfac_resnet50_128gpu.sh",
+    "scripts/abci/sgd_resnet50_128gpu.sh",
+    "scripts/pbs/kfac_resnet50_128gpu.sh",
+)
+
+
+@pytest.mark.parametrize("script", PBS_SCRIPTS)
+def test_pbs_job_without_mpiprocs_stops_with_one_line(script, tmp_path):
+    """A select without mpiprocs lists each node once: the script stops before mpirun, naming the fix,
+    rather than run one rank on each node."""
+    nodefile = pbs_nodefile(tmp_path, ("node1", "node2"), 1)
+    scheduler = {"PBS_NODEFILE": nodefile, "PBS_JOBID": "1.pbs", "PBS_O_WORKDIR": REPO}
+    proc = run(["bash", script], job_env(scheduler, tmp_path, []))
+    assert proc.returncode == 2, describe(proc)
+    assert proc.stdout == ""
+    errors = [line for line in proc.stderr.splitlines() if not line.startswith(NO_MODULES)]
+    assert errors == [
+        "scripts/pbs/kfac_resnet50_128gpu.sh: $PBS_NODEFILE lists node node1 1 time(s), not GPUS_PER_NODE=2: "
+        "submit with -l select=N:mpiprocs=2 (PBS lists each node once per MPI process)"
+    ]
+    assert not [p for p in os.listdir(tmp_path) if p.startswith("hosts.")]
+
+
+def test_abci_scripts_ask_for_whole_h200_nodes_with_one_rank_per_gpu():
+    """ABCI 3.0: 16 rt_HF nodes x 8 H200 = 128 ranks, as the paper's 128 x 128 = 16,384; the SGD job the
+    SGD config. The directives are read by qsub only, so the tests that run the scripts do not see them."""
+    for script in PBS_SCRIPTS:
+        with open(os.path.join(REPO, script), encoding="utf-8") as fh:
+            text = fh.read()
+        directives = [line.split(None, 1)[1] for line in text.splitlines() if line.startswith("#PBS ")]
+        assert "-q rt_HF" in directives and "-l select=16:mpiprocs=8" in directives, script
+        assert "#$" not in text and "SGE_" not in text, script  # no Grid Engine left
+    with open(os.path.join(REPO, PBS_SCRIPTS[1]), encoding="utf-8") as fh:
+        assert "CONFIG=${CONFIG:-configs/imagenet/resnet50_sgd_bs16k.yaml}" in fh.read()
+    for name in ("resnet50_kfac_bs16k_lambda0.25.yaml", "resnet50_sgd_bs16k.yaml"):
+        cfg = load_config(os.path.join(CONFIGS, "imagenet", name), [])
+        assert cfg.data.batch_size * 16 * 8 == 16384, name
+        assert cfg.train.precision == "bf16", name  # H200 has bf16: the scripts pass no precision
 
 
 def _hostfile_module():

@@ -14,8 +14,8 @@ from launch_helpers import common
 from launch_helpers.fake_env import CU126, NVCC12_ARCHS, Fake, failed_step, make_n, parse
 
 REPO = common.REPO
+# The job scripts that name the V100 set-up (scripts/abci is ABCI 3.0: H200 only, its body the PBS script's).
 JOB_SCRIPTS = (
-    "scripts/abci/kfac_resnet50_128gpu.sh",
     "scripts/pbs/kfac_resnet50_128gpu.sh",
     "scripts/slurm/kfac_resnet50.sbatch",
 )
