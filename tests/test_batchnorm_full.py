@@ -13,8 +13,9 @@ import torch
 from direct_factors import direct_factors, forward_backward, make_model, step_inputs
 from mirror_comm import MirrorCommunicator
 from test_hot_path import stack
+from test_layers_exact import eval_batchnorm_per_sample_grads
+from test_preconditioner import small_cnn
 from torch import nn
-from torch.func import grad, vmap
 
 import kfac_hvd
 import kfac_hvd.factors
@@ -64,15 +65,7 @@ def test_full_block_is_the_mean_outer_product_of_exact_per_sample_gradients():
     assert isinstance(full, FullBatchNormLayer) and full.factor_shapes() == {"F": (6, 6)}
     x = torch.randn(8, 3, 4, 4, dtype=torch.float64)
     target = torch.randn(8, 3, 4, 4, dtype=torch.float64)
-    params = {k: v.detach() for k, v in bn.named_parameters()}
-
-    def sample_loss(p, xs, ts):
-        out = torch.nn.functional.batch_norm(
-            xs[None], bn.running_mean, bn.running_var, p["weight"], p["bias"], training=False, eps=bn.eps
-        )
-        return ((out - ts[None]) ** 2).mean()
-
-    per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0))(params, x, target)
+    per_sample = eval_batchnorm_per_sample_grads(bn, x, target)
     g = torch.cat([per_sample["weight"], per_sample["bias"]], dim=1)  # (N, 2C): the C γ's, then the C β's
     expected = g.t() @ g / x.shape[0]
 
@@ -244,18 +237,6 @@ def train_small(model, kfac, data, optimizer=None):
         records.append(kfac.step(lr=0.05))
         optimizer.step()
     return records, optimizer
-
-
-def small_cnn():
-    return nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1),
-        nn.BatchNorm2d(4),
-        nn.ReLU(inplace=True),
-        nn.Conv2d(4, 4, 3, stride=2),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(4 * 3 * 3, 5),
-    )
 
 
 def test_state_dict_round_trip_with_full_blocks_continues_exactly():

@@ -145,6 +145,20 @@ def test_conv_factors_match_explicit_patches():
     torch.testing.assert_close(kfac.factors[""]["G"], G)
 
 
+def eval_batchnorm_per_sample_grads(bn: nn.BatchNorm2d, x, target) -> dict:
+    """Exact per-sample gradients of γ ('weight') and β ('bias') of an eval-mode BatchNorm under a mean
+    squared error: running statistics make the samples independent, so torch.func's are exact."""
+    params = {k: v.detach() for k, v in bn.named_parameters()}
+
+    def sample_loss(p, xs, ts):
+        out = torch.nn.functional.batch_norm(
+            xs[None], bn.running_mean, bn.running_var, p["weight"], p["bias"], training=False, eps=bn.eps
+        )
+        return ((out - ts[None]) ** 2).mean()
+
+    return vmap(grad(sample_loss), in_dims=(None, 0, 0))(params, x, target)
+
+
 def test_batchnorm_unitwise_fisher_matches_per_sample_gradients():
     torch.manual_seed(4)
     bn = nn.BatchNorm2d(3).double()
@@ -158,15 +172,7 @@ def test_batchnorm_unitwise_fisher_matches_per_sample_gradients():
     layer = kfac_hvd.KFAC(bn, damping=damping).layers[""]
     x = torch.randn(8, 3, 4, 4, dtype=torch.float64)
     target = torch.randn(8, 3, 4, 4, dtype=torch.float64)
-    params = {k: v.detach() for k, v in bn.named_parameters()}
-
-    def sample_loss(p, xs, ts):
-        out = torch.nn.functional.batch_norm(
-            xs[None], bn.running_mean, bn.running_var, p["weight"], p["bias"], training=False, eps=bn.eps
-        )
-        return ((out - ts[None]) ** 2).mean()
-
-    per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0))(params, x, target)
+    per_sample = eval_batchnorm_per_sample_grads(bn, x, target)
     g = torch.stack([per_sample["weight"], per_sample["bias"]], dim=2)  # (N, C, 2)
     F = torch.einsum("nci,ncj->cij", g, g) / x.shape[0]
 

@@ -6,12 +6,10 @@ allgather: rank r sends r rows of 3 (rank 0 none), with every rank's length give
 and equal parts. Host reads are counted around the collectives that are told the lengths."""
 
 import argparse
-import json
-import os
 import sys
 
 import torch
-from engines import start_engine  # before kfac_hvd: it may block Horovod
+from engines import finish, start_engine  # before kfac_hvd: it may block Horovod
 
 from kfac_hvd.comm import default_communicator
 from kfac_hvd.diagnostics import HostSyncCounter
@@ -50,10 +48,7 @@ def main() -> int:
         "host_syncs": syncs.count,
         "where": syncs.where,
     }
-    with open(os.path.join(args.out, f"rank{engine.rank}.json"), "w") as handle:
-        json.dump(result, handle)
-    engine.finish()
-    return 0
+    return finish(engine, args.out, result)
 
 
 if __name__ == "__main__":

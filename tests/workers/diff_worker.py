@@ -4,12 +4,16 @@ the step records, and its own factors and split-half noise computed directly (te
 from which the test forms the averages."""
 
 import argparse
-import json
 import os
 import sys
 
 import torch
-from engines import horovod_importable, horovod_modules, start_engine  # before kfac_hvd: it may block Horovod
+from engines import (  # before kfac_hvd: it may block Horovod
+    finish,
+    horovod_importable,
+    horovod_modules,
+    start_engine,
+)
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -66,10 +70,7 @@ def main() -> int:
         "factors": factors,
         "noise": noise,
     }
-    with open(os.path.join(args.out, f"rank{engine.rank}.json"), "w") as handle:
-        json.dump(result, handle)
-    engine.finish()
-    return 0
+    return finish(engine, args.out, result)
 
 
 if __name__ == "__main__":

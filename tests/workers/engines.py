@@ -3,6 +3,7 @@ Horovod under horovodrun/mpirun, torch.distributed (Gloo) under torchrun. Import
 kfac_hvd: with KFAC_TEST_BLOCK_HOROVOD=1 it makes every ``import horovod…`` fail first, so that a
 torch.distributed run shows that neither the library nor the worker needs Horovod."""
 
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -121,3 +122,12 @@ class CollectiveLog:
 
 def start_engine() -> Any:
     return TorchEngine() if os.environ.get("KFAC_TEST_ENGINE") == "torch" else HorovodEngine()
+
+
+def finish(engine: Any, out_dir: str, result: dict) -> int:
+    """Write this rank's ``result`` to ``out_dir/rank<r>.json`` (what tests/multiproc.py reads back), shut
+    the engine down, and return the worker's exit status."""
+    with open(os.path.join(out_dir, f"rank{engine.rank}.json"), "w") as handle:
+        json.dump(result, handle)
+    engine.finish()
+    return 0

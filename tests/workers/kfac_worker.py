@@ -8,13 +8,12 @@ Modes:
 
 import argparse
 import copy
-import json
-import os
 import sys
 
 import torch
 from engines import (  # before kfac_hvd: it may block Horovod
     CollectiveLog,
+    finish,
     horovod_importable,
     horovod_modules,
     start_engine,
@@ -158,10 +157,7 @@ def main():
     result = {"equivalence": equivalence, "schedule": schedule}[args.mode](engine, args)
     result.update(rank=engine.rank, size=engine.size, engine=engine.name, horovod_modules=horovod_modules())
     result.update(horovod_importable=horovod_importable())
-    with open(os.path.join(args.out, f"rank{engine.rank}.json"), "w") as handle:
-        json.dump(result, handle)
-    engine.finish()
-    return 0
+    return finish(engine, args.out, result)
 
 
 if __name__ == "__main__":
