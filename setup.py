@@ -1,4 +1,4 @@
-# The project's one list of dependencies (the Makefile installs `.[launch,test]`; tests/test_packaging.py
+# The project's one list of dependencies (the Makefile installs `.[launch,test]`; tests/scripts/test_packaging.py
 # checks these lists against the third-party modules the code imports, reading the literals below).
 #
 # torch and torchvision carry no version: scripts/install_torch.sh installs the build first (TORCH_SPEC,

@@ -65,7 +65,7 @@ phase() {
 phase machine 60 bash -c "nvidia-smi; $PYTHON -c 'import torch; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0), torch.cuda.get_arch_list())'"
 
 # What needs no Horovod first, so that a slow build cannot cost the measurements.
-phase pytest_cuda 120 "$PYTHON" -m pytest -q -rs -m cuda tests/test_cuda.py --junitxml="$out/pytest_cuda.xml"
+phase pytest_cuda 120 "$PYTHON" -m pytest -q -rs -m cuda tests/kfac_hvd/test_cuda.py --junitxml="$out/pytest_cuda.xml"
 phase step_cost 300 "$PYTHON" scripts/bench/step_cost.py --device cuda --ranks 1 --launcher direct \
   --image-size 224 --batch 128 --precisions bf16,fp32 \
   --configs sgd,every,every_wide,every_unbatched,lambda,replay,floor --out "$out/step_cost"
@@ -99,7 +99,7 @@ run_launcher() {   # run_launcher NAME RANKS: the synthetic ResNet-50 config on 
   fi
 }
 if [ "$horovod" = yes ]; then
-  phase pytest_launcher_cuda 90 "$PYTHON" -m pytest -q -rs -m cuda tests/test_launch_device.py
+  phase pytest_launcher_cuda 90 "$PYTHON" -m pytest -q -rs -m cuda tests/launch/dist/test_device.py
   run_launcher launcher_1rank 1
   run_launcher launcher_2ranks 2    # NCCL refuses two ranks on one device: then this phase fails and says so
 fi

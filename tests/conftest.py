@@ -6,7 +6,8 @@ import shutil
 import subprocess
 
 import pytest
-from launch_helpers.common import BIN, FASHION, horovod_problem
+
+from tests.helpers.common import BIN, FASHION, horovod_problem
 
 STRICT = os.environ.get("KFAC_HVD_STRICT") == "1"
 # Open MPI 4.1's mpirun writes the hardware topology into a shared-memory segment at an address it
@@ -81,8 +82,8 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def two_hosts(tmp_path_factory):
-    """Two loopback hosts reachable over ssh (tests/twohosts.py), for the session; stopped at its end."""
-    from twohosts import SshdServer, sshd_problem
+    """Two loopback hosts reachable over ssh (tests/helpers/twohosts.py), for the session; stopped at its end."""
+    from tests.helpers.twohosts import SshdServer, sshd_problem
 
     problem = sshd_problem()
     if problem is not None:

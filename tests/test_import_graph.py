@@ -12,7 +12,7 @@ import ast
 import os
 import shutil
 
-from launch_helpers.common import REPO
+from tests.helpers.common import REPO
 
 PACKAGES = ("kfac_hvd", "launch")
 BENCH = os.path.join("scripts", "bench")

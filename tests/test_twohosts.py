@@ -3,7 +3,8 @@
 import subprocess
 
 import psutil
-from twohosts import HOSTS
+
+from tests.helpers.twohosts import HOSTS
 
 
 def test_both_hosts_answer_over_ssh_with_the_test_key(two_hosts, tmp_path):
