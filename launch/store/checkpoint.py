@@ -40,16 +40,14 @@ import pickle
 import re
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from launch.errors import CheckpointError, StorageError, storage_problem
 from launch.store.atomic import atomic_save, atomic_write, link_last
-from launch.store.rng import rng_state, seed_every_rng, set_rng_state
-
-if TYPE_CHECKING:
-    from kfac_hvd import KFAC
+from launch.store.rng import seed_every_rng
+from launch.store.snapshot import StatePiece, checkpoint_contents, restore_checkpoint
 
 FORMAT = 2  # 2: RNG states as tensors and numbers (loadable with weights_only=True)
 MANIFEST = "checkpoints.json"
@@ -187,40 +185,22 @@ def write_checkpoint(folder: str, ckpt: dict[str, Any], *, keep_last: int, keep_
 def save_checkpoint(
     hvd: Any,
     folder: str,
+    pieces: list[StatePiece],
     *,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    kfac: KFAC | None,
-    epoch: int,
     step: int,
-    batch_in_epoch: int,
     config: dict[str, Any],
     keep_last: int = 2,
     keep_all: bool = False,
-    extra: dict[str, Any] | None = None,
 ) -> str | None:
-    """Collective: every rank contributes its RNG state and buffers; rank 0 writes. Returns the path.
+    """Collective: every rank contributes its own pieces (RNG streams, buffers); rank 0 writes the run's
+    state (``pieces``, :mod:`launch.store.snapshot`) with the config it was run with. Returns the path.
 
     Rank 0's outcome is broadcast, so a write that fails (:class:`StorageError`) stops every rank alike.
     """
-    buffers = {k: v.detach().cpu().clone() for k, v in model.named_buffers()}
-    states = hvd.allgather_object({"rng": rng_state(), "buffers": buffers})
+    contents = checkpoint_contents(pieces, hvd)
     path, problem = None, None
-    if hvd.rank() == 0:
-        ckpt = {
-            "format": FORMAT,
-            "epoch": epoch,
-            "step": step,
-            "batch_in_epoch": batch_in_epoch,
-            "world_size": hvd.size(),
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "kfac": kfac.state_dict() if kfac is not None else None,
-            "rng": [s["rng"] for s in states],
-            "rank_buffers": [s["buffers"] for s in states],
-            "config": config,
-            "extra": extra or {},
-        }
+    if contents is not None:
+        ckpt = {"format": FORMAT, "world_size": hvd.size(), **contents, "config": config}
         try:
             path = write_checkpoint(folder, ckpt, keep_last=keep_last, keep_all=keep_all)
         except OSError as exc:
@@ -415,43 +395,13 @@ def broadcast_bytes(
     return mine if root else buf.numpy().tobytes()
 
 
-def restore(
-    ckpt: dict[str, Any],
-    hvd: Any,
-    *,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    kfac: KFAC | None,
-    seed: int,
-) -> None:
-    """Load model/optimiser/K-FAC state and this rank's RNG state and buffers from a checkpoint.
+def restore(ckpt: dict[str, Any], hvd: Any, pieces: list[StatePiece], *, seed: int) -> None:
+    """Put back the run's state (``pieces``) from a checkpoint, this rank's own RNG streams and buffers
+    when it was written by as many ranks.
 
     Raises ValueError (the same on every rank) when the checkpoint does not fit this run.
     """
-    try:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as exc:
-        raise ValueError(
-            f"its model or optimiser state does not fit this model ({str(exc).splitlines()[0][:200]})"
-        ) from None
-    if kfac is not None:
-        if ckpt.get("kfac") is None:
-            raise ValueError("it was written by an SGD run; it has no K-FAC state")
-        try:
-            kfac.load_state_dict(ckpt["kfac"])
-        except (RuntimeError, ValueError, KeyError) as exc:
-            raise ValueError(f"its K-FAC state does not fit ({str(exc).splitlines()[0][:200]})") from None
-    states = ckpt.get("rng") or []
-    same_world = ckpt.get("world_size") == hvd.size() and len(states) == hvd.size()
-    if same_world:
-        set_rng_state(states[hvd.rank()])
-        buffers = ckpt.get("rank_buffers") or []
-        if len(buffers) == hvd.size():
-            with torch.no_grad():
-                for name, buf in model.named_buffers():
-                    if name in buffers[hvd.rank()]:
-                        buf.copy_(buffers[hvd.rank()][name])
-    else:
+    left = restore_checkpoint(pieces, ckpt, hvd.rank(), hvd.size())
+    if "rng" in left:
         # Another world size: fresh, distinct streams per rank, derived from the step.
         seed_every_rng(seed + 7919 * hvd.rank() + 104729 * int(ckpt.get("step", 0)))

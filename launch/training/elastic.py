@@ -28,7 +28,6 @@ traffic counters stay each rank's own: a rank keeps its counters across resets, 
 
 from __future__ import annotations
 
-import copy
 import os
 import time
 from typing import Any
@@ -40,10 +39,10 @@ from launch.dist.horovod_setup import started_by_mpi
 from launch.dist.world import check_world
 from launch.errors import EXIT_ABORTED, EXIT_INPUT, RunStop
 from launch.record.console import log0
-from launch.store.rng import rng_state, set_rng_state
+from launch.store.snapshot import StatePiece, commit, restore_commit, synchronise
 from launch.training.data import ShardSampler, steps_per_epoch
 from launch.training.loop import EpochTally, end_epoch, run_step, start
-from launch.training.run_state import Run, RunState
+from launch.training.run_state import Run, RunState, state_pieces
 
 
 def check_elastic(cfg) -> None:
@@ -126,16 +125,6 @@ def rewind_metrics(out, step: int) -> None:
     out.metrics = open(out.metrics_path, "a", encoding="utf-8")
 
 
-def snapshot(model: torch.nn.Module, optimizer: torch.optim.Optimizer, kfac: Any) -> dict[str, Any]:
-    """The bulk of a commit: copies of the model's and the optimiser's state (on their device, as
-    Horovod's TorchState keeps them) and K-FAC's state (in host memory: factors, inverses, schedule)."""
-    return {
-        "model": copy.deepcopy(model.state_dict()),
-        "optimizer": copy.deepcopy(optimizer.state_dict()),
-        "kfac": kfac.state_dict() if kfac is not None else None,
-    }
-
-
 class ElasticState:
     """Horovod's elastic state of a launcher run: what is committed, restored and synchronised."""
 
@@ -173,38 +162,50 @@ class ElasticState:
         self.tally = self.fresh_tally()
         self._horovod.commit()
 
+    def pieces(self) -> list[StatePiece]:
+        """The run's state (:func:`state_pieces`) and what only a commit holds: the progress as a whole,
+        the sampler's position, the epoch's committed sums, whether the run has started, and the launch's
+        steps per epoch (the learning rate's clock)."""
+        run = self.run
+
+        def put_progress(value: RunState) -> None:
+            self.progress = value
+
+        def put_sums(value: torch.Tensor) -> None:
+            self.epoch_sums = value.clone()
+
+        def put_started(value: bool) -> None:
+            self.started = value
+
+        def put_steps_per_epoch(value: int) -> None:
+            run.steps_per_epoch = value
+
+        return [
+            *state_pieces(run, self.progress),
+            StatePiece("progress", lambda: self.progress, put_progress, None),
+            StatePiece(
+                "sampler",
+                lambda: run.sampler.state_dict(),
+                lambda v: run.sampler.load_state_dict(v),
+                None,
+                elastic="world",
+            ),
+            StatePiece("epoch_sums", lambda: self.epoch_sums, put_sums, None),
+            StatePiece("started", lambda: self.started, put_started, None),
+            StatePiece("steps_per_epoch", lambda: run.steps_per_epoch, put_steps_per_epoch, None),
+        ]
+
     def save(self) -> None:
-        t = self.run.trainer
-        # This rank's RNG streams too (augmentation, mixup): the steps taken again draw what they drew.
-        self._saved = {**snapshot(t.model, t.optimizer, t.kfac), **self._shared(), "rng": rng_state()}
-
-    def _shared(self) -> dict[str, Any]:
-        """What rank 0 hands a new rank besides the model and the optimiser (plain data)."""
-        return {
-            "progress": copy.deepcopy(self.progress),
-            "sampler": self.run.sampler.state_dict(),
-            "epoch_sums": self.epoch_sums.clone(),
-            "scaler": self.run.trainer.precision.state_dict(),
-            "started": self.started,
-            "steps_per_epoch": self.run.steps_per_epoch,
-        }
-
-    def _adopt(self, shared: dict[str, Any]) -> None:
-        self.progress = copy.deepcopy(shared["progress"])
-        self.epoch_sums = shared["epoch_sums"].clone()
-        self.run.trainer.precision.load_state_dict(shared["scaler"])
-        self.started = shared["started"]
-        self.run.steps_per_epoch = shared["steps_per_epoch"]  # the learning rate's clock: the launch's
-        self.tally = self.fresh_tally()
+        # Every committed piece, this rank's RNG streams too (augmentation, mixup): the steps taken again
+        # draw what they drew.
+        self._saved = commit(self.pieces())
 
     def restore(self) -> None:
-        """A peer was lost inside a collective: back to the last commit (K-FAC is rebuilt in reset)."""
-        t = self.run.trainer
+        """A peer was lost inside a collective: back to the last commit (K-FAC and the sampler in reset)."""
         lost_step = self.progress.step
-        t.model.load_state_dict(self._saved["model"])
-        t.optimizer.load_state_dict(self._saved["optimizer"])  # also forgets the step's pending allreduces
-        self._adopt(self._saved)
-        set_rng_state(self._saved["rng"])
+        # The optimiser's state put back also forgets the step's pending allreduces.
+        restore_commit(self.pieces(), self._saved, world=False)
+        self.tally = self.fresh_tally()
         self.run.timer.take()
         if self.run.out is not None:
             rewind_metrics(self.run.out, self.progress.step)
@@ -212,9 +213,9 @@ class ElasticState:
 
     def reset(self) -> None:
         """After Horovod's re-initialisation, before sync: K-FAC and the sampler for the new world."""
-        rebuild_kfac(self.run, self._saved.get("kfac"))
+        rebuild_kfac(self.run, None)
+        restore_commit(self.pieces(), self._saved, world=True)
         reshard_val_loader(self.run, self.hvd.rank(), self.hvd.size())
-        self.run.sampler.load_state_dict(self._saved["sampler"])
         if not self.events or "world_size" in self.events[-1]:
             self.events.append({"event": "hosts_updated"})
         self.events[-1].update(world_size=self.hvd.size(), previous_world_size=self._world)
@@ -222,22 +223,10 @@ class ElasticState:
 
     def sync(self) -> None:
         """Collective: rank 0's state to every rank (a new rank starts from here); then committed."""
-        hvd, t = self.hvd, self.run.trainer
         beat(self.run, "the elastic state's broadcast")
-        # The optimiser first: Horovod initialises an empty optimiser state with a step on zero gradients,
-        # which weight decay would turn into a change of the weights; the weights come after it.
-        hvd.broadcast_optimizer_state(t.optimizer, root_rank=0)
-        hvd.broadcast_parameters(t.model.state_dict(), root_rank=0)
-        own_traffic = t.kfac.traffic.state_dict() if t.kfac is not None else None
-        mine = None
-        if hvd.rank() == 0:
-            mine = {**self._shared(), "kfac": t.kfac.state_dict() if t.kfac is not None else None}
-        shared = hvd.broadcast_object(mine, root_rank=0, name="elastic.state")
-        self._adopt(shared)
-        self.run.sampler.load_state_dict(shared["sampler"])
-        if t.kfac is not None:
-            t.kfac.load_state_dict({**shared["kfac"], "traffic": own_traffic})  # traffic stays per rank
-        self._world = hvd.size()
+        synchronise(self.pieces(), self.hvd, "elastic.state")
+        self.tally = self.fresh_tally()
+        self._world = self.hvd.size()
         self.save()
 
 

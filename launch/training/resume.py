@@ -9,7 +9,7 @@ from launch.record.console import log0
 from launch.record.writer import evaluations_after_checkpoint
 from launch.store import checkpoint as ckpt_mod
 from launch.store.run_folder import resume_changes
-from launch.training.run_state import Run, RunState
+from launch.training.run_state import Run, RunState, state_pieces
 
 
 def resume_or_start(run: Run, candidates: list[str]) -> RunState:
@@ -31,22 +31,18 @@ def resume_or_start(run: Run, candidates: list[str]) -> RunState:
         )
         check_resume_config(run, path, saved)
         run.watchdog.beat(f"restoring the checkpoint {path}")
-        ckpt_mod.restore(saved, hvd, model=t.model, optimizer=t.optimizer, kfac=t.kfac, seed=cfg.train.seed)
+        ckpt_mod.restore(saved, hvd, state_pieces(run, state), seed=cfg.train.seed)
     except ckpt_mod.CheckpointError as exc:
         raise cfg.error("checkpoint.resume", str(exc)) from None
     except ValueError as exc:
         raise cfg.error("checkpoint.resume", f"{path} does not fit this run: {exc}") from None
-    extra = saved.get("extra", {})
-    t.precision.load_state_dict(extra.get("grad_scaler"))
-    state.step, state.epoch, state.skip_batches = saved["step"], saved["epoch"], saved["batch_in_epoch"]
     if state.skip_batches >= run.steps_per_epoch:
         state.epoch, state.skip_batches = state.epoch + 1, 0
-    state.history = list(extra.get("history", []))
     if hvd.rank() == 0:
         state.history += evaluations_after_checkpoint(cfg.run_dir, state.step, state.history)
     # Rank 0's history decides for every rank whether the checkpoint's evaluation still has to run.
-    pending = extra.get("pending_eval")
-    owed = bool(pending) and not any(h.get("step") == pending.get("step") for h in state.history)
+    pending = state.pending_eval
+    owed = pending is not None and not any(h.get("step") == pending.get("step") for h in state.history)
     state.pending_eval = pending if hvd.broadcast_object(owed, root_rank=0, name="ckpt.eval_owed") else None
     state.resume_path, state.last_saved_step = path, state.step
     log0(hvd, f"resumed from {path}: step {state.step}, epoch {state.epoch}, batch {state.skip_batches}")
@@ -80,24 +76,15 @@ def save(run: Run, state: RunState, batch_in_epoch: int, pending_eval: dict[str,
     run.watchdog.beat(f"the checkpoint of step {state.step}")
     if run.out is not None:
         run.out.flush()  # the metrics up to this step are on disk before the checkpoint
-    cfg, t = run.cfg, run.trainer
+    cfg = run.cfg
     ckpt_mod.save_checkpoint(
         run.hvd,
         cfg.checkpoint_dir,
-        model=t.model,
-        optimizer=t.optimizer,
-        kfac=t.kfac,
-        epoch=state.epoch,
+        state_pieces(run, state, batch_in_epoch=batch_in_epoch, pending_eval=pending_eval),
         step=state.step,
-        batch_in_epoch=batch_in_epoch,
         config=cfg.to_dict(),
         keep_last=cfg.checkpoint.keep_last,
         keep_all=cfg.checkpoint.keep_all,
-        extra={
-            "history": state.history,
-            "grad_scaler": t.precision.state_dict(),
-            "pending_eval": pending_eval,
-        },
     )
     state.last_saved_step = state.step
     run.watchdog.beat(f"the checkpoint of step {state.step}")

@@ -11,6 +11,7 @@ from kfac_hvd import KFAC
 from launch.config.load import Config
 from launch.record.progress import Progress
 from launch.record.writer import RunOutputs
+from launch.store.snapshot import StatePiece, training_pieces
 from launch.training.guards import Watchdog
 from launch.training.step import Trainer
 from launch.training.step_timer import StepTimer
@@ -59,3 +60,46 @@ class RunState:
     overflow_steps: list[int] = field(default_factory=list)
     bad_in_a_row: int = 0
     done: bool = False
+
+
+def state_pieces(
+    run: Run, state: RunState, *, batch_in_epoch: int = 0, pending_eval: dict[str, Any] | None = None
+) -> list[StatePiece]:
+    """The one list of a run's state (:mod:`launch.store.snapshot`): what a checkpoint writes and a resume
+    puts back. ``batch_in_epoch`` and ``pending_eval`` are the moment a checkpoint is written at (the
+    step's place in its epoch, the evaluation still owed); a resume puts them into ``skip_batches`` and
+    ``pending_eval``. An elastic run adds the pieces that only its commits hold
+    (:func:`launch.training.elastic.ElasticState.pieces`)."""
+    t = run.trainer
+
+    def put(field_name: str, convert: Any = None) -> Any:
+        def setter(value: Any) -> None:
+            setattr(state, field_name, convert(value) if convert else value)
+
+        return setter
+
+    return [
+        *training_pieces(t.model, t.optimizer, lambda: t.kfac, run.hvd),
+        StatePiece(
+            "loss_scaler", t.precision.state_dict, t.precision.load_state_dict, ("extra", "grad_scaler")
+        ),
+        StatePiece("step", lambda: state.step, put("step"), ("step",), elastic="none"),
+        StatePiece("epoch", lambda: state.epoch, put("epoch"), ("epoch",), elastic="none"),
+        StatePiece(
+            "batch_in_epoch", lambda: batch_in_epoch, put("skip_batches"), ("batch_in_epoch",), elastic="none"
+        ),
+        StatePiece(
+            "history",
+            lambda: state.history,
+            put("history", lambda v: list(v or [])),
+            ("extra", "history"),
+            elastic="none",
+        ),
+        StatePiece(
+            "pending_eval",
+            lambda: pending_eval,
+            put("pending_eval"),
+            ("extra", "pending_eval"),
+            elastic="none",
+        ),
+    ]

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from launch.store import checkpoint as ck
+from launch.store.snapshot import training_pieces
 from tests.helpers.common import horovod_ready, read_jsonl
 from tests.helpers.jobs import job, tiny, train_cmd
 
@@ -172,17 +173,13 @@ def test_checkpoint_of_another_model_is_refused_with_a_reason():
         ck.restore(
             state,
             OneRank(),
-            model=big,
-            optimizer=torch.optim.SGD(big.parameters(), lr=0.1),
-            kfac=None,
+            training_pieces(big, torch.optim.SGD(big.parameters(), lr=0.1), lambda: None),
             seed=0,
         )
     with pytest.raises(ValueError, match="SGD run"):
         ck.restore(
             state,
             OneRank(),
-            model=small,
-            optimizer=torch.optim.SGD(small.parameters(), lr=0.1),
-            kfac=object(),
+            training_pieces(small, torch.optim.SGD(small.parameters(), lr=0.1), lambda: object()),
             seed=0,
         )
