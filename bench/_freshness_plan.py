@@ -29,7 +29,6 @@ BASE = [
     "log.progress=false",
     "train.threads=1",
 ]
-DIVERGED_EXIT = 4  # launch.train's exit code for a run that stopped on non-finite losses
 COLLAPSED_TOP1 = 0.20  # a finished run below this top-1 has collapsed
 DECISION_SPREAD = 0.02  # seed-0 top-1 range (over the K-FAC schedules) that calls for more seeds
 NICE = 10

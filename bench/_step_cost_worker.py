@@ -15,13 +15,11 @@ import contextlib
 import gc
 import json
 import os
-import sys
 import time
 import warnings
 from typing import Any
 
-from _step_cost_backends import make_backend
-
+from bench._step_cost_backends import make_backend
 from kfac_hvd.diagnostics import HostSyncCounter
 from kfac_hvd.layers import sample_chunks
 
@@ -74,11 +72,11 @@ def make_batches(args, rank: int, device, count: int):
     return batches
 
 
-def import_kfac_pytorch(path: str):
-    """gpauloski/kfac-pytorch from a checkout (not installed: its __init__ asks for its own version)."""
+def import_kfac_pytorch():
+    """gpauloski/kfac-pytorch from the checkout the benchmark put on PYTHONPATH (not installed: its
+    __init__ asks for its own version)."""
     import importlib.metadata as metadata
 
-    sys.path.insert(0, os.path.abspath(path))
     original = metadata.version
     metadata.version = lambda name: (
         "0+checkout" if name in ("kfac-pytorch", "kfac_pytorch") else original(name)
@@ -94,7 +92,7 @@ def import_kfac_pytorch(path: str):
 
 def build_theirs(name: str, model, args):
     """kfac-pytorch's KFACPreconditioner: every step, or its ImageNet example's 10/100 schedule."""
-    kfac = import_kfac_pytorch(args.kfac_pytorch)
+    kfac = import_kfac_pytorch()
     factor_steps, inverse_steps = (10, 100) if name == "kfacpt_example" else (1, 1)
     method = "eigen" if name.endswith("eigen") else "inverse"
     return kfac.preconditioner.KFACPreconditioner(
@@ -110,16 +108,12 @@ def build_theirs(name: str, model, args):
 
 
 def _library_defaults() -> dict[str, Any]:
-    """Every option of the measured library with its default: KFACOptions' fields, or for a revision from
-    before it, KFAC's keyword arguments."""
+    """Every option of the measured library (KFACOptions' fields) with its default."""
     import dataclasses
-    import inspect
 
     import kfac_hvd
 
-    if hasattr(kfac_hvd, "KFACOptions"):
-        return {f.name: f.default for f in dataclasses.fields(kfac_hvd.KFACOptions)}
-    return {k: p.default for k, p in inspect.signature(kfac_hvd.KFAC).parameters.items()}
+    return {f.name: f.default for f in dataclasses.fields(kfac_hvd.KFACOptions)}
 
 
 def unsupported_options(name: str) -> list[str]:
@@ -144,13 +138,7 @@ def variant_options(name: str) -> dict[str, Any]:
 def replay_pattern(kfac, path: str, steps: int) -> list[set]:
     """The due layers of each of the last ``steps`` steps of a recorded run (a metrics.jsonl), each of this
     model's layers taking the due flags of the recorded layer of its type at the same relative depth."""
-    try:
-        from kfac_hvd.analysis.replay import load_trace, map_layers, trace_kinds
-    except ImportError:  # a --library-rev from before kfac_hvd.analysis: the replay from its commodel
-        from kfac_hvd.commodel import load_trace, map_layers
-
-        def trace_kinds(record):
-            return {n: "batchnorm" if "diff_F" in e else "kronecker" for n, e in record["layers"].items()}
+    from kfac_hvd.analysis.replay import load_trace, map_layers, trace_kinds
 
     records = load_trace(path)[-steps:]
     kinds = {

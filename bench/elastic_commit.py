@@ -2,7 +2,7 @@
 """The cost of one elastic commit (``train.elastic``) as a ratio to a training step, in one process.
 
 A commit copies the model's and the optimiser's state and K-FAC's state (factors, inverses, schedule:
-``launch.training.elastic.snapshot``), then runs two tiny collectives (an allreduce of three numbers and the
+``launch.store.snapshot.commit`` of the training pieces), then runs two tiny collectives (an allreduce of three numbers and the
 host-change broadcast), which one process cannot measure and which are not included. Measured in turns,
 so that the machine's load hits both alike: a K-FAC training step (forward, backward, ``kfac.step``,
 SGD with momentum) and a snapshot. Two kinds of step:
@@ -15,29 +15,26 @@ Models: the small ResNet of the Fashion-MNIST configs (28 px, batch 64) and torc
 (its layer shapes, so its factors, at 64 px and batch 8 to keep a CPU step short; the factors' sizes do
 not depend on the image size). Every layer is inverted in this one process, as on one rank.
 
-    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python scripts/bench/elastic_commit.py --threads 1
+    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python -m bench.elastic_commit --threads 1
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-
 import torch
 import torchvision
-from _common import command_line, git_revision, machine_info
 from torch import nn
 
 import kfac_hvd
-from launch.training.elastic import snapshot
+from bench._common import command_line, git_revision, machine_info
+from launch.store.snapshot import commit, training_pieces
 
 
 def small_resnet() -> nn.Module:
@@ -92,7 +89,7 @@ def measure(name: str, repeats: int) -> dict[str, Any]:
             step()
             steps.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            saved = snapshot(model, optimizer, kfac)
+            saved = commit(training_pieces(model, optimizer, lambda kfac=kfac: kfac))
             commits.append(time.perf_counter() - t0)
         out[f"{kind}_step_s"] = statistics.median(steps)
         out[f"commit_s_{kind}"] = statistics.median(commits)

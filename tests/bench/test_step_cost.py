@@ -10,16 +10,12 @@ import sys
 import pytest
 import torch
 
+from bench import _step_cost_limits as limits
+from bench import _step_cost_worker as worker
+from bench import step_cost
+from bench._step_cost_backends import LocalBackend
+from bench._step_cost_report import summarise
 from tests.helpers.common import REPO
-
-BENCH = os.path.join(REPO, "scripts", "bench")
-sys.path.insert(0, BENCH)
-
-import _step_cost_limits as limits  # noqa: E402
-import _step_cost_worker as worker  # noqa: E402
-import step_cost  # noqa: E402
-from _step_cost_backends import LocalBackend  # noqa: E402
-from _step_cost_report import summarise  # noqa: E402
 
 # The tiny model's K-FAC layers, in order: conv (kronecker), bn, conv, bn, fc.
 KINDS = ["kronecker", "batchnorm", "kronecker", "batchnorm", "kronecker"]

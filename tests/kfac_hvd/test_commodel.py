@@ -337,9 +337,12 @@ def test_due_fraction_and_schedule_rows():
 
 
 # CLI ---------------------------------------------------------------------------------------------
-def run_cli(*args, module="kfac_hvd.analysis.commodel"):
+def run_cli(*args):
     return subprocess.run(
-        [sys.executable, "-m", module, *args], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "kfac_hvd.analysis.commodel", *args],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
 
 
@@ -365,7 +368,7 @@ def test_cli_traffic_time_and_trace(tmp_path):
     assert result["time"]["assumptions"]["network"]["node_bandwidth"] == 25e9
     text = markdown.read_text()
     assert "A model, not a measurement" in text and "--time" in text and "| SGD |" in text
-    plain = run_cli("--local-inverse-max-dim", "0", module="kfac_hvd.commodel")  # the old name
+    plain = run_cli("--local-inverse-max-dim", "0")
     assert "3.0 TB" in plain and "the other 54 layers" in plain and "(53 layers)" in plain
     # λ is checked as a training run checks it: one line naming the option, exit 2
     bad = subprocess.run(
