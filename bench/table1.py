@@ -2,6 +2,9 @@
 
     .venv/bin/python -m bench.table1                 # all runs (about an hour on 2 cores)
     .venv/bin/python -m bench.table1 --report-only   # tables and plots from finished runs
+    .venv/bin/python -m bench.table1 --batchnorm-fisher full --runs-dir runs/table1_full \
+        --out docs/results/table1_bn/full --only kfac_every_step lambda0.2 lambda0.25 lambda0.3
+                                                             # the same with 2Cx2C BatchNorm blocks
 
 Runs (identical hyperparameters, configs/fashion_mnist/base.yaml plus the overrides below, each seed):
 SGD; K-FAC every step; K-FAC λ = 0.2, 0.25, 0.3 (modulo, the paper's rule); λ = 0.25 since_last; and
@@ -42,6 +45,18 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", default="docs/results/table1")
     parser.add_argument("--target", type=float, default=0.80, help="top-1 for the epochs-to-target plot")
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument(
+        "--batchnorm-fisher",
+        choices=["unit_wise", "full"],
+        default="unit_wise",
+        help="BatchNorm's Fisher blocks in every K-FAC run (kfac.batchnorm_fisher)",
+    )
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        metavar="RUN",
+        help="run (and report) only these runs, by name: sgd, kfac_every_step, lambda0.2, ... fixed_every2",
+    )
     return parser.parse_args()
 
 
@@ -119,6 +134,10 @@ def main() -> int:
         (name, label, ["optim.method=kfac", f"kfac.update_threshold={lam}", f"kfac.interval_policy={policy}"])
         for name, label, lam, policy in ADAPTIVE
     ]
+    bn = [f"kfac.batchnorm_fisher={args.batchnorm_fisher}"]
+    plan = [(name, label, overrides + (bn if name != "sgd" else [])) for name, label, overrides in plan]
+    if args.only:
+        plan = [entry for entry in plan if entry[0] in args.only]
     runs = {}
     for name, label, overrides in plan:
         for seed in args.seeds:
@@ -139,6 +158,8 @@ def main() -> int:
                 fixed.append(k)
     for k in fixed:
         name = f"fixed_every{k}"
+        if args.only and name not in args.only:
+            continue
         for seed in args.seeds:
             if args.report_only and not (ROOT / args.runs_dir / f"{name}_s{seed}" / "summary.json").exists():
                 continue
@@ -147,7 +168,7 @@ def main() -> int:
                 run_one(
                     args,
                     name,
-                    ["optim.method=kfac", "kfac.update_threshold=null", f"kfac.update_interval={k}"],
+                    ["optim.method=kfac", "kfac.update_threshold=null", f"kfac.update_interval={k}", *bn],
                     seed,
                 ),
             )
