@@ -48,6 +48,7 @@ def make_plan(cfg) -> dict[str, Any]:
         "method": cfg.optim.method,
         "world_size": world,
         "batch_per_rank": d.batch_size,
+        "micro_batches": cfg.train.accumulation_steps,
         "global_batch": d.batch_size * world,
         "dataset": d.dataset,
         "train_images": n_train,
@@ -58,7 +59,7 @@ def make_plan(cfg) -> dict[str, Any]:
         "warnings": warnings,
     }
     if cfg.optim.method == "kfac":
-        kfac = kfac_hvd.KFAC(model, options=cfg.kfac.options(spe))
+        kfac = kfac_hvd.KFAC(model, options=cfg.kfac_options(spe))
         names = list(kfac.layer_names)
         modules = dict(model.named_modules())
         kinds: dict[str, int] = {}
@@ -109,7 +110,16 @@ def format_plan(plan: dict[str, Any]) -> str:
     row("model", f"{plan['model']} ({plan['parameters']:,} parameters)")
     row("method", plan["method"])
     row("ranks", plan["world_size"])
-    row("batch", f"{plan['batch_per_rank']} per rank, {plan['global_batch']} global")
+    micro = plan["micro_batches"]
+    row(
+        "batch",
+        f"{plan['batch_per_rank']} per rank, {plan['global_batch']} global"
+        + (
+            f"; {micro} micro-batches of {plan['batch_per_rank'] // micro} per rank a step"
+            if micro > 1
+            else ""
+        ),
+    )
     row("data", f"{plan['dataset']}, {plan['train_images']} training images")
     row(
         "steps",

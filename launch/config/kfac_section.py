@@ -24,7 +24,7 @@ from launch.config.section import Number, Section, TextList
 MIB = 2**20
 
 # Options the launcher does not offer: its training step is one forward/backward pass.
-NOT_OFFERED = ("accumulation_steps",)
+NOT_OFFERED = ("accumulation_steps",)  # set by train.accumulation_steps
 
 
 @dataclass(frozen=True)
@@ -86,11 +86,12 @@ class KfacSectionBase(Section):
 
         def __getattr__(self, name: str) -> Any: ...
 
-    def options(self, steps_per_epoch: int = 1) -> KFACOptions:
+    def options(self, steps_per_epoch: int = 1, accumulation_steps: int = 1) -> KFACOptions:
         """The library's options for this section (checked by the library once more), the keys in
         epochs counted in steps of ``steps_per_epoch`` (left at 1 to check a config before its data is
-        read)."""
+        read); ``accumulation_steps`` is the launcher's train.accumulation_steps (micro-batches a step)."""
         values = {key.option: key.to_option(getattr(self, name)) for name, key in KEYS.items()}
+        values["accumulation_steps"] = accumulation_steps
         for key in KEYS.values():
             if key.in_epochs:
                 epochs = values[key.option]

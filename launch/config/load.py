@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError
 
+from kfac_hvd import KFACOptions
 from launch.config.kfac_section import config_key
 from launch.config.schema import (
     FASHION_FILES,
@@ -50,6 +51,10 @@ class Config(Sections):
 
     def error(self, key: str, message: str) -> ConfigError:
         return ConfigError(self.source(key), key, message)
+
+    def kfac_options(self, steps_per_epoch: int = 1) -> KFACOptions:
+        """The library's options: the kfac section, with the launcher's micro-batches per step."""
+        return self.kfac.options(steps_per_epoch, self.train.accumulation_steps)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return self.model_dump()
@@ -230,8 +235,14 @@ def check_consistency(cfg: Config) -> None:
             "applies to a fixed interval only (kfac.update_threshold: "
             "null); the adaptive interval starts at 1 by itself",
         )
+    if d.batch_size % cfg.train.accumulation_steps:
+        raise cfg.error(
+            "train.accumulation_steps",
+            f"must divide data.batch_size ({d.batch_size} images per rank and step), "
+            f"got {cfg.train.accumulation_steps}",
+        )
     try:
-        cfg.kfac.options()  # the library judges its options once more (combinations included)
+        cfg.kfac_options()  # the library judges its options once more (combinations included)
     except (TypeError, ValueError) as exc:
         option, _, problem = str(exc).partition(" ")
         raise cfg.error(config_key(option.rstrip(":")), problem) from None

@@ -28,6 +28,11 @@ class ModelSection(Section):
         default=[1, 1, 1], description="small_resnet: basic blocks per stage (stage i has width*2^i channels)"
     )
     zero_init_residual: bool = Field(default=False, description="zero-initialise the last BN of each block")
+    batchnorm: bool = Field(
+        default=True,
+        description="small_resnet: false leaves BatchNorm out (a step's gradients then do not depend on "
+        "its micro-batches: train.accumulation_steps)",
+    )
 
 
 class DataSection(Section):
@@ -103,6 +108,13 @@ class TrainSection(Section):
     epochs: int = Field(default=1, ge=1, description="training epochs")
     max_steps: int | None = Field(
         default=None, ge=1, description="stop after this many steps in total (tests, quick runs)"
+    )
+    accumulation_steps: int = Field(
+        default=1,
+        ge=1,
+        description="micro-batches per step: each rank's data.batch_size images go through forward and "
+        "backward in this many equal parts (BatchNorm sees one part), gradients and K-FAC factors are "
+        "averaged over the step and allreduced once; must divide data.batch_size",
     )
     world_size: int | None = Field(
         default=None,

@@ -108,7 +108,7 @@ def rebuild_kfac(run: Run, state: dict[str, Any] | None) -> None:
         return
     trainer.kfac.remove_hooks()
     # The warm-up's length comes with the state (rank 0's): counted in the launch's steps per epoch.
-    trainer.kfac = kfac_hvd.KFAC(trainer.model, options=run.cfg.kfac.options(run.steps_per_epoch))
+    trainer.kfac = kfac_hvd.KFAC(trainer.model, options=run.cfg.kfac_options(run.steps_per_epoch))
     if state is not None:
         trainer.kfac.load_state_dict(state)
 

@@ -12,17 +12,25 @@ if TYPE_CHECKING:
     from launch.config.load import Config
 
 
+def norm(channels: int, batchnorm: bool) -> nn.Module:
+    """BatchNorm, or nothing: without it a step's gradients do not depend on how its images are split
+    into micro-batches (train.accumulation_steps), which is what a test of accumulation needs."""
+    return nn.BatchNorm2d(channels) if batchnorm else nn.Identity()
+
+
 class BasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int):
+    def __init__(self, cin: int, cout: int, stride: int, batchnorm: bool = True):
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
+        self.bn1 = norm(cout, batchnorm)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
+        self.bn2 = norm(cout, batchnorm)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = None
         if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            self.downsample = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), norm(cout, batchnorm)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
@@ -42,16 +50,17 @@ class SmallResNet(nn.Module):
         width: int = 16,
         blocks: Sequence[int] = (1, 1, 1),
         zero_init_residual: bool = False,
+        batchnorm: bool = True,
     ):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
+        self.bn1 = norm(width, batchnorm)
         self.relu = nn.ReLU(inplace=True)
         stages, cin = [], width
         for i, n in enumerate(blocks):
             cout = width * (2**i)
-            layers = [BasicBlock(cin, cout, 1 if i == 0 else 2)]
-            layers += [BasicBlock(cout, cout, 1) for _ in range(n - 1)]
+            layers = [BasicBlock(cin, cout, 1 if i == 0 else 2, batchnorm)]
+            layers += [BasicBlock(cout, cout, 1, batchnorm) for _ in range(n - 1)]
             stages.append(nn.Sequential(*layers))
             cin = cout
         self.stages = nn.Sequential(*stages)
@@ -60,7 +69,7 @@ class SmallResNet(nn.Module):
         for mod in self.modules():
             if isinstance(mod, nn.Conv2d):
                 nn.init.kaiming_normal_(mod.weight, mode="fan_out", nonlinearity="relu")
-        if zero_init_residual:
+        if zero_init_residual and batchnorm:
             for mod in self.modules():
                 if isinstance(mod, BasicBlock):
                     nn.init.zeros_(mod.bn2.weight)
@@ -80,7 +89,7 @@ def build_model(cfg: Config) -> nn.Module:
             weights=None, num_classes=m.num_classes, zero_init_residual=m.zero_init_residual
         )
     in_channels = 1 if cfg.data.dataset == "fashion_mnist" else 3
-    return SmallResNet(in_channels, m.num_classes, m.width, m.blocks, m.zero_init_residual)
+    return SmallResNet(in_channels, m.num_classes, m.width, m.blocks, m.zero_init_residual, m.batchnorm)
 
 
 def input_shape(cfg: Config) -> tuple[int, int, int]:

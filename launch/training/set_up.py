@@ -38,7 +38,12 @@ def build_optimizer(cfg: Config, model: nn.Module, hvd: Any) -> torch.optim.Opti
         model.parameters(), lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay
     )
     compression = hvd.Compression.fp16 if cfg.horovod.fp16_allreduce else hvd.Compression.none
-    return hvd.DistributedOptimizer(base, named_parameters=model.named_parameters(), compression=compression)
+    return hvd.DistributedOptimizer(
+        base,
+        named_parameters=model.named_parameters(),
+        compression=compression,
+        backward_passes_per_step=cfg.train.accumulation_steps,  # one allreduce per step
+    )
 
 
 def set_up(cfg: Config) -> Run:
@@ -114,7 +119,7 @@ def build_trainer(
     optimizer = build_optimizer(cfg, model, hvd)
     kfac = None
     if cfg.optim.method == "kfac":
-        kfac = kfac_hvd.KFAC(model, options=cfg.kfac.options(steps_per_epoch))
+        kfac = kfac_hvd.KFAC(model, options=cfg.kfac_options(steps_per_epoch))
     return Trainer(
         hvd=hvd,
         model=model,
@@ -129,4 +134,5 @@ def build_trainer(
         dataset=dataset,
         mixup_alpha=cfg.data.mixup_alpha,
         momentum_correction=cfg.optim.momentum_correction,
+        accumulation_steps=cfg.train.accumulation_steps,
     )

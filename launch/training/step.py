@@ -53,6 +53,7 @@ class Trainer:
     dataset: Any  # the training set (to name unreadable images)
     mixup_alpha: float
     momentum_correction: bool
+    accumulation_steps: int = 1  # micro-batches a step (train.accumulation_steps)
 
 
 @dataclass
@@ -89,6 +90,26 @@ def forward_loss(t: Trainer, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Te
             output = t.model(x)
             loss = t.criterion(output, y)
     return output, loss
+
+
+def forward_backward(
+    t: Trainer, x: torch.Tensor, y: torch.Tensor, step: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward and backward over the step's micro-batches (train.accumulation_steps of them): each
+    micro-batch's mean loss weighted by its share of the step's images, so that the gradients and K-FAC's
+    factors are those of the mean loss over the whole step. Horovod's optimiser allreduces once, after the
+    last backward pass (``backward_passes_per_step``). Returns the step's (mean loss, correct count) on the
+    device: no host read."""
+    total, correct = None, None
+    for xs, ys in zip(x.chunk(t.accumulation_steps), y.chunk(t.accumulation_steps)):
+        output, loss = forward_loss(t, xs, ys)
+        weighted = loss * (ys.numel() / y.numel())
+        t.precision.backward(t.faults.overflow(step, weighted))
+        hits = (output.argmax(1) == ys).sum()
+        total = weighted.detach() if total is None else total + weighted.detach()
+        correct = hits if correct is None else correct + hits
+    assert total is not None and correct is not None  # a batch has at least one image
+    return total, correct
 
 
 def nonfinite_flag(tensors: list[torch.Tensor | None], like: torch.Tensor) -> torch.Tensor:
@@ -138,11 +159,9 @@ def train_step(t: Trainer, x: torch.Tensor, y_host: torch.Tensor, step: int, lr:
     set_lr(t.optimizer, lr, t.momentum_correction)
     t.optimizer.zero_grad()
     t.buffers.save()
-    output, loss = forward_loss(t, x, y)
-    t.precision.backward(t.faults.overflow(step, loss))
+    loss, correct = forward_backward(t, x, y, step)
     t.optimizer.synchronize()  # gradients averaged over ranks
     t.precision.unscale_(t.optimizer)
-    correct = (output.argmax(1) == y).sum()
     bad_loss, bad_grad, unreadable_total, loss_value, correct_value = exchange_status(
         t, loss, correct, unreadable
     )
