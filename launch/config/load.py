@@ -235,6 +235,12 @@ def check_consistency(cfg: Config) -> None:
             "applies to a fixed interval only (kfac.update_threshold: "
             "null); the adaptive interval starts at 1 by itself",
         )
+    low, high = (d.random_erasing_area + [0.0, 0.0])[:2]
+    if len(d.random_erasing_area) != 2 or low > high:
+        raise cfg.error(
+            "data.random_erasing_area",
+            f"must be [lowest, highest] with lowest <= highest, got {d.random_erasing_area}",
+        )
     if d.batch_size % cfg.train.accumulation_steps:
         raise cfg.error(
             "train.accumulation_steps",

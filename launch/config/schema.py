@@ -65,8 +65,28 @@ class DataSection(Section):
     synthetic_size: int = Field(default=4096, ge=1, description="synthetic: training images")
     synthetic_val_size: int = Field(default=512, ge=1, description="synthetic: evaluation images")
     mixup_alpha: Number = Field(default=0.0, ge=0, description="mixup Beta(a, a); 0 disables")
+    mixup_mode: Literal["batch", "running"] = Field(
+        default="batch",
+        description="batch: one lambda a (micro-)batch, partner a permutation of it; running: the released "
+        "recipe's running mixup, a lambda per sample, max(lambda, 1 - lambda), partner the previous mixed "
+        "micro-batch (not checkpointed: a resumed run starts without one)",
+    )
     random_erasing: Number = Field(
         default=0.0, ge=0, le=1, description="probability of random erasing (training); 0 disables"
+    )
+    random_erasing_area: Annotated[
+        list[Annotated[float, Field(gt=0, le=1)]], BeforeValidator(one_or_many)
+    ] = Field(default=[0.02, 0.33], description="random erasing: [lowest, highest] share of the image erased")
+    random_erasing_order: Literal["before_mixup", "after_mixup"] = Field(
+        default="before_mixup",
+        description="before_mixup: each image as it is loaded (torchvision's RandomErasing); after_mixup: "
+        "on the mixed batch on the device, aspect 0.3-1, as the released recipe does",
+    )
+    train_crop: Literal["random_resized", "random"] = Field(
+        default="random_resized",
+        description="ImageNet training crop: random_resized: RandomResizedCrop(0.08-1) + flip; random: the "
+        "released recipe's random image_size crop of the stored image (enlarged only where a side is "
+        "shorter) + flip",
     )
     pin_memory: bool = Field(default=True, description="pinned host memory for GPU runs")
     drop_last: bool = Field(default=True, description="drop each rank's last incomplete training batch")

@@ -53,7 +53,15 @@ def read_idx(path: str) -> np.ndarray:
 class FashionMNIST(Dataset):
     """Fashion-MNIST from the IDX files; training images get a random 2-pixel shift and a flip."""
 
-    def __init__(self, root: str, train: bool, augment: bool, random_erasing: float = 0.0, pool: int = 1):
+    def __init__(
+        self,
+        root: str,
+        train: bool,
+        augment: bool,
+        random_erasing: float = 0.0,
+        pool: int = 1,
+        erasing_area: tuple[float, float] = (0.02, 0.33),
+    ):
         prefix = "train" if train else "t10k"
         images = read_idx(os.path.join(root, f"{prefix}-images-idx3-ubyte.gz"))
         labels = read_idx(os.path.join(root, f"{prefix}-labels-idx1-ubyte.gz"))
@@ -68,7 +76,7 @@ class FashionMNIST(Dataset):
         if augment and random_erasing > 0:
             from torchvision import transforms
 
-            self.eraser = transforms.RandomErasing(p=random_erasing)
+            self.eraser = transforms.RandomErasing(p=random_erasing, scale=erasing_area)
 
     def __len__(self):
         return len(self.targets)
@@ -111,11 +119,31 @@ def imagenet_transforms(cfg: Config, train: bool) -> Callable[[Any], torch.Tenso
     d = cfg.data
     norm = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
     if train:
-        ops = [T.RandomResizedCrop(d.image_size), T.RandomHorizontalFlip(), T.ToTensor(), norm]
-        if d.random_erasing > 0:
-            ops.append(T.RandomErasing(p=d.random_erasing))
+        if d.train_crop == "random":
+            crop = [EnlargeToAtLeast(d.image_size), T.RandomCrop(d.image_size)]
+        else:
+            crop = [T.RandomResizedCrop(d.image_size)]
+        ops = [*crop, T.RandomHorizontalFlip(), T.ToTensor(), norm]
+        if d.random_erasing > 0 and d.random_erasing_order == "before_mixup":
+            ops.append(T.RandomErasing(p=d.random_erasing, scale=tuple(d.random_erasing_area)))
         return T.Compose(ops)
     return T.Compose([T.Resize(d.val_resize), T.CenterCrop(d.image_size), T.ToTensor(), norm])
+
+
+class EnlargeToAtLeast:
+    """An image with a side shorter than ``size`` enlarged (aspect kept) so that that side is ``size``;
+    others left as stored. The released recipe reads images this way before its random crop, so the crop
+    sees the stored resolution (its images: as stored in the ImageNet archive; assumed here)."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, image: Any) -> Any:
+        w, h = image.size
+        if min(w, h) >= self.size:
+            return image
+        scale = self.size / min(w, h)
+        return image.resize((max(self.size, math.ceil(w * scale)), max(self.size, math.ceil(h * scale))))
 
 
 class CheckedImageFolder(ImageFolder):
@@ -241,7 +269,9 @@ def build_datasets(cfg: Config) -> tuple[Dataset, Dataset]:
         train, val = train_folder, val_folder
     elif d.dataset == "fashion_mnist":
         try:
-            train = FashionMNIST(d.fashion_mnist_dir, True, True, d.random_erasing, d.fashion_mnist_pool)
+            erasing = d.random_erasing if d.random_erasing_order == "before_mixup" else 0.0
+            area = (d.random_erasing_area[0], d.random_erasing_area[1])
+            train = FashionMNIST(d.fashion_mnist_dir, True, True, erasing, d.fashion_mnist_pool, area)
             val = FashionMNIST(d.fashion_mnist_dir, False, False, pool=d.fashion_mnist_pool)
         except (OSError, EOFError, ValueError, zlib.error, struct.error) as exc:
             raise cfg.error("data.fashion_mnist_dir", f"cannot read the IDX files: {_reason(exc)}") from None

@@ -69,9 +69,9 @@ class SmallResNet(nn.Module):
         for mod in self.modules():
             if isinstance(mod, nn.Conv2d):
                 nn.init.kaiming_normal_(mod.weight, mode="fan_out", nonlinearity="relu")
-        if zero_init_residual and batchnorm:
+        if zero_init_residual:
             for mod in self.modules():
-                if isinstance(mod, BasicBlock):
+                if isinstance(mod, BasicBlock) and isinstance(mod.bn2, nn.BatchNorm2d):
                     nn.init.zeros_(mod.bn2.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ from launch.dist.mixed_precision import MixedPrecision
 from launch.dist.world import check_world
 from launch.record.console import log0, setup_logging
 from launch.store.rng import seed_every_rng
+from launch.training.augment import RunningMixup
 from launch.training.data import build_datasets, build_loaders, dataset_size
 from launch.training.faults import Faults
 from launch.training.guards import BufferGuard
@@ -135,4 +136,14 @@ def build_trainer(
         mixup_alpha=cfg.data.mixup_alpha,
         momentum_correction=cfg.optim.momentum_correction,
         accumulation_steps=cfg.train.accumulation_steps,
+        running_mixup=(
+            RunningMixup(cfg.data.mixup_alpha, cfg.model.num_classes)
+            if cfg.data.mixup_mode == "running" and cfg.data.mixup_alpha > 0
+            else None
+        ),
+        batch_erasing=(
+            (cfg.data.random_erasing, (cfg.data.random_erasing_area[0], cfg.data.random_erasing_area[1]))
+            if cfg.data.random_erasing > 0 and cfg.data.random_erasing_order == "after_mixup"
+            else None
+        ),
     )

@@ -28,6 +28,7 @@ from torch import nn
 from kfac_hvd import KFAC
 from launch.dist.mixed_precision import MixedPrecision
 from launch.errors import EXIT_INPUT, RunStop
+from launch.training.augment import RunningMixup, erase_batch
 from launch.training.data import unreadable_paths
 from launch.training.faults import Faults
 from launch.training.guards import BufferGuard
@@ -54,6 +55,8 @@ class Trainer:
     mixup_alpha: float
     momentum_correction: bool
     accumulation_steps: int = 1  # micro-batches a step (train.accumulation_steps)
+    running_mixup: RunningMixup | None = None  # data.mixup_mode: running
+    batch_erasing: tuple[float, tuple[float, float]] | None = None  # after mixup: (rate, area)
 
 
 @dataclass
@@ -80,16 +83,25 @@ def mixup(x: torch.Tensor, y: torch.Tensor, alpha: float) -> tuple[torch.Tensor,
 
 
 def forward_loss(t: Trainer, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(output, loss) under the run's autocast; mixup mixes the inputs and the two labels' losses."""
+    """(output, loss) under the run's autocast. Batch mixup mixes the inputs and the two labels' losses;
+    running mixup mixes inputs and targets with the previous batch; erasing after mixup comes next."""
     with t.precision.autocast():
-        if t.mixup_alpha > 0:
+        if t.running_mixup is not None:
+            mixed, targets = t.running_mixup(x, y)
+            output = t.model(erase_after_mixup(t, mixed))
+            loss = t.criterion(output, targets)
+        elif t.mixup_alpha > 0:
             mixed, y2, lam = mixup(x, y, t.mixup_alpha)
-            output = t.model(mixed)
+            output = t.model(erase_after_mixup(t, mixed))
             loss = lam * t.criterion(output, y) + (1 - lam) * t.criterion(output, y2)
         else:
-            output = t.model(x)
+            output = t.model(erase_after_mixup(t, x))
             loss = t.criterion(output, y)
     return output, loss
+
+
+def erase_after_mixup(t: Trainer, x: torch.Tensor) -> torch.Tensor:
+    return x if t.batch_erasing is None else erase_batch(x, *t.batch_erasing)
 
 
 def forward_backward(
