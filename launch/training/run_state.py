@@ -72,7 +72,7 @@ def state_pieces(
     (:func:`launch.training.elastic.ElasticState.pieces`)."""
     t = run.trainer
 
-    def put(field_name: str, convert: Any = None) -> Any:
+    def put_into(field_name: str, convert: Any = None) -> Any:
         def setter(value: Any) -> None:
             setattr(state, field_name, convert(value) if convert else value)
 
@@ -83,22 +83,26 @@ def state_pieces(
         StatePiece(
             "loss_scaler", t.precision.state_dict, t.precision.load_state_dict, ("extra", "grad_scaler")
         ),
-        StatePiece("step", lambda: state.step, put("step"), ("step",), elastic="none"),
-        StatePiece("epoch", lambda: state.epoch, put("epoch"), ("epoch",), elastic="none"),
+        StatePiece("step", lambda: state.step, put_into("step"), ("step",), elastic="none"),
+        StatePiece("epoch", lambda: state.epoch, put_into("epoch"), ("epoch",), elastic="none"),
         StatePiece(
-            "batch_in_epoch", lambda: batch_in_epoch, put("skip_batches"), ("batch_in_epoch",), elastic="none"
+            "batch_in_epoch",
+            lambda: batch_in_epoch,
+            put_into("skip_batches"),
+            ("batch_in_epoch",),
+            elastic="none",
         ),
         StatePiece(
             "history",
             lambda: state.history,
-            put("history", lambda v: list(v or [])),
+            put_into("history", lambda v: list(v or [])),
             ("extra", "history"),
             elastic="none",
         ),
         StatePiece(
             "pending_eval",
             lambda: pending_eval,
-            put("pending_eval"),
+            put_into("pending_eval"),
             ("extra", "pending_eval"),
             elastic="none",
         ),
