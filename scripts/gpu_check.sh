@@ -16,7 +16,7 @@
 #      (narrow_factor_products=False), with batched and with per-factor inversions (batched_inversion=False),
 #      λ = 0.25 held still (the worst case), the replayed schedule of a recorded run (the real-schedule
 #      steady state) and the preconditioning floor, the peak CUDA memory of each, and each phase of an
-#      update step against the H200's datasheet limits (scripts/bench/step_cost.py, its worker run
+#      update step against the H200's datasheet limits (bench/step_cost.py, its worker run
 #      directly); then fp32 with TF32 matrix products;
 #   4. Horovod 0.28.1 built there from the carried sdist (Gloo + NCCL; MPI only if mpicxx is found),
 #      into a private folder, timed;
@@ -24,7 +24,7 @@
 #      ImageNet-sized data, bf16, channels_last), 1 rank, then 2 ranks sharing the GPU under horovodrun
 #      --gloo (NCCL refuses two ranks on one device: then that phase fails and its log says so).
 # Writes OUTDIR/gpu_check.json and OUTDIR/gpu_check.md (a short table and the step cost's headline:
-# scripts/bench/step_cost_summary.py), with the logs beside them.
+# bench/step_cost_summary.py), with the logs beside them.
 # GPU_CHECK_SKIP="step_cost step_cost_tf32" leaves phases out (a rerun of the others).
 # Without a GPU it stops at once with one line and exit code 2.
 set -uo pipefail
@@ -66,11 +66,11 @@ phase machine 60 bash -c "nvidia-smi; $PYTHON -c 'import torch; print(\"torch\",
 
 # What needs no Horovod first, so that a slow build cannot cost the measurements.
 phase pytest_cuda 120 "$PYTHON" -m pytest -q -rs -m cuda tests/test_cuda.py --junitxml="$out/pytest_cuda.xml"
-phase step_cost 300 "$PYTHON" scripts/bench/step_cost.py --device cuda --ranks 1 --launcher direct \
+phase step_cost 300 "$PYTHON" bench/step_cost.py --device cuda --ranks 1 --launcher direct \
   --image-size 224 --batch 128 --precisions bf16,fp32 \
   --configs sgd,every,every_wide,every_unbatched,lambda,replay,floor --out "$out/step_cost"
 # The same fp32 step with TF32 matrix products (what train.tf32: true does), K-FAC's factor products included.
-phase step_cost_tf32 90 env TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1 "$PYTHON" scripts/bench/step_cost.py --device cuda \
+phase step_cost_tf32 90 env TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1 "$PYTHON" bench/step_cost.py --device cuda \
   --ranks 1 --launcher direct --image-size 224 --batch 128 --precisions fp32 --configs sgd,every,floor \
   --out "$out/step_cost_tf32"
 
@@ -151,7 +151,7 @@ EOF
 if [ -f "$out/step_cost/step_cost.json" ]; then
   for precision in bf16 fp32; do
     echo >>"$out/gpu_check.md"
-    "$PYTHON" scripts/bench/step_cost_summary.py "$out/step_cost/step_cost.json" --precision "$precision" \
+    "$PYTHON" bench/step_cost_summary.py "$out/step_cost/step_cost.json" --precision "$precision" \
       >>"$out/gpu_check.md" 2>>"$out/step_cost.log"
   done
   sed -n '/^### Step cost/,$p' "$out/gpu_check.md"

@@ -157,7 +157,7 @@ def test_resnet50_update_step_calls_cholesky_once_per_distinct_size(monkeypatch)
     """torchvision's ResNet-50, one process, one update step (32 px, batch 2): its 108 Kronecker factors
     come in 13 sizes, inverted in 13 Cholesky calls; its 53 BatchNorm layers in none (closed form).
     The calls are counted, not computed (an identity Cholesky factor): the maths is the other tests'
-    business. (``batched_inversion=False`` makes 161 calls: scripts/bench/inversion.py counts them.)"""
+    business. (``batched_inversion=False`` makes 161 calls: bench/inversion.py counts them.)"""
     calls = []
 
     def counting_cholesky(matrix, **kwargs):

@@ -365,7 +365,7 @@ def test_cli_traffic_time_and_trace(tmp_path):
     assert result["time"]["assumptions"]["network"]["node_bandwidth"] == 25e9
     text = markdown.read_text()
     assert "A model, not a measurement" in text and "--time" in text and "| SGD |" in text
-    plain = run_cli("--local-inverse-max-dim", "0", module="kfac_hvd.commodel")  # the old name
+    plain = run_cli("--local-inverse-max-dim", "0")
     assert "3.0 TB" in plain and "the other 54 layers" in plain and "(53 layers)" in plain
     # λ is checked as a training run checks it: one line naming the option, exit 2
     bad = subprocess.run(

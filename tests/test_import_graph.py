@@ -1,4 +1,4 @@
-"""The import graph of kfac_hvd, launch and scripts/bench, read from the sources (ast, nothing imported),
+"""The import graph of kfac_hvd, launch and bench (the benchmarks), read from the sources (ast, nothing imported),
 has no cycle; launch imports nothing inside a function but the heavy optional dependencies; the library
 never imports the launcher.
 
@@ -14,8 +14,7 @@ import shutil
 
 from launch_helpers.common import REPO
 
-PACKAGES = ("kfac_hvd", "launch")
-BENCH = os.path.join("scripts", "bench")
+PACKAGES = ("kfac_hvd", "launch", "bench")
 # What launch may import inside a function: slow to import and needed by some runs only (a worker
 # under mpirun, an ImageNet run, TensorBoard, --plot).
 LAZY_ALLOWED = {
@@ -31,8 +30,7 @@ LAZY_ALLOWED = {
 
 
 def module_files(root: str = REPO) -> dict[str, str]:
-    """Dotted module name -> file, for the two packages and the benchmarks (named ``bench/<stem>``, as
-    they import each other by bare name from their folder)."""
+    """Dotted module name -> file, for the library, the launcher and the benchmarks."""
     out = {}
     for pkg in PACKAGES:
         for dirpath, dirnames, filenames in os.walk(os.path.join(root, pkg)):
@@ -43,10 +41,6 @@ def module_files(root: str = REPO) -> dict[str, str]:
                     if rel[-1] == "__init__":
                         rel = rel[:-1]
                     out[".".join(rel)] = os.path.join(dirpath, name)
-    bench = os.path.join(root, BENCH)
-    for name in os.listdir(bench):
-        if name.endswith(".py"):
-            out["bench/" + name[:-3]] = os.path.join(bench, name)
     return out
 
 
@@ -86,8 +80,6 @@ def imports(path: str) -> list[tuple[list[str], int, bool, int]]:
 
 def resolve(name: str, level: int, importer: str, modules: dict[str, str]) -> str | None:
     """The module of ours that ``name`` (relative at ``level``) names from ``importer``, or None."""
-    if importer.startswith("bench/"):
-        return "bench/" + name if level == 0 and "bench/" + name in modules else None
     if level:
         parts = importer.split(".")
         if not modules[importer].endswith("__init__.py"):
@@ -147,13 +139,14 @@ def test_the_import_graph_has_no_cycle():
     edges = graph()
     assert len(edges) > 80  # the walk found the packages and the benchmarks
     assert "launch.training.loop" in edges["launch.training.elastic"]  # a lazy-free edge is seen
+    assert "bench._common" in edges["bench.step_cost"]  # the benchmarks are walked as a package
     assert cycles(edges) == []
 
 
 def test_a_cycle_is_found(tmp_path):
     """The same walk over a copy of the sources with one import added back, inside a function:
     launch.store.checkpoint importing launch.store.convert, which imports it (a cycle the rooms removed)."""
-    for folder in (*PACKAGES, BENCH):
+    for folder in PACKAGES:
         shutil.copytree(
             os.path.join(REPO, folder), tmp_path / folder, ignore=shutil.ignore_patterns("__pycache__")
         )

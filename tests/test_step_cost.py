@@ -10,15 +10,13 @@ import sys
 import pytest
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BENCH = os.path.join(REPO, "scripts", "bench")
-sys.path.insert(0, BENCH)
+from bench import _step_cost_limits as limits
+from bench import _step_cost_worker as worker
+from bench import step_cost
+from bench._step_cost_backends import LocalBackend
+from bench._step_cost_report import summarise
 
-import _step_cost_limits as limits  # noqa: E402
-import _step_cost_worker as worker  # noqa: E402
-import step_cost  # noqa: E402
-from _step_cost_backends import LocalBackend  # noqa: E402
-from _step_cost_report import summarise  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The tiny model's K-FAC layers, in order: conv (kronecker), bn, conv, bn, fc.
 KINDS = ["kronecker", "batchnorm", "kronecker", "batchnorm", "kronecker"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from _common import mean, median
+from bench._common import mean, median
 
 TITLES = {
     "sgd": "SGD",

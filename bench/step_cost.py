@@ -16,7 +16,7 @@ initial weights:
                    (``narrow_factor_products=False``: the path before the autocast-dtype products)
   every_unbatched  every, with one inversion call per factor (``batched_inversion=False``)
   replay     K-FAC with the due pattern of a recorded run (--schedule-trace, a metrics.jsonl as ``make demo``
-             or scripts/bench/pareto.py write it) imposed step by step: its last --replay-steps steps, each of
+             or bench/pareto.py write it) imposed step by step: its last --replay-steps steps, each of
              this model's layers due when the recorded layer of its type at the same relative depth was; the
              real-schedule steady state is the mean over those steps (step 1, which inverts everything, is
              discarded). The λ run above is the held-still worst case beside it
@@ -40,14 +40,14 @@ of the training thread, host reads in the whole step and in ``kfac.step()`` (the
 allreduce issued before each step and read with ``kfac_hvd.timeline.read_collectives``),
 ``kfac.memory_bytes()``, and on CUDA ``torch.cuda.max_memory_allocated`` per configuration. Writes OUT/step_cost.json and OUT/step_cost.md.
 
-    .venv/bin/python scripts/bench/step_cost.py --kfac-pytorch /work/kfac-pytorch   # the CPU run (20 min here)
-    .venv/bin/python scripts/bench/step_cost.py --smoke                              # tiny model, under 1 min
+    .venv/bin/python -m bench.step_cost --kfac-pytorch /work/kfac-pytorch   # the CPU run (20 min here)
+    .venv/bin/python -m bench.step_cost --smoke                              # tiny model, under 1 min
 
 The GPU check (scripts/gpu_check.sh): 1 rank, ResNet-50, 224 px, batch 128, in bf16 and fp32 (sgd/every/
 lambda/floor took 45 s on an H200; the variants and the replay are not timed there yet); writes
-DIR/step_cost.json and DIR/step_cost.md, and scripts/bench/step_cost_summary.py reads the JSON:
+DIR/step_cost.json and DIR/step_cost.md, and bench/step_cost_summary.py reads the JSON:
 
-    python3 scripts/bench/step_cost.py --device cuda --ranks 1 --launcher direct --image-size 224 --batch 128 \
+    python3 -m bench.step_cost --device cuda --ranks 1 --launcher direct --image-size 224 --batch 128 \
         --precisions bf16,fp32 --configs sgd,every,every_wide,every_unbatched,lambda,replay,floor --out DIR
 
 Without an importable Horovod a 1-rank run starts the worker directly (``--launcher auto``), with the
@@ -69,8 +69,7 @@ import tempfile
 import time
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import REPO, command_line, git_revision, load_average, machine_info
+from bench._common import REPO, command_line, git_revision, load_average, machine_info
 
 CONFIGS = (
     "sgd",
@@ -305,7 +304,8 @@ def launch(args: argparse.Namespace, ranks: int, library: str, argv: list[str]) 
     how = launcher_for(args, ranks)
     worker = [
         sys.executable,
-        os.path.abspath(__file__),
+        "-m",
+        "bench.step_cost",
         *argv,
         "--worker",
         "--worker-dir",
@@ -334,7 +334,7 @@ def launch(args: argparse.Namespace, ranks: int, library: str, argv: list[str]) 
     print(f"[step_cost] {ranks} rank(s), {how}: {' '.join(cmd[:7])} ...", flush=True)
     started = time.time()
     try:
-        returncode = subprocess.run(cmd, env=env, timeout=args.timeout).returncode
+        returncode = subprocess.run(cmd, env=env, timeout=args.timeout, cwd=worker_dir).returncode
     except subprocess.TimeoutExpired:
         returncode = "timeout"
     per_rank = []
@@ -370,8 +370,7 @@ def load_timeline(path: str) -> list[dict[str, Any]]:
 def attach_collectives(rank0: dict[str, Any], path: str) -> None:
     """Split the timeline at the marker allreduce before each step; each step's part is written as a
     timeline of its own (with every row's name) and read back with kfac_hvd.timeline.read_collectives."""
-    from _step_cost_report import count_collectives
-
+    from bench._step_cost_report import count_collectives
     from kfac_hvd.timeline import read_collectives
 
     events = load_timeline(path)
@@ -415,7 +414,7 @@ def external_revision(path: str | None) -> str | None:
 
 
 def parent(args: argparse.Namespace, argv: list[str]) -> None:
-    import _step_cost_document as document
+    import bench._step_cost_document as document
 
     os.makedirs(args.out, exist_ok=True)
     if args.rerender:
@@ -436,7 +435,7 @@ def parent(args: argparse.Namespace, argv: list[str]) -> None:
         "settings": settings(args),
     }
     if args.device == "cpu":
-        from _step_cost_limits import measure_cpu
+        from bench._step_cost_limits import measure_cpu
 
         data["cpu_rates"] = measure_cpu(args.threads)
     launches = [launch(args, n, library["path"], argv) for n in args.rank_list]
@@ -484,7 +483,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     if args.worker:
-        import _step_cost_worker
+        from bench import _step_cost_worker
 
         _step_cost_worker.main(args)
     else:

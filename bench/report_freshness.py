@@ -1,4 +1,4 @@
-"""Report of scripts/bench/freshness.py: every point's seeds, the adaptive runs against the fixed intervals
+"""Report of bench/freshness.py: every point's seeds, the adaptive runs against the fixed intervals
 at equal factor work (seed by seed), divergence counted apart from accuracy, one panel per regime."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from _common import interpolate_log_x, pct
-from _freshness_plan import REGIMES, SCHEDULES, outcome, run_dir
+from bench._common import interpolate_log_x, pct
+from bench._freshness_plan import REGIMES, SCHEDULES, outcome, run_dir
 
 FAMILIES = {  # prefix -> plot style and legend
     "fixed": ("k", "s", "fixed k (1, 2, 5, 10, 20)"),

@@ -8,10 +8,10 @@ import json
 import os
 from typing import Any
 
-from _step_cost_limits import limits_table
-from _step_cost_report import checks, header, label, notes, summarise
-from _step_cost_steady import lambda_table, steady_table
-from _step_cost_tables import (
+from bench._step_cost_limits import limits_table
+from bench._step_cost_report import checks, header, label, notes, summarise
+from bench._step_cost_steady import lambda_table, steady_table
+from bench._step_cost_tables import (
     collectives_table,
     comparison_table,
     memory_table,

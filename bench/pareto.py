@@ -1,7 +1,7 @@
 """Adaptive against fixed intervals over long runs, the noise-aware Diff, and λ across batch sizes.
 
-    .venv/bin/python scripts/bench/pareto.py                 # every run (about 2 hours on 2 cores)
-    .venv/bin/python scripts/bench/pareto.py --report-only   # tables and plots from finished runs
+    .venv/bin/python -m bench.pareto                 # every run (about 2 hours on 2 cores)
+    .venv/bin/python -m bench.pareto --report-only   # tables and plots from finished runs
 
 Fashion-MNIST at 14x14 (configs/fashion_mnist/long_run.yaml: the demo's small ResNet, 19 K-FAC layers),
 2 ranks under horovodrun --gloo, 256 images per rank (global batch 512), 12 epochs = 1,404 steps, the
@@ -23,10 +23,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from bench._common import REPO
+
+ROOT = Path(REPO)
+
 CONFIG = "configs/fashion_mnist/long_run.yaml"
 FIXED = (1, 2, 4, 8, 16, 32, 64, 128)
 LAMBDAS = (0.1, 0.25, 0.5)
@@ -118,7 +120,7 @@ def transfer_runs() -> list[Run]:
 
 
 def run_one(args: argparse.Namespace, name: str, overrides: list[str], seed: int) -> Path:
-    from _common import train_on_two_ranks
+    from bench._common import train_on_two_ranks
 
     run_dir = ROOT / args.runs_dir / f"{name}_s{seed}"
     if (run_dir / "summary.json").exists() or args.report_only:
@@ -149,7 +151,6 @@ def ratio_of(run_dir: Path) -> float:
 def main() -> int:
     args = parse_args()
     os.environ.setdefault("MPLBACKEND", "Agg")
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     runs: dict[tuple[str, int], tuple[str, Path]] = {}
 
     def do(plan: list[Run], seeds: list[int]) -> None:
@@ -175,7 +176,7 @@ def main() -> int:
             nearest = min(candidates, key=lambda lam: abs(candidates[lam] - target))
             do(no_clip_runs(nearest), args.seeds)
     do(transfer_runs(), args.seeds[:1])
-    from report_pareto import write_report
+    from bench.report_pareto import write_report
 
     write_report(runs, ROOT / args.out, ROOT)
     return 0

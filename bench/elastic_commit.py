@@ -15,28 +15,25 @@ Models: the small ResNet of the Fashion-MNIST configs (28 px, batch 64) and torc
 (its layer shapes, so its factors, at 64 px and batch 8 to keep a CPU step short; the factors' sizes do
 not depend on the image size). Every layer is inverted in this one process, as on one rank.
 
-    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python scripts/bench/elastic_commit.py --threads 1
+    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python -m bench.elastic_commit --threads 1
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-
 import torch
 import torchvision
-from _common import command_line, git_revision, machine_info
 from torch import nn
 
 import kfac_hvd
+from bench._common import command_line, git_revision, machine_info
 from launch.training.elastic import snapshot
 
 

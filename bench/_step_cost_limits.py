@@ -82,8 +82,8 @@ def device_rates(data: dict[str, Any]) -> dict[str, Any] | None:
 def layer_profile(settings: dict[str, Any]):
     """The model's layer shapes at the run's image size (torchvision on the meta device; 'tiny' as the worker builds it)."""
     import torch
-    from _step_cost_worker import build_model
 
+    from bench._step_cost_worker import build_model
     from kfac_hvd.analysis.timemodel import profile_model
 
     args = argparse.Namespace(**dict(settings, channels_last=False))

@@ -1,8 +1,8 @@
 """Where stale curvature costs accuracy: fixed intervals (with and without a warm-up of fresh factors)
 against the adaptive interval, at equal factor work, in a base regime and one axis changed at a time.
 
-    .venv/bin/python scripts/bench/freshness.py --deadline 10:40   # no run starts after 10:40 UTC
-    .venv/bin/python scripts/bench/freshness.py --report-only      # table, runs.json and plot from finished runs
+    .venv/bin/python -m bench.freshness --deadline 10:40   # no run starts after 10:40 UTC
+    .venv/bin/python -m bench.freshness --report-only      # table, runs.json and plot from finished runs
 
 The base regime is Fashion-MNIST as a new user first tries it: the demo's small ResNet (19 K-FAC layers),
 one process, batch 128, 10,000 training images for 3 epochs (234 steps), lr 0.05 with a 0.2-epoch warm-up
@@ -33,17 +33,14 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import train  # noqa: E402
-from _freshness_plan import (  # noqa: E402
+from bench._common import REPO, train
+from bench._freshness_plan import (
     BASE,
     BASE_ORDER,
     BASE_SEEDED,
@@ -64,9 +61,11 @@ from _freshness_plan import (  # noqa: E402
     run_dir,
 )
 
+ROOT = Path(REPO)
+
 
 class Worker:
-    """A process of scripts/bench/_train_worker.py (one per sweep thread) for the single-rank runs."""
+    """A process of bench/_train_worker.py (one per sweep thread) for the single-rank runs."""
 
     def __init__(self) -> None:
         self.process: subprocess.Popen | None = None
@@ -79,7 +78,8 @@ class Worker:
                 "-n",
                 str(NICE),
                 str(ROOT / ".venv/bin/python"),
-                str(Path(__file__).parent / "_train_worker.py"),
+                "-m",
+                "bench._train_worker",
             ]
             self.process = subprocess.Popen(
                 command, cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
@@ -221,7 +221,7 @@ def main() -> int:
                 print(f"[freshness] {title}: {len(todo)} of {len(jobs)} runs to do", flush=True)
                 list(pool.map(job, todo))
         print(f"[freshness] sweep: {(time.time() - sweep_start) / 60:.1f} min", flush=True)
-    from report_freshness import write_report
+    from bench.report_freshness import write_report
 
     write_report(runs_dir, ROOT / args.out)
     return 0

@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def cpu_model() -> str:
@@ -82,11 +82,11 @@ def git_revision() -> str | None:
 
 
 def command_line(argv: Sequence[str] | None = None) -> str:
-    """The command as a user would type it from the repository root."""
+    """The command as a user would type it from the repository root (``python -m bench.NAME ...``)."""
     argv = list(sys.argv if argv is None else argv)
-    script = os.path.relpath(os.path.abspath(argv[0]), REPO)
+    module = os.path.relpath(os.path.abspath(argv[0]), REPO).removesuffix(".py").replace(os.sep, ".")
     python = os.path.relpath(sys.executable, REPO) if sys.executable.startswith(REPO) else sys.executable
-    return " ".join(shlex.quote(part) for part in [python, script, *argv[1:]])
+    return shlex.join([python, "-m", module, *argv[1:]])
 
 
 def median(values: Sequence[float]) -> float | None:

@@ -20,8 +20,7 @@ import time
 import warnings
 from typing import Any
 
-from _step_cost_backends import make_backend
-
+from bench._step_cost_backends import make_backend
 from kfac_hvd.diagnostics import HostSyncCounter
 from kfac_hvd.layers import sample_chunks
 
@@ -77,8 +76,17 @@ def make_batches(args, rank: int, device, count: int):
 def import_kfac_pytorch(path: str):
     """gpauloski/kfac-pytorch from a checkout (not installed: its __init__ asks for its own version)."""
     import importlib.metadata as metadata
+    import importlib.util
 
-    sys.path.insert(0, os.path.abspath(path))
+    spec = importlib.util.spec_from_file_location(
+        "kfac",
+        os.path.join(path, "kfac", "__init__.py"),
+        submodule_search_locations=[os.path.join(path, "kfac")],
+    )
+    if spec is None or spec.loader is None:
+        sys.exit(f"step_cost: --kfac-pytorch {path} has no kfac/__init__.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["kfac"] = module
     original = metadata.version
     metadata.version = lambda name: (
         "0+checkout" if name in ("kfac-pytorch", "kfac_pytorch") else original(name)
@@ -86,10 +94,10 @@ def import_kfac_pytorch(path: str):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "NVIDIA Apex is not installed"
-            import kfac
+            spec.loader.exec_module(module)
     finally:
         metadata.version = original
-    return kfac
+    return module
 
 
 def build_theirs(name: str, model, args):
@@ -110,16 +118,12 @@ def build_theirs(name: str, model, args):
 
 
 def _library_defaults() -> dict[str, Any]:
-    """Every option of the measured library with its default: KFACOptions' fields, or for a revision from
-    before it, KFAC's keyword arguments."""
+    """Every option of the measured library (KFACOptions' fields) with its default."""
     import dataclasses
-    import inspect
 
     import kfac_hvd
 
-    if hasattr(kfac_hvd, "KFACOptions"):
-        return {f.name: f.default for f in dataclasses.fields(kfac_hvd.KFACOptions)}
-    return {k: p.default for k, p in inspect.signature(kfac_hvd.KFAC).parameters.items()}
+    return {f.name: f.default for f in dataclasses.fields(kfac_hvd.KFACOptions)}
 
 
 def unsupported_options(name: str) -> list[str]:
@@ -144,13 +148,7 @@ def variant_options(name: str) -> dict[str, Any]:
 def replay_pattern(kfac, path: str, steps: int) -> list[set]:
     """The due layers of each of the last ``steps`` steps of a recorded run (a metrics.jsonl), each of this
     model's layers taking the due flags of the recorded layer of its type at the same relative depth."""
-    try:
-        from kfac_hvd.analysis.replay import load_trace, map_layers, trace_kinds
-    except ImportError:  # a --library-rev from before kfac_hvd.analysis: the replay from its commodel
-        from kfac_hvd.commodel import load_trace, map_layers
-
-        def trace_kinds(record):
-            return {n: "batchnorm" if "diff_F" in e else "kronecker" for n, e in record["layers"].items()}
+    from kfac_hvd.analysis.replay import load_trace, map_layers, trace_kinds
 
     records = load_trace(path)[-steps:]
     kinds = {
@@ -394,10 +392,8 @@ def time_im2col(run: Run, batch, precision: str, options: dict[str, Any]) -> flo
     removed."""
     import torch
 
-    try:
-        from kfac_hvd.precision import takes_narrow_inputs
-    except ImportError:  # a revision before the narrow path: every product of fp32 copies
-        takes_narrow_inputs = None
+    from kfac_hvd.precision import takes_narrow_inputs
+
     enabled = options.get("narrow_factor_products", False)
     inputs: dict[str, Any] = {}
     unfolding = {
@@ -419,11 +415,8 @@ def time_im2col(run: Run, batch, precision: str, options: dict[str, Any]) -> flo
     started = time.perf_counter()
     for name, layer in unfolding.items():
         x = inputs[name]
-        if takes_narrow_inputs is None:
-            narrow, per_sample = False, layer._input_sample_bytes(x)
-        else:
-            narrow = takes_narrow_inputs(x, layer.factor_dtype, enabled)
-            per_sample = layer._input_sample_bytes(x, narrow)
+        narrow = takes_narrow_inputs(x, layer.factor_dtype, enabled)
+        per_sample = layer._input_sample_bytes(x, narrow)
         for chunk in sample_chunks(x, per_sample, run.ours.capture.chunk_bytes):
             layer._input_columns(chunk if narrow else chunk.to(layer.factor_dtype))
     synchronize(run.device)

@@ -1,4 +1,4 @@
-"""Report of scripts/bench/pareto.py: the accuracy/traffic front, adaptive against fixed at equal traffic,
+"""Report of bench/pareto.py: the accuracy/traffic front, adaptive against fixed at equal traffic,
 the batch transfer of λ, and the replay of the long runs' traces at the paper's scale."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from _common import interpolate_log_x, pct
+from bench._common import interpolate_log_x, pct
 
 PAPER = {0.2: 0.169, 0.25: 0.119, 0.3: 0.109}  # Table 1: Fisher traffic as a fraction of every step
 

@@ -6,21 +6,25 @@ one H200 (bf16, 224 px, 128 images, 1 rank). Prints Markdown; scripts/gpu_check.
 ``--limits KIND`` measures nothing: each phase's limit on a device kind of ``kfac_hvd.analysis.devices`` from the
 layer shapes alone (the least time the datasheet allows, not a prediction of a measurement).
 
-    python scripts/bench/step_cost_summary.py DIR/step_cost.json [--precision bf16] [--ranks 1]
-    python scripts/bench/step_cost_summary.py --limits H200 [--image-size 224] [--batch 128]
+    python -m bench.step_cost_summary DIR/step_cost.json [--precision bf16] [--ranks 1]
+    python -m bench.step_cost_summary --limits H200 [--image-size 224] [--batch 128]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _step_cost_limits import PHASE_ROWS, device_rates, gpu_rates, layer_profile, limit_rows, phase_costs
-from _step_cost_report import fmt, secs, summarise
+from bench._step_cost_limits import (
+    PHASE_ROWS,
+    device_rates,
+    gpu_rates,
+    layer_profile,
+    limit_rows,
+    phase_costs,
+)
+from bench._step_cost_report import fmt, secs, summarise
 
 # Targets on one H200 (bf16 autocast, 224 px, 128 images, 1 rank), seconds or multiples of SGD.
 TARGETS = (

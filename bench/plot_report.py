@@ -4,7 +4,7 @@ one record per step with every layer's due flag, interval, Diffs and payload, th
 of Algorithm 1 with λ = 0.25 driven by made-up Diffs, an evaluation every 78 steps) is written, then
 read, drawn and saved a few times.
 
-    python scripts/bench/plot_report.py [--out runs/bench_plot] [--steps 2814] [--repeats 3]
+    python -m bench.plot_report [--out runs/bench_plot] [--steps 2814] [--repeats 3]
 
 Prints the seconds (wall and CPU) of each phase, median of the repeats, then the whole command's; the
 figure is OUT/run/report.png."""
@@ -22,14 +22,12 @@ import subprocess
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, REPO)
-
-from kfac_hvd.analysis.units import format_bytes  # noqa: E402
-from kfac_hvd.cost import allreduce_wire_bytes  # noqa: E402
-from kfac_hvd.scheduler import IntervalScheduler  # noqa: E402
-from launch.record import plots  # noqa: E402
-from launch.record.reader import read_run  # noqa: E402
+from bench._common import REPO
+from kfac_hvd.analysis.units import format_bytes
+from kfac_hvd.cost import allreduce_wire_bytes
+from kfac_hvd.scheduler import IntervalScheduler
+from launch.record import plots
+from launch.record.reader import read_run
 
 STEPS_PER_EPOCH = 78
 RANKS = 128

@@ -6,8 +6,8 @@ from __future__ import annotations
 import math
 import os
 
-from _common import mean
-from _step_cost_report import TARGET_LAMBDA, fmt, label, ratio, secs
+from bench._common import REPO, mean
+from bench._step_cost_report import TARGET_LAMBDA, fmt, label, ratio, secs
 
 
 def steady_table(data, summary) -> list[str]:
@@ -34,7 +34,7 @@ def steady_table(data, summary) -> list[str]:
     trace = (
         os.path.relpath(
             data["settings"]["schedule_trace"],
-            os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+            REPO,
         )
         if data["settings"].get("schedule_trace")
         else "–"

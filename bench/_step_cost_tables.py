@@ -3,9 +3,9 @@ the checks of :mod:`_step_cost_report`, whose formatters they use)."""
 
 from __future__ import annotations
 
-from _common import mean
-from _step_cost_limits import EVERY_STEP
-from _step_cost_report import EXAMPLE_PERIOD, MEMORY, PHASES, checks, fmt, label, mib, secs
+from bench._common import mean
+from bench._step_cost_limits import EVERY_STEP
+from bench._step_cost_report import EXAMPLE_PERIOD, MEMORY, PHASES, checks, fmt, label, mib, secs
 
 
 def targets_table(data, summary) -> list[str]:

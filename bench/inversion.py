@@ -15,8 +15,8 @@ stack and its Cholesky factor, then that factor and the inverse). And the triang
 unpacking of the inverse allgather for every layer that is not inverted everywhere: per layer (what
 ``kfac.step`` does) against stacking the equal sizes first.
 
-    OMP_NUM_THREADS=1 .venv/bin/python scripts/bench/inversion.py            # this CPU: 5-15 min
-    python3 scripts/bench/inversion.py --device cuda --threads 0              # a GPU
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.inversion            # this CPU: 5-15 min
+    python3 -m bench.inversion --device cuda --threads 0              # a GPU
 """
 
 from __future__ import annotations
@@ -25,13 +25,9 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import os
 import statistics
-import sys
 import time
 from collections.abc import Callable, Iterator
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import torch
 import torchvision

@@ -1,7 +1,7 @@
 """Table 1 at small scale: Fashion-MNIST, 2 ranks under horovodrun, the small ResNet.
 
-    .venv/bin/python scripts/bench/table1.py                 # all runs (about an hour on 2 cores)
-    .venv/bin/python scripts/bench/table1.py --report-only   # tables and plots from finished runs
+    .venv/bin/python -m bench.table1                 # all runs (about an hour on 2 cores)
+    .venv/bin/python -m bench.table1 --report-only   # tables and plots from finished runs
 
 Runs (identical hyperparameters, configs/fashion_mnist/base.yaml plus the overrides below, each seed):
 SGD; K-FAC every step; K-FAC λ = 0.2, 0.25, 0.3 (modulo, the paper's rule); λ = 0.25 since_last; and
@@ -15,13 +15,12 @@ import argparse
 import json
 import os
 import statistics
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+from bench._common import REPO
+from kfac_hvd.timeline import read_collectives
 
-from kfac_hvd.timeline import read_collectives  # noqa: E402
+ROOT = Path(REPO)
 
 BASE_CONFIG = "configs/fashion_mnist/base.yaml"
 ADAPTIVE = [
@@ -61,7 +60,7 @@ def common_overrides(args: argparse.Namespace, seed: int, run_dir: Path) -> list
 
 
 def run_one(args, name: str, overrides: list, seed: int) -> Path:
-    from _common import train_on_two_ranks
+    from bench._common import train_on_two_ranks
 
     run_dir = ROOT / args.runs_dir / f"{name}_s{seed}"
     if (run_dir / "summary.json").exists():
@@ -157,7 +156,7 @@ def main() -> int:
 
 
 def report(args, runs: dict, out: Path) -> None:
-    from report_table1 import write_report
+    from bench.report_table1 import write_report
 
     loaded = {key: (label, load_run(path)) for key, (label, path) in runs.items()}
     timeline = None
@@ -167,6 +166,5 @@ def report(args, runs: dict, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     os.environ.setdefault("MPLBACKEND", "Agg")
     raise SystemExit(main())
