@@ -7,6 +7,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from launch.record.reader import read_summary
+
 CONFIG = "configs/fashion_mnist/small_resnet_kfac_every_step.yaml"
 BASE = [
     "train.world_size=1",
@@ -29,7 +31,6 @@ BASE = [
     "log.progress=false",
     "train.threads=1",
 ]
-DIVERGED_EXIT = 4  # launch.train's exit code for a run that stopped on non-finite losses
 COLLAPSED_TOP1 = 0.20  # a finished run below this top-1 has collapsed
 DECISION_SPREAD = 0.02  # seed-0 top-1 range (over the K-FAC schedules) that calls for more seeds
 NICE = 10
@@ -163,8 +164,8 @@ def finished(path: Path) -> bool:
 
 def outcome(path: Path) -> dict | None:
     """What a finished run gives the report: top-1, factor work, and whether it diverged or collapsed."""
-    if (path / "summary.json").exists():
-        summary = json.loads((path / "summary.json").read_text())
+    summary = read_summary(str(path))
+    if summary is not None:
         top1 = summary.get("final_top1")
         fisher = summary.get("fisher") or {}
         finite = all(summary.get("rank_state_finite") or [True])

@@ -69,7 +69,7 @@ import tempfile
 import time
 from typing import Any
 
-from bench._common import REPO, command_line, git_revision, load_average, machine_info
+from bench._common import REPO, command_line, git_revision, horovodrun, load_average, machine_info
 
 CONFIGS = (
     "sgd",
@@ -262,14 +262,6 @@ def launcher_for(args: argparse.Namespace, ranks: int) -> str:
     return chosen
 
 
-def horovodrun() -> str:
-    local = os.path.join(os.path.dirname(sys.executable), "horovodrun")
-    found = local if os.path.exists(local) else shutil.which("horovodrun")
-    if not found:
-        sys.exit("step_cost: horovodrun not found next to this Python nor on PATH; run 'make setup' first")
-    return found
-
-
 def snapshot_library(args: argparse.Namespace, root: str) -> dict[str, str]:
     """Copy kfac_hvd once (working tree, or --library-rev), so that every launch measures the same code."""
     target = os.path.join(root, "library")
@@ -315,11 +307,7 @@ def launch(args: argparse.Namespace, ranks: int, library: str, argv: list[str]) 
         "--launcher",
         how,
     ]
-    cmd = (
-        worker
-        if how == "direct"
-        else [horovodrun(), "-np", str(ranks), "--gloo", "-H", f"localhost:{ranks}", *worker]
-    )
+    cmd = worker if how == "direct" else [*horovodrun(ranks), *worker]
     env = dict(os.environ)
     threads = str(args.threads)
     env.update(
