@@ -66,11 +66,11 @@ phase machine 60 bash -c "nvidia-smi; $PYTHON -c 'import torch; print(\"torch\",
 
 # What needs no Horovod first, so that a slow build cannot cost the measurements.
 phase pytest_cuda 120 "$PYTHON" -m pytest -q -rs -m cuda tests/test_cuda.py --junitxml="$out/pytest_cuda.xml"
-phase step_cost 300 "$PYTHON" bench/step_cost.py --device cuda --ranks 1 --launcher direct \
+phase step_cost 300 "$PYTHON" -m bench.step_cost --device cuda --ranks 1 --launcher direct \
   --image-size 224 --batch 128 --precisions bf16,fp32 \
   --configs sgd,every,every_wide,every_unbatched,lambda,replay,floor --out "$out/step_cost"
 # The same fp32 step with TF32 matrix products (what train.tf32: true does), K-FAC's factor products included.
-phase step_cost_tf32 90 env TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1 "$PYTHON" bench/step_cost.py --device cuda \
+phase step_cost_tf32 90 env TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1 "$PYTHON" -m bench.step_cost --device cuda \
   --ranks 1 --launcher direct --image-size 224 --batch 128 --precisions fp32 --configs sgd,every,floor \
   --out "$out/step_cost_tf32"
 
@@ -151,7 +151,7 @@ EOF
 if [ -f "$out/step_cost/step_cost.json" ]; then
   for precision in bf16 fp32; do
     echo >>"$out/gpu_check.md"
-    "$PYTHON" bench/step_cost_summary.py "$out/step_cost/step_cost.json" --precision "$precision" \
+    "$PYTHON" -m bench.step_cost_summary "$out/step_cost/step_cost.json" --precision "$precision" \
       >>"$out/gpu_check.md" 2>>"$out/step_cost.log"
   done
   sed -n '/^### Step cost/,$p' "$out/gpu_check.md"
