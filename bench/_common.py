@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import platform
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -82,11 +84,11 @@ def git_revision() -> str | None:
 
 
 def command_line(argv: Sequence[str] | None = None) -> str:
-    """The command as a user would type it from the repository root."""
+    """The command as a user would type it from the repository root (``python -m bench.NAME ...``)."""
     argv = list(sys.argv if argv is None else argv)
-    script = os.path.relpath(os.path.abspath(argv[0]), REPO)
+    module = os.path.relpath(os.path.abspath(argv[0]), REPO).removesuffix(".py").replace(os.sep, ".")
     python = os.path.relpath(sys.executable, REPO) if sys.executable.startswith(REPO) else sys.executable
-    return " ".join(shlex.quote(part) for part in [python, script, *argv[1:]])
+    return shlex.join([python, "-m", module, *argv[1:]])
 
 
 def median(values: Sequence[float]) -> float | None:
@@ -101,30 +103,80 @@ def spread(values: Sequence[float]) -> list[float] | None:
     return [min(values), max(values)] if values else None
 
 
-# Host reads ----------------------------------------------------------------------------------------
+# Starting runs -------------------------------------------------------------------------------------
+
+
+def horovodrun(ranks: int) -> list[str]:
+    """``horovodrun -np RANKS --gloo`` on this host: the one next to this Python, else the one on PATH."""
+    local = os.path.join(os.path.dirname(sys.executable), "horovodrun")
+    found = local if os.path.exists(local) else shutil.which("horovodrun")
+    if not found:
+        sys.exit("bench: horovodrun not found next to this Python nor on PATH; run 'make setup' first")
+    return [found, "-np", str(ranks), "--gloo", "-H", f"localhost:{ranks}"]
+
+
+def _niceness(nice: int | None) -> list[str]:
+    return ["nice", "-n", str(nice)] if nice is not None else []
+
+
+_TRAIN_ENV = {"PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
+
+
+class TrainWorker:
+    """One process of bench._train_worker that trains single-rank runs one after another (Python, torch
+    and Horovod start once rather than once a run)."""
+
+    def __init__(self, nice: int | None = None) -> None:
+        self.nice = nice
+        self.process: subprocess.Popen | None = None
+
+    def train(self, run_dir: str, arguments: Sequence[str]) -> int:
+        if self.process is None or self.process.poll() is not None:
+            self.process = subprocess.Popen(
+                [*_niceness(self.nice), sys.executable, "-m", "bench._train_worker"],
+                cwd=REPO,
+                env={**os.environ, **_TRAIN_ENV},
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write(json.dumps({"run_dir": run_dir, "argv": list(arguments)}) + "\n")
+        self.process.stdin.flush()
+        reply = self.process.stdout.readline()
+        return json.loads(reply)["exit"] if reply else -1
 
 
 def train(
-    tool: str, label: str, run_dir: str, arguments: Sequence[str], ranks: int = 2, nice: int | None = None
+    tool: str,
+    label: str,
+    run_dir: str,
+    arguments: Sequence[str],
+    ranks: int = 2,
+    nice: int | None = None,
+    worker: TrainWorker | None = None,
 ) -> int:
-    """``python -m launch.train ARGUMENTS``, under ``horovodrun -np RANKS --gloo`` when RANKS > 1 and
-    under ``nice -n NICE`` when given; its output goes to RUN_DIR/stdout.txt. Returns the exit code."""
+    """``python -m launch.train ARGUMENTS``: under horovodrun when RANKS > 1, in WORKER when given and
+    RANKS is 1, under ``nice -n NICE`` when given; its output goes to RUN_DIR/stdout.txt. Returns the
+    exit code (launch.errors names them)."""
     os.makedirs(run_dir, exist_ok=True)  # Horovod opens a timeline before the launcher makes folders
-    python = [os.path.join(REPO, ".venv/bin/python"), "-m", "launch.train", *arguments]
-    launcher = (
-        [os.path.join(REPO, ".venv/bin/horovodrun"), "-np", str(ranks), "--gloo", "-H", f"localhost:{ranks}"]
-        if ranks > 1
-        else []
-    )
-    niceness = ["nice", "-n", str(nice)] if nice is not None else []
-    print(f"[{tool}] {label}: {shlex.join(python[1:])}", flush=True)
     start = time.time()
-    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(niceness + launcher + python, cwd=REPO, capture_output=True, text=True, env=env)
-    with open(os.path.join(run_dir, "stdout.txt"), "w") as handle:
-        handle.write(result.stdout + result.stderr)
-    print(f"[{tool}]   {label}: exit {result.returncode} after {time.time() - start:.0f} s", flush=True)
-    return result.returncode
+    if worker is not None and ranks == 1:
+        print(f"[{tool}] {label}: in a worker", flush=True)
+        code = worker.train(run_dir, arguments)
+    else:
+        python = [sys.executable, "-m", "launch.train", *arguments]
+        launcher = horovodrun(ranks) if ranks > 1 else []
+        print(f"[{tool}] {label}: {shlex.join(python[1:])}", flush=True)
+        env = {**os.environ, **_TRAIN_ENV}
+        result = subprocess.run(
+            _niceness(nice) + launcher + python, cwd=REPO, capture_output=True, text=True, env=env
+        )
+        with open(os.path.join(run_dir, "stdout.txt"), "w") as handle:
+            handle.write(result.stdout + result.stderr)
+        code = result.returncode
+    print(f"[{tool}]   {label}: exit {code} after {time.time() - start:.0f} s", flush=True)
+    return code
 
 
 def train_on_two_ranks(tool: str, label: str, run_dir: str, arguments: Sequence[str]) -> None:

@@ -7,6 +7,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from launch.record.reader import read_summary
+
 CONFIG = "configs/fashion_mnist/small_resnet_kfac_every_step.yaml"
 BASE = [
     "train.world_size=1",
@@ -162,8 +164,8 @@ def finished(path: Path) -> bool:
 
 def outcome(path: Path) -> dict | None:
     """What a finished run gives the report: top-1, factor work, and whether it diverged or collapsed."""
-    if (path / "summary.json").exists():
-        summary = json.loads((path / "summary.json").read_text())
+    summary = read_summary(str(path))
+    if summary is not None:
         top1 = summary.get("final_top1")
         fisher = summary.get("fisher") or {}
         finite = all(summary.get("rank_state_finite") or [True])

@@ -15,6 +15,7 @@ import contextlib
 import gc
 import json
 import os
+import sys
 import time
 import warnings
 from typing import Any
@@ -72,11 +73,20 @@ def make_batches(args, rank: int, device, count: int):
     return batches
 
 
-def import_kfac_pytorch():
-    """gpauloski/kfac-pytorch from the checkout the benchmark put on PYTHONPATH (not installed: its
-    __init__ asks for its own version)."""
+def import_kfac_pytorch(path: str):
+    """gpauloski/kfac-pytorch from a checkout (not installed: its __init__ asks for its own version)."""
     import importlib.metadata as metadata
+    import importlib.util
 
+    spec = importlib.util.spec_from_file_location(
+        "kfac",
+        os.path.join(path, "kfac", "__init__.py"),
+        submodule_search_locations=[os.path.join(path, "kfac")],
+    )
+    if spec is None or spec.loader is None:
+        sys.exit(f"step_cost: --kfac-pytorch {path} has no kfac/__init__.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["kfac"] = module
     original = metadata.version
     metadata.version = lambda name: (
         "0+checkout" if name in ("kfac-pytorch", "kfac_pytorch") else original(name)
@@ -84,15 +94,15 @@ def import_kfac_pytorch():
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "NVIDIA Apex is not installed"
-            import kfac
+            spec.loader.exec_module(module)
     finally:
         metadata.version = original
-    return kfac
+    return module
 
 
 def build_theirs(name: str, model, args):
     """kfac-pytorch's KFACPreconditioner: every step, or its ImageNet example's 10/100 schedule."""
-    kfac = import_kfac_pytorch()
+    kfac = import_kfac_pytorch(args.kfac_pytorch)
     factor_steps, inverse_steps = (10, 100) if name == "kfacpt_example" else (1, 1)
     method = "eigen" if name.endswith("eigen") else "inverse"
     return kfac.preconditioner.KFACPreconditioner(
@@ -382,10 +392,8 @@ def time_im2col(run: Run, batch, precision: str, options: dict[str, Any]) -> flo
     removed."""
     import torch
 
-    try:
-        from kfac_hvd.precision import takes_narrow_inputs
-    except ImportError:  # a revision before the narrow path: every product of fp32 copies
-        takes_narrow_inputs = None
+    from kfac_hvd.precision import takes_narrow_inputs
+
     enabled = options.get("narrow_factor_products", False)
     inputs: dict[str, Any] = {}
     unfolding = {
@@ -407,11 +415,8 @@ def time_im2col(run: Run, batch, precision: str, options: dict[str, Any]) -> flo
     started = time.perf_counter()
     for name, layer in unfolding.items():
         x = inputs[name]
-        if takes_narrow_inputs is None:
-            narrow, per_sample = False, layer._input_sample_bytes(x)
-        else:
-            narrow = takes_narrow_inputs(x, layer.factor_dtype, enabled)
-            per_sample = layer._input_sample_bytes(x, narrow)
+        narrow = takes_narrow_inputs(x, layer.factor_dtype, enabled)
+        per_sample = layer._input_sample_bytes(x, narrow)
         for chunk in sample_chunks(x, per_sample, run.ours.capture.chunk_bytes):
             layer._input_columns(chunk if narrow else chunk.to(layer.factor_dtype))
     synchronize(run.device)

@@ -9,6 +9,7 @@ order and augmentation (``train.seed``), so a run does not depend on the runs be
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import sys
@@ -21,17 +22,17 @@ def main() -> int:
     replies = sys.stdout
     for line in sys.stdin:
         job = json.loads(line)
-        os.makedirs(job["run_dir"], exist_ok=True)
-        with (
-            open(os.path.join(job["run_dir"], "stdout.txt"), "w") as log,
-            contextlib.redirect_stdout(log),
-            contextlib.redirect_stderr(log),
-        ):
+        # The log is written after the run: the launcher refuses a log.dir that already holds outputs.
+        log = io.StringIO()
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
             try:
                 code = train(job["argv"])
             except BaseException:
                 traceback.print_exc()
                 code = 1
+        os.makedirs(job["run_dir"], exist_ok=True)
+        with open(os.path.join(job["run_dir"], "stdout.txt"), "w") as handle:
+            handle.write(log.getvalue())
         replies.write(json.dumps({"exit": code}) + "\n")
         replies.flush()
     return 0

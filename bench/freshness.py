@@ -32,14 +32,13 @@ import datetime
 import json
 import os
 import shutil
-import subprocess
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from bench._common import REPO, train
+from bench._common import REPO, TrainWorker, train
 from bench._freshness_plan import (
     BASE,
     BASE_ORDER,
@@ -64,35 +63,6 @@ from launch.errors import EXIT_DIVERGED
 ROOT = Path(REPO)
 
 
-class Worker:
-    """A process of bench/_train_worker.py (one per sweep thread) for the single-rank runs."""
-
-    def __init__(self) -> None:
-        self.process: subprocess.Popen | None = None
-
-    def train(self, label: str, run_dir: Path, argv: list[str]) -> int:
-        if self.process is None or self.process.poll() is not None:
-            env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-            command = [
-                "nice",
-                "-n",
-                str(NICE),
-                str(ROOT / ".venv/bin/python"),
-                str(Path(__file__).parent / "_train_worker.py"),
-            ]
-            self.process = subprocess.Popen(
-                command, cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-            )
-        print(f"[freshness] {label}: in a worker", flush=True)
-        start = time.time()
-        self.process.stdin.write(json.dumps({"run_dir": str(run_dir), "argv": argv}) + "\n")
-        self.process.stdin.flush()
-        reply = self.process.stdout.readline()
-        code = json.loads(reply)["exit"] if reply else -1
-        print(f"[freshness]   {label}: exit {code} after {time.time() - start:.0f} s", flush=True)
-        return code
-
-
 _workers = threading.local()
 
 
@@ -105,12 +75,9 @@ def run_one(runs_dir: Path, regime: Regime, schedule: str, seed: int) -> None:
     start = time.time()
     argv = ["--config", CONFIG, *BASE, *regime.overrides, *overrides, f"train.seed={seed}", f"log.dir={path}"]
     name = f"{regime.name} / {schedule} / seed {seed}"
-    if regime.ranks > 1:
-        code = train("freshness", name, str(path), argv, ranks=regime.ranks, nice=NICE)
-    else:
-        if not hasattr(_workers, "worker"):
-            _workers.worker = Worker()
-        code = _workers.worker.train(name, path, argv)
+    if not hasattr(_workers, "worker"):
+        _workers.worker = TrainWorker(nice=NICE)
+    code = train("freshness", name, str(path), argv, ranks=regime.ranks, nice=NICE, worker=_workers.worker)
     if code == 0 and (path / "summary.json").exists():
         return
     status = "diverged" if code == EXIT_DIVERGED else "failed"

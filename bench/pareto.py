@@ -21,11 +21,11 @@ docs/results/pareto/{pareto.md,runs.json,front.png,transfer.png}.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 
-from bench._common import REPO
+from bench._common import REPO, train_on_two_ranks
+from launch.record.reader import read_summary
 
 ROOT = Path(REPO)
 
@@ -120,8 +120,6 @@ def transfer_runs() -> list[Run]:
 
 
 def run_one(args: argparse.Namespace, name: str, overrides: list[str], seed: int) -> Path:
-    from bench._common import train_on_two_ranks
-
     run_dir = ROOT / args.runs_dir / f"{name}_s{seed}"
     if (run_dir / "summary.json").exists() or args.report_only:
         return run_dir
@@ -145,7 +143,9 @@ def run_one(args: argparse.Namespace, name: str, overrides: list[str], seed: int
 
 
 def ratio_of(run_dir: Path) -> float:
-    return json.loads((run_dir / "summary.json").read_text())["fisher"]["ratio"]
+    summary = read_summary(str(run_dir))
+    assert summary is not None  # only finished runs are asked
+    return summary["fisher"]["ratio"]
 
 
 def main() -> int:

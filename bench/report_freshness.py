@@ -248,5 +248,6 @@ def write_report(runs_dir: Path, out: Path) -> None:
             indent=1,
         )
     )
-    plot(found, out)
+    if found:  # no finished run yet: the tables say so, there is nothing to draw
+        plot(found, out)
     print("\n".join(lines))

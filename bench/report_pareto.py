@@ -11,22 +11,28 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from bench._common import interpolate_log_x, pct
+from launch.record.reader import read_run
 
 PAPER = {0.2: 0.169, 0.25: 0.119, 0.3: 0.109}  # Table 1: Fisher traffic as a fraction of every step
 
 
 def load(path: Path) -> dict[str, Any]:
-    summary = json.loads((path / "summary.json").read_text())
-    steps, intervals, traffic = [], [], []
-    with (path / "metrics.jsonl").open() as handle:
-        for line in handle:
-            entry = json.loads(line)
-            if "mean_interval" in entry and "loss" in entry:
-                steps.append(entry["step"])
-                intervals.append(entry["mean_interval"])
-                traffic.append((entry.get("fisher") or {}).get("ratio"))
-    return {"summary": summary, "steps": steps, "mean_interval": intervals, "traffic": traffic}
+    """The summary and, at each record with a mean interval (none for SGD), that interval and the
+    Fisher traffic ratio (None where the record has none)."""
+    log = read_run(str(path))
+    if log.mean_interval is None:
+        return {"summary": log.summary, "steps": [], "mean_interval": [], "traffic": []}
+    kept = np.isfinite(log.mean_interval)
+    ratio = log.ratio[kept] if log.ratio is not None else np.full(kept.sum(), np.nan)
+    return {
+        "summary": log.summary,
+        "steps": log.steps[kept].tolist(),
+        "mean_interval": log.mean_interval[kept].tolist(),
+        "traffic": [float(r) if np.isfinite(r) else None for r in ratio],
+    }
 
 
 def aggregate(runs: dict[tuple[str, int], tuple[str, Path]]) -> dict[str, dict[str, Any]]:

@@ -69,7 +69,7 @@ import tempfile
 import time
 from typing import Any
 
-from bench._common import REPO, command_line, git_revision, load_average, machine_info
+from bench._common import REPO, command_line, git_revision, horovodrun, load_average, machine_info
 
 CONFIGS = (
     "sgd",
@@ -262,14 +262,6 @@ def launcher_for(args: argparse.Namespace, ranks: int) -> str:
     return chosen
 
 
-def horovodrun() -> str:
-    local = os.path.join(os.path.dirname(sys.executable), "horovodrun")
-    found = local if os.path.exists(local) else shutil.which("horovodrun")
-    if not found:
-        sys.exit("step_cost: horovodrun not found next to this Python nor on PATH; run 'make setup' first")
-    return found
-
-
 def snapshot_library(args: argparse.Namespace, root: str) -> dict[str, str]:
     """Copy kfac_hvd once (working tree, or --library-rev), so that every launch measures the same code."""
     target = os.path.join(root, "library")
@@ -304,7 +296,8 @@ def launch(args: argparse.Namespace, ranks: int, library: str, argv: list[str]) 
     how = launcher_for(args, ranks)
     worker = [
         sys.executable,
-        os.path.abspath(__file__),
+        "-m",
+        "bench.step_cost",
         *argv,
         "--worker",
         "--worker-dir",
@@ -314,19 +307,14 @@ def launch(args: argparse.Namespace, ranks: int, library: str, argv: list[str]) 
         "--launcher",
         how,
     ]
-    cmd = (
-        worker
-        if how == "direct"
-        else [horovodrun(), "-np", str(ranks), "--gloo", "-H", f"localhost:{ranks}", *worker]
-    )
+    cmd = worker if how == "direct" else [*horovodrun(ranks), *worker]
     env = dict(os.environ)
     threads = str(args.threads)
     env.update(
         OMP_NUM_THREADS=threads,
         MKL_NUM_THREADS=threads,
         OPENBLAS_NUM_THREADS=threads,
-        # kfac-pytorch from its checkout (not installed: its __init__ asks for its own version).
-        PYTHONPATH=os.pathsep.join(filter(None, [library, REPO, args.kfac_pytorch, env.get("PYTHONPATH")])),
+        PYTHONPATH=os.pathsep.join(filter(None, [library, REPO, env.get("PYTHONPATH")])),
     )
     timeline = os.path.join(worker_dir, "timeline.json")
     if how == "horovodrun" and ranks > 1:
@@ -334,7 +322,7 @@ def launch(args: argparse.Namespace, ranks: int, library: str, argv: list[str]) 
     print(f"[step_cost] {ranks} rank(s), {how}: {' '.join(cmd[:7])} ...", flush=True)
     started = time.time()
     try:
-        returncode = subprocess.run(cmd, env=env, timeout=args.timeout).returncode
+        returncode = subprocess.run(cmd, env=env, timeout=args.timeout, cwd=worker_dir).returncode
     except subprocess.TimeoutExpired:
         returncode = "timeout"
     per_rank = []
@@ -414,7 +402,7 @@ def external_revision(path: str | None) -> str | None:
 
 
 def parent(args: argparse.Namespace, argv: list[str]) -> None:
-    from bench import _step_cost_document as document
+    import bench._step_cost_document as document
 
     os.makedirs(args.out, exist_ok=True)
     if args.rerender:

@@ -4,7 +4,7 @@
     .venv/bin/python -m bench.table1 --report-only   # tables and plots from finished runs
     .venv/bin/python -m bench.table1 --batchnorm-fisher full --runs-dir runs/table1_full \
         --out docs/results/table1_bn/full --only kfac_every_step lambda0.2 lambda0.25 lambda0.3
-                                                             # the same with 2Cx2C BatchNorm blocks
+                                                     # the same with 2Cx2C BatchNorm blocks
 
 Runs (identical hyperparameters, configs/fashion_mnist/base.yaml plus the overrides below, each seed):
 SGD; K-FAC every step; K-FAC λ = 0.2, 0.25, 0.3 (modulo, the paper's rule); λ = 0.25 since_last; and
@@ -15,13 +15,15 @@ K-FAC with a fixed interval k chosen to match the traffic of the λ = 0.2 and λ
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 from pathlib import Path
 
-from bench._common import REPO
+import numpy as np
+
+from bench._common import REPO, train_on_two_ranks
 from kfac_hvd.timeline import read_collectives
+from launch.record.reader import read_run
 
 ROOT = Path(REPO)
 
@@ -75,8 +77,6 @@ def common_overrides(args: argparse.Namespace, seed: int, run_dir: Path) -> list
 
 
 def run_one(args, name: str, overrides: list, seed: int) -> Path:
-    from bench._common import train_on_two_ranks
-
     run_dir = ROOT / args.runs_dir / f"{name}_s{seed}"
     if (run_dir / "summary.json").exists():
         return run_dir
@@ -93,28 +93,20 @@ def run_one(args, name: str, overrides: list, seed: int) -> Path:
 
 
 def load_run(run_dir: Path) -> dict:
-    summary = json.loads((run_dir / "summary.json").read_text())
-    steps, cumulative, intervals, due_counts = [], [], [], []
-    with (run_dir / "metrics.jsonl").open() as handle:
-        for line in handle:
-            entry = json.loads(line)
-            if "fisher" in entry and "loss" in entry:
-                steps.append(entry["step"])
-                cumulative.append(entry["fisher"]["payload_bytes"])
-                layers = entry.get("kfac", {}).get("layers", {})
-                intervals.append([layer["interval"] for layer in layers.values()])
-                due_counts.append(sum(layer["due"] for layer in layers.values()))
-    layer_names = []
-    if intervals and intervals[0]:
-        first = json.loads((run_dir / "metrics.jsonl").open().readline())
-        layer_names = list(first.get("kfac", {}).get("layers", {}))
+    """The summary and, at each record with Fisher traffic (none for SGD), the cumulative payload and
+    every layer's interval and due flag."""
+    log = read_run(str(run_dir))
+    payload = log.fisher_payload_bytes
+    kept = np.isfinite(payload) if payload is not None else np.zeros(len(log.steps), bool)
+    intervals = log.interval[:, kept].T if log.interval is not None else np.zeros((kept.sum(), 0))
+    due = log.due[:, kept] if log.due is not None else np.zeros((0, kept.sum()), bool)
     return {
-        "summary": summary,
-        "steps": steps,
-        "cumulative_payload_bytes": cumulative,
-        "intervals": intervals,
-        "due_layers": due_counts,
-        "layer_names": layer_names,
+        "summary": log.summary,
+        "steps": log.steps[kept].tolist(),
+        "cumulative_payload_bytes": [int(b) for b in payload[kept]] if payload is not None else [],
+        "intervals": [[int(k) for k in row] for row in intervals],
+        "due_layers": due.sum(axis=0).tolist(),
+        "layer_names": log.layers if len(intervals) and log.layers else [],
     }
 
 

@@ -37,6 +37,8 @@ class RunLog:
     wire_bytes: np.ndarray | None = None
     every_step_wire_bytes: np.ndarray | None = None
     ratio: np.ndarray | None = None
+    fisher_payload_bytes: np.ndarray | None = None  # cumulative Fisher payload per rank at each record
+    mean_interval: np.ndarray | None = None  # the records' mean interval over layers (NaN: none)
     # Per-layer records (log.layer_records), rows in model order; NaN where a record has no entry.
     layers: list[str] = field(default_factory=list)
     batchnorm: np.ndarray | None = None  # bool per layer (its Fisher block is unit-wise: diff_F)
@@ -98,6 +100,15 @@ def method_label(summary: dict) -> str:
     return "kfac, every step" if every == 1 else f"kfac, every {every} steps"
 
 
+def read_summary(path: str) -> dict[str, Any] | None:
+    """The folder's summary.json, None where the run has none (it did not finish)."""
+    try:
+        with open(os.path.join(path, "summary.json"), encoding="utf-8") as fh:
+            return json.load(fh)
+    except FileNotFoundError:
+        return None
+
+
 def read_run(path: str) -> RunLog:
     """Everything the pictures need from one run folder; NotARun when there is nothing to draw."""
     metrics = os.path.join(path, "metrics.jsonl")
@@ -108,10 +119,9 @@ def read_run(path: str) -> RunLog:
     problems: list[str] = []
     summary = None
     try:
-        with open(os.path.join(path, "summary.json"), encoding="utf-8") as fh:
-            summary = json.load(fh)
-    except FileNotFoundError:
-        problems.append("no summary.json (an unfinished run?): drawn from metrics.jsonl")
+        summary = read_summary(path)
+        if summary is None:
+            problems.append("no summary.json (an unfinished run?): drawn from metrics.jsonl")
     except (OSError, json.JSONDecodeError) as exc:
         problems.append(f"summary.json unreadable ({exc}): drawn from metrics.jsonl")
     cfg = _read_config(path)
@@ -163,6 +173,9 @@ def read_run(path: str) -> RunLog:
         log.wire_bytes = fisher_column("wire_bytes")
         log.every_step_wire_bytes = fisher_column("every_step_wire_bytes")
         log.ratio = fisher_column("ratio")
+        log.fisher_payload_bytes = fisher_column("payload_bytes")
+    if any("mean_interval" in e for e in train):
+        log.mean_interval = column("mean_interval")
     _read_layers(log, [k if isinstance(k := e.get("kfac"), dict) else {} for e in train])
     return log
 
