@@ -1,6 +1,8 @@
 # Everything builds idempotently: Debian packages, the venv, torch, Horovod (cached wheel), the project.
 # The venv holds what requirements/lock.txt says, file hashes and all; `make lock` refreshes that lock.
 # HOROVOD_GPU_OPERATIONS=NCCL make setup   installs the NCCL flavour of Horovod instead of the cpu one.
+# ENGINE=torch make setup (or make setup ENGINE=torch)   skips Horovod: the venv for train.engine=torch
+#   (torch.distributed); `make demo ENGINE=torch` runs the demo under torchrun.
 # TORCH_SPEC="torch==X torchvision==Y" TORCH_INDEX_URL=URL make setup   installs that torch build (pip
 #   requirements, from that index; default: the pins below, from pip's configured indexes); a torch that
 #   satisfies TORCH_SPEC is kept. The V100 set-up: README.md, "GPU generations".
@@ -10,12 +12,14 @@ TORCH_INDEX_URL ?=
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kfac-hvd-ready
 NP ?= 2
+ENGINE ?= horovod
 SDIST_DIR := .gpu_carry
 LOCK := requirements/lock.txt
 
 .PHONY: setup torch horovod horovod-sdist demo test lint lock clean-venv
 
-setup: horovod
+# The chain's last link: Horovod (which needs torch), or torch alone for ENGINE=torch.
+setup: $(if $(filter torch,$(ENGINE)),torch,horovod)
 
 INSTALL_TORCH = PYTHON=$(PY) TORCH_SPEC="$(TORCH_SPEC)" TORCH_INDEX_URL="$(TORCH_INDEX_URL)" bash scripts/install_torch.sh
 
@@ -54,7 +58,7 @@ horovod-sdist:
 	PYTHON=$$(test -x $(PY) && echo $(PY) || echo python3) bash scripts/install_horovod.sh --download-sdist $(SDIST_DIR)
 
 demo: setup
-	NP=$(NP) bash scripts/demo.sh
+	NP=$(NP) ENGINE=$(ENGINE) bash scripts/demo.sh
 
 # Strict: a missing or broken Horovod, mpirun or Fashion-MNIST fails the run instead of skipping tests.
 test: setup

@@ -1,7 +1,8 @@
 """Entry point: ``python -m launch.train --config FILE [section.key=value ...] [--dry-run]``.
 
 Also installed as ``kfac-hvd-train``.  Start it with ``horovodrun -np N ...`` or ``mpirun -np N ...``
-(one process per GPU or per CPU slot); a single process runs without a launcher.  See docs/LAUNCHER.md.
+(one process per GPU or per CPU slot); with ``train.engine=torch`` also ``torchrun`` or ``srun``; a single
+process runs without a launcher.  See docs/LAUNCHER.md.
 
 Exit codes: 0 success, 1 unexpected error, 2 bad input (configuration, data, checkpoint, ranks that
 disagree, a run folder in use or holding another run; one line on stderr, the same on every rank),
@@ -20,6 +21,7 @@ import sys
 
 from launch.config.load import Config, data_problems, load_config, resolve_paths
 from launch.dist.device import check_device
+from launch.dist.engine import check_engine
 from launch.dist.horovod_setup import check_controller, env_rank
 from launch.errors import EXIT_ABORTED, EXIT_STORAGE, ConfigError, RunStop, StorageError, storage_problem
 from launch.plan import dry_run
@@ -79,9 +81,11 @@ def precheck(cfg: Config) -> None:
             problem = _unwritable(folder)
             if problem:
                 raise cfg.error(key, problem)
-    check_horovod(cfg)
-    check_controller(cfg)
-    check_elastic(cfg)
+    check_engine(cfg)
+    if cfg.train.engine == "horovod":
+        check_horovod(cfg)
+        check_controller(cfg)
+        check_elastic(cfg)
     check_device(cfg)  # CUDA present when asked for, precision supported, Horovod able to take CUDA tensors
 
 
@@ -182,11 +186,14 @@ STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
 
 
 def _peer_lost(exc: BaseException) -> bool:
-    try:
-        from horovod.common.exceptions import HorovodInternalError
-    except ImportError:
-        return False
-    return isinstance(exc, HorovodInternalError)
+    """A collective failed because a peer went away: Horovod's error (only where Horovod is loaded: a
+    torch run never imports it), or torch.distributed's."""
+    horovod_errors = sys.modules.get("horovod.common.exceptions")
+    if horovod_errors is not None and isinstance(exc, horovod_errors.HorovodInternalError):
+        return True
+    import torch.distributed as dist
+
+    return isinstance(exc, dist.DistError)
 
 
 if __name__ == "__main__":

@@ -142,6 +142,11 @@ class TrainSection(Section):
         description="ranks the experiment is planned for (dry run); a launch with another number of ranks "
         "stops (exit code 2); null: any number",
     )
+    engine: Literal["horovod", "torch"] = Field(
+        default="horovod",
+        description="horovod: Horovod (horovodrun, mpirun); torch: torch.distributed (torchrun, mpirun, "
+        "srun; Gloo on CPUs, NCCL on GPUs), no Horovod needed; the horovod section is then unused",
+    )
     elastic: bool = Field(
         default=False,
         description="Horovod elastic training under horovodrun --gloo --min-np/--max-np "

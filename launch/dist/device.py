@@ -79,7 +79,8 @@ def check_device(cfg: Config) -> None:
         )
     if wants_cuda(t.device):
         _check_gpu(cfg)
-        _check_horovod_gpu_support(cfg)
+        if cfg.train.engine == "horovod":
+            _check_horovod_gpu_support(cfg)
     else:
         _check_cpu_precision(cfg)
 
@@ -185,9 +186,9 @@ def _check_horovod_gpu_support(cfg: Config) -> None:
         )
 
 
-def host_collectives_warning(device: torch.device) -> str | None:
-    """The start-up warning of a run that chose to stage collectives through host memory."""
-    if device.type != "cuda":
+def host_collectives_warning(device: torch.device, engine: str) -> str | None:
+    """The start-up warning of a Horovod run that chose to stage collectives through host memory."""
+    if device.type != "cuda" or engine != "horovod":
         return None
     import horovod.torch as hvd
 

@@ -66,6 +66,7 @@ def env_rank() -> int:
         "PMI_RANK",
         "MV2_COMM_WORLD_RANK",
         "SLURM_PROCID",
+        "RANK",  # torchrun
     ):
         if key in os.environ:
             try:
@@ -82,6 +83,7 @@ LOCAL_RANK_ENV = (
     "MPI_LOCALRANKID",
     "SLURM_LOCALID",
     "PMI_LOCAL_RANK",
+    "LOCAL_RANK",  # torchrun
 )
 
 

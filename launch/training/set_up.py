@@ -12,7 +12,7 @@ from torch.utils.data import Dataset
 import kfac_hvd
 from launch.config.load import Config
 from launch.dist.device import apply_backend_flags, describe_device, host_collectives_warning, pick_device
-from launch.dist.horovod_setup import init_horovod
+from launch.dist.engine import start_engine
 from launch.dist.mixed_precision import MixedPrecision
 from launch.dist.world import check_world
 from launch.record.console import log0, setup_logging
@@ -48,9 +48,9 @@ def build_optimizer(cfg: Config, model: nn.Module, hvd: Any) -> torch.optim.Opti
 
 
 def set_up(cfg: Config) -> Run:
-    # The data first: a folder or file that cannot be read ends every rank alike before Horovod starts.
+    # The data first: a folder or file that cannot be read ends every rank alike before the engine starts.
     train_ds, val_ds = build_datasets(cfg)
-    hvd, how = init_horovod(cfg.horovod)
+    hvd, how = start_engine(cfg)
     rank, size = hvd.rank(), hvd.size()
     setup_logging(rank)
     if cfg.train.threads:
@@ -64,7 +64,7 @@ def set_up(cfg: Config) -> Run:
     precision = MixedPrecision(cfg.train.precision, cfg.train.channels_last, device)
     log0(hvd, describe_device(cfg.train.device, device))
     log0(hvd, precision.describe() + ("; " + ", ".join(flags) if device.type == "cuda" else ""))
-    warning = host_collectives_warning(device)
+    warning = host_collectives_warning(device, cfg.train.engine)
     if warning:
         log0(hvd, warning)
     if cfg.train.world_size is not None and cfg.train.world_size != size:
