@@ -7,8 +7,8 @@ import socket
 
 import pytest
 import torch
-from launch_helpers.common import BIN, horovod_ready, launcher_prefix
-from launch_helpers.jobs import job, tiny, train_cmd
+from tests.helpers.common import BIN, horovod_ready, launcher_prefix
+from tests.helpers.jobs import job, tiny, train_cmd
 
 needs_horovod = pytest.mark.skipif(not horovod_ready(), reason="horovod not installed")
 needs_mpirun = pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun not installed")
@@ -26,7 +26,7 @@ def horovod_blocked(tmp_path) -> dict[str, str]:
     block = tmp_path / "block_horovod"
     block.mkdir()
     (block / "sitecustomize.py").write_text('import sys\nsys.modules["horovod"] = None\n')
-    from launch_helpers.common import REPO
+    from tests.helpers.common import REPO
 
     return {"PYTHONPATH": f"{block}{os.pathsep}{REPO}", "GLOO_SOCKET_IFNAME": "lo"}
 
