@@ -12,7 +12,7 @@ from torch.utils.data import Dataset
 import kfac_hvd
 from launch.config.load import Config
 from launch.dist.device import apply_backend_flags, describe_device, host_collectives_warning, pick_device
-from launch.dist.horovod_setup import init_horovod
+from launch.dist.horovod_setup import gradient_groups, init_horovod
 from launch.dist.mixed_precision import MixedPrecision
 from launch.dist.world import check_world
 from launch.record.console import log0, setup_logging
@@ -38,7 +38,12 @@ def build_optimizer(cfg: Config, model: nn.Module, hvd: Any) -> torch.optim.Opti
         model.parameters(), lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay
     )
     compression = hvd.Compression.fp16 if cfg.horovod.fp16_allreduce else hvd.Compression.none
-    return hvd.DistributedOptimizer(base, named_parameters=model.named_parameters(), compression=compression)
+    return hvd.DistributedOptimizer(
+        base,
+        named_parameters=model.named_parameters(),
+        compression=compression,
+        groups=gradient_groups(cfg.horovod, model),
+    )
 
 
 def set_up(cfg: Config) -> Run:
