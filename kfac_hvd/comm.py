@@ -159,53 +159,23 @@ class LocalCommunicator:
         return handle
 
 
-# Horovod's default fusion buffer: a group of factors is as large as one fused message would be.
-HOROVOD_GROUP_BYTES = 64 * 2**20
-
-
 class HorovodCommunicator:
     """Named, asynchronous in-place Horovod collectives, so Horovod can fuse and overlap them.
 
-    The factor allreduces travel in fixed groups (``hvd.grouped_allreduce_async_``)
-    instead of one by one: which tensors share a fusion buffer, and so the order of each element's sum
-    at three ranks or more, is then the same in every run (``group_bytes`` = 0: one by one). A group closes when it holds ``group_bytes``,
-    when the kind of factor changes (the A factors of the forward pass start as one group while backward
-    runs), or at the first ``wait``. Horovod keeps a group to itself only with
-    ``HOROVOD_DISABLE_GROUP_FUSION=1``; otherwise it may still fuse a group with whatever else is ready.
-    """
+    Under ``HOROVOD_DISABLE_GROUP_FUSION=1`` Horovod fuses none of them (each lone allreduce is a group of
+    its own): every factor then travels alone, in a buffer of its own, and its sum has the same order in
+    every run. Fused with whatever else is ready in a cycle, a factor's place in the buffer, and so the
+    order of a ring allreduce's sum at 3+ ranks, would depend on timing."""
 
-    def __init__(self, group_bytes: int = HOROVOD_GROUP_BYTES) -> None:
+    def __init__(self) -> None:
         import horovod.torch as hvd  # imported here: the library works without Horovod in one process
 
         self._hvd = hvd
         self.rank = hvd.rank()
         self.size = hvd.size()
-        self.group_bytes = group_bytes
-        self._open: list[tuple[torch.Tensor, str, _GroupMember]] = []
-        self._open_bytes = 0
 
     def allreduce_async(self, tensor: torch.Tensor, name: str) -> Any:
-        if self.group_bytes <= 0:
-            return self._hvd.allreduce_async_(tensor, name=name, op=self._hvd.Average)
-        if self._open and (_kind(name) != _kind(self._open[0][1]) or tensor.dtype != self._open[0][0].dtype):
-            self._close_group()
-        member = _GroupMember(tensor)
-        self._open.append((tensor, name, member))
-        self._open_bytes += tensor.numel() * tensor.element_size()
-        if self._open_bytes >= self.group_bytes:
-            self._close_group()
-        return member
-
-    def _close_group(self) -> None:
-        if not self._open:
-            return
-        tensors = [tensor for tensor, _, _ in self._open]
-        # The group's name: its first tensor and its length, the same on every rank (same hook order).
-        name = f"{self._open[0][1]}+{len(tensors)}"
-        group = _Group(self._hvd.grouped_allreduce_async_(tensors, name=name, op=self._hvd.Average))
-        for _, _, member in self._open:
-            member.group = group
-        self._open, self._open_bytes = [], 0
+        return self._hvd.allreduce_async_(tensor, name=name, op=self._hvd.Average)
 
     def allgather_async(self, tensor: torch.Tensor, name: str, *, sizes: Sequence[int] | None = None) -> Any:
         """Concatenation of every rank's ``tensor`` (first dimensions may differ), in rank order.
@@ -213,37 +183,7 @@ class HorovodCommunicator:
         return self._hvd.allgather_async(tensor, name=name)
 
     def wait(self, handle: Any) -> torch.Tensor:
-        if isinstance(handle, _GroupMember):
-            if handle.group is None:
-                self._close_group()
-            group = handle.group
-            assert group is not None
-            if not group.done:
-                self._hvd.synchronize(group.handle)
-                group.done = True
-            return handle.tensor
         return self._hvd.synchronize(handle)
-
-
-def _kind(name: str) -> str:
-    """``kfac.A.<layer>`` -> ``A``: the part of a factor's name that says which pass produced it."""
-    parts = name.split(".", 2)
-    return parts[1] if len(parts) > 2 else name
-
-
-class _Group:
-    """One in-flight grouped allreduce."""
-
-    def __init__(self, handle: Any) -> None:
-        self.handle, self.done = handle, False
-
-
-class _GroupMember:
-    """One tensor of a group (in place: it holds the average once its group has arrived)."""
-
-    def __init__(self, tensor: torch.Tensor) -> None:
-        self.tensor = tensor
-        self.group: _Group | None = None
 
 
 class _PendingAverage:

@@ -234,7 +234,7 @@ class HorovodSection(Section):
     fixed_fusion: bool = Field(
         default=True,
         description="tensor fusion in fixed groups (HOROVOD_DISABLE_GROUP_FUSION=1, the gradients in groups "
-        "of at most fusion_threshold_mb in backward order, the K-FAC factors in groups per pass), so two "
+        "of at most fusion_threshold_mb in backward order, each K-FAC factor alone), so two "
         "identical launches give bit-identical weights; false: Horovod fuses whatever is ready in a cycle, "
         "which at 3+ ranks changes the order of the sums from run to run",
     )
