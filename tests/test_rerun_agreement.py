@@ -80,3 +80,4 @@ def test_fixed_fusion_keeps_groups_apart_in_horovod():
 
     assert horovod_env(HorovodSection())["HOROVOD_DISABLE_GROUP_FUSION"] == "1"
     assert "HOROVOD_DISABLE_GROUP_FUSION" not in horovod_env(HorovodSection(fixed_fusion=False))
+    assert "HOROVOD_DISABLE_GROUP_FUSION" not in horovod_env(HorovodSection(fusion_threshold_mb=0))

@@ -23,7 +23,7 @@ def horovod_env(hcfg: Any) -> dict[str, str]:
     env = {}
     if hcfg.fusion_threshold_mb is not None:
         env["HOROVOD_FUSION_THRESHOLD"] = str(int(hcfg.fusion_threshold_mb * 1024 * 1024))
-    if hcfg.fixed_fusion:
+    if hcfg.fixed_fusion and hcfg.fusion_threshold_mb != 0:  # without fusion every tensor travels alone
         env["HOROVOD_DISABLE_GROUP_FUSION"] = "1"
     if hcfg.cycle_time_ms is not None:
         env["HOROVOD_CYCLE_TIME"] = f"{hcfg.cycle_time_ms:g}"
