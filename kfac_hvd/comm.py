@@ -160,7 +160,12 @@ class LocalCommunicator:
 
 
 class HorovodCommunicator:
-    """Named, asynchronous in-place Horovod collectives, so Horovod can fuse and overlap them."""
+    """Named, asynchronous in-place Horovod collectives, so Horovod can fuse and overlap them.
+
+    Under ``HOROVOD_DISABLE_GROUP_FUSION=1`` Horovod fuses none of them (each lone allreduce is a group of
+    its own): every factor then travels alone, in a buffer of its own, and its sum has the same order in
+    every run. Fused with whatever else is ready in a cycle, a factor's place in the buffer, and so the
+    order of a ring allreduce's sum at 3+ ranks, would depend on timing."""
 
     def __init__(self) -> None:
         import horovod.torch as hvd  # imported here: the library works without Horovod in one process

@@ -268,6 +268,13 @@ class HorovodSection(Section):
     fusion_threshold_mb: Number | None = Field(
         default=None, ge=0, description="HOROVOD_FUSION_THRESHOLD (MiB)"
     )
+    fixed_fusion: bool = Field(
+        default=True,
+        description="tensor fusion in fixed groups (HOROVOD_DISABLE_GROUP_FUSION=1, the gradients in groups "
+        "of at most fusion_threshold_mb in backward order, each K-FAC factor alone), so two "
+        "identical launches give bit-identical weights; false: Horovod fuses whatever is ready in a cycle, "
+        "which at 3+ ranks changes the order of the sums from run to run",
+    )
     cycle_time_ms: Number | None = Field(default=None, gt=0, description="HOROVOD_CYCLE_TIME (ms)")
     timeline: str | None = Field(default=None, description="HOROVOD_TIMELINE file (Chrome trace)")
     timeline_mark_cycles: bool = Field(default=False, description="HOROVOD_TIMELINE_MARK_CYCLES")
@@ -351,6 +358,7 @@ RESUME_MAY_CHANGE = (
     "debug.*",
     "horovod.init",
     "horovod.fusion_threshold_mb",
+    "horovod.fixed_fusion",
     "horovod.cycle_time_ms",
     "horovod.timeline",
     "horovod.timeline_mark_cycles",

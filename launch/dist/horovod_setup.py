@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 # Environment variables set by MPI launchers (Open MPI, MPICH / Intel MPI / PMI, PMIx, MVAPICH, Slurm).
 MPI_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE", "MPI_LOCALNRANKS")
@@ -20,6 +23,8 @@ def horovod_env(hcfg: Any) -> dict[str, str]:
     env = {}
     if hcfg.fusion_threshold_mb is not None:
         env["HOROVOD_FUSION_THRESHOLD"] = str(int(hcfg.fusion_threshold_mb * 1024 * 1024))
+    if hcfg.fixed_fusion and hcfg.fusion_threshold_mb != 0:  # without fusion every tensor travels alone
+        env["HOROVOD_DISABLE_GROUP_FUSION"] = "1"
     if hcfg.cycle_time_ms is not None:
         env["HOROVOD_CYCLE_TIME"] = f"{hcfg.cycle_time_ms:g}"
     if hcfg.timeline:
@@ -40,6 +45,36 @@ def horovod_env(hcfg: Any) -> dict[str, str]:
     if hcfg.gloo_timeout_s is not None:
         env["HOROVOD_GLOO_TIMEOUT_SECONDS"] = str(hcfg.gloo_timeout_s)
     return env
+
+
+# Horovod's fusion buffer when HOROVOD_FUSION_THRESHOLD is unset.
+DEFAULT_FUSION_BYTES = 64 * 2**20
+
+
+def gradient_groups(hcfg: Any, model: torch.nn.Module) -> list[list[torch.nn.Parameter]] | None:
+    """The fixed groups of the gradient allreduce (``DistributedOptimizer(groups=...)``), or None to let
+    Horovod fuse the gradients that are ready in each cycle.
+
+    Which gradients share a fusion buffer decides where each one lies in it, and with that the order in
+    which a ring allreduce sums its elements at 3+ ranks; fixed groups (each kept to itself by
+    HOROVOD_DISABLE_GROUP_FUSION=1) make that order the same in every run. The parameters are taken in
+    reverse order (the order backward produces their gradients) into groups of at most one fusion buffer,
+    so a group starts as soon as its last gradient is ready, as a fused message would.
+    """
+    threshold = os.environ.get("HOROVOD_FUSION_THRESHOLD")
+    limit = int(threshold) if threshold is not None else DEFAULT_FUSION_BYTES
+    if not hcfg.fixed_fusion or limit == 0:
+        return None  # no fixed groups asked for, or no fusion at all: every gradient travels alone
+    groups: list[list[torch.nn.Parameter]] = []
+    size = limit
+    for param in reversed([p for p in model.parameters() if p.requires_grad]):
+        nbytes = param.numel() * param.element_size()
+        if size + nbytes > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(param)
+        size += nbytes
+    return groups
 
 
 # Set for each task by srun, or by horovodrun for any controller.
@@ -120,6 +155,7 @@ def init_horovod(hcfg: Any) -> tuple[Any, str]:
 # node, e.g. ``mpirun -x``). Each rank reports its own, so a setting that reached only some nodes shows.
 HOROVOD_KNOBS = (
     "HOROVOD_FUSION_THRESHOLD",
+    "HOROVOD_DISABLE_GROUP_FUSION",
     "HOROVOD_CYCLE_TIME",
     "HOROVOD_TIMELINE",
     "HOROVOD_TIMELINE_MARK_CYCLES",

@@ -227,7 +227,10 @@ class TorchEngine:
         named_parameters: Iterable[tuple[str, torch.nn.Parameter]],
         compression: Any = "none",
         backward_passes_per_step: int = 1,
+        groups: Any = None,
     ) -> torch.optim.Optimizer:
+        """Horovod's signature. ``groups`` (Horovod's fixed fusion groups) is accepted and not used: this
+        engine's buckets are fixed by construction, so reruns sum in the same order anyway."""
         if self._grad_group is None:
             self._grad_group = dist.new_group(backend=self.backend)
         return averaging_optimizer(

@@ -13,6 +13,7 @@ import kfac_hvd
 from launch.config.load import Config
 from launch.dist.device import apply_backend_flags, describe_device, host_collectives_warning, pick_device
 from launch.dist.engine import start_engine
+from launch.dist.horovod_setup import gradient_groups
 from launch.dist.mixed_precision import MixedPrecision
 from launch.dist.world import check_world
 from launch.record.console import log0, setup_logging
@@ -44,6 +45,7 @@ def build_optimizer(cfg: Config, model: nn.Module, hvd: Any) -> torch.optim.Opti
         named_parameters=model.named_parameters(),
         compression=compression,
         backward_passes_per_step=cfg.train.accumulation_steps,  # one allreduce per step
+        groups=gradient_groups(cfg.horovod, model),
     )
 
 
