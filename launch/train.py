@@ -19,6 +19,8 @@ import io
 import os
 import sys
 
+import torch.distributed
+
 from launch.config.load import Config, data_problems, load_config, resolve_paths
 from launch.dist.device import check_device
 from launch.dist.engine import check_engine
@@ -191,9 +193,7 @@ def _peer_lost(exc: BaseException) -> bool:
     horovod_errors = sys.modules.get("horovod.common.exceptions")
     if horovod_errors is not None and isinstance(exc, horovod_errors.HorovodInternalError):
         return True
-    import torch.distributed as dist
-
-    return isinstance(exc, dist.DistError)
+    return isinstance(exc, torch.distributed.DistError)
 
 
 if __name__ == "__main__":

@@ -6,18 +6,17 @@ from __future__ import annotations
 from typing import Any
 
 from launch.config.load import Config
+from launch.dist.horovod_setup import init_horovod
+from launch.dist.torch_engine import TorchEngine
 
 
 def start_engine(cfg: Config) -> tuple[Any, str]:
     """Initialise the run's engine; returns (engine, how it started) for the world's layout line.
-    Only the chosen engine is imported."""
+    Only the chosen engine starts: Horovod is imported by ``init_horovod`` alone, and torch.distributed
+    comes with torch."""
     if cfg.train.engine == "torch":
-        from launch.dist.torch_engine import TorchEngine
-
         engine = TorchEngine(cfg.train.device)
         return engine, engine.describe()
-    from launch.dist.horovod_setup import init_horovod
-
     return init_horovod(cfg.horovod)
 
 

@@ -132,12 +132,15 @@ e.broadcast_optimizer_state(opt, root_rank=1)
 dist_opt = e.DistributedOptimizer(opt, named_parameters=model.named_parameters())
 model(torch.full((4, 3), float(r))).sum().backward()
 dist_opt.synchronize()
-print("RESULT", r, e.size(), e.local_rank(), e.local_size(), e.cross_size(),
+fields = ("RESULT", r, e.size(), e.local_rank(), e.local_size(), e.cross_size(),
       model.weight.flatten().tolist(), model.bias.tolist(),
       dist_opt.state_dict()["state"][0]["momentum_buffer"].flatten().tolist(),
       model.weight.grad.flatten().tolist(), model.bias.grad.tolist(),
       e.allreduce(torch.tensor([float(r)]), op=e.Sum).tolist(),
-      e.allgather_object({"r": r}), e.broadcast_object("from%d" % r, root_rank=1), flush=True)
+      e.allgather_object({"r": r}), e.broadcast_object("from%d" % r, root_rank=1))
+# One file a rank: two ranks printing to one pipe may interleave their lines.
+with open(__file__ + ".rank%d" % r, "w") as out:
+    out.write(" ".join(map(str, fields)))
 e.shutdown()
 """
 
@@ -148,7 +151,7 @@ def test_engine_calls_broadcast_average_and_gather_across_two_ranks(tmp_path):
     cmd = torchrun(2)[:-2] + [str(script)]
     proc, _ = job("none", cmd, env=horovod_blocked(tmp_path), timeout=180)
     check(proc)
-    results = sorted(line for line in proc.stdout.splitlines() if line.startswith("RESULT"))
+    results = [open(f"{script}.rank{rank}").read() for rank in (0, 1)]
     assert len(results) == 2, proc.stdout
     for rank, line in enumerate(results):
         # Rank 1's parameters (2.0) and momentum (6.0) everywhere; the gradient of sum(W x + b) over a
